@@ -37,10 +37,14 @@ _TABLE = [
     DType("F64", 8, True, "float64", "float64"),
     DType("F8_E4M3", 1, True, "float8_e4m3fn", "float8_e4m3fn"),
     DType("F8_E5M2", 1, True, "float8_e5m2", "float8_e5m2"),
+    DType("F8_E8M0", 1, False, "float8_e8m0fnu", "float8_e8m0fnu"),
     DType("C64", 8, False, "complex64", "complex64"),
     DType("C128", 16, False, "complex128", "complex128"),
 ]
 DTYPES: dict[str, DType] = {d.name: d for d in _TABLE}
+
+# Sub-byte kinds of the safetensors spec: kept as bytes (their elements do not fill a byte).
+PACKED = {"F4", "F6_E2M3", "F6_E3M2"}
 
 
 def get(name: str) -> DType:

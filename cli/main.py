@@ -1,0 +1,226 @@
+"""The ``elves`` command (installed from the repository's cli/ folder as ``elves.cli``).
+
+Exit codes: 0 success; 1 an unexpected elves error; 2 bad usage; 3 bad input model;
+4 damaged, truncated or unsupported archive (or verify found a mismatch); 5 output exists or
+cannot be written; 6 unknown codec or dtype.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import click
+
+EPILOG = """\b
+Exit codes: 0 ok, 2 usage, 3 bad input model, 4 damaged or unsupported archive
+(or verify failed), 5 output exists or cannot be written, 6 unknown codec or dtype.
+"""
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    raise AssertionError
+
+
+@contextmanager
+def _progress(total: int, label: str, enabled: bool) -> Iterator[Callable[[int], None] | None]:
+    """A progress bar on stderr for long work; nothing when output is for scripts or not a tty."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True,
+                           item_show_func=lambda _: None) as bar:
+        yield bar.update
+
+
+def _emit(as_json: bool, data: dict[str, Any], text: str) -> None:
+    click.echo(json.dumps(data, indent=2) if as_json else text)
+
+
+def _fail(e: Exception, as_json: bool) -> None:
+    from elves.errors import ElvesError
+
+    code = e.exit_code if isinstance(e, ElvesError) else 1
+    if as_json:
+        click.echo(json.dumps({"ok": False, "error": str(e), "kind": type(e).__name__}))
+    else:
+        click.echo(f"elves: error: {e}", err=True)
+    sys.exit(code)
+
+
+@contextmanager
+def _errors(as_json: bool) -> Iterator[None]:
+    """Turn ElvesError into a one-line message and its exit code: users never see a traceback."""
+    from elves.errors import ElvesError
+
+    try:
+        yield
+    except ElvesError as e:
+        _fail(e, as_json)
+    except KeyboardInterrupt:
+        click.echo("elves: interrupted; nothing was left under the output name", err=True)
+        sys.exit(130)
+
+
+def _source_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+threads_option = click.option("--threads", "-t", type=click.IntRange(min=1), default=None,
+                              help="Worker threads (default: all cores).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON object for scripts.")
+force_option = click.option("--force", "-f", is_flag=True, help="Overwrite the output if it exists.")
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="elves")
+def main() -> None:
+    """Shrink model weights losslessly, and load them back fast.
+
+    \b
+    Examples:
+      elves compress ./all-MiniLM-L6-v2 -o minilm.elves
+      elves info minilm.elves
+      elves verify minilm.elves --against ./all-MiniLM-L6-v2
+      elves restore minilm.elves -o ./restored
+    """
+
+
+@main.command(epilog=EPILOG)
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True,
+              help="The archive to write (.elves).")
+@threads_option
+@force_option
+@json_option
+def compress(src: Path, out: Path, threads: int | None, force: bool, as_json: bool) -> None:
+    """Compress a model (a file or a folder) into one archive, losslessly.
+
+    \b
+    Examples:
+      elves compress model.safetensors -o model.elves
+      elves compress ./llama-3-8b/ -o llama.elves --threads 8
+    """
+    import elves
+
+    with _errors(as_json):
+        t0 = time.perf_counter()
+        with _progress(_source_size(src), "compress", not as_json) as bar:
+            s = elves.compress(src, out, threads=threads, force=force, progress=bar)
+        dt = time.perf_counter() - t0
+        for w in s.warnings:
+            click.echo(f"elves: warning: {w}", err=True)
+        _emit(as_json, {
+            "ok": True, "archive": str(s.archive), "files": s.files, "tensors": s.tensors,
+            "original_bytes": s.original_bytes, "archive_bytes": s.archive_bytes,
+            "ratio": round(s.ratio, 4), "seconds": round(dt, 3), "warnings": s.warnings,
+        }, f"{src} -> {s.archive}: {_human(s.original_bytes)} -> {_human(s.archive_bytes)} "
+           f"({s.ratio:.3f}x), {s.files} files, {s.tensors} tensors, "
+           f"{s.original_bytes / max(dt, 1e-9) / 1e6:.0f} MB/s")
+
+
+@main.command(epilog=EPILOG)
+@click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True,
+              help="Folder to restore into, or a file path for a single-file model.")
+@threads_option
+@force_option
+@json_option
+def restore(archive: Path, out: Path, threads: int | None, force: bool, as_json: bool) -> None:
+    """Restore the original files, byte for byte (checked against their sha256).
+
+    \b
+    Examples:
+      elves restore minilm.elves -o ./all-MiniLM-L6-v2
+      elves restore model.elves -o model.safetensors
+    """
+    import elves
+
+    with _errors(as_json):
+        t0 = time.perf_counter()
+        total = elves.info(archive).original_bytes
+        with _progress(total, "restore", not as_json) as bar:
+            r = elves.restore(archive, out, threads=threads, force=force, progress=bar)
+        dt = time.perf_counter() - t0
+        _emit(as_json, {"ok": True, "output": str(r.output), "files": r.files, "bytes": r.bytes_written,
+                        "seconds": round(dt, 3)},
+              f"{archive} -> {r.output}: {r.files} files, {_human(r.bytes_written)}, "
+              f"{r.bytes_written / max(dt, 1e-9) / 1e6:.0f} MB/s")
+
+
+@main.command(epilog=EPILOG)
+@click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--files/--no-files", default=True, help="List the files.")
+@json_option
+def info(archive: Path, files: bool, as_json: bool) -> None:
+    """Show what an archive holds: files, tensors, codecs and ratio per dtype.
+
+    \b
+    Example:
+      elves info minilm.elves --json
+    """
+    import elves
+
+    with _errors(as_json):
+        i = elves.info(archive)
+        data = {
+            "ok": True, "archive": str(i.path), "format": ".".join(map(str, i.format)), "writer": i.writer,
+            "lossy": i.lossy, "original_bytes": i.original_bytes, "archive_bytes": i.archive_bytes,
+            "ratio": round(i.ratio, 4), "tensors": i.tensors, "codecs": i.codecs,
+            "by_dtype": {k: {"original_bytes": v.original_bytes, "stored_bytes": v.stored_bytes,
+                             "ratio": round(v.ratio, 4)} for k, v in i.by_dtype.items()},
+            "files": i.files,
+        }
+        lines = [
+            f"{i.path}: format {data['format']}, {'LOSSY' if i.lossy else 'lossless'}, written by {i.writer}",
+            f"  {_human(i.original_bytes)} -> {_human(i.archive_bytes)} ({i.ratio:.3f}x), {i.tensors} tensors",
+            "  by dtype (unique data):",
+        ]
+        for k, v in sorted(i.by_dtype.items(), key=lambda kv: -kv[1].original_bytes):
+            lines.append(f"    {k:8} {_human(v.original_bytes):>10} -> {_human(v.stored_bytes):>10}  {v.ratio:.3f}x")
+        lines.append("  codecs: " + ", ".join(f"{k} x{n}" for k, n in i.codecs.items()))
+        if files:
+            lines.append("  files:")
+            lines += [f"    {f['path']}  {_human(f['size'])}  {f['format']}, {f['tensors']} tensors" for f in i.files]
+        _emit(as_json, data, "\n".join(lines))
+
+
+@main.command(epilog=EPILOG)
+@click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--against", type=click.Path(exists=True, path_type=Path),
+              help="The original model: also check that restore would reproduce it exactly.")
+@threads_option
+@json_option
+def verify(archive: Path, against: Path | None, threads: int | None, as_json: bool) -> None:
+    """Decode everything and check every checksum (exit 4 on any mismatch).
+
+    \b
+    Examples:
+      elves verify minilm.elves
+      elves verify minilm.elves --against ./all-MiniLM-L6-v2
+    """
+    import elves
+
+    with _errors(as_json):
+        rep = elves.verify(archive, against=against, threads=threads)
+        _emit(as_json, {"ok": rep.ok, "files": rep.files, "bytes_checked": rep.bytes_checked,
+                        "problems": rep.problems},
+              f"{archive}: " + ("OK" if rep.ok else "FAILED") +
+              f", {rep.files} files, {_human(rep.bytes_checked)} checked" +
+              "".join(f"\n  {p}" for p in rep.problems))
+        if not rep.ok:
+            sys.exit(4)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""elves: lossless (and opt-in error-bounded) compression of model weights.
+
+The public API: :func:`compress`, :func:`restore`, :func:`open`, :func:`load_file`,
+:func:`info`, :func:`verify`, and the errors under :class:`ElvesError`.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .api import Archive, ArchiveInfo, TensorInfo, VerifyReport, info, load_file, open, verify  # noqa: A004
+from .decoder import RestoreSummary, restore
+from .encoder import CompressSummary, compress
+from .errors import (
+    ArchiveError,
+    CodecError,
+    CorruptArchiveError,
+    ElvesError,
+    InputError,
+    OutputError,
+    OutputExistsError,
+    TruncatedArchiveError,
+    UnsafePathError,
+    UnsafePickleError,
+    UnsupportedFormatError,
+)
+
+__all__ = [
+    "Archive", "ArchiveInfo", "CompressSummary", "RestoreSummary", "TensorInfo", "VerifyReport",
+    "compress", "restore", "open", "load_file", "info", "verify",
+    "ElvesError", "InputError", "UnsafePickleError", "ArchiveError", "TruncatedArchiveError",
+    "CorruptArchiveError", "UnsupportedFormatError", "UnsafePathError", "OutputExistsError",
+    "OutputError", "CodecError",
+]

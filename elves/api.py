@@ -1,0 +1,252 @@
+"""The public Python API: compress and restore models, open archives, read tensors, verify.
+
+    >>> import elves
+    >>> elves.compress("all-MiniLM-L6-v2/", "minilm.elves")
+    >>> with elves.open("minilm.elves") as a:
+    ...     w = a.get_tensor("embeddings.word_embeddings.weight")     # numpy array
+    >>> tensors = elves.load_file("minilm.elves", framework="pt")     # dict of torch tensors
+    >>> elves.restore("minilm.elves", "restored/")                    # byte-exact files
+"""
+from __future__ import annotations
+
+import builtins
+import hashlib
+import os
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from . import dtypes
+from .archive import ArchiveReader
+from .decoder import file_chunks, read_stream
+from .encoder import default_threads
+from .errors import ElvesError, InputError
+
+Framework = Literal["np", "numpy", "pt", "torch"]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a named tensor lives in an archive."""
+
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class Archive:
+    """An open archive: lazy, per-tensor access. Open it with :func:`elves.open`."""
+
+    def __init__(self, path: str | os.PathLike[str], threads: int | None = None):
+        self._reader = ArchiveReader(path)
+        self._threads = default_threads(threads)
+        self._pool: ThreadPoolExecutor | None = None
+        self._views: dict[str, tuple[dict[str, Any], list[Any]]] = {}
+        names = [(entry, t) for entry in self._reader.files for t in entry["tensors"]]
+        plain = len({t[0] for _, t in names}) == len(names)
+        for entry, t in names:
+            # Names are plain unless two files share one (five versions of a checkpoint, say):
+            # then every key is qualified as "file:name".
+            self._views[t[0] if plain else f"{entry['path']}:{t[0]}"] = (entry, t)
+
+    @property
+    def path(self) -> Path:
+        return self._reader.path
+
+    @property
+    def lossy(self) -> bool:
+        return self._reader.lossy
+
+    @property
+    def files(self) -> list[str]:
+        """The paths of the files in the archive, as restore writes them."""
+        return [e["path"] for e in self._reader.files]
+
+    def keys(self) -> list[str]:
+        """The names of the tensors, in file order."""
+        return list(self._views)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._views
+
+    def tensor_info(self, name: str) -> TensorInfo:
+        entry, t = self._lookup(name)
+        return TensorInfo(name, entry["path"], t[1], tuple(t[2]))
+
+    def get_tensor(self, name: str) -> np.ndarray:
+        """The tensor called ``name`` as a numpy array (bfloat16 and float8 via ml_dtypes)."""
+        entry, (_, dt, shape, segment, offset, strides) = self._lookup(name)
+        npdt = dtypes.numpy_dtype(dt) if dt in dtypes.DTYPES else np.dtype(np.uint8)
+        count = int(np.prod(shape, dtype=np.int64))
+        if segment < 0 or count == 0:
+            return np.empty(shape, dtype=npdt)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._threads)
+        raw = read_stream(self._reader, entry["segments"][segment], self._pool, 2 * self._threads + 2)
+        flat = raw[offset:].view(np.uint8)
+        if strides is None:
+            return flat[:count * npdt.itemsize].view(npdt).reshape(shape)
+        base = flat[:len(flat) - len(flat) % npdt.itemsize].view(npdt)
+        view = np.lib.stride_tricks.as_strided(base, shape, tuple(s * npdt.itemsize for s in strides))
+        return np.ascontiguousarray(view)
+
+    def _lookup(self, name: str) -> tuple[dict[str, Any], list[Any]]:
+        try:
+            return self._views[name]
+        except KeyError:
+            raise KeyError(f"no tensor {name!r} in {self.path}") from None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+        self._reader.close()
+
+    def __enter__(self) -> "Archive":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open(path: str | os.PathLike[str], *, threads: int | None = None) -> Archive:  # noqa: A001
+    """Open an archive for lazy, per-tensor reading."""
+    return Archive(path, threads=threads)
+
+
+def load_file(path: str | os.PathLike[str], framework: Framework = "np", *,
+              threads: int | None = None) -> dict[str, Any]:
+    """Every tensor of the archive, by name: numpy arrays, or torch tensors with ``framework="pt"``."""
+    with Archive(path, threads=threads) as a:
+        arrays = {k: a.get_tensor(k) for k in a.keys()}
+    if framework in ("np", "numpy"):
+        return arrays
+    if framework in ("pt", "torch"):
+        return {k: to_torch(v) for k, v in arrays.items()}
+    raise ValueError(f"framework must be 'np' or 'pt', not {framework!r}")
+
+
+def to_torch(arr: np.ndarray) -> Any:
+    """A torch tensor sharing ``arr``'s memory; bfloat16/float8 arrays are reinterpreted bitwise."""
+    import torch
+
+    if arr.dtype.name in ("bfloat16",) or arr.dtype.name.startswith("float8"):
+        bits = np.int16 if arr.dtype.itemsize == 2 else np.uint8
+        return torch.from_numpy(arr.view(bits)).view(getattr(torch, arr.dtype.name))
+    return torch.from_numpy(arr)
+
+
+@dataclass
+class DTypeStats:
+    original_bytes: int = 0
+    stored_bytes: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.original_bytes / max(self.stored_bytes, 1)
+
+
+@dataclass
+class ArchiveInfo:
+    """What an archive holds (``elves info``)."""
+
+    path: Path
+    format: tuple[int, int]
+    writer: str
+    lossy: bool
+    archive_bytes: int
+    original_bytes: int
+    files: list[dict[str, Any]]
+    tensors: int
+    by_dtype: dict[str, DTypeStats] = field(default_factory=dict)
+    codecs: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.original_bytes / max(self.archive_bytes, 1)
+
+
+def info(path: str | os.PathLike[str]) -> ArchiveInfo:
+    """Summarise an archive without decoding it: files, tensors, codecs and ratio per dtype.
+
+    Per-dtype ratios count each unique stream once; what dedup saved shows in the total ratio.
+    """
+    with ArchiveReader(path) as r:
+        by_dtype: dict[str, DTypeStats] = defaultdict(DTypeStats)
+        codecs: dict[str, int] = defaultdict(int)
+        for s in r.streams:
+            st = by_dtype[s.dtype or "bytes"]
+            st.original_bytes += s.nbytes
+            st.stored_bytes += s.stored_bytes
+            codecs["+".join(c["id"] for c in s.pipeline)] += 1
+        files = [{"path": e["path"], "size": e["size"], "format": e["format"], "tensors": len(e["tensors"])}
+                 for e in r.files]
+        return ArchiveInfo(
+            path=r.path, format=r.version, writer=r.writer, lossy=r.lossy,
+            archive_bytes=r.path.stat().st_size, original_bytes=sum(e["size"] for e in r.files),
+            files=files, tensors=sum(len(e["tensors"]) for e in r.files),
+            by_dtype=dict(by_dtype), codecs=dict(codecs),
+        )
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of :func:`verify`. ``ok`` is False when ``problems`` is not empty."""
+
+    path: Path
+    files: int
+    bytes_checked: int
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(path: str | os.PathLike[str], against: str | os.PathLike[str] | None = None, *,
+           threads: int | None = None) -> VerifyReport:
+    """Decode everything and check every checksum; with ``against``, that the model at that path
+    is exactly what restore would write (same files, same sha256).
+
+    Corruption is reported as a problem, not raised; an archive that cannot be opened raises.
+    """
+    nthreads = default_threads(threads)
+    report_problems: list[str] = []
+    checked = 0
+    with ArchiveReader(path) as reader, ThreadPoolExecutor(nthreads) as pool:
+        for entry in reader.files:
+            try:
+                for chunk in file_chunks(reader, entry, pool, 2 * nthreads + 2):
+                    checked += chunk.shape[0]
+            except ElvesError as e:
+                report_problems.append(e.message)
+        if against is not None:
+            report_problems += _compare_source(reader, Path(against))
+        return VerifyReport(reader.path, len(reader.files), checked, report_problems)
+
+
+def _compare_source(reader: ArchiveReader, src: Path) -> list[str]:
+    if not src.exists():
+        raise InputError("no such file or folder", src)
+    if src.is_file():
+        sources = {reader.files[0]["path"] if len(reader.files) == 1 else src.name: src}
+    else:
+        sources = {p.relative_to(src).as_posix(): p for p in src.rglob("*") if p.is_file()}
+    problems = []
+    stored = {e["path"]: e for e in reader.files}
+    for rel in sorted(set(sources) - set(stored)):
+        problems.append(f"{rel}: in {src} but not in the archive")
+    for rel in sorted(set(stored) - set(sources)):
+        problems.append(f"{rel}: in the archive but not in {src}")
+    for rel in sorted(set(stored) & set(sources)):
+        h = hashlib.sha256()
+        with builtins.open(sources[rel], "rb") as f:
+            for piece in iter(lambda: f.read(8 << 20), b""):
+                h.update(piece)
+        if h.hexdigest() != stored[rel]["sha256"]:
+            problems.append(f"{rel}: differs from {sources[rel]} (sha256)")
+    return problems

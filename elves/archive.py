@@ -1,0 +1,247 @@
+"""The ``.elves`` container: header, chunk payloads, index (docs/FORMAT.md).
+
+:class:`ArchiveWriter` appends chunk payloads to a temporary file and renames it into place only
+once the index and header are written, so a crash or a full disk never leaves something that
+looks like an archive. :class:`ArchiveReader` checks the header, the index and every chunk it
+reads, and names the stream (tensor or file) in any error.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import msgpack
+import xxhash
+import zstandard
+
+from .errors import (
+    CorruptArchiveError,
+    OutputError,
+    OutputExistsError,
+    TruncatedArchiveError,
+    UnsafePathError,
+    UnsupportedFormatError,
+)
+
+MAGIC = b"ELVES\x00\r\n"
+FORMAT_VERSION = (1, 0)
+HEADER = struct.Struct("<8sHHIQQQ")  # magic, major, minor, flags, index offset, length, xxh3-64
+HEADER_SIZE = 64
+DATA_START = 4096
+ALIGN = 4096
+ALIGN_STREAMS_FROM = 4 << 20
+FLAG_LOSSY = 1
+
+
+@dataclass
+class Stream:
+    """An index entry: one unique byte stream and the chunks it is stored in."""
+
+    kind: str                 # "tensor" or "bytes"
+    dtype: str | None
+    nbytes: int
+    hash: str                 # xxh3-128 hex of the decoded bytes
+    pipeline: list[dict[str, Any]]
+    chunk_elems: int
+    chunks: list[tuple[int, int, int, int]]  # offset, length, decoded length, xxh3-64 of payload
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "dtype": self.dtype, "nbytes": self.nbytes, "hash": self.hash,
+            "pipeline": self.pipeline, "chunk_elems": self.chunk_elems, "chunks": [list(c) for c in self.chunks],
+        }
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(c[1] for c in self.chunks)
+
+
+def safe_relpath(name: object, archive: Path) -> str:
+    """``name`` if it is a relative POSIX path that stays inside its folder; else UnsafePathError."""
+    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
+        raise UnsafePathError(f"invalid file name {name!r} in the index", archive)
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts or name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        raise UnsafePathError(f"file name {name!r} would be written outside the output folder", archive)
+    return name
+
+
+def temp_sibling(path: Path, suffix: str = "") -> Path:
+    """A fresh temporary name next to ``path``, so that renaming it into place is atomic."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".elves-tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+class ArchiveWriter:
+    """Writes an archive to ``path`` through a temporary file. Use as a context manager."""
+
+    def __init__(self, path: str | os.PathLike[str], force: bool = False):
+        self.path = Path(path)
+        if self.path.exists() and not force:
+            raise OutputExistsError("already exists (use --force to overwrite)", self.path)
+        if not self.path.parent.is_dir():
+            raise OutputError("the folder to write into does not exist", self.path.parent)
+        self.tmp = temp_sibling(self.path)
+        self.f = open(self.tmp, "r+b")
+        self.f.write(b"\0" * DATA_START)
+        self.pos = DATA_START
+        self.streams: list[Stream] = []
+        self.files: list[dict[str, Any]] = []
+        self.lossy = False
+        self.source_kind = "folder"
+
+    def begin_stream(self, nbytes: int) -> None:
+        """Start a stream's chunks on a 4 KiB boundary when the stream is large."""
+        if nbytes >= ALIGN_STREAMS_FROM and self.pos % ALIGN:
+            pad = ALIGN - self.pos % ALIGN
+            self._write(b"\0" * pad)
+
+    def write_chunk(self, payload: bytes, decoded_length: int) -> tuple[int, int, int, int]:
+        offset = self.pos
+        self._write(payload)
+        return (offset, len(payload), decoded_length, xxhash.xxh3_64_intdigest(payload))
+
+    def add_stream(self, stream: Stream) -> int:
+        self.streams.append(stream)
+        return len(self.streams) - 1
+
+    def add_file(self, entry: dict[str, Any]) -> None:
+        self.files.append(entry)
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.f.write(data)
+        except OSError as e:
+            raise OutputError(f"cannot write the archive: {e.strerror}", self.path) from None
+        self.pos += len(data)
+
+    def close(self) -> None:
+        from . import __version__
+
+        index = {
+            "format": list(FORMAT_VERSION),
+            "writer": f"elves {__version__}",
+            "lossy": self.lossy,
+            "source": self.source_kind,
+            "streams": [s.to_dict() for s in self.streams],
+            "files": self.files,
+        }
+        blob = zstandard.ZstdCompressor(level=9).compress(msgpack.packb(index, use_bin_type=True))
+        index_offset = self.pos
+        self._write(blob)
+        head = HEADER.pack(MAGIC, *FORMAT_VERSION, FLAG_LOSSY if self.lossy else 0,
+                           index_offset, len(blob), xxhash.xxh3_64_intdigest(blob))
+        head += struct.pack("<Q", xxhash.xxh3_64_intdigest(head))
+        try:
+            self.f.seek(0)
+            self.f.write(head)
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self.abort()
+            raise OutputError(f"cannot finish the archive: {e.strerror}", self.path) from None
+
+    def abort(self) -> None:
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ArchiveWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class ArchiveReader:
+    """Random access to an archive's streams. Cheap to open: reads the header and the index."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        try:
+            self.f = open(self.path, "rb")
+        except FileNotFoundError:
+            raise CorruptArchiveError("no such archive", self.path) from None
+        except IsADirectoryError:
+            raise CorruptArchiveError("is a folder, not an archive", self.path) from None
+        try:
+            self._read_index()
+        except BaseException:
+            self.f.close()
+            raise
+
+    def _read_index(self) -> None:
+        size = os.fstat(self.f.fileno()).st_size
+        head = self.f.read(HEADER_SIZE)
+        if len(head) < 8 or head[:8] != MAGIC:
+            if MAGIC.startswith(head[:8]) and len(head) < 8:
+                raise TruncatedArchiveError("the archive is truncated: its header is cut short", self.path)
+            raise CorruptArchiveError("not an elves archive (bad magic)", self.path)
+        if len(head) < HEADER_SIZE:
+            raise TruncatedArchiveError("the archive is truncated: its header is cut short", self.path)
+        magic, major, minor, flags, index_offset, index_len, index_hash = HEADER.unpack_from(head)
+        (head_hash,) = struct.unpack_from("<Q", head, HEADER.size)
+        if xxhash.xxh3_64_intdigest(head[:HEADER.size]) != head_hash:
+            raise CorruptArchiveError("the archive header is corrupted (checksum mismatch)", self.path)
+        if major > FORMAT_VERSION[0]:
+            raise UnsupportedFormatError(
+                f"written in format {major}.{minor}, newer than this elves reads "
+                f"({FORMAT_VERSION[0]}.x): upgrade elves", self.path)
+        if index_offset == 0:
+            raise CorruptArchiveError("the archive was never finished (no index)", self.path)
+        if index_offset + index_len > size:
+            raise TruncatedArchiveError(
+                f"the archive is truncated: {size} bytes, but its index ends at byte {index_offset + index_len}",
+                self.path)
+        self.f.seek(index_offset)
+        blob = self.f.read(index_len)
+        if xxhash.xxh3_64_intdigest(blob) != index_hash:
+            raise CorruptArchiveError("the archive index is corrupted (checksum mismatch)", self.path)
+        try:
+            index = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(blob), raw=False)
+            self.streams = [Stream(**{k: s[k] for k in Stream.__dataclass_fields__}) for s in index["streams"]]
+            self.files: list[dict[str, Any]] = index["files"]
+            self.lossy = bool(index.get("lossy", False))
+            self.writer = index.get("writer", "")
+            self.source_kind = index.get("source", "folder")
+        except Exception as e:  # the checksum matched, so this is a writer bug or a forged index
+            raise CorruptArchiveError(f"the archive index is malformed: {e}", self.path) from None
+        self.flags = flags
+        self.version = (major, minor)
+        for entry in self.files:
+            safe_relpath(entry.get("path"), self.path)
+            for s in entry["segments"]:
+                if not isinstance(s, int) or not 0 <= s < len(self.streams):
+                    raise CorruptArchiveError(f"{entry['path']}: segment points at no stream", self.path)
+        for s in self.streams:
+            for off, length, _, _ in s.chunks:
+                if off + length > index_offset:
+                    raise CorruptArchiveError("a chunk lies outside the data region", self.path)
+
+    def read_payload(self, stream: Stream, chunk: int) -> bytes:
+        """The payload of ``chunk`` of ``stream``, its checksum checked."""
+        offset, length, _, checksum = stream.chunks[chunk]
+        data = os.pread(self.f.fileno(), length, offset)
+        if len(data) != length:
+            raise TruncatedArchiveError("the payload is cut short", self.path)
+        if xxhash.xxh3_64_intdigest(data) != checksum:
+            raise CorruptArchiveError("the payload is corrupted (checksum mismatch)", self.path)
+        return data
+
+    def close(self) -> None:
+        self.f.close()
+
+    def __enter__(self) -> "ArchiveReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

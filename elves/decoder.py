@@ -1,0 +1,176 @@
+"""Archive -> bytes: decode streams chunk by chunk, check them, and write files or hand out tensors.
+
+Every chunk's checksum is checked before it is decoded and every stream's content hash after, so
+a damaged archive raises :class:`~elves.errors.CorruptArchiveError` naming the tensor or file,
+never returns wrong bytes. Restored files are written under temporary names and renamed into
+place only when complete and verified.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import xxhash
+
+from .archive import ArchiveReader, Stream, safe_relpath, temp_sibling
+from .codecs import Pipeline
+from .encoder import default_threads, ordered_map
+from .errors import ArchiveError, CorruptArchiveError, OutputError, OutputExistsError
+
+ProgressFn = Callable[[int], None]
+
+
+@dataclass
+class RestoreSummary:
+    """What :func:`elves.restore` did."""
+
+    output: Path
+    files: int
+    bytes_written: int
+
+
+def stream_label(reader: ArchiveReader, index: int) -> str:
+    """How errors name a stream: the tensor (or file) it holds."""
+    for entry in reader.files:
+        for t in entry["tensors"]:
+            if t[3] >= 0 and entry["segments"][t[3]] == index:
+                return f"tensor {t[0]!r} in {entry['path']}"
+        if index in entry["segments"]:
+            return f"{entry['path']} (segment {entry['segments'].index(index)})"
+    return f"stream {index}"
+
+
+def iter_stream(reader: ArchiveReader, index: int, pool: Executor, window: int) -> Iterator[np.ndarray]:
+    """The decoded chunks of stream ``index``, in order, each checked; then the stream's hash."""
+    stream = reader.streams[index]
+    pipeline = Pipeline.from_config(stream.pipeline)
+
+    def decode(i: int) -> np.ndarray:
+        try:
+            payload = reader.read_payload(stream, i)
+            out = np.empty(stream.chunks[i][2], dtype=np.uint8)
+            pipeline.decode(np.frombuffer(payload, dtype=np.uint8), out)
+        except ArchiveError as e:  # name the tensor only when something is wrong: it costs a scan
+            raise type(e)(f"{stream_label(reader, index)}: chunk {i}: {e.message}", reader.path) from None
+        return out
+
+    h = xxhash.xxh3_128()
+    total = 0
+    for chunk in ordered_map(pool, decode, range(len(stream.chunks)), window):
+        h.update(chunk)
+        total += chunk.shape[0]
+        yield chunk
+    if total != stream.nbytes or h.hexdigest() != stream.hash:
+        raise CorruptArchiveError(f"{stream_label(reader, index)}: decoded bytes do not match the stored hash",
+                                  reader.path)
+
+
+def read_stream(reader: ArchiveReader, index: int, pool: Executor, window: int) -> np.ndarray:
+    """A whole stream as one uint8 array (for tensors handed to the caller)."""
+    stream: Stream = reader.streams[index]
+    out = np.empty(stream.nbytes, dtype=np.uint8)
+    pos = 0
+    for chunk in iter_stream(reader, index, pool, window):
+        out[pos:pos + chunk.shape[0]] = chunk
+        pos += chunk.shape[0]
+    return out
+
+
+def file_chunks(reader: ArchiveReader, entry: dict, pool: Executor, window: int) -> Iterator[np.ndarray]:
+    """The decoded bytes of one file, chunk by chunk; raises once the end shows a wrong sha256."""
+    sha = hashlib.sha256()
+    size = 0
+    for index in entry["segments"]:
+        for chunk in iter_stream(reader, index, pool, window):
+            sha.update(chunk)
+            size += chunk.shape[0]
+            yield chunk
+    if size != entry["size"] or sha.hexdigest() != entry["sha256"]:
+        raise CorruptArchiveError(f"{entry['path']}: restored bytes do not match the stored sha256", reader.path)
+
+
+def _write_file(reader: ArchiveReader, entry: dict, target: Path, pool: Executor, window: int,
+                progress: ProgressFn | None) -> int:
+    """Write one file's bytes to ``target`` (a temporary name); return the byte count."""
+    try:
+        with open(target, "wb") as out:
+            for chunk in file_chunks(reader, entry, pool, window):
+                out.write(chunk)
+                if progress:
+                    progress(chunk.shape[0])
+    except OSError as e:
+        raise OutputError(f"cannot write {entry['path']}: {e.strerror}", target) from None
+    return entry["size"]
+
+
+def restore(
+    archive: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    threads: int | None = None,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+) -> RestoreSummary:
+    """Restore the model in ``archive`` to ``dst``: a folder, or a file path for a single-file model.
+
+    Files are written under temporary names and renamed into place once verified, so ``dst``
+    never holds a half-written file. An existing ``dst`` is refused unless ``force``.
+    """
+    dst = Path(dst)
+    nthreads = default_threads(threads)
+    window = 2 * nthreads + 2
+    with ArchiveReader(archive) as reader, ThreadPoolExecutor(nthreads) as pool:
+        if reader.source_kind == "file" and len(reader.files) == 1:
+            entry = reader.files[0]
+            if dst.is_dir():
+                dst = dst / safe_relpath(entry["path"], reader.path).rsplit("/", 1)[-1]
+            if dst.exists() and not force:
+                raise OutputExistsError("already exists (use --force to overwrite)", dst)
+            if not dst.parent.is_dir():
+                raise OutputError("the folder to write into does not exist", dst.parent)
+            tmp = temp_sibling(dst)
+            try:
+                n = _write_file(reader, entry, tmp, pool, window, progress)
+                os.replace(tmp, dst)
+            finally:
+                tmp.unlink(missing_ok=True)
+            return RestoreSummary(dst, 1, n)
+        return _restore_folder(reader, dst, force, pool, window, progress)
+
+
+def _restore_folder(reader: ArchiveReader, dst: Path, force: bool, pool: Executor, window: int,
+                    progress: ProgressFn | None) -> RestoreSummary:
+    if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())) and not force:
+        raise OutputExistsError("already exists and is not empty (use --force to overwrite)", dst)
+    if dst.exists() and not dst.is_dir():
+        raise OutputExistsError("exists and is not a folder", dst)
+    parent = dst.parent if dst.parent.exists() else None
+    if parent is None:
+        raise OutputError("the folder to write into does not exist", dst.parent)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".elves-tmp", dir=parent))
+    total = 0
+    try:
+        for entry in reader.files:
+            rel = safe_relpath(entry["path"], reader.path)
+            target = staging / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            total += _write_file(reader, entry, target, pool, window, progress)
+        if not dst.exists():
+            os.replace(staging, dst)
+        else:
+            for entry in reader.files:
+                final = dst / entry["path"]
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging / entry["path"], final)
+    except OSError as e:
+        raise OutputError(f"cannot write the restored model: {e.strerror}", dst) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return RestoreSummary(dst, len(reader.files), total)

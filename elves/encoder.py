@@ -1,0 +1,174 @@
+"""Model -> archive: read, dedup by content hash, choose each stream's pipeline, encode chunks.
+
+Every segment is hashed first (xxh3-128, and the file's sha256 on the way); only a segment whose
+(kind, dtype, hash) is new is read again and encoded. Chunks are encoded on a thread pool (the
+kernels release the GIL) and written in order, with a bounded number in flight, so memory is set
+by the chunk size and the thread count, never by the model's size.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import deque
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import numpy as np
+import xxhash
+
+from . import dtypes
+from .archive import ArchiveWriter, Stream
+from .codecs import Pipeline
+from .codecs.planes import Planes
+from .codecs.rans import Rans
+from .codecs.zstd import Zstd
+from .model import Segment, SourceFile
+from .readers import read_model
+
+TENSOR_CHUNK_BYTES = 256 << 10
+BYTES_CHUNK_BYTES = 4 << 20
+READ_PIECE = 8 << 20
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+ProgressFn = Callable[[int], None]
+
+
+@dataclass
+class CompressSummary:
+    """What :func:`elves.compress` did."""
+
+    archive: Path
+    files: int
+    original_bytes: int
+    archive_bytes: int
+    tensors: int
+    unique_streams: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.original_bytes / max(self.archive_bytes, 1)
+
+
+def default_threads(threads: int | None) -> int:
+    return threads if threads and threads > 0 else (os.cpu_count() or 1)
+
+
+def ordered_map(pool: Executor, fn: Callable[[T], R], items: Iterable[T], window: int) -> Iterator[R]:
+    """``map(fn, items)`` on ``pool``, in order, with at most ``window`` items in flight."""
+    pending: deque[Future[R]] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def pipeline_for(segment: Segment) -> tuple[Pipeline, int]:
+    """The pipeline for a segment and its chunk size in elements (bytes for opaque streams)."""
+    if segment.dtype is None:
+        return Pipeline([Zstd()]), BYTES_CHUNK_BYTES
+    width = dtypes.get(segment.dtype).itemsize
+    return Pipeline([Planes(segment.dtype), Rans()]), TENSOR_CHUNK_BYTES // width
+
+
+def _read(fd: int, offset: int, length: int, path: Path) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        from .errors import InputError
+
+        raise InputError("the file changed or shrank while it was being read", path)
+    return data
+
+
+def _hash_segment(fd: int, seg: Segment, path: Path, sha: "hashlib._Hash") -> str:
+    h = xxhash.xxh3_128()
+    for off in range(seg.offset, seg.offset + seg.length, READ_PIECE):
+        piece = _read(fd, off, min(READ_PIECE, seg.offset + seg.length - off), path)
+        h.update(piece)
+        sha.update(piece)
+    return h.hexdigest()
+
+
+def compress(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    threads: int | None = None,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+) -> CompressSummary:
+    """Compress the model at ``src`` (a file or a folder) into the archive ``dst``. Lossless.
+
+    ``progress`` is called with byte counts of source data as they are processed.
+    """
+    files, single = read_model(src)
+    nthreads = default_threads(threads)
+    seen: dict[tuple[str | None, str], int] = {}
+    warnings = [w for f in files for w in f.warnings]
+    with ArchiveWriter(dst, force=force) as writer, ThreadPoolExecutor(nthreads) as pool:
+        writer.source_kind = "file" if single else "folder"
+        for sf in files:
+            _compress_file(sf, writer, pool, nthreads, seen, progress)
+        archive_path = writer.path
+    return CompressSummary(
+        archive=archive_path,
+        files=len(files),
+        original_bytes=sum(f.size for f in files),
+        archive_bytes=archive_path.stat().st_size,
+        tensors=sum(len(f.tensors) for f in files),
+        unique_streams=len(seen),
+        warnings=warnings,
+    )
+
+
+def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthreads: int,
+                   seen: dict[tuple[str | None, str], int], progress: ProgressFn | None) -> None:
+    sha = hashlib.sha256()
+    with open(sf.path, "rb") as fh:
+        fd = fh.fileno()
+        stream_ids: list[int] = []
+        new: list[tuple[Segment, Stream, Pipeline]] = []
+        for seg in sf.segments:
+            key = (seg.dtype, _hash_segment(fd, seg, sf.path, sha))
+            if key not in seen:
+                pipeline, chunk_elems = pipeline_for(seg)
+                stream = Stream("bytes" if seg.dtype is None else "tensor", seg.dtype, seg.length, key[1],
+                                pipeline.get_config(), chunk_elems, [])
+                seen[key] = writer.add_stream(stream)
+                new.append((seg, stream, pipeline))
+            stream_ids.append(seen[key])
+        if progress:  # bytes that need no encoding: opaque gaps already seen, duplicate tensors
+            progress(sf.size - sum(seg.length for seg, _, _ in new))
+
+        def jobs() -> Iterator[tuple[Stream, Pipeline, bytes, bool]]:
+            for seg, stream, pipeline in new:
+                step = stream.chunk_elems * (dtypes.get(seg.dtype).itemsize if seg.dtype else 1)
+                for i, off in enumerate(range(seg.offset, seg.offset + seg.length, step)):
+                    yield stream, pipeline, _read(fd, off, min(step, seg.offset + seg.length - off), sf.path), i == 0
+
+        def encode(job: tuple[Stream, Pipeline, bytes, bool]) -> tuple[Stream, bytes, int, bool]:
+            stream, pipeline, raw, first = job
+            return stream, pipeline.encode(np.frombuffer(raw, dtype=np.uint8)), len(raw), first
+
+        for stream, payload, nraw, first in ordered_map(pool, encode, jobs(), 2 * nthreads + 2):
+            if first:
+                writer.begin_stream(stream.nbytes)
+            stream.chunks.append(writer.write_chunk(payload, nraw))
+            if progress:
+                progress(nraw)
+
+    writer.add_file({
+        "path": sf.relpath,
+        "size": sf.size,
+        "sha256": sha.hexdigest(),
+        "format": sf.format,
+        "segments": stream_ids,
+        "tensors": [[t.name, t.dtype, list(t.shape), t.segment, t.offset,
+                     list(t.strides) if t.strides is not None else None] for t in sf.tensors],
+    })
