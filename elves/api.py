@@ -79,10 +79,16 @@ class Archive:
         return TensorInfo(name, entry["path"], t[1], tuple(t[2]))
 
     def get_tensor(self, name: str) -> np.ndarray:
-        """The tensor called ``name`` as a numpy array (bfloat16 and float8 via ml_dtypes)."""
+        """The tensor called ``name`` as a numpy array (bfloat16 and float8 via ml_dtypes).
+
+        Sub-byte kinds (F4, F6_*), which numpy cannot hold, come back as their packed bytes: a
+        1-D uint8 array.
+        """
         entry, (_, dt, shape, segment, offset, strides) = self._lookup(name)
         npdt = dtypes.numpy_dtype(dt) if dt in dtypes.DTYPES else np.dtype(np.uint8)
         count = int(np.prod(shape, dtype=np.int64))
+        if dt in dtypes.PACKED:
+            shape, count = (-1,), self._reader.streams[entry["segments"][segment]].nbytes
         if segment < 0 or count == 0:
             return np.empty(shape, dtype=npdt)
         if self._pool is None:

@@ -21,3 +21,47 @@ def dataset():
         return path
 
     return get
+
+
+def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None, *, pad: int = 0,
+                      reverse: bool = False, gap: int = 0) -> Path:
+    """Write a safetensors file by hand: ``tensors`` maps name -> (dtype, shape, raw bytes).
+
+    ``pad`` adds trailing spaces to the header, ``reverse`` stores the tensors in the opposite
+    order to the header's, ``gap`` leaves unclaimed bytes between tensors: layouts that the
+    reference writer never produces but that restore must still reproduce byte for byte.
+    """
+    import json
+    import struct
+
+    names = list(tensors)
+    order = list(reversed(names)) if reverse else names
+    offsets, pos = {}, 0
+    for name in order:
+        raw = tensors[name][2]
+        offsets[name] = (pos, pos + len(raw))
+        pos += len(raw) + gap
+    header = {n: {"dtype": tensors[n][0], "shape": list(tensors[n][1]), "data_offsets": list(offsets[n])} for n in names}
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header).encode() + b" " * pad
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in order:
+            f.write(tensors[name][2])
+            f.write(b"\xab" * gap)
+    return path
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` (or of ``root`` itself), by relative path."""
+    if root.is_file():
+        return {".": sha256(root)}
+    return {p.relative_to(root).as_posix(): sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}

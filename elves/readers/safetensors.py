@@ -50,7 +50,7 @@ def parse(path: Path, relpath: str) -> SourceFile:
         if a.offset + a.length > b.offset and a.length and b.length:
             raise InputError(f"corrupted safetensors header: tensors {a.name!r} and {b.name!r} overlap", path)
 
-    segments = fill_gaps(size, [seg for seg, _ in entries])
+    segments = fill_gaps(size, [seg for seg, _ in entries if seg.length])
     index = {id(s): i for i, s in enumerate(segments)}
     views = [
         TensorView(seg.name, dt, shape, index[id(seg)])
