@@ -152,13 +152,21 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
                 for i, off in enumerate(range(seg.offset, seg.offset + seg.length, step)):
                     yield stream, pipeline, _read(fd, off, min(step, seg.offset + seg.length - off), sf.path), i == 0
 
+        raw_of: dict[int, bytes] = {}
+
         def encode(job: tuple[Stream, Pipeline, bytes, bool]) -> tuple[Stream, bytes, int, bool]:
             stream, pipeline, raw, first = job
+            if len(raw) == stream.nbytes:
+                raw_of[id(stream)] = raw
             return stream, pipeline.encode(np.frombuffer(raw, dtype=np.uint8)), len(raw), first
 
         for stream, payload, nraw, first in ordered_map(pool, encode, jobs(), 2 * nthreads + 2):
             if first:
                 writer.begin_stream(stream.nbytes)
+            if nraw == stream.nbytes and len(payload) >= nraw:
+                # A one-chunk stream that coding would not shrink (a tiny tensor, a zip record)
+                # is stored as it is: an empty pipeline.
+                payload, stream.pipeline = raw_of[id(stream)], []
             stream.chunks.append(writer.write_chunk(payload, nraw))
             if progress:
                 progress(nraw)

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import CodecError
+from ..errors import CodecError, CorruptArchiveError
 
 Config = dict[str, Any]
 
@@ -85,6 +85,11 @@ class Pipeline:
 
     def decode(self, payload: np.ndarray | bytes, out: np.ndarray) -> np.ndarray:
         """Decode one chunk's payload into ``out`` (a 1-D uint8 array of the decoded length)."""
+        if not self.codecs:  # stored as it is
+            if len(payload) != out.shape[0]:
+                raise CorruptArchiveError(f"stored chunk holds {len(payload)} bytes, expected {out.shape[0]}")
+            out[:] = np.frombuffer(payload, dtype=np.uint8)
+            return out
         data: Any = payload
         last = len(self.codecs) - 1
         for i, codec in enumerate(reversed(self.codecs)):

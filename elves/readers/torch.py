@@ -1,0 +1,596 @@
+"""Read PyTorch checkpoints (``torch.save`` zips, TorchScript zips, the legacy pre-zip format)
+without ever executing their pickles.
+
+A checkpoint's pickle is a program: unpickling calls whatever globals it names, so ``torch.load``
+on an untrusted file can run arbitrary code. elves has to read whatever model it is handed, so its
+unpickler (:class:`_SafeUnpickler`) imports nothing and answers every global with something of
+ours: tensor "rebuilders" that only record where a tensor's elements lie, plain containers, or an
+inert :class:`_Stub` for anything else. That is enough to learn each storage's dtype and to cut the
+file into segments: storage bytes become tensor segments (coded by the float codecs), everything
+else (zip records, the pickles, code) stays opaque bytes. Restore writes the segments back, so the
+file comes back byte for byte whatever its pickle references.
+"""
+from __future__ import annotations
+
+import _compat_pickle
+import io
+import mmap
+import os
+import pickle
+import re
+import struct
+import zipfile
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from ..dtypes import DTYPES, numpy_dtype
+from ..errors import InputError, UnsafePickleError
+from ..model import Segment, SourceFile, TensorView, fill_gaps
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL = 1001
+_LEGACY_MAGIC_LONG1 = pickle.LONG1 + bytes([10]) + LEGACY_MAGIC.to_bytes(10, "little")
+
+_LOCAL_HEADER = b"PK\x03\x04"
+_DATA_DESCRIPTOR = b"PK\x07\x08"
+_PICKLE_MEMBER = re.compile(r"(.+)/(data|constants)\.pkl")
+
+# torch dtype attribute -> safetensors name. Other torch dtypes are known (so not reported as
+# unsafe) but not coded as tensors: their storages stay opaque.
+_TORCH_DTYPES = {
+    "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+    "uint16": "U16", "uint32": "U32", "uint64": "U64", "complex64": "C64", "complex128": "C128",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+}
+_OTHER_TORCH_DTYPES = [
+    "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu", "float4_e2m1fn_x2", "complex32",
+    "qint8", "quint8", "qint32", "quint4x2", "quint2x4",
+    "bits8", "bits16", "bits1x8", "bits2x4", "bits4x2",
+    *(f"uint{n}" for n in range(1, 8)), *(f"int{n}" for n in range(1, 8)),
+]
+
+# Legacy typed storage class -> (safetensors dtype, item size). Quantized storages have no dtype
+# we code, but the legacy format needs their item size to find the storages after them.
+_STORAGE_CLASSES = {
+    "FloatStorage": ("F32", 4), "HalfStorage": ("F16", 2), "BFloat16Storage": ("BF16", 2),
+    "DoubleStorage": ("F64", 8), "LongStorage": ("I64", 8), "IntStorage": ("I32", 4),
+    "ShortStorage": ("I16", 2), "CharStorage": ("I8", 1), "ByteStorage": ("U8", 1),
+    "BoolStorage": ("BOOL", 1), "ComplexFloatStorage": ("C64", 8),
+    "ComplexDoubleStorage": ("C128", 16),
+    "QInt8Storage": (None, 1), "QUInt8Storage": (None, 1), "QInt32Storage": (None, 4),
+    "QUInt4x2Storage": (None, 1), "QUInt2x4Storage": (None, 1),
+}
+
+
+# --- What the unpickler hands the pickle instead of real objects -------------------------------
+# slots=True matters: pickle's BUILD opcode writes into an object's __dict__ directly, which would
+# let a crafted pickle rewrite these records; without a __dict__ it fails instead.
+
+@dataclass(frozen=True, slots=True)
+class _DType:
+    """A ``torch.<dtype>`` global; ``name`` is None for dtypes elves does not code."""
+
+    name: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _StorageType:
+    """A ``torch.<X>Storage`` global. An untyped storage holds bytes; its tensors give its dtype."""
+
+    dtype: str | None
+    itemsize: int          # 0 when unknown
+    untyped: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _StorageRef:
+    """A storage the pickle points at (its persistent id). ``name`` is the storage key, prefixed by
+    ``constants/`` for TorchScript constants; ``offset`` is in bytes (legacy storage views)."""
+
+    name: str
+    type: _StorageType
+    offset: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _TensorRef:
+    """Where a tensor's elements lie: ``offset``, ``shape`` and ``strides`` count elements."""
+
+    storage: _StorageRef
+    dtype: str | None
+    offset: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+
+
+class _Stub:
+    """Stands in for every global outside the allowlist: it accepts whatever the pickle does to
+    it (construct, call, ``__setstate__``, set items, append) and runs nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Stub:
+        return _Stub()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+def _first_arg(data: Any, *_rest: Any) -> Any:
+    """``_rebuild_parameter[_with_state]``: a parameter is its tensor, for our purposes."""
+    return data
+
+
+def _rebuild_from_type(func: Callable[..., Any], _new_type: Any, args: tuple, _state: Any) -> Any:
+    # Everything callable a pickle can reach here came from find_class, so this runs only ours.
+    return func(*args)
+
+
+def _encode(text: str, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode``, which protocol-2 pickles use for bytes. Unlike the real thing,
+    str.encode only knows text encodings."""
+    return text.encode(encoding)
+
+
+def _bytearray(*args: Any) -> bytearray:
+    if args and isinstance(args[0], int):  # bytearray(n) would let a pickle allocate n bytes
+        raise pickle.UnpicklingError("bytearray of a length")
+    return bytearray(*args)
+
+
+_SAFE_GLOBALS: dict[str, Any] = {
+    "collections.OrderedDict": OrderedDict,
+    "torch.Size": tuple,
+    "builtins.set": set,
+    "builtins.frozenset": frozenset,
+    "builtins.complex": complex,
+    "builtins.bytearray": _bytearray,
+    "_codecs.encode": _encode,
+    "torch._utils._rebuild_parameter": _first_arg,
+    "torch._utils._rebuild_parameter_with_state": _first_arg,
+    "torch._tensor._rebuild_from_type_v2": _rebuild_from_type,
+    "torch.storage.UntypedStorage": _StorageType(None, 1, untyped=True),
+    "torch.UntypedStorage": _StorageType(None, 1, untyped=True),
+    **{f"torch.{n}": _DType(d) for n, d in _TORCH_DTYPES.items()},
+    **{f"torch.{n}": _DType(None) for n in _OTHER_TORCH_DTYPES},
+    # tensors the legacy format saved from a GPU name torch.cuda.<X>Storage
+    **{f"{module}.{cls}": _StorageType(*v)
+       for cls, v in _STORAGE_CLASSES.items() for module in ("torch", "torch.cuda")},
+}
+# Harmless torch globals that carry no tensor data: stubbed, but not worth a warning.
+_INERT_GLOBALS = {"torch.Tensor", "torch.nn.parameter.Parameter", "torch.device"}
+# Rebuild functions that record tensors, as methods of the unpickler.
+_REBUILDERS = {
+    "torch._utils._rebuild_tensor": "_rebuild_typed",
+    "torch._utils._rebuild_tensor_v2": "_rebuild_typed",
+    "torch._utils._rebuild_tensor_v3": "_rebuild_untyped",
+}
+
+
+@dataclass
+class _Pickled:
+    """What the pickles of one checkpoint told us."""
+
+    root: Any = None                               # what data.pkl (or the legacy pickle) builds
+    storage_types: dict[str, _StorageType] = field(default_factory=dict)
+    tensors: list[_TensorRef] = field(default_factory=list)
+    unknown: set[str] = field(default_factory=set)  # globals outside the allowlist
+
+    def storage_dtypes(self) -> dict[str, str | None]:
+        """Each storage's dtype: its class's, or for an untyped storage the one dtype its tensors
+        agree on (None when they do not, or when none views it)."""
+        viewed: dict[str, set[str | None]] = {}
+        for t in self.tensors:
+            viewed.setdefault(t.storage.name, set()).add(t.dtype)
+        out = {}
+        for name, stype in self.storage_types.items():
+            if stype.untyped:
+                kinds = viewed.get(name, set())
+                out[name] = kinds.pop() if len(kinds) == 1 else None
+            else:
+                out[name] = stype.dtype
+        return out
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """An unpickler whose ``find_class`` never imports or returns anything but our stand-ins."""
+
+    def __init__(self, file: BinaryIO, found: _Pickled, namespace: str = ""):
+        super().__init__(file)
+        self._found = found
+        self._namespace = namespace
+
+    def find_class(self, module: str, name: str) -> Any:
+        # torch pickles with protocol 2, which names builtins by their Python 2 modules (__builtin__)
+        module, name = _compat_pickle.NAME_MAPPING.get(
+            (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name))
+        qualname = f"{module}.{name}"
+        if qualname in _SAFE_GLOBALS:
+            return _SAFE_GLOBALS[qualname]
+        if qualname in _REBUILDERS:
+            return getattr(self, _REBUILDERS[qualname])
+        if qualname not in _INERT_GLOBALS:
+            self._found.unknown.add(qualname)
+        return _Stub
+
+    def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module":
+            return pid[1]  # legacy format: an nn.Module class with its source; pid[1] is a stub
+        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unexpected persistent id {str(pid)[:80]}")
+        stype, key = pid[1], pid[2]
+        if isinstance(stype, _DType):  # newer writers may name the dtype instead of a class
+            stype = _StorageType(stype.name, DTYPES[stype.name].itemsize if stype.name else 0)
+        if not isinstance(stype, _StorageType) or not isinstance(key, str):
+            raise pickle.UnpicklingError(f"unexpected storage record {str(pid)[:80]}")
+        view = pid[5] if len(pid) == 6 else None
+        if view is not None and not (isinstance(view, tuple) and len(view) == 3 and _is_count(view[1])):
+            raise pickle.UnpicklingError(f"unexpected storage view {str(view)[:80]}")
+        name = self._namespace + key
+        # The legacy format sizes a storage by the item size of its first reference.
+        self._found.storage_types.setdefault(name, stype)
+        return _StorageRef(name, stype, view[1] * stype.itemsize if view else 0)
+
+    def _rebuild_typed(self, storage: Any, offset: Any, size: Any, stride: Any, *_rest: Any) -> _TensorRef:
+        if not isinstance(storage, _StorageRef):
+            raise pickle.UnpicklingError("tensor without a storage")
+        return self._tensor(storage, storage.type.dtype, offset, size, stride)
+
+    def _rebuild_untyped(self, storage: Any, offset: Any, size: Any, stride: Any,
+                         _requires_grad: Any, _hooks: Any, dtype: Any, *_rest: Any) -> _TensorRef:
+        if not isinstance(storage, _StorageRef) or not isinstance(dtype, _DType):
+            raise pickle.UnpicklingError("tensor without a storage or a dtype")
+        return self._tensor(storage, dtype.name, offset, size, stride)
+
+    def _tensor(self, storage: _StorageRef, dtype: str | None, offset: Any, size: Any, stride: Any) -> _TensorRef:
+        if not (_is_count(offset) and isinstance(size, tuple) and isinstance(stride, tuple)
+                and len(size) == len(stride) and all(map(_is_count, size + stride))):
+            raise pickle.UnpicklingError("malformed tensor record")
+        tensor = _TensorRef(storage, dtype, offset, size, stride)
+        self._found.tensors.append(tensor)
+        return tensor
+
+
+def _is_count(x: Any) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _unpickle(file: BinaryIO, found: _Pickled, namespace: str = "") -> Any:
+    return _SafeUnpickler(file, found, namespace).load()
+
+
+# --- Where the storages lie in the file ---------------------------------------------------------
+
+@dataclass
+class _Checkpoint:
+    format: str                                  # "torch-zip" or "torch-legacy"
+    size: int
+    pickled: _Pickled
+    storages: dict[str, tuple[int, int]]         # storage name -> (offset, length), stored plainly
+    little_endian: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Member:
+    name: str
+    offset: int      # where the member's data starts
+    size: int        # stored (compressed) size
+    method: int      # 0 stored, 8 deflated
+
+
+def _read(path: Path) -> _Checkpoint | None:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if f.read(4) == _LOCAL_HEADER:
+            return _read_zip(path, f, size)
+        return _read_legacy(path, f, size)
+
+
+def _read_zip(path: Path, f: BinaryIO, size: int) -> _Checkpoint | None:
+    notes = []
+    try:
+        members = _central_members(path, f, size)
+    except zipfile.BadZipFile:
+        members = _scanned_members(f, size)
+        notes.append(f"the zip has no central directory (truncated?); found {len(members)} "
+                     "complete members by their local headers")
+    pickles = [(m, match) for m in members if (match := _PICKLE_MEMBER.fullmatch(m.name))]
+    if not pickles:
+        return None
+    prefix = pickles[0][1].group(1)
+    found = _Pickled()
+    for member, match in pickles:
+        if match.group(1) != prefix:
+            continue
+        archive = match.group(2)
+        try:
+            raw = _member_bytes(f, member)
+            if raw is None:  # an unknown compression: its storages' dtypes stay unknown, so opaque
+                continue
+            root = _unpickle(io.BytesIO(raw), found, "" if archive == "data" else "constants/")
+        except Exception as e:  # a malformed pickle fails in many ways, none of which runs code
+            raise InputError(f"cannot read {member.name}: {e}", path) from e
+        if archive == "data":
+            found.root = root
+
+    storages = {}
+    little_endian = True
+    for m in members:
+        if not m.name.startswith(prefix + "/"):
+            continue
+        rel = m.name[len(prefix) + 1:]
+        if rel == "byteorder":
+            little_endian = _member_bytes(f, m) != b"big"
+        elif m.method == 0 and rel.startswith("data/"):
+            storages[rel[len("data/"):]] = (m.offset, m.size)
+        elif m.method == 0 and rel.startswith("constants/"):
+            storages[rel] = (m.offset, m.size)
+    return _Checkpoint("torch-zip", size, found, storages, little_endian, notes)
+
+
+def _central_members(path: Path, f: BinaryIO, size: int) -> list[_Member]:
+    """The members the central directory lists. Their data offsets come from the LOCAL headers:
+    torch pads the local extra field to align the data, and the central copy does not say so."""
+    with zipfile.ZipFile(f) as zf:
+        infos = zf.infolist()
+    members = []
+    for info in infos:
+        f.seek(info.header_offset)
+        head = f.read(30)
+        if len(head) < 30 or head[:4] != _LOCAL_HEADER:
+            raise InputError(f"zip member {info.filename!r} has no local header at {info.header_offset}", path)
+        name_len, extra_len = struct.unpack_from("<HH", head, 26)
+        offset = info.header_offset + 30 + name_len + extra_len
+        if offset + info.compress_size > size:
+            raise InputError(f"zip member {info.filename!r} runs past the end of the file", path)
+        members.append(_Member(info.filename, offset, info.compress_size, info.compress_type))
+    return members
+
+
+def _scanned_members(f: BinaryIO, size: int) -> list[_Member]:
+    """The complete members of a zip that lost its end (and with it the central directory), found
+    by walking the local headers from the start."""
+    members = []
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        pos = 0
+        while pos + 30 <= size and buf[pos:pos + 4] == _LOCAL_HEADER:
+            flags, method = struct.unpack_from("<HH", buf, pos + 6)
+            data_size, _, name_len, extra_len = struct.unpack_from("<IIHH", buf, pos + 18)
+            name = buf[pos + 30:pos + 30 + name_len].decode("utf-8", "replace")
+            offset = pos + 30 + name_len + extra_len
+            if flags & 0x08:  # torch streams its members: the sizes follow the data
+                found = _data_descriptor(buf, offset, stored=method == 0)
+                if found is None:
+                    break
+                data_size, end = found
+            else:
+                end = offset + data_size
+            if end > size:
+                break
+            members.append(_Member(name, offset, data_size, method))
+            pos = end
+    return members
+
+
+def _data_descriptor(buf: mmap.mmap, start: int, stored: bool) -> tuple[int, int] | None:
+    """(data size, end of the descriptor) of the member whose data starts at ``start``: the first
+    descriptor whose recorded size reaches back exactly to ``start`` and that is followed by the
+    next zip record or the end of the file."""
+    hit = buf.find(_DATA_DESCRIPTOR, start)
+    while hit != -1:
+        n = hit - start
+        for sizes in ("<II", "<QQ"):  # zip32 and zip64 descriptors
+            end = hit + 8 + struct.calcsize(sizes)
+            if end > len(buf):
+                continue
+            packed, unpacked = struct.unpack_from(sizes, buf, hit + 8)
+            if packed == n and (unpacked == n or not stored) and buf[end:end + 2] in (b"PK", b""):
+                return n, end
+        hit = buf.find(_DATA_DESCRIPTOR, hit + 1)
+    return None
+
+
+def _member_bytes(f: BinaryIO, member: _Member) -> bytes | None:
+    f.seek(member.offset)
+    raw = f.read(member.size)
+    if member.method == 0:
+        return raw
+    if member.method == 8:
+        return zlib.decompress(raw, -15)
+    return None
+
+
+def _read_legacy(path: Path, f: BinaryIO, size: int) -> _Checkpoint | None:
+    """The pre-zip format: pickles of the magic number, the protocol version, sys_info, the object
+    and the sorted storage keys, then per key an 8-byte element count and the storage's bytes."""
+    # Every file that is not a zip comes here, so rule most out cheaply before unpickling: torch
+    # writes protocol 2 or later, where the magic is a LONG1 opcode within the first few bytes.
+    f.seek(0)
+    head = f.read(32)
+    if head[:1] != pickle.PROTO or _LEGACY_MAGIC_LONG1 not in head:
+        return None
+    f.seek(0)
+    found = _Pickled()
+    try:
+        magic = _unpickle(f, found)
+    except Exception:  # not a pickle, so not a checkpoint
+        return None
+    if type(magic) is not int or magic != LEGACY_MAGIC:
+        return None
+    try:
+        version = _unpickle(f, found)
+        sys_info = _unpickle(f, found)
+        found.root = _unpickle(f, found)
+        keys = _unpickle(f, found)
+    except Exception as e:  # a malformed pickle fails in many ways, none of which runs code
+        raise InputError(f"cannot read the legacy checkpoint's pickles: {e}", path) from e
+    if version != LEGACY_PROTOCOL or not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+        raise InputError(f"unexpected legacy checkpoint header (protocol {str(version)[:20]})", path)
+    little_endian = not (isinstance(sys_info, dict) and sys_info.get("little_endian") is False)
+
+    storages: dict[str, tuple[int, int]] = {}
+    notes = []
+    pos = f.tell()  # the unpickler stops right after each pickle's STOP opcode
+    for key in keys:
+        stype = found.storage_types.get(key)
+        if stype is None or not stype.itemsize:
+            notes.append(f"storage {key} has an unknown item size; the bytes from it on are kept as they are")
+            break
+        f.seek(pos)
+        count = int.from_bytes(f.read(8), "little" if little_endian else "big")
+        start, pos = pos + 8, pos + 8 + count * stype.itemsize
+        if pos > size:
+            raise InputError(f"storage {key} ends past the end of the file (truncated?)", path)
+        storages[key] = (start, pos - start)
+    return _Checkpoint("torch-legacy", size, found, storages, little_endian, notes)
+
+
+# --- Segments, views and arrays -----------------------------------------------------------------
+
+def _storage_segments(storages: dict[str, tuple[int, int]], dtypes: dict[str, str | None]) -> list[Segment]:
+    """Tensor segments for the storages whose dtype is known, sorted by offset. A storage that
+    overlaps an earlier one (only a crafted zip has those) is left to the opaque gaps."""
+    out: list[Segment] = []
+    for name, (offset, length) in sorted(storages.items(), key=lambda item: item[1]):
+        dtype = dtypes.get(name)
+        if dtype is None or length % DTYPES[dtype].itemsize:
+            continue
+        if out and offset < out[-1].offset + out[-1].length:
+            continue
+        out.append(Segment(offset, length, dtype, name))
+    return out
+
+
+def _plain_tensors(root: Any) -> dict[str, _TensorRef]:
+    """The tensors reachable from ``root`` through dicts, lists and tuples, by dotted path (first
+    path wins). Each container is entered once: pickles share containers, and a crafted one can
+    nest them in cycles or make the number of paths explode."""
+    out: dict[str, _TensorRef] = {}
+    entered: set[int] = set()
+    stack: list[tuple[str, Any]] = [("", root)]
+    while stack:
+        prefix, obj = stack.pop()
+        if isinstance(obj, _TensorRef):
+            if prefix:  # a bare tensor saved on its own has no name
+                out.setdefault(prefix, obj)
+            continue
+        if isinstance(obj, dict):
+            items = list(obj.items())
+        elif isinstance(obj, (list, tuple)):
+            items = list(enumerate(obj))
+        else:
+            continue
+        if id(obj) in entered:
+            continue
+        entered.add(id(obj))
+        stack.extend((f"{prefix}.{key}" if prefix else str(key), value)
+                     for key, value in reversed(items) if isinstance(key, (str, int)))
+    return out
+
+
+def _byte_range(t: _TensorRef) -> tuple[int, int]:
+    """(start, length) in bytes, within its storage, of the elements ``t`` spans."""
+    itemsize = DTYPES[t.dtype].itemsize
+    elems = 0 if 0 in t.shape else 1 + sum((n - 1) * s for n, s in zip(t.shape, t.strides))
+    return t.storage.offset + t.offset * itemsize, elems * itemsize
+
+
+def _is_contiguous(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    expected = 1
+    for n, s in zip(reversed(shape), reversed(strides)):
+        if n != 1 and s != expected:
+            return False
+        expected *= n
+    return True
+
+
+def _view(name: str, t: _TensorRef, segments: list[Segment], index: dict[str, int]) -> TensorView | None:
+    if t.dtype is not None and 0 in t.shape:  # no bytes to point at: segment -1, as for safetensors
+        return TensorView(name, t.dtype, t.shape, -1)
+    i = index.get(t.storage.name)
+    if i is None or t.dtype != segments[i].dtype:
+        return None
+    start, length = _byte_range(t)
+    if start + length > segments[i].length:  # the pickle claims more than the storage holds
+        return None
+    strides = None if _is_contiguous(t.shape, t.strides) else t.strides
+    return TensorView(name, t.dtype, t.shape, i, start, strides)
+
+
+def _names(qualnames: set[str], shown: int = 8) -> str:
+    names = sorted(qualnames)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def parse(path: Path, relpath: str) -> SourceFile | None:
+    """Cut a PyTorch checkpoint into segments (storages as tensor segments, the rest opaque) and
+    name the tensors its pickle holds in plain containers; None if ``path`` is not a checkpoint."""
+    ck = _read(path)
+    if ck is None:
+        return None
+    warnings = [f"{relpath}: {note}" for note in ck.notes]
+    dtypes = ck.pickled.storage_dtypes()
+    if not ck.little_endian:  # the codecs assume little-endian elements
+        dtypes = {}
+        warnings.append(f"{relpath}: big-endian checkpoint; its storages are kept as bytes")
+    if ck.pickled.unknown:
+        warnings.append(f"{relpath}: pickle references {_names(ck.pickled.unknown)}: not executed; "
+                        "its storages are compressed and the pickle is kept as bytes")
+    segments = fill_gaps(ck.size, _storage_segments(ck.storages, dtypes))
+    index = {s.name: i for i, s in enumerate(segments) if s.dtype}
+    views = [v for name, t in _plain_tensors(ck.pickled.root).items()
+             if (v := _view(name, t, segments, index)) is not None]
+    return SourceFile(path, relpath, ck.format, ck.size, segments, views, warnings)
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Every tensor a checkpoint holds in plain containers, by dotted name, as numpy arrays copied
+    out of the file. :class:`UnsafePickleError` if the pickle references anything else: what it
+    builds from those objects cannot be known without running them."""
+    path = Path(path)
+    ck = _read(path)
+    if ck is None:
+        raise InputError("not a PyTorch checkpoint", path)
+    if ck.pickled.unknown:
+        raise UnsafePickleError(f"the pickle references {_names(ck.pickled.unknown)}, which elves "
+                                "never executes; load it with torch only if you trust it", path)
+    if not ck.little_endian:
+        raise InputError("big-endian checkpoints are not supported", path)
+    with open(path, "rb") as f:
+        return {name: _read_tensor(path, f, ck.storages, name, t)
+                for name, t in _plain_tensors(ck.pickled.root).items()}
+
+
+def _read_tensor(path: Path, f: BinaryIO, storages: dict[str, tuple[int, int]], name: str, t: _TensorRef) -> np.ndarray:
+    if t.dtype is None:
+        raise InputError(f"tensor {name!r} has a dtype elves does not support", path)
+    location = storages.get(t.storage.name)
+    if location is None:
+        raise InputError(f"the storage of tensor {name!r} is not stored uncompressed in the file", path)
+    start, length = _byte_range(t)
+    if start + length > location[1]:
+        raise InputError(f"tensor {name!r} reaches past the end of its storage", path)
+    f.seek(location[0] + start)
+    dtype = numpy_dtype(t.dtype)
+    flat = np.frombuffer(f.read(length), dtype)
+    strides = tuple(s * dtype.itemsize for s in t.strides)
+    return np.lib.stride_tricks.as_strided(flat, t.shape, strides).copy()
