@@ -191,7 +191,8 @@ class _Pickled:
     root: Any = None                               # what data.pkl (or the legacy pickle) builds
     storage_types: dict[str, _StorageType] = field(default_factory=dict)
     tensors: list[_TensorRef] = field(default_factory=list)
-    unknown: set[str] = field(default_factory=set)  # globals outside the allowlist
+    # globals outside the allowlist, in the order the pickle first uses them (a dict keeps it)
+    unknown: dict[str, None] = field(default_factory=dict)
 
     def storage_dtypes(self) -> dict[str, str | None]:
         """Each storage's dtype: its class's, or for an untyped storage the one dtype its tensors
@@ -213,12 +214,12 @@ class _SafeUnpickler(pickle.Unpickler):
     """An unpickler whose ``find_class`` never imports or returns anything but our stand-ins."""
 
     def __init__(self, file: BinaryIO, found: _Pickled, namespace: str = ""):
-        super().__init__(file)
+        super().__init__(file, encoding="utf-8")  # as torch.load reads Python 2 strings
         self._found = found
         self._namespace = namespace
 
     def find_class(self, module: str, name: str) -> Any:
-        # torch pickles with protocol 2, which names builtins by their Python 2 modules (__builtin__)
+        # torch pickles with protocol 2, which names builtins by their Python 2 module, __builtin__
         module, name = _compat_pickle.NAME_MAPPING.get(
             (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name))
         qualname = f"{module}.{name}"
@@ -227,7 +228,7 @@ class _SafeUnpickler(pickle.Unpickler):
         if qualname in _REBUILDERS:
             return getattr(self, _REBUILDERS[qualname])
         if qualname not in _INERT_GLOBALS:
-            self._found.unknown.add(qualname)
+            self._found.unknown.setdefault(qualname)
         return _Stub
 
     def persistent_load(self, pid: Any) -> Any:
@@ -240,15 +241,17 @@ class _SafeUnpickler(pickle.Unpickler):
             stype = _StorageType(stype.name, DTYPES[stype.name].itemsize if stype.name else 0)
         if not isinstance(stype, _StorageType) or not isinstance(key, str):
             raise pickle.UnpicklingError(f"unexpected storage record {str(pid)[:80]}")
-        view = pid[5] if len(pid) == 6 else None
-        if view is not None and not (isinstance(view, tuple) and len(view) == 3 and _is_count(view[1])):
+        view = pid[5] if len(pid) == 6 else None  # legacy: (view key, element offset, size)
+        if view is not None and not (isinstance(view, tuple) and len(view) == 3
+                                     and _is_count(view[1])):
             raise pickle.UnpicklingError(f"unexpected storage view {str(view)[:80]}")
         name = self._namespace + key
         # The legacy format sizes a storage by the item size of its first reference.
         self._found.storage_types.setdefault(name, stype)
         return _StorageRef(name, stype, view[1] * stype.itemsize if view else 0)
 
-    def _rebuild_typed(self, storage: Any, offset: Any, size: Any, stride: Any, *_rest: Any) -> _TensorRef:
+    def _rebuild_typed(self, storage: Any, offset: Any, size: Any, stride: Any,
+                       *_rest: Any) -> _TensorRef:
         if not isinstance(storage, _StorageRef):
             raise pickle.UnpicklingError("tensor without a storage")
         return self._tensor(storage, storage.type.dtype, offset, size, stride)
@@ -259,7 +262,8 @@ class _SafeUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError("tensor without a storage or a dtype")
         return self._tensor(storage, dtype.name, offset, size, stride)
 
-    def _tensor(self, storage: _StorageRef, dtype: str | None, offset: Any, size: Any, stride: Any) -> _TensorRef:
+    def _tensor(self, storage: _StorageRef, dtype: str | None, offset: Any, size: Any,
+                stride: Any) -> _TensorRef:
         if not (_is_count(offset) and isinstance(size, tuple) and isinstance(stride, tuple)
                 and len(size) == len(stride) and all(map(_is_count, size + stride))):
             raise pickle.UnpicklingError("malformed tensor record")
@@ -278,12 +282,15 @@ def _unpickle(file: BinaryIO, found: _Pickled, namespace: str = "") -> Any:
 
 # --- Where the storages lie in the file ---------------------------------------------------------
 
+_Locations = dict[str, tuple[int, int]]  # storage name -> (offset, length) of its bytes in the file
+
+
 @dataclass
 class _Checkpoint:
-    format: str                                  # "torch-zip" or "torch-legacy"
+    format: str                    # "torch-zip" or "torch-legacy"
     size: int
     pickled: _Pickled
-    storages: dict[str, tuple[int, int]]         # storage name -> (offset, length), stored plainly
+    storages: _Locations           # the storages stored plainly (not compressed)
     little_endian: bool = True
     notes: list[str] = field(default_factory=list)
 
@@ -321,24 +328,24 @@ def _read_zip(path: Path, f: BinaryIO, size: int) -> _Checkpoint | None:
         if match.group(1) != prefix:
             continue
         archive = match.group(2)
+        raw = _member_bytes(path, f, member)
+        if raw is None:  # an unknown compression: its storages' dtypes stay unknown, so opaque
+            continue
         try:
-            raw = _member_bytes(f, member)
-            if raw is None:  # an unknown compression: its storages' dtypes stay unknown, so opaque
-                continue
             root = _unpickle(io.BytesIO(raw), found, "" if archive == "data" else "constants/")
         except Exception as e:  # a malformed pickle fails in many ways, none of which runs code
             raise InputError(f"cannot read {member.name}: {e}", path) from e
         if archive == "data":
             found.root = root
 
-    storages = {}
+    storages: _Locations = {}
     little_endian = True
     for m in members:
         if not m.name.startswith(prefix + "/"):
             continue
         rel = m.name[len(prefix) + 1:]
         if rel == "byteorder":
-            little_endian = _member_bytes(f, m) != b"big"
+            little_endian = _member_bytes(path, f, m) != b"big"
         elif m.method == 0 and rel.startswith("data/"):
             storages[rel[len("data/"):]] = (m.offset, m.size)
         elif m.method == 0 and rel.startswith("constants/"):
@@ -356,7 +363,8 @@ def _central_members(path: Path, f: BinaryIO, size: int) -> list[_Member]:
         f.seek(info.header_offset)
         head = f.read(30)
         if len(head) < 30 or head[:4] != _LOCAL_HEADER:
-            raise InputError(f"zip member {info.filename!r} has no local header at {info.header_offset}", path)
+            raise InputError(
+                f"zip member {info.filename!r} has no local header at {info.header_offset}", path)
         name_len, extra_len = struct.unpack_from("<HH", head, 26)
         offset = info.header_offset + 30 + name_len + extra_len
         if offset + info.compress_size > size:
@@ -408,14 +416,18 @@ def _data_descriptor(buf: mmap.mmap, start: int, stored: bool) -> tuple[int, int
     return None
 
 
-def _member_bytes(f: BinaryIO, member: _Member) -> bytes | None:
+def _member_bytes(path: Path, f: BinaryIO, member: _Member) -> bytes | None:
+    """A member's content; None for a compression method other than deflate."""
     f.seek(member.offset)
     raw = f.read(member.size)
     if member.method == 0:
         return raw
-    if member.method == 8:
+    if member.method != 8:
+        return None
+    try:
         return zlib.decompress(raw, -15)
-    return None
+    except zlib.error as e:
+        raise InputError(f"cannot inflate zip member {member.name!r}: {e}", path) from None
 
 
 def _read_legacy(path: Path, f: BinaryIO, size: int) -> _Checkpoint | None:
@@ -442,17 +454,19 @@ def _read_legacy(path: Path, f: BinaryIO, size: int) -> _Checkpoint | None:
         keys = _unpickle(f, found)
     except Exception as e:  # a malformed pickle fails in many ways, none of which runs code
         raise InputError(f"cannot read the legacy checkpoint's pickles: {e}", path) from e
-    if version != LEGACY_PROTOCOL or not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
-        raise InputError(f"unexpected legacy checkpoint header (protocol {str(version)[:20]})", path)
+    if version != LEGACY_PROTOCOL or not (
+            isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+        raise InputError(f"unexpected legacy checkpoint (protocol {str(version)[:20]})", path)
     little_endian = not (isinstance(sys_info, dict) and sys_info.get("little_endian") is False)
 
-    storages: dict[str, tuple[int, int]] = {}
+    storages: _Locations = {}
     notes = []
     pos = f.tell()  # the unpickler stops right after each pickle's STOP opcode
     for key in keys:
         stype = found.storage_types.get(key)
         if stype is None or not stype.itemsize:
-            notes.append(f"storage {key} has an unknown item size; the bytes from it on are kept as they are")
+            notes.append(f"storage {key} has an unknown item size; the bytes from it on "
+                         "are kept as they are")
             break
         f.seek(pos)
         count = int.from_bytes(f.read(8), "little" if little_endian else "big")
@@ -465,7 +479,7 @@ def _read_legacy(path: Path, f: BinaryIO, size: int) -> _Checkpoint | None:
 
 # --- Segments, views and arrays -----------------------------------------------------------------
 
-def _storage_segments(storages: dict[str, tuple[int, int]], dtypes: dict[str, str | None]) -> list[Segment]:
+def _storage_segments(storages: _Locations, dtypes: dict[str, str | None]) -> list[Segment]:
     """Tensor segments for the storages whose dtype is known, sorted by offset. A storage that
     overlaps an earlier one (only a crafted zip has those) is left to the opaque gaps."""
     out: list[Segment] = []
@@ -522,7 +536,8 @@ def _is_contiguous(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
     return True
 
 
-def _view(name: str, t: _TensorRef, segments: list[Segment], index: dict[str, int]) -> TensorView | None:
+def _view(name: str, t: _TensorRef, segments: list[Segment],
+          index: dict[str, int]) -> TensorView | None:
     if t.dtype is not None and 0 in t.shape:  # no bytes to point at: segment -1, as for safetensors
         return TensorView(name, t.dtype, t.shape, -1)
     i = index.get(t.storage.name)
@@ -535,8 +550,8 @@ def _view(name: str, t: _TensorRef, segments: list[Segment], index: dict[str, in
     return TensorView(name, t.dtype, t.shape, i, start, strides)
 
 
-def _names(qualnames: set[str], shown: int = 8) -> str:
-    names = sorted(qualnames)
+def _names(qualnames: dict[str, None], shown: int = 8) -> str:
+    names = list(qualnames)
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
 
@@ -580,17 +595,20 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
                 for name, t in _plain_tensors(ck.pickled.root).items()}
 
 
-def _read_tensor(path: Path, f: BinaryIO, storages: dict[str, tuple[int, int]], name: str, t: _TensorRef) -> np.ndarray:
+def _read_tensor(path: Path, f: BinaryIO, storages: _Locations, name: str,
+                 t: _TensorRef) -> np.ndarray:
     if t.dtype is None:
         raise InputError(f"tensor {name!r} has a dtype elves does not support", path)
+    dtype = numpy_dtype(t.dtype)
+    start, length = _byte_range(t)
+    if not length:
+        return np.empty(t.shape, dtype)
     location = storages.get(t.storage.name)
     if location is None:
-        raise InputError(f"the storage of tensor {name!r} is not stored uncompressed in the file", path)
-    start, length = _byte_range(t)
+        raise InputError(f"the storage of tensor {name!r} is missing or compressed", path)
     if start + length > location[1]:
         raise InputError(f"tensor {name!r} reaches past the end of its storage", path)
     f.seek(location[0] + start)
-    dtype = numpy_dtype(t.dtype)
     flat = np.frombuffer(f.read(length), dtype)
     strides = tuple(s * dtype.itemsize for s in t.strides)
     return np.lib.stride_tricks.as_strided(flat, t.shape, strides).copy()
