@@ -239,7 +239,8 @@ def _encode_plane(sym, n, lanes, prob_bits, out, pos):
     header = 4 + k + (k & 1) + 2 * k
     header += (-header) & 3
     est = header + 8 * lanes + _rans_bits(counts, freq, prob_bits) / 8.0
-    if est >= n + 1:
+    # A plane rANS would shrink by under 1% is stored raw: decoding it would cost a pass for nothing.
+    if est >= (n + 1) * 0.99:
         out[pos] = MODE_RAW
         out[pos + 1:pos + 1 + n] = sym[:n]
         return pos + 1 + n
@@ -303,24 +304,50 @@ def max_encoded_size(n: int, w: int) -> int:
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _decode_step(x, ptr, lim, dec, words, out, m, prob_bits):
-    """Decode one symbol in each of the first ``m`` lanes: the loop a decoder spends its time in.
+def _decode_one(x, p, lim, dec, words, mask, sh):
+    """One rANS decode step of one lane: (new state, new word position, symbol).
 
-    All state is 32-bit and the renormalisation is branch-free (on high-entropy planes the
-    branch would be a coin flip), which lets LLVM turn the lane loop into vector gathers.
+    32-bit arithmetic and a branch-free renormalisation (on high-entropy planes the branch
+    would be a coin flip); a read past the lane's end is clamped to its last word and caught by
+    the final-state check.
     """
+    e = dec[x & mask]
+    x = ((e >> np.uint32(8)) & np.uint32(0xFFF)) * (x >> sh) + (e >> np.uint32(20))
+    need = np.uint32(x < np.uint32(RANS_L))
+    wv = np.uint32(words[min(p, lim)])
+    x = (x << (need << np.uint32(4))) | (wv & (np.uint32(0) - need))
+    return x, p + need, np.uint8(e & np.uint32(0xFF))
+
+
+@njit(cache=True, nogil=True)
+def _decode_lanes(x, ptr, lim, dec, words, out, n, lanes, prob_bits):
+    """Decode all lanes of a plane. Four lanes at a time run as independent chains held in
+    registers, which the CPU overlaps; more spill registers and run slower."""
     mask = np.uint32((1 << prob_bits) - 1)
     sh = np.uint32(prob_bits)
-    for j in range(m):
-        xx = x[j]
-        e = dec[xx & mask]
-        out[j] = np.uint8(e & np.uint32(0xFF))
-        xx = ((e >> np.uint32(8)) & np.uint32(0xFFF)) * (xx >> sh) + (e >> np.uint32(20))
-        need = np.uint32(xx < np.uint32(RANS_L))
-        q = ptr[j]
-        wv = np.uint32(words[min(q, lim[j])])
-        x[j] = (xx << (need << np.uint32(4))) | (wv & (np.uint32(0) - need))
-        ptr[j] = q + np.int64(need)
+    steps = n // lanes
+    g = 0
+    while g + 4 <= lanes:
+        x0, x1, x2, x3 = x[g], x[g + 1], x[g + 2], x[g + 3]
+        p0, p1, p2, p3 = ptr[g], ptr[g + 1], ptr[g + 2], ptr[g + 3]
+        l0, l1, l2, l3 = lim[g], lim[g + 1], lim[g + 2], lim[g + 3]
+        for k in range(steps):
+            b = k * lanes + g
+            x0, p0, out[b] = _decode_one(x0, p0, l0, dec, words, mask, sh)
+            x1, p1, out[b + 1] = _decode_one(x1, p1, l1, dec, words, mask, sh)
+            x2, p2, out[b + 2] = _decode_one(x2, p2, l2, dec, words, mask, sh)
+            x3, p3, out[b + 3] = _decode_one(x3, p3, l3, dec, words, mask, sh)
+        x[g], x[g + 1], x[g + 2], x[g + 3] = x0, x1, x2, x3
+        ptr[g], ptr[g + 1], ptr[g + 2], ptr[g + 3] = p0, p1, p2, p3
+        g += 4
+    for j in range(g, lanes):
+        xj, pj = x[j], ptr[j]
+        for k in range(steps):
+            xj, pj, out[k * lanes + j] = _decode_one(xj, pj, lim[j], dec, words, mask, sh)
+        x[j], ptr[j] = xj, pj
+    # The last, partial step: lanes below n % lanes hold one more symbol.
+    for j in range(n - steps * lanes):
+        x[j], ptr[j], out[steps * lanes + j] = _decode_one(x[j], ptr[j], lim[j], dec, words, mask, sh)
 
 
 @njit(cache=True, nogil=True)
@@ -360,10 +387,10 @@ def _rans_decode_plane(buf, pos, end, n, lanes, out):
         return ERR_HEADER
     # Lane streams are 2-byte aligned relative to the chunk start, so read words from a u16 view.
     words = buf[:end & ~1].view(np.uint16)
-    ptr = np.empty(lanes, dtype=np.int64)
-    lim = np.empty(lanes, dtype=np.int64)
+    ptr = np.empty(lanes, dtype=np.uint32)
+    lim = np.empty(lanes, dtype=np.uint32)
     lane_end = np.empty(lanes, dtype=np.int64)
-    x = np.empty(lanes, dtype=np.uint64)
+    x = np.empty(lanes, dtype=np.uint32)
     p = pos + 4 * lanes
     for j in range(lanes):
         nb = np.int64(_get_u32(buf, pos + 4 * j))
@@ -373,17 +400,8 @@ def _rans_decode_plane(buf, pos, end, n, lanes, out):
         ptr[j] = (p + 4) >> 1
         p += nb
         lane_end[j] = p >> 1
-        # Reads past a lane's end are clamped to its last word instead of branching on every
-        # read; the final check below then rejects the lane.
         lim[j] = max(lane_end[j] - 1, (p - nb) >> 1)
-    xs = x.astype(np.uint32)
-    full = n // lanes
-    for kk in range(full):
-        _decode_step(xs, ptr, lim, dec, words, out[kk * lanes:(kk + 1) * lanes], lanes, prob_bits)
-    rest = n - full * lanes
-    if rest:
-        _decode_step(xs, ptr, lim, dec, words, out[full * lanes:], rest, prob_bits)
-    x[:] = xs
+    _decode_lanes(x, ptr, lim, dec, words, out, n, lanes, prob_bits)
     for j in range(lanes):
         if ptr[j] != lane_end[j] or x[j] != RANS_L:
             return ERR_FINAL_STATE
