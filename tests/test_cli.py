@@ -1,0 +1,95 @@
+"""The installed ``elves`` command, run as a user would: output, --json, exit codes, no tracebacks."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import tree_hashes, write_safetensors
+
+from .test_codecs import weights_like
+
+
+def elves(*args: str | Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", "from elves.cli.main import main; main()", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    src = tmp_path / "model"
+    src.mkdir()
+    rng = np.random.default_rng(3)
+    write_safetensors(src / "model.safetensors", {
+        "w": ("BF16", (256, 300), weights_like("BF16", 256 * 300, rng).tobytes()),
+        "b": ("F32", (300,), weights_like("F32", 300, rng).tobytes()),
+    })
+    (src / "config.json").write_text('{"hidden_size": 300}')
+    return src
+
+
+def test_help_shows_examples_and_exit_codes() -> None:
+    r = elves("--help")
+    assert r.returncode == 0
+    assert "elves compress ./all-MiniLM-L6-v2 -o minilm.elves" in r.stdout and "Exit codes" in r.stdout
+    for cmd in ["compress", "restore", "info", "verify"]:
+        sub = elves(cmd, "--help")
+        assert sub.returncode == 0 and "Example" in sub.stdout, cmd
+
+
+def test_full_cycle_with_json(model: Path, tmp_path: Path) -> None:
+    archive = tmp_path / "m.elves"
+    r = elves("compress", model, "-o", archive, "--json", "--threads", "2")
+    assert r.returncode == 0, r.stderr
+    c = json.loads(r.stdout)
+    assert c["ok"] and c["files"] == 2 and c["tensors"] == 2 and c["ratio"] > 1.2
+
+    i = json.loads(elves("info", archive, "--json").stdout)
+    assert i["lossy"] is False and i["by_dtype"]["BF16"]["original_bytes"] == 256 * 300 * 2
+    assert {f["path"] for f in i["files"]} == {"model.safetensors", "config.json"}
+
+    v = elves("verify", archive, "--against", model, "--json")
+    assert v.returncode == 0 and json.loads(v.stdout)["ok"]
+
+    out = tmp_path / "restored"
+    r = elves("restore", archive, "-o", out, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["files"] == 2
+    assert tree_hashes(out) == tree_hashes(model)
+
+    text = elves("info", archive)
+    assert "lossless" in text.stdout and "BF16" in text.stdout
+
+
+def test_exit_codes_and_no_tracebacks(model: Path, tmp_path: Path) -> None:
+    archive = tmp_path / "m.elves"
+    assert elves("compress", model, "-o", archive).returncode == 0
+
+    r = elves("compress", model, "-o", archive)                  # output exists
+    assert r.returncode == 5 and "already exists" in r.stderr and "Traceback" not in r.stderr
+    assert elves("compress", model, "-o", archive, "--force").returncode == 0
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+    r = elves("compress", bad, "-o", tmp_path / "x.elves")         # bad input model
+    assert r.returncode == 3 and str(bad) in r.stderr and "Traceback" not in r.stderr
+
+    data = bytearray(archive.read_bytes())
+    data[5000] ^= 0xFF
+    damaged = tmp_path / "damaged.elves"
+    damaged.write_bytes(bytes(data))
+    r = elves("verify", damaged)                                   # damaged archive
+    assert r.returncode == 4 and "FAILED" in r.stdout
+    r = elves("restore", damaged, "-o", tmp_path / "out")
+    assert r.returncode == 4 and "checksum" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+    cut = tmp_path / "cut.elves"
+    cut.write_bytes(bytes(data[:3000]))
+    r = elves("info", cut, "--json")
+    assert r.returncode == 4 and json.loads(r.stdout)["kind"] == "TruncatedArchiveError"
+
+    assert elves("restore", tmp_path / "missing.elves", "-o", tmp_path / "o").returncode == 2  # usage
