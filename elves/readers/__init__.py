@@ -1,6 +1,6 @@
 """Readers: turn a model (a file, or a folder such as a Hugging Face snapshot) into
-:class:`~elves.model.SourceFile` objects. safetensors and PyTorch checkpoints are parsed so their
-tensors reach the float codecs; every other file is kept as opaque bytes."""
+:class:`~elves.model.SourceFile` objects. safetensors, PyTorch checkpoints and ONNX files are
+parsed so their tensors reach the float codecs; every other file is kept as opaque bytes."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..model import SourceFile, opaque_segments
-from . import safetensors, torch
+from . import onnx, safetensors, torch
 
 
 def read_model(src: str | os.PathLike[str]) -> tuple[list[SourceFile], bool]:
@@ -32,6 +32,8 @@ def read_model(src: str | os.PathLike[str]) -> tuple[list[SourceFile], bool]:
 def read_file(path: Path, relpath: str) -> SourceFile:
     if safetensors.looks_like(path):
         f = safetensors.parse(path, relpath)
+    elif onnx.looks_like(path) and (parsed := onnx.parse(path, relpath)) is not None:
+        f = parsed
     else:
         f = torch.parse(path, relpath) or SourceFile(
             path, relpath, "opaque", path.stat().st_size, opaque_segments(path.stat().st_size)

@@ -1,0 +1,93 @@
+"""The ONNX reader: tensors found wherever ONNX keeps them, malformed files left opaque."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import elves
+from elves.readers import onnx
+from tests.conftest import tree_hashes
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def field(num: int, payload: bytes | int) -> bytes:
+    if isinstance(payload, int):
+        return varint(num << 3) + varint(payload)
+    return varint((num << 3) | 2) + varint(len(payload)) + payload
+
+
+def tensor(name: str, arr: np.ndarray, onnx_type: int, packed_dims: bool = False) -> bytes:
+    dims = b"".join(field(1, d) for d in arr.shape) if not packed_dims else \
+        field(1, b"".join(varint(d) for d in arr.shape))
+    return dims + field(2, onnx_type) + field(8, name.encode()) + field(9, arr.tobytes())
+
+
+def model_bytes(rng: np.random.Generator) -> tuple[bytes, dict[str, np.ndarray]]:
+    w = (rng.standard_normal((64, 32)) * 0.02).astype(np.float32)
+    h = (rng.standard_normal(500) * 0.1).astype(np.float16)
+    c = np.arange(6, dtype=np.int64).reshape(2, 3)
+    s = (rng.standard_normal((8, 8))).astype(np.float32)
+    subgraph = field(5, tensor("sub.w", s, 1))
+    node_const = field(1, b"Constant") + field(5, field(1, b"value") + field(5, tensor("const", c, 7)))
+    node_if = field(1, b"If") + field(5, field(1, b"then_branch") + field(6, subgraph))
+    graph = field(1, node_const) + field(1, node_if) + field(5, tensor("w", w, 1)) + \
+        field(5, tensor("h", h, 10, packed_dims=True)) + field(2, b"graph-name")
+    model = field(1, 8) + field(2, b"elves-test") + field(7, graph)
+    return model, {"w": w, "h": h, "const": c, "sub.w": s}
+
+
+def test_finds_initializers_constants_and_subgraphs(tmp_path: Path) -> None:
+    data, tensors = model_bytes(np.random.default_rng(0))
+    path = tmp_path / "m.onnx"
+    path.write_bytes(data)
+    sf = onnx.parse(path, "m.onnx")
+    sf.check()
+    assert {t.name: t.shape for t in sf.tensors} == {k: v.shape for k, v in tensors.items()}
+    archive = tmp_path / "m.elves"
+    elves.compress(path, archive)
+    got = elves.load_file(archive)
+    for name, arr in tensors.items():
+        assert got[name].tobytes() == arr.tobytes() and got[name].shape == arr.shape
+    elves.restore(archive, tmp_path / "r.onnx")
+    assert tree_hashes(tmp_path / "r.onnx") == tree_hashes(path)
+
+
+@pytest.mark.parametrize("cut", [1, 7, 100, -3])
+def test_malformed_files_stay_opaque(tmp_path: Path, cut: int) -> None:
+    data, _ = model_bytes(np.random.default_rng(1))
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(data[:cut])
+    assert onnx.parse(path, "bad.onnx") is None
+    elves.compress(path, tmp_path / "bad.elves")  # still compressed, as opaque bytes
+    elves.restore(tmp_path / "bad.elves", tmp_path / "r.onnx")
+    assert (tmp_path / "r.onnx").read_bytes() == path.read_bytes()
+
+
+def test_random_bytes_never_crash(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    path = tmp_path / "x.onnx"
+    for _ in range(200):
+        path.write_bytes(rng.integers(0, 256, int(rng.integers(0, 300)), dtype=np.uint8).tobytes())
+        sf = onnx.parse(path, "x.onnx")
+        if sf is not None:
+            sf.check()
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("name,file", [("silero", "silero_vad.onnx"), ("fall", "best_fp16.onnx")])
+def test_real_onnx(dataset, name: str, file: str) -> None:
+    path = dataset(name) / file
+    sf = onnx.parse(path, file)
+    sf.check()
+    covered = sum(s.length for s in sf.segments if s.dtype) / sf.size
+    assert covered > 0.9 and len(sf.tensors) > 40
