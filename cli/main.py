@@ -7,7 +7,6 @@ cannot be written; 6 unknown codec or dtype.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from contextlib import contextmanager

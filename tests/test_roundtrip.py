@@ -71,7 +71,7 @@ def test_torch_framework(tmp_path: Path) -> None:
     archive = tmp_path / "m.elves"
     elves.compress(write_safetensors(tmp_path / "m.safetensors", tensors), archive)
     got = elves.load_file(archive, framework="pt")
-    for name, (dt, shape, raw) in tensors.items():
+    for name, (dt, _, raw) in tensors.items():
         t = got[name]
         assert isinstance(t, torch.Tensor) and t.dtype == getattr(torch, dtypes.get(dt).torch)
         assert t.contiguous().view(torch.uint8).numpy().tobytes() == raw
