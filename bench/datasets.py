@@ -24,9 +24,9 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 DATA_ROOT = Path(os.environ.get("ELVES_DATA", Path.home() / ".cache" / "elves" / "datasets"))
 RECIPE_VERSION = 1  # bump to rebuild every dataset after a change in how they are laid out
@@ -132,7 +132,7 @@ def torch_available() -> bool:
     try:
         import safetensors.torch  # noqa: F401
         import torch  # noqa: F401
-    except Exception:
+    except (ImportError, OSError):  # OSError: a torch whose shared libraries do not load
         return False
     return True
 
