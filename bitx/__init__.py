@@ -1,3 +1,12 @@
-"""BitX: lossless XOR-delta of a fine-tuned tensor against its base tensor (ZipLLM), as a filter in
-the elves codec pipeline. The codec, family clustering and the multi-model store are the next
-milestone; this package is its home so that the import name is reserved from the start."""
+"""BitX: lossless XOR-delta of a fine-tuned model against its base model (ZipLLM), as a filter in
+the elves codec pipeline, and more: per-plane choice, unchanged elements dropped, the exponent
+ranked given the base's, rows appended.
+
+- ``bitx.codec``: the ``xor`` codec (registered with elves' codecs when elves is imported);
+- ``bitx.base``: base models (a model file/folder or an ``.elves`` archive), read and checked;
+- ``bitx.delta``: which tensors to code against which base tensors, and how.
+
+Use it through ``elves.compress(..., base=...)`` / ``elves compress --base``. Family clustering
+and the multi-model store come next.
+"""
+import elves  # noqa: F401  first: elves' codec registry and API import modules of this package

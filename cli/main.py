@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 an unexpected elves error; 2 bad usage; 3 bad input model;
 4 damaged, truncated or unsupported archive (or verify found a mismatch); 5 output exists or
-cannot be written; 6 unknown codec or dtype.
+cannot be written; 6 unknown codec or dtype; 7 the archive needs a base model (--base) and
+none, or a different one, was given.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import click
 
 EPILOG = """\b
 Exit codes: 0 ok, 2 usage, 3 bad input model, 4 damaged or unsupported archive
-(or verify failed), 5 output exists or cannot be written, 6 unknown codec or dtype.
+(or verify failed), 5 output exists or cannot be written, 6 unknown codec or dtype,
+7 base model missing or not the one the archive was compressed against.
 """
 
 
@@ -79,6 +81,9 @@ threads_option = click.option("--threads", "-t", type=click.IntRange(min=1), def
                               help="Worker threads (default: all cores).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON object for scripts.")
 force_option = click.option("--force", "-f", is_flag=True, help="Overwrite the output if it exists.")
+base_option = click.option("--base", "base", type=click.Path(exists=True, path_type=Path), default=None,
+                           help="The base model (file, folder or .elves archive) the archive is "
+                                "compressed against (BitX delta of a fine-tune).")
 
 
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -101,21 +106,26 @@ def main() -> None:
               help="The archive to write (.elves).")
 @threads_option
 @force_option
+@base_option
 @json_option
-def compress(src: Path, out: Path, threads: int | None, force: bool, as_json: bool) -> None:
+def compress(src: Path, out: Path, threads: int | None, force: bool, base: Path | None, as_json: bool) -> None:
     """Compress a model (a file or a folder) into one archive, losslessly.
+
+    With --base, tensors that match the base model's are coded as a BitX delta against it
+    (where that is smaller); restoring then needs the same base.
 
     \b
     Examples:
       elves compress model.safetensors -o model.elves
       elves compress ./llama-3-8b/ -o llama.elves --threads 8
+      elves compress ./my-finetune/ -o ft.elves --base ./llama-3-8b/
     """
     import elves
 
     with _errors(as_json):
         t0 = time.perf_counter()
         with _progress(_source_size(src), "compress", not as_json) as bar:
-            s = elves.compress(src, out, threads=threads, force=force, progress=bar)
+            s = elves.compress(src, out, threads=threads, force=force, progress=bar, base=base)
         dt = time.perf_counter() - t0
         for w in s.warnings:
             click.echo(f"elves: warning: {w}", err=True)
@@ -123,9 +133,11 @@ def compress(src: Path, out: Path, threads: int | None, force: bool, as_json: bo
             "ok": True, "archive": str(s.archive), "files": s.files, "tensors": s.tensors,
             "original_bytes": s.original_bytes, "archive_bytes": s.archive_bytes,
             "ratio": round(s.ratio, 4), "seconds": round(dt, 3), "warnings": s.warnings,
+            "base": str(base) if base is not None else None, "base_streams": s.base_streams,
         }, f"{src} -> {s.archive}: {_human(s.original_bytes)} -> {_human(s.archive_bytes)} "
            f"({s.ratio:.3f}x), {s.files} files, {s.tensors} tensors, "
-           f"{s.original_bytes / max(dt, 1e-9) / 1e6:.0f} MB/s")
+           f"{s.original_bytes / max(dt, 1e-9) / 1e6:.0f} MB/s"
+           + (f", {s.base_streams} tensors coded against the base" if base is not None else ""))
 
 
 @main.command(epilog=EPILOG)
@@ -134,14 +146,18 @@ def compress(src: Path, out: Path, threads: int | None, force: bool, as_json: bo
               help="Folder to restore into, or a file path for a single-file model.")
 @threads_option
 @force_option
+@base_option
 @json_option
-def restore(archive: Path, out: Path, threads: int | None, force: bool, as_json: bool) -> None:
+def restore(archive: Path, out: Path, threads: int | None, force: bool, base: Path | None, as_json: bool) -> None:
     """Restore the original files, byte for byte (checked against their sha256).
+
+    An archive compressed with --base needs the same base model again (checked first).
 
     \b
     Examples:
       elves restore minilm.elves -o ./all-MiniLM-L6-v2
       elves restore model.elves -o model.safetensors
+      elves restore ft.elves -o ./my-finetune --base ./llama-3-8b/
     """
     import elves
 
@@ -149,7 +165,7 @@ def restore(archive: Path, out: Path, threads: int | None, force: bool, as_json:
         t0 = time.perf_counter()
         total = elves.info(archive).original_bytes
         with _progress(total, "restore", not as_json) as bar:
-            r = elves.restore(archive, out, threads=threads, force=force, progress=bar)
+            r = elves.restore(archive, out, threads=threads, force=force, progress=bar, base=base)
         dt = time.perf_counter() - t0
         _emit(as_json, {"ok": True, "output": str(r.output), "files": r.files, "bytes": r.bytes_written,
                         "seconds": round(dt, 3)},
@@ -179,10 +195,18 @@ def info(archive: Path, files: bool, as_json: bool) -> None:
             "by_dtype": {k: {"original_bytes": v.original_bytes, "stored_bytes": v.stored_bytes,
                              "ratio": round(v.ratio, 4)} for k, v in i.by_dtype.items()},
             "files": i.files,
+            "base": i.base,
         }
         lines = [
             f"{i.path}: format {data['format']}, {'LOSSY' if i.lossy else 'lossless'}, written by {i.writer}",
             f"  {_human(i.original_bytes)} -> {_human(i.archive_bytes)} ({i.ratio:.3f}x), {i.tensors} tensors",
+        ]
+        if i.base:
+            lines.append(f"  needs a base model (--base): {len(i.base.get('tensors', []))} base tensors referenced; "
+                         "base files:")
+            lines += [f"    {f['path']}  {_human(f['size'])}  sha256 {f['sha256']}"
+                      for f in i.base.get("model", {}).get("files", [])]
+        lines += [
             "  by dtype (unique data):",
         ]
         for k, v in sorted(i.by_dtype.items(), key=lambda kv: -kv[1].original_bytes):
@@ -199,8 +223,9 @@ def info(archive: Path, files: bool, as_json: bool) -> None:
 @click.option("--against", type=click.Path(exists=True, path_type=Path),
               help="The original model: also check that restore would reproduce it exactly.")
 @threads_option
+@base_option
 @json_option
-def verify(archive: Path, against: Path | None, threads: int | None, as_json: bool) -> None:
+def verify(archive: Path, against: Path | None, threads: int | None, base: Path | None, as_json: bool) -> None:
     """Decode everything and check every checksum (exit 4 on any mismatch).
 
     \b
@@ -211,7 +236,7 @@ def verify(archive: Path, against: Path | None, threads: int | None, as_json: bo
     import elves
 
     with _errors(as_json):
-        rep = elves.verify(archive, against=against, threads=threads)
+        rep = elves.verify(archive, against=against, threads=threads, base=base)
         _emit(as_json, {"ok": rep.ok, "files": rep.files, "bytes_checked": rep.bytes_checked,
                         "problems": rep.problems},
               f"{archive}: " + ("OK" if rep.ok else "FAILED") +

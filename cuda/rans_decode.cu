@@ -17,9 +17,9 @@
 //   all the chunks of a 64 MiB batch). Containers with more lanes loop over groups of 32.
 // * Decode tables live in shared memory, two levels per plane: slot -> symbol (a byte per slot,
 //   2^P <= 4096 bytes) and symbol -> freq | cum << 16 (256 words): 5 KiB per plane instead of the
-//   16 KiB of a packed word per slot. Shared memory is what limits how many chunks an SM keeps in
-//   flight (the grid is sized per width: 5 KiB x W per block), and more resident warps hide the
-//   second dependent shared load better than fewer warps hide one.
+//   16 KiB of a packed word per slot. Shared memory (5 KiB x W per block) is what limits how
+//   many chunks an SM keeps in flight, and three times as many resident warps hide the second
+//   dependent shared load better than a third of them hide one.
 // * Only the rANS chain is latency-bound: raw and constant planes (in real weights, every plane
 //   but the exponent) are a byte load that is prefetched one step ahead, and the next u16 of each
 //   lane stream is prefetched one renormalisation ahead, so a step waits on the shared-memory
@@ -141,22 +141,24 @@ __device__ unsigned int build_tables(const unsigned char* b, unsigned int sym_po
 template <int W>
 __device__ __forceinline__ void store_word(unsigned char* dst, unsigned int i, unsigned long long lo,
                                            unsigned long long hi, bool rotate) {
+    // Streaming stores: the output is written once and not read back by this launch, so it
+    // should not push the payloads out of L2.
     if constexpr (W == 16) {
         unsigned long long* out = reinterpret_cast<unsigned long long*>(dst) + 2ull * i;
-        out[0] = lo;
-        out[1] = hi;
+        __stcs(out, lo);
+        __stcs(out + 1, hi);
     } else if constexpr (W == 8) {
         if (rotate) lo = (lo >> 1) | (lo << 63);
-        reinterpret_cast<unsigned long long*>(dst)[i] = lo;
+        __stcs(reinterpret_cast<unsigned long long*>(dst) + i, lo);
     } else {
         unsigned int v = static_cast<unsigned int>(lo);
         if (rotate) v = (v >> 1) | ((v & 1u) << (8 * W - 1));
         if constexpr (W == 4) {
-            reinterpret_cast<unsigned int*>(dst)[i] = v;
+            __stcs(reinterpret_cast<unsigned int*>(dst) + i, v);
         } else if constexpr (W == 2) {
-            reinterpret_cast<unsigned short*>(dst)[i] = static_cast<unsigned short>(v);
+            __stcs(reinterpret_cast<unsigned short*>(dst) + i, static_cast<unsigned short>(v));
         } else {
-            dst[i] = static_cast<unsigned char>(v);
+            __stcs(dst + i, static_cast<unsigned char>(v));
         }
     }
 }
@@ -297,13 +299,15 @@ __device__ __forceinline__ void decode_chunk(const ChunkDesc* __restrict__ descs
                     const unsigned int slot = xp & ((1u << bits[p]) - 1);
                     s = slot_sym[p * kSlots + slot];
                     const unsigned int e = info[p * kSymbols + s];
-                    unsigned int xn = (e & 0xFFFFu) * (xp >> bits[p]) + slot - (e >> 16);
-                    if (xn < kRansL) {
-                        xn = (xn << 16) | next_word[p];
-                        ++ptr[p];
-                        next_word[p] = ptr[p] < lim[p] ? __ldg(words + ptr[p]) : 0;
-                    }
-                    x[p] = xn;
+                    const unsigned int xn = (e & 0xFFFFu) * (xp >> bits[p]) + slot - (e >> 16);
+                    // Renormalise without a branch: on near-random planes it is a coin flip
+                    // per lane, and the prefetch becomes a predicated load.
+                    const bool need = xn < kRansL;
+                    x[p] = need ? (xn << 16) | next_word[p] : xn;
+                    ptr[p] += need;
+                    unsigned int fetched = 0;
+                    if (need && ptr[p] < lim[p]) fetched = __ldg(words + ptr[p]);
+                    next_word[p] = need ? fetched : next_word[p];
                 } else {
                     s = next_byte[p];
                     next_byte[p] = load_u8(b, pos[p] + (i_next & idx_mask[p]));

@@ -12,6 +12,9 @@ from .decoder import RestoreSummary, restore
 from .encoder import CompressSummary, compress
 from .errors import (
     ArchiveError,
+    BaseMismatchError,
+    BaseModelError,
+    BaseRequiredError,
     CodecError,
     CorruptArchiveError,
     ElvesError,
@@ -29,5 +32,5 @@ __all__ = [
     "compress", "restore", "open", "load_file", "info", "verify",
     "ElvesError", "InputError", "UnsafePickleError", "ArchiveError", "TruncatedArchiveError",
     "CorruptArchiveError", "UnsupportedFormatError", "UnsafePathError", "OutputExistsError",
-    "OutputError", "CodecError",
+    "OutputError", "CodecError", "BaseModelError", "BaseRequiredError", "BaseMismatchError",
 ]

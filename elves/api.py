@@ -22,7 +22,7 @@ import numpy as np
 
 from . import dtypes
 from .archive import ArchiveReader
-from .decoder import file_chunks, read_stream
+from .decoder import attach_base, file_chunks, read_stream
 from .encoder import default_threads
 from .errors import ElvesError, InputError
 
@@ -42,8 +42,15 @@ class TensorInfo:
 class Archive:
     """An open archive: lazy, per-tensor access. Open it with :func:`elves.open`."""
 
-    def __init__(self, path: str | os.PathLike[str], threads: int | None = None):
+    def __init__(self, path: str | os.PathLike[str], threads: int | None = None,
+                 base: str | os.PathLike[str] | None = None):
         self._reader = ArchiveReader(path)
+        if base is not None:  # without one, reading a tensor coded against the base raises
+            try:
+                attach_base(self._reader, base)
+            except BaseException:
+                self._reader.close()
+                raise
         self._threads = default_threads(threads)
         self._pool: ThreadPoolExecutor | None = None
         self._views: dict[str, tuple[dict[str, Any], list[Any]]] = {}
@@ -119,15 +126,17 @@ class Archive:
         self.close()
 
 
-def open(path: str | os.PathLike[str], *, threads: int | None = None) -> Archive:  # noqa: A001
-    """Open an archive for lazy, per-tensor reading."""
-    return Archive(path, threads=threads)
+def open(path: str | os.PathLike[str], *, threads: int | None = None,  # noqa: A001
+         base: str | os.PathLike[str] | None = None) -> Archive:
+    """Open an archive for lazy, per-tensor reading. ``base``: the base model (file, folder or
+    ``.elves`` archive) of an archive compressed against one; it is checked when opened."""
+    return Archive(path, threads=threads, base=base)
 
 
 def load_file(path: str | os.PathLike[str], framework: Framework = "np", *,
-              threads: int | None = None) -> dict[str, Any]:
+              threads: int | None = None, base: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Every tensor of the archive, by name: numpy arrays, or torch tensors with ``framework="pt"``."""
-    with Archive(path, threads=threads) as a:
+    with Archive(path, threads=threads, base=base) as a:
         arrays = {k: a.get_tensor(k) for k in a.keys()}
     if framework in ("np", "numpy"):
         return arrays
@@ -170,6 +179,7 @@ class ArchiveInfo:
     tensors: int
     by_dtype: dict[str, DTypeStats] = field(default_factory=dict)
     codecs: dict[str, int] = field(default_factory=dict)
+    base: dict[str, Any] | None = None   # the base model restore needs (BitX), from the index
 
     @property
     def ratio(self) -> float:
@@ -195,7 +205,7 @@ def info(path: str | os.PathLike[str]) -> ArchiveInfo:
             path=r.path, format=r.version, writer=r.writer, lossy=r.lossy,
             archive_bytes=r.path.stat().st_size, original_bytes=sum(e["size"] for e in r.files),
             files=files, tensors=sum(len(e["tensors"]) for e in r.files),
-            by_dtype=dict(by_dtype), codecs=dict(codecs),
+            by_dtype=dict(by_dtype), codecs=dict(codecs), base=r.base_needed,
         )
 
 
@@ -214,16 +224,18 @@ class VerifyReport:
 
 
 def verify(path: str | os.PathLike[str], against: str | os.PathLike[str] | None = None, *,
-           threads: int | None = None) -> VerifyReport:
+           threads: int | None = None, base: str | os.PathLike[str] | None = None) -> VerifyReport:
     """Decode everything and check every checksum; with ``against``, that the model at that path
     is exactly what restore would write (same files, same sha256).
 
-    Corruption is reported as a problem, not raised; an archive that cannot be opened raises.
+    Corruption is reported as a problem, not raised; an archive that cannot be opened raises,
+    and so does one compressed against a base model when ``base`` is missing or wrong.
     """
     nthreads = default_threads(threads)
     report_problems: list[str] = []
     checked = 0
     with ArchiveReader(path) as reader, ThreadPoolExecutor(nthreads) as pool:
+        attach_base(reader, base)
         for entry in reader.files:
             try:
                 for chunk in file_chunks(reader, entry, pool, 2 * nthreads + 2):

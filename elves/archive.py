@@ -28,7 +28,7 @@ from .errors import (
 )
 
 MAGIC = b"ELVES\x00\r\n"
-FORMAT_VERSION = (1, 0)
+FORMAT_VERSION = (1, 1)
 HEADER = struct.Struct("<8sHHIQQQ")  # magic, major, minor, flags, index offset, length, xxh3-64
 HEADER_SIZE = 64
 DATA_START = 4096
@@ -94,6 +94,7 @@ class ArchiveWriter:
         self.files: list[dict[str, Any]] = []
         self.lossy = False
         self.source_kind = "folder"
+        self.base: dict[str, Any] | None = None  # the base model the streams reference (BitX)
 
     def begin_stream(self, nbytes: int) -> None:
         """Start a stream's chunks on a 4 KiB boundary when the stream is large."""
@@ -131,6 +132,8 @@ class ArchiveWriter:
             "streams": [s.to_dict() for s in self.streams],
             "files": self.files,
         }
+        if self.base is not None:
+            index["base"] = self.base
         blob = zstandard.ZstdCompressor(level=9).compress(msgpack.packb(index, use_bin_type=True))
         index_offset = self.pos
         self._write(blob)
@@ -213,6 +216,11 @@ class ArchiveReader:
             self.lossy = bool(index.get("lossy", False))
             self.writer = index.get("writer", "")
             self.source_kind = index.get("source", "folder")
+            # The base model the archive was compressed against (BitX), if any; bitx.base.attach_base
+            # checks a given base against it and sets base_model.
+            self.base_needed: dict[str, Any] | None = index.get("base")
+            self.base_model: Any = None
+            self.owns_base = False
         except Exception as e:  # the checksum matched, so this is a writer bug or a forged index
             raise CorruptArchiveError(f"the archive index is malformed: {e}", self.path) from None
         self.flags = flags
@@ -238,6 +246,8 @@ class ArchiveReader:
         return data
 
     def close(self) -> None:
+        if getattr(self, "base_model", None) is not None and self.owns_base:
+            self.base_model.close()
         self.f.close()
 
     def __enter__(self) -> "ArchiveReader":

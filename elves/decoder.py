@@ -21,7 +21,7 @@ import xxhash
 
 from .archive import ArchiveReader, Stream, safe_relpath, temp_sibling
 from .codecs import Pipeline
-from .encoder import default_threads, ordered_map
+from .encoder import INLINE_BYTES, default_threads, ordered_map
 from .errors import ArchiveError, CorruptArchiveError, OutputError, OutputExistsError
 
 ProgressFn = Callable[[int], None]
@@ -34,6 +34,15 @@ class RestoreSummary:
     output: Path
     files: int
     bytes_written: int
+
+
+def attach_base(reader: ArchiveReader, base: str | os.PathLike[str] | None) -> None:
+    """Check ``base`` against the base model the archive needs and give it to ``reader``
+    (``bitx.base.attach_base``; bitx is imported here, not at the top, to keep imports one way)."""
+    if reader.base_needed or base is not None:
+        from bitx.base import attach_base as attach
+
+        attach(reader, base)
 
 
 def stream_label(reader: ArchiveReader, index: int) -> str:
@@ -51,19 +60,26 @@ def iter_stream(reader: ArchiveReader, index: int, pool: Executor, window: int) 
     """The decoded chunks of stream ``index``, in order, each checked; then the stream's hash."""
     stream = reader.streams[index]
     pipeline = Pipeline.from_config(stream.pipeline)
+    ref_of = None
+    if pipeline.ref_codec is not None:  # BitX: coded against a tensor of the base model
+        from bitx.base import chunk_refs
+
+        ref_of = chunk_refs(reader, stream, pipeline)
 
     def decode(i: int) -> np.ndarray:
         try:
             payload = reader.read_payload(stream, i)
             out = np.empty(stream.chunks[i][2], dtype=np.uint8)
-            pipeline.decode(np.frombuffer(payload, dtype=np.uint8), out)
+            ref = ref_of(i) if ref_of is not None else None  # BitX: the base tensor's bytes here
+            pipeline.decode(np.frombuffer(payload, dtype=np.uint8), out, ref=ref)
         except ArchiveError as e:  # name the tensor only when something is wrong: it costs a scan
             raise type(e)(f"{stream_label(reader, index)}: chunk {i}: {e.message}", reader.path) from None
         return out
 
     h = xxhash.xxh3_128()
     total = 0
-    for chunk in ordered_map(pool, decode, range(len(stream.chunks)), window):
+    for chunk in ordered_map(pool, decode, range(len(stream.chunks)), window,
+                             inline=lambda i: stream.chunks[i][2] < INLINE_BYTES):
         h.update(chunk)
         total += chunk.shape[0]
         yield chunk
@@ -124,16 +140,23 @@ def restore(
     threads: int | None = None,
     force: bool = False,
     progress: ProgressFn | None = None,
+    base: str | os.PathLike[str] | None = None,
 ) -> RestoreSummary:
     """Restore the model in ``archive`` to ``dst``: a folder, or a file path for a single-file model.
 
     Files are written under temporary names and renamed into place once verified, so ``dst``
     never holds a half-written file. An existing ``dst`` is refused unless ``force``.
+
+    An archive compressed against a base model needs that base (``base``: the model file or
+    folder, or an ``.elves`` archive of it); every base tensor it references is checked before
+    anything is written (:class:`~elves.errors.BaseRequiredError`,
+    :class:`~elves.errors.BaseMismatchError`).
     """
     dst = Path(dst)
     nthreads = default_threads(threads)
     window = 2 * nthreads + 2
     with ArchiveReader(archive) as reader, ThreadPoolExecutor(nthreads) as pool:
+        attach_base(reader, base)  # before anything is written: a missing or wrong base is an error
         if reader.source_kind == "file" and len(reader.files) == 1:
             entry = reader.files[0]
             if dst.is_dir():

@@ -13,7 +13,7 @@ from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import xxhash
@@ -27,9 +27,13 @@ from .codecs.zstd import Zstd
 from .model import Segment, SourceFile
 from .readers import read_model
 
+if TYPE_CHECKING:
+    from bitx.delta import Delta, DeltaPlanner
+
 TENSOR_CHUNK_BYTES = 256 << 10
 BYTES_CHUNK_BYTES = 4 << 20
 READ_PIECE = 8 << 20
+INLINE_BYTES = 64 << 10
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -48,6 +52,7 @@ class CompressSummary:
     tensors: int
     unique_streams: int
     warnings: list[str] = field(default_factory=list)
+    base_streams: int = 0      # streams coded against the base model (``base=``), identical ones included
 
     @property
     def ratio(self) -> float:
@@ -58,11 +63,21 @@ def default_threads(threads: int | None) -> int:
     return threads if threads and threads > 0 else (os.cpu_count() or 1)
 
 
-def ordered_map(pool: Executor, fn: Callable[[T], R], items: Iterable[T], window: int) -> Iterator[R]:
-    """``map(fn, items)`` on ``pool``, in order, with at most ``window`` items in flight."""
+def ordered_map(pool: Executor, fn: Callable[[T], R], items: Iterable[T], window: int,
+                inline: Callable[[T], bool] | None = None) -> Iterator[R]:
+    """``map(fn, items)`` on ``pool``, in order, with at most ``window`` items in flight.
+
+    Items for which ``inline(item)`` holds run in the calling thread: for a few kilobytes of
+    work, handing it to another thread costs more than doing it.
+    """
     pending: deque[Future[R]] = deque()
     for item in items:
-        pending.append(pool.submit(fn, item))
+        if inline is not None and inline(item):
+            done: Future[R] = Future()
+            done.set_result(fn(item))
+            pending.append(done)
+        else:
+            pending.append(pool.submit(fn, item))
         if len(pending) >= window:
             yield pending.popleft().result()
     while pending:
@@ -72,7 +87,9 @@ def ordered_map(pool: Executor, fn: Callable[[T], R], items: Iterable[T], window
 def pipeline_for(segment: Segment) -> tuple[Pipeline, int]:
     """The pipeline for a segment and its chunk size in elements (bytes for opaque streams)."""
     if segment.dtype is None:
-        return Pipeline([Zstd()]), BYTES_CHUNK_BYTES
+        # Small files (configs, tokenizers) get a strong level; large opaque files (pickles,
+        # formats elves does not parse) a fast one, so they do not dominate compress time.
+        return Pipeline([Zstd(9 if segment.length <= 1 << 20 else 3)]), BYTES_CHUNK_BYTES
     width = dtypes.get(segment.dtype).itemsize
     return Pipeline([Planes(segment.dtype), Rans()]), TENSOR_CHUNK_BYTES // width
 
@@ -102,20 +119,39 @@ def compress(
     threads: int | None = None,
     force: bool = False,
     progress: ProgressFn | None = None,
+    base: str | os.PathLike[str] | None = None,
 ) -> CompressSummary:
     """Compress the model at ``src`` (a file or a folder) into the archive ``dst``. Lossless.
 
     ``progress`` is called with byte counts of source data as they are processed.
+
+    ``base`` (a model file or folder, or an ``.elves`` archive of one) makes this a fine-tune's
+    delta: each tensor that matches a base tensor (by content, or by name, dtype and size) is
+    coded with BitX against it when that is cheaper (see ``bitx.delta``). Restoring the archive
+    then needs the same base.
     """
     files, single = read_model(src)
     nthreads = default_threads(threads)
     seen: dict[tuple[str | None, str], int] = {}
     warnings = [w for f in files for w in f.warnings]
-    with ArchiveWriter(dst, force=force) as writer, ThreadPoolExecutor(nthreads) as pool:
-        writer.source_kind = "file" if single else "folder"
-        for sf in files:
-            _compress_file(sf, writer, pool, nthreads, seen, progress)
-        archive_path = writer.path
+    planner = None
+    if base is not None:
+        from bitx.base import open_base
+        from bitx.delta import DeltaPlanner
+
+        planner = DeltaPlanner(open_base(base))
+    try:
+        with ArchiveWriter(dst, force=force) as writer, ThreadPoolExecutor(nthreads) as pool:
+            writer.source_kind = "file" if single else "folder"
+            for sf in files:
+                _compress_file(sf, writer, pool, nthreads, seen, progress, planner)
+            if planner is not None:
+                writer.base = planner.index_entry(writer.streams)
+            archive_path = writer.path
+            base_streams = sum(1 for st in writer.streams if any(c["id"] == "xor" for c in st.pipeline))
+    finally:
+        if planner is not None:
+            planner.base.close()
     return CompressSummary(
         archive=archive_path,
         files=len(files),
@@ -124,17 +160,21 @@ def compress(
         tensors=sum(len(f.tensors) for f in files),
         unique_streams=len(seen),
         warnings=warnings,
+        base_streams=base_streams,
     )
 
 
 def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthreads: int,
-                   seen: dict[tuple[str | None, str], int], progress: ProgressFn | None) -> None:
+                   seen: dict[tuple[str | None, str], int], progress: ProgressFn | None,
+                   planner: "DeltaPlanner | None" = None) -> None:
     sha = hashlib.sha256()
     with open(sf.path, "rb") as fh:
         fd = fh.fileno()
         stream_ids: list[int] = []
         new: list[tuple[Segment, Stream, Pipeline]] = []
-        for seg in sf.segments:
+        to_plan: list[tuple[int, Segment, str, Pipeline, int]] = []  # tensors that may code against a base
+        slot: dict[int, int] = {}  # their segment number -> their place in ``new``
+        for index, seg in enumerate(sf.segments):
             key = (seg.dtype, _hash_segment(fd, seg, sf.path, sha))
             if key not in seen:
                 pipeline, chunk_elems = pipeline_for(seg)
@@ -142,25 +182,40 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
                                 pipeline.get_config(), chunk_elems, [])
                 seen[key] = writer.add_stream(stream)
                 new.append((seg, stream, pipeline))
+                if planner is not None and seg.dtype is not None:
+                    to_plan.append((index, seg, key[1], pipeline, chunk_elems))
+                    slot[index] = len(new) - 1
             stream_ids.append(seen[key])
         if progress:  # bytes that need no encoding: opaque gaps already seen, duplicate tensors
             progress(sf.size - sum(seg.length for seg, _, _ in new))
 
-        def jobs() -> Iterator[tuple[Stream, Pipeline, bytes, bool]]:
+        deltas: dict[int, Delta] = {}  # id(stream) -> its BitX delta against a base tensor
+        if to_plan:
+            for index, d in planner.plan(sf, fd, to_plan, pool).items():
+                seg, stream, _ = new[slot[index]]
+                stream.pipeline = d.pipeline.get_config()
+                new[slot[index]] = (seg, stream, d.pipeline)
+                deltas[id(stream)] = d
+
+        def jobs() -> Iterator[tuple[Stream, Pipeline, bytes, bool, int]]:
             for seg, stream, pipeline in new:
                 step = stream.chunk_elems * (dtypes.get(seg.dtype).itemsize if seg.dtype else 1)
                 for i, off in enumerate(range(seg.offset, seg.offset + seg.length, step)):
-                    yield stream, pipeline, _read(fd, off, min(step, seg.offset + seg.length - off), sf.path), i == 0
+                    raw = _read(fd, off, min(step, seg.offset + seg.length - off), sf.path)
+                    yield stream, pipeline, raw, i == 0, off - seg.offset
 
         raw_of: dict[int, bytes] = {}
 
-        def encode(job: tuple[Stream, Pipeline, bytes, bool]) -> tuple[Stream, bytes, int, bool]:
-            stream, pipeline, raw, first = job
+        def encode(job: tuple[Stream, Pipeline, bytes, bool, int]) -> tuple[Stream, bytes, int, bool]:
+            stream, pipeline, raw, first, pos = job
             if len(raw) == stream.nbytes:
                 raw_of[id(stream)] = raw
-            return stream, pipeline.encode(np.frombuffer(raw, dtype=np.uint8)), len(raw), first
+            d = deltas.get(id(stream))
+            ref = planner.ref_chunk(d, pos, len(raw)) if d is not None else None
+            return stream, pipeline.encode(np.frombuffer(raw, dtype=np.uint8), ref=ref), len(raw), first
 
-        for stream, payload, nraw, first in ordered_map(pool, encode, jobs(), 2 * nthreads + 2):
+        for stream, payload, nraw, first in ordered_map(pool, encode, jobs(), 2 * nthreads + 2,
+                                                        inline=lambda job: len(job[2]) < INLINE_BYTES):
             if first:
                 writer.begin_stream(stream.nbytes)
             if nraw == stream.nbytes and len(payload) >= nraw:

@@ -55,6 +55,21 @@ class UnsafePathError(ArchiveError):
     """A file name inside an archive is absolute or climbs out of the output folder with '..'."""
 
 
+class BaseModelError(ArchiveError):
+    """An archive compressed against a base model (``--base``) cannot be used with the base given."""
+
+    exit_code = 7
+
+
+class BaseRequiredError(BaseModelError):
+    """The archive was compressed against a base model and none was given."""
+
+
+class BaseMismatchError(BaseModelError):
+    """The base model given is not the one the archive was compressed against: a tensor it needs
+    is missing or differs (its xxh3-128 does not match the recorded one)."""
+
+
 class OutputExistsError(ElvesError):
     """The output path exists and overwriting was not asked for (``--force``)."""
 

@@ -107,7 +107,7 @@ def test_newer_format_version(archive: Path) -> None:
     head = ar.HEADER.pack(*fields)
     data[:ar.HEADER.size + 8] = head + struct.pack("<Q", xxhash.xxh3_64_intdigest(head))
     archive.write_bytes(bytes(data))
-    with pytest.raises(elves.UnsupportedFormatError, match=r"format 2\.0, newer than this elves reads"):
+    with pytest.raises(elves.UnsupportedFormatError, match=r"format 2\.\d+, newer than this elves reads"):
         elves.open(archive)
 
 

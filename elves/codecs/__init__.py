@@ -10,6 +10,12 @@ others. A pipeline is a list of codecs, each a small class with a JSON-serialisa
 
 Encoding applies the codecs in order; decoding applies them in reverse, and the first codec of
 the list writes straight into the caller's output buffer.
+
+A filter that declares ``needs_ref = True`` (BitX's ``xor``) also receives the reference chunk:
+the bytes at the same place in a tensor of the base model, which the caller reads and checks. A
+chunk whose reference filter (the first codec) leaves nothing but zero bytes (it equals its
+reference) is stored as an empty payload, and that filter's ``decode`` then gets ``None`` for
+data: unchanged chunks and tensors cost only their index entries.
 """
 from __future__ import annotations
 
@@ -26,6 +32,9 @@ class Codec:
     """One step of a pipeline. Subclasses set ``codec_id`` and implement the four methods."""
 
     codec_id: ClassVar[str]
+    needs_ref: ClassVar[bool] = False
+    """True for filters that code a chunk against its reference chunk: their ``encode`` and
+    ``decode`` then take a ``ref`` keyword (a 1-D uint8 array, possibly shorter than the chunk)."""
 
     def encode(self, data: Any) -> Any:
         raise NotImplementedError
@@ -76,26 +85,50 @@ class Pipeline:
     def get_config(self) -> list[Config]:
         return [c.get_config() for c in self.codecs]
 
-    def encode(self, chunk: np.ndarray) -> bytes:
-        """Encode one chunk given as a 1-D uint8 array of its raw bytes."""
+    @property
+    def ref_codec(self) -> Codec | None:
+        """The filter that needs a reference chunk, if any (at most one per pipeline)."""
+        return next((c for c in self.codecs if c.needs_ref), None)
+
+    def encode(self, chunk: np.ndarray, ref: np.ndarray | None = None) -> bytes:
+        """Encode one chunk given as a 1-D uint8 array of its raw bytes; ``ref`` is its
+        reference chunk, given only to a filter that needs one."""
         data: Any = chunk
         for codec in self.codecs:
-            data = codec.encode(data)
+            if codec.needs_ref:
+                if ref is None:
+                    raise CodecError(f"codec {codec.codec_id!r} needs a reference chunk")
+                data = codec.encode(data, ref=ref)
+                if codec is self.codecs[0] and not data.any():  # equal to its reference: nothing to code
+                    return b""
+            else:
+                data = codec.encode(data)
         return bytes(data)
 
-    def decode(self, payload: np.ndarray | bytes, out: np.ndarray) -> np.ndarray:
-        """Decode one chunk's payload into ``out`` (a 1-D uint8 array of the decoded length)."""
+    def decode(self, payload: np.ndarray | bytes, out: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
+        """Decode one chunk's payload into ``out`` (a 1-D uint8 array of the decoded length);
+        ``ref`` is the chunk's reference chunk when the pipeline has a reference filter."""
         if not self.codecs:  # stored as it is
             if len(payload) != out.shape[0]:
                 raise CorruptArchiveError(f"stored chunk holds {len(payload)} bytes, expected {out.shape[0]}")
             out[:] = np.frombuffer(payload, dtype=np.uint8)
             return out
+        codecs = self.codecs
         data: Any = payload
-        last = len(self.codecs) - 1
-        for i, codec in enumerate(reversed(self.codecs)):
-            data = codec.decode(data, out if i == last else None)
+        if len(payload) == 0 and codecs[0].needs_ref:  # the reference filter's output was all zero
+            codecs, data = codecs[:1], None
+        last = len(codecs) - 1
+        for i, codec in enumerate(reversed(codecs)):
+            target = out if i == last else None
+            if codec.needs_ref:
+                if ref is None:
+                    raise CodecError(f"codec {codec.codec_id!r} needs a reference chunk")
+                data = codec.decode(data, target, ref=ref)
+            else:
+                data = codec.decode(data, target)
         return out
 
 
-# Importing the codec modules registers them.
+# Importing the codec modules registers them; BitX's ``xor`` filter lives in the bitx package.
 from . import planes, rans, zstd  # noqa: E402,F401
+import bitx.codec  # noqa: E402,F401

@@ -13,7 +13,7 @@ from . import Codec, Config, register
 class Zstd(Codec):
     codec_id = "zstd"
 
-    def __init__(self, level: int = 9):
+    def __init__(self, level: int = 3):
         self.level = level
 
     def get_config(self) -> Config:

@@ -1,0 +1,350 @@
+"""GPU decode benchmark (a benchmark, not a test): run once on a machine with a CUDA GPU, cupy
+and torch.
+
+    python bench/gpu_bench.py                                # everything, markdown on stdout
+    python bench/gpu_bench.py --sizes 4,64 --models minilm   # less
+    python bench/gpu_bench.py --json gpu.json                # also keep the raw numbers
+
+Part 1, the kernel: decode throughput in GB/s of DECODED bytes, per dtype and tensor size, on
+synthetic weights (Gaussian, std 0.02, as trained weights roughly are) and on real tensors. The
+payloads are already on the device; each row is one launch over all chunks of the tensor, timed
+with CUDA events after warm-up, median of the repeats. "device copy" is a device-to-device
+memcpy of the same output size, the memory-bandwidth roof. Every decode is checked bit for bit
+once.
+
+Part 2, end to end: wall time to get every tensor of a model's safetensors files onto the GPU,
+with the files in the page cache ("warm") and after dropping them from it with
+posix_fadvise(DONTNEED) ("cold"), for
+  - elves.gpu.load_file on an archive of those files (compressed here, once),
+  - safetensors.torch.load_file(path, device="cuda") on the original files,
+  - a raw copy: read the original bytes into pinned memory and copy them to the device in one go
+    (what any loader of uncompressed bytes must at least do), and the copy alone.
+GB/s there is original (uncompressed) bytes per second. elves' tensors are checked against
+safetensors' once per model.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import struct
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
+
+import elves  # noqa: E402
+import elves.gpu  # noqa: E402
+from elves import dtypes  # noqa: E402
+from elves.codecs import Pipeline  # noqa: E402
+from elves.codecs.planes import Planes  # noqa: E402
+from elves.codecs.rans import Rans  # noqa: E402
+from elves.encoder import TENSOR_CHUNK_BYTES  # noqa: E402
+
+DATA_ROOT = Path(os.environ.get("ELVES_DATA", Path.home() / ".cache" / "elves" / "datasets"))
+MiB = 1 << 20
+DTYPES = ["BF16", "F16", "F32", "F8_E4M3", "I64", "U8"]
+SIZES_MIB = [4, 64, 1024]
+REAL = {"astra-st": "BF16", "minilm": "F32"}  # datasets whose tensors of that dtype make a row
+
+
+# ============================================================================ part 1: the kernel
+
+def synthetic(dt: str, nbytes: int, rng: np.random.Generator) -> np.ndarray:
+    """``nbytes`` of plausible tensor data of dtype ``dt``, as raw bytes."""
+    d = dtypes.get(dt)
+    n = nbytes // d.itemsize
+    if d.is_float:
+        return (rng.standard_normal(n, dtype=np.float32) * 0.02).astype(dtypes.numpy_dtype(dt)).view(np.uint8)
+    if dt == "U8":  # quantised weights: close to uniform
+        return rng.integers(0, 256, n, dtype=np.uint8)
+    return rng.integers(0, 50_000, n).astype(dtypes.numpy_dtype(dt)).view(np.uint8)  # ids, counters
+
+
+def real_tensors(name: str, dt: str, limit: int) -> np.ndarray | None:
+    """The bytes of a dataset's ``dt`` tensors (safetensors files), concatenated, up to ``limit``."""
+    root = DATA_ROOT / "models" / name
+    parts, total = [], 0
+    for path in sorted(root.rglob("*.safetensors")) if root.exists() else []:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+            for key, info in header.items():
+                if key == "__metadata__" or info["dtype"] != dt or total >= limit:
+                    continue
+                begin, end = info["data_offsets"]
+                f.seek(8 + n + begin)
+                parts.append(np.frombuffer(f.read(end - begin), dtype=np.uint8))
+                total += end - begin
+    return np.concatenate(parts)[:limit] if parts else None
+
+
+def encode(raw: np.ndarray, dt: str, pool: ThreadPoolExecutor) -> tuple[list[bytes], list[int]]:
+    """The chunks the writer would make: payloads and decoded lengths."""
+    step = TENSOR_CHUNK_BYTES // dtypes.get(dt).itemsize * dtypes.get(dt).itemsize
+    pipeline = Pipeline([Planes(dt), Rans()])
+    pieces = [raw[i:i + step] for i in range(0, raw.size, step)]
+    return list(pool.map(pipeline.encode, pieces)), [p.size for p in pieces]
+
+
+def gpu_time(cp: Any, fn: Callable[[], None], repeat: int, warmup: int = 3) -> float:
+    """Median seconds of ``fn`` on the current stream, by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    cp.cuda.get_current_stream().synchronize()
+    times = []
+    for _ in range(repeat):
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop) / 1e3)
+    return statistics.median(times)
+
+
+def bench_kernel(cp: Any, label: str, dt: str, raw: np.ndarray, pool: ThreadPoolExecutor, repeat: int) -> dict:
+    payloads, sizes = encode(raw, dt, pool)
+    offsets, pos = [], 0
+    for p in payloads:
+        offsets.append(pos)
+        pos += -(-len(p) // 16) * 16
+    host = np.zeros(pos, dtype=np.uint8)
+    for o, p in zip(offsets, payloads):
+        host[o:o + len(p)] = np.frombuffer(p, dtype=np.uint8)
+    payload = cp.asarray(host)
+    out = cp.empty(raw.size, dtype=cp.uint8)
+    decoder = elves.gpu.ChunkDecoder(payload, [(o, len(p), n) for o, p, n in zip(offsets, payloads, sizes)], out,
+                                     width=dtypes.get(dt).itemsize, rotate=dtypes.get(dt).is_float)
+    decoder()
+    decoder.check()
+    if not bool(cp.array_equal(out, cp.asarray(raw))):
+        raise SystemExit(f"*** {label}: the GPU decode is NOT bit-exact")
+    seconds = gpu_time(cp, decoder, repeat)
+    nbytes = min(payload.nbytes, out.nbytes)
+    copy = gpu_time(cp, lambda: out.data.copy_from_device_async(payload.data, nbytes, cp.cuda.get_current_stream()),
+                    repeat)
+    row = {"what": label, "dtype": dt, "bytes": raw.size, "chunks": len(payloads),
+           "ratio": raw.size / sum(len(p) for p in payloads), "decode_s": seconds,
+           "decode_gbs": raw.size / seconds / 1e9, "copy_gbs": nbytes / copy / 1e9}
+    print(f"  {label:24} {dt:8} {raw.size / MiB:8.0f} MiB  ratio {row['ratio']:.3f}  "
+          f"decode {row['decode_gbs']:7.1f} GB/s", file=sys.stderr, flush=True)
+    return row
+
+
+def part1(cp: Any, args: argparse.Namespace) -> list[dict]:
+    rows = []
+    rng = np.random.default_rng(0)
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        for dt in args.dtypes:
+            for mib in args.sizes:
+                rows.append(bench_kernel(cp, "synthetic", dt, synthetic(dt, mib * MiB, rng), pool, args.repeat))
+                cp.get_default_memory_pool().free_all_blocks()
+        for name, dt in REAL.items():
+            raw = real_tensors(name, dt, max(args.sizes) * MiB)
+            if raw is None:
+                print(f"  (dataset {name} not fetched: skipped)", file=sys.stderr)
+                continue
+            rows.append(bench_kernel(cp, f"real: {name}", dt, raw, pool, args.repeat))
+            cp.get_default_memory_pool().free_all_blocks()
+    return rows
+
+
+# ============================================================================ part 2: end to end
+
+def drop_from_cache(paths: list[Path]) -> bool:
+    """Ask the kernel to drop the files from the page cache; False where that is not possible."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+def warm_cache(paths: list[Path]) -> None:
+    for path in paths:
+        with open(path, "rb") as f:
+            while f.read(64 * MiB):
+                pass
+
+
+def wall(fn: Callable[[], Any], torch: Any) -> tuple[float, Any]:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    result = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, result
+
+
+def h2d(cp: Any, pinned: np.ndarray, dev: Any, nbytes: int) -> None:
+    dev.data.copy_from_host_async(ctypes.c_void_p(pinned.ctypes.data), nbytes, cp.cuda.get_current_stream())
+
+
+def raw_copy(cp: Any, paths: list[Path], pinned: np.ndarray, dev: Any) -> None:
+    """Read the files into pinned memory and copy the bytes to the device in one go."""
+    pos = 0
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            pos += f.readinto(memoryview(pinned)[pos:])
+    h2d(cp, pinned, dev, pos)
+
+
+def part2(cp: Any, torch: Any, args: argparse.Namespace, work: Path) -> list[dict]:
+    rows = []
+    for name in args.models:
+        root = DATA_ROOT / "models" / name
+        files = sorted(root.rglob("*.safetensors")) if root.exists() else []
+        if not files:
+            print(f"  (dataset {name} has no safetensors files here: skipped)", file=sys.stderr)
+            continue
+        rows.append(bench_model(cp, torch, name, root, files, work, args.e2e_repeat))
+        torch.cuda.empty_cache()
+        cp.get_default_memory_pool().free_all_blocks()
+    return rows
+
+
+def bench_model(cp: Any, torch: Any, name: str, root: Path, files: list[Path], work: Path, repeat: int) -> dict:
+    from safetensors.torch import load_file as st_load
+
+    src = work / name  # the model's safetensors files alone: that is what safetensors loads
+    src.mkdir(exist_ok=True)
+    names = {f: f.relative_to(root).as_posix().replace("/", "__") for f in files}
+    for f, link in names.items():
+        if not (src / link).exists():
+            try:
+                os.link(f, src / link)
+            except OSError:
+                (src / link).write_bytes(f.read_bytes())
+    archive = work / f"{name}.elves"
+    if not archive.exists():
+        elves.compress(src, archive)
+    size = sum(f.stat().st_size for f in files)
+
+    def elves_load() -> dict:
+        return elves.gpu.load_file(archive, device="cuda:0", framework="pt")
+
+    def st_load_all() -> list[dict]:
+        return [st_load(f, device="cuda:0") for f in files]
+
+    # One untimed run of each (kernel compile, CUDA context), checked against each other. Tensor
+    # names are "file:name" in elves when two files share a name.
+    _, got = wall(elves_load, torch)
+    for f, want in zip(files, st_load_all()):
+        for k, v in want.items():
+            mine = got[k] if k in got else got[f"{names[f]}:{k}"]
+            if not torch.equal(mine.reshape(-1).view(torch.uint8), v.contiguous().reshape(-1).view(torch.uint8)):
+                raise SystemExit(f"*** {name}: tensor {k!r} of {f.name} differs from safetensors' load")
+    del got, want
+    torch.cuda.empty_cache()
+
+    pinned_mem = cp.cuda.alloc_pinned_memory(size)
+    pinned = np.frombuffer(pinned_mem, dtype=np.uint8, count=size)
+    dev = cp.empty(size, dtype=cp.uint8)
+    methods: dict[str, tuple[Callable[[], Any], list[Path]]] = {
+        "elves.gpu.load_file": (elves_load, [archive]),
+        "safetensors.torch.load_file": (st_load_all, files),
+        "raw: read to pinned + H2D": (lambda: raw_copy(cp, files, pinned, dev), files),
+    }
+    row: dict[str, Any] = {"model": name, "bytes": size, "archive_bytes": archive.stat().st_size}
+    for method, (fn, paths) in methods.items():
+        for cache in ("warm", "cold"):
+            times = []
+            for _ in range(repeat):
+                if cache == "cold":
+                    row["cold_dropped"] = drop_from_cache(paths)
+                else:
+                    warm_cache(paths)
+                seconds, result = wall(fn, torch)
+                del result
+                torch.cuda.empty_cache()
+                times.append(seconds)
+            row[f"{method} {cache}"] = statistics.median(times)
+    raw_copy(cp, files, pinned, dev)
+    row["H2D only"] = gpu_time(cp, lambda: h2d(cp, pinned, dev, size), 5, 1)
+    print(f"  {name}: " + ", ".join(f"{k} {size / v / 1e9:.2f} GB/s" for k, v in row.items()
+                                    if isinstance(v, float)), file=sys.stderr, flush=True)
+    return row
+
+
+# ============================================================================ report
+
+def markdown(device: str, versions: str, kernel_rows: list[dict], e2e_rows: list[dict]) -> str:
+    out = [f"### GPU decode on {device}", "", versions, ""]
+    if kernel_rows:
+        out += ["Kernel: decoded GB/s, payloads on the device, one launch per tensor (median of repeats).", "",
+                "| data | dtype | size | chunks | ratio | decode GB/s | device copy GB/s |",
+                "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in kernel_rows:
+            out.append(f"| {r['what']} | {r['dtype']} | {r['bytes'] / MiB:,.0f} MiB | {r['chunks']} | "
+                       f"{r['ratio']:.3f} | {r['decode_gbs']:,.1f} | {r['copy_gbs']:,.0f} |")
+        out.append("")
+    if e2e_rows:
+        methods = [k for k in e2e_rows[0] if isinstance(e2e_rows[0][k], float)]
+        out += ["End to end: seconds to load every tensor onto the GPU (GB/s of original bytes).", "",
+                "| model | size | archive | " + " | ".join(methods) + " |",
+                "| --- | ---: | ---: | " + " | ".join("---:" for _ in methods) + " |"]
+        for r in e2e_rows:
+            cells = [f"{r[m]:.3f} s ({r['bytes'] / r[m] / 1e9:.1f})" for m in methods]
+            out.append(f"| {r['model']} | {r['bytes'] / MiB:,.1f} MiB | {r['archive_bytes'] / MiB:,.1f} MiB | "
+                       + " | ".join(cells) + " |")
+        if any(not r.get("cold_dropped", True) for r in e2e_rows):
+            out.append("\nCold rows are NOT cold here: this platform has no posix_fadvise.")
+    return "\n".join(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtypes", default=",".join(DTYPES), type=lambda s: s.split(","))
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES_MIB)), type=lambda s: [int(x) for x in s.split(",")],
+                        help="tensor sizes in MiB (default %(default)s)")
+    parser.add_argument("--repeat", type=int, default=20, help="timed kernel launches per row")
+    parser.add_argument("--models", default=None, type=lambda s: s.split(","),
+                        help="datasets for the end-to-end part (default: every one with safetensors files)")
+    parser.add_argument("--e2e-repeat", type=int, default=3)
+    parser.add_argument("--skip-kernel", action="store_true")
+    parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--work", type=Path, default=None, help="where archives are written (default: a temp dir)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
+    args = parser.parse_args()
+
+    import cupy as cp
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device (torch.cuda.is_available() is False)")
+    if args.models is None:
+        models = DATA_ROOT / "models"
+        found = models.iterdir() if models.exists() else []
+        args.models = sorted(p.name for p in found if any(p.rglob("*.safetensors")))
+    device = torch.cuda.get_device_name(0)
+    versions = (f"cupy {cp.__version__}, torch {torch.__version__}, CUDA runtime "
+                f"{cp.cuda.runtime.runtimeGetVersion()}, driver {cp.cuda.runtime.driverGetVersion()}, "
+                f"elves {elves.__version__}")
+    print(f"{device}; {versions}", file=sys.stderr)
+    kernel_rows = [] if args.skip_kernel else part1(cp, args)
+    with tempfile.TemporaryDirectory(prefix="elves-gpu-bench-") as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        e2e_rows = [] if args.skip_e2e else part2(cp, torch, args, work)
+    print(markdown(device, versions, kernel_rows, e2e_rows))
+    if args.json:
+        args.json.write_text(json.dumps({"device": device, "versions": versions, "kernel": kernel_rows,
+                                         "end_to_end": e2e_rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""Base models: where BitX reads its reference tensors, and the checks made before it uses them.
+
+A base is given as a model (a file or a folder, read by elves' readers) or as an ``.elves``
+archive of one. Either way it is seen as a set of tensor segments (the raw bytes of a tensor or
+of a PyTorch storage), each known by the xxh3-128 of its bytes, which is how an archive names the
+reference of each ``xor`` stream. Restore looks references up by that hash, so the base may be
+given in another form than at compress time (the archive of the folder, say), and checks every
+referenced hash before decoding anything: a wrong base is an error naming the tensor, never wrong
+bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import xxhash
+
+from elves.archive import MAGIC, ArchiveReader, Stream
+from elves.codecs import Pipeline
+from elves.errors import ArchiveError, BaseMismatchError, BaseModelError, BaseRequiredError, InputError
+
+READ_PIECE = 8 << 20
+
+# Prefixes that wrappers add to tensor names (Lightning's state_dict, DDP's module, HF's model, torch.compile).
+STRIP_PREFIXES = ("state_dict.", "module.", "model.", "_orig_mod.")
+
+
+def normalize(name: str) -> str:
+    """A tensor name without the wrapper prefixes, for matching a fine-tune to its base."""
+    changed = True
+    while changed:
+        changed = False
+        for p in STRIP_PREFIXES:
+            if name.startswith(p) and len(name) > len(p):
+                name, changed = name[len(p):], True
+    return name
+
+
+@dataclass
+class BaseSegment:
+    """The bytes of one base tensor (or storage): where they are and what they hash to."""
+
+    dtype: str
+    nbytes: int
+    file: str                     # path of the base file that holds it (relative, as in archives)
+    loc: tuple[int, int]          # model: (file number, byte offset); archive: (stream index, 0)
+    hash: str | None = None       # xxh3-128 hex, once known
+    names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BaseTensor:
+    """A named tensor of the base model, as a view of one of its segments."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    segment: BaseSegment
+    exact: bool                   # the view is the whole segment: offset 0, C-contiguous, same size
+
+
+class BaseModel:
+    """A base model opened for reading reference tensors. Use :func:`open_base`."""
+
+    kind: str                     # "file", "folder" or "archive"
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.segments: list[BaseSegment] = []
+        self.tensors: list[BaseTensor] = []
+        self._by_hash: dict[str, BaseSegment] | None = None
+        self._lock = threading.Lock()
+
+    # -- what the subclasses provide
+    def _hash(self, wanted: Callable[[BaseSegment], bool], with_sha256: bool) -> None:
+        raise NotImplementedError
+
+    def _read_segment(self, seg: BaseSegment, offset: int, length: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def summary(self) -> dict[str, Any]:
+        """What the index records about the base model as a whole: its files and their sha256."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    # -- shared
+    def hash_segments(self, nbytes: Iterable[int] | None = None, with_sha256: bool = False) -> None:
+        """Hash the segments (only those of the given lengths, when given) that are not hashed yet."""
+        lengths = set(nbytes) if nbytes is not None else None
+        self._hash(lambda s: s.hash is None and (lengths is None or s.nbytes in lengths), with_sha256)
+        self._by_hash = None
+
+    @property
+    def by_hash(self) -> dict[str, BaseSegment]:
+        if self._by_hash is None:
+            self._by_hash = {}
+            for s in self.segments:
+                if s.hash is not None:
+                    self._by_hash.setdefault(s.hash, s)
+        return self._by_hash
+
+    def find(self, digest: str, nbytes: int) -> BaseSegment | None:
+        seg = self.by_hash.get(digest)
+        return seg if seg is not None and seg.nbytes == nbytes else None
+
+    def read(self, digest: str, offset: int, length: int) -> np.ndarray:
+        """``length`` bytes at ``offset`` of the base segment whose content hash is ``digest``;
+        cut short at the segment's end."""
+        seg = self.by_hash.get(digest)
+        if seg is None:
+            raise BaseMismatchError(f"the base has no tensor with xxh3-128 {digest}", self.path)
+        length = max(0, min(length, seg.nbytes - offset))
+        if length == 0:
+            return np.empty(0, dtype=np.uint8)
+        return self._read_segment(seg, offset, length)
+
+    def check(self, refs: list[dict[str, Any]]) -> None:
+        """Raise :class:`BaseMismatchError` unless every recorded reference is in this base,
+        byte for byte (its xxh3-128 and length). Hashes only what it has to."""
+        self.hash_segments({int(r["nbytes"]) for r in refs})
+        missing = [r for r in refs if self.find(r["hash"], int(r["nbytes"])) is None]
+        if not missing:
+            return
+        r = missing[0]
+        name, where = r.get("name", "?"), r.get("file", "?")
+        same = [t for t in self.tensors if t.name == name] or \
+               [t for t in self.tensors if normalize(t.name) == normalize(name)]
+        if same:
+            got = same[0].segment
+            detail = (f"base tensor {name!r} (in {where}) differs from the one this archive was compressed "
+                      f"against: xxh3-128 {got.hash or 'of other length'}, expected {r['hash']}")
+        else:
+            detail = f"base tensor {name!r} (in {where}) is not in the base given"
+        more = f" ({len(missing) - 1} more tensors do not match either)" if len(missing) > 1 else ""
+        raise BaseMismatchError(f"wrong base model: {detail}{more}", self.path)
+
+    def __enter__(self) -> "BaseModel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ModelBase(BaseModel):
+    """A base given as a model file or folder, read through elves' readers."""
+
+    def __init__(self, path: Path):
+        from elves.readers import read_model
+
+        super().__init__(path)
+        self.files, single = read_model(path)
+        self.kind = "file" if single else "folder"
+        self._fds: dict[int, int] = {}
+        self._sha256: dict[int, str] = {}
+        for fi, sf in enumerate(self.files):
+            segs: dict[int, BaseSegment] = {}
+            for si, s in enumerate(sf.segments):
+                if s.dtype is not None and s.length:
+                    segs[si] = BaseSegment(s.dtype, s.length, sf.relpath, (fi, s.offset))
+                    self.segments.append(segs[si])
+            for t in sf.tensors:
+                seg = segs.get(t.segment)
+                if seg is None:
+                    continue
+                count = int(np.prod(t.shape, dtype=np.int64)) if t.shape else 1
+                from elves import dtypes
+
+                size = count * dtypes.get(t.dtype).itemsize if t.dtype in dtypes.DTYPES else -1
+                exact = t.offset == 0 and t.strides is None and size == seg.nbytes
+                seg.names.append(t.name)
+                self.tensors.append(BaseTensor(t.name, t.dtype, tuple(t.shape), seg, exact))
+
+    def _fd(self, fi: int) -> int:
+        with self._lock:
+            if fi not in self._fds:
+                try:
+                    self._fds[fi] = os.open(self.files[fi].path, os.O_RDONLY)
+                except OSError as e:
+                    raise InputError(f"cannot read the base model: {e.strerror}", self.files[fi].path) from None
+            return self._fds[fi]
+
+    def _pread(self, fi: int, offset: int, length: int) -> bytes:
+        data = os.pread(self._fd(fi), length, offset)
+        if len(data) != length:
+            raise InputError("the base model file changed or shrank while it was being read", self.files[fi].path)
+        return data
+
+    def _hash(self, wanted: Callable[[BaseSegment], bool], with_sha256: bool) -> None:
+        by_file: dict[int, dict[int, BaseSegment]] = {}
+        for s in self.segments:
+            by_file.setdefault(s.loc[0], {})[s.loc[1]] = s
+        for fi, sf in enumerate(self.files):
+            mine = by_file.get(fi, {})
+            if with_sha256 and fi not in self._sha256:
+                sha = hashlib.sha256()
+                for seg in sf.segments:  # they tile the file: one pass gives both hashes
+                    b = mine.get(seg.offset) if seg.dtype is not None and seg.length else None
+                    h = xxhash.xxh3_128() if b is not None and wanted(b) else None
+                    for off in range(seg.offset, seg.offset + seg.length, READ_PIECE):
+                        piece = self._pread(fi, off, min(READ_PIECE, seg.offset + seg.length - off))
+                        sha.update(piece)
+                        if h is not None:
+                            h.update(piece)
+                    if h is not None:
+                        b.hash = h.hexdigest()
+                self._sha256[fi] = sha.hexdigest()
+                continue
+            for b in mine.values():
+                if wanted(b):
+                    h = xxhash.xxh3_128()
+                    for off in range(b.loc[1], b.loc[1] + b.nbytes, READ_PIECE):
+                        h.update(self._pread(fi, off, min(READ_PIECE, b.loc[1] + b.nbytes - off)))
+                    b.hash = h.hexdigest()
+
+    def _read_segment(self, seg: BaseSegment, offset: int, length: int) -> np.ndarray:
+        return np.frombuffer(self._pread(seg.loc[0], seg.loc[1] + offset, length), dtype=np.uint8)
+
+    def summary(self) -> dict[str, Any]:
+        self.hash_segments([], with_sha256=True)
+        return {"source": self.kind,
+                "files": [{"path": sf.relpath, "size": sf.size, "sha256": self._sha256[fi]}
+                          for fi, sf in enumerate(self.files)]}
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+class ArchiveBase(BaseModel):
+    """A base given as an ``.elves`` archive: reference bytes are decoded chunk by chunk, each
+    chunk's checksum checked, and the stream hashes come from its index."""
+
+    kind = "archive"
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.reader = ArchiveReader(path)
+        self._pipelines: dict[int, Pipeline] = {}
+        self._starts: dict[int, np.ndarray] = {}
+        segs: dict[int, BaseSegment] = {}
+        for entry in self.reader.files:
+            for name, dt, shape, segment, offset, strides in entry["tensors"]:
+                if segment < 0:
+                    continue
+                index = entry["segments"][segment]
+                st = self.reader.streams[index]
+                if st.kind != "tensor" or not st.nbytes:
+                    continue
+                if index not in segs:
+                    segs[index] = BaseSegment(st.dtype, st.nbytes, entry["path"], (index, 0), st.hash)
+                    self.segments.append(segs[index])
+                seg = segs[index]
+                from elves import dtypes
+
+                count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+                size = count * dtypes.get(dt).itemsize if dt in dtypes.DTYPES else -1
+                seg.names.append(name)
+                self.tensors.append(BaseTensor(name, dt, tuple(shape), seg,
+                                               offset == 0 and strides is None and size == seg.nbytes))
+
+    def _hash(self, wanted: Callable[[BaseSegment], bool], with_sha256: bool) -> None:
+        pass  # every stream's hash is in the index; the decoder checks chunks as it reads them
+
+    def _stream(self, seg: BaseSegment) -> tuple[Stream, Pipeline, np.ndarray]:
+        index = seg.loc[0]
+        with self._lock:
+            if index not in self._pipelines:
+                stream = self.reader.streams[index]
+                pipeline = Pipeline.from_config(stream.pipeline)
+                if pipeline.ref_codec is not None:
+                    raise BaseModelError(
+                        f"the base archive was itself compressed against a base (tensor {seg.names[0]!r}); "
+                        "restore it and pass the restored model as the base", self.path)
+                self._pipelines[index] = pipeline
+                self._starts[index] = np.concatenate(([0], np.cumsum([c[2] for c in stream.chunks])))
+            return self.reader.streams[index], self._pipelines[index], self._starts[index]
+
+    def _read_segment(self, seg: BaseSegment, offset: int, length: int) -> np.ndarray:
+        stream, pipeline, starts = self._stream(seg)
+        first = int(np.searchsorted(starts, offset, side="right")) - 1
+        out = np.empty(length, dtype=np.uint8)
+        pos = 0
+        i = first
+        while pos < length:
+            lo, hi = int(starts[i]), int(starts[i + 1])
+            try:
+                payload = self.reader.read_payload(stream, i)
+                chunk = np.empty(hi - lo, dtype=np.uint8)
+                pipeline.decode(np.frombuffer(payload, dtype=np.uint8), chunk)
+            except ArchiveError as e:
+                raise type(e)(f"base tensor {seg.names[0]!r}: chunk {i}: {e.message}", self.path) from None
+            a = offset + pos - lo
+            take = min(hi - lo - a, length - pos)
+            out[pos:pos + take] = chunk[a:a + take]
+            pos += take
+            i += 1
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        return {"source": self.reader.source_kind,
+                "files": [{"path": e["path"], "size": e["size"], "sha256": e["sha256"]} for e in self.reader.files]}
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def is_archive(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def open_base(path: str | os.PathLike[str]) -> BaseModel:
+    """Open a base model: an ``.elves`` archive, or a model file or folder."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError("no such base model (file, folder or .elves archive)", p)
+    if p.is_file() and is_archive(p):
+        return ArchiveBase(p)
+    return ModelBase(p)
+
+
+def describe(needed: dict[str, Any]) -> str:
+    """One phrase naming the base model an archive needs, from its index's ``base`` field."""
+    files = needed.get("model", {}).get("files", [])
+    if not files:
+        return "a base model"
+    names = ", ".join(f["path"] for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    return f"a base model ({names}; sha256 {files[0]['sha256'][:12]}…)" if len(files) == 1 else f"a base model ({names})"
+
+
+def attach_base(reader: ArchiveReader, base: str | os.PathLike[str] | BaseModel | None) -> None:
+    """Give ``reader`` the base model its ``xor`` streams need, after checking every reference.
+
+    Does nothing for an archive that needs no base (a base given anyway is ignored). Raises
+    :class:`BaseRequiredError` when one is needed and none is given, and
+    :class:`BaseMismatchError` when the one given lacks a referenced tensor or holds other bytes.
+    """
+    needed = getattr(reader, "base_needed", None)
+    if not needed:
+        return
+    if base is None:
+        raise BaseRequiredError(f"this archive was compressed against {describe(needed)}: pass --base "
+                                "(base= in Python) with that model or an .elves archive of it", reader.path)
+    model = base if isinstance(base, BaseModel) else open_base(base)
+    try:
+        model.check(needed.get("tensors", []))
+    except BaseException:
+        if model is not base:
+            model.close()
+        raise
+    reader.base_model = model
+    reader.owns_base = model is not base
+
+
+def chunk_refs(reader: ArchiveReader, stream: Stream, pipeline: Pipeline) -> Callable[[int], np.ndarray] | None:
+    """For a stream coded against a base tensor: chunk number -> that chunk's reference bytes.
+    ``None`` for a stream that needs no reference."""
+    codec = pipeline.ref_codec
+    if codec is None:
+        return None
+    model: BaseModel | None = getattr(reader, "base_model", None)
+    if model is None:
+        needed = getattr(reader, "base_needed", None) or {}
+        raise BaseRequiredError(f"this archive was compressed against {describe(needed)}: pass --base "
+                                "(base= in Python) with that model or an .elves archive of it", reader.path)
+    digest, nbytes = codec.ref_hash, codec.ref_nbytes  # type: ignore[attr-defined]
+    if model.find(digest, nbytes) is None:
+        model.hash_segments([nbytes])
+        if model.find(digest, nbytes) is None:
+            raise BaseMismatchError(f"the base has no tensor with xxh3-128 {digest} ({nbytes} bytes)", model.path)
+    starts = np.concatenate(([0], np.cumsum([c[2] for c in stream.chunks], dtype=np.int64)))
+
+    def ref(i: int) -> np.ndarray:
+        return model.read(digest, int(starts[i]), int(starts[i + 1] - starts[i]))
+
+    return ref

@@ -1,0 +1,171 @@
+"""``xor``: the BitX filter. Each element of a chunk is XORed with the element at the same place in
+a reference tensor of the base model, optionally through a bit ``mask``.
+
+XOR is its own inverse, so encoding and decoding are the same operation, and it is lossless
+whatever the data. A lightly fine-tuned weight shares its sign, exponent and top mantissa bits
+with its base, so the XORed word is mostly zero bits at the top; the ``planes`` and ``rans``
+stages that follow code those planes in a fraction of a bit per element.
+
+``mask`` selects which bits are XORed (``word ^ (ref & mask)``): the encoder clears the bits of
+the byte planes that XOR would make worse (the low mantissa of a heavily retrained tensor, which
+is as random after XOR as before, or worse), so each plane is coded either against the base or
+on its own. The reference may be shorter than the chunk (a tensor with rows appended, or a chunk
+past the end of the base tensor): the bytes past it pass through unchanged.
+
+With ``sparse``, elements left unchanged are not coded at all: the filter's output is a bitmap
+of the elements whose XOR is not zero (one bit each, least significant bit first, padded with zero
+bytes to a whole number of words), then those elements' XORed words only. Continued training
+leaves many weights bit-for-bit unchanged (an update below half an ulp rounds away), and a
+per-plane entropy coder would otherwise pay for each of them once per byte plane.
+
+With ``remap`` (floats of 2 to 8 bytes), the byte just below the sign bit (the exponent of BF16
+and F32; what ``planes`` puts in plane 0) is not XORed but coded *given the base's*: for each value
+``e`` of that byte in the base element, the fine-tune's values are ranked, most frequent first,
+and the rank replaces the byte. ``remap`` lists, per base value, the values in rank order; values
+not listed (and every base value not listed) follow in order of distance from ``e``, lower first.
+A heavily retrained tensor keeps little of its base's mantissa, but its exponent stays predictable
+from the base's: the ranks are coded at close to the conditional entropy, which neither XOR nor
+the standalone codec reaches. The decoder has the base element, so the ranking costs only the
+table in the config.
+
+The config names the reference by content: ``ref_hash`` (xxh3-128 of the base tensor's raw
+bytes) and ``ref_nbytes``. The decoder checks that the base it is given holds exactly that.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from elves import dtypes
+from elves.codecs import Codec, Config, register
+from elves.errors import CodecError, CorruptArchiveError
+
+_WORD = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+# _NEAR[e] = the 256 byte values in order of distance from e, lower first: the default ranking.
+_NEAR = np.argsort(np.abs(np.arange(256)[None, :] - np.arange(256)[:, None]) * 512 + np.arange(256)[None, :],
+                   axis=1, kind="stable").astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=256)
+def _rank_tables(remap: tuple[tuple[int, tuple[int, ...]], ...]) -> tuple[np.ndarray, np.ndarray]:
+    """rank[e, v] (the code of fine-tune value v given base value e) and its inverse inv[e, k]."""
+    order = _NEAR.copy()
+    for e, vals in remap:
+        if not 0 <= e < 256 or len(set(vals)) != len(vals) or any(not 0 <= v < 256 for v in vals):
+            raise CodecError(f"xor: invalid remap entry for {e}")
+        rest = np.ones(256, dtype=bool)
+        rest[list(vals)] = False
+        order[e] = np.concatenate([np.array(vals, dtype=np.uint8), _NEAR[e][rest[_NEAR[e]]]])
+    rank = np.argsort(order, axis=1, kind="stable").astype(np.uint8)
+    return rank, order
+
+
+@register
+class Xor(Codec):
+    codec_id = "xor"
+    needs_ref = True
+
+    def __init__(self, dtype: str, ref_hash: str, ref_nbytes: int, mask: int | None = None,
+                 sparse: bool = False, remap: list | None = None):
+        self.dtype = dtypes.get(dtype)
+        self.width = self.dtype.itemsize
+        if self.width not in _WORD:
+            raise CodecError(f"xor handles 1, 2, 4 and 8-byte elements, not {dtype}")
+        full = (1 << (8 * self.width)) - 1
+        self.mask = full if mask is None else int(mask)
+        if not 0 <= self.mask <= full:
+            raise CodecError(f"mask {mask!r} does not fit a {self.width}-byte word")
+        if not isinstance(ref_hash, str) or len(ref_hash) != 32:
+            raise CodecError("ref_hash must be 32 hex digits (xxh3-128)")
+        self.ref_hash = ref_hash
+        self.ref_nbytes = int(ref_nbytes)
+        self.sparse = bool(sparse)
+        self.remap = None
+        if remap is not None:
+            if not self.dtype.is_float or self.width < 2 or self.sparse:
+                raise CodecError("xor: remap is for floats of 2 to 8 bytes, without sparse")
+            try:
+                self.remap = tuple((int(e), tuple(int(v) for v in vals)) for e, vals in remap)
+            except (TypeError, ValueError):
+                raise CodecError("xor: remap must be a list of [value, [values...]]") from None
+            self.shift = 8 * self.width - 9
+            self.mask &= ~(0xFF << self.shift)  # that byte is ranked, never XORed
+            self._rank, self._inv = _rank_tables(self.remap)
+        self._full = self.mask == full
+
+    def get_config(self) -> Config:
+        config = {"id": self.codec_id, "dtype": self.dtype.name, "mask": self.mask,
+                  "ref_hash": self.ref_hash, "ref_nbytes": self.ref_nbytes, "sparse": self.sparse}
+        if self.remap is not None:
+            config["remap"] = [[e, list(vals)] for e, vals in self.remap]
+        return config
+
+    def _apply(self, data: np.ndarray, ref: np.ndarray, out: np.ndarray | None, inverse: bool = False) -> np.ndarray:
+        data = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
+        if out is None:
+            out = np.empty(data.shape[0], dtype=np.uint8)
+        elif out.shape[0] != data.shape[0]:
+            raise CorruptArchiveError(f"xor: chunk holds {data.shape[0]} bytes, expected {out.shape[0]}")
+        n = min(data.shape[0], ref.shape[0])
+        n -= n % self.width
+        word = _WORD[self.width]
+        a, r, o = data[:n].view(word), ref[:n].view(word), out[:n].view(word)
+        if self.remap is not None:
+            from .kernels import xor_ranked
+
+            if n:
+                xor_ranked(a, r, self.mask, self.shift, self._inv if inverse else self._rank, o)
+        elif self._full:
+            np.bitwise_xor(a, r, out=o)
+        else:
+            np.bitwise_and(r, word(self.mask), out=o)
+            np.bitwise_xor(o, a, out=o)
+        out[n:] = data[n:]
+        return out
+
+    def _bitmap_bytes(self, n_words: int) -> int:
+        nb = -(-n_words // 8)
+        return nb + (-nb) % self.width
+
+    def encode(self, data: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
+        if ref is None:
+            raise CodecError("xor needs the reference chunk")
+        x = self._apply(data, ref, None)
+        if not self.sparse:
+            return x
+        if x.shape[0] % self.width:
+            raise CodecError("sparse xor needs a whole number of elements")
+        words = x.view(_WORD[self.width])
+        keep = words != 0
+        bitmap = np.zeros(self._bitmap_bytes(words.shape[0]), dtype=np.uint8)
+        packed = np.packbits(keep, bitorder="little")
+        bitmap[:packed.shape[0]] = packed
+        return np.concatenate([bitmap, words[keep].view(np.uint8)])
+
+    def decode(self, data: np.ndarray | None, out: np.ndarray | None = None,
+               ref: np.ndarray | None = None) -> np.ndarray:
+        """``data`` is None for a chunk stored as an empty payload: every XORed word was zero."""
+        if ref is None:
+            raise CodecError("xor needs the reference chunk")
+        if data is None or self.sparse:
+            if out is None:
+                raise CodecError("xor must be the first codec of its pipeline")
+            x = np.zeros(out.shape[0], dtype=np.uint8)
+            if data is not None:
+                self._unsparse(np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data, x)
+            data = x
+        return self._apply(data, ref, out, inverse=True)
+
+    def _unsparse(self, data: np.ndarray, x: np.ndarray) -> None:
+        word = _WORD[self.width]
+        n = x.shape[0] // self.width
+        nb = self._bitmap_bytes(n)
+        if x.shape[0] % self.width or data.shape[0] < nb:
+            raise CorruptArchiveError("sparse xor: the chunk is shorter than its bitmap")
+        keep = np.unpackbits(data[:nb], count=n, bitorder="little").view(bool)
+        values = data[nb:]
+        if values.shape[0] != int(np.count_nonzero(keep)) * self.width:
+            raise CorruptArchiveError("sparse xor: the bitmap does not match the number of elements")
+        x.view(word)[keep] = values.view(word)

@@ -1,0 +1,364 @@
+"""``elf``: error-bounded quantisation of float tensors, the opt-in lossy filter.
+
+ELF (Su et al., VLDB 2024) keeps ``round(|w| * 2^23)`` and the sign of every F32 weight in
+(-1, 1), an absolute error of at most 2^-24, and stores the rest exactly. This codec generalises
+it to any bound, absolute (``|y - x| <= e``) or relative (``|y - x| <= r|x|``), and to F16, BF16,
+F32 and F64, and lets the ``planes`` + ``rans`` stages after it entropy-code the integer codes:
+a code's high bytes are mostly zero for small weights, and a plane of zeros costs two bytes.
+
+Per chunk the encoder tries a few grids and keeps the one the coder will store smallest:
+
+- ``uniform`` (absolute bounds): code ``a = round(|x| / step)`` with ``step = 2e`` (or the power
+  of two below it, which BF16 and F16 can represent exactly); above a threshold where the dtype's
+  own spacing is already coarse, the element's own bits (an *exact zone*, which also carries
+  NaN and infinity).
+- ``binade`` (relative bounds): per power-of-two binade, S sub-binades each holding L[i] evenly
+  spaced levels, L[i] sized so that half a spacing is within r of the sub-binade's smallest
+  value: close to a logarithmic grid, where keeping k mantissa bits (S = 1, L = 2^k) wastes up
+  to a bit per element.
+- ``exact``: the element's bits, rotated (the lossless codes): used when quantising would not pay.
+
+Every element is dequantised with the decoder's own arithmetic and checked against the bound in
+exact arithmetic; anything outside (a rounding hair, a value the grid cannot reach, NaN or
+infinity without an exact zone) becomes an *exception*: its position and original bits are
+stored in the chunk's section and written back after dequantisation. So the bound holds for
+every element, always. The chunk layout is in docs/FORMAT.md.
+"""
+from __future__ import annotations
+
+import math
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import CodecError, CorruptArchiveError
+from . import Codec, Config, Pipeline, register
+
+# dtype -> (item size, exponent bits, mantissa bits)
+ELF_DTYPES: dict[str, tuple[int, int, int]] = {
+    "F16": (2, 5, 10), "BF16": (2, 8, 7), "F32": (4, 8, 23), "F64": (8, 11, 52),
+}
+WORD = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+CODE_DTYPE = {2: "U16", 4: "U32", 8: "U64"}
+
+KIND_EXACT, KIND_UNIFORM, KIND_BINADE = 0, 1, 2
+SECTION_HEAD = struct.Struct("<BBBBI")   # kind, pos_bytes, S, 0, exception count
+UNIFORM_PARAMS = struct.Struct("<dQQ")   # step, M, B
+BINADE_E0 = struct.Struct("<i")
+MAX_SUB = 64
+
+
+class BoundError(CodecError, ValueError):
+    """An error bound that cannot be used (malformed, not positive, a relative bound >= 1)."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class ErrorBound:
+    """A parsed error bound: ``mode`` "abs" (|y - x| <= value) or "rel" (|y - x| <= value*|x|)."""
+
+    mode: str
+    value: float
+    spec: str
+
+    def describe(self) -> str:
+        return f"{self.spec.split(':', 1)[-1]} {'absolute' if self.mode == 'abs' else 'relative'}"
+
+    def to_index(self) -> dict[str, Any]:
+        return {"codec": "elf", "mode": self.mode, "value": self.value, "spec": self.spec}
+
+
+_NUM = re.compile(r"^[+]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+_POW = re.compile(r"^[+]?(\d+(\.\d*)?)\s*(\^|\*\*)\s*([+-]?\d+)$")
+
+
+def _number(text: str) -> float:
+    m = _POW.match(text)
+    if m:
+        base, exp = float(m.group(1)), int(m.group(4))
+        if abs(exp) > 2000:
+            raise ValueError
+        return math.ldexp(1.0, exp) if base == 2.0 else base ** exp
+    if _NUM.match(text):
+        return float(text)
+    raise ValueError
+
+
+def parse_error_bound(spec: "str | float | ErrorBound") -> ErrorBound:
+    """``2^-24``, ``1e-6``, ``abs:1e-6`` (absolute) or ``rel:1e-3`` (relative); a number is absolute.
+
+    Raises :class:`BoundError` (an :class:`~elves.errors.ElvesError` and a ``ValueError``).
+    """
+    if isinstance(spec, ErrorBound):
+        return spec
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        value, mode, text = float(spec), "abs", repr(float(spec))
+    elif isinstance(spec, str):
+        text = spec.strip().lower().replace(" ", "")
+        mode = "abs"
+        if ":" in text:
+            mode, _, rest = text.partition(":")
+            if mode not in ("abs", "rel"):
+                raise BoundError(f"error bound {spec!r}: the prefix must be 'abs:' or 'rel:'")
+        else:
+            rest = text
+        try:
+            value = _number(rest)
+        except (ValueError, OverflowError):
+            raise BoundError(f"error bound {spec!r} is not a number; write it as 2^-24, 1e-6 or rel:1e-3") from None
+        text = f"rel:{rest}" if mode == "rel" else rest
+    else:
+        raise BoundError(f"error bound must be a string or a number, not {type(spec).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise BoundError(f"error bound {spec!r} must be a positive finite number")
+    if mode == "rel" and value >= 1:
+        raise BoundError(f"relative error bound {spec!r} must be below 1")
+    if value < 2.0 ** -1000:
+        raise BoundError(f"error bound {spec!r} is too small to be of use (below 2^-1000)")
+    return ErrorBound(mode, value, text)
+
+
+def _ceil_log2(v: float) -> int:
+    m, e = math.frexp(v)
+    return e - 1 if m == 0.5 else e
+
+
+def _is_pow2(v: float) -> bool:
+    return math.frexp(v)[0] == 0.5
+
+
+@register
+class Elf(Codec):
+    """Quantise a float chunk to integer codes within an error bound (docs/FORMAT.md, ``elf``).
+
+    ``lanes`` is the ``rans`` lane count the encoder assumes when it estimates sizes; ``exact``
+    makes every chunk use the exact kind (lossless). Neither is part of the config.
+    """
+
+    codec_id = "elf"
+
+    def __init__(self, dtype: str, mode: str = "abs", bound: float = 2.0 ** -24, *,
+                 lanes: int = 32, exact: bool = False):
+        if dtype not in ELF_DTYPES:
+            raise CodecError(f"elf codes float tensors of {', '.join(ELF_DTYPES)}, not {dtype!r}")
+        if mode not in ("abs", "rel"):
+            raise CodecError(f"elf mode must be 'abs' or 'rel', not {mode!r}")
+        self.dtype = dtype
+        self.mode = mode
+        self.bound = float(bound)
+        self.width, self.ebits, self.mbits = ELF_DTYPES[dtype]
+        self.lanes = lanes
+        self.exact = exact
+
+    def get_config(self) -> Config:
+        return {"id": self.codec_id, "dtype": self.dtype, "mode": self.mode, "bound": self.bound}
+
+    @property
+    def error_bound(self) -> ErrorBound:
+        return ErrorBound(self.mode, self.bound, ("rel:" if self.mode == "rel" else "") + repr(self.bound))
+
+    # -- encoding ------------------------------------------------------------------------------
+
+    def encode(self, data: np.ndarray) -> np.ndarray:
+        from ..kernels import elf as k
+
+        w = self.width
+        n = data.shape[0] // w
+        if data.shape[0] != n * w:
+            raise CodecError(f"elf: a {self.dtype} chunk of {data.shape[0]} bytes is not whole elements")
+        words = np.frombuffer(data, dtype=np.uint8)[: n * w].view(WORD[w])
+        if not words.flags.aligned:
+            words = words.copy()
+        best: tuple[float, int, bytes, np.ndarray, np.ndarray] | None = None
+        codes = np.empty(n, dtype=np.uint64)
+        k.quant_exact(words, w, codes)
+        hist = np.zeros((w, 256), dtype=np.int64)
+        k.plane_hist(codes, w, hist)
+        best = (k.est_size(hist, n, w, self.lanes) + 8, KIND_EXACT, b"", codes, np.zeros(0, np.uint8))
+        if not self.exact and n:
+            xs = np.empty(n, dtype=np.float64)
+            k.to_f64(words, w, self.ebits, self.mbits, xs)
+            pos_bytes = 2 if n <= 65536 else 4
+            exc_cost = (pos_bytes + w) * w / (w - 1)
+            for kind, params, run in self._candidates(xs):
+                codes = np.empty(n, dtype=np.uint64)
+                exc = np.empty(n, dtype=np.uint8)
+                run(words, xs, codes, exc)
+                k.plane_hist(codes, w, hist)
+                k.demote_top(codes, exc, w, hist, self.lanes, exc_cost)
+                nexc = int(np.count_nonzero(exc))
+                section = SECTION_HEAD.size + len(params) + nexc * (pos_bytes + w)
+                est = k.est_size(hist, n, w, self.lanes) + section * w / (w - 1)
+                if est < best[0]:
+                    best = (est, kind, params, codes, exc)
+        _, kind, params, codes, exc = best
+        return self._pack(words, kind, params, codes, exc)
+
+    def _candidates(self, xs: np.ndarray):
+        """(kind, packed parameters, quantiser) for each grid worth trying on this chunk."""
+        from ..kernels import elf as k
+
+        w, eb, mb = self.width, self.ebits, self.mbits
+        mode = k.MODE_ABS if self.mode == "abs" else k.MODE_REL
+        bound = self.bound
+        rel_exact = self.mode == "rel" and _is_pow2(bound)
+        mask = (1 << (8 * w - 1)) - 1
+        bias = (1 << (eb - 1)) - 1
+        emax, emin = bias, 1 - bias
+        if self.mode == "abs":
+            steps = [(2 * bound, 1.0 if _is_pow2(2 * bound) else 0.125)]
+            if not _is_pow2(2 * bound):
+                steps.append((math.ldexp(1.0, _ceil_log2(2 * bound) - 1), 1.0))
+            for step, theta in steps:
+                if step * theta <= math.ldexp(1.0, emin - mb):
+                    continue  # finer than the dtype's subnormals: the exact kind says it all
+                et = mb + _ceil_log2(step * theta)      # the zone starts where the spacing reaches step*theta
+                if et > emax:
+                    b_bits = ((1 << eb) - 1) << mb       # only infinity and NaN are in the zone
+                    tval = math.ldexp(1.0, emax + 1)
+                else:
+                    et = max(et, emin)
+                    b_bits = (et + bias) << mb
+                    tval = math.ldexp(1.0, et)
+                m_code = min(int(math.floor(tval / step)) + 2, mask)
+                params = UNIFORM_PARAMS.pack(step, m_code, b_bits)
+
+                def run(words, xs, codes, exc, step=step, m_code=m_code, b_bits=b_bits):
+                    k.quant_uniform(words, xs, w, eb, mb, step, np.uint64(m_code), np.uint64(b_bits),
+                                    mode, bound, rel_exact, codes, exc)
+
+                yield KIND_UNIFORM, params, run
+            return
+        lo, hi = k.exponent_range(xs)
+        if hi < lo:
+            return
+        grids = []
+        sub = 8
+        levels = [max(1, math.ceil(1.0 / (2 * bound * (sub + i)) * (1 + 2.0 ** -40))) for i in range(sub)]
+        if sum(levels) < (1 << mb) and max(levels) <= 1 << 40:
+            grids.append((sub, levels))
+        kbits = _ceil_log2(1.0 / (2 * bound))
+        if 0 <= kbits < mb:
+            grids.append((1, [1 << kbits]))
+        for sub, levels in grids:
+            L = np.array(levels, dtype=np.int64)
+            cum = np.concatenate(([0], np.cumsum(L)[:-1])).astype(np.int64)
+            lsum = int(L.sum())
+            e0 = max(lo, hi + 1 - (mask - 1) // lsum)
+            params = BINADE_E0.pack(e0) + L.astype("<u4").tobytes()
+
+            def run(words, xs, codes, exc, e0=e0, sub=sub, L=L, cum=cum, lsum=lsum):
+                k.quant_binade(words, xs, w, eb, mb, e0, sub, L, cum, np.uint64(lsum), mode, bound,
+                               rel_exact, codes, exc)
+
+            yield KIND_BINADE, params, run
+
+    def _pack(self, words: np.ndarray, kind: int, params: bytes, codes: np.ndarray,
+              exc: np.ndarray) -> np.ndarray:
+        w = self.width
+        n = words.shape[0]
+        pos = np.flatnonzero(exc) if exc.size else np.zeros(0, dtype=np.int64)
+        pos_bytes = 2 if n <= 65536 else 4
+        sub = len(params[BINADE_E0.size:]) // 4 if kind == KIND_BINADE else 0
+        section = b"".join([
+            SECTION_HEAD.pack(kind, pos_bytes, sub, 0, pos.size), params,
+            pos.astype("<u2" if pos_bytes == 2 else "<u4").tobytes(),
+            words[pos].astype(WORD[w]).tobytes(),
+        ])
+        ns = -(-len(section) // (w - 1))
+        sec = np.zeros((ns, w), dtype=np.uint8)
+        flat = np.zeros(ns * (w - 1), dtype=np.uint8)
+        flat[: len(section)] = np.frombuffer(section, dtype=np.uint8)
+        sec[:, : w - 1] = flat.reshape(ns, w - 1)
+        out = np.empty((ns + n) * w, dtype=np.uint8)
+        out[: ns * w] = sec.reshape(-1)
+        out[ns * w:].view(WORD[w])[:] = codes
+        return out
+
+    # -- decoding ------------------------------------------------------------------------------
+
+    def decode(self, data: np.ndarray | bytes, out: np.ndarray | None = None) -> np.ndarray:
+        from ..kernels import elf as k
+
+        w = self.width
+        buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
+        if buf.shape[0] % w or buf.shape[0] < w * -(-SECTION_HEAD.size // (w - 1)):
+            raise CorruptArchiveError("elf chunk is cut short or not whole words")
+        total_words = buf.shape[0] // w
+        grid = buf.reshape(total_words, w)
+        head = _unpack(grid, w, SECTION_HEAD.size)
+        kind, pos_bytes, sub, _, m = SECTION_HEAD.unpack(head)
+        if kind == KIND_UNIFORM:
+            plen = UNIFORM_PARAMS.size
+        elif kind == KIND_BINADE:
+            if not 1 <= sub <= MAX_SUB or sub & (sub - 1):
+                raise CorruptArchiveError("elf chunk: bad sub-binade count")
+            plen = BINADE_E0.size + 4 * sub
+        elif kind == KIND_EXACT:
+            plen = 0
+        else:
+            raise CorruptArchiveError(f"elf chunk: unknown grid kind {kind}")
+        if pos_bytes not in (2, 4):
+            raise CorruptArchiveError("elf chunk: bad exception position width")
+        slen = SECTION_HEAD.size + plen + m * (pos_bytes + w)
+        ns = -(-slen // (w - 1))
+        if ns > total_words:
+            raise CorruptArchiveError("elf chunk: the exception section runs past the chunk")
+        if grid[:ns, w - 1].any():
+            raise CorruptArchiveError("elf chunk: malformed section")
+        section = _unpack(grid, w, slen)
+        n = total_words - ns
+        if out is None:
+            out = np.empty(n * w, dtype=np.uint8)
+        elif out.shape[0] != n * w:
+            raise CorruptArchiveError(f"elf chunk holds {n * w} bytes, expected {out.shape[0]}")
+        codes = buf[ns * w:].view(WORD[w]) if buf.flags.aligned else buf[ns * w:].copy().view(WORD[w])
+        dst = out.view(WORD[w])
+        p = SECTION_HEAD.size
+        if kind == KIND_EXACT:
+            k.dequant_exact(codes, n, w, dst)
+        elif kind == KIND_UNIFORM:
+            step, m_code, b_bits = UNIFORM_PARAMS.unpack_from(section, p)
+            k.dequant_uniform(codes, n, w, self.ebits, self.mbits, step, np.uint64(m_code),
+                              np.uint64(b_bits), dst)
+        else:
+            (e0,) = BINADE_E0.unpack_from(section, p)
+            L = np.frombuffer(section, dtype="<u4", count=sub, offset=p + BINADE_E0.size).astype(np.int64)
+            if (L < 1).any():
+                raise CorruptArchiveError("elf chunk: a sub-binade has no levels")
+            cum = np.concatenate(([0], np.cumsum(L)[:-1])).astype(np.int64)
+            k.dequant_binade(codes, n, w, self.ebits, self.mbits, e0, sub, L, cum, np.uint64(int(L.sum())), dst)
+        if m:
+            p += plen
+            pos = np.frombuffer(section, dtype="<u2" if pos_bytes == 2 else "<u4", count=m, offset=p)
+            vals = np.frombuffer(section, dtype=WORD[w], count=m, offset=p + m * pos_bytes)
+            if not k.scatter(dst, pos.astype(np.int64), vals.astype(dst.dtype)):
+                raise CorruptArchiveError("elf chunk: exception positions out of order or range")
+        return out
+
+
+def _unpack(grid: np.ndarray, w: int, nbytes: int) -> bytes:
+    """The first ``nbytes`` section bytes: each leading word carries ``w - 1`` of them."""
+    rows = -(-nbytes // (w - 1))
+    return grid[:rows, : w - 1].tobytes()[:nbytes]
+
+
+def elf_pipeline(dtype: str, bound: ErrorBound, exact: bool = False) -> Pipeline:
+    """The pipeline of a lossy float stream: ``elf`` then ``planes`` (unsigned codes) then ``rans``."""
+    from .planes import Planes
+    from .rans import Rans
+
+    w = ELF_DTYPES[dtype][0]
+    return Pipeline([Elf(dtype, bound.mode, bound.value, exact=exact), Planes(CODE_DTYPE[w], rotate=False), Rans()])
+
+
+def bound_of(pipeline: list[Config]) -> ErrorBound | None:
+    """The error bound of a stream's pipeline config, or None for a lossless stream."""
+    for c in pipeline:
+        if c.get("id") == Elf.codec_id:
+            return ErrorBound(c["mode"], float(c["bound"]), "")
+    return None

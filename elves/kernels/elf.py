@@ -1,0 +1,665 @@
+"""numba CPU kernels for the ``elf`` codec (error-bounded quantisation, docs/FORMAT.md).
+
+Every kernel works on a whole chunk in one compiled call and releases the GIL. The decoder's
+arithmetic (:func:`dequant_uniform`, :func:`dequant_binade`) is the reference for a CUDA port:
+integer code -> float64 value with round-to-nearest-even operations only (no fused
+multiply-add), then float64 -> the tensor's dtype with one round-to-nearest-even step
+(:func:`_round_bits`; ``__double2float_rn``, ``__double2half_rn``, ``__double2bfloat16`` on a GPU).
+
+The encoder quantises with the decoder's own functions and checks every element against the
+bound *exactly* (not merely in float64: see :func:`_le_exact`); an element that fails, even by a
+rounding hair, is tried on the neighbouring grid point and otherwise kept as an exception.
+
+Words here are the tensor's elements as unsigned integers of their width (uint16/32/64);
+``ebits``/``mbits`` are the exponent and mantissa widths of the float format (F16 5/10, BF16
+8/7, F32 8/23, F64 11/52).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+KIND_EXACT = 0
+KIND_UNIFORM = 1
+KIND_BINADE = 2
+
+MODE_ABS = 0
+MODE_REL = 1
+
+_M52 = np.uint64((1 << 52) - 1)
+_EXP_ONE = np.uint64(1023 << 52)
+_U1 = np.uint64(1)
+_U0 = np.uint64(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 <-> narrow float formats, on bit patterns (magnitudes: sign handled by the caller)
+# ---------------------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True, inline="always")
+def _round_bits(b, ebits, mbits):
+    """Magnitude bits of the ``(ebits, mbits)`` float nearest to the non-negative finite float64
+    whose bits are ``b`` (round to nearest, ties to even; too large -> infinity)."""
+    if ebits == 11:
+        return b
+    if b == _U0:
+        return _U0
+    e64 = np.int64(b >> np.uint64(52))
+    if e64 == 0:  # a float64 subnormal: far below half the smallest subnormal of any narrower format
+        return _U0
+    sig = (b & _M52) | (_U1 << np.uint64(52))
+    bias = (1 << (ebits - 1)) - 1
+    maxexp = (1 << ebits) - 1
+    ef = e64 - 1023 + bias
+    if ef >= 1:
+        sh = 52 - mbits
+        mag = (np.uint64(ef) << np.uint64(mbits)) | ((sig >> np.uint64(sh)) & np.uint64((1 << mbits) - 1))
+    else:
+        sh = 52 - mbits + 1 - ef
+        if sh >= 64:
+            return _U0
+        mag = sig >> np.uint64(sh)
+    rem = sig & ((_U1 << np.uint64(sh)) - _U1)
+    half = _U1 << np.uint64(sh - 1)
+    if rem > half or (rem == half and (mag & _U1) == _U1):
+        mag += _U1  # a carry out of the mantissa steps the exponent up, as it should
+    inf = np.uint64(maxexp) << np.uint64(mbits)
+    if mag >= inf:
+        return inf
+    return mag
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _mag_to_f64bits(mag, ebits, mbits):
+    """float64 bits of the ``(ebits, mbits)`` magnitude ``mag`` (exact; inf/NaN map to inf/NaN)."""
+    if ebits == 11:
+        return mag
+    bias = (1 << (ebits - 1)) - 1
+    maxexp = (1 << ebits) - 1
+    ef = np.int64(mag >> np.uint64(mbits))
+    mant = mag & np.uint64((1 << mbits) - 1)
+    if ef == maxexp:
+        return np.uint64(0x7FF << 52) | (mant << np.uint64(52 - mbits))
+    if ef == 0:
+        if mant == _U0:
+            return _U0
+        p = 0  # position of the highest set bit
+        while (mant >> np.uint64(p + 1)) != _U0:
+            p += 1
+        e = p + 1 - bias - mbits
+        frac = (mant - (_U1 << np.uint64(p))) << np.uint64(52 - p)
+        return (np.uint64(e + 1023) << np.uint64(52)) | frac
+    return (np.uint64(ef - bias + 1023) << np.uint64(52)) | (mant << np.uint64(52 - mbits))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _round_value(v, ebits, mbits, tb, tf):
+    """``v`` (non-negative float64) rounded to the dtype, as a float64 (exact)."""
+    if ebits == 11:
+        return v
+    if ebits == 8 and mbits == 23:
+        return np.float64(np.float32(v))  # the hardware's conversion is round-to-nearest-even
+    tf[0] = v
+    tb[0] = _mag_to_f64bits(_round_bits(tb[0], ebits, mbits), ebits, mbits)
+    return tf[0]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _pow2(k):
+    """2.0 ** k for an integer k (exact; 0 or inf beyond float64's range)."""
+    return math.ldexp(1.0, k)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _to_f64(words, w, ebits, mbits, out):
+    """The values of ``words`` (elements as unsigned ints) as float64, exactly, into ``out``."""
+    ob = out.view(np.uint64)
+    sh = np.uint64(8 * w - 1)
+    mask = (_U1 << sh) - _U1
+    for i in range(words.shape[0]):
+        v = np.uint64(words[i])
+        ob[i] = _mag_to_f64bits(v & mask, ebits, mbits) | ((v >> sh) << np.uint64(63))
+
+
+# ---------------------------------------------------------------------------------------------
+# the bound, checked exactly
+# ---------------------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True, inline="always")
+def _le_exact(y, x, lim):
+    """True only if the exact |y - x| <= lim (finite float64s; ``lim`` taken as exact).
+
+    ``d = y - x`` is rounded; TwoSum gives its error ``t``. |d| < lim implies the exact
+    difference is <= lim; at |d| == lim it is iff ``t`` is zero or points towards zero.
+    """
+    d = y - x
+    ad = abs(d)
+    if ad < lim:
+        return True
+    if ad > lim or not (ad == ad):
+        return False
+    bp = d - y
+    ap = d - bp
+    t = (y - ap) + (-x - bp)
+    return t == 0.0 or (t > 0.0) != (d > 0.0)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _within(y, x, mode, bound, rel_exact):
+    """The guarantee for one element: |y - x| <= bound (absolute) or <= bound*|x| (relative),
+    in exact arithmetic. ``rel_exact``: bound is a power of two, so bound*|x| is exact when normal."""
+    if mode == MODE_ABS:
+        return _le_exact(y, x, bound)
+    lim = bound * abs(x)
+    if not (rel_exact and lim >= 2.2250738585072014e-308):
+        lim = lim * (1.0 - 1e-13)  # below the exact product whatever its rounding
+    return _le_exact(y, x, lim)
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding arithmetic (shared by encoder and decoder)
+# ---------------------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True, inline="always")
+def _uniform_mag(a, step, M, B, ebits, mbits, tb, tf):
+    """Magnitude bits for code magnitude ``a`` of a uniform grid: round(float64(a) * step) below
+    ``M``, the dtype's own values from bits ``B`` on."""
+    if a >= M:
+        return B + (a - M)
+    tf[0] = np.float64(np.int64(a)) * step
+    return _round_bits(tb[0], ebits, mbits)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _binade_value(a, e0, S, L, cum, lsum):
+    """float64 value of binade-grid code magnitude ``a >= 1``: binade b, sub-binade i, level j;
+    ((S + i) * L[i] + j) / (S * L[i]) * 2^(e0 + b)."""
+    t = a - _U1
+    b = t // lsum
+    r = t - b * lsum
+    lo = 0
+    hi = S - 1
+    while lo < hi:  # the last i with cum[i] <= r
+        mid = (lo + hi + 1) >> 1
+        if np.uint64(cum[mid]) <= r:
+            lo = mid
+        else:
+            hi = mid - 1
+    li = np.uint64(L[lo])
+    j = r - np.uint64(cum[lo])
+    num = np.float64((np.uint64(S) + np.uint64(lo)) * li + j)
+    den = np.float64(np.uint64(S) * li)
+    return (num / den) * _pow2(e0 + np.int64(b))
+
+
+@njit(cache=True, nogil=True)
+def dequant_exact(codes, n, w, out):
+    """Exact kind: the code is the element rotated left by one bit (sign at bit 0)."""
+    sh = np.uint64(8 * w - 1)
+    for i in range(n):
+        u = np.uint64(codes[i])
+        out[i] = (u >> _U1) | ((u & _U1) << sh)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _dequant_uniform(codes, n, w, ebits, mbits, step, M, B, out):
+    """Uniform kind: magnitude ``round(float64(a) * step)`` for ``a < M``, else bits ``B + a - M``;
+    the sign is the code's bit 0."""
+    sh = np.uint64(8 * w - 1)
+    mask = (_U1 << sh) - _U1
+    if ebits == 8 and mbits == 23:
+        of = out.view(np.float32)
+        for i in range(n):
+            u = np.uint64(codes[i])
+            a = u >> _U1
+            if a < M:
+                v = np.float64(np.int64(a)) * step
+                of[i] = np.float32(-v if (u & _U1) else v)
+            else:
+                out[i] = ((B + (a - M)) & mask) | ((u & _U1) << sh)
+        return
+    if ebits == 11:
+        of = out.view(np.float64)
+        for i in range(n):
+            u = np.uint64(codes[i])
+            a = u >> _U1
+            if a < M:
+                v = np.float64(np.int64(a)) * step
+                of[i] = -v if (u & _U1) else v
+            else:
+                out[i] = ((B + (a - M)) & mask) | ((u & _U1) << sh)
+        return
+    tf = np.empty(1, np.float64)
+    tb = tf.view(np.uint64)
+    for i in range(n):
+        u = np.uint64(codes[i])
+        a = u >> _U1
+        mag = _uniform_mag(a, step, M, B, ebits, mbits, tb, tf) & mask
+        out[i] = mag | ((u & _U1) << sh)
+
+
+@njit(cache=True, nogil=True)
+def binade_table(S, L, cum, lsum):
+    """The in-binade values of codes ``t mod lsum``: ((S + i) * L[i] + j) / (S * L[i])."""
+    tab = np.empty(lsum, dtype=np.float64)
+    for i in range(S):
+        den = np.float64(np.uint64(S) * np.uint64(L[i]))
+        base = (np.uint64(S) + np.uint64(i)) * np.uint64(L[i])
+        for j in range(L[i]):
+            tab[cum[i] + j] = np.float64(base + np.uint64(j)) / den
+    return tab
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _dequant_binade(codes, n, w, ebits, mbits, e0, S, L, cum, lsum, out):
+    """Binade kind: magnitude 0 for ``a = 0``; else with t = a - 1, b = t div lsum,
+    r = t mod lsum = cum[i] + j: round(((S + i) * L[i] + j) / (S * L[i]) * 2^(e0 + b))."""
+    sh = np.uint64(8 * w - 1)
+    tf = np.empty(1, np.float64)
+    tb = tf.view(np.uint64)
+    small = lsum <= np.uint64(1 << 16)
+    tab = binade_table(S, L, cum, lsum) if small else np.empty(0, dtype=np.float64)
+    nb = 64
+    pw = np.empty(nb, dtype=np.float64)
+    for b in range(nb):
+        pw[b] = _pow2(e0 + b)
+    inv = 1.0 / np.float64(lsum)
+    of32 = out.view(np.float32) if (ebits == 8 and mbits == 23) else np.empty(0, np.float32)
+    for i in range(n):
+        u = np.uint64(codes[i])
+        a = u >> _U1
+        s = u & _U1
+        if a == _U0:
+            out[i] = s << sh
+            continue
+        if not small:
+            v = _binade_value(a, e0, S, L, cum, lsum)
+        else:
+            t = a - _U1
+            b = np.uint64(np.int64(np.float64(np.int64(t)) * inv))
+            while b * lsum > t:
+                b -= _U1
+            while (b + _U1) * lsum <= t:
+                b += _U1
+            r = t - b * lsum
+            v = tab[r] * (pw[b] if b < np.uint64(nb) else _pow2(e0 + np.int64(b)))
+        if ebits == 8 and mbits == 23:
+            of32[i] = np.float32(-v if s else v)
+        else:
+            tf[0] = v
+            out[i] = _round_bits(tb[0], ebits, mbits) | (s << sh)
+
+
+@njit(cache=True, nogil=True)
+def scatter(out, pos, vals):
+    """Put the exceptions' original bits back; False if a position is out of order or range."""
+    n = out.shape[0]
+    prev = -1
+    for k in range(pos.shape[0]):
+        p = np.int64(pos[k])
+        if p <= prev or p >= n:
+            return False
+        out[p] = vals[k]
+        prev = p
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# encoding: one grid candidate -> codes (uint64) and exception flags
+# ---------------------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True, inline="always")
+def _quant_uniform(words, xs, w, ebits, mbits, step, M, B, mode, bound, rel_exact, codes, exc):
+    """Codes of the uniform grid; ``exc[i] = 1`` where element i must be an exception. Returns the
+    number of exceptions."""
+    n = words.shape[0]
+    sh = np.uint64(8 * w - 1)
+    mask = (_U1 << sh) - _U1
+    tf = np.empty(1, np.float64)
+    tb = tf.view(np.uint64)
+    Mf = np.float64(M)
+    inv = 1.0 / step
+    nexc = 0
+    for i in range(n):
+        v = np.uint64(words[i])
+        s = v >> sh
+        mag = v & mask
+        if mag >= B:  # exact zone: the element's own bits (NaN and infinity included)
+            if mag - B > mask - M:
+                exc[i] = 1
+                codes[i] = _U0
+                nexc += 1
+            else:
+                exc[i] = 0
+                codes[i] = ((M + (mag - B)) << _U1) | s
+            continue
+        ax = abs(xs[i])
+        q = math.floor(ax * inv + 0.5)  # a guess: the check below decides
+        ok = False
+        a = _U0
+        if q < Mf:
+            a = np.uint64(np.int64(q))
+            y = _round_value(np.float64(np.int64(a)) * step, ebits, mbits, tb, tf)
+            ok = _within(y, ax, mode, bound, rel_exact)
+            if not ok:  # a rounding hair outside, or a guess one off: try x's other side
+                if y > ax and a > _U0:
+                    a -= _U1
+                    ok = True
+                elif y < ax and a + _U1 < M:
+                    a += _U1
+                    ok = True
+                if ok:
+                    y = _round_value(np.float64(np.int64(a)) * step, ebits, mbits, tb, tf)
+                    ok = _within(y, ax, mode, bound, rel_exact)
+        if not ok:
+            exc[i] = 1
+            codes[i] = _U0
+            nexc += 1
+            continue
+        if a == _U0 and mag != _U0:
+            s = _U0  # a small negative value comes back as +0.0 (within the bound); -0.0 stays -0.0
+        exc[i] = 0
+        codes[i] = (a << _U1) | s
+    return nexc
+
+
+@njit(cache=True, nogil=True)
+def exponent_range(xs):
+    """(min, max) float64 exponent of the nonzero finite normal-in-float64 values; (1, 0) if none."""
+    lo = 1 << 20
+    hi = -(1 << 20)
+    b = xs.view(np.uint64)
+    for i in range(xs.shape[0]):
+        e = np.int64((b[i] >> np.uint64(52)) & np.uint64(0x7FF))
+        if e == 0 or e == 0x7FF:
+            continue
+        e -= 1023
+        if e < lo:
+            lo = e
+        if e > hi:
+            hi = e
+    if hi < lo:
+        return 1, 0
+    return lo, hi
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _quant_binade(words, xs, w, ebits, mbits, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc):
+    """Codes of the binade grid (see :func:`dequant_binade`); returns the number of exceptions."""
+    n = words.shape[0]
+    sh = np.uint64(8 * w - 1)
+    mask = (_U1 << sh) - _U1
+    tf = np.empty(1, np.float64)
+    tb = tf.view(np.uint64)
+    xb = xs.view(np.uint64)
+    small = lsum <= np.uint64(1 << 16)
+    tab = binade_table(S, L, cum, lsum) if small else np.empty(0, dtype=np.float64)
+    nexc = 0
+    for i in range(n):
+        v = np.uint64(words[i])
+        s = v >> sh
+        mag = v & mask
+        if mag == _U0:  # +-0.0: code magnitude 0, sign kept
+            exc[i] = 0
+            codes[i] = s
+            continue
+        bx = xb[i] & ~(_U1 << np.uint64(63))
+        e64 = np.int64(bx >> np.uint64(52))
+        E = e64 - 1023
+        ok = False
+        a = _U0
+        if e64 != 0 and e64 != 0x7FF and E >= e0:
+            ax = abs(xs[i])
+            tb[0] = (bx & _M52) | _EXP_ONE
+            f = (tf[0] - 1.0) * S  # exact: S is a power of two
+            ii = np.int64(f)
+            if ii > S - 1:
+                ii = S - 1
+            j = np.uint64(np.int64(math.floor((f - ii) * L[ii] + 0.5)))
+            r = np.uint64(cum[ii]) + j
+            t = np.uint64(E - e0) * lsum + r
+            if t < mask:
+                a = t + _U1
+                p2 = _pow2(E)
+                if small and r < lsum:
+                    y = _round_value(tab[r] * p2, ebits, mbits, tb, tf)
+                elif small:  # j rounded up into the next binade
+                    y = _round_value(2.0 * p2, ebits, mbits, tb, tf)
+                else:
+                    y = _round_value(_binade_value(a, e0, S, L, cum, lsum), ebits, mbits, tb, tf)
+                ok = _within(y, ax, mode, bound, rel_exact)
+                if not ok:
+                    if y > ax and a > _U1:
+                        a -= _U1
+                        ok = True
+                    elif y < ax and a < mask:
+                        a += _U1
+                        ok = True
+                    if ok:
+                        y = _round_value(_binade_value(a, e0, S, L, cum, lsum), ebits, mbits, tb, tf)
+                        ok = _within(y, ax, mode, bound, rel_exact)
+        if not ok:
+            exc[i] = 1
+            codes[i] = _U0
+            nexc += 1
+            continue
+        exc[i] = 0
+        codes[i] = (a << _U1) | s
+    return nexc
+
+
+@njit(cache=True, nogil=True)
+def quant_exact(words, w, codes):
+    sh = np.uint64(8 * w - 1)
+    for i in range(words.shape[0]):
+        v = np.uint64(words[i])
+        codes[i] = (v << _U1) | (v >> sh)
+        if w < 8:
+            codes[i] &= (_U1 << np.uint64(8 * w)) - _U1
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing: byte-plane histograms and the rans coder's size, estimated
+# ---------------------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def plane_hist(codes, w, hist):
+    """hist[p, s]: how often byte plane p (0 = most significant) holds s."""
+    hist[:, :] = 0
+    for i in range(codes.shape[0]):
+        u = np.uint64(codes[i])
+        for p in range(w):
+            hist[p, np.int64((u >> np.uint64(8 * (w - 1 - p))) & np.uint64(0xFF))] += 1
+
+
+@njit(cache=True, nogil=True)
+def est_plane(h, n, lanes):
+    """Bytes the ``rans`` codec will spend on a plane with histogram ``h`` (a close estimate)."""
+    k = 0
+    bits = 0.0
+    for s in range(256):
+        c = h[s]
+        if c > 0:
+            k += 1
+            bits += c * math.log2(n / c)
+    if k <= 1:
+        return 2.0
+    header = 4 + k + (k & 1) + 2 * k
+    header += (-header) & 3
+    est = header + 8 * min(lanes, n) + bits / 8.0 * 1.003 + 4
+    raw = n + 1.0
+    return min(est, raw)
+
+
+@njit(cache=True, nogil=True)
+def est_size(hist, n, w, lanes):
+    total = 8.0 + 4 * w
+    for p in range(w):
+        total += est_plane(hist[p], n, lanes)
+    return total
+
+
+@njit(cache=True, nogil=True)
+def demote_top(codes, exc, w, hist, lanes, exc_cost):
+    """Turn elements whose code uses the top byte into exceptions when that is cheaper.
+
+    A top plane that is all zeros costs 2 bytes; a few elements with a nonzero top byte (values
+    far above the rest) cost a whole frequency table and lane set. Updates ``codes``, ``exc``
+    and ``hist``; returns how many elements were demoted.
+    """
+    n = codes.shape[0]
+    top = np.uint64(8 * (w - 1))
+    big = 0
+    for s in range(1, 256):
+        big += hist[0, s]
+    if big == 0:
+        return 0
+    alt = hist.copy()
+    for i in range(n):
+        u = np.uint64(codes[i])
+        if (u >> top) != _U0:
+            for p in range(w):
+                alt[p, np.int64((u >> np.uint64(8 * (w - 1 - p))) & np.uint64(0xFF))] -= 1
+                alt[p, 0] += 1
+    before = est_size(hist, n, w, lanes)
+    after = est_size(alt, n, w, lanes) + big * exc_cost
+    if after >= before:
+        return 0
+    for i in range(n):
+        u = np.uint64(codes[i])
+        if (u >> top) != _U0:
+            codes[i] = _U0
+            exc[i] = 1
+    hist[:, :] = alt
+    return big
+
+
+# ---------------------------------------------------------------------------------------------
+# checking a decoded chunk against its source (encoder safety net, ``verify --against``)
+# ---------------------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True, inline="always")
+def _error_stats(src, dec, w, ebits, mbits, mode, bound, rel_exact):
+    """(max absolute error, max relative error, elements over the bound) of ``dec`` against
+    ``src`` (unsigned words). NaN, infinities and +-0.0 must match bit for bit; relative errors
+    are over nonzero finite elements."""
+    sh = np.uint64(8 * w - 1)
+    mask = (_U1 << sh) - _U1
+    inf = np.uint64((1 << ebits) - 1) << np.uint64(mbits)
+    tf = np.empty(1, np.float64)
+    tb = tf.view(np.uint64)
+    max_abs = 0.0
+    max_rel = 0.0
+    bad = 0
+    for i in range(src.shape[0]):
+        a = np.uint64(src[i])
+        b = np.uint64(dec[i])
+        if a == b:
+            continue
+        ma = a & mask
+        mb = b & mask
+        if ma >= inf or ma == _U0 or mb >= inf:
+            bad += 1
+            max_abs = np.inf
+            max_rel = np.inf
+            continue
+        tb[0] = _mag_to_f64bits(ma, ebits, mbits) | ((a >> sh) << np.uint64(63))
+        x = tf[0]
+        tb[0] = _mag_to_f64bits(mb, ebits, mbits) | ((b >> sh) << np.uint64(63))
+        y = tf[0]
+        d = abs(y - x)
+        r = d / abs(x)
+        if d > max_abs:
+            max_abs = d
+        if r > max_rel:
+            max_rel = r
+        if not _within(y, x, mode, bound, rel_exact):
+            bad += 1
+    return max_abs, max_rel, bad
+
+
+# ---------------------------------------------------------------------------------------------
+# entry points: one branch on the dtype, then a loop compiled with its widths as constants
+# (passed at run time they cost a factor of ten: the generic rounding path stays in the loop)
+# ---------------------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def to_f64(words, w, ebits, mbits, out):
+    """The values of ``words`` (elements as unsigned ints) as float64, exactly, into ``out``."""
+    if ebits == 8 and mbits == 23:
+        _to_f64(words, w, 8, 23, out)
+    elif ebits == 11:
+        _to_f64(words, w, 11, 52, out)
+    elif ebits == 8:
+        _to_f64(words, w, 8, 7, out)
+    else:
+        _to_f64(words, w, 5, 10, out)
+
+
+@njit(cache=True, nogil=True)
+def dequant_uniform(codes, n, w, ebits, mbits, step, M, B, out):
+    """Uniform kind: magnitude ``round(float64(a) * step)`` for ``a < M``, else bits ``B + a - M``;
+    the sign is the code's bit 0."""
+    if ebits == 8 and mbits == 23:
+        _dequant_uniform(codes, n, w, 8, 23, step, M, B, out)
+    elif ebits == 11:
+        _dequant_uniform(codes, n, w, 11, 52, step, M, B, out)
+    elif ebits == 8:
+        _dequant_uniform(codes, n, w, 8, 7, step, M, B, out)
+    else:
+        _dequant_uniform(codes, n, w, 5, 10, step, M, B, out)
+
+
+@njit(cache=True, nogil=True)
+def dequant_binade(codes, n, w, ebits, mbits, e0, S, L, cum, lsum, out):
+    """Binade kind: magnitude 0 for ``a = 0``; else with t = a - 1, b = t div lsum,
+    r = t mod lsum = cum[i] + j: round(((S + i) * L[i] + j) / (S * L[i]) * 2^(e0 + b))."""
+    if ebits == 8 and mbits == 23:
+        _dequant_binade(codes, n, w, 8, 23, e0, S, L, cum, lsum, out)
+    elif ebits == 11:
+        _dequant_binade(codes, n, w, 11, 52, e0, S, L, cum, lsum, out)
+    elif ebits == 8:
+        _dequant_binade(codes, n, w, 8, 7, e0, S, L, cum, lsum, out)
+    else:
+        _dequant_binade(codes, n, w, 5, 10, e0, S, L, cum, lsum, out)
+
+
+@njit(cache=True, nogil=True)
+def quant_uniform(words, xs, w, ebits, mbits, step, M, B, mode, bound, rel_exact, codes, exc):
+    """Codes of the uniform grid; ``exc[i] = 1`` where element i must be an exception. Returns the
+    number of exceptions."""
+    if ebits == 8 and mbits == 23:
+        return _quant_uniform(words, xs, w, 8, 23, step, M, B, mode, bound, rel_exact, codes, exc)
+    if ebits == 11:
+        return _quant_uniform(words, xs, w, 11, 52, step, M, B, mode, bound, rel_exact, codes, exc)
+    if ebits == 8:
+        return _quant_uniform(words, xs, w, 8, 7, step, M, B, mode, bound, rel_exact, codes, exc)
+    return _quant_uniform(words, xs, w, 5, 10, step, M, B, mode, bound, rel_exact, codes, exc)
+
+
+@njit(cache=True, nogil=True)
+def quant_binade(words, xs, w, ebits, mbits, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc):
+    """Codes of the binade grid (see :func:`dequant_binade`); returns the number of exceptions."""
+    if ebits == 8 and mbits == 23:
+        return _quant_binade(words, xs, w, 8, 23, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc)
+    if ebits == 11:
+        return _quant_binade(words, xs, w, 11, 52, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc)
+    if ebits == 8:
+        return _quant_binade(words, xs, w, 8, 7, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc)
+    return _quant_binade(words, xs, w, 5, 10, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc)
+
+
+@njit(cache=True, nogil=True)
+def error_stats(src, dec, w, ebits, mbits, mode, bound, rel_exact):
+    """(max absolute error, max relative error, elements over the bound) of ``dec`` against
+    ``src`` (unsigned words). NaN, infinities and +-0.0 must match bit for bit; relative errors
+    are over nonzero finite elements."""
+    if ebits == 8 and mbits == 23:
+        return _error_stats(src, dec, w, 8, 23, mode, bound, rel_exact)
+    if ebits == 11:
+        return _error_stats(src, dec, w, 11, 52, mode, bound, rel_exact)
+    if ebits == 8:
+        return _error_stats(src, dec, w, 8, 7, mode, bound, rel_exact)
+    return _error_stats(src, dec, w, 5, 10, mode, bound, rel_exact)

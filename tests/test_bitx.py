@@ -1,0 +1,333 @@
+"""BitX: a fine-tune compressed against its base model (``--base``) restores bit-exactly, costs
+its delta, and refuses a missing or wrong base with a clear error and nothing written."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import elves
+from bitx.codec import Xor
+from bitx.delta import plane_mask
+from elves.archive import ArchiveReader
+from elves.codecs import Pipeline, codec_from_config
+from elves.codecs.planes import Planes
+from elves.codecs.rans import Rans
+from elves.errors import BaseMismatchError, BaseRequiredError, CodecError
+from tests.conftest import tree_hashes, write_safetensors
+
+NP = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32}
+H = "0" * 32
+
+
+# ---------------------------------------------------------------------------- the codec
+
+def test_xor_is_registered_and_configurable() -> None:
+    c = codec_from_config({"id": "xor", "dtype": "BF16", "ref_hash": H, "ref_nbytes": 10, "mask": 0x7F80})
+    assert isinstance(c, Xor) and c.needs_ref
+    assert Pipeline.from_config(Pipeline([c, Planes("BF16"), Rans()]).get_config()).get_config()[0] == c.get_config()
+    with pytest.raises(CodecError):
+        codec_from_config({"id": "xor", "dtype": "BF16", "ref_hash": H, "ref_nbytes": 10, "mask": 1 << 16})
+    with pytest.raises(CodecError):
+        Pipeline([c, Planes("BF16"), Rans()]).encode(np.zeros(4, np.uint8))  # no reference given
+
+
+@settings(max_examples=120, deadline=None)
+@given(dtype=st.sampled_from(["BF16", "F16", "F32", "F64", "I8", "F8_E4M3"]), n=st.integers(0, 3000),
+       ref_frac=st.floats(0, 1.2), flips=st.floats(0, 1), mask=st.integers(0, 2**64 - 1), seed=st.integers(0, 99),
+       sparse=st.booleans())
+def test_xor_pipeline_roundtrips(dtype: str, n: int, ref_frac: float, flips: float, mask: int, seed: int,
+                                 sparse: bool) -> None:
+    from elves import dtypes
+
+    w = dtypes.get(dtype).itemsize
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, n * w, dtype=np.uint8)
+    m = min(n, int(n * ref_frac)) * w
+    ref = data[:m].copy()
+    ref[rng.random(m) < flips] ^= rng.integers(1, 256, dtype=np.uint8)
+    p = Pipeline([Xor(dtype, H, m, mask % (1 << 8 * w), sparse), Planes(dtype), Rans()])
+    payload = p.encode(data, ref=ref)
+    out = np.full(n * w, 0xA5, dtype=np.uint8)
+    Pipeline.from_config(p.get_config()).decode(payload, out, ref=ref)
+    assert np.array_equal(out, data)
+
+
+def test_a_chunk_equal_to_its_reference_is_an_empty_payload() -> None:
+    ref = np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8)
+    p = Pipeline([Xor("F32", H, 4000), Planes("F32"), Rans()])
+    assert p.encode(ref.copy(), ref=ref) == b""
+    out = np.empty(4000, np.uint8)
+    assert np.array_equal(p.decode(b"", out, ref=ref), ref)
+    p = Pipeline([Xor("F32", H, 4000, sparse=True), Planes("F32"), Rans()])
+    assert p.encode(ref.copy(), ref=ref) == b""
+    assert np.array_equal(p.decode(b"", out, ref=ref), ref)
+    # with a mask, "nothing left" means the masked bits equal the reference's: the rest must be zero
+    p = Pipeline([Xor("F32", H, 4000, plane_mask([True, False, False, False], 4, True)), Planes("F32"), Rans()])
+    assert p.encode(ref.copy(), ref=ref) != b""
+
+
+def test_sparse_xor_drops_unchanged_elements() -> None:
+    rng = np.random.default_rng(1)
+    ref = rng.integers(0, 2**16, 10000, dtype=np.uint16)
+    data = ref.copy()
+    data[::10] ^= rng.integers(1, 2**16, 1000, dtype=np.uint16)  # 10% changed
+    x = Xor("BF16", H, ref.nbytes, sparse=True).encode(data.view(np.uint8), ref=ref.view(np.uint8))
+    assert x.shape[0] == 1250 + 1000 * 2  # bitmap, then the changed elements only
+    out = np.empty(data.nbytes, np.uint8)
+    Xor("BF16", H, ref.nbytes, sparse=True).decode(x, out, ref=ref.view(np.uint8))
+    assert np.array_equal(out, data.view(np.uint8))
+    with pytest.raises(elves.CorruptArchiveError):
+        Xor("BF16", H, ref.nbytes, sparse=True).decode(x[:-2], out, ref=ref.view(np.uint8))
+
+
+def test_plane_mask_selects_rotated_planes() -> None:
+    assert plane_mask([True, False], 2, True) == 0x7F80            # the BF16 exponent
+    assert plane_mask([False, True], 2, True) == 0x807F            # sign + 7 mantissa bits
+    assert plane_mask([True, False, False, False], 4, True) == 0x7F800000
+    assert plane_mask([True, True], 2, False) == 0xFFFF
+
+
+# ---------------------------------------------------------------------------- synthetic models
+
+def _tensor(dt: str, x: np.ndarray) -> tuple[str, tuple, bytes]:
+    return dt, x.shape, x.astype(NP[dt]).tobytes()
+
+
+def make_pair(root: Path, seed: int = 0) -> tuple[Path, Path]:
+    """A base folder and a fine-tune folder: per dtype, tensors = base + small noise, one
+    unchanged, one fully retrained, one only in the fine-tune; names prefixed in the base only."""
+    rng = np.random.default_rng(seed)
+    base, ft = {}, {}
+    for dt in NP:
+        for i in range(2):
+            x = rng.standard_normal((384, 256)).astype(np.float32) * 0.02
+            base[f"model.layers.{i}.{dt}.weight"] = _tensor(dt, x)
+            y = x + rng.standard_normal(x.shape).astype(np.float32) * 2e-4
+            ft[f"layers.{i}.{dt}.weight"] = _tensor(dt, y)
+        same = rng.standard_normal((300, 200)).astype(np.float32) * 0.05
+        base[f"model.frozen.{dt}"] = ft[f"frozen.{dt}"] = _tensor(dt, same)
+        base[f"model.head.{dt}"] = _tensor(dt, rng.standard_normal((128, 64)).astype(np.float32))
+        ft[f"head.{dt}"] = _tensor(dt, rng.standard_normal((128, 64)).astype(np.float32))
+        ft[f"extra.{dt}"] = _tensor(dt, rng.standard_normal((96, 64)).astype(np.float32) * 0.02)
+    b, f = root / "base", root / "ft"
+    for d, tensors in [(b, base), (f, ft)]:
+        d.mkdir(parents=True)
+        write_safetensors(d / "model.safetensors", tensors, {"format": "pt"})
+        (d / "config.json").write_text('{"hidden_size": 256}')
+    return b, f
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("pair")
+    base, ft = make_pair(root)
+    archive = root / "ft.elves"
+    elves.compress(ft, archive, base=base)
+    return base, ft, archive
+
+
+def test_finetune_roundtrips_and_is_much_smaller(pair: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    base, ft, archive = pair
+    alone = elves.compress(ft, tmp_path / "alone.elves")
+    assert archive.stat().st_size < 0.7 * alone.archive_bytes
+    elves.restore(archive, tmp_path / "out", base=base)
+    assert tree_hashes(tmp_path / "out") == tree_hashes(ft)
+    rep = elves.verify(archive, against=ft, base=base)
+    assert rep.ok, rep.problems
+
+
+def test_what_is_coded_against_the_base(pair: tuple[Path, Path, Path]) -> None:
+    base, ft, archive = pair
+    with ArchiveReader(archive) as r:
+        assert r.version >= (1, 1) and r.base_needed is not None
+        names = {t[0]: e["segments"][t[3]] for e in r.files for t in e["tensors"]}
+        model = r.base_needed["model"]
+        assert model["source"] == "folder"
+        assert {f["path"] for f in model["files"]} == {"model.safetensors", "config.json"}
+        refs = {x["name"] for x in r.base_needed["tensors"]}
+        for dt in NP:
+            s = r.streams[names[f"frozen.{dt}"]]  # unchanged: empty payloads, ~nothing
+            assert s.pipeline[0]["id"] == "xor" and s.stored_bytes == 0
+            assert f"model.frozen.{dt}" in refs
+            for i in range(2):
+                assert r.streams[names[f"layers.{i}.{dt}.weight"]].pipeline[0]["id"] == "xor"
+                assert f"model.layers.{i}.{dt}.weight" in refs
+            assert all(c["id"] != "xor" for c in r.streams[names[f"head.{dt}"]].pipeline)  # retrained: standalone
+            assert all(c["id"] != "xor" for c in r.streams[names[f"extra.{dt}"]].pipeline)
+    i = elves.info(archive)
+    assert i.base is not None and len(i.base["tensors"]) == len(refs)
+
+
+def test_base_as_archive_file_or_other_form(pair: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    base, ft, archive = pair
+    base_archive = tmp_path / "base.elves"
+    elves.compress(base, base_archive)
+    elves.restore(archive, tmp_path / "a", base=base_archive)
+    assert tree_hashes(tmp_path / "a") == tree_hashes(ft)
+    # compressed against the archive, restored against the folder (references are by content)
+    a2 = tmp_path / "ft2.elves"
+    elves.compress(ft, a2, base=base_archive)
+    assert a2.stat().st_size == pytest.approx(archive.stat().st_size, rel=0.02)
+    elves.restore(a2, tmp_path / "b", base=base)
+    assert tree_hashes(tmp_path / "b") == tree_hashes(ft)
+    # a single safetensors file as the base
+    a3 = tmp_path / "ft3.elves"
+    elves.compress(ft, a3, base=base / "model.safetensors")
+    elves.restore(a3, tmp_path / "c", base=base / "model.safetensors")
+    assert tree_hashes(tmp_path / "c") == tree_hashes(ft)
+
+
+def test_tensor_access_with_a_base(pair: tuple[Path, Path, Path]) -> None:
+    base, ft, archive = pair
+    from safetensors.numpy import load_file as st_load
+
+    want = st_load(str(ft / "model.safetensors"))
+    got = elves.load_file(archive, base=base)
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k].tobytes() == v.tobytes(), k
+    with elves.open(archive) as a:  # no base: tensors that need it say so
+        with pytest.raises(BaseRequiredError, match="pass --base"):
+            a.get_tensor("layers.0.F32.weight")
+        assert a.get_tensor("extra.F32").tobytes() == want["extra.F32"].tobytes()
+
+
+def _nothing_written(folder: Path, before: set[str]) -> bool:
+    return {p.name for p in folder.iterdir()} == before
+
+
+def test_missing_base_is_a_clear_error(pair: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    _, _, archive = pair
+    with pytest.raises(BaseRequiredError, match="compressed against a base model.*pass --base"):
+        elves.restore(archive, tmp_path / "out")
+    assert _nothing_written(tmp_path, set())
+    with pytest.raises(BaseRequiredError):
+        elves.verify(archive)
+
+
+def test_wrong_base_is_a_clear_error_and_writes_nothing(pair: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    base, ft, archive = pair
+    other, _ = make_pair(tmp_path / "other", seed=1)
+    out = tmp_path / "out"
+    with pytest.raises(BaseMismatchError, match="wrong base model: base tensor 'model\\."):
+        elves.restore(archive, out, base=other)
+    # the right base but one tensor modified: named, with its file
+    bad = tmp_path / "bad"
+    shutil.copytree(base, bad)
+    raw = bytearray((bad / "model.safetensors").read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    hdr = json.loads(raw[8:8 + n])
+    lo, _ = hdr["model.layers.1.F16.weight"]["data_offsets"]
+    raw[8 + n + lo + 100] ^= 0x01
+    (bad / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(BaseMismatchError, match="'model.layers.1.F16.weight' \\(in model.safetensors\\) differs"):
+        elves.restore(archive, out, base=bad)
+    with pytest.raises(BaseMismatchError):
+        elves.verify(archive, base=bad)
+    with pytest.raises(BaseMismatchError):
+        elves.open(archive, base=bad)
+    # the fine-tune itself is not its base either
+    with pytest.raises(BaseMismatchError):
+        elves.restore(archive, out, base=ft)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if "elves-tmp" in p.name]
+
+
+def test_identical_model_costs_almost_nothing(pair: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    base, _, _ = pair
+    s = elves.compress(base, tmp_path / "same.elves", base=base)
+    weights = (base / "model.safetensors").stat().st_size
+    with ArchiveReader(tmp_path / "same.elves") as r:
+        tensor_bytes = sum(st.stored_bytes for st in r.streams if st.kind == "tensor")
+    assert tensor_bytes == 0 and s.archive_bytes < 0.01 * weights
+    elves.restore(tmp_path / "same.elves", tmp_path / "out", base=base)
+    assert tree_hashes(tmp_path / "out") == tree_hashes(base)
+
+
+def test_rows_appended_code_the_overlap_against_the_base(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    emb = rng.standard_normal((3000, 128)).astype(np.float32) * 0.02
+    grown = np.concatenate([emb + rng.standard_normal(emb.shape).astype(np.float32) * 1e-4,
+                            rng.standard_normal((40, 128)).astype(np.float32) * 0.02])
+    write_safetensors(tmp_path / "base.safetensors", {"embed.weight": _tensor("BF16", emb)})
+    write_safetensors(tmp_path / "ft.safetensors", {"embed.weight": _tensor("BF16", grown)})
+    alone = elves.compress(tmp_path / "ft.safetensors", tmp_path / "alone.elves")
+    delta = elves.compress(tmp_path / "ft.safetensors", tmp_path / "d.elves", base=tmp_path / "base.safetensors")
+    with ArchiveReader(tmp_path / "d.elves") as r:
+        (s,) = [s for s in r.streams if s.kind == "tensor"]
+        assert s.pipeline[0]["id"] == "xor" and s.pipeline[0]["ref_nbytes"] == emb.size * 2
+    assert delta.archive_bytes < 0.8 * alone.archive_bytes
+    elves.restore(tmp_path / "d.elves", tmp_path / "out.safetensors", base=tmp_path / "base.safetensors")
+    assert tree_hashes(tmp_path / "out.safetensors") == tree_hashes(tmp_path / "ft.safetensors")
+
+
+def test_a_base_archive_that_needs_a_base_is_refused(pair: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    base, ft, archive = pair
+    # ft.elves (which needs `base`) used as the base of the fine-tune itself
+    with pytest.raises(elves.BaseModelError, match="itself compressed against a base"):
+        elves.compress(ft, tmp_path / "x.elves", base=archive)
+    assert not (tmp_path / "x.elves").exists()
+
+
+# ---------------------------------------------------------------------------- CLI
+
+def cli(*args: str | Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", "from elves.cli.main import main; main()", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_base_options_and_exit_codes(pair: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    base, ft, _ = pair
+    out = tmp_path / "ft.elves"
+    r = cli("compress", ft, "-o", out, "--base", base, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["base_streams"] >= 9
+    r = cli("info", out)
+    assert r.returncode == 0 and "needs a base model (--base)" in r.stdout
+    assert json.loads(cli("info", out, "--json").stdout)["base"]["model"]["source"] == "folder"
+    r = cli("restore", out, "-o", tmp_path / "r")
+    assert r.returncode == 7 and "pass --base" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "r").exists()
+    other, _ = make_pair(tmp_path / "other", seed=2)
+    r = cli("restore", out, "-o", tmp_path / "r", "--base", other)
+    assert r.returncode == 7 and "wrong base model" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "r").exists()
+    r = cli("verify", out, "--base", base, "--against", ft)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = cli("restore", out, "-o", tmp_path / "r", "--base", base)
+    assert r.returncode == 0 and tree_hashes(tmp_path / "r") == tree_hashes(ft)
+
+
+# ---------------------------------------------------------------------------- real fine-tunes
+
+def _real_pair(ft: Path, base: Path, tmp_path: Path) -> tuple[int, int]:
+    alone = elves.compress(ft, tmp_path / "alone.elves")
+    delta = elves.compress(ft, tmp_path / "delta.elves", base=base)
+    out = tmp_path / ("out" + ft.suffix)
+    elves.restore(tmp_path / "delta.elves", out, base=base)
+    assert tree_hashes(out) == tree_hashes(ft)
+    return delta.archive_bytes, alone.archive_bytes
+
+
+@pytest.mark.realdata
+def test_openff_rc2_against_rc1(dataset, tmp_path: Path) -> None:
+    root = dataset("openff")
+    delta, alone = _real_pair(root / "openff-gnn-am1bcc-0.1.0-rc.2.pt", root / "openff-gnn-am1bcc-0.1.0-rc.1.pt",
+                              tmp_path)
+    assert delta < 0.7 * alone  # continued training: BitX roughly doubles the ratio
+
+
+@pytest.mark.realdata
+def test_astra_against_merlin_first_shard(dataset, tmp_path: Path) -> None:
+    # a heavy BF16 fine-tune against a truncated torch zip holding 443 of 930 base tensors
+    delta, alone = _real_pair(dataset("astra") / "astra_encoder.pt", dataset("merlin-p1") / "part.bin", tmp_path)
+    assert delta < alone

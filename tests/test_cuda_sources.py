@@ -1,0 +1,281 @@
+"""The CUDA sources in cuda/: NVRTC-compatible, compile for sm_90 without register spills, and
+(on any machine with g++) decode exactly like the numba reference, run on the host.
+
+elves/gpu.py compiles cuda/*.cu at run time with NVRTC, which has no host headers: the sources
+must include none. NVRTC (libnvrtc, when found) and nvcc (when on PATH) compile them here, so
+errors show on machines without a GPU. The host run compiles the decoder as C++ with a small shim
+(CUDA threads are std::threads, warp shuffles and __syncwarp are barriers), so the kernel's logic
+is tested against the numba decoder on every machine, not only on those with a GPU.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import glob
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from elves import dtypes
+from elves.codecs import Pipeline
+from elves.codecs.planes import Planes
+from elves.codecs.rans import Rans
+from elves.errors import CorruptArchiveError
+
+from .test_codecs import weights_like
+
+CUDA_DIR = Path(__file__).resolve().parent.parent / "cuda"
+SOURCES = sorted(CUDA_DIR.glob("*.cu"))
+DECODER = CUDA_DIR / "rans_decode.cu"
+
+
+def test_the_decoder_source_is_there() -> None:
+    assert DECODER in SOURCES
+    assert not (CUDA_DIR / "__init__.py").exists(), "cuda/ must not become an importable `cuda` package"
+
+
+@pytest.mark.parametrize("src", SOURCES, ids=lambda p: p.name)
+def test_no_includes(src: Path) -> None:
+    """NVRTC compiles without the host's headers, and elves.gpu hands it the source as a string
+    with no include path: a source may include nothing, neither <...> nor "..."."""
+    includes = [line.strip() for line in src.read_text().splitlines() if re.match(r"\s*#\s*include\b", line)]
+    assert not includes, f"{src.name}: {includes}"
+
+
+@pytest.mark.parametrize("src", SOURCES, ids=lambda p: p.name)
+def test_compiles_for_sm90_without_spills(src: Path, tmp_path: Path) -> None:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on PATH")
+    cmd = [nvcc, "-std=c++17", "-arch=sm_90", "-Xptxas", "-v", "-c", "-o", str(tmp_path / "x.o"), str(src)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{log}"
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    assert spills, log
+    assert all(s == ("0", "0") for s in spills), f"register spills (local memory in the hot loop):\n{log}"
+
+
+def nvrtc_library() -> ctypes.CDLL | None:
+    """libnvrtc from the system, a CUDA toolkit or NVIDIA's pip wheels (torch pulls them in)."""
+    candidates = [ctypes.util.find_library("nvrtc")]
+    spec = importlib.util.find_spec("nvidia")
+    for root in spec.submodule_search_locations if spec and spec.submodule_search_locations else []:
+        candidates += sorted(glob.glob(os.path.join(root, "*", "lib", "libnvrtc.so*")))
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home:
+            candidates += sorted(glob.glob(os.path.join(home, "lib64", "libnvrtc.so*")))
+    for candidate in filter(None, candidates):
+        try:
+            return ctypes.CDLL(candidate)
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.parametrize("src", SOURCES, ids=lambda p: p.name)
+def test_compiles_with_nvrtc(src: Path) -> None:
+    """What elves.gpu does at run time (through cupy), without a GPU: the source as a string, no
+    include path, C++17, sm_90."""
+    lib = nvrtc_library()
+    if lib is None:
+        pytest.skip("libnvrtc not found")
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), src.read_bytes(), src.name.encode(), 0, None, None) == 0
+    options = [b"-std=c++17", b"--gpu-architecture=sm_90"]
+    try:
+        status = lib.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options))
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    assert status == 0, log.value.decode(errors="replace")
+
+
+# ============================================================================ the kernel on the host
+
+SHIM = r"""
+#include <version>
+#if !defined(__cpp_lib_barrier)
+#error ELVES_NO_BARRIER
+#endif
+#include <barrier>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+thread_local dim3 threadIdx;
+dim3 blockIdx, blockDim, gridDim;
+struct uint4 { unsigned x, y, z, w; };
+static std::barrier<>* g_bar = nullptr;
+static uint64_t g_xch[1024];
+static std::mutex g_atomic;
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__
+#define __launch_bounds__(...)
+#define __shared__
+
+// Blocks run one at a time, so a global array is the block's shared memory.
+namespace { alignas(16) unsigned int smem[16 * 5120 / 4]; }
+
+template <class T> T __ldg(const T* p) { return *p; }
+template <class T> void __stcs(T* p, T v) { *p = v; }
+inline void __syncwarp() { g_bar->arrive_and_wait(); }
+template <class T> T exchange(T v, unsigned src) {
+    g_xch[threadIdx.x] = (uint64_t)v; g_bar->arrive_and_wait();
+    uint64_t r = g_xch[src]; g_bar->arrive_and_wait();
+    return (T)r;
+}
+template <class T> T __shfl_up_sync(unsigned, T v, unsigned d) {
+    return exchange(v, threadIdx.x >= d ? threadIdx.x - d : threadIdx.x);
+}
+template <class T> T __shfl_sync(unsigned, T v, int src) { return exchange(v, (unsigned)src); }
+inline bool __any_sync(unsigned, bool p) {
+    g_xch[threadIdx.x] = p; g_bar->arrive_and_wait();
+    bool any = false;
+    for (unsigned i = 0; i < blockDim.x; ++i) any |= g_xch[i] != 0;
+    g_bar->arrive_and_wait();
+    return any;
+}
+inline unsigned atomicMax(unsigned* p, unsigned v) {
+    std::lock_guard<std::mutex> lock(g_atomic);
+    unsigned old = *p;
+    if (v > old) *p = v;
+    return old;
+}
+
+#include KERNEL_SOURCE
+
+using Kernel = void (*)(const ChunkDesc*, unsigned int*);
+
+extern "C" int run(int width, const void* descs, unsigned count, unsigned* status) {
+    Kernel k = width == 1 ? elves_rans_decode_w1 : width == 2 ? elves_rans_decode_w2
+             : width == 4 ? elves_rans_decode_w4 : width == 8 ? elves_rans_decode_w8
+             : width == 16 ? elves_rans_decode_w16 : width == 0 ? elves_copy_chunks : nullptr;
+    if (!k) return -1;
+    blockDim.x = width == 0 ? 64 : 32;
+    gridDim.x = count;
+    for (unsigned b = 0; b < count; ++b) {
+        blockIdx.x = b;
+        std::memset(smem, 0xCD, sizeof smem);  // stale, as a GPU's shared memory is
+        std::barrier<> bar(blockDim.x);
+        g_bar = &bar;
+        std::vector<std::thread> threads;
+        for (unsigned t = 0; t < blockDim.x; ++t)
+            threads.emplace_back([=] { threadIdx.x = t; k((const ChunkDesc*)descs, status); });
+        for (auto& th : threads) th.join();
+    }
+    return 0;
+}
+"""
+
+DESC = np.dtype([("src", "<u8"), ("src_len", "<u8"), ("dst", "<u8"), ("dst_len", "<u8"),
+                 ("width", "<u4"), ("flags", "<u4")])
+
+
+@pytest.fixture(scope="module")
+def host_kernels(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ is not on PATH")
+    tmp = tmp_path_factory.mktemp("host_kernels")
+    (tmp / "shim.cpp").write_text(SHIM)
+    cmd = [gxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-Wno-unknown-pragmas",
+           f'-DKERNEL_SOURCE="{DECODER}"', "-o", str(tmp / "kernels.so"), str(tmp / "shim.cpp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if "ELVES_NO_BARRIER" in proc.stderr:
+        pytest.skip("this g++ has no C++20 <barrier>")
+    assert proc.returncode == 0, proc.stderr
+    return ctypes.CDLL(str(tmp / "kernels.so"))
+
+
+def host_decode(lib: ctypes.CDLL, width: int, payloads: list[bytes], sizes: list[int], rotate: bool
+                ) -> tuple[bytes, np.ndarray]:
+    """Run the kernel over the chunks: (decoded bytes, status per chunk). Each payload sits in
+    its own 16-byte-aligned buffer, as on the device."""
+    keep, descs = [], np.zeros(len(payloads), DESC)
+    out = np.full(sum(sizes) + 16, 0xA5, dtype=np.uint8)
+    dst = out[-out.ctypes.data % 16:][:sum(sizes)]
+    pos = 0
+    for k, (p, n) in enumerate(zip(payloads, sizes)):
+        buf = np.zeros(len(p) + 32, dtype=np.uint8)
+        src = buf[-buf.ctypes.data % 16:][:len(p)]
+        src[:] = np.frombuffer(p, dtype=np.uint8)
+        keep.append(buf)
+        descs[k] = (src.ctypes.data, len(p), dst.ctypes.data + pos, n, width, 1 if rotate else 0)
+        pos += n
+    status = np.zeros(len(payloads), dtype=np.uint32)
+    assert lib.run(width, descs.ctypes.data_as(ctypes.c_void_p), len(payloads),
+                   status.ctypes.data_as(ctypes.c_void_p)) == 0
+    return dst.tobytes(), status
+
+
+def cpu_decode(pipeline: Pipeline, payload: bytes, nbytes: int) -> bytes | None:
+    """The numba decoder's output, or None if it refuses the payload."""
+    out = np.empty(nbytes, dtype=np.uint8)
+    try:
+        pipeline.decode(np.frombuffer(payload, dtype=np.uint8), out)
+    except CorruptArchiveError:
+        return None
+    return out.tobytes()
+
+
+@pytest.mark.parametrize("dt", ["BOOL", "F8_E4M3", "BF16", "F16", "F32", "I32", "F64", "I64", "C128"])
+def test_kernel_matches_the_numba_decoder(host_kernels: ctypes.CDLL, dt: str) -> None:
+    w = dtypes.get(dt).itemsize
+    rng = np.random.default_rng(w)
+    for lanes, prob_bits in [(32, 12), (1, 12), (33, 9), (100, 10)]:
+        pipeline = Pipeline([Planes(dt), Rans(lanes=lanes, prob_bits=prob_bits)])
+        raws = [weights_like(dt, n, rng) for n in (1, 31, 1000, 3001)]
+        payloads = [pipeline.encode(r) for r in raws]
+        got, status = host_decode(host_kernels, w, payloads, [len(r) for r in raws], pipeline.codecs[0].rotate)
+        assert not status.any(), (lanes, prob_bits, status)
+        assert got == b"".join(r.tobytes() for r in raws), (lanes, prob_bits)
+
+
+def test_kernel_refuses_what_the_numba_decoder_refuses(host_kernels: ctypes.CDLL) -> None:
+    """Flipped bits, cut-short and padded payloads: the kernel flags a chunk exactly when the
+    numba decoder refuses it, and otherwise decodes the same bytes."""
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        dt = ["BF16", "F32", "U8"][trial % 3]
+        w = dtypes.get(dt).itemsize
+        pipeline = Pipeline([Planes(dt), Rans(lanes=int(rng.choice([3, 32])))])
+        raw = weights_like(dt, int(rng.integers(1, 2000)), rng)
+        bad = bytearray(pipeline.encode(raw))
+        if trial % 4 == 0:
+            bad = bad[:int(rng.integers(0, len(bad)))]
+        elif trial % 4 == 1:
+            bad += bytes(int(rng.integers(1, 9)))
+        else:
+            for _ in range(int(rng.integers(1, 4))):
+                bad[int(rng.integers(0, len(bad)))] ^= 1 << int(rng.integers(0, 8))
+        want = cpu_decode(pipeline, bytes(bad), len(raw))
+        got, status = host_decode(host_kernels, w, [bytes(bad)], [len(raw)], pipeline.codecs[0].rotate)
+        assert (status[0] == 0) == (want is not None), (trial, status)
+        if want is not None:
+            assert got == want, trial
+
+
+def test_copy_kernel(host_kernels: ctypes.CDLL) -> None:
+    """Chunks stored as they are (an empty pipeline) are copied; a length mismatch is flagged."""
+    rng = np.random.default_rng(1)
+    payloads = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in (1, 15, 16, 17, 5000)]
+    got, status = host_decode(host_kernels, 0, payloads, [len(p) for p in payloads], False)
+    assert not status.any() and got == b"".join(payloads)
+    _, status = host_decode(host_kernels, 0, payloads[:1], [2], False)
+    assert status[0] != 0

@@ -1,0 +1,296 @@
+"""GPU decoding (elves.gpu) gives bit for bit what the CPU decoder gives, and refuses damaged data.
+
+The GPU tests need cupy and a CUDA device and skip without them; the last test checks the error a
+machine without cupy gets.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import elves
+from elves import dtypes
+from elves.codecs import Pipeline
+from elves.codecs.planes import Planes
+from elves.codecs.rans import Rans
+from elves.encoder import TENSOR_CHUNK_BYTES
+from elves.errors import CorruptArchiveError
+from tests.conftest import write_safetensors
+
+from .test_codecs import ALL, weights_like
+
+pytestmark = pytest.mark.gpu
+FRAMEWORKS = ["cupy", "pt"]
+
+
+@pytest.fixture(scope="module")
+def cp() -> Any:
+    cupy = pytest.importorskip("cupy")
+    try:
+        devices = cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError:
+        devices = 0
+    if not devices:
+        pytest.skip("no CUDA device")
+    return cupy
+
+
+@pytest.fixture
+def gpu(cp: Any) -> Any:
+    import elves.gpu
+
+    return elves.gpu
+
+
+def framework_or_skip(framework: str) -> None:
+    if framework == "pt":
+        torch = pytest.importorskip("torch")
+        if not torch.cuda.is_available():
+            pytest.skip("torch without CUDA")
+
+
+def host_bytes(x: Any) -> bytes:
+    """The bytes of a cupy array or a torch tensor, C order."""
+    if hasattr(x, "get"):
+        return np.ascontiguousarray(x.get()).tobytes()
+    import torch
+
+    return x.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes()
+
+
+def assert_same(got: dict[str, Any], want: dict[str, np.ndarray], framework: str) -> None:
+    """``got`` (from elves.gpu) holds the same names, shapes, dtypes and bits as ``want`` (CPU)."""
+    assert list(got) == list(want)
+    for name, ref in want.items():
+        t = got[name]
+        assert tuple(t.shape) == ref.shape, name
+        if framework == "pt":
+            assert str(t.dtype) == f"torch.{ref.dtype.name}", name
+            assert t.device.type == "cuda", name
+        else:  # cupy hands out bfloat16 and float8 as their bits
+            assert t.dtype == (ref.dtype if hasattr(np, ref.dtype.name) else np.dtype(f"<u{ref.dtype.itemsize}")), name
+        assert host_bytes(t) == np.ascontiguousarray(ref).tobytes(), name
+
+
+def every_bit_pattern(dt: str) -> bytes:
+    """All values of a 1- or 2-byte dtype, shuffled (NaN payloads, infinities, denormals, -0.0);
+    for wider ones, uniformly random bits: every exponent, NaNs and denormals among them."""
+    w = dtypes.get(dt).itemsize
+    rng = np.random.default_rng(w)
+    if w <= 2:
+        return rng.permutation(np.arange(1 << (8 * w), dtype=f"<u{w}")).tobytes()
+    return rng.integers(0, 256, size=w * 70_001, dtype=np.uint8).tobytes()
+
+
+@pytest.fixture(scope="module")
+def every_dtype_archive(cp: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every dtype at sizes that matter: one element, fewer and not a multiple of the 32 lanes,
+    one full chunk plus a tail, several chunks; all special bit patterns; empty and scalar
+    tensors; tied (deduplicated) weights; a packed sub-byte tensor."""
+    tmp = tmp_path_factory.mktemp("every_dtype")
+    rng = np.random.default_rng(0)
+    tensors: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
+    for dt in ALL:
+        w = dtypes.get(dt).itemsize
+        per_chunk = TENSOR_CHUNK_BYTES // w
+        for n in (1, 7, 33, 1000, per_chunk + 5, 3 * per_chunk + 17):
+            tensors[f"{dt.lower()}.{n}"] = (dt, (n,), weights_like(dt, n, rng).tobytes())
+        raw = every_bit_pattern(dt)
+        tensors[f"{dt.lower()}.bits"] = (dt, (len(raw) // w,), raw)
+    tensors["matrix.bf16"] = ("BF16", (300, 517), weights_like("BF16", 300 * 517, rng).tobytes())
+    tensors["tied.a"] = ("F16", (4000,), weights_like("F16", 4000, rng).tobytes())
+    tensors["tied.b"] = tensors["tied.a"]
+    tensors["empty"] = ("F32", (0, 4), b"")
+    tensors["scalar"] = ("BF16", (), b"\x80\x3f")
+    tensors["packed.f4"] = ("F4", (100_000, 2), bytes(100_000))  # kept as zstd bytes: the CPU path
+    src = write_safetensors(tmp / "m.safetensors", tensors)
+    elves.compress(src, tmp / "m.elves")
+    return tmp / "m.elves"
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_every_dtype_is_bit_exact(gpu: Any, every_dtype_archive: Path, framework: str) -> None:
+    framework_or_skip(framework)
+    assert_same(gpu.load_file(every_dtype_archive, framework=framework), elves.load_file(every_dtype_archive),
+                framework)
+
+
+def test_small_staging_buffers_many_batches(gpu: Any, every_dtype_archive: Path) -> None:
+    """Buffers smaller than a few chunks: the copy/decode pipeline turns over many times."""
+    got = gpu.load_file(every_dtype_archive, framework="cupy", staging_bytes=300_000)
+    assert_same(got, elves.load_file(every_dtype_archive), "cupy")
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_open_loads_one_tensor_at_a_time(gpu: Any, every_dtype_archive: Path, framework: str) -> None:
+    framework_or_skip(framework)
+    with elves.open(every_dtype_archive) as cpu, gpu.open(every_dtype_archive, framework=framework) as a:
+        assert a.keys() == cpu.keys()
+        names = cpu.keys()[::7] + ["tied.b", "empty", "scalar", "packed.f4"]
+        assert_same({k: a.get_tensor(k) for k in names}, {k: cpu.get_tensor(k) for k in names}, framework)
+        with pytest.raises(KeyError):
+            a.get_tensor("nope")
+
+
+def test_tensor_memory_is_bounded(gpu: Any, every_dtype_archive: Path) -> None:
+    """GPU memory at its peak is the tensors plus the staging buffers, not a second model copy."""
+    framework_or_skip("pt")
+    import torch
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    staging = 1 << 20
+    tensors = gpu.load_file(every_dtype_archive, framework="pt", staging_bytes=staging)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    extra = torch.cuda.max_memory_allocated() - before - total
+    assert extra <= gpu.STAGING_BUFFERS * staging + (2 << 20), extra
+
+
+def test_views_of_storages_and_cpu_fallback(gpu: Any, tmp_path: Path) -> None:
+    """PyTorch checkpoints hold tensors that are views (offset, strides) of shared storages."""
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 500, generator=g).to(torch.bfloat16)
+    b = torch.randn(64, 33, generator=g)
+    model = tmp_path / "model"
+    model.mkdir()
+    torch.save({"a": a, "a.rows": a[10:20], "a.t": a.t(), "a.col": a[:, 3], "a.tail": a.reshape(-1)[-7:],
+                "b": b, "b.t": b.t(), "b.every2": b[::2, 1::3], "i64": torch.arange(1000),
+                "scalar": torch.tensor(3.5)}, model / "views.pt")
+    archive = tmp_path / "m.elves"
+    elves.compress(model, archive)
+    want = elves.load_file(archive)
+    assert_same(gpu.load_file(archive, framework="cupy"), want, "cupy")
+    if torch.cuda.is_available():
+        assert_same(gpu.load_file(archive, framework="pt"), want, "pt")
+
+
+def encoded_chunks(dt: str, sizes: list[int], lanes: int, prob_bits: int, seed: int
+                   ) -> tuple[Pipeline, list[np.ndarray], list[bytes]]:
+    rng = np.random.default_rng(seed)
+    pipeline = Pipeline([Planes(dt), Rans(lanes=lanes, prob_bits=prob_bits)])
+    raws = [weights_like(dt, n, rng) for n in sizes]
+    return pipeline, raws, [pipeline.encode(r) for r in raws]
+
+
+def on_device(cp: Any, payloads: list[bytes]) -> tuple[Any, list[int]]:
+    """The payloads in one device buffer, each on a 16-byte boundary."""
+    offsets, pos = [], 0
+    for p in payloads:
+        offsets.append(pos)
+        pos += -(-len(p) // 16) * 16
+    host = np.zeros(max(pos, 16), dtype=np.uint8)
+    for offset, p in zip(offsets, payloads):
+        host[offset:offset + len(p)] = np.frombuffer(p, dtype=np.uint8)
+    return cp.asarray(host), offsets
+
+
+def gpu_decode(cp: Any, gpu: Any, payloads: list[bytes], sizes: list[int], width: int, rotate: bool) -> bytes:
+    buf, offsets = on_device(cp, payloads)
+    out = cp.full(sum(sizes), 0xA5, dtype=cp.uint8)  # poisoned: every byte must be written
+    gpu.decode_chunks(buf, [(o, len(p), n) for o, p, n in zip(offsets, payloads, sizes)], out,
+                      width=width, rotate=rotate)
+    return out.get().tobytes()
+
+
+@pytest.mark.parametrize("lanes", [1, 5, 32, 33, 100, 4096])
+@pytest.mark.parametrize("dt", ["BF16", "F32", "U8", "F64", "C128"])
+def test_lane_counts_and_table_sizes_the_writer_does_not_use(cp: Any, gpu: Any, dt: str, lanes: int) -> None:
+    """Other lane counts (more than a warp: several lane groups per thread) and table sizes."""
+    w = dtypes.get(dt).itemsize
+    for prob_bits in (9, 12):
+        sizes = [5000, 1, 4097]
+        pipeline, raws, payloads = encoded_chunks(dt, sizes, lanes, prob_bits, seed=lanes + prob_bits)
+        got = gpu_decode(cp, gpu, payloads, [len(r) for r in raws], w, pipeline.codecs[0].rotate)
+        assert got == b"".join(r.tobytes() for r in raws)
+
+
+def cpu_accepts(pipeline: Pipeline, payload: bytes, nbytes: int) -> bytes | None:
+    """What the CPU decoder makes of ``payload``, or None if it refuses it."""
+    out = np.empty(nbytes, dtype=np.uint8)
+    try:
+        pipeline.decode(np.frombuffer(payload, dtype=np.uint8), out)
+    except CorruptArchiveError:
+        return None
+    return out.tobytes()
+
+
+def test_corrupted_payloads_raise_like_the_cpu(cp: Any, gpu: Any) -> None:
+    """Damage that bypasses the host checksum (bytes flipped in the device copy of the payload)
+    raises CorruptArchiveError, never returns wrong data, wherever the CPU decoder refuses it;
+    where it does not (a flipped raw byte decodes fine), both decoders agree on the bytes."""
+    pipeline, (raw,), (payload,) = encoded_chunks("BF16", [50_000], 32, 12, seed=3)
+    enc = np.frombuffer(payload, dtype=np.uint8)
+    plane0 = int.from_bytes(enc[8:12].tobytes(), "little")
+    assert enc[plane0] == 2  # the exponent plane is rANS-coded
+    k = int.from_bytes(enc[plane0 + 2:plane0 + 4].tobytes(), "little")
+    freqs = plane0 + 4 + k + (k & 1)
+    lane_table = freqs + 2 * k + (-(freqs + 2 * k - plane0) % 4)
+    streams = lane_table + 4 * 32
+    damage = {
+        "mode": (plane0, 0x07), "prob_bits": (plane0 + 1, 0x10), "a frequency": (freqs + 2, 0x01),
+        "a lane length": (lane_table + 8, 0x02), "a lane's first state": (streams + 1, 0x40),
+        "inside lane 0": (streams + 40, 0x08), "the header's plane count": (6, 0x01),
+    }
+    for what, (pos, bit) in damage.items():
+        bad = bytearray(payload)
+        bad[pos] ^= bit
+        assert cpu_accepts(pipeline, bytes(bad), len(raw)) is None, what
+        with pytest.raises(CorruptArchiveError):
+            gpu_decode(cp, gpu, [bytes(bad)], [len(raw)], 2, True)
+    with pytest.raises(CorruptArchiveError):  # cut short
+        gpu_decode(cp, gpu, [payload[:len(payload) // 2]], [len(raw)], 2, True)
+
+    rng = np.random.default_rng(4)
+    for _ in range(40):
+        bad = bytearray(payload)
+        bad[int(rng.integers(0, len(bad)))] ^= 1 << int(rng.integers(0, 8))
+        want = cpu_accepts(pipeline, bytes(bad), len(raw))
+        if want is None:
+            with pytest.raises(CorruptArchiveError):
+                gpu_decode(cp, gpu, [bytes(bad)], [len(raw)], 2, True)
+        else:
+            assert gpu_decode(cp, gpu, [bytes(bad)], [len(raw)], 2, True) == want
+
+
+def test_damaged_archive_raises(gpu: Any, every_dtype_archive: Path, tmp_path: Path) -> None:
+    """A flipped payload byte in the file is caught by the chunk checksum, naming the tensor."""
+    from elves.archive import ArchiveReader
+
+    with ArchiveReader(every_dtype_archive) as r:
+        stream = next(s for s in r.streams if s.pipeline and s.nbytes > 1 << 20)
+        offset = stream.chunks[1][0] + 100
+    data = bytearray(every_dtype_archive.read_bytes())
+    data[offset] ^= 0xFF
+    damaged = tmp_path / "damaged.elves"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(CorruptArchiveError, match=r"tensor .* chunk 1: the payload is corrupted"):
+        gpu.load_file(damaged, framework="cupy")
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("name", ["minilm", "astra"])
+def test_real_models(gpu: Any, dataset: Any, tmp_path: Path, name: str) -> None:
+    archive = tmp_path / f"{name}.elves"
+    elves.compress(dataset(name), archive)
+    want = elves.load_file(archive)
+    assert_same(gpu.load_file(archive, framework="cupy"), want, "cupy")
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        assert_same(gpu.load_file(archive, framework="pt"), want, "pt")
+
+
+def test_without_cupy_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """elves.gpu imports anywhere; using it without cupy raises a clear ElvesError."""
+    import sys
+
+    import elves.gpu
+
+    monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` fail, installed or not
+    with pytest.raises(elves.gpu.GpuUnavailableError, match=r"cupy is not installed: pip install 'elves\[gpu\]'"):
+        elves.gpu.load_file(tmp_path / "any.elves", framework="cupy")
+    assert issubclass(elves.gpu.GpuUnavailableError, elves.ElvesError)
