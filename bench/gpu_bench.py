@@ -8,11 +8,12 @@ and torch.
 Part 1, the kernel: decode throughput in GB/s of DECODED bytes, per dtype and tensor size, on
 synthetic weights (Gaussian, std 0.02, as trained weights roughly are) and on real tensors. The
 payloads are already on the device; each row is one launch over all chunks of the tensor, timed
-with CUDA events after warm-up, median of the repeats. "device copy" is a device-to-device
-memcpy of the same output size, the memory-bandwidth roof. Every decode is checked bit for bit
-once.
+with CUDA events after warm-up, median of the repeats. "device copy" is the GB/s of a plain
+device-to-device memcpy (of the compressed size), for scale: the memory-bandwidth roof. Every
+decode is checked bit for bit once.
 
-Part 2, end to end: wall time to get every tensor of a model's safetensors files onto the GPU,
+Part 2, end to end: wall time to get every tensor of a model's safetensors files onto the GPU
+(the datasets of bench/datasets.py that are present, and a synthetic BF16 model made here),
 with the files in the page cache ("warm") and after dropping them from it with
 posix_fadvise(DONTNEED) ("cold"), for
   - elves.gpu.load_file on an archive of those files (compressed here, once),
@@ -203,9 +204,12 @@ def raw_copy(cp: Any, paths: list[Path], pinned: np.ndarray, dev: Any) -> None:
 
 
 def part2(cp: Any, torch: Any, args: argparse.Namespace, work: Path) -> list[dict]:
+    models: list[tuple[str, Path]] = []
+    if args.synthetic_mib:
+        models.append((f"synthetic ({args.synthetic_mib} MiB BF16)", synthetic_model(work, args.synthetic_mib)))
+    models += [(name, DATA_ROOT / "models" / name) for name in args.models]
     rows = []
-    for name in args.models:
-        root = DATA_ROOT / "models" / name
+    for name, root in models:
         files = sorted(root.rglob("*.safetensors")) if root.exists() else []
         if not files:
             print(f"  (dataset {name} has no safetensors files here: skipped)", file=sys.stderr)
@@ -214,6 +218,37 @@ def part2(cp: Any, torch: Any, args: argparse.Namespace, work: Path) -> list[dic
         torch.cuda.empty_cache()
         cp.get_default_memory_pool().free_all_blocks()
     return rows
+
+
+def synthetic_model(work: Path, mib: int) -> Path:
+    """A model folder with one safetensors file of ``mib`` MiB: BF16 matrices of Gaussian weights
+    (std 0.02) and a few F32 norm vectors, for machines without the datasets."""
+    import ml_dtypes
+
+    root = work / "synthetic-model"
+    path = root / "model.safetensors"
+    if path.exists():
+        return root
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = 4096
+    header: dict[str, Any] = {}
+    blobs: list[np.ndarray] = []
+    pos = 0
+    for i in range(max(1, mib // 32)):  # 32 MiB per layer: a 4096 x 4096 BF16 matrix and its norm
+        w = (rng.standard_normal((rows, rows), dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+        norm = (1 + 0.1 * rng.standard_normal(rows, dtype=np.float32)).astype("<f4")
+        for name, arr, dt in ((f"layers.{i}.weight", w, "BF16"), (f"layers.{i}.norm", norm, "F32")):
+            header[name] = {"dtype": dt, "shape": list(arr.shape), "data_offsets": [pos, pos + arr.nbytes]}
+            blobs.append(arr.view(np.uint8).reshape(-1))
+            pos += arr.nbytes
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for blob in blobs:
+            f.write(blob.tobytes())
+    return root
 
 
 def bench_model(cp: Any, torch: Any, name: str, root: Path, files: list[Path], work: Path, repeat: int) -> dict:
@@ -313,6 +348,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=20, help="timed kernel launches per row")
     parser.add_argument("--models", default=None, type=lambda s: s.split(","),
                         help="datasets for the end-to-end part (default: every one with safetensors files)")
+    parser.add_argument("--synthetic-mib", type=int, default=1024,
+                        help="also load a synthetic BF16 model this large (0: none; default %(default)s)")
     parser.add_argument("--e2e-repeat", type=int, default=3)
     parser.add_argument("--skip-kernel", action="store_true")
     parser.add_argument("--skip-e2e", action="store_true")

@@ -26,7 +26,7 @@ from .decoder import attach_base, file_chunks, read_stream
 from .encoder import default_threads
 from .errors import ElvesError, InputError
 
-Framework = Literal["np", "numpy", "pt", "torch"]
+Framework = Literal["np", "numpy", "pt", "torch", "cupy"]
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,8 @@ class Archive:
         npdt = dtypes.numpy_dtype(dt) if dt in dtypes.DTYPES else np.dtype(np.uint8)
         count = int(np.prod(shape, dtype=np.int64))
         if dt in dtypes.PACKED:
-            shape, count = (-1,), self._reader.streams[entry["segments"][segment]].nbytes
+            nbytes = self._reader.streams[entry["segments"][segment]].nbytes if segment >= 0 else 0
+            shape, count = (nbytes,), nbytes
         if segment < 0 or count == 0:
             return np.empty(shape, dtype=npdt)
         if self._pool is None:
@@ -127,15 +128,45 @@ class Archive:
 
 
 def open(path: str | os.PathLike[str], *, threads: int | None = None,  # noqa: A001
-         base: str | os.PathLike[str] | None = None) -> Archive:
+         base: str | os.PathLike[str] | None = None, device: Any = None) -> Any:
     """Open an archive for lazy, per-tensor reading. ``base``: the base model (file, folder or
-    ``.elves`` archive) of an archive compressed against one; it is checked when opened."""
+    ``.elves`` archive) of an archive compressed against one; it is checked when opened.
+
+    With ``device="cuda:0"`` (say), tensors are decoded on that GPU and come back as torch
+    tensors (see :mod:`elves.gpu`); otherwise as numpy arrays.
+    """
+    if _on_gpu(device):
+        from . import gpu
+
+        _no_base_on_gpu(base)
+        return gpu.open(path, device)
     return Archive(path, threads=threads, base=base)
 
 
-def load_file(path: str | os.PathLike[str], framework: Framework = "np", *,
-              threads: int | None = None, base: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Every tensor of the archive, by name: numpy arrays, or torch tensors with ``framework="pt"``."""
+def _on_gpu(device: Any) -> bool:
+    return device is not None and str(device) != "cpu"
+
+
+def _no_base_on_gpu(base: object) -> None:
+    if base is not None:
+        raise ElvesError("decoding against a base model on the GPU is not supported yet: "
+                         "load on the CPU (no device) and move the tensors")
+
+
+def load_file(path: str | os.PathLike[str], framework: Framework | None = None, *,
+              threads: int | None = None, base: str | os.PathLike[str] | None = None,
+              device: Any = None) -> dict[str, Any]:
+    """Every tensor of the archive, by name: numpy arrays, or torch tensors with ``framework="pt"``.
+
+    With ``device="cuda:0"`` (say), the chunks are decoded on that GPU as they stream in, and the
+    result is torch tensors there (or cupy arrays with ``framework="cupy"``): see :mod:`elves.gpu`.
+    """
+    if _on_gpu(device):
+        from . import gpu
+
+        _no_base_on_gpu(base)
+        return gpu.load_file(path, device, framework if framework not in (None, "torch") else "pt")
+    framework = framework or "np"
     with Archive(path, threads=threads, base=base) as a:
         arrays = {k: a.get_tensor(k) for k in a.keys()}
     if framework in ("np", "numpy"):

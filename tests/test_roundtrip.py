@@ -34,6 +34,7 @@ def every_dtype(rng: np.random.Generator) -> dict:
         tensors[f"t.{dt.lower()}"] = (dt, shape, weights_like(dt, n, rng).tobytes())
     tensors["packed.f4"] = ("F4", (8, 2), rng.integers(0, 256, 8, dtype=np.uint8).tobytes())
     tensors["empty"] = ("F32", (0, 4), b"")
+    tensors["empty.f4"] = ("F4", (0,), b"")
     tensors["scalar"] = ("BF16", (), b"\x80\x3f")
     return tensors
 

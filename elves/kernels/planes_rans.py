@@ -234,6 +234,11 @@ def _encode_plane(sym, n, lanes, prob_bits, out, pos):
         out[pos] = MODE_CONST
         out[pos + 1] = only
         return pos + 2
+    if k > (1 << prob_bits) // 2:
+        # Too many symbols for the table to give each a useful frequency (tiny prob_bits).
+        out[pos] = MODE_RAW
+        out[pos + 1:pos + 1 + n] = sym[:n]
+        return pos + 1 + n
     freq = np.zeros(256, dtype=np.int64)
     _normalize(counts, n, prob_bits, freq)
     header = 4 + k + (k & 1) + 2 * k
@@ -299,8 +304,12 @@ def encode_planes(planes, lanes, prob_bits, out):
 
 
 def max_encoded_size(n: int, w: int) -> int:
-    """An upper bound on :func:`encode_planes`' output for ``w`` planes of ``n`` symbols."""
-    return 8 + 4 * w + w * (n + 4)
+    """An upper bound on :func:`encode_planes`' output for ``w`` planes of ``n`` symbols.
+
+    A plane is written as rANS before it is known to beat raw, so the bound covers the worst
+    rANS section: the table, 8 bytes a lane, and a word per symbol.
+    """
+    return 8 + 4 * w + w * (2 * n + 8 * min(max(n, 1), 4096) + 1100)
 
 
 @njit(cache=True, nogil=True, inline="always")
