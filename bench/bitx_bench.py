@@ -39,9 +39,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import zstandard
@@ -134,7 +134,7 @@ def bitx_split(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def bitx_merge(exp: np.ndarray, sm: np.ndarray, dtype: str) -> np.ndarray:
-    word, es, em, sb, mm, nb = FIELDS[dtype]
+    word, es, _, sb, mm, nb = FIELDS[dtype]
     wide = np.zeros((sm.shape[0], 8), dtype=np.uint8)
     wide[:, :nb] = sm
     smw = wide.view(np.uint64).ravel()
@@ -323,7 +323,8 @@ def run_elves(ft: Path, base: Path | None, threads: int, row: Row, work: Path, l
 def machine() -> str:
     cpu = platform.processor()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     from importlib import metadata
@@ -337,14 +338,17 @@ def machine() -> str:
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| pair (base -> fine-tune) | fine-tune MB | method | ratio | paired tensors: MB, ratio | "
-             "compress MB/s | restore MB/s |",
+    lines = [("| pair (base -> fine-tune) | fine-tune MB | method | ratio | paired tensors: MB, ratio | "
+              "compress MB/s | restore MB/s |"),
              "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if r.note:
             lines.append(f"| {r.pair} | {r.ft_bytes / 1e6:.1f} | {r.method} | n/a ({r.note}) | | | |")
             continue
-        paired = f"{r.paired[0] / 1e6:.1f}, {r.paired[0] / max(r.paired[1], 1):.3f}" if r.paired else ""
+        paired = ""
+        if r.paired:
+            pr = r.paired[0] / max(r.paired[1], 1)
+            paired = f"{r.paired[0] / 1e6:.1f}, " + (f"{pr:.3f}" if pr < 1000 else "> 1000")
         lines.append(f"| {r.pair} | {r.ft_bytes / 1e6:.1f} | {r.method} | {r.ft_bytes / r.comp_bytes:.3f} | "
                      f"{paired} | {r.ft_bytes / r.comp_s / 1e6:.0f} | {r.ft_bytes / r.restore_s / 1e6:.0f} |")
     return "\n".join(lines)
@@ -356,9 +360,9 @@ def summary(rows: list[Row]) -> str:
         by = {r.method: r for r in rows if r.pair == pair and not r.note}
         ref, el = by.get("bitx-ref"), by.get(f"elves --base ({THREADS}T)") or by.get("elves --base (1T)")
         if ref and el:
+            paired = ref.paired[1] / el.paired[1] if ref.paired and el.paired and el.paired[1] else None
             out.append(f"- {pair}: elves --base is {ref.comp_bytes / el.comp_bytes:.3f}x smaller than the "
-                       f"reference BitX" + (f" (paired tensors: {ref.paired[1] / el.paired[1]:.3f}x)"
-                                           if ref.paired and el.paired and el.paired[1] else ""))
+                       f"reference BitX" + (f" (paired tensors: {paired:.3f}x)" if paired and paired < 1000 else ""))
     return "\n".join(out)
 
 
@@ -371,6 +375,18 @@ def write_results(text: str) -> None:
     else:
         new = old.rstrip() + "\n\n## bitx_bench.py: fine-tunes against their base\n\n" + section + "\n"
     RESULTS.write_text(new)
+
+
+def methods(ft: Path, base: Path, lay: Layout, work: Path) -> list[tuple[str, Callable[[Row], None]]]:
+    """The methods, in table order, each a function filling in its row."""
+    return [
+        ("zstd-3", lambda r: run_zstd(ft, r, work)),
+        ("zipnn", lambda r: run_zipnn(ft, lay.dominant, r, work)),
+        ("bitx-ref", lambda r: run_bitx_ref(ft, base, r, work)),
+        ("elves (1T)", lambda r: run_elves(ft, None, 1, r, work, lay)),
+        ("elves --base (1T)", lambda r: run_elves(ft, base, 1, r, work, lay)),
+        (f"elves --base ({THREADS}T)", lambda r: run_elves(ft, base, THREADS, r, work, lay)),
+    ]
 
 
 def main() -> None:
@@ -400,14 +416,7 @@ def main() -> None:
         lay = layout(ft, base)
         work = Path(tempfile.mkdtemp(prefix="bitx-bench-"))
         try:
-            for method, run in [
-                ("zstd-3", lambda r: run_zstd(ft, r, work)),
-                ("zipnn", lambda r: run_zipnn(ft, lay.dominant, r, work)),
-                ("bitx-ref", lambda r: run_bitx_ref(ft, base, r, work)),
-                ("elves (1T)", lambda r: run_elves(ft, None, 1, r, work, lay)),
-                ("elves --base (1T)", lambda r: run_elves(ft, base, 1, r, work, lay)),
-                (f"elves --base ({THREADS}T)", lambda r: run_elves(ft, base, THREADS, r, work, lay)),
-            ]:
+            for method, run in methods(ft, base, lay, work):
                 row = Row(label, method, n)
                 run(row)
                 rows.append(row)

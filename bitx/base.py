@@ -13,16 +13,23 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import xxhash
 
 from elves.archive import MAGIC, ArchiveReader, Stream
 from elves.codecs import Pipeline
-from elves.errors import ArchiveError, BaseMismatchError, BaseModelError, BaseRequiredError, InputError
+from elves.errors import (
+    ArchiveError,
+    BaseMismatchError,
+    BaseModelError,
+    BaseRequiredError,
+    InputError,
+)
 
 READ_PIECE = 8 << 20
 
@@ -141,7 +148,7 @@ class BaseModel:
         more = f" ({len(missing) - 1} more tensors do not match either)" if len(missing) > 1 else ""
         raise BaseMismatchError(f"wrong base model: {detail}{more}", self.path)
 
-    def __enter__(self) -> "BaseModel":
+    def __enter__(self) -> BaseModel:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -364,6 +371,33 @@ def attach_base(reader: ArchiveReader, base: str | os.PathLike[str] | BaseModel 
     reader.owns_base = model is not base
 
 
+def reference(model: BaseModel, codec: Any) -> Callable[[int, int], np.ndarray]:
+    """``(offset, length) -> the reference bytes`` for that byte range of a stream coded with the
+    ``xor`` codec ``codec``: the base tensor's bytes at the same place (cut short at its end), or,
+    for a grown tensor (``ref_shape`` inside ``shape``), the base element at the same index in
+    every dimension and zero where the base has none."""
+    digest = codec.ref_hash
+    if codec.shape is None:
+        return lambda offset, length: model.read(digest, offset, length)
+    w, shape, ref_shape = codec.width, codec.shape, codec.ref_shape
+
+    def read(offset: int, length: int) -> np.ndarray:
+        out = np.zeros(length, dtype=np.uint8)
+        idx = np.arange(offset // w, (offset + length) // w, dtype=np.int64)
+        multi = np.unravel_index(idx, shape)
+        inside = np.ones(idx.shape[0], dtype=bool)
+        for m, d in zip(multi, ref_shape):
+            inside &= m < d
+        if inside.any():
+            bidx = np.ravel_multi_index(tuple(m[inside] for m in multi), ref_shape)
+            lo, hi = int(bidx[0]), int(bidx[-1]) + 1  # C order: increasing
+            src = model.read(digest, lo * w, (hi - lo) * w).reshape(-1, w)
+            out.reshape(-1, w)[inside] = src[bidx - lo]
+        return out
+
+    return read
+
+
 def chunk_refs(reader: ArchiveReader, stream: Stream, pipeline: Pipeline) -> Callable[[int], np.ndarray] | None:
     """For a stream coded against a base tensor: chunk number -> that chunk's reference bytes.
     ``None`` for a stream that needs no reference."""
@@ -381,8 +415,9 @@ def chunk_refs(reader: ArchiveReader, stream: Stream, pipeline: Pipeline) -> Cal
         if model.find(digest, nbytes) is None:
             raise BaseMismatchError(f"the base has no tensor with xxh3-128 {digest} ({nbytes} bytes)", model.path)
     starts = np.concatenate(([0], np.cumsum([c[2] for c in stream.chunks], dtype=np.int64)))
+    read = reference(model, codec)
 
     def ref(i: int) -> np.ndarray:
-        return model.read(digest, int(starts[i]), int(starts[i + 1] - starts[i]))
+        return read(int(starts[i]), int(starts[i + 1] - starts[i]))
 
     return ref

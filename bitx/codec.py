@@ -29,7 +29,9 @@ the standalone codec reaches. The decoder has the base element, so the ranking c
 table in the config.
 
 The config names the reference by content: ``ref_hash`` (xxh3-128 of the base tensor's raw
-bytes) and ``ref_nbytes``. The decoder checks that the base it is given holds exactly that.
+bytes) and ``ref_nbytes``; with ``ref_shape`` and ``shape``, the base tensor was smaller along
+some dimensions (a widened layer) and sits at the origin of the fine-tune's shape, zeros elsewhere
+(``bitx.base.reference`` builds each chunk's reference bytes). The decoder checks that the base it is given holds exactly that.
 """
 from __future__ import annotations
 
@@ -68,7 +70,8 @@ class Xor(Codec):
     needs_ref = True
 
     def __init__(self, dtype: str, ref_hash: str, ref_nbytes: int, mask: int | None = None,
-                 sparse: bool = False, remap: list | None = None):
+                 sparse: bool = False, remap: list | None = None, ref_shape: list | None = None,
+                 shape: list | None = None):
         self.dtype = dtypes.get(dtype)
         self.width = self.dtype.itemsize
         if self.width not in _WORD:
@@ -82,6 +85,19 @@ class Xor(Codec):
         self.ref_hash = ref_hash
         self.ref_nbytes = int(ref_nbytes)
         self.sparse = bool(sparse)
+        # A tensor grown along any dimensions (a widened layer): the base tensor sits at the origin
+        # of the fine-tune's shape; the reader builds each chunk's reference from that geometry.
+        self.ref_shape = self.shape = None
+        if (ref_shape is None) != (shape is None):
+            raise CodecError("xor: ref_shape and shape go together")
+        if shape is not None:
+            try:
+                self.ref_shape, self.shape = tuple(int(d) for d in ref_shape), tuple(int(d) for d in shape)
+            except (TypeError, ValueError):
+                raise CodecError("xor: ref_shape and shape must be lists of integers") from None
+            if (len(self.shape) != len(self.ref_shape) or any(not 0 <= b <= f for b, f in zip(self.ref_shape, self.shape))
+                    or int(np.prod(self.ref_shape, dtype=np.int64)) * self.width != self.ref_nbytes):
+                raise CodecError("xor: ref_shape must fit inside shape and hold ref_nbytes")
         self.remap = None
         if remap is not None:
             if not self.dtype.is_float or self.width < 2 or self.sparse:
@@ -100,6 +116,8 @@ class Xor(Codec):
                   "ref_hash": self.ref_hash, "ref_nbytes": self.ref_nbytes, "sparse": self.sparse}
         if self.remap is not None:
             config["remap"] = [[e, list(vals)] for e, vals in self.remap]
+        if self.shape is not None:
+            config["ref_shape"], config["shape"] = list(self.ref_shape), list(self.shape)
         return config
 
     def _apply(self, data: np.ndarray, ref: np.ndarray, out: np.ndarray | None, inverse: bool = False) -> np.ndarray:

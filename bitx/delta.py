@@ -6,9 +6,10 @@ Matching, in order:
 1. content: a tensor whose bytes hash to a base tensor's (same dtype and length) references it;
    every chunk then equals its reference and is stored as an empty payload;
 2. name: the tensor's name without wrapper prefixes (``state_dict.``, ``module.``, ``model.``)
-   names a base tensor of the same dtype and the same byte length, or, for a tensor with rows
-   appended (a resized vocabulary: same trailing dimensions, more rows), a shorter one: its
-   bytes are the prefix, the new rows pass the filter unchanged and are coded on their own.
+   names a base tensor of the same dtype and the same byte length, or a smaller one that fits
+   inside it: rows appended (a resized vocabulary: the base is the prefix) or a layer widened
+   along other dimensions (the base sits at the origin of the new shape); the new elements pass
+   the filter unchanged and are coded on their own.
 
 The choice is measured, not guessed: a few chunks (the first, the middle and the last) are
 encoded standalone and XORed against each candidate, and the per-plane sizes that the ``rans``
@@ -23,9 +24,10 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +37,7 @@ from elves.codecs.planes import Planes
 from elves.codecs.rans import Rans
 from elves.model import Segment, SourceFile
 
-from .base import BaseModel, BaseSegment, BaseTensor, normalize
+from .base import BaseModel, BaseSegment, BaseTensor, normalize, reference
 from .codec import Xor
 
 WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -46,11 +48,25 @@ SAMPLE_BYTES = 64 << 10       # ...this many bytes each
 
 
 @dataclass
+class Cand:
+    """A base tensor to try as the reference of a fine-tuned segment."""
+
+    seg: BaseSegment
+    identical: bool = False
+    shapes: tuple[list[int], list[int]] | None = None  # (base shape, fine-tune shape) of a grown tensor
+
+    def xor(self, dtype: str, **kw: Any) -> Xor:
+        shapes = {"ref_shape": self.shapes[0], "shape": self.shapes[1]} if self.shapes else {}
+        return Xor(dtype, self.seg.hash, self.seg.nbytes, **kw, **shapes)
+
+
+@dataclass
 class Delta:
     """The decision for one fine-tuned segment: code it with ``pipeline`` against ``ref``."""
 
     pipeline: Pipeline
     ref: BaseSegment
+    read: Callable[[int, int], np.ndarray]  # (offset, length) in the segment -> reference bytes
 
 
 def plane_sizes(payload: np.ndarray | bytes, width: int) -> list[int]:
@@ -121,42 +137,45 @@ class DeltaPlanner:
         self.by_name: dict[str, list[BaseTensor]] = {}
         for t in base.tensors:
             self.by_name.setdefault(normalize(t.name), []).append(t)
-        self.used: dict[str, BaseSegment] = {}
-        self.delta_streams = 0
 
-    def candidates(self, sf: SourceFile, index: int, seg: Segment, digest: str) -> list[tuple[BaseSegment, bool]]:
-        """(base segment, identical) pairs to try for segment ``index`` of ``sf``."""
+    def candidates(self, sf: SourceFile, index: int, seg: Segment, digest: str,
+                   views: list | None = None) -> list[Cand]:
+        """Base tensors to try for segment ``index`` of ``sf``; ``views``: the tensors of ``sf``
+        that view that segment (all of them by default)."""
         if seg.dtype is None or seg.length < MIN_DELTA_BYTES or dtypes.get(seg.dtype).itemsize > 8:
             return []
         same = self.base.find(digest, seg.length)
         if same is not None and same.dtype == seg.dtype:
-            return [(same, True)]
-        out: list[BaseSegment] = []
+            return [Cand(same, identical=True)]
+        out: list[Cand] = []
         width = dtypes.get(seg.dtype).itemsize
-        for view in sf.tensors:
+        for view in sf.tensors if views is None else views:
             if view.segment != index or view.offset != 0:
                 continue
             exact = view.strides is None and int(np.prod(view.shape, dtype=np.int64)) * width == seg.length
             for bt in self.by_name.get(normalize(view.name), []):
                 b = bt.segment
-                if bt.dtype != seg.dtype or b in out or b.hash is None:
+                if bt.dtype != seg.dtype or b.hash is None or any(c.seg is b for c in out):
                     continue
                 if b.nbytes == seg.length:  # the same file name first (one of several versions)
-                    out.insert(0 if b.file == sf.relpath else len(out), b)
+                    out.insert(0 if b.file == sf.relpath else len(out), Cand(b))
                 elif (b.nbytes < seg.length and exact and bt.exact and len(view.shape) >= 1
-                      and len(bt.shape) == len(view.shape) and tuple(bt.shape[1:]) == tuple(view.shape[1:])):
-                    out.append(b)  # rows appended: the base is the prefix
-        return [(b, False) for b in out[:MAX_CANDIDATES]]
+                      and len(bt.shape) == len(view.shape) and all(x <= y for x, y in zip(bt.shape, view.shape))):
+                    if tuple(bt.shape[1:]) == tuple(view.shape[1:]):
+                        out.append(Cand(b))  # rows appended: the base is the prefix
+                    else:  # widened along other dimensions: the base sits at the origin
+                        out.append(Cand(b, shapes=(list(bt.shape), list(view.shape))))
+        return out[:MAX_CANDIDATES]
 
-    def choose(self, seg: Segment, standalone: Pipeline, chunk_elems: int, cands: list[tuple[BaseSegment, bool]],
+    def choose(self, seg: Segment, standalone: Pipeline, chunk_elems: int, cands: list[Cand],
                read: Callable[[int, int], bytes]) -> Delta | None:
         """Measure the candidates on sample chunks; the cheapest delta, or None for standalone."""
         if not cands or not standalone.codecs or not isinstance(standalone.codecs[0], Planes):
             return None
         planes: Planes = standalone.codecs[0]
         width = planes.width
-        if cands[0][1]:  # identical bytes: every chunk is an empty payload
-            return self._delta(seg, standalone, cands[0][0], (1 << (8 * width)) - 1)
+        if cands[0].identical:  # identical bytes: every chunk is an empty payload
+            return self._delta(seg, standalone, cands[0], (1 << (8 * width)) - 1)
         rans = standalone.codecs[1] if len(standalone.codecs) > 1 and isinstance(standalone.codecs[1], Rans) else Rans()
         if seg.length <= SAMPLE_WINDOWS * SAMPLE_BYTES:
             picks = [(0, seg.length)]
@@ -178,25 +197,25 @@ class DeltaPlanner:
         samples = []
         for off, length in picks:
             raw = np.frombuffer(read(seg.offset + off, length), dtype=np.uint8)
-            refs = [self.base.read(b.hash, off, raw.shape[0]) for b, _ in cands]
+            refs = [reference(self.base, cand.xor(seg.dtype))(off, raw.shape[0]) for cand in cands]
             samples.append((raw, refs))
             std += size(raw)
-            for c, (b, _) in enumerate(cands):
-                x = Xor(seg.dtype, b.hash, b.nbytes).encode(raw, ref=refs[c])
+            for c, cand in enumerate(cands):
+                x = cand.xor(seg.dtype).encode(raw, ref=refs[c])
                 xor[c] += size(x)
                 # dropping unchanged elements pays when they would cost more than their bitmap bit
                 if sparse_tried[c]:
                     zeros = np.count_nonzero(x.view(WORDS[width]) == 0) / max(1, x.shape[0] // width)
                     sparse_tried[c] = zeros * 8 * width > 1.5
                 if sparse_tried[c]:
-                    sparse[c] += size(Xor(seg.dtype, b.hash, b.nbytes, sparse=True).encode(raw, ref=refs[c])).sum()
+                    sparse[c] += size(cand.xor(seg.dtype, sparse=True).encode(raw, ref=refs[c])).sum()
                 if remap_ok:
                     joint[c] += top_byte_joint(raw, refs[c], width)
         remaps = [ranking(joint[c]) if remap_ok else None for c in range(len(cands))]
         if remap_ok:
             for raw, refs in samples:
-                for c, (b, _) in enumerate(cands):
-                    ranked[c] += size(Xor(seg.dtype, b.hash, b.nbytes, remap=remaps[c]).encode(raw, ref=refs[c]))[0]
+                for c, cand in enumerate(cands):
+                    ranked[c] += size(cand.xor(seg.dtype, remap=remaps[c]).encode(raw, ref=refs[c]))[0]
         rest = np.minimum(xor, std[None, :])
         masked = rest.sum(axis=1)
         options = [(int(std.sum()), "std", -1)]
@@ -206,22 +225,22 @@ class DeltaPlanner:
             scale = sum(length for _, length in picks) / seg.length
             options += [(int(ranked[c] + rest[c, 1:].sum() + table_bytes(remaps[c]) * scale), "remap", c)
                         for c in range(len(cands))]
-        cost, kind, c = min(options, key=lambda o: o[0])
+        _, kind, c = min(options, key=lambda o: o[0])
         if kind == "std":
             return None
         full = (1 << (8 * width)) - 1
         if kind == "sparse":
-            return self._delta(seg, standalone, cands[c][0], full, sparse=True)
+            return self._delta(seg, standalone, cands[c], full, sparse=True)
         use = [bool(xor[c, p] < std[p]) for p in range(width)]
         if kind == "remap":
             use[0] = False
-            return self._delta(seg, standalone, cands[c][0], plane_mask(use, width, planes.rotate), remap=remaps[c])
-        return self._delta(seg, standalone, cands[c][0], plane_mask(use, width, planes.rotate))
+            return self._delta(seg, standalone, cands[c], plane_mask(use, width, planes.rotate), remap=remaps[c])
+        return self._delta(seg, standalone, cands[c], plane_mask(use, width, planes.rotate))
 
-    def _delta(self, seg: Segment, standalone: Pipeline, ref: BaseSegment, mask: int, sparse: bool = False,
+    def _delta(self, seg: Segment, standalone: Pipeline, cand: Cand, mask: int, sparse: bool = False,
                remap: list | None = None) -> Delta:
-        xor = Xor(seg.dtype, ref.hash, ref.nbytes, mask, sparse, remap)
-        return Delta(Pipeline([xor, *standalone.codecs]), ref)
+        xor = cand.xor(seg.dtype, mask=mask, sparse=sparse, remap=remap)
+        return Delta(Pipeline([xor, *standalone.codecs]), cand.seg, reference(self.base, xor))
 
     def plan(self, sf: SourceFile, fd: int, items: list[tuple[int, Segment, str, Pipeline, int]],
              pool: Executor) -> dict[int, Delta]:
@@ -231,9 +250,13 @@ class DeltaPlanner:
         def read(off: int, length: int) -> bytes:
             return os.pread(fd, length, off)
 
+        views: dict[int, list] = {}
+        for t in sf.tensors:
+            views.setdefault(t.segment, []).append(t)
+
         def one(item: tuple[int, Segment, str, Pipeline, int]) -> tuple[int, Delta | None]:
             index, seg, digest, standalone, chunk_elems = item
-            cands = self.candidates(sf, index, seg, digest)
+            cands = self.candidates(sf, index, seg, digest, views.get(index, []))
             return index, self.choose(seg, standalone, chunk_elems, cands, read) if cands else None
 
         out = {}
@@ -244,7 +267,7 @@ class DeltaPlanner:
 
     def ref_chunk(self, delta: Delta, offset: int, length: int) -> np.ndarray:
         """The reference bytes for the chunk at ``offset`` (within the segment) of ``length`` bytes."""
-        return self.base.read(delta.ref.hash, offset, length)
+        return delta.read(offset, length)
 
     def index_entry(self, streams: list[Any]) -> dict[str, Any] | None:
         """The index's ``base`` field: the base tensors the archive's streams reference, and a

@@ -86,6 +86,38 @@ base_option = click.option("--base", "base", type=click.Path(exists=True, path_t
                                 "compressed against (BitX delta of a fine-tune).")
 
 
+class ErrorBoundType(click.ParamType):
+    """``--error-bound``: 2^-24, 1e-6 (absolute) or rel:1e-3 (relative); bad ones are usage errors."""
+
+    name = "BOUND"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from elves.codecs.elf import BoundError, ErrorBound, parse_error_bound
+
+        if isinstance(value, ErrorBound):
+            return value
+        try:
+            return parse_error_bound(value)
+        except BoundError as e:
+            self.fail(e.message, param, ctx)
+
+
+lossy_option = click.option("--lossy", type=click.Choice(["elf"]), default=None,
+                            help="Opt in to lossy coding of float tensors (F16, BF16, F32, F64) within "
+                                 "--error-bound; everything else stays lossless.")
+bound_option = click.option("--error-bound", "error_bound", type=ErrorBoundType(), default=None,
+                            help="With --lossy elf: the largest error allowed per element, absolute "
+                                 "(2^-24, 1e-6) or relative to the element (rel:1e-3).")
+
+
+def _bound_text(bound: dict[str, Any] | None) -> str:
+    if not bound:
+        return ""
+    spec = str(bound.get("spec", bound.get("value")))
+    kind = "relative" if bound.get("mode") == "rel" else "absolute"
+    return f"{bound.get('codec', 'elf')}, error bound {spec.split(':', 1)[-1]} {kind}"
+
+
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="elves")
 def main() -> None:
@@ -107,25 +139,39 @@ def main() -> None:
 @threads_option
 @force_option
 @base_option
+@lossy_option
+@bound_option
 @json_option
-def compress(src: Path, out: Path, threads: int | None, force: bool, base: Path | None, as_json: bool) -> None:
+def compress(src: Path, out: Path, threads: int | None, force: bool, base: Path | None, lossy: str | None,
+             error_bound: Any, as_json: bool) -> None:
     """Compress a model (a file or a folder) into one archive, losslessly.
 
     With --base, tensors that match the base model's are coded as a BitX delta against it
     (where that is smaller); restoring then needs the same base.
+
+    With --lossy elf --error-bound B, float tensors restore within B of the original, element
+    by element (NaN, infinities and the sign of zero exactly): B is absolute (2^-24, 1e-6) or
+    relative (rel:1e-3). Each chunk keeps whichever of the quantised and the exact coding is
+    smaller; other tensors and files stay lossless.
 
     \b
     Examples:
       elves compress model.safetensors -o model.elves
       elves compress ./llama-3-8b/ -o llama.elves --threads 8
       elves compress ./my-finetune/ -o ft.elves --base ./llama-3-8b/
+      elves compress ./all-MiniLM-L6-v2 -o minilm.elves --lossy elf --error-bound 2^-24
     """
     import elves
 
+    if lossy is not None and error_bound is None:
+        raise click.UsageError("--lossy elf needs --error-bound (e.g. 2^-24, 1e-6 or rel:1e-3)")
+    if lossy is None and error_bound is not None:
+        raise click.UsageError("--error-bound needs --lossy elf")
     with _errors(as_json):
         t0 = time.perf_counter()
         with _progress(_source_size(src), "compress", not as_json) as bar:
-            s = elves.compress(src, out, threads=threads, force=force, progress=bar, base=base)
+            s = elves.compress(src, out, threads=threads, force=force, progress=bar, base=base,
+                               lossy=lossy, error_bound=error_bound)
         dt = time.perf_counter() - t0
         for w in s.warnings:
             click.echo(f"elves: warning: {w}", err=True)
@@ -134,10 +180,13 @@ def compress(src: Path, out: Path, threads: int | None, force: bool, base: Path 
             "original_bytes": s.original_bytes, "archive_bytes": s.archive_bytes,
             "ratio": round(s.ratio, 4), "seconds": round(dt, 3), "warnings": s.warnings,
             "base": str(base) if base is not None else None, "base_streams": s.base_streams,
+            "lossy": lossy, "error_bound": s.error_bound, "lossy_streams": s.lossy_streams,
         }, f"{src} -> {s.archive}: {_human(s.original_bytes)} -> {_human(s.archive_bytes)} "
            f"({s.ratio:.3f}x), {s.files} files, {s.tensors} tensors, "
            f"{s.original_bytes / max(dt, 1e-9) / 1e6:.0f} MB/s"
-           + (f", {s.base_streams} tensors coded against the base" if base is not None else ""))
+           + (f", {s.base_streams} tensors coded against the base" if base is not None else "")
+           + (f"\n  LOSSY ({_bound_text(error_bound.to_index())}): {s.lossy_streams} tensors within the bound, "
+              "the rest exact" if lossy else ""))
 
 
 @main.command(epilog=EPILOG)
@@ -196,11 +245,17 @@ def info(archive: Path, files: bool, as_json: bool) -> None:
                              "ratio": round(v.ratio, 4)} for k, v in i.by_dtype.items()},
             "files": i.files,
             "base": i.base,
+            "error_bound": i.error_bound, "lossy_streams": i.lossy_streams,
         }
+        kind = f"LOSSY ({_bound_text(i.error_bound)})" if i.lossy and i.error_bound else (
+            "LOSSY" if i.lossy else "lossless")
         lines = [
-            f"{i.path}: format {data['format']}, {'LOSSY' if i.lossy else 'lossless'}, written by {i.writer}",
+            f"{i.path}: format {data['format']}, {kind}, written by {i.writer}",
             f"  {_human(i.original_bytes)} -> {_human(i.archive_bytes)} ({i.ratio:.3f}x), {i.tensors} tensors",
         ]
+        if i.lossy:
+            lines.append(f"  {i.lossy_streams} tensors restore within the error bound, the rest exactly; "
+                         "restored files differ from the originals (their sha256 are the originals')")
         if i.base:
             lines.append(f"  needs a base model (--base): {len(i.base.get('tensors', []))} base tensors referenced; "
                          "base files:")
@@ -228,6 +283,9 @@ def info(archive: Path, files: bool, as_json: bool) -> None:
 def verify(archive: Path, against: Path | None, threads: int | None, base: Path | None, as_json: bool) -> None:
     """Decode everything and check every checksum (exit 4 on any mismatch).
 
+    For a lossy archive, --against (the original model) also compares every restored element
+    with the original: it prints the largest errors and fails if one is over the bound.
+
     \b
     Examples:
       elves verify minilm.elves
@@ -237,10 +295,18 @@ def verify(archive: Path, against: Path | None, threads: int | None, base: Path 
 
     with _errors(as_json):
         rep = elves.verify(archive, against=against, threads=threads, base=base)
+        lossy_line = ""
+        if rep.error_bound:
+            lossy_line = f"\n  LOSSY ({_bound_text(rep.error_bound)})"
+            if rep.max_abs_error is not None:
+                lossy_line += (f": largest error against the original {rep.max_abs_error:.3g} absolute, "
+                               f"{rep.max_rel_error:.3g} relative; {rep.over_bound} elements over the bound")
         _emit(as_json, {"ok": rep.ok, "files": rep.files, "bytes_checked": rep.bytes_checked,
-                        "problems": rep.problems},
+                        "problems": rep.problems, "error_bound": rep.error_bound,
+                        "max_abs_error": rep.max_abs_error, "max_rel_error": rep.max_rel_error,
+                        "over_bound": rep.over_bound},
               f"{archive}: " + ("OK" if rep.ok else "FAILED") +
-              f", {rep.files} files, {_human(rep.bytes_checked)} checked" +
+              f", {rep.files} files, {_human(rep.bytes_checked)} checked" + lossy_line +
               "".join(f"\n  {p}" for p in rep.problems))
         if not rep.ok:
             sys.exit(4)

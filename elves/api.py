@@ -24,7 +24,7 @@ from . import dtypes
 from .archive import ArchiveReader
 from .decoder import attach_base, file_chunks, read_stream
 from .encoder import default_threads
-from .errors import ElvesError, InputError
+from .errors import CorruptArchiveError, ElvesError, InputError
 
 Framework = Literal["np", "numpy", "pt", "torch", "cupy"]
 
@@ -211,6 +211,8 @@ class ArchiveInfo:
     by_dtype: dict[str, DTypeStats] = field(default_factory=dict)
     codecs: dict[str, int] = field(default_factory=dict)
     base: dict[str, Any] | None = None   # the base model restore needs (BitX), from the index
+    error_bound: dict[str, Any] | None = None  # lossy archives: {"codec", "mode", "value", "spec"}
+    lossy_streams: int = 0               # streams that restore within the bound rather than exactly
 
     @property
     def ratio(self) -> float:
@@ -237,6 +239,7 @@ def info(path: str | os.PathLike[str]) -> ArchiveInfo:
             archive_bytes=r.path.stat().st_size, original_bytes=sum(e["size"] for e in r.files),
             files=files, tensors=sum(len(e["tensors"]) for e in r.files),
             by_dtype=dict(by_dtype), codecs=dict(codecs), base=r.base_needed,
+            error_bound=r.error_bound, lossy_streams=sum(1 for s in r.streams if s.decoded_hash is not None),
         )
 
 
@@ -248,6 +251,12 @@ class VerifyReport:
     files: int
     bytes_checked: int
     problems: list[str] = field(default_factory=list)
+    # Lossy archives: the bound, and with ``against`` the largest errors of the restored elements
+    # against the source (absolute; relative over nonzero elements) and how many exceed the bound.
+    error_bound: dict[str, Any] | None = None
+    max_abs_error: float | None = None
+    max_rel_error: float | None = None
+    over_bound: int = 0
 
     @property
     def ok(self) -> bool:
@@ -259,6 +268,11 @@ def verify(path: str | os.PathLike[str], against: str | os.PathLike[str] | None 
     """Decode everything and check every checksum; with ``against``, that the model at that path
     is exactly what restore would write (same files, same sha256).
 
+    For a lossy archive, ``against`` is the original model: its files must match the sha256
+    recorded at compress time, and every restored element of a lossy tensor is compared with the
+    source's: the report holds the largest absolute and relative errors, and any element outside
+    the bound (or a NaN, infinity or signed zero that did not come back exactly) is a problem.
+
     Corruption is reported as a problem, not raised; an archive that cannot be opened raises,
     and so does one compressed against a base model when ``base`` is missing or wrong.
     """
@@ -267,24 +281,80 @@ def verify(path: str | os.PathLike[str], against: str | os.PathLike[str] | None 
     checked = 0
     with ArchiveReader(path) as reader, ThreadPoolExecutor(nthreads) as pool:
         attach_base(reader, base)
+        sources = _source_files(reader, Path(against)) if against is not None else {}
+        errors = _LossyErrors()
         for entry in reader.files:
             try:
-                for chunk in file_chunks(reader, entry, pool, 2 * nthreads + 2):
-                    checked += chunk.shape[0]
+                if entry.get("lossy") and entry["path"] in sources:
+                    checked += _check_lossy_file(reader, entry, sources[entry["path"]], pool,
+                                                 2 * nthreads + 2, errors)
+                else:
+                    for chunk in file_chunks(reader, entry, pool, 2 * nthreads + 2):
+                        checked += chunk.shape[0]
             except ElvesError as e:
                 report_problems.append(e.message)
+        report_problems += errors.problems
         if against is not None:
-            report_problems += _compare_source(reader, Path(against))
-        return VerifyReport(reader.path, len(reader.files), checked, report_problems)
+            report_problems += _compare_source(reader, Path(against), sources)
+        return VerifyReport(reader.path, len(reader.files), checked, report_problems,
+                            error_bound=reader.error_bound,
+                            max_abs_error=errors.max_abs if errors.elements else None,
+                            max_rel_error=errors.max_rel if errors.elements else None,
+                            over_bound=errors.over)
 
 
-def _compare_source(reader: ArchiveReader, src: Path) -> list[str]:
+@dataclass
+class _LossyErrors:
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    over: int = 0
+    elements: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def _check_lossy_file(reader: ArchiveReader, entry: dict[str, Any], src: Path, pool: ThreadPoolExecutor,
+                      window: int, errors: _LossyErrors) -> int:
+    """Decode a lossy file (every checksum and decoded hash checked) and compare each lossy
+    tensor's elements with the source file's; return the bytes decoded."""
+    from .codecs.elf import bound_of, error_stats
+    from .decoder import iter_stream, stream_label
+
+    pos = 0
+    with builtins.open(src, "rb") as f:
+        fd = f.fileno()
+        for index in entry["segments"]:
+            stream = reader.streams[index]
+            bound = bound_of(stream.pipeline) if stream.decoded_hash is not None else None
+            over = 0
+            for chunk in iter_stream(reader, index, pool, window):
+                if bound is not None:
+                    orig = np.frombuffer(os.pread(fd, chunk.shape[0], pos), dtype=np.uint8)
+                    if orig.shape[0] != chunk.shape[0]:
+                        raise InputError("is shorter than the archived file", src)
+                    max_abs, max_rel, bad = error_stats(stream.dtype, bound, orig, chunk)
+                    errors.max_abs = max(errors.max_abs, max_abs)
+                    errors.max_rel = max(errors.max_rel, max_rel)
+                    errors.elements += chunk.shape[0]
+                    over += bad
+                pos += chunk.shape[0]
+            if over:
+                errors.over += over
+                errors.problems.append(f"{stream_label(reader, index)}: {over} elements differ from {src} "
+                                       f"by more than the error bound")
+    if pos != entry["size"]:
+        raise CorruptArchiveError(f"{entry['path']}: restored size does not match the stored size", reader.path)
+    return pos
+
+
+def _source_files(reader: ArchiveReader, src: Path) -> dict[str, Path]:
     if not src.exists():
         raise InputError("no such file or folder", src)
     if src.is_file():
-        sources = {reader.files[0]["path"] if len(reader.files) == 1 else src.name: src}
-    else:
-        sources = {p.relative_to(src).as_posix(): p for p in src.rglob("*") if p.is_file()}
+        return {reader.files[0]["path"] if len(reader.files) == 1 else src.name: src}
+    return {p.relative_to(src).as_posix(): p for p in src.rglob("*") if p.is_file()}
+
+
+def _compare_source(reader: ArchiveReader, src: Path, sources: dict[str, Path]) -> list[str]:
     problems = []
     stored = {e["path"]: e for e in reader.files}
     for rel in sorted(set(sources) - set(stored)):

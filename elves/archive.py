@@ -48,12 +48,23 @@ class Stream:
     pipeline: list[dict[str, Any]]
     chunk_elems: int
     chunks: list[tuple[int, int, int, int]]  # offset, length, decoded length, xxh3-64 of payload
+    # Lossy streams (``elf``) only: xxh3-128 hex of what decoding yields, which is not the
+    # original (``hash``); None when decoding gives the original bytes back.
+    decoded_hash: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "kind": self.kind, "dtype": self.dtype, "nbytes": self.nbytes, "hash": self.hash,
             "pipeline": self.pipeline, "chunk_elems": self.chunk_elems, "chunks": [list(c) for c in self.chunks],
         }
+        if self.decoded_hash is not None:
+            d["decoded_hash"] = self.decoded_hash
+        return d
+
+    @property
+    def expected_hash(self) -> str:
+        """The xxh3-128 that decoding this stream must reproduce."""
+        return self.decoded_hash or self.hash
 
     @property
     def stored_bytes(self) -> int:
@@ -95,6 +106,7 @@ class ArchiveWriter:
         self.lossy = False
         self.source_kind = "folder"
         self.base: dict[str, Any] | None = None  # the base model the streams reference (BitX)
+        self.error_bound: dict[str, Any] | None = None  # the lossy mode asked for (ELF), if any
 
     def begin_stream(self, nbytes: int) -> None:
         """Start a stream's chunks on a 4 KiB boundary when the stream is large."""
@@ -134,6 +146,8 @@ class ArchiveWriter:
         }
         if self.base is not None:
             index["base"] = self.base
+        if self.error_bound is not None:
+            index["error_bound"] = self.error_bound
         blob = zstandard.ZstdCompressor(level=9).compress(msgpack.packb(index, use_bin_type=True))
         index_offset = self.pos
         self._write(blob)
@@ -211,11 +225,14 @@ class ArchiveReader:
             raise CorruptArchiveError("the archive index is corrupted (checksum mismatch)", self.path)
         try:
             index = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(blob), raw=False)
-            self.streams = [Stream(**{k: s[k] for k in Stream.__dataclass_fields__}) for s in index["streams"]]
+            self.streams = [Stream(**{k: s[k] for k in Stream.__dataclass_fields__ if k in s})
+                            for s in index["streams"]]
             self.files: list[dict[str, Any]] = index["files"]
             self.lossy = bool(index.get("lossy", False))
             self.writer = index.get("writer", "")
             self.source_kind = index.get("source", "folder")
+            # A lossy archive's bound: {"codec": "elf", "mode": "abs"|"rel", "value", "spec"}.
+            self.error_bound: dict[str, Any] | None = index.get("error_bound")
             # The base model the archive was compressed against (BitX), if any; bitx.base.attach_base
             # checks a given base against it and sets base_model.
             self.base_needed: dict[str, Any] | None = index.get("base")

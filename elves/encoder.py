@@ -21,6 +21,7 @@ import xxhash
 from . import dtypes
 from .archive import ArchiveWriter, Stream
 from .codecs import Pipeline
+from .codecs.elf import ELF_DTYPES, ErrorBound, decode_and_check, elf_codec, elf_pipeline, parse_error_bound
 from .codecs.planes import Planes
 from .codecs.rans import Rans
 from .codecs.zstd import Zstd
@@ -53,6 +54,8 @@ class CompressSummary:
     unique_streams: int
     warnings: list[str] = field(default_factory=list)
     base_streams: int = 0      # streams coded against the base model (``base=``), identical ones included
+    error_bound: str | None = None  # the lossy bound asked for (``lossy="elf"``), e.g. "2^-24"
+    lossy_streams: int = 0     # streams that decode to other bytes than the original, within the bound
 
     @property
     def ratio(self) -> float:
@@ -84,13 +87,19 @@ def ordered_map(pool: Executor, fn: Callable[[T], R], items: Iterable[T], window
         yield pending.popleft().result()
 
 
-def pipeline_for(segment: Segment) -> tuple[Pipeline, int]:
-    """The pipeline for a segment and its chunk size in elements (bytes for opaque streams)."""
+def pipeline_for(segment: Segment, lossy: ErrorBound | None = None) -> tuple[Pipeline, int]:
+    """The pipeline for a segment and its chunk size in elements (bytes for opaque streams).
+
+    With ``lossy`` (an ELF error bound), F16/BF16/F32/F64 tensors are quantised within it
+    (``elf``; a chunk that quantising would not shrink stays exact); everything else is lossless.
+    """
     if segment.dtype is None:
         # Small files (configs, tokenizers) get a strong level; large opaque files (pickles,
         # formats elves does not parse) a fast one, so they do not dominate compress time.
         return Pipeline([Zstd(9 if segment.length <= 1 << 20 else 3)]), BYTES_CHUNK_BYTES
     width = dtypes.get(segment.dtype).itemsize
+    if lossy is not None and segment.dtype in ELF_DTYPES:
+        return elf_pipeline(segment.dtype, lossy), TENSOR_CHUNK_BYTES // width
     return Pipeline([Planes(segment.dtype), Rans()]), TENSOR_CHUNK_BYTES // width
 
 
@@ -120,8 +129,11 @@ def compress(
     force: bool = False,
     progress: ProgressFn | None = None,
     base: str | os.PathLike[str] | None = None,
+    lossy: str | None = None,
+    error_bound: str | float | ErrorBound | None = None,
 ) -> CompressSummary:
-    """Compress the model at ``src`` (a file or a folder) into the archive ``dst``. Lossless.
+    """Compress the model at ``src`` (a file or a folder) into the archive ``dst``. Lossless,
+    unless ``lossy="elf"``.
 
     ``progress`` is called with byte counts of source data as they are processed.
 
@@ -129,7 +141,13 @@ def compress(
     delta: each tensor that matches a base tensor (by content, or by name, dtype and size) is
     coded with BitX against it when that is cheaper (see ``bitx.delta``). Restoring the archive
     then needs the same base.
+
+    ``lossy="elf"`` with ``error_bound`` (``"2^-24"``, ``"1e-6"``: absolute; ``"rel:1e-3"``:
+    relative to each element) quantises float tensors (F16, BF16, F32, F64) so that every element
+    restores within the bound (NaN, infinities and the sign of zero exactly); other tensors and
+    files stay lossless. Per chunk, the smaller of the quantised and the exact coding is kept.
     """
+    bound = _lossy_bound(lossy, error_bound)
     files, single = read_model(src)
     nthreads = default_threads(threads)
     seen: dict[tuple[str | None, str], int] = {}
@@ -143,12 +161,16 @@ def compress(
     try:
         with ArchiveWriter(dst, force=force) as writer, ThreadPoolExecutor(nthreads) as pool:
             writer.source_kind = "file" if single else "folder"
+            if bound is not None:
+                writer.lossy = True
+                writer.error_bound = bound.to_index()
             for sf in files:
-                _compress_file(sf, writer, pool, nthreads, seen, progress, planner)
+                _compress_file(sf, writer, pool, nthreads, seen, progress, planner, bound)
             if planner is not None:
                 writer.base = planner.index_entry(writer.streams)
             archive_path = writer.path
             base_streams = sum(1 for st in writer.streams if any(c["id"] == "xor" for c in st.pipeline))
+            lossy_streams = sum(1 for st in writer.streams if st.decoded_hash is not None)
     finally:
         if planner is not None:
             planner.base.close()
@@ -161,12 +183,28 @@ def compress(
         unique_streams=len(seen),
         warnings=warnings,
         base_streams=base_streams,
+        error_bound=bound.spec if bound is not None else None,
+        lossy_streams=lossy_streams,
     )
+
+
+def _lossy_bound(lossy: str | None, error_bound: str | float | ErrorBound | None) -> ErrorBound | None:
+    from .codecs.elf import BoundError
+
+    if lossy is None:
+        if error_bound is not None:
+            raise BoundError("an error bound needs a lossy mode: lossy='elf' (--lossy elf)")
+        return None
+    if lossy != "elf":
+        raise BoundError(f"unknown lossy mode {lossy!r}; this elves knows 'elf'")
+    if error_bound is None:
+        raise BoundError("lossy='elf' needs an error bound, e.g. '2^-24', '1e-6' or 'rel:1e-3' (--error-bound)")
+    return parse_error_bound(error_bound)
 
 
 def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthreads: int,
                    seen: dict[tuple[str | None, str], int], progress: ProgressFn | None,
-                   planner: "DeltaPlanner | None" = None) -> None:
+                   planner: "DeltaPlanner | None" = None, lossy: ErrorBound | None = None) -> None:
     sha = hashlib.sha256()
     with open(sf.path, "rb") as fh:
         fd = fh.fileno()
@@ -177,7 +215,7 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
         for index, seg in enumerate(sf.segments):
             key = (seg.dtype, _hash_segment(fd, seg, sf.path, sha))
             if key not in seen:
-                pipeline, chunk_elems = pipeline_for(seg)
+                pipeline, chunk_elems = pipeline_for(seg, lossy)
                 stream = Stream("bytes" if seg.dtype is None else "tensor", seg.dtype, seg.length, key[1],
                                 pipeline.get_config(), chunk_elems, [])
                 seen[key] = writer.add_stream(stream)
@@ -206,30 +244,47 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
 
         raw_of: dict[int, bytes] = {}
 
-        def encode(job: tuple[Stream, Pipeline, bytes, bool, int]) -> tuple[Stream, bytes, int, bool]:
+        def encode(job: tuple[Stream, Pipeline, bytes, bool, int]) -> tuple[Stream, bytes, int, bool, "np.ndarray | None"]:
             stream, pipeline, raw, first, pos = job
             if len(raw) == stream.nbytes:
                 raw_of[id(stream)] = raw
             d = deltas.get(id(stream))
             ref = planner.ref_chunk(d, pos, len(raw)) if d is not None else None
-            return stream, pipeline.encode(np.frombuffer(raw, dtype=np.uint8), ref=ref), len(raw), first
+            arr = np.frombuffer(raw, dtype=np.uint8)
+            payload = pipeline.encode(arr, ref=ref)
+            decoded = None
+            if lossy is not None and elf_codec(pipeline) is not None:
+                # What restore will produce, decoded for real and checked against the bound
+                # again; the stream's decoded hash is of these bytes.
+                payload, decoded = decode_and_check(pipeline, arr, payload)
+            return stream, payload, len(raw), first, decoded
 
-        for stream, payload, nraw, first in ordered_map(pool, encode, jobs(), 2 * nthreads + 2,
-                                                        inline=lambda job: len(job[2]) < INLINE_BYTES):
+        decoded_of: dict[int, tuple["xxhash.xxh3_128", int]] = {}  # lossy streams: hash so far, bytes so far
+        for stream, payload, nraw, first, decoded in ordered_map(pool, encode, jobs(), 2 * nthreads + 2,
+                                                                 inline=lambda job: len(job[2]) < INLINE_BYTES):
             if first:
                 writer.begin_stream(stream.nbytes)
             if nraw == stream.nbytes and len(payload) >= nraw:
                 # A one-chunk stream that coding would not shrink (a tiny tensor, a zip record)
                 # is stored as it is: an empty pipeline.
                 payload, stream.pipeline = raw_of[id(stream)], []
+                decoded = None
+            if decoded is not None:
+                h, done = decoded_of.get(id(stream), (xxhash.xxh3_128(), 0))
+                h.update(decoded)
+                decoded_of[id(stream)] = h, done + nraw
+                if done + nraw == stream.nbytes and h.hexdigest() != stream.hash:
+                    stream.decoded_hash = h.hexdigest()
             stream.chunks.append(writer.write_chunk(payload, nraw))
             if progress:
                 progress(nraw)
 
+    lossy_file = any(writer.streams[i].decoded_hash is not None for i in stream_ids)
     writer.add_file({
         "path": sf.relpath,
         "size": sf.size,
-        "sha256": sha.hexdigest(),
+        "sha256": sha.hexdigest(),  # of the original, also for a lossy file
+        **({"lossy": True} if lossy_file else {}),
         "format": sf.format,
         "segments": stream_ids,
         "tensors": [[t.name, t.dtype, list(t.shape), t.segment, t.offset,

@@ -43,9 +43,9 @@ def test_xor_is_registered_and_configurable() -> None:
 @settings(max_examples=120, deadline=None)
 @given(dtype=st.sampled_from(["BF16", "F16", "F32", "F64", "I8", "F8_E4M3"]), n=st.integers(0, 3000),
        ref_frac=st.floats(0, 1.2), flips=st.floats(0, 1), mask=st.integers(0, 2**64 - 1), seed=st.integers(0, 99),
-       sparse=st.booleans())
+       form=st.sampled_from(["plain", "sparse", "ranked"]))
 def test_xor_pipeline_roundtrips(dtype: str, n: int, ref_frac: float, flips: float, mask: int, seed: int,
-                                 sparse: bool) -> None:
+                                 form: str) -> None:
     from elves import dtypes
 
     w = dtypes.get(dtype).itemsize
@@ -54,7 +54,11 @@ def test_xor_pipeline_roundtrips(dtype: str, n: int, ref_frac: float, flips: flo
     m = min(n, int(n * ref_frac)) * w
     ref = data[:m].copy()
     ref[rng.random(m) < flips] ^= rng.integers(1, 256, dtype=np.uint8)
-    p = Pipeline([Xor(dtype, H, m, mask % (1 << 8 * w), sparse), Planes(dtype), Rans()])
+    remap = None
+    if form == "ranked" and dtype in ("BF16", "F16", "F32", "F64"):
+        remap = [[int(e), [int(v) for v in rng.permutation(256)[:rng.integers(1, 9)]]]
+                 for e in rng.choice(256, 20, replace=False)]
+    p = Pipeline([Xor(dtype, H, m, mask % (1 << 8 * w), form == "sparse", remap), Planes(dtype), Rans()])
     payload = p.encode(data, ref=ref)
     out = np.full(n * w, 0xA5, dtype=np.uint8)
     Pipeline.from_config(p.get_config()).decode(payload, out, ref=ref)
@@ -87,6 +91,31 @@ def test_sparse_xor_drops_unchanged_elements() -> None:
     assert np.array_equal(out, data.view(np.uint8))
     with pytest.raises(elves.CorruptArchiveError):
         Xor("BF16", H, ref.nbytes, sparse=True).decode(x[:-2], out, ref=ref.view(np.uint8))
+
+
+def test_ranked_exponent_codes_the_exponent_given_the_base() -> None:
+    from bitx.delta import ranking, top_byte_joint
+
+    rng = np.random.default_rng(2)
+    base = (rng.standard_normal(50000) * 0.02).astype(ml_dtypes.bfloat16)
+    ft = (rng.standard_normal(50000) * 0.02).astype(ml_dtypes.bfloat16)  # retrained: mantissa unrelated
+    ft = np.where(np.abs(base.astype(np.float32)) > 0.03, ft * 4, ft).astype(ml_dtypes.bfloat16)
+    raw, ref = ft.view(np.uint8), base.view(np.uint8)
+    table = ranking(top_byte_joint(raw, ref, 2))
+    x = Xor("BF16", H, ref.shape[0], remap=table)
+    assert x.mask == 0x807F  # the exponent byte is ranked, never XORed
+    enc = x.encode(raw, ref=ref)
+    top = lambda b: Planes("BF16").encode(b)[0]
+    from bitx.delta import plane_sizes
+    sizes = [plane_sizes(Rans().encode(Planes("BF16").encode(b)), 2)[0] for b in (raw, enc)]
+    assert sizes[1] < 0.95 * sizes[0] and top(enc).max() < top(raw).max()
+    out = np.empty_like(raw)
+    x.decode(enc, out, ref=ref)
+    assert np.array_equal(out, raw)
+    with pytest.raises(CodecError):
+        Xor("BF16", H, 4, sparse=True, remap=table)
+    with pytest.raises(CodecError):
+        Xor("I32", H, 4, remap=table)
 
 
 def test_plane_mask_selects_rotated_planes() -> None:
@@ -146,7 +175,7 @@ def test_finetune_roundtrips_and_is_much_smaller(pair: tuple[Path, Path, Path], 
 
 
 def test_what_is_coded_against_the_base(pair: tuple[Path, Path, Path]) -> None:
-    base, ft, archive = pair
+    _, _, archive = pair
     with ArchiveReader(archive) as r:
         assert r.version >= (1, 1) and r.base_needed is not None
         names = {t[0]: e["segments"][t[3]] for e in r.files for t in e["tensors"]}
@@ -253,25 +282,33 @@ def test_identical_model_costs_almost_nothing(pair: tuple[Path, Path, Path], tmp
     assert tree_hashes(tmp_path / "out") == tree_hashes(base)
 
 
-def test_rows_appended_code_the_overlap_against_the_base(tmp_path: Path) -> None:
+@pytest.mark.parametrize("grow", ["rows", "columns", "both"])
+def test_a_grown_tensor_codes_the_overlap_against_the_base(tmp_path: Path, grow: str) -> None:
     rng = np.random.default_rng(7)
     emb = rng.standard_normal((3000, 128)).astype(np.float32) * 0.02
-    grown = np.concatenate([emb + rng.standard_normal(emb.shape).astype(np.float32) * 1e-4,
-                            rng.standard_normal((40, 128)).astype(np.float32) * 0.02])
+    rows, cols = {"rows": (40, 0), "columns": (0, 3), "both": (5, 2)}[grow]
+    grown = rng.standard_normal((3000 + rows, 128 + cols)).astype(np.float32) * 0.02
+    grown[:3000, :128] = emb + rng.standard_normal(emb.shape).astype(np.float32) * 1e-4
     write_safetensors(tmp_path / "base.safetensors", {"embed.weight": _tensor("BF16", emb)})
     write_safetensors(tmp_path / "ft.safetensors", {"embed.weight": _tensor("BF16", grown)})
     alone = elves.compress(tmp_path / "ft.safetensors", tmp_path / "alone.elves")
     delta = elves.compress(tmp_path / "ft.safetensors", tmp_path / "d.elves", base=tmp_path / "base.safetensors")
     with ArchiveReader(tmp_path / "d.elves") as r:
         (s,) = [s for s in r.streams if s.kind == "tensor"]
-        assert s.pipeline[0]["id"] == "xor" and s.pipeline[0]["ref_nbytes"] == emb.size * 2
+        xor = s.pipeline[0]
+        assert xor["id"] == "xor" and xor["ref_nbytes"] == emb.size * 2
+        assert ("shape" in xor) == (grow != "rows")  # rows appended: the base is simply the prefix
     assert delta.archive_bytes < 0.8 * alone.archive_bytes
     elves.restore(tmp_path / "d.elves", tmp_path / "out.safetensors", base=tmp_path / "base.safetensors")
     assert tree_hashes(tmp_path / "out.safetensors") == tree_hashes(tmp_path / "ft.safetensors")
+    base_archive = tmp_path / "base.elves"  # the same through a base archive
+    elves.compress(tmp_path / "base.safetensors", base_archive)
+    got = elves.load_file(tmp_path / "d.elves", base=base_archive)["embed.weight"]
+    assert got.tobytes() == grown.astype(ml_dtypes.bfloat16).tobytes()
 
 
 def test_a_base_archive_that_needs_a_base_is_refused(pair: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    base, ft, archive = pair
+    _, ft, archive = pair
     # ft.elves (which needs `base`) used as the base of the fine-tune itself
     with pytest.raises(elves.BaseModelError, match="itself compressed against a base"):
         elves.compress(ft, tmp_path / "x.elves", base=archive)
@@ -282,7 +319,7 @@ def test_a_base_archive_that_needs_a_base_is_refused(pair: tuple[Path, Path, Pat
 
 def cli(*args: str | Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-c", "from elves.cli.main import main; main()", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
 
 
 def test_cli_base_options_and_exit_codes(pair: tuple[Path, Path, Path], tmp_path: Path) -> None:
@@ -324,6 +361,16 @@ def test_openff_rc2_against_rc1(dataset, tmp_path: Path) -> None:
     delta, alone = _real_pair(root / "openff-gnn-am1bcc-0.1.0-rc.2.pt", root / "openff-gnn-am1bcc-0.1.0-rc.1.pt",
                               tmp_path)
     assert delta < 0.7 * alone  # continued training: BitX roughly doubles the ratio
+
+
+@pytest.mark.realdata
+def test_openff_1_0_0_against_rc3_with_widened_layers(dataset, tmp_path: Path) -> None:
+    root = dataset("openff")
+    delta, alone = _real_pair(root / "openff-gnn-am1bcc-1.0.0.pt", root / "openff-gnn-am1bcc-0.1.0-rc.3.pt",
+                              tmp_path)
+    assert delta < 0.2 * alone  # most tensors unchanged; the two widened ones coded against the base
+    with ArchiveReader(tmp_path / "delta.elves") as r:
+        assert sum(1 for s in r.streams if s.pipeline and "shape" in s.pipeline[0]) == 2
 
 
 @pytest.mark.realdata
