@@ -59,7 +59,7 @@ def measure(size_gb: float, workdir: Path) -> list[dict]:
                       ("restore", ["restore", str(archive), "-o", str(out)])]:
         # One child per measurement, so each peak RSS is its own.
         dt, peak = run_fresh([sys.executable, "-m", "elves.cli.main", *cmd])
-        rows.append({"step": step, "bytes": size, "seconds": dt, "peak_rss": peak})
+        rows.append({"step": step, "bytes": size, "seconds": dt, "peak_rss": peak, "load": os.getloadavg()[0]})
     rows.append({"step": "ratio", "value": size / archive.stat().st_size})
     return rows
 
@@ -79,10 +79,14 @@ def table(rows: list[dict], size_gb: float) -> str:
     ratio = next(r["value"] for r in rows if r["step"] == "ratio")
     lines = [f"Synthetic BF16 model, {size_gb:g} GB in 4 GB safetensors shards (ratio {ratio:.3f}x), "
              f"all cores ({os.cpu_count()}):", "",
-             "| step | MB/s | peak RSS |", "| --- | --- | --- |"]
+             "| step | MB/s | peak RSS | load average after |", "| --- | --- | --- | --- |"]
     for r in rows:
         if r["step"] != "ratio":
-            lines.append(f"| {r['step']} | {r['bytes'] / r['seconds'] / 1e6:.0f} | {r['peak_rss'] / 2**20:.0f} MiB |")
+            lines.append(f"| {r['step']} | {r['bytes'] / r['seconds'] / 1e6:.0f} | {r['peak_rss'] / 2**20:.0f} MiB "
+                         f"| {r['load']:.1f} |")
+    lines += ["", "MB/s is wall clock of the whole command, start-up included; a load average above the core "
+              "count means other work shared the CPU and the speed is a lower bound. The peak RSS does "
+              "not depend on that."]
     return "\n".join(lines)
 
 

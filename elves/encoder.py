@@ -21,7 +21,14 @@ import xxhash
 from . import dtypes
 from .archive import ArchiveWriter, Stream
 from .codecs import Pipeline
-from .codecs.elf import ELF_DTYPES, ErrorBound, decode_and_check, elf_codec, elf_pipeline, parse_error_bound
+from .codecs.elf import (
+    ELF_DTYPES,
+    ErrorBound,
+    elf_pays,
+    elf_pipeline,
+    encode_checked,
+    parse_error_bound,
+)
 from .codecs.planes import Planes
 from .codecs.rans import Rans
 from .codecs.zstd import Zstd
@@ -87,19 +94,25 @@ def ordered_map(pool: Executor, fn: Callable[[T], R], items: Iterable[T], window
         yield pending.popleft().result()
 
 
-def pipeline_for(segment: Segment, lossy: ErrorBound | None = None) -> tuple[Pipeline, int]:
+def pipeline_for(segment: Segment, lossy: ErrorBound | None = None,
+                 read: Callable[[int, int], bytes] | None = None) -> tuple[Pipeline, int]:
     """The pipeline for a segment and its chunk size in elements (bytes for opaque streams).
 
     With ``lossy`` (an ELF error bound), F16/BF16/F32/F64 tensors are quantised within it
-    (``elf``; a chunk that quantising would not shrink stays exact); everything else is lossless.
+    (``elf``; a chunk that quantising would not shrink stays exact), unless a sample chunk of
+    the tensor, read with ``read(offset, length)`` (offsets within the segment), shows that it
+    would not pay: such tensors, and everything else, are lossless.
     """
     if segment.dtype is None:
         # Small files (configs, tokenizers) get a strong level; large opaque files (pickles,
         # formats elves does not parse) a fast one, so they do not dominate compress time.
         return Pipeline([Zstd(9 if segment.length <= 1 << 20 else 3)]), BYTES_CHUNK_BYTES
     width = dtypes.get(segment.dtype).itemsize
-    if lossy is not None and segment.dtype in ELF_DTYPES:
-        return elf_pipeline(segment.dtype, lossy), TENSOR_CHUNK_BYTES // width
+    if lossy is not None and segment.dtype in ELF_DTYPES and segment.length % width == 0:
+        chunk = TENSOR_CHUNK_BYTES // width * width
+        middle = max(0, min(segment.length - chunk, segment.length // 2 // width * width))
+        if read is None or elf_pays(segment.dtype, lossy, read(middle, min(chunk, segment.length))):
+            return elf_pipeline(segment.dtype, lossy), TENSOR_CHUNK_BYTES // width
     return Pipeline([Planes(segment.dtype), Rans()]), TENSOR_CHUNK_BYTES // width
 
 
@@ -215,7 +228,8 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
         for index, seg in enumerate(sf.segments):
             key = (seg.dtype, _hash_segment(fd, seg, sf.path, sha))
             if key not in seen:
-                pipeline, chunk_elems = pipeline_for(seg, lossy)
+                pipeline, chunk_elems = pipeline_for(
+                    seg, lossy, lambda off, n, seg=seg: _read(fd, seg.offset + off, n, sf.path))
                 stream = Stream("bytes" if seg.dtype is None else "tensor", seg.dtype, seg.length, key[1],
                                 pipeline.get_config(), chunk_elems, [])
                 seen[key] = writer.add_stream(stream)
@@ -251,13 +265,12 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
             d = deltas.get(id(stream))
             ref = planner.ref_chunk(d, pos, len(raw)) if d is not None else None
             arr = np.frombuffer(raw, dtype=np.uint8)
-            payload = pipeline.encode(arr, ref=ref)
-            decoded = None
-            if lossy is not None and elf_codec(pipeline) is not None:
-                # What restore will produce, decoded for real and checked against the bound
-                # again; the stream's decoded hash is of these bytes.
-                payload, decoded = decode_and_check(pipeline, arr, payload)
-            return stream, payload, len(raw), first, decoded
+            if lossy is not None and pipeline.codecs and pipeline.codecs[0].codec_id == "elf":
+                # Also what restore will produce, checked against the bound once more: the
+                # stream's decoded hash is of these bytes.
+                payload, decoded = encode_checked(pipeline, arr)
+                return stream, payload, len(raw), first, decoded
+            return stream, pipeline.encode(arr, ref=ref), len(raw), first, None
 
         decoded_of: dict[int, tuple["xxhash.xxh3_128", int]] = {}  # lossy streams: hash so far, bytes so far
         for stream, payload, nraw, first, decoded in ordered_map(pool, encode, jobs(), 2 * nthreads + 2,

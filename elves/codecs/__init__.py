@@ -130,5 +130,5 @@ class Pipeline:
 
 
 # Importing the codec modules registers them; BitX's ``xor`` filter lives in the bitx package.
-from . import planes, rans, zstd  # noqa: E402,F401
+from . import elf, planes, rans, zstd  # noqa: E402,F401
 import bitx.codec  # noqa: E402,F401

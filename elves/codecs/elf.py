@@ -157,10 +157,6 @@ class Elf(Codec):
     def get_config(self) -> Config:
         return {"id": self.codec_id, "dtype": self.dtype, "mode": self.mode, "bound": self.bound}
 
-    @property
-    def error_bound(self) -> ErrorBound:
-        return ErrorBound(self.mode, self.bound, ("rel:" if self.mode == "rel" else "") + repr(self.bound))
-
     # -- encoding ------------------------------------------------------------------------------
 
     def encode(self, data: np.ndarray) -> np.ndarray:
@@ -173,29 +169,42 @@ class Elf(Codec):
         words = np.frombuffer(data, dtype=np.uint8)[: n * w].view(WORD[w])
         if not words.flags.aligned:
             words = words.copy()
-        best: tuple[float, int, bytes, np.ndarray, np.ndarray] | None = None
         codes = np.empty(n, dtype=np.uint64)
-        k.quant_exact(words, w, codes)
+        if self.exact or n == 0:
+            k.quant_exact(words, w, codes)
+            return self._pack(words, KIND_EXACT, b"", codes, np.zeros(0, np.uint8))
+        xs = np.empty(n, dtype=np.float64)
+        k.kernels(self.dtype).to_f64(words, w, xs)
+        pos_bytes = 2 if n <= 65536 else 4
+        exc_cost = (pos_bytes + w) * w / (w - 1)
+        # Choose the grid on every 8th element (the estimate is all a choice needs), then run
+        # only the winner on the whole chunk.
+        stride = 8 if n >= 16384 else 1
+        sw = np.ascontiguousarray(words[::stride])
+        sx = np.ascontiguousarray(xs[::stride])
+        m = sw.shape[0]
+        scale = n / m
+        scodes = np.empty(m, dtype=np.uint64)
+        sexc = np.empty(m, dtype=np.uint8)
         hist = np.zeros((w, 256), dtype=np.int64)
-        k.plane_hist(codes, w, hist)
-        best = (k.est_size(hist, n, w, self.lanes) + 8, KIND_EXACT, b"", codes, np.zeros(0, np.uint8))
-        if not self.exact and n:
-            xs = np.empty(n, dtype=np.float64)
-            k.to_f64(words, w, self.ebits, self.mbits, xs)
-            pos_bytes = 2 if n <= 65536 else 4
-            exc_cost = (pos_bytes + w) * w / (w - 1)
-            for kind, params, run in self._candidates(xs):
-                codes = np.empty(n, dtype=np.uint64)
-                exc = np.empty(n, dtype=np.uint8)
-                run(words, xs, codes, exc)
-                k.plane_hist(codes, w, hist)
-                k.demote_top(codes, exc, w, hist, self.lanes, exc_cost)
-                nexc = int(np.count_nonzero(exc))
-                section = SECTION_HEAD.size + len(params) + nexc * (pos_bytes + w)
-                est = k.est_size(hist, n, w, self.lanes) + section * w / (w - 1)
-                if est < best[0]:
-                    best = (est, kind, params, codes, exc)
-        _, kind, params, codes, exc = best
+        k.quant_exact(sw, w, scodes)
+        k.plane_hist(scodes, w, hist)
+        best = k.est_size(hist * scale, n, w, self.lanes), None
+        for cand in self._candidates(xs):
+            _, params, run = cand
+            nexc = run(sw, sx, scodes, sexc) * scale
+            k.plane_hist(scodes, w, hist)
+            est = k.est_size(hist * scale, n, w, self.lanes) + (
+                SECTION_HEAD.size + len(params) + nexc * (pos_bytes + w)) * w / (w - 1)
+            if est < best[0]:
+                best = est, cand
+        if best[1] is None:
+            k.quant_exact(words, w, codes)
+            return self._pack(words, KIND_EXACT, b"", codes, np.zeros(0, np.uint8))
+        kind, params, run = best[1]
+        exc = np.empty(n, dtype=np.uint8)
+        run(words, xs, codes, exc)
+        k.demote_top(codes, exc, w, self.lanes, exc_cost)
         return self._pack(words, kind, params, codes, exc)
 
     def _candidates(self, xs: np.ndarray):
@@ -203,6 +212,7 @@ class Elf(Codec):
         from ..kernels import elf as k
 
         w, eb, mb = self.width, self.ebits, self.mbits
+        kk = k.kernels(self.dtype)
         mode = k.MODE_ABS if self.mode == "abs" else k.MODE_REL
         bound = self.bound
         rel_exact = self.mode == "rel" and _is_pow2(bound)
@@ -217,18 +227,18 @@ class Elf(Codec):
                 if step * theta <= math.ldexp(1.0, emin - mb):
                     continue  # finer than the dtype's subnormals: the exact kind says it all
                 et = mb + _ceil_log2(step * theta)      # the zone starts where the spacing reaches step*theta
-                if et > emax:
-                    b_bits = ((1 << eb) - 1) << mb       # only infinity and NaN are in the zone
-                    tval = math.ldexp(1.0, emax + 1)
+                if et > emax:  # only infinity and NaN are in the zone
+                    b_bits = ((1 << eb) - 1) << mb
+                    tval = math.ldexp(1.0, emax) * 2.0 if emax < 1023 else math.inf
                 else:
                     et = max(et, emin)
                     b_bits = (et + bias) << mb
                     tval = math.ldexp(1.0, et)
-                m_code = min(int(math.floor(tval / step)) + 2, mask)
+                m_code = mask if tval / step >= mask else min(int(math.floor(tval / step)) + 2, mask)
                 params = UNIFORM_PARAMS.pack(step, m_code, b_bits)
 
                 def run(words, xs, codes, exc, step=step, m_code=m_code, b_bits=b_bits):
-                    k.quant_uniform(words, xs, w, eb, mb, step, np.uint64(m_code), np.uint64(b_bits),
+                    return kk.quant_uniform(words, xs, w, step, np.uint64(m_code), np.uint64(b_bits),
                                     mode, bound, rel_exact, codes, exc)
 
                 yield KIND_UNIFORM, params, run
@@ -252,7 +262,7 @@ class Elf(Codec):
             params = BINADE_E0.pack(e0) + L.astype("<u4").tobytes()
 
             def run(words, xs, codes, exc, e0=e0, sub=sub, L=L, cum=cum, lsum=lsum):
-                k.quant_binade(words, xs, w, eb, mb, e0, sub, L, cum, np.uint64(lsum), mode, bound,
+                return kk.quant_binade(words, xs, w, e0, sub, L, cum, np.uint64(lsum), mode, bound,
                                rel_exact, codes, exc)
 
             yield KIND_BINADE, params, run
@@ -323,7 +333,7 @@ class Elf(Codec):
             k.dequant_exact(codes, n, w, dst)
         elif kind == KIND_UNIFORM:
             step, m_code, b_bits = UNIFORM_PARAMS.unpack_from(section, p)
-            k.dequant_uniform(codes, n, w, self.ebits, self.mbits, step, np.uint64(m_code),
+            k.kernels(self.dtype).dequant_uniform(codes, n, w, step, np.uint64(m_code),
                               np.uint64(b_bits), dst)
         else:
             (e0,) = BINADE_E0.unpack_from(section, p)
@@ -331,7 +341,7 @@ class Elf(Codec):
             if (L < 1).any():
                 raise CorruptArchiveError("elf chunk: a sub-binade has no levels")
             cum = np.concatenate(([0], np.cumsum(L)[:-1])).astype(np.int64)
-            k.dequant_binade(codes, n, w, self.ebits, self.mbits, e0, sub, L, cum, np.uint64(int(L.sum())), dst)
+            k.kernels(self.dtype).dequant_binade(codes, n, w, e0, sub, L, cum, np.uint64(int(L.sum())), dst)
         if m:
             p += plen
             pos = np.frombuffer(section, dtype="<u2" if pos_bytes == 2 else "<u4", count=m, offset=p)
@@ -345,6 +355,18 @@ def _unpack(grid: np.ndarray, w: int, nbytes: int) -> bytes:
     """The first ``nbytes`` section bytes: each leading word carries ``w - 1`` of them."""
     rows = -(-nbytes // (w - 1))
     return grid[:rows, : w - 1].tobytes()[:nbytes]
+
+
+def elf_pays(dtype: str, bound: ErrorBound, sample: bytes | np.ndarray) -> bool:
+    """Whether quantising a tensor within ``bound`` is worth its while, judged on a sample chunk
+    of it: True when the encoder would code the sample with a grid rather than exactly. A tensor
+    where it would not (a bound finer than the dtype's own precision, a tiny tensor) is better
+    off with the lossless pipeline: the same bytes, and decodable by the GPU path."""
+    data = np.frombuffer(sample, dtype=np.uint8) if not isinstance(sample, np.ndarray) else sample
+    if data.shape[0] < ELF_DTYPES[dtype][0]:
+        return False
+    codes = Elf(dtype, bound.mode, bound.value).encode(data)
+    return int(codes[0]) != KIND_EXACT  # the section's first byte is the kind
 
 
 def elf_pipeline(dtype: str, bound: ErrorBound, exact: bool = False) -> Pipeline:
@@ -362,3 +384,47 @@ def bound_of(pipeline: list[Config]) -> ErrorBound | None:
         if c.get("id") == Elf.codec_id:
             return ErrorBound(c["mode"], float(c["bound"]), "")
     return None
+
+
+def encode_checked(pipeline: Pipeline, raw: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """Encode one chunk of a lossy stream; return (payload, the bytes restore will produce).
+
+    The chunk's codes are dequantised by the decoder itself (:meth:`Elf.decode`) and checked
+    against the bound once more, independently of the encoder's own per-element check; should
+    that ever fail, the chunk is recoded exactly. The stages after ``elf`` are lossless, so the
+    returned bytes are what decoding the payload yields, and the stream's decoded hash is of them.
+    """
+    from ..kernels import elf as k
+
+    elf = pipeline.codecs[0]
+    assert isinstance(elf, Elf)
+    rest = Pipeline(pipeline.codecs[1:])
+    codes = elf.encode(raw)
+    out = np.empty(raw.shape[0], dtype=np.uint8)
+    elf.decode(codes, out)
+    w = elf.width
+    src = raw.view(WORD[w]) if raw.flags.aligned else raw.copy().view(WORD[w])
+    rel_exact = elf.mode == "rel" and _is_pow2(elf.bound)
+    _, _, bad = k.kernels(elf.dtype).error_stats(src, out.view(WORD[w]), w, 0 if elf.mode == "abs" else 1,
+                                                 elf.bound, rel_exact)
+    if bad:  # never expected: the encoder checked every element; stay correct regardless
+        exact = Elf(elf.dtype, elf.mode, elf.bound, exact=True)
+        return rest.encode(exact.encode(raw)), raw
+    return rest.encode(codes), out
+
+
+def error_stats(dtype: str, bound: ErrorBound, src: np.ndarray, dec: np.ndarray) -> tuple[float, float, int]:
+    """(max absolute error, max relative error, elements outside the bound) of the decoded bytes
+    ``dec`` against the original bytes ``src`` of a ``dtype`` tensor (1-D uint8 arrays).
+
+    NaN, infinities and +-0.0 must come back bit for bit; anything else must lie within the bound
+    in exact arithmetic. The relative error is over nonzero finite elements.
+    """
+    from ..kernels import elf as k
+
+    w = ELF_DTYPES[dtype][0]
+    n = min(src.shape[0], dec.shape[0]) // w
+    a = np.ascontiguousarray(src[: n * w]).view(WORD[w])
+    b = np.ascontiguousarray(dec[: n * w]).view(WORD[w])
+    rel_exact = bound.mode == "rel" and _is_pow2(bound.value)
+    return k.kernels(dtype).error_stats(a, b, w, 0 if bound.mode == "abs" else 1, bound.value, rel_exact)

@@ -63,12 +63,11 @@ def _round_bits(b, ebits, mbits):
         mag = sig >> np.uint64(sh)
     rem = sig & ((_U1 << np.uint64(sh)) - _U1)
     half = _U1 << np.uint64(sh - 1)
-    if rem > half or (rem == half and (mag & _U1) == _U1):
-        mag += _U1  # a carry out of the mantissa steps the exponent up, as it should
+    # Round half to even, without a branch (the direction is a coin flip on real data); a carry
+    # out of the mantissa steps the exponent up, as it should.
+    mag += np.uint64((rem > half) | ((rem == half) & ((mag & _U1) == _U1)))
     inf = np.uint64(maxexp) << np.uint64(mbits)
-    if mag >= inf:
-        return inf
-    return mag
+    return min(mag, inf)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -138,7 +137,7 @@ def _le_exact(y, x, lim):
     ad = abs(d)
     if ad < lim:
         return True
-    if ad > lim or not (ad == ad):
+    if ad > lim or ad != ad:  # NaN: never within
         return False
     bp = d - y
     ap = d - bp
@@ -267,6 +266,62 @@ def _dequant_binade(codes, n, w, ebits, mbits, e0, S, L, cum, lsum, out):
         pw[b] = _pow2(e0 + b)
     inv = 1.0 / np.float64(lsum)
     of32 = out.view(np.float32) if (ebits == 8 and mbits == 23) else np.empty(0, np.float32)
+    lk = 0
+    while (1 << lk) < L[0]:
+        lk += 1
+    if S == 1 and (1 << lk) == L[0] and lk <= mbits:
+        # k kept mantissa bits: in the dtype's normal range every grid point is a dtype value,
+        # 2^E (1 + j / 2^k), so its bits come straight from (E, j); the same values as below.
+        bias = (1 << (ebits - 1)) - 1
+        kk = np.uint64(lk)
+        jmask = (_U1 << kk) - _U1
+        jsh = np.uint64(mbits - lk)
+        for i in range(n):
+            u = np.uint64(codes[i])
+            a = u >> _U1
+            s = u & _U1
+            if a == _U0:
+                out[i] = s << sh
+                continue
+            t = a - _U1
+            E = e0 + np.int64(t >> kk)
+            if E >= 1 - bias and E <= bias:
+                out[i] = (np.uint64(E + bias) << np.uint64(mbits)) | ((t & jmask) << jsh) | (s << sh)
+            else:
+                tf[0] = _binade_value(a, e0, S, L, cum, lsum)
+                out[i] = _round_bits(tb[0], ebits, mbits) | (s << sh)
+        return
+    if small and ebits != 11 and not (ebits == 8 and mbits == 23):
+        # F16, BF16: rounding to nearest is scale-invariant in the dtype's normal range, so
+        # RNE(q[r] * 2^E) = RNE(q[r]) * 2^E: round each quotient once, then add the exponent.
+        # The same bits as the general formula below, which handles the subnormal range.
+        bias = (1 << (ebits - 1)) - 1
+        inf = np.uint64((1 << ebits) - 1) << np.uint64(mbits)
+        tq = tab.view(np.uint64)
+        off = np.empty(lsum, dtype=np.uint64)  # RNE(q[r]) minus the bits of 1.0
+        for r in range(lsum):
+            off[r] = _round_bits(tq[r], ebits, mbits) - (np.uint64(bias) << np.uint64(mbits))
+        for i in range(n):
+            u = np.uint64(codes[i])
+            a = u >> _U1
+            s = u & _U1
+            if a == _U0:
+                out[i] = s << sh
+                continue
+            t = a - _U1
+            b = np.uint64(np.int64(np.float64(np.int64(t)) * inv))
+            while b * lsum > t:
+                b -= _U1
+            while (b + _U1) * lsum <= t:
+                b += _U1
+            r = t - b * lsum
+            e = e0 + np.int64(b) + bias
+            if e >= 1:
+                out[i] = min((np.uint64(e) << np.uint64(mbits)) + off[r], inf) | (s << sh)
+            else:
+                tf[0] = tab[r] * _pow2(e0 + np.int64(b))
+                out[i] = _round_bits(tb[0], ebits, mbits) | (s << sh)
+        return
     for i in range(n):
         u = np.uint64(codes[i])
         a = u >> _U1
@@ -336,7 +391,7 @@ def _quant_uniform(words, xs, w, ebits, mbits, step, M, B, mode, bound, rel_exac
                 codes[i] = ((M + (mag - B)) << _U1) | s
             continue
         ax = abs(xs[i])
-        q = math.floor(ax * inv + 0.5)  # a guess: the check below decides
+        q = np.rint(ax * inv)  # ties to even, as ELF's |w| + 1 in float32; the check below decides
         ok = False
         a = _U0
         if q < Mf:
@@ -396,6 +451,21 @@ def _quant_binade(words, xs, w, ebits, mbits, e0, S, L, cum, lsum, mode, bound, 
     xb = xs.view(np.uint64)
     small = lsum <= np.uint64(1 << 16)
     tab = binade_table(S, L, cum, lsum) if small else np.empty(0, dtype=np.float64)
+    narrow = small and ebits != 11 and not (ebits == 8 and mbits == 23)
+    bias = (1 << (ebits - 1)) - 1
+    tabr = np.empty(lsum + 1 if narrow else 0, dtype=np.float64)  # RNE(q[r]), exactly, as float64
+    if narrow:
+        for r in range(lsum + 1):
+            tf[0] = tab[r] if r < lsum else 2.0
+            tb[0] = _mag_to_f64bits(_round_bits(tb[0], ebits, mbits), ebits, mbits)
+            tabr[r] = tf[0]
+    # 2^E and 2^-E for every exponent from e0 up (a libm ldexp per element is most of the time)
+    npw = max(1024 - e0 + 1, 1)
+    pw = np.empty(npw, dtype=np.float64)
+    pwi = np.empty(npw, dtype=np.float64)
+    for e in range(npw):
+        pw[e] = _pow2(e0 + e)
+        pwi[e] = _pow2(-(e0 + e))
     nexc = 0
     for i in range(n):
         v = np.uint64(words[i])
@@ -412,8 +482,7 @@ def _quant_binade(words, xs, w, ebits, mbits, e0, S, L, cum, lsum, mode, bound, 
         a = _U0
         if e64 != 0 and e64 != 0x7FF and E >= e0:
             ax = abs(xs[i])
-            tb[0] = (bx & _M52) | _EXP_ONE
-            f = (tf[0] - 1.0) * S  # exact: S is a power of two
+            f = (ax * pwi[E - e0] - 1.0) * S  # exact: powers of two
             ii = np.int64(f)
             if ii > S - 1:
                 ii = S - 1
@@ -422,8 +491,10 @@ def _quant_binade(words, xs, w, ebits, mbits, e0, S, L, cum, lsum, mode, bound, 
             t = np.uint64(E - e0) * lsum + r
             if t < mask:
                 a = t + _U1
-                p2 = _pow2(E)
-                if small and r < lsum:
+                p2 = pw[E - e0]
+                if narrow and E + bias >= 1 and E < bias:  # scale-invariant rounding, as the decoder
+                    y = tabr[r] * p2
+                elif small and r < lsum:
                     y = _round_value(tab[r] * p2, ebits, mbits, tb, tf)
                 elif small:  # j rounded up into the next binade
                     y = _round_value(2.0 * p2, ebits, mbits, tb, tf)
@@ -466,12 +537,27 @@ def quant_exact(words, w, codes):
 
 @njit(cache=True, nogil=True)
 def plane_hist(codes, w, hist):
-    """hist[p, s]: how often byte plane p (0 = most significant) holds s."""
-    hist[:, :] = 0
-    for i in range(codes.shape[0]):
-        u = np.uint64(codes[i])
-        for p in range(w):
-            hist[p, np.int64((u >> np.uint64(8 * (w - 1 - p))) & np.uint64(0xFF))] += 1
+    """hist[p, s]: how often byte plane p (0 = most significant) holds s (``codes``: uint64).
+
+    Four interleaved counters per plane: a plane of one symbol would otherwise make every
+    increment wait for the previous one.
+    """
+    by = codes.view(np.uint8)  # little-endian: byte b of code i is by[8 i + b]
+    n = codes.shape[0]
+    sub = np.zeros((4, 256), dtype=np.int64)
+    for p in range(w):
+        sub[:, :] = 0
+        off = w - 1 - p
+        n4 = n - n % 4
+        for i in range(0, n4, 4):
+            sub[0, by[8 * i + off]] += 1
+            sub[1, by[8 * i + 8 + off]] += 1
+            sub[2, by[8 * i + 16 + off]] += 1
+            sub[3, by[8 * i + 24 + off]] += 1
+        for i in range(n4, n):
+            sub[0, by[8 * i + off]] += 1
+        for c in range(256):
+            hist[p, c] = sub[0, c] + sub[1, c] + sub[2, c] + sub[3, c]
 
 
 @njit(cache=True, nogil=True)
@@ -502,20 +588,23 @@ def est_size(hist, n, w, lanes):
 
 
 @njit(cache=True, nogil=True)
-def demote_top(codes, exc, w, hist, lanes, exc_cost):
+def demote_top(codes, exc, w, lanes, exc_cost):
     """Turn elements whose code uses the top byte into exceptions when that is cheaper.
 
     A top plane that is all zeros costs 2 bytes; a few elements with a nonzero top byte (values
-    far above the rest) cost a whole frequency table and lane set. Updates ``codes``, ``exc``
-    and ``hist``; returns how many elements were demoted.
+    far above the rest) cost a whole frequency table and lane set. Updates ``codes`` and
+    ``exc``; returns how many elements were demoted.
     """
     n = codes.shape[0]
     top = np.uint64(8 * (w - 1))
     big = 0
-    for s in range(1, 256):
-        big += hist[0, s]
-    if big == 0:
+    for i in range(n):
+        if (np.uint64(codes[i]) >> top) != _U0:
+            big += 1
+    if big == 0 or big * exc_cost >= n + 1:  # dearer than even a raw top plane
         return 0
+    hist = np.zeros((w, 256), dtype=np.int64)
+    plane_hist(codes, w, hist)
     alt = hist.copy()
     for i in range(n):
         u = np.uint64(codes[i])
@@ -532,7 +621,6 @@ def demote_top(codes, exc, w, hist, lanes, exc_cost):
         if (u >> top) != _U0:
             codes[i] = _U0
             exc[i] = 1
-    hist[:, :] = alt
     return big
 
 
@@ -581,85 +669,125 @@ def _error_stats(src, dec, w, ebits, mbits, mode, bound, rel_exact):
 
 
 # ---------------------------------------------------------------------------------------------
-# entry points: one branch on the dtype, then a loop compiled with its widths as constants
-# (passed at run time they cost a factor of ten: the generic rounding path stays in the loop)
+# entry points, one per dtype: each compiles its loop with the format's widths as constants
+# (passed at run time they cost a factor of ten, the generic rounding path staying in the loop),
+# and only for the word type it meets. ``kernels(dtype)`` hands out a dtype's set.
 # ---------------------------------------------------------------------------------------------
 
 @njit(cache=True, nogil=True)
-def to_f64(words, w, ebits, mbits, out):
-    """The values of ``words`` (elements as unsigned ints) as float64, exactly, into ``out``."""
-    if ebits == 8 and mbits == 23:
-        _to_f64(words, w, 8, 23, out)
-    elif ebits == 11:
-        _to_f64(words, w, 11, 52, out)
-    elif ebits == 8:
-        _to_f64(words, w, 8, 7, out)
-    else:
-        _to_f64(words, w, 5, 10, out)
-
+def to_f64_f16(words, w, out):
+    _to_f64(words, w, 5, 10, out)
 
 @njit(cache=True, nogil=True)
-def dequant_uniform(codes, n, w, ebits, mbits, step, M, B, out):
-    """Uniform kind: magnitude ``round(float64(a) * step)`` for ``a < M``, else bits ``B + a - M``;
-    the sign is the code's bit 0."""
-    if ebits == 8 and mbits == 23:
-        _dequant_uniform(codes, n, w, 8, 23, step, M, B, out)
-    elif ebits == 11:
-        _dequant_uniform(codes, n, w, 11, 52, step, M, B, out)
-    elif ebits == 8:
-        _dequant_uniform(codes, n, w, 8, 7, step, M, B, out)
-    else:
-        _dequant_uniform(codes, n, w, 5, 10, step, M, B, out)
-
+def to_f64_bf16(words, w, out):
+    _to_f64(words, w, 8, 7, out)
 
 @njit(cache=True, nogil=True)
-def dequant_binade(codes, n, w, ebits, mbits, e0, S, L, cum, lsum, out):
-    """Binade kind: magnitude 0 for ``a = 0``; else with t = a - 1, b = t div lsum,
-    r = t mod lsum = cum[i] + j: round(((S + i) * L[i] + j) / (S * L[i]) * 2^(e0 + b))."""
-    if ebits == 8 and mbits == 23:
-        _dequant_binade(codes, n, w, 8, 23, e0, S, L, cum, lsum, out)
-    elif ebits == 11:
-        _dequant_binade(codes, n, w, 11, 52, e0, S, L, cum, lsum, out)
-    elif ebits == 8:
-        _dequant_binade(codes, n, w, 8, 7, e0, S, L, cum, lsum, out)
-    else:
-        _dequant_binade(codes, n, w, 5, 10, e0, S, L, cum, lsum, out)
-
+def to_f64_f32(words, w, out):
+    _to_f64(words, w, 8, 23, out)
 
 @njit(cache=True, nogil=True)
-def quant_uniform(words, xs, w, ebits, mbits, step, M, B, mode, bound, rel_exact, codes, exc):
-    """Codes of the uniform grid; ``exc[i] = 1`` where element i must be an exception. Returns the
-    number of exceptions."""
-    if ebits == 8 and mbits == 23:
-        return _quant_uniform(words, xs, w, 8, 23, step, M, B, mode, bound, rel_exact, codes, exc)
-    if ebits == 11:
-        return _quant_uniform(words, xs, w, 11, 52, step, M, B, mode, bound, rel_exact, codes, exc)
-    if ebits == 8:
-        return _quant_uniform(words, xs, w, 8, 7, step, M, B, mode, bound, rel_exact, codes, exc)
+def to_f64_f64(words, w, out):
+    _to_f64(words, w, 11, 52, out)
+
+@njit(cache=True, nogil=True)
+def dequant_uniform_f16(codes, n, w, step, M, B, out):
+    _dequant_uniform(codes, n, w, 5, 10, step, M, B, out)
+
+@njit(cache=True, nogil=True)
+def dequant_uniform_bf16(codes, n, w, step, M, B, out):
+    _dequant_uniform(codes, n, w, 8, 7, step, M, B, out)
+
+@njit(cache=True, nogil=True)
+def dequant_uniform_f32(codes, n, w, step, M, B, out):
+    _dequant_uniform(codes, n, w, 8, 23, step, M, B, out)
+
+@njit(cache=True, nogil=True)
+def dequant_uniform_f64(codes, n, w, step, M, B, out):
+    _dequant_uniform(codes, n, w, 11, 52, step, M, B, out)
+
+@njit(cache=True, nogil=True)
+def dequant_binade_f16(codes, n, w, e0, S, L, cum, lsum, out):
+    _dequant_binade(codes, n, w, 5, 10, e0, S, L, cum, lsum, out)
+
+@njit(cache=True, nogil=True)
+def dequant_binade_bf16(codes, n, w, e0, S, L, cum, lsum, out):
+    _dequant_binade(codes, n, w, 8, 7, e0, S, L, cum, lsum, out)
+
+@njit(cache=True, nogil=True)
+def dequant_binade_f32(codes, n, w, e0, S, L, cum, lsum, out):
+    _dequant_binade(codes, n, w, 8, 23, e0, S, L, cum, lsum, out)
+
+@njit(cache=True, nogil=True)
+def dequant_binade_f64(codes, n, w, e0, S, L, cum, lsum, out):
+    _dequant_binade(codes, n, w, 11, 52, e0, S, L, cum, lsum, out)
+
+@njit(cache=True, nogil=True)
+def quant_uniform_f16(words, xs, w, step, M, B, mode, bound, rel_exact, codes, exc):
     return _quant_uniform(words, xs, w, 5, 10, step, M, B, mode, bound, rel_exact, codes, exc)
 
+@njit(cache=True, nogil=True)
+def quant_uniform_bf16(words, xs, w, step, M, B, mode, bound, rel_exact, codes, exc):
+    return _quant_uniform(words, xs, w, 8, 7, step, M, B, mode, bound, rel_exact, codes, exc)
 
 @njit(cache=True, nogil=True)
-def quant_binade(words, xs, w, ebits, mbits, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc):
-    """Codes of the binade grid (see :func:`dequant_binade`); returns the number of exceptions."""
-    if ebits == 8 and mbits == 23:
-        return _quant_binade(words, xs, w, 8, 23, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc)
-    if ebits == 11:
-        return _quant_binade(words, xs, w, 11, 52, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc)
-    if ebits == 8:
-        return _quant_binade(words, xs, w, 8, 7, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc)
+def quant_uniform_f32(words, xs, w, step, M, B, mode, bound, rel_exact, codes, exc):
+    return _quant_uniform(words, xs, w, 8, 23, step, M, B, mode, bound, rel_exact, codes, exc)
+
+@njit(cache=True, nogil=True)
+def quant_uniform_f64(words, xs, w, step, M, B, mode, bound, rel_exact, codes, exc):
+    return _quant_uniform(words, xs, w, 11, 52, step, M, B, mode, bound, rel_exact, codes, exc)
+
+@njit(cache=True, nogil=True)
+def quant_binade_f16(words, xs, w, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc):
     return _quant_binade(words, xs, w, 5, 10, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc)
 
+@njit(cache=True, nogil=True)
+def quant_binade_bf16(words, xs, w, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc):
+    return _quant_binade(words, xs, w, 8, 7, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc)
 
 @njit(cache=True, nogil=True)
-def error_stats(src, dec, w, ebits, mbits, mode, bound, rel_exact):
-    """(max absolute error, max relative error, elements over the bound) of ``dec`` against
-    ``src`` (unsigned words). NaN, infinities and +-0.0 must match bit for bit; relative errors
-    are over nonzero finite elements."""
-    if ebits == 8 and mbits == 23:
-        return _error_stats(src, dec, w, 8, 23, mode, bound, rel_exact)
-    if ebits == 11:
-        return _error_stats(src, dec, w, 11, 52, mode, bound, rel_exact)
-    if ebits == 8:
-        return _error_stats(src, dec, w, 8, 7, mode, bound, rel_exact)
+def quant_binade_f32(words, xs, w, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc):
+    return _quant_binade(words, xs, w, 8, 23, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc)
+
+@njit(cache=True, nogil=True)
+def quant_binade_f64(words, xs, w, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc):
+    return _quant_binade(words, xs, w, 11, 52, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc)
+
+@njit(cache=True, nogil=True)
+def error_stats_f16(src, dec, w, mode, bound, rel_exact):
     return _error_stats(src, dec, w, 5, 10, mode, bound, rel_exact)
+
+@njit(cache=True, nogil=True)
+def error_stats_bf16(src, dec, w, mode, bound, rel_exact):
+    return _error_stats(src, dec, w, 8, 7, mode, bound, rel_exact)
+
+@njit(cache=True, nogil=True)
+def error_stats_f32(src, dec, w, mode, bound, rel_exact):
+    return _error_stats(src, dec, w, 8, 23, mode, bound, rel_exact)
+
+@njit(cache=True, nogil=True)
+def error_stats_f64(src, dec, w, mode, bound, rel_exact):
+    return _error_stats(src, dec, w, 11, 52, mode, bound, rel_exact)
+
+
+class _Kernels:
+    def __init__(self, suffix: str):
+        for name in ("to_f64", "dequant_uniform", "dequant_binade", "quant_uniform", "quant_binade",
+                     "error_stats"):
+            setattr(self, name, globals()[f"{name}_{suffix}"])
+
+
+_BY_DTYPE = {"F16": "f16", "BF16": "bf16", "F32": "f32", "F64": "f64"}
+_SETS: dict = {}
+
+
+def kernels(dtype: str) -> _Kernels:
+    """The entry points for ``dtype`` (F16, BF16, F32, F64): ``to_f64(words, w, out)``,
+    ``dequant_uniform(codes, n, w, step, M, B, out)``, ``dequant_binade(codes, n, w, e0, S, L, cum,
+    lsum, out)``, ``quant_uniform(words, xs, w, step, M, B, mode, bound, rel_exact, codes, exc)``,
+    ``quant_binade(words, xs, w, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc)`` and
+    ``error_stats(src, dec, w, mode, bound, rel_exact)``."""
+    if dtype not in _SETS:
+        _SETS[dtype] = _Kernels(_BY_DTYPE[dtype])
+    return _SETS[dtype]
