@@ -10,7 +10,9 @@
    ELF (F32 only: sign + round(|w| * 2^23) as a 24-bit code for |w| < 1, the rest kept with
    positions, identical tensors once, zstd-3 over the whole) and, where they install, zfp
    (fixed-accuracy mode = an absolute bound) and fpzip (kept bits = a relative bound); each
-   baseline's achieved max error is checked, and marked when it breaks the bound.
+   baseline's achieved max error is checked, and marked when it breaks the bound. At 2^-24,
+   both archives split by what they code (F32 tensors by size, other tensors, opaque bytes, the
+   index): where elves gains or loses against the published ELF.
 
     python bench/elf_bench.py                   # everything, markdown on stdout
     python bench/elf_bench.py --models minilm fall
@@ -228,34 +230,76 @@ def segments(folder: Path):
                 yield sf, seg, data, shape
 
 
-def reference_elf(folder: Path) -> int | None:
-    """Bytes of the published ELF (ELVES pipeline: dedup, ELF on F32, zstd-3 over the whole).
-    None when the model has no F32 tensors (the published code handles F32 only)."""
-    import xxhash
-    import zstandard
+def _size_class(dtype: str | None, nbytes: int) -> str:
+    """The row of the breakdown table a segment falls in."""
+    if dtype is None:
+        return "opaque bytes"
+    if dtype != "F32":
+        return f"{dtype} tensors"
+    return "F32 tensors >= 64 KiB" if nbytes >= 65536 else (
+        "F32 tensors 4-64 KiB" if nbytes >= 4096 else "F32 tensors < 4 KiB")
 
-    parts: list[bytes] = []
+
+def reference_parts(folder: Path):
+    """(size class, dtype, hash, bytes) that the published ELF (the ELVES pipeline: dedup, ELF
+    on F32) hands to zstd-3, in order: a deduplicated F32 tensor becomes sign + round(|w| 2^23)
+    as 24-bit codes for |w| < 1, then the other elements' positions and values; anything else
+    goes as it is. Repeated tensors are left out (hash None marks opaque bytes, never deduped)."""
+    import xxhash
+
     seen: set[tuple] = set()
-    f32 = False
-    for sf, seg, data, _ in segments(folder):
+    for _, seg, data, _ in segments(folder):
         key = (seg.dtype, xxhash.xxh3_128_hexdigest(data))
         if seg.dtype is not None and key in seen:
             continue
         seen.add(key)
+        cls = _size_class(seg.dtype, seg.length)
         if seg.dtype != "F32":
-            parts.append(data)
+            yield cls, seg.dtype, key[1], data
             continue
-        f32 = True
         x = np.frombuffer(data, np.float32)
         with np.errstate(invalid="ignore"):
             q = np.rint(np.abs(x).astype(np.float64) * 2 ** 23)
         ok = np.isfinite(x) & (q < 2 ** 23)
         code = q[ok].astype(np.uint32) | (np.signbit(x[ok]).astype(np.uint32) << 23)
-        parts += [code.astype("<u4").view(np.uint8).reshape(-1, 4)[:, :3].tobytes(),
-                  np.flatnonzero(~ok).astype("<u4").tobytes(), x[~ok].tobytes()]
-    if not f32:
+        yield cls, seg.dtype, key[1], b"".join([
+            code.astype("<u4").view(np.uint8).reshape(-1, 4)[:, :3].tobytes(),
+            np.flatnonzero(~ok).astype("<u4").tobytes(), x[~ok].tobytes()])
+
+
+def reference_elf(folder: Path) -> int | None:
+    """Bytes of the published ELF: :func:`reference_parts`, zstd-3 over the whole. None when the
+    model has no F32 tensors (the published code handles F32 only)."""
+    import zstandard
+
+    parts = list(reference_parts(folder))
+    if not any(dtype == "F32" for _, dtype, _, _ in parts):
         return None
-    return len(zstandard.ZstdCompressor(level=3).compress(b"".join(parts)))
+    return len(zstandard.ZstdCompressor(level=3).compress(b"".join(p for _, _, _, p in parts)))
+
+
+def breakdown(folder: Path, archive: Path) -> dict[str, tuple[int, int]]:
+    """Where the bytes go: size class -> (bytes in the elves archive, bytes of the published ELF).
+    The published ELF's zstd-3 stream is flushed after each part to attribute its output, which
+    costs it a little (the rows sum to slightly more than its real size)."""
+    import zstandard
+    from elves.archive import ArchiveReader
+
+    with ArchiveReader(archive) as r:
+        stored = {(s.dtype, s.hash): s.stored_bytes for s in r.streams}
+        classes = {(s.dtype, s.hash): _size_class(s.dtype, s.nbytes) for s in r.streams}
+    out: dict[str, list[int]] = {}
+    for key, n in stored.items():
+        out.setdefault(classes[key], [0, 0])[0] += n
+    z = zstandard.ZstdCompressor(level=3).compressobj()
+    for cls, _, _, data in reference_parts(folder):
+        out.setdefault(cls, [0, 0])[1] += len(z.compress(data) + z.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
+    order = ["F32 tensors >= 64 KiB", "F32 tensors 4-64 KiB", "F32 tensors < 4 KiB"]
+    rows = {k: (out[k][0], out[k][1]) for k in sorted(out, key=lambda k: (
+        k == "opaque bytes", order.index(k) if k in order else len(order), k))}
+    # the published ELF is one zstd frame: its only overhead is the frame's end
+    rows["index, header, padding"] = (archive.stat().st_size - sum(stored.values()), len(z.flush()))
+    return rows
 
 
 def baseline(folder: Path, kind: str, spec: str) -> tuple[int, bool] | None:
@@ -347,6 +391,7 @@ def ratios(models: list[str], bounds: list[str], work: Path) -> list[str]:
                   "restore MB/s, 2^-24 | restore MB/s, rel:1e-2 |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
     rows, brows, srows, goals = [], [], [], []
+    parts: dict[str, dict[str, tuple[int, int]]] = {}
     for name in models:
         folder = DATA / name
         if not folder.exists():
@@ -367,6 +412,8 @@ def ratios(models: list[str], bounds: list[str], work: Path) -> list[str]:
             print(f"[elf_bench] {name}: {spec}", file=sys.stderr)
             r, c, d = timed_elves(folder, work, spec)
             by[spec] = (r, c, d)
+            if spec == "2^-24" and ref:
+                parts[name] = breakdown(folder, work / "m.elves")
             cells.append(f"{r:.3f}")
         gain = f"{by['2^-24'][0] / ref_ratio:.3f}x" if ref_ratio and "2^-24" in by else "n/a"
         if ref_ratio and "2^-24" in by:
@@ -386,6 +433,17 @@ def ratios(models: list[str], bounds: list[str], work: Path) -> list[str]:
     if goals:
         out.append(f"At 2^-24 on the F32 models, elves is {min(goals):.3f}x to {max(goals):.3f}x the published "
                    "ELF's ratio (the issue's goal: at least 1.07x on every model).")
+        out.append("")
+    if parts:
+        out += ["Where the bytes go at 2^-24 (kB): elves against the published ELF, by what they code. The "
+                "published ELF's zstd-3 stream is flushed after each part to attribute it, so its rows sum to "
+                "a little more than its size above. Tensors are counted once (deduplicated).", "",
+                "| model | part | elves kB | published ELF kB | elves / published |",
+                "| --- | --- | ---: | ---: | ---: |"]
+        for name, bd in parts.items():
+            for cls, (ours, theirs) in bd.items():
+                rel = f"{ours / theirs:.3f}" if theirs >= 1000 else "n/a"
+                out.append(f"| {name} | {cls} | {ours / 1e3:.1f} | {theirs / 1e3:.1f} | {rel} |")
         out.append("")
     out += ["Other error-bounded coders on the same models (F32/F64 tensors; the rest zstd-3; identical "
             "tensors once): zfp in fixed-accuracy mode (tolerance = the absolute bound), fpzip keeping "

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from elves.archive import MAGIC, ArchiveReader, Stream
+from elves.archive import MAGIC, ArchiveReader, Stream, safe_relpath
 from elves.codecs import Pipeline
 from elves.errors import (
     ArchiveError,
@@ -30,6 +30,7 @@ from elves.errors import (
     BaseRequiredError,
     InputError,
 )
+from elves.model import SourceFile
 
 READ_PIECE = 8 << 20
 
@@ -78,12 +79,15 @@ class BaseModel:
 
     def __init__(self, path: Path):
         self.path = path
-        self.segments: list[BaseSegment] = []
-        self.tensors: list[BaseTensor] = []
+        self._segments: list[BaseSegment] = []
+        self._tensors: list[BaseTensor] = []
         self._by_hash: dict[str, BaseSegment] | None = None
         self._lock = threading.Lock()
 
     # -- what the subclasses provide
+    def _load(self) -> None:
+        """Make ``segments`` and ``tensors`` complete (a subclass that reads them lazily)."""
+
     def _hash(self, wanted: Callable[[BaseSegment], bool], with_sha256: bool) -> None:
         raise NotImplementedError
 
@@ -94,13 +98,31 @@ class BaseModel:
         """What the index records about the base model as a whole: its files and their sha256."""
         raise NotImplementedError
 
+    def file_offset(self, seg: BaseSegment) -> int | None:
+        """Where ``seg``'s bytes start in its file, for a base that is a model file or folder."""
+        return None
+
+    def locate(self, refs: list[dict[str, Any]]) -> None:
+        """Find recorded references cheaply where the index says they were, before ``check``."""
+
     def close(self) -> None:
         pass
 
     # -- shared
+    @property
+    def segments(self) -> list[BaseSegment]:
+        self._load()
+        return self._segments
+
+    @property
+    def tensors(self) -> list[BaseTensor]:
+        self._load()
+        return self._tensors
+
     def hash_segments(self, nbytes: Iterable[int] | None = None, with_sha256: bool = False) -> None:
         """Hash the segments (only those of the given lengths, when given) that are not hashed yet."""
         lengths = set(nbytes) if nbytes is not None else None
+        self._load()
         self._hash(lambda s: s.hash is None and (lengths is None or s.nbytes in lengths), with_sha256)
         self._by_hash = None
 
@@ -108,7 +130,7 @@ class BaseModel:
     def by_hash(self) -> dict[str, BaseSegment]:
         if self._by_hash is None:
             self._by_hash = {}
-            for s in self.segments:
+            for s in self._segments:
                 if s.hash is not None:
                     self._by_hash.setdefault(s.hash, s)
         return self._by_hash
@@ -130,9 +152,13 @@ class BaseModel:
 
     def check(self, refs: list[dict[str, Any]]) -> None:
         """Raise :class:`BaseMismatchError` unless every recorded reference is in this base,
-        byte for byte (its xxh3-128 and length). Hashes only what it has to."""
-        self.hash_segments({int(r["nbytes"]) for r in refs})
+        byte for byte (its xxh3-128 and length). Hashes only what it has to: the recorded places
+        first, then, for what is not there, every segment of a recorded length."""
+        self.locate(refs)
         missing = [r for r in refs if self.find(r["hash"], int(r["nbytes"])) is None]
+        if missing:
+            self.hash_segments({int(r["nbytes"]) for r in missing})
+            missing = [r for r in missing if self.find(r["hash"], int(r["nbytes"])) is None]
         if not missing:
             return
         r = missing[0]
@@ -156,54 +182,119 @@ class BaseModel:
 
 
 class ModelBase(BaseModel):
-    """A base given as a model file or folder, read through elves' readers."""
+    """A base given as a model file or folder, read through elves' readers.
+
+    Parsing a checkpoint can cost more than restoring the fine-tune (a pickle of millions of
+    opcodes), so it is done only when needed: to match tensors by name (compress), or when a
+    referenced tensor is not found at the offset the archive recorded (:meth:`locate`).
+    """
 
     def __init__(self, path: Path):
-        from elves.readers import read_model
-
         super().__init__(path)
-        self.files, single = read_model(path)
-        self.kind = "file" if single else "folder"
+        if not (path.is_file() or path.is_dir()):
+            raise InputError("no such file or folder", path)
+        self.kind = "file" if path.is_file() else "folder"
+        self._files: list[SourceFile] | None = None
+        self._paths: list[Path] = []           # file number (``loc[0]``) -> path
+        self._numbers: dict[Path, int] = {}
         self._fds: dict[int, int] = {}
         self._sha256: dict[int, str] = {}
-        for fi, sf in enumerate(self.files):
+
+    def _number(self, path: Path) -> int:
+        if path not in self._numbers:
+            self._numbers[path] = len(self._paths)
+            self._paths.append(path)
+        return self._numbers[path]
+
+    def _load(self) -> None:
+        if self._files is not None:
+            return
+        from elves import dtypes
+        from elves.readers import read_model
+
+        self._files, _ = read_model(self.path)
+        located = {s.loc: s for s in self._segments}
+        self._segments = []
+        for sf in self._files:
+            fi = self._number(sf.path)
             segs: dict[int, BaseSegment] = {}
             for si, s in enumerate(sf.segments):
                 if s.dtype is not None and s.length:
-                    segs[si] = BaseSegment(s.dtype, s.length, sf.relpath, (fi, s.offset))
-                    self.segments.append(segs[si])
+                    seg = located.get((fi, s.offset))
+                    if seg is None or seg.nbytes != s.length:
+                        seg = BaseSegment(s.dtype, s.length, sf.relpath, (fi, s.offset))
+                    seg.dtype, seg.names = s.dtype, []
+                    segs[si] = seg
+                    self._segments.append(seg)
             for t in sf.tensors:
                 seg = segs.get(t.segment)
                 if seg is None:
                     continue
                 count = int(np.prod(t.shape, dtype=np.int64)) if t.shape else 1
-                from elves import dtypes
-
                 size = count * dtypes.get(t.dtype).itemsize if t.dtype in dtypes.DTYPES else -1
                 exact = t.offset == 0 and t.strides is None and size == seg.nbytes
                 seg.names.append(t.name)
-                self.tensors.append(BaseTensor(t.name, t.dtype, tuple(t.shape), seg, exact))
+                self._tensors.append(BaseTensor(t.name, t.dtype, tuple(t.shape), seg, exact))
+        self._by_hash = None
+
+    def locate(self, refs: list[dict[str, Any]]) -> None:
+        """Hash each reference's bytes at its recorded ``offset`` in its ``file`` (the given file,
+        for a single-file base) and keep those that match; the rest are left to a full parse."""
+        if self._files is not None:
+            return
+        for r in refs:
+            offset, nbytes, digest = r.get("offset"), r.get("nbytes"), r.get("hash")
+            if type(offset) is not int or type(nbytes) is not int or not isinstance(digest, str) \
+                    or offset < 0 or nbytes <= 0 or self.find(digest, nbytes) is not None:
+                continue
+            if self.kind == "file":
+                path = self.path
+            else:
+                try:
+                    path = self.path / safe_relpath(r.get("file"), self.path)
+                except ArchiveError:
+                    continue
+            try:
+                if offset + nbytes > path.stat().st_size:
+                    continue
+            except OSError:
+                continue
+            seg = BaseSegment(str(r.get("dtype")), nbytes, str(r.get("file")), (self._number(path), offset),
+                              names=[str(r.get("name", ""))])
+            if self._xxh3(seg) == digest:
+                seg.hash = digest
+                self._segments.append(seg)
+                self._by_hash = None
 
     def _fd(self, fi: int) -> int:
         with self._lock:
             if fi not in self._fds:
                 try:
-                    self._fds[fi] = os.open(self.files[fi].path, os.O_RDONLY)
+                    self._fds[fi] = os.open(self._paths[fi], os.O_RDONLY)
                 except OSError as e:
-                    raise InputError(f"cannot read the base model: {e.strerror}", self.files[fi].path) from None
+                    raise InputError(f"cannot read the base model: {e.strerror}", self._paths[fi]) from None
             return self._fds[fi]
 
     def _pread(self, fi: int, offset: int, length: int) -> bytes:
         data = os.pread(self._fd(fi), length, offset)
         if len(data) != length:
-            raise InputError("the base model file changed or shrank while it was being read", self.files[fi].path)
+            raise InputError("the base model file changed or shrank while it was being read", self._paths[fi])
         return data
 
+    def _xxh3(self, seg: BaseSegment) -> str:
+        fi, start = seg.loc
+        h = xxhash.xxh3_128()
+        for off in range(start, start + seg.nbytes, READ_PIECE):
+            h.update(self._pread(fi, off, min(READ_PIECE, start + seg.nbytes - off)))
+        return h.hexdigest()
+
     def _hash(self, wanted: Callable[[BaseSegment], bool], with_sha256: bool) -> None:
+        assert self._files is not None
         by_file: dict[int, dict[int, BaseSegment]] = {}
-        for s in self.segments:
+        for s in self._segments:
             by_file.setdefault(s.loc[0], {})[s.loc[1]] = s
-        for fi, sf in enumerate(self.files):
+        for sf in self._files:
+            fi = self._numbers[sf.path]
             mine = by_file.get(fi, {})
             if with_sha256 and fi not in self._sha256:
                 sha = hashlib.sha256()
@@ -221,19 +312,20 @@ class ModelBase(BaseModel):
                 continue
             for b in mine.values():
                 if wanted(b):
-                    h = xxhash.xxh3_128()
-                    for off in range(b.loc[1], b.loc[1] + b.nbytes, READ_PIECE):
-                        h.update(self._pread(fi, off, min(READ_PIECE, b.loc[1] + b.nbytes - off)))
-                    b.hash = h.hexdigest()
+                    b.hash = self._xxh3(b)
 
     def _read_segment(self, seg: BaseSegment, offset: int, length: int) -> np.ndarray:
         return np.frombuffer(self._pread(seg.loc[0], seg.loc[1] + offset, length), dtype=np.uint8)
 
+    def file_offset(self, seg: BaseSegment) -> int | None:
+        return seg.loc[1]
+
     def summary(self) -> dict[str, Any]:
         self.hash_segments([], with_sha256=True)
+        assert self._files is not None
         return {"source": self.kind,
-                "files": [{"path": sf.relpath, "size": sf.size, "sha256": self._sha256[fi]}
-                          for fi, sf in enumerate(self.files)]}
+                "files": [{"path": sf.relpath, "size": sf.size, "sha256": self._sha256[self._numbers[sf.path]]}
+                          for sf in self._files]}
 
     def close(self) -> None:
         with self._lock:

@@ -45,21 +45,21 @@ from elves.errors import CodecError, CorruptArchiveError
 
 _WORD = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
-# _NEAR[e] = the 256 byte values in order of distance from e, lower first: the default ranking.
-_NEAR = np.argsort(np.abs(np.arange(256)[None, :] - np.arange(256)[:, None]) * 512 + np.arange(256)[None, :],
-                   axis=1, kind="stable").astype(np.uint8)
+# NEAR[e] = the 256 byte values in order of distance from e, lower first: the default ranking.
+NEAR = np.argsort(np.abs(np.arange(256)[None, :] - np.arange(256)[:, None]) * 512 + np.arange(256)[None, :],
+                  axis=1, kind="stable").astype(np.uint8)
 
 
 @functools.lru_cache(maxsize=256)
-def _rank_tables(remap: tuple[tuple[int, tuple[int, ...]], ...]) -> tuple[np.ndarray, np.ndarray]:
+def rank_tables(remap: tuple[tuple[int, tuple[int, ...]], ...]) -> tuple[np.ndarray, np.ndarray]:
     """rank[e, v] (the code of fine-tune value v given base value e) and its inverse inv[e, k]."""
-    order = _NEAR.copy()
+    order = NEAR.copy()
     for e, vals in remap:
         if not 0 <= e < 256 or len(set(vals)) != len(vals) or any(not 0 <= v < 256 for v in vals):
             raise CodecError(f"xor: invalid remap entry for {e}")
         rest = np.ones(256, dtype=bool)
         rest[list(vals)] = False
-        order[e] = np.concatenate([np.array(vals, dtype=np.uint8), _NEAR[e][rest[_NEAR[e]]]])
+        order[e] = np.concatenate([np.array(vals, dtype=np.uint8), NEAR[e][rest[NEAR[e]]]])
     rank = np.argsort(order, axis=1, kind="stable").astype(np.uint8)
     return rank, order
 
@@ -108,7 +108,7 @@ class Xor(Codec):
                 raise CodecError("xor: remap must be a list of [value, [values...]]") from None
             self.shift = 8 * self.width - 9
             self.mask &= ~(0xFF << self.shift)  # that byte is ranked, never XORed
-            self._rank, self._inv = _rank_tables(self.remap)
+            self._rank, self._inv = rank_tables(self.remap)
         self._full = self.mask == full
 
     def get_config(self) -> Config:
@@ -150,17 +150,20 @@ class Xor(Codec):
     def encode(self, data: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
         if ref is None:
             raise CodecError("xor needs the reference chunk")
-        x = self._apply(data, ref, None)
         if not self.sparse:
-            return x
-        if x.shape[0] % self.width:
+            return self._apply(data, ref, None)
+        from .kernels import xor_sparse
+
+        data = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
+        if data.shape[0] % self.width:
             raise CodecError("sparse xor needs a whole number of elements")
-        words = x.view(_WORD[self.width])
-        keep = words != 0
-        bitmap = np.zeros(self._bitmap_bytes(words.shape[0]), dtype=np.uint8)
-        packed = np.packbits(keep, bitorder="little")
-        bitmap[:packed.shape[0]] = packed
-        return np.concatenate([bitmap, words[keep].view(np.uint8)])
+        word, n = _WORD[self.width], data.shape[0] // self.width
+        m = min(n, ref.shape[0] // self.width)
+        nb = self._bitmap_bytes(n)
+        out = np.empty(nb + data.shape[0], dtype=np.uint8)
+        out[:nb] = 0
+        k = xor_sparse(data.view(word), ref[:m * self.width].view(word), self.mask, out[:nb], out[nb:].view(word))
+        return out[:nb + k * self.width]
 
     def decode(self, data: np.ndarray | None, out: np.ndarray | None = None,
                ref: np.ndarray | None = None) -> np.ndarray:
@@ -170,20 +173,25 @@ class Xor(Codec):
         if data is None or self.sparse:
             if out is None:
                 raise CodecError("xor must be the first codec of its pipeline")
-            x = np.zeros(out.shape[0], dtype=np.uint8)
-            if data is not None:
-                self._unsparse(np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data, x)
-            data = x
+            if data is None:
+                return self._apply(np.zeros(out.shape[0], dtype=np.uint8), ref, out, inverse=True)
+            return self._unsparse(np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data,
+                                  ref, out)
         return self._apply(data, ref, out, inverse=True)
 
-    def _unsparse(self, data: np.ndarray, x: np.ndarray) -> None:
-        word = _WORD[self.width]
-        n = x.shape[0] // self.width
+    def _unsparse(self, data: np.ndarray, ref: np.ndarray, out: np.ndarray) -> np.ndarray:
+        from .kernels import xor_unsparse
+
+        word, n = _WORD[self.width], out.shape[0] // self.width
         nb = self._bitmap_bytes(n)
-        if x.shape[0] % self.width or data.shape[0] < nb:
+        if out.shape[0] % self.width or data.shape[0] < nb:
             raise CorruptArchiveError("sparse xor: the chunk is shorter than its bitmap")
-        keep = np.unpackbits(data[:nb], count=n, bitorder="little").view(bool)
         values = data[nb:]
-        if values.shape[0] != int(np.count_nonzero(keep)) * self.width:
+        m = min(n, ref.shape[0] // self.width)
+        count = -1
+        if values.shape[0] % self.width == 0:
+            count = xor_unsparse(data[:nb], values.view(word), ref[:m * self.width].view(word), self.mask,
+                                 out.view(word))
+        if count * self.width != values.shape[0]:
             raise CorruptArchiveError("sparse xor: the bitmap does not match the number of elements")
-        x.view(word)[keep] = values.view(word)
+        return out

@@ -11,19 +11,19 @@ Matching, in order:
    along other dimensions (the base sits at the origin of the new shape); the new elements pass
    the filter unchanged and are coded on their own.
 
-The choice is measured, not guessed: a few chunks (the first, the middle and the last) are
-encoded standalone and XORed against each candidate, and the per-plane sizes that the ``rans``
-container records decide, plane by plane, whether XOR helps (the ``mask`` of the ``xor`` codec).
-The sparse form (unchanged elements dropped, a bitmap instead) and the ranked exponent (the
-fine-tune's exponent coded given the base's, with a table built from the same sample) are
-measured too; the cheapest wins, table included. A tensor where nothing beats the standalone
-codec is coded standalone. The sample costs 1 + 3 × candidates extra encodes of at most three
-chunks per matched tensor.
+The choice is measured, not guessed: a few windows of each tensor (the start, the middle and the
+end) are read with their references, and one pass of a numba kernel (``bitx.kernels``) counts
+the byte histograms of every way to code them: standalone, XORed (per ``planes`` plane), sparse
+(unchanged elements dropped, a bitmap instead) and ranked (the fine-tune's exponent given the
+base's, with a table built from the same counts). Their order-0 entropies, plus what ``rans``
+pays per chunk for tables and lanes, estimate each option's size, plane by plane: the planes
+where XOR helps make the ``mask`` of the ``xor`` codec, and the cheapest option wins, table
+included. A tensor where nothing beats the standalone codec is coded standalone. Nothing is
+encoded to decide, so planning costs a small fraction of encoding.
 """
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -38,7 +38,8 @@ from elves.codecs.rans import Rans
 from elves.model import Segment, SourceFile
 
 from .base import BaseModel, BaseSegment, BaseTensor, normalize, reference
-from .codec import Xor
+from .codec import NEAR, Xor
+from .kernels import rank_counts, sample_stats
 
 WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 MIN_DELTA_BYTES = 128        # smaller tensors cost more as a reference than as bytes
@@ -69,16 +70,6 @@ class Delta:
     read: Callable[[int, int], np.ndarray]  # (offset, length) in the segment -> reference bytes
 
 
-def plane_sizes(payload: np.ndarray | bytes, width: int) -> list[int]:
-    """Bytes per plane of a ``rans`` chunk container (docs/FORMAT.md); all zero for an empty one."""
-    if len(payload) == 0:
-        return [0] * width
-    buf = bytes(payload[:8 + 4 * width])
-    n_planes = buf[6]
-    offsets = list(struct.unpack_from(f"<{n_planes}I", buf, 8)) + [len(payload)]
-    return [offsets[i + 1] - offsets[i] for i in range(n_planes)]
-
-
 def plane_mask(use: list[bool], width: int, rotate: bool) -> int:
     """The word mask that XORs exactly the byte planes marked in ``use`` (plane 0 = top byte of
     the rotated word); planes rotate left by one bit, so the mask is rotated right by one."""
@@ -92,40 +83,72 @@ def plane_mask(use: list[bool], width: int, rotate: bool) -> int:
     return m
 
 
-def top_byte_joint(raw: np.ndarray, ref: np.ndarray, width: int) -> np.ndarray:
-    """Counts of (base, fine-tune) values of the byte below the sign bit, over the overlap."""
-    word = {2: np.uint16, 4: np.uint32, 8: np.uint64}[width]
-    n = min(raw.shape[0], ref.shape[0]) // width * width
-    shift = word(8 * width - 9)
-    a = (raw[:n].view(word) >> shift) & word(0xFF)
-    r = (ref[:n].view(word) >> shift) & word(0xFF)
-    return np.bincount(r.astype(np.intp) * 256 + a.astype(np.intp), minlength=65536).reshape(256, 256)
+def ranked(joint: np.ndarray, min_count: int = 2) -> tuple[list[list], np.ndarray]:
+    """The ``remap`` table of the ``xor`` codec for the counts ``joint[base value, fine-tune
+    value]`` of the byte below the sign: per base value, the fine-tune values seen at least
+    ``min_count`` times, most frequent first (the rest keep the default order); and the
+    histogram of the codes that table gives those counts."""
+    order = np.empty((256, 256), dtype=np.uint8)
+    listed = np.zeros(256, dtype=np.int64)
+    codes = np.zeros(256, dtype=np.int64)
+    rank_counts(joint, NEAR, min_count, order, listed, codes)
+    return [[e, order[e, :listed[e]].tolist()] for e in np.flatnonzero(listed).tolist()], codes
 
 
 def ranking(joint: np.ndarray, min_count: int = 2) -> list[list]:
-    """The ``remap`` table of the ``xor`` codec: per base value, the fine-tune values seen at
-    least ``min_count`` times, most frequent first (the rest keep the default order)."""
-    from .codec import _NEAR
-
-    out = []
-    for e in np.nonzero(joint.sum(axis=1))[0].tolist():
-        row = joint[e]
-        order = np.argsort(-row, kind="stable")
-        vals = order[row[order] >= min_count].tolist()
-        near = _NEAR[e].tolist()
-        while vals:  # drop a tail that the default order (by distance from e) gives anyway
-            listed = set(vals[:-1])
-            if next(v for v in near if v not in listed) != vals[-1]:
-                break
-            vals.pop()
-        if vals:
-            out.append([e, vals])
-    return out
+    """The ``remap`` table alone (see :func:`ranked`)."""
+    return ranked(joint, min_count)[0]
 
 
 def table_bytes(remap: list[list] | None) -> int:
     """About what a remap table adds to the (msgpack) index."""
     return 0 if not remap else sum(3 + len(vals) for _, vals in remap)
+
+
+def estimate(hist: np.ndarray, chunks: float, lanes: int) -> np.ndarray:
+    """Estimated ``rans`` bytes of planes with byte histograms ``hist`` (..., 256) that stand
+    for ``chunks`` chunks: the order-0 entropy, plus the frequency table and the lane states
+    each chunk pays; a constant plane costs 2 bytes a chunk, and none more than stored raw."""
+    h = hist.astype(np.float64)
+    n = h.sum(axis=-1)
+    k = np.count_nonzero(hist, axis=-1)
+    plogp = (h * np.log2(np.where(h > 0, h, 1.0))).sum(axis=-1)
+    bits = n * np.log2(np.maximum(n, 1.0)) - plogp
+    coded = bits / 8 + (3 * k + 8 * lanes + 8) * chunks
+    return np.where(k <= 1, 2 * chunks, np.minimum(coded, n + chunks))
+
+
+class Sample:
+    """Byte histograms of sample windows of one fine-tuned tensor against one reference, as
+    ``bitx.kernels.sample_stats`` counts them (see there)."""
+
+    def __init__(self, width: int, rotate: bool):
+        self.width, self.rotate = width, rotate
+        self.std = np.zeros((width, 256), dtype=np.int64)
+        self.xor = np.zeros((width, 256), dtype=np.int64)
+        self.bitmap = np.zeros((width, 256), dtype=np.int64)
+        self.joint = np.zeros((256, 256), dtype=np.int64)
+        self.tail = np.zeros(256, dtype=np.int64)
+        self.elems = 0
+        self.nonzero = 0
+
+    def add(self, raw: np.ndarray, ref: np.ndarray) -> None:
+        """Count one window: ``raw`` and ``ref`` bytes (``ref`` may be shorter)."""
+        word = WORDS[self.width]
+        n = raw.shape[0] // self.width
+        a = raw[:n * self.width].view(word)
+        r = ref[:min(ref.shape[0] // self.width, n) * self.width].view(word)
+        self.nonzero += sample_stats(a, r, self.width, self.rotate, self.std, self.xor, self.bitmap,
+                                     self.joint, self.tail)
+        self.elems += n
+
+    @property
+    def sparse(self) -> np.ndarray:
+        """Per plane, the histogram of what the sparse form codes: the bitmap's words and the
+        nonzero XORed words (the XORed words less the zero ones, a zero byte in every plane)."""
+        out = self.bitmap + self.xor
+        out[:, 0] -= self.elems - self.nonzero
+        return out
 
 
 class DeltaPlanner:
@@ -169,7 +192,7 @@ class DeltaPlanner:
 
     def choose(self, seg: Segment, standalone: Pipeline, chunk_elems: int, cands: list[Cand],
                read: Callable[[int, int], bytes]) -> Delta | None:
-        """Measure the candidates on sample chunks; the cheapest delta, or None for standalone."""
+        """Estimate every option on sample windows; the cheapest delta, or None for standalone."""
         if not cands or not standalone.codecs or not isinstance(standalone.codecs[0], Planes):
             return None
         planes: Planes = standalone.codecs[0]
@@ -182,49 +205,37 @@ class DeltaPlanner:
         else:
             last = (seg.length - SAMPLE_BYTES) // width * width
             picks = [(0, SAMPLE_BYTES), (last // 2 // width * width, SAMPLE_BYTES), (last, SAMPLE_BYTES)]
-        sparse_ok = seg.length % width == 0
         remap_ok = dtypes.get(seg.dtype).is_float and width >= 2 and planes.rotate
-        std = np.zeros(width, dtype=np.int64)
-        xor = np.zeros((len(cands), width), dtype=np.int64)    # per plane, every bit XORed
-        sparse = np.zeros(len(cands), dtype=np.int64)          # total, unchanged elements dropped
-        sparse_tried = np.full(len(cands), sparse_ok)
-        ranked = np.zeros(len(cands), dtype=np.int64)          # plane 0, ranked given the base's
-        joint = np.zeros((len(cands), 256, 256), dtype=np.int64)
-
-        def size(x: np.ndarray) -> np.ndarray:
-            return np.array(plane_sizes(rans.encode(planes.encode(x)) if x.any() else b"", width))
-
-        samples = []
+        refs = [reference(self.base, cand.xor(seg.dtype)) for cand in cands]
+        samples = [Sample(width, planes.rotate) for _ in cands]
         for off, length in picks:
             raw = np.frombuffer(read(seg.offset + off, length), dtype=np.uint8)
-            refs = [reference(self.base, cand.xor(seg.dtype))(off, raw.shape[0]) for cand in cands]
-            samples.append((raw, refs))
-            std += size(raw)
-            for c, cand in enumerate(cands):
-                x = cand.xor(seg.dtype).encode(raw, ref=refs[c])
-                xor[c] += size(x)
-                # dropping unchanged elements pays when they would cost more than their bitmap bit
-                if sparse_tried[c]:
-                    zeros = np.count_nonzero(x.view(WORDS[width]) == 0) / max(1, x.shape[0] // width)
-                    sparse_tried[c] = zeros * 8 * width > 1.5
-                if sparse_tried[c]:
-                    sparse[c] += size(cand.xor(seg.dtype, sparse=True).encode(raw, ref=refs[c])).sum()
-                if remap_ok:
-                    joint[c] += top_byte_joint(raw, refs[c], width)
-        remaps = [ranking(joint[c]) if remap_ok else None for c in range(len(cands))]
+            for sample, ref in zip(samples, refs):
+                sample.add(raw, ref(off, raw.shape[0]))
+        if samples[0].elems == 0:
+            return None
+        # every option's planes, estimated in one call: standalone, then per candidate XORed,
+        # sparse and the ranked top byte
+        n, width_c = len(cands), width * len(cands)
+        remaps: list[list | None] = [None] * n
+        hists = [samples[0].std] + [s.xor for s in samples] + [s.sparse for s in samples]
         if remap_ok:
-            for raw, refs in samples:
-                for c, cand in enumerate(cands):
-                    ranked[c] += size(cand.xor(seg.dtype, remap=remaps[c]).encode(raw, ref=refs[c]))[0]
-        rest = np.minimum(xor, std[None, :])
-        masked = rest.sum(axis=1)
-        options = [(int(std.sum()), "std", -1)]
-        options += [(int(masked[c]), "mask", c) for c in range(len(cands))]
-        options += [(int(sparse[c]), "sparse", c) for c in range(len(cands)) if sparse_tried[c]]
+            for c, s in enumerate(samples):
+                remaps[c], codes = ranked(s.joint)
+                hists.append((codes + s.tail)[None, :])
+        cost = estimate(np.concatenate(hists), samples[0].elems / chunk_elems, rans.lanes)
+        std, xor = cost[:width], cost[width:width + width_c].reshape(n, width)
+        sparse = cost[width + width_c:width + 2 * width_c].reshape(n, width).sum(axis=1)
+        rest = np.minimum(xor, std[None, :])  # each plane XORed where that helps
+        options = [(float(std.sum()), "std", -1)]
+        options += [(float(rest[c].sum()), "mask", c) for c in range(n)]
+        if seg.length % width == 0:
+            options += [(float(sparse[c]), "sparse", c) for c in range(n)]
         if remap_ok:  # the table is paid once per tensor; the sample stands for the whole tensor
             scale = sum(length for _, length in picks) / seg.length
-            options += [(int(ranked[c] + rest[c, 1:].sum() + table_bytes(remaps[c]) * scale), "remap", c)
-                        for c in range(len(cands))]
+            top = cost[width + 2 * width_c:]
+            options += [(float(top[c] + rest[c, 1:].sum()) + table_bytes(remaps[c]) * scale, "remap", c)
+                        for c in range(n)]
         _, kind, c = min(options, key=lambda o: o[0])
         if kind == "std":
             return None
@@ -280,6 +291,9 @@ class DeltaPlanner:
                     assert seg is not None
                     refs[c["ref_hash"]] = {"name": seg.names[0] if seg.names else "", "file": seg.file,
                                            "dtype": seg.dtype, "nbytes": seg.nbytes, "hash": seg.hash}
+                    offset = self.base.file_offset(seg)
+                    if offset is not None:  # lets restore find it without parsing the base
+                        refs[c["ref_hash"]]["offset"] = offset
         if not refs:
             return None
         return {"model": self.base.summary(), "tensors": list(refs.values())}

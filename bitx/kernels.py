@@ -1,9 +1,10 @@
-"""numba kernels for the ``xor`` codec's ranked byte (``remap``): one pass per chunk, GIL released.
-
-numpy needs five temporaries and a gather for it; this loop does it in registers.
+"""numba kernels for BitX, GIL released: the ``xor`` codec's ranked byte (``remap``) and sparse form,
+one pass per chunk each (numpy needs several temporaries, a gather or a scatter for them; these
+loops work in registers), and the planner's histograms of sample windows.
 """
 from __future__ import annotations
 
+import numpy as np
 from numba import njit
 
 
@@ -23,3 +24,136 @@ def xor_ranked(a, r, mask, shift, table, out):
         e = (rv >> s) & ff
         v = (av >> s) & ff
         out[i] = o | (a.dtype.type(table[e, v]) << s)
+
+
+@njit(cache=True, nogil=True)
+def sample_stats(a, r, w, rotate, std, xor, bitmap, joint, tail):
+    """Byte histograms of one sample window, for the planner to estimate coded sizes without
+    coding. ``a``: the fine-tune's words; ``r``: the reference words (possibly fewer: the words
+    past it have no reference). Per rotated byte plane (as ``planes`` splits them): ``std`` of
+    the words, ``xor`` of the XORed words, ``bitmap`` of the sparse form's bitmap words (the
+    sparse form codes those and the nonzero XORed words). For ``w >= 2``, ``joint[base,
+    fine-tune]`` counts the byte below the sign bit over the words with a reference and
+    ``tail`` that byte over the rest. Returns the number of nonzero XORed words."""
+    n = a.shape[0]
+    m = min(n, r.shape[0])
+    nbits = 8 * w
+    full = np.uint64(0xFFFFFFFFFFFFFFFF) >> np.uint64(64 - nbits)
+    top = np.uint64(max(nbits - 9, 0))
+    ff = np.uint64(0xFF)
+    one = np.uint64(1)
+    back = np.uint64(nbits - 1)
+    group = nbits  # elements per bitmap word
+    bits = np.uint64(0)
+    zeros = 0
+    for i in range(n):
+        av = np.uint64(a[i])
+        rv = np.uint64(r[i]) if i < m else np.uint64(0)
+        x = av ^ rv
+        if x == 0:
+            zeros += 1
+        else:
+            bits |= one << np.uint64(i % group)
+        if rotate:
+            ra = ((av << one) | (av >> back)) & full
+            x = ((x << one) | (x >> back)) & full
+        else:
+            ra = av
+        for p in range(w):
+            sh = np.uint64(8 * (w - 1 - p))
+            std[p, (ra >> sh) & ff] += 1
+            xor[p, (x >> sh) & ff] += 1
+        if i % group == group - 1 or i == n - 1:
+            if rotate:
+                bits = ((bits << one) | (bits >> back)) & full
+            for p in range(w):
+                bitmap[p, (bits >> np.uint64(8 * (w - 1 - p))) & ff] += 1
+            bits = np.uint64(0)
+        if w >= 2:
+            if i < m:
+                joint[(rv >> top) & ff, (av >> top) & ff] += 1
+            else:
+                tail[(av >> top) & ff] += 1
+    return n - zeros
+
+
+@njit(cache=True, nogil=True)
+def rank_counts(joint, near, min_count, order, listed, codes):
+    """The ranking behind ``remap`` (``bitx.delta.ranking``), from the counts ``joint[base value,
+    fine-tune value]``. For each base value ``e`` that has counts: ``order[e, :listed[e]]`` are
+    the fine-tune values seen at least ``min_count`` times, most frequent first (the lower value
+    first on a tie), less a tail that the default order ``near[e]`` gives anyway; then
+    ``order[e]`` goes on with the other values in ``near[e]``'s order. ``codes[k]`` gets the
+    counts of the values ranked ``k``: the histogram of the ranked byte."""
+    inlist = np.zeros(256, dtype=np.bool_)
+    for e in range(256):
+        row = joint[e]
+        listed[e] = 0
+        if row.sum() == 0:
+            continue
+        idx = np.argsort(-row, kind="mergesort")
+        k = 0
+        while k < 256 and row[idx[k]] >= min_count:
+            k += 1
+        while k > 0:  # the last listed value is where the default order would put it anyway
+            inlist[:] = False
+            for j in range(k - 1):
+                inlist[idx[j]] = True
+            first = 0
+            for j in range(256):
+                if not inlist[near[e, j]]:
+                    first = near[e, j]
+                    break
+            if first != idx[k - 1]:
+                break
+            k -= 1
+        listed[e] = k
+        inlist[:] = False
+        for j in range(k):
+            order[e, j] = idx[j]
+            inlist[idx[j]] = True
+        pos = k
+        for j in range(256):
+            v = near[e, j]
+            if not inlist[v]:
+                order[e, pos] = v
+                pos += 1
+        for j in range(256):
+            codes[j] += row[order[e, j]]
+
+
+@njit(cache=True, nogil=True)
+def xor_sparse(a, r, mask, bitmap, vals):
+    """The ``sparse`` form of ``a ^ (r & mask)`` (the words past ``r`` unchanged), in one pass:
+    bit ``i`` of ``bitmap`` (least significant first; it must come zeroed) is set where XORed
+    word ``i`` is not zero, and those words go to ``vals`` in order. Returns their
+    count."""
+    m = r.shape[0]
+    msk = a.dtype.type(mask)
+    k = 0
+    for i in range(a.shape[0]):
+        x = a[i] ^ (r[i] & msk) if i < m else a[i]
+        if x != 0:
+            bitmap[i >> 3] |= np.uint8(1 << (i & 7))
+            vals[k] = x
+            k += 1
+    return k
+
+
+@njit(cache=True, nogil=True)
+def xor_unsparse(bitmap, vals, r, mask, out):
+    """Inverse of :func:`xor_sparse` into the words ``out``. Returns how many values the bitmap
+    asks for; the caller checks that against ``vals``, which is never read past its end."""
+    m = r.shape[0]
+    msk = out.dtype.type(mask)
+    zero = out.dtype.type(0)
+    last = vals.shape[0] - 1
+    k = 0
+    for i in range(out.shape[0]):
+        bit = (bitmap[i >> 3] >> (i & 7)) & 1
+        # branch-free (the bitmap is as unpredictable as the fine-tune's changes)
+        x = vals[min(k, last)] if last >= 0 else zero
+        x = x if bit else zero
+        k += bit
+        out[i] = x ^ (r[i] & msk) if i < m else x
+    return k

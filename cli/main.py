@@ -3,7 +3,7 @@
 Exit codes: 0 success; 1 an unexpected elves error; 2 bad usage; 3 bad input model;
 4 damaged, truncated or unsupported archive (or verify found a mismatch); 5 output exists or
 cannot be written; 6 unknown codec or dtype; 7 the archive needs a base model (--base) and
-none, or a different one, was given.
+none, or a different one, was given; 8 a model store problem (``elves store``).
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import click
 EPILOG = """\b
 Exit codes: 0 ok, 2 usage, 3 bad input model, 4 damaged or unsupported archive
 (or verify failed), 5 output exists or cannot be written, 6 unknown codec or dtype,
-7 base model missing or not the one the archive was compressed against.
+7 base model missing or not the one the archive was compressed against,
+8 store problem (not a store, unknown model name).
 """
 
 
@@ -311,6 +312,10 @@ def verify(archive: Path, against: Path | None, threads: int | None, base: Path 
         if not rep.ok:
             sys.exit(4)
 
+
+from .store import store  # last: cli/store.py imports the helpers above
+
+main.add_command(store)
 
 if __name__ == "__main__":
     main()

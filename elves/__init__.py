@@ -21,6 +21,7 @@ from .errors import (
     InputError,
     OutputError,
     OutputExistsError,
+    StoreError,
     TruncatedArchiveError,
     UnsafePathError,
     UnsafePickleError,
@@ -32,5 +33,5 @@ __all__ = [
     "compress", "restore", "open", "load_file", "info", "verify",
     "ElvesError", "InputError", "UnsafePickleError", "ArchiveError", "TruncatedArchiveError",
     "CorruptArchiveError", "UnsupportedFormatError", "UnsafePathError", "OutputExistsError",
-    "OutputError", "CodecError", "BaseModelError", "BaseRequiredError", "BaseMismatchError",
+    "OutputError", "CodecError", "BaseModelError", "BaseRequiredError", "BaseMismatchError", "StoreError",
 ]

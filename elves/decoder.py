@@ -159,26 +159,35 @@ def restore(
     window = 2 * nthreads + 2
     with ArchiveReader(archive) as reader, ThreadPoolExecutor(nthreads) as pool:
         attach_base(reader, base)  # before anything is written: a missing or wrong base is an error
-        if reader.source_kind == "file" and len(reader.files) == 1:
-            entry = reader.files[0]
-            if dst.is_dir():
-                dst = dst / safe_relpath(entry["path"], reader.path).rsplit("/", 1)[-1]
-            if dst.exists() and not force:
-                raise OutputExistsError("already exists (use --force to overwrite)", dst)
-            if not dst.parent.is_dir():
-                raise OutputError("the folder to write into does not exist", dst.parent)
-            tmp = temp_sibling(dst)
-            try:
-                n = _write_file(reader, entry, tmp, pool, window, progress)
-                os.replace(tmp, dst)
-            finally:
-                tmp.unlink(missing_ok=True)
-            return RestoreSummary(dst, 1, n)
-        return _restore_folder(reader, dst, force, pool, window, progress)
+        single = reader.source_kind == "file" and len(reader.files) == 1
+        return write_files(dst, reader.files, single, force, reader.path,
+                           lambda entry, target: _write_file(reader, entry, target, pool, window, progress))
 
 
-def _restore_folder(reader: ArchiveReader, dst: Path, force: bool, pool: Executor, window: int,
-                    progress: ProgressFn | None) -> RestoreSummary:
+def write_files(dst: Path, entries: list[dict], single: bool, force: bool, source: Path,
+                write: Callable[[dict, Path], int]) -> RestoreSummary:
+    """Put a restored model at ``dst``: ``write(entry, target)`` writes the file of ``entry`` (an
+    index entry: ``path``, ``size``) to the temporary path ``target`` and returns its size.
+
+    A single-file model (``single``) goes to ``dst``, or into it when ``dst`` is a folder; a
+    folder model is written to a staging folder next to ``dst`` and moved in once every file is
+    complete. ``source`` (the archive or store) is what errors about unsafe names point at.
+    """
+    if single:
+        entry = entries[0]
+        if dst.is_dir():
+            dst = dst / safe_relpath(entry["path"], source).rsplit("/", 1)[-1]
+        if dst.exists() and not force:
+            raise OutputExistsError("already exists (use --force to overwrite)", dst)
+        if not dst.parent.is_dir():
+            raise OutputError("the folder to write into does not exist", dst.parent)
+        tmp = temp_sibling(dst)
+        try:
+            n = write(entry, tmp)
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return RestoreSummary(dst, 1, n)
     if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())) and not force:
         raise OutputExistsError("already exists and is not empty (use --force to overwrite)", dst)
     if dst.exists() and not dst.is_dir():
@@ -189,15 +198,15 @@ def _restore_folder(reader: ArchiveReader, dst: Path, force: bool, pool: Executo
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".elves-tmp", dir=parent))
     total = 0
     try:
-        for entry in reader.files:
-            rel = safe_relpath(entry["path"], reader.path)
+        for entry in entries:
+            rel = safe_relpath(entry["path"], source)
             target = staging / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            total += _write_file(reader, entry, target, pool, window, progress)
+            total += write(entry, target)
         if not dst.exists():
             os.replace(staging, dst)
         else:
-            for entry in reader.files:
+            for entry in entries:
                 final = dst / entry["path"]
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(staging / entry["path"], final)
@@ -205,4 +214,4 @@ def _restore_folder(reader: ArchiveReader, dst: Path, force: bool, pool: Executo
         raise OutputError(f"cannot write the restored model: {e.strerror}", dst) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return RestoreSummary(dst, len(reader.files), total)
+    return RestoreSummary(dst, len(entries), total)

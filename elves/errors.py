@@ -86,3 +86,10 @@ class CodecError(ElvesError):
     """A codec was asked to do something it cannot (unknown codec id, unknown dtype)."""
 
     exit_code = 6
+
+
+class StoreError(ElvesError):
+    """A model store cannot be used as asked: not a store, written by a newer elves, an unknown or
+    duplicate model name, or a base model that does not fit."""
+
+    exit_code = 8

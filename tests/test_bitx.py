@@ -94,20 +94,21 @@ def test_sparse_xor_drops_unchanged_elements() -> None:
 
 
 def test_ranked_exponent_codes_the_exponent_given_the_base() -> None:
-    from bitx.delta import ranking, top_byte_joint
+    from bitx.delta import Sample, ranking
 
     rng = np.random.default_rng(2)
     base = (rng.standard_normal(50000) * 0.02).astype(ml_dtypes.bfloat16)
     ft = (rng.standard_normal(50000) * 0.02).astype(ml_dtypes.bfloat16)  # retrained: mantissa unrelated
     ft = np.where(np.abs(base.astype(np.float32)) > 0.03, ft * 4, ft).astype(ml_dtypes.bfloat16)
     raw, ref = ft.view(np.uint8), base.view(np.uint8)
-    table = ranking(top_byte_joint(raw, ref, 2))
+    sample = Sample(2, True)
+    sample.add(raw, ref)
+    table = ranking(sample.joint)
     x = Xor("BF16", H, ref.shape[0], remap=table)
     assert x.mask == 0x807F  # the exponent byte is ranked, never XORed
     enc = x.encode(raw, ref=ref)
-    top = lambda b: Planes("BF16").encode(b)[0]
-    from bitx.delta import plane_sizes
-    sizes = [plane_sizes(Rans().encode(Planes("BF16").encode(b)), 2)[0] for b in (raw, enc)]
+    top = lambda b: Planes("BF16").encode(b)[:1]
+    sizes = [len(Rans().encode(top(b))) for b in (raw, enc)]
     assert sizes[1] < 0.95 * sizes[0] and top(enc).max() < top(raw).max()
     out = np.empty_like(raw)
     x.decode(enc, out, ref=ref)
@@ -123,6 +124,54 @@ def test_plane_mask_selects_rotated_planes() -> None:
     assert plane_mask([False, True], 2, True) == 0x807F            # sign + 7 mantissa bits
     assert plane_mask([True, False, False, False], 4, True) == 0x7F800000
     assert plane_mask([True, True], 2, False) == 0xFFFF
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F32", "I8"])
+def test_planner_histograms_are_those_of_the_coded_planes(dtype: str) -> None:
+    """The planner's one-pass counts equal the byte planes that coding would see: standalone,
+    XORed, and the sparse form (its bitmap words included), over a reference shorter than the data."""
+    from bitx.delta import Sample
+    from elves import dtypes
+
+    w = dtypes.get(dtype).itemsize
+    rng = np.random.default_rng(3)
+    n = 5000
+    base = rng.integers(0, 256, n * w, dtype=np.uint8)
+    data = base.copy()
+    changed = rng.random(n) < 0.3
+    data.reshape(n, w)[changed] ^= rng.integers(1, 256, (int(changed.sum()), w), dtype=np.uint8)
+    ref = base[:4000 * w]  # the last 1000 elements have no reference
+    sample = Sample(w, Planes(dtype).rotate)
+    sample.add(data, ref)
+    hist = lambda b: np.stack([np.bincount(p, minlength=256) for p in Planes(dtype).encode(b)])
+    assert np.array_equal(sample.std, hist(data))
+    assert np.array_equal(sample.xor, hist(Xor(dtype, H, ref.shape[0]).encode(data, ref=ref)))
+    assert np.array_equal(sample.sparse, hist(Xor(dtype, H, ref.shape[0], sparse=True).encode(data, ref=ref)))
+    if w >= 2:
+        word = {2: np.uint16, 4: np.uint32}[w]
+        top = lambda b: (b.view(word) >> (8 * w - 9)) & 0xFF
+        joint = np.zeros((256, 256), np.int64)
+        np.add.at(joint, (top(ref), top(data[:ref.shape[0]])), 1)
+        assert np.array_equal(sample.joint, joint)
+        assert np.array_equal(sample.tail, np.bincount(top(data[ref.shape[0]:]), minlength=256))
+
+
+def test_planner_estimates_track_the_coded_size() -> None:
+    """Order-0 estimates from the histograms stay close to what ``rans`` really writes, for the
+    planes of a weight-like BF16 tensor and of its XOR with a lightly changed base."""
+    from bitx.delta import Sample, estimate
+
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal(65536) * 0.02).astype(np.float32)
+    base = x.astype(ml_dtypes.bfloat16)
+    ft = (x + rng.standard_normal(x.shape).astype(np.float32) * 2e-4).astype(ml_dtypes.bfloat16)
+    raw, ref = ft.view(np.uint8), base.view(np.uint8)
+    sample = Sample(2, True)
+    sample.add(raw, ref)
+    for hist, data in ((sample.std, raw), (sample.xor, Xor("BF16", H, ref.shape[0]).encode(raw, ref=ref))):
+        planes = Planes("BF16").encode(data)
+        real = np.array([len(Rans().encode(planes[p:p + 1])) for p in range(2)])
+        assert np.allclose(estimate(hist, 1.0, Rans().lanes), real, rtol=0.03, atol=64)  # one chunk
 
 
 # ---------------------------------------------------------------------------- synthetic models
@@ -213,6 +262,51 @@ def test_base_as_archive_file_or_other_form(pair: tuple[Path, Path, Path], tmp_p
     elves.compress(ft, a3, base=base / "model.safetensors")
     elves.restore(a3, tmp_path / "c", base=base / "model.safetensors")
     assert tree_hashes(tmp_path / "c") == tree_hashes(ft)
+
+
+def test_restore_reads_the_base_where_the_index_says_without_parsing_it(
+        pair: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, ft, archive = pair
+    with ArchiveReader(archive) as r:
+        refs = r.base_needed["tensors"]
+    raw = (base / "model.safetensors").read_bytes()
+    import xxhash
+    for t in refs:  # each reference records where its bytes start in its file
+        assert t["file"] == "model.safetensors"
+        assert xxhash.xxh3_128_hexdigest(raw[t["offset"]:t["offset"] + t["nbytes"]]) == t["hash"]
+
+    import elves.readers
+
+    def no_parse(*a: object) -> None:
+        raise AssertionError("the base was parsed")
+
+    monkeypatch.setattr(elves.readers, "read_model", no_parse)
+    elves.restore(archive, tmp_path / "out", base=base)
+    elves.restore(archive, tmp_path / "one", base=base / "model.safetensors")  # the file alone
+    monkeypatch.undo()
+    assert tree_hashes(tmp_path / "out") == tree_hashes(ft)
+    assert tree_hashes(tmp_path / "one") == tree_hashes(ft)
+
+
+def test_a_base_laid_out_anew_is_found_by_content(pair: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """The same base tensors at other offsets (written in another order, another header): the
+    recorded offsets miss, and the base is parsed and its tensors found by their hashes."""
+    base, ft, archive = pair
+    raw = (base / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__", None)
+    tensors = {k: (v["dtype"], v["shape"], raw[8 + n + v["data_offsets"][0]:8 + n + v["data_offsets"][1]])
+               for k, v in header.items()}
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    write_safetensors(moved / "model.safetensors", tensors, {"note": "rewritten"}, reverse=True, pad=40)
+    with ArchiveReader(archive) as r:
+        t = r.base_needed["tensors"][0]
+    assert (moved / "model.safetensors").read_bytes()[t["offset"]:t["offset"] + t["nbytes"]] != \
+        raw[t["offset"]:t["offset"] + t["nbytes"]]
+    elves.restore(archive, tmp_path / "out", base=moved)
+    assert tree_hashes(tmp_path / "out") == tree_hashes(ft)
 
 
 def test_tensor_access_with_a_base(pair: tuple[Path, Path, Path]) -> None:

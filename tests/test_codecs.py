@@ -123,6 +123,39 @@ def test_corrupt_payload_raises_instead_of_crashing() -> None:
     assert raised > 100
 
 
+def test_encoder_reciprocals_give_exact_quotients() -> None:
+    """The rANS encoder divides the state by a frequency with one multiply by a rounded-up
+    reciprocal. Check it against integer division for every frequency a table can hold, at the
+    states where truncation is tightest: the last 4096 multiples of f below 2**32 (a plain
+    1/f truncates some of them one too low) and the states just below them."""
+    from elves.kernels import planes_rans as k
+
+    for first in range(1, 4096, 256):
+        freq = np.arange(first, first + 256, dtype=np.int64)
+        _, rcp = k._encode_tables(freq, np.zeros(256, np.int64))
+        f = freq[:, None].astype(np.uint64)
+        q = (np.uint64((1 << 32) - 1) // f) - np.arange(4096, dtype=np.uint64)
+        x = np.concatenate([q * f, q * f - np.uint64(1)], axis=1)
+        got = (x.astype(np.float64) * rcp[:, None]).astype(np.uint64)
+        assert np.array_equal(got, x // f)
+
+
+def test_corrupt_lane_streams_at_the_end_of_the_payload_raise() -> None:
+    """A U8 chunk is a single rANS plane whose last lanes end where the payload ends: the
+    decoder runs those with clamped reads and the others without. A flipped bit in any lane
+    stream, on either path, must fail the final-state check."""
+    rng = np.random.default_rng(4)
+    sym = np.minimum(rng.geometric(0.3, 50001), 255).astype(np.uint8)
+    p = Pipeline([Planes("U8"), Rans()])
+    enc = np.frombuffer(p.encode(sym), dtype=np.uint8)
+    lanes_start = len(enc) // 10  # past the header and the frequency table (~300 bytes)
+    for _ in range(200):
+        bad = enc.copy()
+        bad[rng.integers(lanes_start, len(bad))] ^= np.uint8(1 << int(rng.integers(0, 8)))
+        with pytest.raises(CorruptArchiveError):
+            p.decode(bad, np.empty(sym.size, np.uint8))
+
+
 def test_unknown_codec_and_dtype_are_clear_errors() -> None:
     with pytest.raises(CodecError, match="unknown codec 'lz77'"):
         codec_from_config({"id": "lz77"})

@@ -20,6 +20,7 @@ from elves.cli.main import main as cli
 from elves.codecs import Pipeline
 from elves.codecs.elf import (
     ELF_DTYPES,
+    FLAG_PALETTE,
     KIND_EXACT,
     BoundError,
     Elf,
@@ -122,7 +123,7 @@ def test_api_refuses_a_bound_without_a_mode_and_unknown_modes(tmp_path: Path) ->
 
 def _draw_words(data, dtype: str) -> np.ndarray:
     w = ELF_DTYPES[dtype][0]
-    how = data.draw(st.sampled_from(["bits", "floats", "weights"]))
+    how = data.draw(st.sampled_from(["bits", "floats", "weights", "repeats"]))
     if how == "bits":  # any bit pattern at all
         vals = data.draw(st.lists(st.integers(0, (1 << (8 * w)) - 1), min_size=1, max_size=600))
         words = np.array(vals, dtype=WORD[w])
@@ -132,6 +133,11 @@ def _draw_words(data, dtype: str) -> np.ndarray:
                                   min_size=1, max_size=600))
         arr = np.array(vals, dtype={16: np.float16, 32: np.float32, 64: np.float64}[width])
         words = (arr.view(np.uint32) >> 16).astype(np.uint16) if dtype == "BF16" else arr.view(WORD[w])
+    elif how == "repeats":  # a few values, each many times (palette chunks), with the specials
+        pool = _draw_words(data, dtype)[:40]
+        n = data.draw(st.integers(64, 5000))
+        rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1)))
+        words = np.concatenate([pool[rng.integers(0, pool.size, n)], special_bits(dtype)])
     else:  # weights of some scale, salted with the specials
         seed = data.draw(st.integers(0, 2 ** 32 - 1))
         scale = data.draw(st.sampled_from([1e-7, 1e-3, 0.05, 1.0, 300.0]))
@@ -268,6 +274,66 @@ def test_round_to_dtype_is_nearest_even(v: float, dtype: str) -> None:
         assert int(np.array([v]).astype(NP[dtype]).view(WORD[w])[0]) == got
 
 
+def fourier_basis(n_fft: int) -> np.ndarray:
+    """A windowed real DFT basis (rows cos and sin of each frequency bin), as an STFT front end
+    holds it: n_fft^2 + 2 n_fft F32 values, but few distinct ones."""
+    t = np.arange(n_fft)
+    window = np.sin(np.pi * t / n_fft) ** 2
+    k = np.arange(n_fft // 2 + 1)[:, None]
+    ang = 2 * np.pi * k * t / n_fft
+    return np.concatenate([np.cos(ang) * window, -np.sin(ang) * window]).astype(np.float32).ravel()
+
+
+@pytest.mark.parametrize("spec, gain", [("2^-24", 0.7), ("1e-5", 0.95)])
+def test_palette_for_few_valued_tensors(spec: str, gain: float) -> None:
+    """A tensor built from few values codes its chunk's distinct codes once and an index per
+    element (section flag 1): much smaller than byte planes of the codes, within the bound, and
+    the specials (exceptions, or the exact zone) still come back bit for bit."""
+    bound = parse_error_bound(spec)
+    raw = np.concatenate([fourier_basis(256).view(np.uint32), special_bits("F32")]).view(np.uint8)
+    enc, out = roundtrip("F32", bound, raw)
+    assert_within("F32", bound, raw, out)
+    codes = elf_pipeline("F32", bound).codecs[0].encode(raw).view(np.uint32)
+    assert codes[1] & 0xFF == FLAG_PALETTE  # section byte 3 (word 1, low byte): the flags
+    plain = Pipeline([Elf("F32", bound.mode, bound.value, palette=False), *elf_pipeline("F32", bound).codecs[1:]])
+    assert len(enc) < gain * len(plain.encode(raw))
+
+
+def test_no_palette_for_ordinary_weights() -> None:
+    for dtype in ELF_DTYPES:
+        raw = weights(dtype, 65536, np.random.default_rng(3))
+        for spec in ["2^-24", "1e-4", "rel:1e-2"]:
+            codes = elf_pipeline(dtype, parse_error_bound(spec)).codecs[0].encode(raw)
+            w = ELF_DTYPES[dtype][0]
+            flags = codes.reshape(-1, w)[:, : w - 1].reshape(-1)[3]
+            assert flags == 0, (dtype, spec)
+
+
+def test_corrupt_palettes_raise_cleanly() -> None:
+    raw = fourier_basis(64).view(np.uint8)
+    elf = elf_pipeline("F32", parse_error_bound("2^-24")).codecs[0]
+    codes = elf.encode(raw).view(np.uint32)
+    head = codes.view(np.uint8).reshape(-1, 4)[:, :3].reshape(-1)
+    assert head[3] == FLAG_PALETTE
+    m = int.from_bytes(bytes(head[4:8]), "little")  # exceptions (the 1.0s of the basis)
+    ns = -(-(8 + 24 + 4 + m * 6) // 3)  # head, uniform params, palette count, exceptions; 3 bytes a word
+    npal = int.from_bytes(bytes(head[32:36]), "little")
+    assert 1 < npal < codes.size - ns
+    out = np.empty(raw.size, dtype=np.uint8)
+    elf.decode(codes.view(np.uint8).copy(), out)  # intact: decodes
+    for mutate in [
+        lambda c: c.__setitem__(ns + npal, npal),                    # an index past the palette
+        lambda c: c.__setitem__(ns + 1, 0),                           # a repeated palette code
+        lambda c: c.__setitem__(ns + 1, 0xFFFFFFFF),                  # a code wider than 32 bits
+        lambda c: c.__setitem__(11, c[11] | 0xFFFF00),                # the count past the chunk
+        lambda c: c.__setitem__(1, c[1] | 2),                         # an unknown flag
+    ]:
+        bad = codes.copy()
+        mutate(bad)
+        with pytest.raises(CorruptArchiveError):
+            elf.decode(bad.view(np.uint8), out)
+
+
 def test_corrupt_sections_raise_cleanly() -> None:
     raw = weights("F32", 5000, np.random.default_rng(8))
     raw.view(np.float32)[:50] = 7.5  # exceptions or exact-zone codes
@@ -394,6 +460,24 @@ def test_verify_against_reports_errors_and_fails_over_the_bound(tmp_path: Path) 
     assert not v.ok and v.over_bound == 1 and v.max_abs_error > 0.4
     assert any("by more than the error bound" in p for p in v.problems)
     assert any("sha256" in p for p in v.problems)
+
+
+def test_archive_of_a_fourier_front_end(tmp_path: Path) -> None:
+    """An STFT front end (a windowed DFT basis, as silero-vad ships one) beside ordinary weights:
+    the basis goes through a palette, and the archive restores within the bound."""
+    rng = np.random.default_rng(17)
+    src = write_safetensors(tmp_path / "m.safetensors", {
+        "stft.forward_basis": ("F32", (258, 256), fourier_basis(256).tobytes()),
+        "encoder.weight": ("F32", (70000,), weights("F32", 70000, rng).tobytes()),
+    }, {})
+    s = elves.compress(src, tmp_path / "m.elves", lossy="elf", error_bound="2^-24")
+    v = elves.verify(s.archive, against=src)
+    assert v.ok and v.over_bound == 0 and v.max_abs_error <= 2.0 ** -24
+    plain = elf_pipeline("F32", parse_error_bound("2^-24"))
+    plain.codecs[0].palette = False
+    with ArchiveReader(s.archive) as r:
+        basis = next(st for st in r.streams if st.nbytes == 258 * 256 * 4)
+        assert basis.stored_bytes < 0.7 * len(plain.encode(fourier_basis(256).view(np.uint8)))
 
 
 def test_tight_bound_leaves_tensors_exact(tmp_path: Path) -> None:

@@ -227,6 +227,37 @@ def test_truncated_zip(torch, tmp_path):
         assert _same(_through_view(tmp_path / "part.bin", sf, v), obj[v.name])
 
 
+def test_truncated_zip_storages_are_found_by_their_recorded_size(torch, tmp_path):
+    """A storage whose bytes happen to hold a valid-looking data descriptor: the size the pickle
+    records finds the real one, where scanning would stop at the fake and lose what follows."""
+    import struct
+    import zlib
+
+    fake = b"PK\x07\x08" + struct.pack("<III", zlib.crc32(b"x" * 64), 64, 64) + b"PK"
+    data = bytearray(range(64)) + bytearray(fake) + bytearray(200)
+    obj = {"a": torch.frombuffer(bytearray(data), dtype=torch.uint8).clone(), "b": torch.ones(300)}
+    _save(torch, obj, tmp_path / "full.pt", "zip")
+    raw = (tmp_path / "full.pt").read_bytes()
+    (tmp_path / "part.bin").write_bytes(raw[:raw.rindex(b"PK\x01\x02")])  # no central directory
+    sf = parse(tmp_path / "part.bin", "part.bin")
+    assert {v.name for v in sf.tensors} == {"a", "b"}
+    for v in sf.tensors:
+        assert _same(_through_view(tmp_path / "part.bin", sf, v), obj[v.name])
+
+
+def test_parsing_leaves_nothing_for_the_garbage_collector(torch, tmp_path):
+    """The unpickled objects are freed by reference counting as soon as the tensors are known
+    (the cyclic collector would otherwise walk all of them, once per generation)."""
+    import gc
+
+    obj = _checkpoint(torch)
+    obj["table"] = [{"k": i, "v": [i, str(i)]} for i in range(2000)]
+    _save(torch, obj, tmp_path / "model.pt", "zip")
+    gc.collect()
+    parse(tmp_path / "model.pt", "model.pt")
+    assert gc.collect() == 0
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 def test_torchscript(torch, tmp_path):
     model = torch.jit.script(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU()))

@@ -18,6 +18,10 @@ Per chunk the encoder tries a few grids and keeps the one the coder will store s
   to a bit per element.
 - ``exact``: the element's bits, rotated (the lossless codes): used when quantising would not pay.
 
+Then, whatever the kind, a chunk whose codes are a few distinct values repeated (a Fourier basis,
+a lookup table) can code them through a *palette*: its distinct codes once, and an index per
+element, which the byte planes after it code far more cheaply than the repeats themselves.
+
 Every element is dequantised with the decoder's own arithmetic and checked against the bound in
 exact arithmetic; anything outside (a rounding hair, a value the grid cannot reach, NaN or
 infinity without an exact zone) becomes an *exception*: its position and original bits are
@@ -45,7 +49,9 @@ WORD = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 CODE_DTYPE = {2: "U16", 4: "U32", 8: "U64"}
 
 KIND_EXACT, KIND_UNIFORM, KIND_BINADE = 0, 1, 2
-SECTION_HEAD = struct.Struct("<BBBBI")   # kind, pos_bytes, S, 0, exception count
+FLAG_PALETTE = 1                         # the codes are indices into the chunk's distinct codes
+SECTION_HEAD = struct.Struct("<BBBBI")   # kind, pos_bytes, S, flags, exception count
+PALETTE_COUNT = struct.Struct("<I")
 UNIFORM_PARAMS = struct.Struct("<dQQ")   # step, M, B
 BINADE_E0 = struct.Struct("<i")
 MAX_SUB = 64
@@ -136,13 +142,14 @@ class Elf(Codec):
     """Quantise a float chunk to integer codes within an error bound (docs/FORMAT.md, ``elf``).
 
     ``lanes`` is the ``rans`` lane count the encoder assumes when it estimates sizes; ``exact``
-    makes every chunk use the exact kind (lossless). Neither is part of the config.
+    makes every chunk use the exact kind (lossless); ``palette=False`` never codes a chunk through
+    a palette. None of them is part of the config.
     """
 
     codec_id = "elf"
 
     def __init__(self, dtype: str, mode: str = "abs", bound: float = 2.0 ** -24, *,
-                 lanes: int = 32, exact: bool = False):
+                 lanes: int = 32, exact: bool = False, palette: bool = True):
         if dtype not in ELF_DTYPES:
             raise CodecError(f"elf codes float tensors of {', '.join(ELF_DTYPES)}, not {dtype!r}")
         if mode not in ("abs", "rel"):
@@ -153,6 +160,7 @@ class Elf(Codec):
         self.width, self.ebits, self.mbits = ELF_DTYPES[dtype]
         self.lanes = lanes
         self.exact = exact
+        self.palette = palette
 
     def get_config(self) -> Config:
         return {"id": self.codec_id, "dtype": self.dtype, "mode": self.mode, "bound": self.bound}
@@ -267,6 +275,48 @@ class Elf(Codec):
 
             yield KIND_BINADE, params, run
 
+    def _palette(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """The chunk's distinct codes, as first differences, and each element's index among them;
+        None unless coding those is estimated to cost less than coding the codes.
+
+        Tensors built from a few values (a Fourier basis, a table of a function) repeat them
+        many times, and byte planes cannot see that: every repeat pays for all its planes. An
+        index pays only for its own entropy, and the sorted distinct codes, differenced, are
+        small numbers. A probe of about 2048 codes rules out, before the full count (a sort),
+        chunks where an index could not win: codes that hardly repeat (ordinary weights at a
+        tight bound), an index that would need as many bytes as a code (BF16, F16, or a loose
+        bound: the byte planes already see the distribution), and distinct codes dense in their
+        range (what the planes code well).
+        """
+        from ..kernels import elf as k
+
+        n, w = codes.shape[0], self.width
+        if n < 64:
+            return None
+        m, distinct, lo, hi = k.probe_distinct(codes, max(1, n // 2048))
+        repeats = m - distinct
+        if repeats <= m // 64 or -(-(distinct - 1).bit_length() // 8) >= -(-int(hi).bit_length() // 8):
+            return None
+        # With most of the probe repeats, it saw (nearly) every distinct code; else estimate
+        # their number from the collisions, as in the birthday problem.
+        expected = distinct if 2 * repeats > m else m * m / (2 * repeats)
+        if expected * 16 > int(hi - lo) + 1:
+            return None
+        values, index = np.unique(codes, return_inverse=True)
+        if values.size > n // 2:
+            return None
+        body = np.empty(values.size + n, dtype=np.uint64)
+        body[0] = values[0]
+        body[1: values.size] = np.diff(values)
+        body[values.size:] = index.reshape(-1)
+        hist = np.zeros((w, 256), dtype=np.int64)
+        k.plane_hist(codes, w, hist)
+        plain = k.est_size(hist, n, w, self.lanes)
+        k.plane_hist(body, w, hist)
+        if k.est_size(hist, body.size, w, self.lanes) + PALETTE_COUNT.size * w / (w - 1) >= plain:
+            return None
+        return body[: values.size], body[values.size:]
+
     def _pack(self, words: np.ndarray, kind: int, params: bytes, codes: np.ndarray,
               exc: np.ndarray) -> np.ndarray:
         w = self.width
@@ -274,8 +324,12 @@ class Elf(Codec):
         pos = np.flatnonzero(exc) if exc.size else np.zeros(0, dtype=np.int64)
         pos_bytes = 2 if n <= 65536 else 4
         sub = len(params[BINADE_E0.size:]) // 4 if kind == KIND_BINADE else 0
+        pal = self._palette(codes) if self.palette else None
+        if pal is not None:
+            params += PALETTE_COUNT.pack(pal[0].size)
+            codes = np.concatenate(pal)
         section = b"".join([
-            SECTION_HEAD.pack(kind, pos_bytes, sub, 0, pos.size), params,
+            SECTION_HEAD.pack(kind, pos_bytes, sub, 0 if pal is None else FLAG_PALETTE, pos.size), params,
             pos.astype("<u2" if pos_bytes == 2 else "<u4").tobytes(),
             words[pos].astype(WORD[w]).tobytes(),
         ])
@@ -284,7 +338,7 @@ class Elf(Codec):
         flat = np.zeros(ns * (w - 1), dtype=np.uint8)
         flat[: len(section)] = np.frombuffer(section, dtype=np.uint8)
         sec[:, : w - 1] = flat.reshape(ns, w - 1)
-        out = np.empty((ns + n) * w, dtype=np.uint8)
+        out = np.empty(ns * w + codes.size * w, dtype=np.uint8)
         out[: ns * w] = sec.reshape(-1)
         out[ns * w:].view(WORD[w])[:] = codes
         return out
@@ -301,7 +355,9 @@ class Elf(Codec):
         total_words = buf.shape[0] // w
         grid = buf.reshape(total_words, w)
         head = _unpack(grid, w, SECTION_HEAD.size)
-        kind, pos_bytes, sub, _, m = SECTION_HEAD.unpack(head)
+        kind, pos_bytes, sub, flags, m = SECTION_HEAD.unpack(head)
+        if flags & ~FLAG_PALETTE:
+            raise CorruptArchiveError("elf chunk: unknown flags")
         if kind == KIND_UNIFORM:
             plen = UNIFORM_PARAMS.size
         elif kind == KIND_BINADE:
@@ -314,19 +370,25 @@ class Elf(Codec):
             raise CorruptArchiveError(f"elf chunk: unknown grid kind {kind}")
         if pos_bytes not in (2, 4):
             raise CorruptArchiveError("elf chunk: bad exception position width")
-        slen = SECTION_HEAD.size + plen + m * (pos_bytes + w)
+        pcount = PALETTE_COUNT.size if flags & FLAG_PALETTE else 0
+        slen = SECTION_HEAD.size + plen + pcount + m * (pos_bytes + w)
         ns = -(-slen // (w - 1))
         if ns > total_words:
             raise CorruptArchiveError("elf chunk: the exception section runs past the chunk")
         if grid[:ns, w - 1].any():
             raise CorruptArchiveError("elf chunk: malformed section")
         section = _unpack(grid, w, slen)
-        n = total_words - ns
+        body = buf[ns * w:].view(WORD[w]) if buf.flags.aligned else buf[ns * w:].copy().view(WORD[w])
+        if pcount:
+            (npal,) = PALETTE_COUNT.unpack_from(section, SECTION_HEAD.size + plen)
+            codes = _unpalette(body, npal, w)
+        else:
+            codes = body
+        n = codes.shape[0]
         if out is None:
             out = np.empty(n * w, dtype=np.uint8)
         elif out.shape[0] != n * w:
             raise CorruptArchiveError(f"elf chunk holds {n * w} bytes, expected {out.shape[0]}")
-        codes = buf[ns * w:].view(WORD[w]) if buf.flags.aligned else buf[ns * w:].copy().view(WORD[w])
         dst = out.view(WORD[w])
         p = SECTION_HEAD.size
         if kind == KIND_EXACT:
@@ -343,12 +405,28 @@ class Elf(Codec):
             cum = np.concatenate(([0], np.cumsum(L)[:-1])).astype(np.int64)
             k.kernels(self.dtype).dequant_binade(codes, n, w, e0, sub, L, cum, np.uint64(int(L.sum())), dst)
         if m:
-            p += plen
+            p += plen + pcount
             pos = np.frombuffer(section, dtype="<u2" if pos_bytes == 2 else "<u4", count=m, offset=p)
             vals = np.frombuffer(section, dtype=WORD[w], count=m, offset=p + m * pos_bytes)
             if not k.scatter(dst, pos.astype(np.int64), vals.astype(dst.dtype)):
                 raise CorruptArchiveError("elf chunk: exception positions out of order or range")
         return out
+
+
+def _unpalette(body: np.ndarray, npal: int, w: int) -> np.ndarray:
+    """The codes of a palette chunk: ``body`` is ``npal`` first differences of the strictly
+    increasing distinct codes, then one index per element."""
+    if not 1 <= npal < body.shape[0]:
+        raise CorruptArchiveError("elf chunk: bad palette size")
+    values = np.cumsum(body[:npal], dtype=np.uint64)
+    # A zero difference, or a sum that wrapped around 2^64, breaks the strict increase; a code
+    # wider than the word cannot be a code.
+    if (values[1:] <= values[:-1]).any() or (w < 8 and int(values[-1]) >> (8 * w)):
+        raise CorruptArchiveError("elf chunk: malformed palette")
+    index = body[npal:]
+    if int(index.max()) >= npal:
+        raise CorruptArchiveError("elf chunk: a palette index is out of range")
+    return values[index].astype(WORD[w])
 
 
 def _unpack(grid: np.ndarray, w: int, nbytes: int) -> bytes:
@@ -359,14 +437,16 @@ def _unpack(grid: np.ndarray, w: int, nbytes: int) -> bytes:
 
 def elf_pays(dtype: str, bound: ErrorBound, sample: bytes | np.ndarray) -> bool:
     """Whether quantising a tensor within ``bound`` is worth its while, judged on a sample chunk
-    of it: True when the encoder would code the sample with a grid rather than exactly. A tensor
-    where it would not (a bound finer than the dtype's own precision, a tiny tensor) is better
-    off with the lossless pipeline: the same bytes, and decodable by the GPU path."""
+    of it: True when the encoder would code the sample with a grid rather than exactly, or
+    through a palette. A tensor where it would not (a bound finer than the dtype's own precision,
+    a tiny tensor) is better off with the lossless pipeline: the same bytes, and decodable by the
+    GPU path."""
     data = np.frombuffer(sample, dtype=np.uint8) if not isinstance(sample, np.ndarray) else sample
-    if data.shape[0] < ELF_DTYPES[dtype][0]:
+    w = ELF_DTYPES[dtype][0]
+    if data.shape[0] < w:
         return False
-    codes = Elf(dtype, bound.mode, bound.value).encode(data)
-    return int(codes[0]) != KIND_EXACT  # the section's first byte is the kind
+    kind, _, _, flags = _unpack(Elf(dtype, bound.mode, bound.value).encode(data).reshape(-1, w), w, 4)
+    return kind != KIND_EXACT or bool(flags & FLAG_PALETTE)
 
 
 def elf_pipeline(dtype: str, bound: ErrorBound, exact: bool = False) -> Pipeline:

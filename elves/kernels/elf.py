@@ -588,6 +588,33 @@ def est_size(hist, n, w, lanes):
 
 
 @njit(cache=True, nogil=True)
+def probe_distinct(codes, stride):
+    """(probed, distinct, smallest, largest) over every ``stride``-th code (uint64), counted
+    with an open-addressing hash set: a sort (np.unique) would cost more than the answer saves."""
+    m = (codes.shape[0] + stride - 1) // stride
+    size = 1
+    while size < 2 * m:
+        size <<= 1
+    table = np.zeros(size, dtype=np.uint64)
+    used = np.zeros(size, dtype=np.bool_)
+    distinct = 0
+    lo = codes[0]
+    hi = codes[0]
+    for i in range(0, codes.shape[0], stride):
+        c = np.uint64(codes[i])
+        lo = min(lo, c)
+        hi = max(hi, c)
+        h = np.int64(((c * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) & np.uint64(size - 1))
+        while used[h] and table[h] != c:
+            h = (h + 1) & (size - 1)
+        if not used[h]:
+            used[h] = True
+            table[h] = c
+            distinct += 1
+    return m, distinct, lo, hi
+
+
+@njit(cache=True, nogil=True)
 def demote_top(codes, exc, w, lanes, exc_cost):
     """Turn elements whose code uses the top byte into exceptions when that is cheaper.
 

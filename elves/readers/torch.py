@@ -13,6 +13,7 @@ file comes back byte for byte whatever its pickle references.
 from __future__ import annotations
 
 import _compat_pickle
+import gc
 import io
 import mmap
 import os
@@ -143,12 +144,6 @@ def _rebuild_from_type(func: Callable[..., Any], _new_type: Any, args: tuple, _s
     return func(*args)
 
 
-def _encode(text: str, encoding: str = "utf-8") -> bytes:
-    """``_codecs.encode``, which protocol-2 pickles use for bytes. Unlike the real thing,
-    str.encode only knows text encodings."""
-    return text.encode(encoding)
-
-
 def _bytearray(*args: Any) -> bytearray:
     if args and isinstance(args[0], int):  # bytearray(n) would let a pickle allocate n bytes
         raise pickle.UnpicklingError("bytearray of a length")
@@ -162,7 +157,9 @@ _SAFE_GLOBALS: dict[str, Any] = {
     "builtins.frozenset": frozenset,
     "builtins.complex": complex,
     "builtins.bytearray": _bytearray,
-    "_codecs.encode": _encode,
+    # protocol-2 pickles build bytes with _codecs.encode(text, "latin1"); str.encode only knows
+    # text encodings, and being C it adds no Python call per bytes object (numpy scalars are many)
+    "_codecs.encode": str.encode,
     "torch._utils._rebuild_parameter": _first_arg,
     "torch._utils._rebuild_parameter_with_state": _first_arg,
     "torch._tensor._rebuild_from_type_v2": _rebuild_from_type,
@@ -188,11 +185,14 @@ _REBUILDERS = {
 class _Pickled:
     """What the pickles of one checkpoint told us."""
 
-    root: Any = None                               # what data.pkl (or the legacy pickle) builds
+    # the tensors that data.pkl (or the legacy pickle) holds in plain containers, by dotted name
+    named: dict[str, _TensorRef] = field(default_factory=dict)
     storage_types: dict[str, _StorageType] = field(default_factory=dict)
     tensors: list[_TensorRef] = field(default_factory=list)
     # globals outside the allowlist, in the order the pickle first uses them (a dict keeps it)
     unknown: dict[str, None] = field(default_factory=dict)
+    # storage name -> its size in bytes, as the pickle records it (a hint for finding it in a zip)
+    storage_bytes: dict[str, int] = field(default_factory=dict)
 
     def storage_dtypes(self) -> dict[str, str | None]:
         """Each storage's dtype: its class's, or for an untyped storage the one dtype its tensors
@@ -248,6 +248,8 @@ class _SafeUnpickler(pickle.Unpickler):
         name = self._namespace + key
         # The legacy format sizes a storage by the item size of its first reference.
         self._found.storage_types.setdefault(name, stype)
+        if _is_count(pid[4]) and stype.itemsize:
+            self._found.storage_bytes.setdefault(name, pid[4] * stype.itemsize)
         return _StorageRef(name, stype, view[1] * stype.itemsize if view else 0)
 
     def _rebuild_typed(self, storage: Any, offset: Any, size: Any, stride: Any,
@@ -276,8 +278,25 @@ def _is_count(x: Any) -> bool:
     return type(x) is int and x >= 0
 
 
-def _unpickle(file: BinaryIO, found: _Pickled, namespace: str = "") -> Any:
-    return _SafeUnpickler(file, found, namespace).load()
+def _unpickle(file: BinaryIO, found: _Pickled, namespace: str = "", tensors: bool = False) -> Any:
+    """What the next pickle in ``file`` builds; with ``tensors``, only the tensors it holds in
+    plain containers, by dotted name (:func:`_plain_tensors`)."""
+    # A pickle may build millions of objects, none of them garbage until the end, and the cyclic
+    # collector would walk them over and over (most of the time, on a 6 MB data.pkl). So it is off
+    # until what is not kept has been freed by reference counting; that needs the memo cleared:
+    # it holds the unpickler's own bound methods (the rebuilders), a cycle through everything.
+    unpickler = _SafeUnpickler(file, found, namespace)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        obj = unpickler.load()
+        if tensors:
+            obj = _plain_tensors(obj)
+        return obj
+    finally:
+        unpickler.memo.clear()
+        if enabled:
+            gc.enable()
 
 
 # --- Where the storages lie in the file ---------------------------------------------------------
@@ -313,30 +332,49 @@ def _read(path: Path) -> _Checkpoint | None:
 
 def _read_zip(path: Path, f: BinaryIO, size: int) -> _Checkpoint | None:
     notes = []
+    found = _Pickled()
+    done: set[str] = set()  # the pickle members read
+
+    def unpickle(member: _Member, match: re.Match[str]) -> None:
+        done.add(member.name)
+        archive = match.group(2)
+        raw = _member_bytes(path, f, member)
+        if raw is None:  # an unknown compression: its storages' dtypes stay unknown, so opaque
+            return
+        try:
+            named = _unpickle(io.BytesIO(raw), found, "" if archive == "data" else "constants/", tensors=True)
+        except Exception as e:  # a malformed pickle fails in many ways, none of which runs code
+            raise InputError(f"cannot read {member.name}: {e}", path) from e
+        if archive == "data":
+            found.named = named
+
     try:
         members = _central_members(path, f, size)
     except zipfile.BadZipFile:
-        members = _scanned_members(f, size)
+        # Each member's size follows its data, so finding the next member means scanning for the
+        # descriptor. The pickle comes first and records every storage's size: read it first,
+        # then look for each storage's descriptor where its size puts it before scanning.
+        first = _scanned_members(f, size, limit=1)
+        if first and (match := _PICKLE_MEMBER.fullmatch(first[0].name)):
+            unpickle(first[0], match)
+            start = match.group(1) + "/"
+
+            def expected(name: str) -> int | None:
+                storage = _storage_name(name[len(start):]) if name.startswith(start) else None
+                return found.storage_bytes.get(storage) if storage is not None else None
+
+            members = _scanned_members(f, size, expected)
+        else:
+            members = _scanned_members(f, size)
         notes.append(f"the zip has no central directory (truncated?); found {len(members)} "
                      "complete members by their local headers")
     pickles = [(m, match) for m in members if (match := _PICKLE_MEMBER.fullmatch(m.name))]
     if not pickles:
         return None
     prefix = pickles[0][1].group(1)
-    found = _Pickled()
     for member, match in pickles:
-        if match.group(1) != prefix:
-            continue
-        archive = match.group(2)
-        raw = _member_bytes(path, f, member)
-        if raw is None:  # an unknown compression: its storages' dtypes stay unknown, so opaque
-            continue
-        try:
-            root = _unpickle(io.BytesIO(raw), found, "" if archive == "data" else "constants/")
-        except Exception as e:  # a malformed pickle fails in many ways, none of which runs code
-            raise InputError(f"cannot read {member.name}: {e}", path) from e
-        if archive == "data":
-            found.root = root
+        if match.group(1) == prefix and member.name not in done:
+            unpickle(member, match)
 
     storages: _Locations = {}
     little_endian = True
@@ -346,11 +384,19 @@ def _read_zip(path: Path, f: BinaryIO, size: int) -> _Checkpoint | None:
         rel = m.name[len(prefix) + 1:]
         if rel == "byteorder":
             little_endian = _member_bytes(path, f, m) != b"big"
-        elif m.method == 0 and rel.startswith("data/"):
-            storages[rel[len("data/"):]] = (m.offset, m.size)
-        elif m.method == 0 and rel.startswith("constants/"):
-            storages[rel] = (m.offset, m.size)
+        elif m.method == 0 and (name := _storage_name(rel)) is not None:
+            storages[name] = (m.offset, m.size)
     return _Checkpoint("torch-zip", size, found, storages, little_endian, notes)
+
+
+def _storage_name(rel: str) -> str | None:
+    """The storage a zip member holds, from its path under the checkpoint's folder: ``data/KEY``
+    is storage KEY, ``constants/KEY`` (TorchScript) keeps its prefix; None for other members."""
+    if rel.startswith("data/"):
+        return rel[len("data/"):]
+    if rel.startswith("constants/"):
+        return rel
+    return None
 
 
 def _central_members(path: Path, f: BinaryIO, size: int) -> list[_Member]:
@@ -373,19 +419,21 @@ def _central_members(path: Path, f: BinaryIO, size: int) -> list[_Member]:
     return members
 
 
-def _scanned_members(f: BinaryIO, size: int) -> list[_Member]:
+def _scanned_members(f: BinaryIO, size: int, expected: Callable[[str], int | None] = lambda name: None,
+                     limit: int | None = None) -> list[_Member]:
     """The complete members of a zip that lost its end (and with it the central directory), found
-    by walking the local headers from the start."""
-    members = []
+    by walking the local headers from the start (the first ``limit`` of them). ``expected(name)``
+    is a member's likely size, which saves the scan for its descriptor when it is right."""
+    members: list[_Member] = []
     with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         pos = 0
-        while pos + 30 <= size and buf[pos:pos + 4] == _LOCAL_HEADER:
+        while pos + 30 <= size and buf[pos:pos + 4] == _LOCAL_HEADER and (limit is None or len(members) < limit):
             flags, method = struct.unpack_from("<HH", buf, pos + 6)
             data_size, _, name_len, extra_len = struct.unpack_from("<IIHH", buf, pos + 18)
             name = buf[pos + 30:pos + 30 + name_len].decode("utf-8", "replace")
             offset = pos + 30 + name_len + extra_len
             if flags & 0x08:  # torch streams its members: the sizes follow the data
-                found = _data_descriptor(buf, offset, stored=method == 0)
+                found = _data_descriptor(buf, offset, method == 0, expected(name))
                 if found is None:
                     break
                 data_size, end = found
@@ -398,21 +446,32 @@ def _scanned_members(f: BinaryIO, size: int) -> list[_Member]:
     return members
 
 
-def _data_descriptor(buf: mmap.mmap, start: int, stored: bool) -> tuple[int, int] | None:
-    """(data size, end of the descriptor) of the member whose data starts at ``start``: the first
-    descriptor whose recorded size reaches back exactly to ``start`` and that is followed by the
-    next zip record or the end of the file."""
+def _data_descriptor(buf: mmap.mmap, start: int, stored: bool, expected: int | None = None) -> tuple[int, int] | None:
+    """(data size, end of the descriptor) of the member whose data starts at ``start``: the
+    descriptor ``expected`` bytes on, or else the first one, whose recorded size reaches back
+    exactly to ``start`` and that is followed by the next zip record or the end of the file."""
+    if expected is not None and (found := _descriptor_at(buf, start, start + expected, stored)) is not None:
+        return found
     hit = buf.find(_DATA_DESCRIPTOR, start)
     while hit != -1:
-        n = hit - start
-        for sizes in ("<II", "<QQ"):  # zip32 and zip64 descriptors
-            end = hit + 8 + struct.calcsize(sizes)
-            if end > len(buf):
-                continue
-            packed, unpacked = struct.unpack_from(sizes, buf, hit + 8)
-            if packed == n and (unpacked == n or not stored) and buf[end:end + 2] in (b"PK", b""):
-                return n, end
+        if (found := _descriptor_at(buf, start, hit, stored)) is not None:
+            return found
         hit = buf.find(_DATA_DESCRIPTOR, hit + 1)
+    return None
+
+
+def _descriptor_at(buf: mmap.mmap, start: int, hit: int, stored: bool) -> tuple[int, int] | None:
+    """(data size, end of the descriptor) if a valid descriptor of the data at ``start`` is at ``hit``."""
+    if buf[hit:hit + 4] != _DATA_DESCRIPTOR:
+        return None
+    n = hit - start
+    for sizes in ("<II", "<QQ"):  # zip32 and zip64 descriptors
+        end = hit + 8 + struct.calcsize(sizes)
+        if end > len(buf):
+            continue
+        packed, unpacked = struct.unpack_from(sizes, buf, hit + 8)
+        if packed == n and (unpacked == n or not stored) and buf[end:end + 2] in (b"PK", b""):
+            return n, end
     return None
 
 
@@ -450,7 +509,7 @@ def _read_legacy(path: Path, f: BinaryIO, size: int) -> _Checkpoint | None:
     try:
         version = _unpickle(f, found)
         sys_info = _unpickle(f, found)
-        found.root = _unpickle(f, found)
+        found.named = _unpickle(f, found, tensors=True)
         keys = _unpickle(f, found)
     except Exception as e:  # a malformed pickle fails in many ways, none of which runs code
         raise InputError(f"cannot read the legacy checkpoint's pickles: {e}", path) from e
@@ -572,7 +631,7 @@ def parse(path: Path, relpath: str) -> SourceFile | None:
                         "its storages are compressed and the pickle is kept as bytes")
     segments = fill_gaps(ck.size, _storage_segments(ck.storages, dtypes))
     index = {s.name: i for i, s in enumerate(segments) if s.dtype}
-    views = [v for name, t in _plain_tensors(ck.pickled.root).items()
+    views = [v for name, t in ck.pickled.named.items()
              if (v := _view(name, t, segments, index)) is not None]
     return SourceFile(path, relpath, ck.format, ck.size, segments, views, warnings)
 
@@ -592,7 +651,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         raise InputError("big-endian checkpoints are not supported", path)
     with open(path, "rb") as f:
         return {name: _read_tensor(path, f, ck.storages, name, t)
-                for name, t in _plain_tensors(ck.pickled.root).items()}
+                for name, t in ck.pickled.named.items()}
 
 
 def _read_tensor(path: Path, f: BinaryIO, storages: _Locations, name: str,

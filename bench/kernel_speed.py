@@ -1,0 +1,168 @@
+"""Single-thread speed of the lossless float codec's kernels against ZipNN, on the same bytes
+(a benchmark, not a test).
+
+    python bench/kernel_speed.py                    # every prepared dataset
+    python bench/kernel_speed.py astra-st minilm    # some datasets
+    python bench/kernel_speed.py --repeat 5 --json speed.json
+
+For each dataset and float dtype (F32, BF16, F16) it gathers the tensor bytes the readers find,
+cuts each tensor into chunks as the encoder does (256 KiB), and times one thread running
+``planes`` + ``rans`` over them (encode, then decode into a preallocated buffer: the kernels and
+the per-chunk Python calls, no file I/O, no hashing), and ZipNN (``threads=1``, byte mode, on
+the same bytes joined into one buffer; it mutates its input, so each run gets a fresh copy,
+made untimed). Times are the process's CPU time, the fastest of ``--repeat`` runs, with elves
+and ZipNN taking turns: on a shared machine, wall time also counts the time other processes
+held the core. MB/s is 1e6 decoded
+bytes per second. Every decode is checked byte for byte. Ratios are tensor bytes over coded
+bytes (elves: chunk payloads, no index; ZipNN: its stream).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ZIPNN_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def load_datasets_module():
+    """bench/datasets.py, imported by path (``import datasets`` could be Hugging Face's)."""
+    spec = importlib.util.spec_from_file_location("elves_bench_datasets", HERE / "datasets.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def tensor_bytes(folder: Path) -> dict[str, list[np.ndarray]]:
+    """The tensor segments of every file under ``folder``, by dtype (those ZipNN codes)."""
+    from elves.readers import read_model
+
+    files, _ = read_model(folder)
+    out: dict[str, list[np.ndarray]] = {}
+    for f in files:
+        fd = os.open(f.path, os.O_RDONLY)
+        try:
+            for seg in f.segments:
+                if seg.dtype in ZIPNN_DTYPES and seg.length:
+                    data = np.frombuffer(os.pread(fd, seg.length, seg.offset), dtype=np.uint8)
+                    out.setdefault(seg.dtype, []).append(data)
+        finally:
+            os.close(fd)
+    return out
+
+
+def cpu_seconds(fn, *args) -> tuple[float, object]:
+    """CPU seconds of this process that ``fn(*args)`` took, and its result."""
+    t = time.process_time()
+    result = fn(*args)
+    return time.process_time() - t, result
+
+
+class Elves:
+    """``planes`` + ``rans`` over the encoder's 256 KiB chunks of the tensors."""
+
+    name = "elves"
+
+    def __init__(self, dtype: str, segments: list[np.ndarray]):
+        from elves.codecs import Pipeline
+        from elves.codecs.planes import Planes
+        from elves.codecs.rans import Rans
+        from elves.encoder import TENSOR_CHUNK_BYTES
+
+        self.pipeline = Pipeline([Planes(dtype), Rans()])
+        step = TENSOR_CHUNK_BYTES // self.pipeline.codecs[0].width * self.pipeline.codecs[0].width
+        self.chunks = [s[o:o + step] for s in segments for o in range(0, len(s), step)]
+        self.outs = [np.empty(len(c), np.uint8) for c in self.chunks]
+        self.pipeline.decode(self.pipeline.encode(self.chunks[0]), self.outs[0])  # JIT, untimed
+        self.payloads: list[bytes] = []
+
+    def encode(self) -> float:
+        seconds, self.payloads = cpu_seconds(lambda: [self.pipeline.encode(c) for c in self.chunks])
+        return seconds
+
+    def decode(self) -> float:
+        seconds, _ = cpu_seconds(lambda: [self.pipeline.decode(p, o) for p, o in zip(self.payloads, self.outs)])
+        if any(not np.array_equal(c, o) for c, o in zip(self.chunks, self.outs)):
+            raise SystemExit(f"elves: a chunk of {len(self.chunks)} did not decode to its original bytes")
+        return seconds
+
+    def coded_bytes(self) -> int:
+        return sum(len(p) for p in self.payloads)
+
+
+class ZipNN:
+    """ZipNN, one thread, byte mode, on the tensors joined into one buffer."""
+
+    name = "ZipNN"
+
+    def __init__(self, dtype: str, segments: list[np.ndarray]):
+        import zipnn
+
+        self.raw = np.concatenate(segments).tobytes()
+        self.znn = zipnn.ZipNN(input_format="byte", bytearray_dtype=ZIPNN_DTYPES[dtype], threads=1)
+        self.packed = b""
+
+    def encode(self) -> float:
+        seconds, self.packed = cpu_seconds(self.znn.compress, bytearray(self.raw))  # a fresh copy
+        return seconds
+
+    def decode(self) -> float:
+        seconds, restored = cpu_seconds(self.znn.decompress, bytearray(self.packed))
+        if bytes(restored) != self.raw:
+            raise SystemExit("ZipNN: the restore differs from the original")
+        return seconds
+
+    def coded_bytes(self) -> int:
+        return len(self.packed)
+
+
+def measure(coders: list, nbytes: int, repeat: int) -> dict[str, dict[str, float]]:
+    """Ratio and best encode/decode MB/s of each coder. The coders take turns within each
+    repetition, so a busy spell on a shared machine hits them alike."""
+    best = {c.name: {"encode": float("inf"), "decode": float("inf")} for c in coders}
+    for _ in range(repeat):
+        for phase in ("encode", "decode"):
+            for c in coders:
+                best[c.name][phase] = min(best[c.name][phase], getattr(c, phase)())
+    return {c.name: {"ratio": nbytes / c.coded_bytes(), "enc": nbytes / best[c.name]["encode"] / 1e6,
+                     "dec": nbytes / best[c.name]["decode"] / 1e6} for c in coders}
+
+
+def main() -> None:
+    ds = load_datasets_module()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("datasets", nargs="*", help="dataset names (default: every prepared one)")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--no-zipnn", action="store_true", help="time elves only")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+    names = args.datasets or [d for d in ds.DATASETS if ds.is_prepared(d)]
+    rows = []
+    print("| dataset | dtype | MB | elves ratio | ZipNN ratio | elves enc MB/s | ZipNN enc MB/s "
+          "| elves dec MB/s | ZipNN dec MB/s | dec speed-up |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name in names:
+        for dtype, segments in sorted(tensor_bytes(ds.model_dir(name)).items()):
+            mb = sum(len(s) for s in segments) / 1e6
+            coders = [Elves(dtype, segments)] + ([] if args.no_zipnn else [ZipNN(dtype, segments)])
+            got = measure(coders, sum(len(s) for s in segments), args.repeat)
+            e, z = got["elves"], got.get("ZipNN")
+            rows.append({"dataset": name, "dtype": dtype, "mb": mb, "elves": e, "zipnn": z})
+            zr = ("n/a",) * 3 if z is None else (f"{z['ratio']:.4f}", f"{z['enc']:.0f}", f"{z['dec']:.0f}")
+            up = "n/a" if z is None else f"{e['dec'] / z['dec']:.2f}x"
+            print(f"| {name} | {dtype} | {mb:.1f} | {e['ratio']:.4f} | {zr[0]} | {e['enc']:.0f} | {zr[1]} "
+                  f"| {e['dec']:.0f} | {zr[2]} | {up} |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""``elves store``: the multi-model store (elves/store.py) from the command line."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .main import (
+    _emit,
+    _errors,
+    _human,
+    _progress,
+    _source_size,
+    force_option,
+    json_option,
+    threads_option,
+)
+
+EPILOG = """\b
+Exit codes: 0 ok, 2 usage, 3 bad input model, 4 damaged store (a checksum or
+sha256 mismatch, a missing object), 5 output exists or cannot be written,
+8 not a store, unknown or duplicate model name, or a base that does not fit.
+"""
+
+store_arg = click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
+
+
+def _open(path: Path) -> Any:
+    from elves.store import Store
+
+    return Store(path)
+
+
+@click.group(epilog=EPILOG)
+def store() -> None:
+    """A folder of many models: each unique tensor and file stored once, fine-tunes as deltas.
+
+    \b
+    Examples:
+      elves store init hub.store
+      elves store add hub.store ./llama-3-8b
+      elves store add hub.store ./my-finetune            # finds its base, stores the delta
+      elves store ls hub.store
+      elves store restore hub.store my-finetune -o ./out
+      elves store rm hub.store my-finetune && elves store gc hub.store
+    """
+
+
+@store.command(epilog=EPILOG)
+@store_arg
+@json_option
+def init(store_path: Path, as_json: bool) -> None:
+    """Create an empty store (a new or empty folder).
+
+    \b
+    Example:
+      elves store init hub.store
+    """
+    from elves.store import Store
+
+    with _errors(as_json):
+        s = Store.init(store_path)
+        _emit(as_json, {"ok": True, "store": str(s.path)}, f"created store {s.path}")
+
+
+@store.command(epilog=EPILOG)
+@store_arg
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.option("--name", "-n", default=None, help="Name in the store (default: the file or folder name).")
+@click.option("--base", "base", default="auto", show_default=True,
+              help="The stored model to code it against: a name, 'auto' (found from metadata and the "
+                   "weights themselves) or 'none'.")
+@threads_option
+@json_option
+def add(store_path: Path, src: Path, name: str | None, base: str, threads: int | None, as_json: bool) -> None:
+    """Add a model (a file or a folder). Data already stored costs nothing; a fine-tune of a
+    stored model costs its delta. Models stored earlier whose base this one is are re-coded as
+    its deltas.
+
+    \b
+    Examples:
+      elves store add hub.store ./all-MiniLM-L6-v2
+      elves store add hub.store ./ft --name acme/minilm-ft --base all-MiniLM-L6-v2
+      elves store add hub.store ./other --base none --json
+    """
+    with _errors(as_json):
+        s = _open(store_path)
+        with _progress(_source_size(src), "add", not as_json) as bar:
+            r = s.add(src, name, base=None if base == "none" else base, threads=threads, progress=bar)
+        _emit(as_json, {
+            "ok": True, "name": r.name, "base": r.base, "reasons": r.reasons, "bytes_in": r.bytes_in,
+            "bytes_added": r.bytes_added, "ratio": round(r.ratio, 4), "objects_new": r.objects_new,
+            "objects_reused": r.objects_reused, "delta_objects": r.delta_objects, "repacked": r.repacked,
+            "notes": r.notes, "seconds": round(r.seconds, 3),
+        }, f"added {r.name}: {_human(r.bytes_in)} -> {_human(r.bytes_added)} stored ({r.ratio:.3f}x), "
+           f"{r.objects_new} new objects ({r.delta_objects} deltas), {r.objects_reused} already stored, "
+           f"{r.bytes_in / max(r.seconds, 1e-9) / 1e6:.0f} MB/s"
+           + (f"\n  base: {r.base}" if r.base else "\n  base: none")
+           + "".join(f"\n    {why}" for why in r.reasons)
+           + (f"\n  re-coded as its deltas: {', '.join(r.repacked)}" if r.repacked else "")
+           + "".join(f"\n  note: {n}" for n in r.notes))
+
+
+@store.command("ls", epilog=EPILOG)
+@store_arg
+@json_option
+def ls(store_path: Path, as_json: bool) -> None:
+    """List the stored models, in the order they were added.
+
+    \b
+    Example:
+      elves store ls hub.store --json
+    """
+    with _errors(as_json):
+        models = _open(store_path).models()
+        names = {m.name for m in models}
+        _emit(as_json, {"ok": True, "models": [
+            {"name": m.name, "source": m.source, "files": m.files, "bytes": m.bytes, "base": m.base,
+             "reasons": m.reasons, "added": m.added} for m in models]},
+            "\n".join(f"{m.name}  {_human(m.bytes)}  {m.files} files  added {m.added}"
+                      + (f"  base {m.base}" + ("" if m.base in names else " (removed; its data stays)")
+                         if m.base else "") for m in models) or "(no models)")
+
+
+@store.command(epilog=EPILOG)
+@store_arg
+@click.argument("name")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True,
+              help="Folder to restore into, or a file path for a model added as one file.")
+@threads_option
+@force_option
+@json_option
+def restore(store_path: Path, name: str, out: Path, threads: int | None, force: bool, as_json: bool) -> None:
+    """Restore a model byte for byte (every file checked against its sha256).
+
+    \b
+    Examples:
+      elves store restore hub.store my-finetune -o ./my-finetune
+      elves store restore hub.store model.pt -o ./model.pt --force
+    """
+    with _errors(as_json):
+        s = _open(store_path)
+        total = next((m.bytes for m in s.models() if m.name == name), 0)
+        t0 = time.perf_counter()
+        with _progress(total, "restore", not as_json) as bar:
+            r = s.restore(name, out, force=force, threads=threads, progress=bar)
+        dt = time.perf_counter() - t0
+        _emit(as_json, {"ok": True, "output": str(r.output), "files": r.files, "bytes": r.bytes_written,
+                        "seconds": round(dt, 3)},
+              f"{name} -> {r.output}: {r.files} files, {_human(r.bytes_written)}, "
+              f"{r.bytes_written / max(dt, 1e-9) / 1e6:.0f} MB/s")
+
+
+@store.command(epilog=EPILOG)
+@store_arg
+@click.argument("name")
+@json_option
+def rm(store_path: Path, name: str, as_json: bool) -> None:
+    """Remove a model. Its data is freed by `gc`, except what other models' deltas still use.
+
+    \b
+    Example:
+      elves store rm hub.store my-finetune && elves store gc hub.store
+    """
+    with _errors(as_json):
+        _open(store_path).remove(name)
+        _emit(as_json, {"ok": True, "removed": name}, f"removed {name} (run `elves store gc` to free its data)")
+
+
+@store.command(epilog=EPILOG)
+@store_arg
+@json_option
+def gc(store_path: Path, as_json: bool) -> None:
+    """Delete data that no model uses, and files left by interrupted writers.
+
+    \b
+    Example:
+      elves store gc hub.store
+    """
+    with _errors(as_json):
+        r = _open(store_path).gc()
+        _emit(as_json, {"ok": True, "objects_removed": r.objects_removed, "bytes_freed": r.bytes_freed,
+                        "objects_kept": r.objects_kept, "temp_removed": r.temp_removed},
+              f"freed {_human(r.bytes_freed)}: {r.objects_removed} objects removed, {r.objects_kept} kept"
+              + (f", {r.temp_removed} temporary files removed" if r.temp_removed else ""))
+
+
+@store.command(epilog=EPILOG)
+@store_arg
+@json_option
+def stats(store_path: Path, as_json: bool) -> None:
+    """Show models, logical and stored sizes, the ratio and the objects.
+
+    \b
+    Example:
+      elves store stats hub.store --json
+    """
+    with _errors(as_json):
+        st = _open(store_path).stats()
+        _emit(as_json, {"ok": True, "models": st.models, "logical_bytes": st.logical_bytes,
+                        "stored_bytes": st.stored_bytes, "ratio": round(st.ratio, 4), "objects": st.objects,
+                        "delta_objects": st.delta_objects, "garbage_objects": st.garbage_objects,
+                        "garbage_bytes": st.garbage_bytes},
+              f"{store_path}: {st.models} models, {_human(st.logical_bytes)} -> {_human(st.stored_bytes)} "
+              f"({st.ratio:.3f}x), {st.objects} objects ({st.delta_objects} deltas)"
+              + (f", {_human(st.garbage_bytes)} garbage in {st.garbage_objects} objects (run gc)"
+                 if st.garbage_objects else ""))
+
+
+@store.command(epilog=EPILOG)
+@store_arg
+@json_option
+def families(store_path: Path, as_json: bool) -> None:
+    """Show the families of stored models, and the evidence for each model's base.
+
+    \b
+    Example:
+      elves store families hub.store
+    """
+    with _errors(as_json):
+        fams = _open(store_path).families()
+        data = [{"root": f.root, "members": [
+            {"name": n, "base": m.base, "score": round(m.score, 4), "pairs": m.pairs, "evidence": m.evidence}
+            for n, m in f.members]} for f in fams]
+        lines = []
+        for f in fams:
+            lines.append(f.root)
+            for n, m in f.members:
+                lines.append(f"  {n}  <- {m.base}  (score {m.score:.2f})")
+                lines += [f"      {why}" for why in m.evidence]
+        _emit(as_json, {"ok": True, "families": data}, "\n".join(lines) or "(no models)")
+
+
+@store.command(epilog=EPILOG)
+@store_arg
+@threads_option
+@json_option
+def repack(store_path: Path, threads: int | None, as_json: bool) -> None:
+    """Re-code models stored before their base arrived as deltas of it.
+
+    \b
+    Example:
+      elves store repack hub.store
+    """
+    with _errors(as_json):
+        r = _open(store_path).repack(threads=threads)
+        _emit(as_json, {"ok": True, "models": [{"name": n, "base": b} for n, b in r.models],
+                        "objects_rewritten": r.objects_rewritten, "bytes_before": r.bytes_before,
+                        "bytes_after": r.bytes_after, "skipped": r.skipped},
+              f"{r.objects_rewritten} objects re-coded as deltas: {_human(r.bytes_before)} -> "
+              f"{_human(r.bytes_after)}" + "".join(f"\n  {n} <- {b}" for n, b in r.models)
+              + "".join(f"\n  note: {s}" for s in r.skipped))

@@ -1,0 +1,349 @@
+"""The model store: every model restores bit-exactly whatever the order of adds and removes, gc
+frees only what nothing uses, a killed or concurrent add leaves it valid, a fine-tune costs its
+delta (also when it arrives before its base), and damage or a wrong base is a clear error."""
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from elves.errors import CorruptArchiveError, StoreError
+from elves.store import Store, StoredObject
+from tests.conftest import tree_hashes, write_safetensors
+
+OPENFF = ["0.0.1-alpha.1", "0.1.0-rc.1", "0.1.0-rc.2", "0.1.0-rc.3", "1.0.0"]
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def make_model(root: Path, seed: int, *, base: np.ndarray | None = None, noise: float = 0.0,
+               declares: str | None = None) -> Path:
+    """A small HF-style folder: four BF16 weight matrices and an F32 bias in model.safetensors,
+    config.json, README.md. With ``base``, the weights are ``base`` plus relative noise (a
+    fine-tune), and ``declares`` is what README's ``base_model`` says."""
+    rng = np.random.default_rng(seed)
+    w = base if base is not None else rng.normal(0, 0.02, (4, 256, 384)).astype(np.float32)
+    if noise:
+        w = w * (1 + rng.normal(0, noise, w.shape)).astype(np.float32)
+    root.mkdir(parents=True)
+    tensors = {f"layer.{i}.weight": ("BF16", (256, 384), w[i].astype(ml_dtypes.bfloat16).tobytes()) for i in range(4)}
+    tensors["layer.0.bias"] = ("F32", (384,), rng.normal(0, 0.1, 384).astype(np.float32).tobytes())
+    write_safetensors(root / "model.safetensors", tensors)
+    (root / "config.json").write_text(json.dumps({"_name_or_path": declares or f"acme/{root.name}",
+                                                  "architectures": ["TinyModel"], "model_type": "tiny"}))
+    (root / "README.md").write_text(f"---\nbase_model: {declares}\n---\n# {root.name}\n" if declares
+                                    else f"# {root.name}\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> dict[str, Path]:
+    """A base, two fine-tunes of it that say so in their README, and an unrelated model."""
+    root = tmp_path_factory.mktemp("family")
+    w = np.random.default_rng(0).normal(0, 0.02, (4, 256, 384)).astype(np.float32)
+    return {
+        "tiny-base": make_model(root / "tiny-base", 1, base=w),
+        "tiny-ft-a": make_model(root / "tiny-ft-a", 2, base=w, noise=0.01, declares="acme/tiny-base"),
+        "tiny-ft-b": make_model(root / "tiny-ft-b", 3, base=w, noise=0.003, declares="acme/tiny-base"),
+        "other": make_model(root / "other", 4),
+    }
+
+
+def check_store(s: Store, expected: dict[str, Path], tmp: Path) -> None:
+    """The store lists exactly ``expected``, each restores bit-exactly, and every delta reads
+    only plain objects that exist (references one level deep)."""
+    assert sorted(m.name for m in s.models()) == sorted(expected)
+    for i, (name, src) in enumerate(expected.items()):
+        out = tmp / f"check-{time.monotonic_ns()}-{i}"
+        r = s.restore(name, out)
+        assert tree_hashes(r.output) == tree_hashes(src), name
+    for p in (s.path / "objects").glob("*/*"):
+        with StoredObject(p, p.name) as obj:
+            for ref in obj.meta.refs:
+                with StoredObject(s._object_path(ref), ref) as r:
+                    assert not r.meta.refs and r.meta.kind == "tensor"
+
+
+def objects_bytes(s: Store, name: str) -> int:
+    """The size of the objects a model's manifest names."""
+    keys = {seg[0] for f in s._manifest(name)["files"] for seg in f["segments"]}
+    return sum(s._object_path(k).stat().st_size for k in keys)
+
+
+def openff(dataset) -> dict[str, Path]:
+    root = dataset("openff")
+    return {v: root / f"openff-gnn-am1bcc-{v}.pt" for v in OPENFF}
+
+
+# ---------------------------------------------------------------------------- basics
+
+def test_init_and_open_refuse_what_is_not_a_store(tmp_path: Path) -> None:
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(StoreError, match="not an empty folder"):
+        Store.init(tmp_path / "full")
+    with pytest.raises(StoreError, match="not an elves store"):
+        Store(tmp_path / "full")
+    s = Store.init(tmp_path / "s")
+    with pytest.raises(StoreError, match="not an empty folder"):
+        Store.init(tmp_path / "s")
+    (s.path / "elves-store.json").write_text(json.dumps({"format": "elves-store", "version": [2, 0]}))
+    with pytest.raises(StoreError, match="newer elves"):
+        Store(s.path)
+
+
+def test_family_deltas_dedup_and_readding_costs_nothing(family: dict[str, Path], tmp_path: Path) -> None:
+    s = Store.init(tmp_path / "s")
+    base = s.add(family["tiny-base"])
+    assert base.base is None and base.delta_objects == 0
+    ft = s.add(family["tiny-ft-a"])
+    assert ft.base == "tiny-base" and ft.delta_objects >= 4
+    assert any("README base_model" in r for r in ft.reasons)
+    assert ft.bytes_added < 0.8 * base.bytes_added  # a fine-tune costs its delta
+    other = s.add(family["other"], base="auto")
+    assert other.base is None
+    again = s.add(family["tiny-ft-a"], name="acme/tiny-ft-a-copy")
+    assert again.objects_new == 0 and again.bytes_added < 0.02 * again.bytes_in  # a manifest and a profile
+    with pytest.raises(StoreError, match="already in the store"):
+        s.add(family["tiny-ft-a"])
+    st = s.stats()
+    assert st.models == 4 and st.delta_objects >= 4 and st.garbage_objects == 0
+    assert st.logical_bytes == sum(m.bytes for m in s.models()) and st.ratio > 2
+    check_store(s, {"tiny-base": family["tiny-base"], "tiny-ft-a": family["tiny-ft-a"],
+                    "other": family["other"], "acme/tiny-ft-a-copy": family["tiny-ft-a"]}, tmp_path)
+    fams = {f.root: {n for n, _ in f.members} for f in s.families()}
+    assert fams["tiny-base"] >= {"tiny-ft-a", "acme/tiny-ft-a-copy"} and fams["other"] == set()
+
+
+def test_single_file_models_restore_to_a_file(family: dict[str, Path], tmp_path: Path) -> None:
+    s = Store.init(tmp_path / "s")
+    s.add(family["tiny-base"] / "model.safetensors", name="w")
+    out = s.restore("w", tmp_path)  # a folder: the file goes inside, under its own name
+    assert out.output == tmp_path / "model.safetensors"
+    assert tree_hashes(out.output) == tree_hashes(family["tiny-base"] / "model.safetensors")
+    with pytest.raises(Exception, match="already exists"):
+        s.restore("w", out.output)
+
+
+# ---------------------------------------------------------------------------- removing data
+
+def test_gc_keeps_what_deltas_reference_and_frees_the_rest(family: dict[str, Path], tmp_path: Path) -> None:
+    s = Store.init(tmp_path / "s")
+    s.add(family["tiny-base"])
+    ft = s.add(family["tiny-ft-b"])
+    assert ft.base == "tiny-base" and ft.delta_objects >= 4
+    s.add(family["other"])
+    s.remove("tiny-base")
+    with pytest.raises(StoreError, match="no model named"):
+        s.restore("tiny-base", tmp_path / "x")
+    r = s.gc()
+    assert r.objects_removed >= 1 and r.bytes_freed > 0  # the base's files that no delta reads
+    check_store(s, {"tiny-ft-b": family["tiny-ft-b"], "other": family["other"]}, tmp_path)
+    s.remove("other")
+    assert s.gc().bytes_freed > 0.5 * sum(p.stat().st_size for p in family["other"].iterdir()) / 2
+    check_store(s, {"tiny-ft-b": family["tiny-ft-b"]}, tmp_path)
+    s.remove("tiny-ft-b")
+    assert s.gc().objects_kept == 0
+    assert not list((s.path / "objects").glob("*/*")) and s.stats().stored_bytes == 0
+
+
+@pytest.mark.realdata
+def test_openff_every_order_of_adds_and_removes_restores_bit_exact(dataset, tmp_path: Path) -> None:
+    models = openff(dataset)
+    rng = random.Random(7)
+    for trial in range(2):
+        s = Store.init(tmp_path / f"s{trial}")
+        order = list(models)
+        rng.shuffle(order)
+        present: dict[str, Path] = {}
+        for i, name in enumerate(order):
+            s.add(models[name], name=name, threads=2)
+            present[name] = models[name]
+            if i in (2, 3):  # remove one of the stored models, maybe a base of others
+                victim = rng.choice(sorted(present))
+                s.remove(victim)
+                del present[victim]
+                s.gc()
+            check_store(s, present, tmp_path)
+        assert s.stats().ratio > 1.3  # each one alone compresses about 1.18x
+
+
+# ---------------------------------------------------------------------------- order of arrival
+
+def test_a_finetune_added_before_its_base_becomes_a_delta(family: dict[str, Path], tmp_path: Path) -> None:
+    s = Store.init(tmp_path / "s")
+    ft = s.add(family["tiny-ft-a"])
+    assert ft.base is None
+    before = objects_bytes(s, "tiny-ft-a")
+    base = s.add(family["tiny-base"])
+    assert base.base is None  # the fine-tune says it derives from this one
+    assert base.repacked == ["tiny-ft-a"]
+    entry = next(m for m in s.models() if m.name == "tiny-ft-a")
+    assert entry.base == "tiny-base"
+    assert s.stats().delta_objects >= 4
+    assert objects_bytes(s, "tiny-ft-a") < 0.8 * before  # the same keys, re-coded smaller
+    assert s.repack().objects_rewritten == 0  # nothing left to do
+    check_store(s, {"tiny-ft-a": family["tiny-ft-a"], "tiny-base": family["tiny-base"]}, tmp_path)
+
+
+def test_repack_recodes_models_stored_alone(family: dict[str, Path], tmp_path: Path) -> None:
+    s = Store.init(tmp_path / "s")
+    s.add(family["tiny-base"], base=None)
+    s.add(family["tiny-ft-b"], base=None)
+    before = s.stats()
+    assert before.delta_objects == 0
+    r = s.repack()
+    assert r.models == [("tiny-ft-b", "tiny-base")] and r.objects_rewritten >= 4
+    after = s.stats()
+    assert after.stored_bytes < before.stored_bytes - 0.5 * r.bytes_before  # keys kept, objects replaced
+    assert after.objects == before.objects
+    check_store(s, {"tiny-base": family["tiny-base"], "tiny-ft-b": family["tiny-ft-b"]}, tmp_path)
+
+
+# ---------------------------------------------------------------------------- wrong base, damage
+
+def test_a_wrong_base_given_by_hand_is_an_error_or_still_exact(family: dict[str, Path], tmp_path: Path) -> None:
+    s = Store.init(tmp_path / "s")
+    s.add(family["tiny-base"])
+    with pytest.raises(StoreError, match="no model named 'nope'"):
+        s.add(family["tiny-ft-a"], base="nope")
+    (tmp_path / "shape").mkdir()
+    write_safetensors(tmp_path / "shape" / "m.safetensors",
+                      {"layer.0.weight": ("BF16", (100, 100), bytes(100 * 100 * 2))})
+    with pytest.raises(StoreError, match="cannot be this model's base"):
+        s.add(tmp_path / "shape", base="tiny-base")
+    assert [m.name for m in s.models()] == ["tiny-base"]
+    # same structure, unrelated weights: a poor base, but never wrong bytes
+    r = s.add(family["other"], base="tiny-base")
+    assert r.base == "tiny-base"
+    check_store(s, {"tiny-base": family["tiny-base"], "other": family["other"]}, tmp_path)
+
+
+def test_a_corrupted_object_is_an_error_naming_the_model_and_file(family: dict[str, Path], tmp_path: Path) -> None:
+    s = Store.init(tmp_path / "s")
+    s.add(family["tiny-base"])
+    s.add(family["tiny-ft-a"])
+    man = json.loads(next((s.path / "models").glob("tiny-ft-a*")).read_text())
+    f = next(f for f in man["files"] if f["path"] == "model.safetensors")
+    key = next(seg[0] for seg in f["segments"] if seg[0].endswith(".bf16"))
+    with StoredObject(s._object_path(key), key) as obj:
+        assert obj.meta.refs  # a delta: its base object is damaged below instead
+        ref = obj.meta.refs[0]
+    p = s._object_path(key)
+    whole = p.read_bytes()
+    p.write_bytes(whole[:-10])  # truncated
+    with pytest.raises(CorruptArchiveError, match=r"model 'tiny-ft-a', file model.safetensors: .*not a complete object"):
+        s.restore("tiny-ft-a", tmp_path / "out")
+    p.write_bytes(whole)
+    p = s._object_path(ref)  # the delta's base object: found when decoding the delta
+    data = bytearray(p.read_bytes())
+    data[len(data) // 3] ^= 0x40
+    p.write_bytes(bytes(data))
+    with pytest.raises(CorruptArchiveError, match=rf"model 'tiny-ft-a', file model.safetensors: .*object {ref}: .*corrupted"):
+        s.restore("tiny-ft-a", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+    s._object_path(ref).unlink()
+    with pytest.raises(CorruptArchiveError, match="missing"):
+        s.restore("tiny-base", tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------- crashes and concurrency
+
+def _add_in_subprocess(store: Path, src: Path, name: str) -> subprocess.Popen:
+    code = "import sys; from elves.store import Store; Store(sys.argv[1]).add(sys.argv[2], sys.argv[3], threads=1)"
+    return subprocess.Popen([sys.executable, "-c", code, str(store), str(src), name],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.realdata
+def test_kill_9_during_add_leaves_the_store_valid(dataset, tmp_path: Path) -> None:
+    models = openff(dataset)
+    s = Store.init(tmp_path / "s")
+    s.add(models["0.1.0-rc.1"], name="rc1", threads=1)
+    stored = {"rc1": models["0.1.0-rc.1"]}
+    rng = random.Random(3)
+    def files() -> int:
+        return sum(1 for _ in (s.path / "objects").glob("*/*")) + sum(1 for _ in (s.path / "tmp").iterdir())
+
+    for attempt, v in enumerate(["0.1.0-rc.2", "0.1.0-rc.3", "1.0.0", "0.0.1-alpha.1"]):
+        before = files()
+        proc = _add_in_subprocess(s.path, models[v], v)
+        if attempt % 2:  # at a random time: importing, profiling, hashing or writing
+            time.sleep(rng.uniform(0.3, 3.0))
+        else:  # while it writes objects
+            deadline = time.monotonic() + 60
+            while files() == before and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0, 0.2))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if proc.returncode == 0 or v in {m.name for m in Store(s.path).models()}:  # it committed first
+            stored[v] = models[v]
+        check_store(Store(s.path), stored, tmp_path)
+    for v in ["0.1.0-rc.2", "1.0.0"]:  # with the killed adds' orphans still there, reused
+        if v not in stored:
+            s.add(models[v], name=v, threads=1)
+            stored[v] = models[v]
+    check_store(s, stored, tmp_path)
+    s.gc()
+    check_store(s, stored, tmp_path)
+    assert s.stats().garbage_objects == 0 and not list((s.path / "tmp").iterdir())
+
+
+def test_two_concurrent_adds_both_land(family: dict[str, Path], tmp_path: Path) -> None:
+    s = Store.init(tmp_path / "s")
+    s.add(family["tiny-base"])
+    procs = [_add_in_subprocess(s.path, family[n], n) for n in ("tiny-ft-a", "tiny-ft-b")]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()
+    check_store(s, {n: family[n] for n in ("tiny-base", "tiny-ft-a", "tiny-ft-b")}, tmp_path)
+    assert all(m.base == "tiny-base" for m in s.models()[1:])
+
+
+# ---------------------------------------------------------------------------- CLI
+
+def cli(*args: str | Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", "from elves.cli.main import main; main()", "store", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_cli_commands_json_and_exit_codes(family: dict[str, Path], tmp_path: Path) -> None:
+    st = tmp_path / "s"
+    assert cli("init", st, "--json").returncode == 0
+    r = cli("add", st, family["tiny-ft-a"], "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["base"] is None
+    r = cli("add", st, family["tiny-base"], "--json")
+    assert json.loads(r.stdout)["repacked"] == ["tiny-ft-a"]
+    r = cli("add", st, family["other"], "--name", "x", "--base", "none")
+    assert r.returncode == 0 and "base: none" in r.stdout
+    models = json.loads(cli("ls", st, "--json").stdout)["models"]
+    assert [m["name"] for m in models] == ["tiny-ft-a", "tiny-base", "x"] and models[0]["base"] == "tiny-base"
+    fams = json.loads(cli("families", st, "--json").stdout)["families"]
+    assert {f["root"] for f in fams} == {"tiny-base", "x"}
+    assert "tiny-ft-a  <- tiny-base" in cli("families", st).stdout
+    stats = json.loads(cli("stats", st, "--json").stdout)
+    assert stats["models"] == 3 and stats["ratio"] > 1
+    r = cli("restore", st, "tiny-ft-a", "-o", tmp_path / "out", "--json")
+    assert r.returncode == 0 and tree_hashes(tmp_path / "out") == tree_hashes(family["tiny-ft-a"])
+    r = cli("restore", st, "tiny-ft-a", "-o", tmp_path / "out")
+    assert r.returncode == 5 and "Traceback" not in r.stderr
+    assert cli("rm", st, "x", "--json").returncode == 0
+    gc = json.loads(cli("gc", st, "--json").stdout)
+    assert gc["objects_removed"] >= 1 and gc["bytes_freed"] > 0
+    assert json.loads(cli("repack", st, "--json").stdout)["objects_rewritten"] == 0
+    for args, code in [(("rm", st, "nope"), 8), (("ls", tmp_path), 8), (("add", st, family["other"], "--base", "nope"), 8),
+                       (("init", st), 8)]:
+        r = cli(*args)
+        assert r.returncode == code and "Traceback" not in r.stderr and "elves: error:" in r.stderr, (args, r.stderr)
+    r = cli("ls", tmp_path, "--json")
+    assert json.loads(r.stdout)["kind"] == "StoreError"
