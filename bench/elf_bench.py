@@ -109,9 +109,7 @@ class MiniLM:
         self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.tok.no_padding()
         self.tok.enable_truncation(256)
-        cfg = json.loads((folder / "config.json").read_text())
-        self.layers, self.heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
-        self.eps = cfg["layer_norm_eps"]
+        self.cfg = json.loads((folder / "config.json").read_text())
         enc = self.tok.encode_batch(SENTENCES)
         n = max(len(e.ids) for e in enc)
         self.ids = np.zeros((len(enc), n), np.int64)
@@ -122,41 +120,12 @@ class MiniLM:
 
     def embed(self, weights: dict[str, np.ndarray]) -> np.ndarray:
         import torch
-        import torch.nn.functional as F
+        from make_family import bert  # bench/make_family.py: the forward pass that trains the family
 
         W = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in weights.items()
              if np.asarray(v).dtype.kind == "f"}
-        ids = torch.from_numpy(self.ids)
-        mask = torch.from_numpy(self.mask).to(torch.float64)
-        B, T = ids.shape
-        pos = torch.arange(T).unsqueeze(0).expand(B, T)
-
-        def ln(x, p):
-            return F.layer_norm(x, (x.shape[-1],), W[p + ".weight"], W[p + ".bias"], self.eps)
-
-        def lin(x, p):
-            return x @ W[p + ".weight"].T + W[p + ".bias"]
-
-        x = (W["embeddings.word_embeddings.weight"][ids] + W["embeddings.position_embeddings.weight"][pos]
-             + W["embeddings.token_type_embeddings.weight"][torch.zeros_like(ids)])
-        x = ln(x, "embeddings.LayerNorm")
-        H = self.heads
-        bias = (1.0 - mask)[:, None, None, :] * -1e9
-        for layer in range(self.layers):
-            p = f"encoder.layer.{layer}."
-
-            def split(t):
-                return t.view(B, T, H, -1).transpose(1, 2)
-
-            q, k, v = (split(lin(x, p + f"attention.self.{n}")) for n in ("query", "key", "value"))
-            att = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + bias, dim=-1)
-            ctx = (att @ v).transpose(1, 2).reshape(B, T, -1)
-            x = ln(lin(ctx, p + "attention.output.dense") + x, p + "attention.output.LayerNorm")
-            h = F.gelu(lin(x, p + "intermediate.dense"))
-            x = ln(lin(h, p + "output.dense") + x, p + "output.LayerNorm")
-        m = mask.unsqueeze(-1)
-        e = (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
-        return F.normalize(e, dim=-1).numpy()
+        with torch.no_grad():
+            return bert(W, torch.from_numpy(self.ids), torch.from_numpy(self.mask), self.cfg, train=False).numpy()
 
 
 def quality(folder: Path, bounds: list[str], work: Path) -> list[str]:

@@ -58,6 +58,14 @@ def _fail(e: Exception, as_json: bool) -> None:
     sys.exit(code)
 
 
+def _emit_restored(as_json: bool, source: str, r: Any, seconds: float) -> None:
+    """The report of a restore (from an archive or a store): where it went, how much, how fast."""
+    _emit(as_json, {"ok": True, "output": str(r.output), "files": r.files, "bytes": r.bytes_written,
+                    "seconds": round(seconds, 3)},
+          f"{source} -> {r.output}: {r.files} files, {_human(r.bytes_written)}, "
+          f"{r.bytes_written / max(seconds, 1e-9) / 1e6:.0f} MB/s")
+
+
 @contextmanager
 def _errors(as_json: bool) -> Iterator[None]:
     """Turn ElvesError into a one-line message and its exit code: users never see a traceback."""
@@ -216,11 +224,7 @@ def restore(archive: Path, out: Path, threads: int | None, force: bool, base: Pa
         total = elves.info(archive).original_bytes
         with _progress(total, "restore", not as_json) as bar:
             r = elves.restore(archive, out, threads=threads, force=force, progress=bar, base=base)
-        dt = time.perf_counter() - t0
-        _emit(as_json, {"ok": True, "output": str(r.output), "files": r.files, "bytes": r.bytes_written,
-                        "seconds": round(dt, 3)},
-              f"{archive} -> {r.output}: {r.files} files, {_human(r.bytes_written)}, "
-              f"{r.bytes_written / max(dt, 1e-9) / 1e6:.0f} MB/s")
+        _emit_restored(as_json, str(archive), r, time.perf_counter() - t0)
 
 
 @main.command(epilog=EPILOG)

@@ -9,6 +9,7 @@ import click
 
 from .main import (
     _emit,
+    _emit_restored,
     _errors,
     _human,
     _progress,
@@ -146,11 +147,7 @@ def restore(store_path: Path, name: str, out: Path, threads: int | None, force: 
         t0 = time.perf_counter()
         with _progress(total, "restore", not as_json) as bar:
             r = s.restore(name, out, force=force, threads=threads, progress=bar)
-        dt = time.perf_counter() - t0
-        _emit(as_json, {"ok": True, "output": str(r.output), "files": r.files, "bytes": r.bytes_written,
-                        "seconds": round(dt, 3)},
-              f"{name} -> {r.output}: {r.files} files, {_human(r.bytes_written)}, "
-              f"{r.bytes_written / max(dt, 1e-9) / 1e6:.0f} MB/s")
+        _emit_restored(as_json, name, r, time.perf_counter() - t0)
 
 
 @store.command(epilog=EPILOG)

@@ -139,6 +139,7 @@ class BaseMatch:
     evidence: list[str]           # one human-readable reason per line
     pairs: int                    # tensors of the model that pair up with one of the base by name
     accepted: bool = True         # False: the evidence does not show ``base`` is the model's base
+    same_dtype: int = 0           # of ``pairs``, those in the same dtype: the ones a BitX delta can use
 
 
 @dataclass
@@ -500,8 +501,8 @@ def _assess(model: ModelProfile, cand: ModelProfile) -> BaseMatch:
     same_shape = sum(t.shape == u.shape for t, u in paired)
     smaller = min(len(own), len(names))
     structure = len(paired) / smaller if smaller else 0.0
+    recast = sum(t.dtype != u.dtype for t, u in paired)
     if paired:
-        recast = sum(t.dtype != u.dtype for t, u in paired)
         evidence.append(f"{len(paired)}/{smaller} tensor names of the smaller model pair up, {same_shape} with the "
                         "same shape" + (f", {recast} in another float precision" if recast else ""))
     arch = sorted(set(model.architectures) & set(cand.architectures))
@@ -543,25 +544,27 @@ def _assess(model: ModelProfile, cand: ModelProfile) -> BaseMatch:
             evidence.append("not related: the sampled tensors differ as much as unrelated ones")
         else:
             evidence.append("nothing shows it is related")
-    return BaseMatch(cand.name, score, evidence, len(paired), accepted)
+    return BaseMatch(cand.name, score, evidence, len(paired), accepted, len(paired) - recast if paired else 0)
 
 
 def _ranked(model: ModelProfile, cands: list[ModelProfile]) -> list[tuple[int, BaseMatch]]:
-    """(index in ``cands``, match) for every candidate but the model itself, accepted ones
-    first, best score first, earlier candidates first on a tie (the shallower delta chain)."""
+    """(index in ``cands``, match) for every candidate but the model itself: accepted ones
+    first, then those with more tensors in the model's own dtype (a delta needs the same dtype,
+    so a BF16 copy of the base beats the F32 original for a BF16 fine-tune whatever the metadata
+    names), then best score, then earlier candidates (the shallower delta chain)."""
     out = [(i, _assess(model, c)) for i, c in enumerate(cands) if c is not model and c.name != model.name]
     present = set().union(*(_own_keys(c) for c in cands))
     absent = [f"{why} names no stored model" for key, why in _declared(model)
               if key not in present and key not in _own_keys(model)]
     for _, m in out:
         m.evidence[:0] = absent
-    out.sort(key=lambda im: (not im[1].accepted, -im[1].score, im[0]))
+    out.sort(key=lambda im: (not im[1].accepted, -im[1].same_dtype, -im[1].score, im[0]))
     return out
 
 
 def rank(model: ModelProfile, candidates: Iterable[ModelProfile]) -> list[BaseMatch]:
     """Every candidate (but the model itself) assessed as the model's base, with its evidence:
-    accepted ones first, best score first, earlier candidates first on a tie. A declared base
+    in the order of :func:`_ranked`. A declared base
     that names none of the candidates is said so in every match's evidence."""
     return [m for _, m in _ranked(model, list(candidates))]
 

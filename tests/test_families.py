@@ -186,6 +186,26 @@ def test_a_cast_to_another_precision_is_found_by_its_rounded_bits(tiny) -> None:
         assert find_base(cast, [tiny["other"]]) is None
 
 
+def test_a_base_in_the_models_own_dtype_wins_over_the_one_the_metadata_names(tiny) -> None:
+    """A BF16 fine-tune names the F32 original, but only a BF16 copy of the base can be XORed
+    with it: that copy must be chosen, whichever was stored first."""
+    root = tiny["root"]
+
+    def bf16(folder: Path, w: dict[str, np.ndarray], **meta: str) -> ModelProfile:
+        folder.mkdir()
+        write_safetensors(folder / "model.safetensors", {
+            k: ("BF16", v.shape, v.astype(ml_dtypes.bfloat16).tobytes()) for k, v in w.items()})
+        (folder / "README.md").write_text(f"---\nbase_model: {meta['base_model']}\n---\n")
+        return profile(folder)
+
+    copy = bf16(root / "base-bf16", tiny["weights"]["base"], base_model="tiny-base")
+    ft = bf16(root / "ft-bf16", tiny["weights"]["ft"], base_model="tiny-base")
+    for order in ([tiny["base"], copy], [copy, tiny["base"]]):
+        ranked = rank(ft, order)
+        assert ranked[0].base == "base-bf16" and ranked[0].accepted and ranked[0].same_dtype == 16
+        assert ranked[1].base == "tiny-base" and ranked[1].same_dtype == 0
+
+
 def test_metadata_naming_an_absent_or_unrelated_base_gives_no_wrong_base(tiny) -> None:
     assert find_base(tiny["ft-orphan"], [tiny["other"]]) is None
     why = rank(tiny["ft-orphan"], [tiny["other"]])[0].evidence
