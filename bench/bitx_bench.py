@@ -61,12 +61,11 @@ from pathlib import Path
 import numpy as np
 import xxhash
 import zstandard
+from results import RESULTS, write_section  # bench/results.py, beside this script
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-RESULTS = ROOT / "bench" / "RESULTS.md"
-BEGIN, END = "<!-- bitx:begin -->", "<!-- bitx:end -->"
 DATA = Path(os.environ.get("ELVES_DATA", Path.home() / ".cache" / "elves" / "datasets")) / "models"
 THREADS = os.cpu_count() or 1
 GOAL = 1.25  # issue 3: elves --base at least this many times smaller than the reference BitX
@@ -672,17 +671,6 @@ def summary(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-def write_results(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else \
-        "# Benchmark results\n\nWritten by the scripts in bench/; edit outside the markers.\n"
-    section = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + section + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip() + "\n\n## bitx_bench.py: fine-tunes against their base\n\n" + section + "\n"
-    RESULTS.write_text(new)
-
-
 def methods(ft: Path, base: Path, lay: Layout, work: Path) -> list[tuple[str, Callable[[Row], None]]]:
     """The methods, in table order, each a function filling in its row."""
     return [
@@ -748,7 +736,7 @@ def main() -> None:
     print()
     print(report)
     if args.write:
-        write_results(report)
+        write_section("bitx", "bitx_bench.py: fine-tunes against their base", report, RESULTS)
 
 
 if __name__ == "__main__":

@@ -35,9 +35,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from results import RESULTS, write_section  # bench/results.py, beside this script
+
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
-BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 ALL_THREADS = os.cpu_count() or 1
 
 
@@ -510,19 +510,6 @@ against the original files.
 """
 
 
-def write_results(text: str, path: Path) -> None:
-    if path.exists():
-        old = path.read_text()
-    else:
-        old = "# Benchmark results\n\nWritten by the scripts in bench/; edit outside the markers.\n\n"
-    section = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + section + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip() + "\n\n## compare.py: zstd, ZipNN and elves side by side\n\n" + section + "\n"
-    path.write_text(new)
-
-
 # ============================================================================ main
 
 def pick_datasets(names: list[str], ds_module) -> list[tuple[str, Path, str | None]]:
@@ -601,7 +588,7 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps({"command": command, "date": when, "machine": info,
                                          "rows": rows}, indent=1))
     if args.write:
-        write_results(text, args.results)
+        write_section("compare", "compare.py: zstd, ZipNN and elves side by side", text, args.results)
         print(f"updated {args.results}", file=sys.stderr)
     return 0
 

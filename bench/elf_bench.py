@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results import RESULTS, write_section  # bench/results.py, beside this script
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -46,7 +47,6 @@ from elves.codecs.elf import ELF_DTYPES, parse_error_bound  # noqa: E402
 DATA = Path(os.environ.get("ELVES_DATA", Path.home() / ".cache" / "elves" / "datasets")) / "models"
 MODELS = ["minilm", "openff", "openff-st", "astra", "astra-st", "fall", "silero"]
 BOUNDS = ["2^-24", "1e-6", "1e-5", "1e-4", "rel:1e-3", "rel:1e-2"]
-BEGIN, END = "<!-- elf:begin -->", "<!-- elf:end -->"
 
 SENTENCES = [
     "A man is eating food.",
@@ -445,24 +445,13 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical cores; {platform.platform()}; Python {platform.python_version()}; " + ", ".join(pk)
 
 
-def write_results(text: str, path: Path) -> None:
-    old = path.read_text() if path.exists() else \
-        "# Benchmark results\n\nWritten by the scripts in bench/; edit outside the markers.\n\n"
-    section = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + section + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip() + "\n\n## elf_bench.py: error-bounded lossy (ELF)\n\n" + section + "\n"
-    path.write_text(new)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=MODELS, help="datasets for the ratio table")
     ap.add_argument("--bounds", nargs="*", default=BOUNDS)
     ap.add_argument("--no-quality", action="store_true", help="skip the MiniLM embedding table")
     ap.add_argument("--write", action="store_true", help="replace the elf section of bench/RESULTS.md")
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
     for b in args.bounds:
         parse_error_bound(b)
@@ -482,7 +471,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write:
-        write_results(text, args.results)
+        write_section("elf", "elf_bench.py: error-bounded lossy (ELF)", text, args.results)
         print(f"[elf_bench] wrote {args.results}", file=sys.stderr)
 
 

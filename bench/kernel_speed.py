@@ -22,11 +22,13 @@ import argparse
 import importlib.util
 import json
 import os
+import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from results import write_section  # bench/results.py, beside this script
 
 HERE = Path(__file__).resolve().parent
 ZIPNN_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -143,12 +145,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--no-zipnn", action="store_true", help="time elves only")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--write", action="store_true", help="replace the kernel section of bench/RESULTS.md")
     args = parser.parse_args()
     names = args.datasets or [d for d in ds.DATASETS if ds.is_prepared(d)]
     rows = []
-    print("| dataset | dtype | MB | elves ratio | ZipNN ratio | elves enc MB/s | ZipNN enc MB/s "
-          "| elves dec MB/s | ZipNN dec MB/s | dec speed-up |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    lines = ["| dataset | dtype | MB | elves ratio | ZipNN ratio | elves enc MB/s | ZipNN enc MB/s "
+             "| elves dec MB/s | ZipNN dec MB/s | dec speed-up |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    print("\n".join(lines))
     for name in names:
         for dtype, segments in sorted(tensor_bytes(ds.model_dir(name)).items()):
             mb = sum(len(s) for s in segments) / 1e6
@@ -158,10 +162,17 @@ def main() -> None:
             rows.append({"dataset": name, "dtype": dtype, "mb": mb, "elves": e, "zipnn": z})
             zr = ("n/a",) * 3 if z is None else (f"{z['ratio']:.4f}", f"{z['enc']:.0f}", f"{z['dec']:.0f}")
             up = "n/a" if z is None else f"{e['dec'] / z['dec']:.2f}x"
-            print(f"| {name} | {dtype} | {mb:.1f} | {e['ratio']:.4f} | {zr[0]} | {e['enc']:.0f} | {zr[1]} "
-                  f"| {e['dec']:.0f} | {zr[2]} | {up} |", flush=True)
+            lines.append(f"| {name} | {dtype} | {mb:.1f} | {e['ratio']:.4f} | {zr[0]} | {e['enc']:.0f} | {zr[1]} "
+                         f"| {e['dec']:.0f} | {zr[2]} | {up} |")
+            print(lines[-1], flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+    if args.write:
+        cmd = "python bench/kernel_speed.py " + " ".join(sys.argv[1:])
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, {platform.platform()}"
+        write_section("kernel", "kernel_speed.py: the float codec's kernels alone, one thread, against ZipNN",
+                      f"Command: `{cmd}`\nDate: {when}\nMachine: {machine}\n\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results import write_section  # bench/results.py, beside this script
 
 SHARD = 4 << 30
 PIECE = 64 << 20
@@ -106,16 +107,8 @@ def main() -> int:
     if args.write:
         cmd = "python bench/memory.py " + " ".join(sys.argv[1:])
         machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-        section = (f"<!-- memory:begin -->\n## Memory: bounded by chunk size, not model size\n\n"
-                   f"Command: `{cmd}` on {time.strftime('%Y-%m-%d')}, {machine}.\n\n{text}\n<!-- memory:end -->")
-        results = Path(__file__).with_name("RESULTS.md")
-        old = results.read_text() if results.exists() else "# Benchmark results\n"
-        if "<!-- memory:begin -->" in old:
-            head, rest = old.split("<!-- memory:begin -->", 1)
-            old = head + section + rest.split("<!-- memory:end -->", 1)[1]
-        else:
-            old = old.rstrip("\n") + "\n\n" + section + "\n"
-        results.write_text(old)
+        write_section("memory", "Memory: bounded by chunk size, not model size",
+                      f"Command: `{cmd}` on {time.strftime('%Y-%m-%d')}, {machine}.\n\n{text}")
     return 0
 
 

@@ -24,6 +24,17 @@ SPECIAL = {
 }
 
 
+def cpu_decode(pipeline: Pipeline, payload: bytes, nbytes: int) -> bytes | None:
+    """The numba decoder's output, or None if it refuses the payload (the reference that the CUDA
+    decoder and its host emulation are checked against)."""
+    out = np.empty(nbytes, dtype=np.uint8)
+    try:
+        pipeline.decode(np.frombuffer(payload, dtype=np.uint8), out)
+    except CorruptArchiveError:
+        return None
+    return out.tobytes()
+
+
 def roundtrip(dtype: str, raw: np.ndarray, **rans) -> tuple[bytes, np.ndarray]:
     p = Pipeline([Planes(dtype), Rans(**rans)])
     enc = p.encode(raw)

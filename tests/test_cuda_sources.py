@@ -26,9 +26,8 @@ from elves import dtypes
 from elves.codecs import Pipeline
 from elves.codecs.planes import Planes
 from elves.codecs.rans import Rans
-from elves.errors import CorruptArchiveError
 
-from .test_codecs import weights_like
+from .test_codecs import cpu_decode, weights_like
 
 CUDA_DIR = Path(__file__).resolve().parent.parent / "cuda"
 SOURCES = sorted(CUDA_DIR.glob("*.cu"))
@@ -222,16 +221,6 @@ def host_decode(lib: ctypes.CDLL, width: int, payloads: list[bytes], sizes: list
     assert lib.run(width, descs.ctypes.data_as(ctypes.c_void_p), len(payloads),
                    status.ctypes.data_as(ctypes.c_void_p)) == 0
     return dst.tobytes(), status
-
-
-def cpu_decode(pipeline: Pipeline, payload: bytes, nbytes: int) -> bytes | None:
-    """The numba decoder's output, or None if it refuses the payload."""
-    out = np.empty(nbytes, dtype=np.uint8)
-    try:
-        pipeline.decode(np.frombuffer(payload, dtype=np.uint8), out)
-    except CorruptArchiveError:
-        return None
-    return out.tobytes()
 
 
 @pytest.mark.parametrize("dt", ["BOOL", "F8_E4M3", "BF16", "F16", "F32", "I32", "F64", "I64", "C128"])

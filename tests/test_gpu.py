@@ -20,7 +20,7 @@ from elves.encoder import TENSOR_CHUNK_BYTES
 from elves.errors import CorruptArchiveError
 from tests.conftest import write_safetensors
 
-from .test_codecs import ALL, weights_like
+from .test_codecs import ALL, cpu_decode, weights_like
 
 pytestmark = pytest.mark.gpu
 FRAMEWORKS = ["cupy", "pt"]
@@ -209,16 +209,6 @@ def test_lane_counts_and_table_sizes_the_writer_does_not_use(cp: Any, gpu: Any, 
         assert got == b"".join(r.tobytes() for r in raws)
 
 
-def cpu_accepts(pipeline: Pipeline, payload: bytes, nbytes: int) -> bytes | None:
-    """What the CPU decoder makes of ``payload``, or None if it refuses it."""
-    out = np.empty(nbytes, dtype=np.uint8)
-    try:
-        pipeline.decode(np.frombuffer(payload, dtype=np.uint8), out)
-    except CorruptArchiveError:
-        return None
-    return out.tobytes()
-
-
 def test_corrupted_payloads_raise_like_the_cpu(cp: Any, gpu: Any) -> None:
     """Damage that bypasses the host checksum (bytes flipped in the device copy of the payload)
     raises CorruptArchiveError, never returns wrong data, wherever the CPU decoder refuses it;
@@ -239,7 +229,7 @@ def test_corrupted_payloads_raise_like_the_cpu(cp: Any, gpu: Any) -> None:
     for what, (pos, bit) in damage.items():
         bad = bytearray(payload)
         bad[pos] ^= bit
-        assert cpu_accepts(pipeline, bytes(bad), len(raw)) is None, what
+        assert cpu_decode(pipeline, bytes(bad), len(raw)) is None, what
         with pytest.raises(CorruptArchiveError):
             gpu_decode(cp, gpu, [bytes(bad)], [len(raw)], 2, True)
     with pytest.raises(CorruptArchiveError):  # cut short
@@ -249,7 +239,7 @@ def test_corrupted_payloads_raise_like_the_cpu(cp: Any, gpu: Any) -> None:
     for _ in range(40):
         bad = bytearray(payload)
         bad[int(rng.integers(0, len(bad)))] ^= 1 << int(rng.integers(0, 8))
-        want = cpu_accepts(pipeline, bytes(bad), len(raw))
+        want = cpu_decode(pipeline, bytes(bad), len(raw))
         if want is None:
             with pytest.raises(CorruptArchiveError):
                 gpu_decode(cp, gpu, [bytes(bad)], [len(raw)], 2, True)
