@@ -556,11 +556,8 @@ def run_corpus_zipllm(models: list[Model], row: CorpusRow, work: Path) -> None:
 
 def run_corpus_store(models: list[Model], row: CorpusRow, work: Path) -> None:
     """The elves store on one thread, each model added with its base found by the store (``base="auto"``)."""
-    try:
-        from elves.store import Store
-    except ImportError:
-        row.note = "not available: elves.store is not importable"
-        return
+    from elves.store import Store
+
     path = work / "store"
     Store.init(path)
     store = Store(path)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -178,8 +179,7 @@ def gc(store_path: Path, as_json: bool) -> None:
     """
     with _errors(as_json):
         r = _open(store_path).gc()
-        _emit(as_json, {"ok": True, "objects_removed": r.objects_removed, "bytes_freed": r.bytes_freed,
-                        "objects_kept": r.objects_kept, "temp_removed": r.temp_removed},
+        _emit(as_json, {"ok": True, **asdict(r)},
               f"freed {_human(r.bytes_freed)}: {r.objects_removed} objects removed, {r.objects_kept} kept"
               + (f", {r.temp_removed} temporary files removed" if r.temp_removed else ""))
 
@@ -196,10 +196,7 @@ def stats(store_path: Path, as_json: bool) -> None:
     """
     with _errors(as_json):
         st = _open(store_path).stats()
-        _emit(as_json, {"ok": True, "models": st.models, "logical_bytes": st.logical_bytes,
-                        "stored_bytes": st.stored_bytes, "ratio": round(st.ratio, 4), "objects": st.objects,
-                        "delta_objects": st.delta_objects, "garbage_objects": st.garbage_objects,
-                        "garbage_bytes": st.garbage_bytes},
+        _emit(as_json, {"ok": True, **asdict(st), "ratio": round(st.ratio, 4)},
               f"{store_path}: {st.models} models, {_human(st.logical_bytes)} -> {_human(st.stored_bytes)} "
               f"({st.ratio:.3f}x), {st.objects} objects ({st.delta_objects} deltas)"
               + (f", {_human(st.garbage_bytes)} garbage in {st.garbage_objects} objects (run gc)"
