@@ -28,7 +28,7 @@ from .errors import (
 )
 
 MAGIC = b"ELVES\x00\r\n"
-FORMAT_VERSION = (1, 1)
+FORMAT_VERSION = (1, 2)
 HEADER = struct.Struct("<8sHHIQQQ")  # magic, major, minor, flags, index offset, length, xxh3-64
 HEADER_SIZE = 64
 DATA_START = 4096
@@ -51,6 +51,9 @@ class Stream:
     # Lossy streams (``elf``) only: xxh3-128 hex of what decoding yields, which is not the
     # original (``hash``); None when decoding gives the original bytes back.
     decoded_hash: str | None = None
+    # The stream of the same archive whose decoded chunks are this one's reference chunks (a
+    # pipeline that starts with a filter needing a reference, e.g. ``elf`` with ``delta``), or None.
+    ref: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -59,6 +62,8 @@ class Stream:
         }
         if self.decoded_hash is not None:
             d["decoded_hash"] = self.decoded_hash
+        if self.ref is not None:
+            d["ref"] = self.ref
         return d
 
     @property
@@ -118,6 +123,18 @@ class ArchiveWriter:
         offset = self.pos
         self._write(payload)
         return (offset, len(payload), decoded_length, xxhash.xxh3_64_intdigest(payload))
+
+    def read_payload(self, stream: Stream, chunk: int) -> bytes:
+        """A chunk payload written earlier, read back (to serve as a reference); call
+        :meth:`flush` after writing it. Safe to call from several threads."""
+        offset, length, _, _ = stream.chunks[chunk]
+        return os.pread(self.f.fileno(), length, offset)
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as e:
+            raise OutputError(f"cannot write the archive: {e.strerror}", self.path) from None
 
     def add_stream(self, stream: Stream) -> int:
         self.streams.append(stream)
@@ -247,10 +264,23 @@ class ArchiveReader:
             for s in entry["segments"]:
                 if not isinstance(s, int) or not 0 <= s < len(self.streams):
                     raise CorruptArchiveError(f"{entry['path']}: segment points at no stream", self.path)
-        for s in self.streams:
+        for i, s in enumerate(self.streams):
             for off, length, _, _ in s.chunks:
                 if off + length > index_offset:
                     raise CorruptArchiveError("a chunk lies outside the data region", self.path)
+            if s.ref is not None:
+                self._check_ref(i, s)
+
+    def _check_ref(self, i: int, s: Stream) -> None:
+        """A stream's reference must be another stream, itself coded without one (so decoding a
+        chunk never needs more than one other chunk), cut into chunks of the same lengths."""
+        r = s.ref
+        if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < len(self.streams) or r == i:
+            raise CorruptArchiveError(f"stream {i} references no stream", self.path)
+        base = self.streams[r]
+        if base.ref is not None or [c[2] for c in base.chunks] != [c[2] for c in s.chunks]:
+            raise CorruptArchiveError(f"stream {i} references stream {r}, which cannot be its reference",
+                                      self.path)
 
     def read_payload(self, stream: Stream, chunk: int) -> bytes:
         """The payload of ``chunk`` of ``stream``, its checksum checked."""

@@ -23,6 +23,7 @@ from .archive import ArchiveReader, Stream, safe_relpath, temp_sibling
 from .codecs import Pipeline
 from .encoder import INLINE_BYTES, default_threads, ordered_map
 from .errors import ArchiveError, CorruptArchiveError, OutputError, OutputExistsError
+from .references import decode_chunk
 
 ProgressFn = Callable[[int], None]
 
@@ -60,18 +61,23 @@ def iter_stream(reader: ArchiveReader, index: int, pool: Executor, window: int) 
     """The decoded chunks of stream ``index``, in order, each checked; then the stream's hash."""
     stream = reader.streams[index]
     pipeline = Pipeline.from_config(stream.pipeline)
-    ref_of = None
-    if pipeline.ref_codec is not None:  # BitX: coded against a tensor of the base model
+    ref_of: Callable[[int], np.ndarray] | None = None
+    if stream.ref is not None:  # coded against another stream of this archive
+        ref_stream = reader.streams[stream.ref]
+        ref_pipeline = Pipeline.from_config(ref_stream.pipeline)
+
+        def from_ref(i: int) -> np.ndarray:
+            return decode_chunk(reader, ref_stream, ref_pipeline, i)
+        ref_of = from_ref
+    elif pipeline.ref_codec is not None:  # BitX: coded against a tensor of the base model
         from bitx.base import chunk_refs
 
         ref_of = chunk_refs(reader, stream, pipeline)
 
     def decode(i: int) -> np.ndarray:
         try:
-            payload = reader.read_payload(stream, i)
-            out = np.empty(stream.chunks[i][2], dtype=np.uint8)
-            ref = ref_of(i) if ref_of is not None else None  # BitX: the base tensor's bytes here
-            pipeline.decode(np.frombuffer(payload, dtype=np.uint8), out, ref=ref)
+            ref = ref_of(i) if ref_of is not None else None  # the reference's bytes here
+            out = decode_chunk(reader, stream, pipeline, i, ref)
         except ArchiveError as e:  # name the tensor only when something is wrong: it costs a scan
             raise type(e)(f"{stream_label(reader, index)}: chunk {i}: {e.message}", reader.path) from None
         return out

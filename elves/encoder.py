@@ -7,6 +7,7 @@ by the chunk size and the thread count, never by the model's size.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections import deque
@@ -34,6 +35,7 @@ from .codecs.rans import Rans
 from .codecs.zstd import Zstd
 from .model import Segment, SourceFile
 from .readers import read_model
+from .references import RefChooser, segment_names
 
 if TYPE_CHECKING:
     from bitx.delta import Delta, DeltaPlanner
@@ -63,6 +65,7 @@ class CompressSummary:
     base_streams: int = 0      # streams coded against the base model (``base=``), identical ones included
     error_bound: str | None = None  # the lossy bound asked for (``lossy="elf"``), e.g. "2^-24"
     lossy_streams: int = 0     # streams that decode to other bytes than the original, within the bound
+    ref_streams: int = 0       # streams coded against another stream of the archive (``lossy``)
 
     @property
     def ratio(self) -> float:
@@ -125,6 +128,22 @@ def _read(fd: int, offset: int, length: int, path: Path) -> bytes:
     return data
 
 
+def _read_in(fd: int, seg: Segment, path: Path, offset: int, length: int) -> bytes:
+    """``length`` bytes at ``offset`` within the segment."""
+    return _read(fd, seg.offset + offset, length, path)
+
+
+def _choose_ref(refs: RefChooser, seg: Segment, names: list[str], pipeline: Pipeline, chunk_elems: int,
+                lossy: ErrorBound, read: Callable[[int, int], bytes]) -> tuple[int | None, Pipeline]:
+    """The earlier stream to code a lossy tensor against, if any, and the pipeline to code it with."""
+    assert seg.dtype is not None
+    delta = elf_pipeline(seg.dtype, lossy, delta=True)
+    ref = refs.choose(seg, names, chunk_elems, dtypes.get(seg.dtype).itemsize, read,
+                      lambda raw: len(encode_checked(pipeline, raw)[0]),
+                      lambda raw, r: len(encode_checked(delta, raw, r)[0]))
+    return ref, (pipeline if ref is None else delta)
+
+
 def _hash_segment(fd: int, seg: Segment, path: Path, sha: "hashlib._Hash") -> str:
     h = xxhash.xxh3_128()
     for off in range(seg.offset, seg.offset + seg.length, READ_PIECE):
@@ -158,7 +177,10 @@ def compress(
     ``lossy="elf"`` with ``error_bound`` (``"2^-24"``, ``"1e-6"``: absolute; ``"rel:1e-3"``:
     relative to each element) quantises float tensors (F16, BF16, F32, F64) so that every element
     restores within the bound (NaN, infinities and the sign of zero exactly); other tensors and
-    files stay lossless. Per chunk, the smaller of the quantised and the exact coding is kept.
+    files stay lossless. Per chunk, the smaller of the quantised and the exact coding is kept. A
+    float tensor of a later file may be coded against the restored tensor of the same name (or
+    size) in an earlier file, where that is smaller (``elves.references``): versions of one model
+    in one folder then cost little more than their differences.
     """
     bound = _lossy_bound(lossy, error_bound)
     files, single = read_model(src)
@@ -174,16 +196,19 @@ def compress(
     try:
         with ArchiveWriter(dst, force=force) as writer, ThreadPoolExecutor(nthreads) as pool:
             writer.source_kind = "file" if single else "folder"
+            refs = None
             if bound is not None:
                 writer.lossy = True
                 writer.error_bound = bound.to_index()
+                refs = RefChooser(writer) if planner is None else None
             for sf in files:
-                _compress_file(sf, writer, pool, nthreads, seen, progress, planner, bound)
+                _compress_file(sf, writer, pool, nthreads, seen, progress, planner, bound, refs)
             if planner is not None:
                 writer.base = planner.index_entry(writer.streams)
             archive_path = writer.path
             base_streams = sum(1 for st in writer.streams if any(c["id"] == "xor" for c in st.pipeline))
             lossy_streams = sum(1 for st in writer.streams if st.decoded_hash is not None)
+            ref_streams = sum(1 for st in writer.streams if st.ref is not None)
     finally:
         if planner is not None:
             planner.base.close()
@@ -198,6 +223,7 @@ def compress(
         base_streams=base_streams,
         error_bound=bound.spec if bound is not None else None,
         lossy_streams=lossy_streams,
+        ref_streams=ref_streams,
     )
 
 
@@ -217,7 +243,8 @@ def _lossy_bound(lossy: str | None, error_bound: str | float | ErrorBound | None
 
 def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthreads: int,
                    seen: dict[tuple[str | None, str], int], progress: ProgressFn | None,
-                   planner: "DeltaPlanner | None" = None, lossy: ErrorBound | None = None) -> None:
+                   planner: "DeltaPlanner | None" = None, lossy: ErrorBound | None = None,
+                   refs: RefChooser | None = None) -> None:
     sha = hashlib.sha256()
     with open(sf.path, "rb") as fh:
         fd = fh.fileno()
@@ -225,13 +252,17 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
         new: list[tuple[Segment, Stream, Pipeline]] = []
         to_plan: list[tuple[int, Segment, str, Pipeline, int]] = []  # tensors that may code against a base
         slot: dict[int, int] = {}  # their segment number -> their place in ``new``
+        names = segment_names(sf) if refs is not None else {}
         for index, seg in enumerate(sf.segments):
             key = (seg.dtype, _hash_segment(fd, seg, sf.path, sha))
             if key not in seen:
-                pipeline, chunk_elems = pipeline_for(
-                    seg, lossy, lambda off, n, seg=seg: _read(fd, seg.offset + off, n, sf.path))
+                read = functools.partial(_read_in, fd, seg, sf.path)
+                pipeline, chunk_elems = pipeline_for(seg, lossy, read)
+                ref = None
+                if refs is not None and lossy is not None and pipeline.codecs[0].codec_id == "elf":
+                    ref, pipeline = _choose_ref(refs, seg, names.get(index, []), pipeline, chunk_elems, lossy, read)
                 stream = Stream("bytes" if seg.dtype is None else "tensor", seg.dtype, seg.length, key[1],
-                                pipeline.get_config(), chunk_elems, [])
+                                pipeline.get_config(), chunk_elems, [], ref=ref)
                 seen[key] = writer.add_stream(stream)
                 new.append((seg, stream, pipeline))
                 if planner is not None and seg.dtype is not None:
@@ -264,11 +295,13 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
                 raw_of[id(stream)] = raw
             d = deltas.get(id(stream))
             ref = planner.ref_chunk(d, pos, len(raw)) if d is not None else None
+            if refs is not None and stream.ref is not None:
+                ref = refs.ref_chunk(stream.ref, pos // (stream.chunk_elems * dtypes.get(stream.dtype).itemsize))
             arr = np.frombuffer(raw, dtype=np.uint8)
             if lossy is not None and pipeline.codecs and pipeline.codecs[0].codec_id == "elf":
                 # Also what restore will produce, checked against the bound once more: the
                 # stream's decoded hash is of these bytes.
-                payload, decoded = encode_checked(pipeline, arr)
+                payload, decoded = encode_checked(pipeline, arr, ref)
                 return stream, payload, len(raw), first, decoded
             return stream, pipeline.encode(arr, ref=ref), len(raw), first, None
 
@@ -280,7 +313,7 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
             if nraw == stream.nbytes and len(payload) >= nraw:
                 # A one-chunk stream that coding would not shrink (a tiny tensor, a zip record)
                 # is stored as it is: an empty pipeline.
-                payload, stream.pipeline = raw_of[id(stream)], []
+                payload, stream.pipeline, stream.ref = raw_of[id(stream)], [], None
                 decoded = None
             if decoded is not None:
                 h, done = decoded_of.get(id(stream), (xxhash.xxh3_128(), 0))
@@ -292,6 +325,8 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
             if progress:
                 progress(nraw)
 
+    if refs is not None:
+        refs.remember(sf, stream_ids)
     lossy_file = any(writer.streams[i].decoded_hash is not None for i in stream_ids)
     writer.add_file({
         "path": sf.relpath,

@@ -22,6 +22,12 @@ Then, whatever the kind, a chunk whose codes are a few distinct values repeated 
 a lookup table) can code them through a *palette*: its distinct codes once, and an index per
 element, which the byte planes after it code far more cheaply than the repeats themselves.
 
+With ``delta``, a chunk is coded against a reference chunk: what restore produces for the same
+place of another tensor of the archive (an earlier version of the same weights, say). The
+reference is quantised on the chunk's own grid, and the codes stored are the differences of the
+chunk's codes from the reference's, zigzagged: small numbers where the weights moved little. The
+decoder has the reference, so it quantises it the same way and adds the differences back.
+
 Every element is dequantised with the decoder's own arithmetic and checked against the bound in
 exact arithmetic; anything outside (a rounding hair, a value the grid cannot reach, NaN or
 infinity without an exact zone) becomes an *exception*: its position and original bits are
@@ -141,14 +147,16 @@ def _is_pow2(v: float) -> bool:
 class Elf(Codec):
     """Quantise a float chunk to integer codes within an error bound (docs/FORMAT.md, ``elf``).
 
-    ``lanes`` is the ``rans`` lane count the encoder assumes when it estimates sizes; ``exact``
-    makes every chunk use the exact kind (lossless); ``palette=False`` never codes a chunk through
-    a palette. None of them is part of the config.
+    ``delta`` codes every chunk against a reference chunk (``encode`` and ``decode`` then take
+    ``ref``, the reference's decoded bytes, as long as the chunk). ``lanes`` is the ``rans`` lane
+    count the encoder assumes when it estimates sizes; ``exact`` makes every chunk use the exact
+    kind (lossless); ``palette=False`` never codes a chunk through a palette. Of these, only
+    ``delta`` is part of the config.
     """
 
     codec_id = "elf"
 
-    def __init__(self, dtype: str, mode: str = "abs", bound: float = 2.0 ** -24, *,
+    def __init__(self, dtype: str, mode: str = "abs", bound: float = 2.0 ** -24, delta: bool = False, *,
                  lanes: int = 32, exact: bool = False, palette: bool = True):
         if dtype not in ELF_DTYPES:
             raise CodecError(f"elf codes float tensors of {', '.join(ELF_DTYPES)}, not {dtype!r}")
@@ -158,29 +166,33 @@ class Elf(Codec):
         self.mode = mode
         self.bound = float(bound)
         self.width, self.ebits, self.mbits = ELF_DTYPES[dtype]
+        self.delta = bool(delta)
+        self.needs_ref = self.delta
         self.lanes = lanes
         self.exact = exact
-        self.palette = palette
+        self.palette = palette and not self.delta  # differences from a reference hardly repeat
 
     def get_config(self) -> Config:
-        return {"id": self.codec_id, "dtype": self.dtype, "mode": self.mode, "bound": self.bound}
+        config = {"id": self.codec_id, "dtype": self.dtype, "mode": self.mode, "bound": self.bound}
+        if self.delta:
+            config["delta"] = True
+        return config
 
     # -- encoding ------------------------------------------------------------------------------
 
-    def encode(self, data: np.ndarray) -> np.ndarray:
+    def encode(self, data: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
         from ..kernels import elf as k
 
         w = self.width
         n = data.shape[0] // w
         if data.shape[0] != n * w:
             raise CodecError(f"elf: a {self.dtype} chunk of {data.shape[0]} bytes is not whole elements")
-        words = np.frombuffer(data, dtype=np.uint8)[: n * w].view(WORD[w])
-        if not words.flags.aligned:
-            words = words.copy()
+        if self.delta and (ref is None or ref.shape[0] != data.shape[0]):
+            raise CodecError("elf with delta needs a reference chunk as long as the chunk")
+        words = _words(data[: n * w], w)
         codes = np.empty(n, dtype=np.uint64)
         if self.exact or n == 0:
-            k.quant_exact(words, w, codes)
-            return self._pack(words, KIND_EXACT, b"", codes, np.zeros(0, np.uint8))
+            return self._finish(words, KIND_EXACT, b"", None, codes, ref)
         xs = np.empty(n, dtype=np.float64)
         k.kernels(self.dtype).to_f64(words, w, xs)
         pos_bytes = 2 if n <= 65536 else 4
@@ -199,31 +211,86 @@ class Elf(Codec):
         k.plane_hist(scodes, w, hist)
         best = k.est_size(hist * scale, n, w, self.lanes), None
         for cand in self._candidates(xs):
-            _, params, run = cand
-            nexc = run(sw, sx, scodes, sexc) * scale
+            kind, params = cand
+            nexc = self._quantiser(kind, params)(sw, sx, scodes, sexc) * scale
             k.plane_hist(scodes, w, hist)
             est = k.est_size(hist * scale, n, w, self.lanes) + (
                 SECTION_HEAD.size + len(params) + nexc * (pos_bytes + w)) * w / (w - 1)
             if est < best[0]:
                 best = est, cand
-        if best[1] is None:
-            k.quant_exact(words, w, codes)
-            return self._pack(words, KIND_EXACT, b"", codes, np.zeros(0, np.uint8))
-        kind, params, run = best[1]
-        exc = np.empty(n, dtype=np.uint8)
-        run(words, xs, codes, exc)
-        k.demote_top(codes, exc, w, self.lanes, exc_cost)
-        return self._pack(words, kind, params, codes, exc)
+        kind, params = best[1] if best[1] is not None else (KIND_EXACT, b"")
+        return self._finish(words, kind, params, xs, codes, ref, exc_cost)
 
-    def _candidates(self, xs: np.ndarray):
-        """(kind, packed parameters, quantiser) for each grid worth trying on this chunk."""
+    def _finish(self, words: np.ndarray, kind: int, params: bytes, xs: np.ndarray | None,
+                codes: np.ndarray, ref: np.ndarray | None, exc_cost: float = 0.0) -> np.ndarray:
+        """Quantise the whole chunk on the chosen grid, subtract the reference's codes (delta),
+        and pack the chunk."""
         from ..kernels import elf as k
 
-        w, eb, mb = self.width, self.ebits, self.mbits
+        n = words.shape[0]
+        exc = np.zeros(n, dtype=np.uint8)
+        self._quantiser(kind, params)(words, xs, codes, exc)
+        if ref is not None:
+            self._subtract_ref(kind, params, codes, exc, ref)
+        if kind != KIND_EXACT:
+            k.demote_top(codes, exc, self.width, self.lanes, exc_cost)
+        return self._pack(words, kind, params, codes, exc)
+
+    def _quantiser(self, kind: int, params: bytes):
+        """``run(words, xs, codes, exc)``: the quantiser of a grid, from its packed parameters;
+        it writes each element's code and exception flag and returns the exception count."""
+        from ..kernels import elf as k
+
+        w = self.width
+        if kind == KIND_EXACT:
+            return lambda words, xs, codes, exc: k.quant_exact(words, w, codes) or 0
         kk = k.kernels(self.dtype)
         mode = k.MODE_ABS if self.mode == "abs" else k.MODE_REL
         bound = self.bound
         rel_exact = self.mode == "rel" and _is_pow2(bound)
+        if kind == KIND_UNIFORM:
+            step, m_code, b_bits = UNIFORM_PARAMS.unpack_from(params)
+            return lambda words, xs, codes, exc: kk.quant_uniform(
+                words, xs, w, step, np.uint64(m_code), np.uint64(b_bits), mode, bound, rel_exact, codes, exc)
+        (e0,) = BINADE_E0.unpack_from(params)
+        L = np.frombuffer(params, dtype="<u4", offset=BINADE_E0.size).astype(np.int64)
+        cum = np.concatenate(([0], np.cumsum(L)[:-1])).astype(np.int64)
+        lsum = np.uint64(int(L.sum()))
+        return lambda words, xs, codes, exc: kk.quant_binade(
+            words, xs, w, e0, L.shape[0], L, cum, lsum, mode, bound, rel_exact, codes, exc)
+
+    def _ref_codes(self, kind: int, params: bytes, ref: np.ndarray) -> np.ndarray:
+        """The reference chunk's codes on this chunk's grid. The grid's own quantiser makes them,
+        on the encoder's side and the decoder's alike, so both get the same codes."""
+        from ..kernels import elf as k
+
+        w = self.width
+        words = _words(ref, w)
+        n = words.shape[0]
+        xs = np.empty(n, dtype=np.float64)
+        if kind != KIND_EXACT:
+            k.kernels(self.dtype).to_f64(words, w, xs)
+        codes = np.empty(n, dtype=np.uint64)
+        self._quantiser(kind, params)(words, xs, codes, np.empty(n, dtype=np.uint8))
+        return codes
+
+    def _subtract_ref(self, kind: int, params: bytes, codes: np.ndarray, exc: np.ndarray,
+                      ref: np.ndarray) -> None:
+        """Turn ``codes`` into differences from the reference's codes; an exception's difference
+        is zero (its bits come from the exception section)."""
+        from ..kernels import elf as k
+
+        rcodes = self._ref_codes(kind, params, ref)
+        flagged = exc.view(bool)
+        codes[flagged] = rcodes[flagged]
+        k.delta_codes(codes, rcodes, self.width)
+
+    def _candidates(self, xs: np.ndarray):
+        """(kind, packed parameters) for each grid worth trying on this chunk."""
+        from ..kernels import elf as k
+
+        w, eb, mb = self.width, self.ebits, self.mbits
+        bound = self.bound
         mask = (1 << (8 * w - 1)) - 1
         bias = (1 << (eb - 1)) - 1
         emax, emin = bias, 1 - bias
@@ -243,13 +310,7 @@ class Elf(Codec):
                     b_bits = (et + bias) << mb
                     tval = math.ldexp(1.0, et)
                 m_code = mask if tval / step >= mask else min(int(math.floor(tval / step)) + 2, mask)
-                params = UNIFORM_PARAMS.pack(step, m_code, b_bits)
-
-                def run(words, xs, codes, exc, step=step, m_code=m_code, b_bits=b_bits):
-                    return kk.quant_uniform(words, xs, w, step, np.uint64(m_code), np.uint64(b_bits),
-                                    mode, bound, rel_exact, codes, exc)
-
-                yield KIND_UNIFORM, params, run
+                yield KIND_UNIFORM, UNIFORM_PARAMS.pack(step, m_code, b_bits)
             return
         lo, hi = k.exponent_range(xs)
         if hi < lo:
@@ -263,17 +324,8 @@ class Elf(Codec):
         if 0 <= kbits < mb:
             grids.append((1, [1 << kbits]))
         for sub, levels in grids:
-            L = np.array(levels, dtype=np.int64)
-            cum = np.concatenate(([0], np.cumsum(L)[:-1])).astype(np.int64)
-            lsum = int(L.sum())
-            e0 = max(lo, hi + 1 - (mask - 1) // lsum)
-            params = BINADE_E0.pack(e0) + L.astype("<u4").tobytes()
-
-            def run(words, xs, codes, exc, e0=e0, sub=sub, L=L, cum=cum, lsum=lsum):
-                return kk.quant_binade(words, xs, w, e0, sub, L, cum, np.uint64(lsum), mode, bound,
-                               rel_exact, codes, exc)
-
-            yield KIND_BINADE, params, run
+            e0 = max(lo, hi + 1 - (mask - 1) // sum(levels))
+            yield KIND_BINADE, BINADE_E0.pack(e0) + np.array(levels, dtype="<u4").tobytes()
 
     def _palette(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """The chunk's distinct codes, as first differences, and each element's index among them;
@@ -321,7 +373,7 @@ class Elf(Codec):
               exc: np.ndarray) -> np.ndarray:
         w = self.width
         n = words.shape[0]
-        pos = np.flatnonzero(exc) if exc.size else np.zeros(0, dtype=np.int64)
+        pos = np.flatnonzero(exc)
         pos_bytes = 2 if n <= 65536 else 4
         sub = len(params[BINADE_E0.size:]) // 4 if kind == KIND_BINADE else 0
         pal = self._palette(codes) if self.palette else None
@@ -345,7 +397,8 @@ class Elf(Codec):
 
     # -- decoding ------------------------------------------------------------------------------
 
-    def decode(self, data: np.ndarray | bytes, out: np.ndarray | None = None) -> np.ndarray:
+    def decode(self, data: np.ndarray | bytes, out: np.ndarray | None = None,
+               ref: np.ndarray | None = None) -> np.ndarray:
         from ..kernels import elf as k
 
         w = self.width
@@ -379,7 +432,17 @@ class Elf(Codec):
             raise CorruptArchiveError("elf chunk: malformed section")
         section = _unpack(grid, w, slen)
         body = buf[ns * w:].view(WORD[w]) if buf.flags.aligned else buf[ns * w:].copy().view(WORD[w])
-        if pcount:
+        p = SECTION_HEAD.size
+        if kind == KIND_BINADE and (np.frombuffer(section, dtype="<u4", count=sub, offset=p + BINADE_E0.size) < 1).any():
+            raise CorruptArchiveError("elf chunk: a sub-binade has no levels")
+        if self.delta:
+            if pcount:
+                raise CorruptArchiveError("elf chunk: a palette in a delta chunk")
+            if ref is None or ref.shape[0] != body.shape[0] * w:
+                raise CodecError("elf with delta needs a reference chunk as long as the chunk")
+            codes = np.empty_like(body)
+            k.undelta_codes(body, self._ref_codes(kind, section[p: p + plen], ref), w, codes)
+        elif pcount:
             (npal,) = PALETTE_COUNT.unpack_from(section, SECTION_HEAD.size + plen)
             codes = _unpalette(body, npal, w)
         else:
@@ -390,7 +453,6 @@ class Elf(Codec):
         elif out.shape[0] != n * w:
             raise CorruptArchiveError(f"elf chunk holds {n * w} bytes, expected {out.shape[0]}")
         dst = out.view(WORD[w])
-        p = SECTION_HEAD.size
         if kind == KIND_EXACT:
             k.dequant_exact(codes, n, w, dst)
         elif kind == KIND_UNIFORM:
@@ -400,8 +462,6 @@ class Elf(Codec):
         else:
             (e0,) = BINADE_E0.unpack_from(section, p)
             L = np.frombuffer(section, dtype="<u4", count=sub, offset=p + BINADE_E0.size).astype(np.int64)
-            if (L < 1).any():
-                raise CorruptArchiveError("elf chunk: a sub-binade has no levels")
             cum = np.concatenate(([0], np.cumsum(L)[:-1])).astype(np.int64)
             k.kernels(self.dtype).dequant_binade(codes, n, w, e0, sub, L, cum, np.uint64(int(L.sum())), dst)
         if m:
@@ -411,6 +471,12 @@ class Elf(Codec):
             if not k.scatter(dst, pos.astype(np.int64), vals.astype(dst.dtype)):
                 raise CorruptArchiveError("elf chunk: exception positions out of order or range")
         return out
+
+
+def _words(data: np.ndarray, w: int) -> np.ndarray:
+    """A chunk's bytes as w-byte words (copied only when they are not aligned)."""
+    words = np.frombuffer(data, dtype=np.uint8).view(WORD[w])
+    return words if words.flags.aligned else words.copy()
 
 
 def _unpalette(body: np.ndarray, npal: int, w: int) -> np.ndarray:
@@ -449,13 +515,15 @@ def elf_pays(dtype: str, bound: ErrorBound, sample: bytes | np.ndarray) -> bool:
     return kind != KIND_EXACT or bool(flags & FLAG_PALETTE)
 
 
-def elf_pipeline(dtype: str, bound: ErrorBound, exact: bool = False) -> Pipeline:
-    """The pipeline of a lossy float stream: ``elf`` then ``planes`` (unsigned codes) then ``rans``."""
+def elf_pipeline(dtype: str, bound: ErrorBound, exact: bool = False, delta: bool = False) -> Pipeline:
+    """The pipeline of a lossy float stream: ``elf`` then ``planes`` (unsigned codes) then ``rans``;
+    with ``delta``, coded against a reference stream's chunks."""
     from .planes import Planes
     from .rans import Rans
 
     w = ELF_DTYPES[dtype][0]
-    return Pipeline([Elf(dtype, bound.mode, bound.value, exact=exact), Planes(CODE_DTYPE[w], rotate=False), Rans()])
+    return Pipeline([Elf(dtype, bound.mode, bound.value, delta, exact=exact),
+                     Planes(CODE_DTYPE[w], rotate=False), Rans()])
 
 
 def bound_of(pipeline: list[Config]) -> ErrorBound | None:
@@ -466,8 +534,9 @@ def bound_of(pipeline: list[Config]) -> ErrorBound | None:
     return None
 
 
-def encode_checked(pipeline: Pipeline, raw: np.ndarray) -> tuple[bytes, np.ndarray]:
-    """Encode one chunk of a lossy stream; return (payload, the bytes restore will produce).
+def encode_checked(pipeline: Pipeline, raw: np.ndarray, ref: np.ndarray | None = None) -> tuple[bytes, np.ndarray]:
+    """Encode one chunk of a lossy stream (``ref``: its reference chunk, for ``delta``); return
+    (payload, the bytes restore will produce).
 
     The chunk's codes are dequantised by the decoder itself (:meth:`Elf.decode`) and checked
     against the bound once more, independently of the encoder's own per-element check; should
@@ -479,17 +548,17 @@ def encode_checked(pipeline: Pipeline, raw: np.ndarray) -> tuple[bytes, np.ndarr
     elf = pipeline.codecs[0]
     assert isinstance(elf, Elf)
     rest = Pipeline(pipeline.codecs[1:])
-    codes = elf.encode(raw)
+    codes = elf.encode(raw, ref)
     out = np.empty(raw.shape[0], dtype=np.uint8)
-    elf.decode(codes, out)
+    elf.decode(codes, out, ref)
     w = elf.width
     src = raw.view(WORD[w]) if raw.flags.aligned else raw.copy().view(WORD[w])
     rel_exact = elf.mode == "rel" and _is_pow2(elf.bound)
     _, _, bad = k.kernels(elf.dtype).error_stats(src, out.view(WORD[w]), w, 0 if elf.mode == "abs" else 1,
                                                  elf.bound, rel_exact)
     if bad:  # never expected: the encoder checked every element; stay correct regardless
-        exact = Elf(elf.dtype, elf.mode, elf.bound, exact=True)
-        return rest.encode(exact.encode(raw)), raw
+        exact = Elf(elf.dtype, elf.mode, elf.bound, elf.delta, exact=True)
+        return rest.encode(exact.encode(raw, ref)), raw
     return rest.encode(codes), out
 
 

@@ -652,6 +652,54 @@ def demote_top(codes, exc, w, lanes, exc_cost):
 
 
 # ---------------------------------------------------------------------------------------------
+# codes against a reference chunk's codes (``elf`` with ``delta``)
+# ---------------------------------------------------------------------------------------------
+# A code is (magnitude << 1) | sign, i.e. the zigzag form of the signed integer t = +a or -a - 1;
+# a fine-tune's t minus its base's t is small where the weights are close, and zigzag puts small
+# differences of either sign in the low bits. The arithmetic is modulo 2^(8w), so every code
+# pair maps to a w-byte delta and back, whatever the codes hold (exact-zone bits included).
+
+@njit(cache=True, nogil=True, inline="always")
+def _signed(v, w):
+    """The 8w-bit two's complement value of ``v`` (an int64 holding 64 bits), sign-extended."""
+    if w == 8:
+        return v
+    bits = 8 * w
+    v = v & ((np.int64(1) << bits) - 1)
+    sb = np.int64(1) << (bits - 1)
+    return (v ^ sb) - sb
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _unzig(c):
+    return ((c >> np.int64(1)) & np.int64(0x7FFFFFFFFFFFFFFF)) ^ -(c & np.int64(1))  # a logical shift
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _zig(t, w):
+    z = (t << np.int64(1)) ^ (t >> np.int64(63))
+    return z if w == 8 else z & ((np.int64(1) << (8 * w)) - 1)
+
+
+@njit(cache=True, nogil=True)
+def delta_codes(codes, ref, w):
+    """``codes[i] <- zig(unzig(codes[i]) - unzig(ref[i]))`` in 8w-bit arithmetic, in place."""
+    for i in range(codes.shape[0]):
+        c = np.int64(codes[i])
+        r = np.int64(ref[i])
+        codes[i] = np.uint64(_zig(_signed(_unzig(c) - _unzig(r), w), w))
+
+
+@njit(cache=True, nogil=True)
+def undelta_codes(deltas, ref, w, out):
+    """The inverse of :func:`delta_codes`: ``out[i]`` (a code) from ``deltas[i]`` and ``ref[i]``."""
+    for i in range(deltas.shape[0]):
+        d = np.int64(deltas[i])
+        r = np.int64(ref[i])
+        out[i] = np.uint64(_zig(_signed(_unzig(r) + _unzig(d), w), w))
+
+
+# ---------------------------------------------------------------------------------------------
 # checking a decoded chunk against its source (encoder safety net, ``verify --against``)
 # ---------------------------------------------------------------------------------------------
 
