@@ -190,12 +190,14 @@ def compress(src: Path, out: Path, threads: int | None, force: bool, base: Path 
             "ratio": round(s.ratio, 4), "seconds": round(dt, 3), "warnings": s.warnings,
             "base": str(base) if base is not None else None, "base_streams": s.base_streams,
             "lossy": lossy, "error_bound": s.error_bound, "lossy_streams": s.lossy_streams,
+            "ref_streams": s.ref_streams,
         }, f"{src} -> {s.archive}: {_human(s.original_bytes)} -> {_human(s.archive_bytes)} "
            f"({s.ratio:.3f}x), {s.files} files, {s.tensors} tensors, "
            f"{s.original_bytes / max(dt, 1e-9) / 1e6:.0f} MB/s"
            + (f", {s.base_streams} tensors coded against the base" if base is not None else "")
            + (f"\n  LOSSY ({_bound_text(error_bound.to_index())}): {s.lossy_streams} tensors within the bound, "
-              "the rest exact" if lossy else ""))
+              "the rest exact" if lossy else "")
+           + (f"; {s.ref_streams} coded against a tensor of an earlier file" if s.ref_streams else ""))
 
 
 @main.command(epilog=EPILOG)
@@ -250,7 +252,7 @@ def info(archive: Path, files: bool, as_json: bool) -> None:
                              "ratio": round(v.ratio, 4)} for k, v in i.by_dtype.items()},
             "files": i.files,
             "base": i.base,
-            "error_bound": i.error_bound, "lossy_streams": i.lossy_streams,
+            "error_bound": i.error_bound, "lossy_streams": i.lossy_streams, "ref_streams": i.ref_streams,
         }
         kind = f"LOSSY ({_bound_text(i.error_bound)})" if i.lossy and i.error_bound else (
             "LOSSY" if i.lossy else "lossless")
@@ -261,6 +263,8 @@ def info(archive: Path, files: bool, as_json: bool) -> None:
         if i.lossy:
             lines.append(f"  {i.lossy_streams} tensors restore within the error bound, the rest exactly; "
                          "restored files differ from the originals (their sha256 are the originals')")
+        if i.ref_streams:
+            lines.append(f"  {i.ref_streams} tensors coded against a tensor of an earlier file in the archive")
         if i.base:
             lines.append(f"  needs a base model (--base): {len(i.base.get('tensors', []))} base tensors referenced; "
                          "base files:")

@@ -213,6 +213,7 @@ class ArchiveInfo:
     base: dict[str, Any] | None = None   # the base model restore needs (BitX), from the index
     error_bound: dict[str, Any] | None = None  # lossy archives: {"codec", "mode", "value", "spec"}
     lossy_streams: int = 0               # streams that restore within the bound rather than exactly
+    ref_streams: int = 0                 # streams coded against another stream of the archive
 
     @property
     def ratio(self) -> float:
@@ -240,6 +241,7 @@ def info(path: str | os.PathLike[str]) -> ArchiveInfo:
             files=files, tensors=sum(len(e["tensors"]) for e in r.files),
             by_dtype=dict(by_dtype), codecs=dict(codecs), base=r.base_needed,
             error_bound=r.error_bound, lossy_streams=sum(1 for s in r.streams if s.decoded_hash is not None),
+            ref_streams=sum(1 for s in r.streams if s.ref is not None),
         )
 
 

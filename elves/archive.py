@@ -54,6 +54,10 @@ class Stream:
     # The stream of the same archive whose decoded chunks are this one's reference chunks (a
     # pipeline that starts with a filter needing a reference, e.g. ``elf`` with ``delta``), or None.
     ref: int | None = None
+    # How the reference is laid out: [[dst, src, length], ...] (bytes ``[dst, dst + length)`` of the
+    # reference are bytes ``[src, src + length)`` of stream ``ref``; zeros elsewhere), or None: the
+    # referenced stream's bytes at the same places (it is as long as this one).
+    ref_map: list[list[int]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -64,6 +68,8 @@ class Stream:
             d["decoded_hash"] = self.decoded_hash
         if self.ref is not None:
             d["ref"] = self.ref
+        if self.ref_map is not None:
+            d["ref_map"] = self.ref_map
         return d
 
     @property
@@ -273,14 +279,26 @@ class ArchiveReader:
 
     def _check_ref(self, i: int, s: Stream) -> None:
         """A stream's reference must be another stream, itself coded without one (so decoding a
-        chunk never needs more than one other chunk), cut into chunks of the same lengths."""
+        chunk never needs more than one other stream), as long as this one or laid out by a map
+        of sorted, disjoint pieces that lie within both streams."""
         r = s.ref
         if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < len(self.streams) or r == i:
             raise CorruptArchiveError(f"stream {i} references no stream", self.path)
         base = self.streams[r]
-        if base.ref is not None or [c[2] for c in base.chunks] != [c[2] for c in s.chunks]:
+        if base.ref is not None or (s.ref_map is None and base.nbytes != s.nbytes):
             raise CorruptArchiveError(f"stream {i} references stream {r}, which cannot be its reference",
                                       self.path)
+        if s.ref_map is not None:
+            end = 0
+            for piece in s.ref_map if isinstance(s.ref_map, list) else [None]:
+                if not (isinstance(piece, list) and len(piece) == 3
+                        and all(isinstance(v, int) and not isinstance(v, bool) for v in piece)):
+                    raise CorruptArchiveError(f"stream {i}: malformed reference map", self.path)
+                dst, src, length = piece
+                if dst < end or length <= 0 or src < 0 or dst + length > s.nbytes or src + length > base.nbytes:
+                    raise CorruptArchiveError(f"stream {i}: its reference map points outside the streams",
+                                              self.path)
+                end = dst + length
 
     def read_payload(self, stream: Stream, chunk: int) -> bytes:
         """The payload of ``chunk`` of ``stream``, its checksum checked."""

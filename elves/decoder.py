@@ -23,7 +23,7 @@ from .archive import ArchiveReader, Stream, safe_relpath, temp_sibling
 from .codecs import Pipeline
 from .encoder import INLINE_BYTES, default_threads, ordered_map
 from .errors import ArchiveError, CorruptArchiveError, OutputError, OutputExistsError
-from .references import decode_chunk
+from .references import RefReader, decode_chunk
 
 ProgressFn = Callable[[int], None]
 
@@ -63,11 +63,11 @@ def iter_stream(reader: ArchiveReader, index: int, pool: Executor, window: int) 
     pipeline = Pipeline.from_config(stream.pipeline)
     ref_of: Callable[[int], np.ndarray] | None = None
     if stream.ref is not None:  # coded against another stream of this archive
-        ref_stream = reader.streams[stream.ref]
-        ref_pipeline = Pipeline.from_config(ref_stream.pipeline)
+        ref_reader = RefReader(reader, reader.streams[stream.ref])
+        starts = np.concatenate(([0], np.cumsum([c[2] for c in stream.chunks], dtype=np.int64)))
 
         def from_ref(i: int) -> np.ndarray:
-            return decode_chunk(reader, ref_stream, ref_pipeline, i)
+            return ref_reader.reference(stream.ref_map, int(starts[i]), int(starts[i + 1]))
         ref_of = from_ref
     elif pipeline.ref_codec is not None:  # BitX: coded against a tensor of the base model
         from bitx.base import chunk_refs

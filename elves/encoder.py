@@ -134,7 +134,8 @@ def _read_in(fd: int, seg: Segment, path: Path, offset: int, length: int) -> byt
 
 
 def _choose_ref(refs: RefChooser, seg: Segment, names: list[str], pipeline: Pipeline, chunk_elems: int,
-                lossy: ErrorBound, read: Callable[[int, int], bytes]) -> tuple[int | None, Pipeline]:
+                lossy: ErrorBound, read: Callable[[int, int], bytes]
+                ) -> tuple[tuple[int, list[list[int]] | None] | None, Pipeline]:
     """The earlier stream to code a lossy tensor against, if any, and the pipeline to code it with."""
     assert seg.dtype is not None
     delta = elf_pipeline(seg.dtype, lossy, delta=True)
@@ -253,6 +254,7 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
         to_plan: list[tuple[int, Segment, str, Pipeline, int]] = []  # tensors that may code against a base
         slot: dict[int, int] = {}  # their segment number -> their place in ``new``
         names = segment_names(sf) if refs is not None else {}
+        index_of: dict[int, int] = {}  # id(stream) -> its index, for the new streams
         for index, seg in enumerate(sf.segments):
             key = (seg.dtype, _hash_segment(fd, seg, sf.path, sha))
             if key not in seen:
@@ -262,8 +264,10 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
                 if refs is not None and lossy is not None and pipeline.codecs[0].codec_id == "elf":
                     ref, pipeline = _choose_ref(refs, seg, names.get(index, []), pipeline, chunk_elems, lossy, read)
                 stream = Stream("bytes" if seg.dtype is None else "tensor", seg.dtype, seg.length, key[1],
-                                pipeline.get_config(), chunk_elems, [], ref=ref)
+                                pipeline.get_config(), chunk_elems, [],
+                                ref=None if ref is None else ref[0], ref_map=None if ref is None else ref[1])
                 seen[key] = writer.add_stream(stream)
+                index_of[id(stream)] = seen[key]
                 new.append((seg, stream, pipeline))
                 if planner is not None and seg.dtype is not None:
                     to_plan.append((index, seg, key[1], pipeline, chunk_elems))
@@ -285,6 +289,8 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
                 step = stream.chunk_elems * (dtypes.get(seg.dtype).itemsize if seg.dtype else 1)
                 for i, off in enumerate(range(seg.offset, seg.offset + seg.length, step)):
                     raw = _read(fd, off, min(step, seg.offset + seg.length - off), sf.path)
+                    if refs is not None and seg.dtype in ELF_DTYPES:
+                        refs.add_blocks(index_of[id(stream)], off - seg.offset, np.frombuffer(raw, np.uint8))
                     yield stream, pipeline, raw, i == 0, off - seg.offset
 
         raw_of: dict[int, bytes] = {}
@@ -296,7 +302,7 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
             d = deltas.get(id(stream))
             ref = planner.ref_chunk(d, pos, len(raw)) if d is not None else None
             if refs is not None and stream.ref is not None:
-                ref = refs.ref_chunk(stream.ref, pos // (stream.chunk_elems * dtypes.get(stream.dtype).itemsize))
+                ref = refs.ref_chunk(stream.ref, stream.ref_map, pos, pos + len(raw))
             arr = np.frombuffer(raw, dtype=np.uint8)
             if lossy is not None and pipeline.codecs and pipeline.codecs[0].codec_id == "elf":
                 # Also what restore will produce, checked against the bound once more: the
@@ -313,7 +319,7 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
             if nraw == stream.nbytes and len(payload) >= nraw:
                 # A one-chunk stream that coding would not shrink (a tiny tensor, a zip record)
                 # is stored as it is: an empty pipeline.
-                payload, stream.pipeline, stream.ref = raw_of[id(stream)], [], None
+                payload, stream.pipeline, stream.ref, stream.ref_map = raw_of[id(stream)], [], None, None
                 decoded = None
             if decoded is not None:
                 h, done = decoded_of.get(id(stream), (xxhash.xxh3_128(), 0))
