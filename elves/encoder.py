@@ -35,14 +35,14 @@ from .codecs.rans import Rans
 from .codecs.zstd import Zstd
 from .model import Segment, SourceFile
 from .readers import read_model
-from .references import RefChooser, segment_names
+from .references import BLOCK, RefChooser, block_hashes, segment_names
 
 if TYPE_CHECKING:
     from bitx.delta import Delta, DeltaPlanner
 
 TENSOR_CHUNK_BYTES = 256 << 10
 BYTES_CHUNK_BYTES = 4 << 20
-READ_PIECE = 8 << 20
+READ_PIECE = 8 << 20  # a multiple of references.BLOCK
 INLINE_BYTES = 64 << 10
 
 T = TypeVar("T")
@@ -133,24 +133,30 @@ def _read_in(fd: int, seg: Segment, path: Path, offset: int, length: int) -> byt
     return _read(fd, seg.offset + offset, length, path)
 
 
-def _choose_ref(refs: RefChooser, seg: Segment, names: list[str], pipeline: Pipeline, chunk_elems: int,
-                lossy: ErrorBound, read: Callable[[int, int], bytes]
+def _choose_ref(refs: RefChooser, seg: Segment, names: list[str], blocks: list[np.ndarray] | None,
+                pipeline: Pipeline, chunk_elems: int, lossy: ErrorBound, read: Callable[[int, int], bytes]
                 ) -> tuple[tuple[int, list[list[int]] | None] | None, Pipeline]:
     """The earlier stream to code a lossy tensor against, if any, and the pipeline to code it with."""
     assert seg.dtype is not None
     delta = elf_pipeline(seg.dtype, lossy, delta=True)
-    ref = refs.choose(seg, names, chunk_elems, dtypes.get(seg.dtype).itemsize, read,
+    ref = refs.choose(seg, names, np.concatenate(blocks) if blocks else None, chunk_elems, dtypes.get(seg.dtype).itemsize, read,
                       lambda raw: len(encode_checked(pipeline, raw)[0]),
                       lambda raw, r: len(encode_checked(delta, raw, r)[0]))
     return ref, (pipeline if ref is None else delta)
 
 
-def _hash_segment(fd: int, seg: Segment, path: Path, sha: "hashlib._Hash") -> str:
+def _hash_segment(fd: int, seg: Segment, path: Path, sha: "hashlib._Hash",
+                  blocks: list[np.ndarray] | None = None) -> str:
+    """The segment's xxh3-128, its bytes fed to ``sha`` on the way, and with ``blocks``, the
+    hashes of its whole blocks appended there (``references.block_hashes``: pieces are whole
+    blocks but for the last)."""
     h = xxhash.xxh3_128()
     for off in range(seg.offset, seg.offset + seg.length, READ_PIECE):
         piece = _read(fd, off, min(READ_PIECE, seg.offset + seg.length - off), path)
         h.update(piece)
         sha.update(piece)
+        if blocks is not None:
+            blocks.append(block_hashes(np.frombuffer(piece, dtype=np.uint8)))
     return h.hexdigest()
 
 
@@ -254,20 +260,22 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
         to_plan: list[tuple[int, Segment, str, Pipeline, int]] = []  # tensors that may code against a base
         slot: dict[int, int] = {}  # their segment number -> their place in ``new``
         names = segment_names(sf) if refs is not None else {}
-        index_of: dict[int, int] = {}  # id(stream) -> its index, for the new streams
         for index, seg in enumerate(sf.segments):
-            key = (seg.dtype, _hash_segment(fd, seg, sf.path, sha))
+            blocks: list[np.ndarray] | None = [] if refs is not None and seg.dtype in ELF_DTYPES else None
+            key = (seg.dtype, _hash_segment(fd, seg, sf.path, sha, blocks))
             if key not in seen:
                 read = functools.partial(_read_in, fd, seg, sf.path)
                 pipeline, chunk_elems = pipeline_for(seg, lossy, read)
                 ref = None
                 if refs is not None and lossy is not None and pipeline.codecs[0].codec_id == "elf":
-                    ref, pipeline = _choose_ref(refs, seg, names.get(index, []), pipeline, chunk_elems, lossy, read)
+                    ref, pipeline = _choose_ref(refs, seg, names.get(index, []), blocks, pipeline, chunk_elems,
+                                                lossy, read)
                 stream = Stream("bytes" if seg.dtype is None else "tensor", seg.dtype, seg.length, key[1],
                                 pipeline.get_config(), chunk_elems, [],
                                 ref=None if ref is None else ref[0], ref_map=None if ref is None else ref[1])
                 seen[key] = writer.add_stream(stream)
-                index_of[id(stream)] = seen[key]
+                if refs is not None and blocks:
+                    refs.add_blocks(seen[key], np.concatenate(blocks))
                 new.append((seg, stream, pipeline))
                 if planner is not None and seg.dtype is not None:
                     to_plan.append((index, seg, key[1], pipeline, chunk_elems))
@@ -289,8 +297,6 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
                 step = stream.chunk_elems * (dtypes.get(seg.dtype).itemsize if seg.dtype else 1)
                 for i, off in enumerate(range(seg.offset, seg.offset + seg.length, step)):
                     raw = _read(fd, off, min(step, seg.offset + seg.length - off), sf.path)
-                    if refs is not None and seg.dtype in ELF_DTYPES:
-                        refs.add_blocks(index_of[id(stream)], off - seg.offset, np.frombuffer(raw, np.uint8))
                     yield stream, pipeline, raw, i == 0, off - seg.offset
 
         raw_of: dict[int, bytes] = {}

@@ -131,17 +131,14 @@ class RefChooser:
         self.by_name: dict[tuple[str, str, int], list[int]] = {}  # (name, dtype, nbytes) -> streams, latest last
         self.by_size: dict[tuple[str, int], list[int]] = {}     # (dtype, nbytes) -> streams, latest last
         self._readers: dict[int, RefReader] = {}
-        self._pending: dict[int, list[tuple[int, np.ndarray]]] = {}  # stream -> (offset, block hashes)
+        self._pending: dict[int, np.ndarray] = {}                  # stream -> its block hashes
         self._keys = np.zeros(0, dtype=np.uint64)                 # the block index, sorted by hash
         self._where = np.zeros((0, 2), dtype=np.int64)             # (stream, offset) of each
-        self._lock = threading.Lock()
 
-    def add_blocks(self, index: int, offset: int, raw: np.ndarray) -> None:
-        """Note the blocks of a chunk of stream ``index`` (its original bytes at ``offset``); they
-        join the index with the stream, in :meth:`remember`. Thread-safe."""
-        if offset % BLOCK == 0 and raw.shape[0] >= BLOCK:
-            with self._lock:
-                self._pending.setdefault(index, []).append((offset, block_hashes(raw)))
+    def add_blocks(self, index: int, hashes: np.ndarray) -> None:
+        """Note the block hashes of a new stream (:func:`block_hashes` of its original bytes); they
+        join the index with the stream, in :meth:`remember`."""
+        self._pending[index] = hashes
 
     def remember(self, sf: SourceFile, stream_ids: list[int]) -> None:
         """Offer the tensor streams of a file whose chunks are all written as references."""
@@ -150,7 +147,7 @@ class RefChooser:
         room = MAX_BLOCKS - self._keys.shape[0]
         for number, (seg, index) in enumerate(zip(sf.segments, stream_ids)):
             stream = self.writer.streams[index]
-            pending = self._pending.pop(index, [])
+            hashes = self._pending.pop(index, None)
             if seg.dtype is None or stream.ref is not None or self.reader(index).pipeline.ref_codec is not None:
                 continue
             for key in [(name, seg.dtype, seg.length) for name in names.get(number, [])] + [(seg.dtype, seg.length)]:
@@ -158,12 +155,11 @@ class RefChooser:
                 same = table.setdefault(key, [])  # type: ignore[arg-type]
                 if index not in same:
                     same.append(index)
-            for offset, hashes in pending:
-                if 0 < hashes.shape[0] <= room:
-                    room -= hashes.shape[0]
-                    keys.append(hashes)
-                    where.append(np.stack([np.full(hashes.shape[0], index, np.int64),
-                                           offset + BLOCK * np.arange(hashes.shape[0], dtype=np.int64)], axis=1))
+            if hashes is not None and 0 < hashes.shape[0] <= room:
+                room -= hashes.shape[0]
+                keys.append(hashes)
+                where.append(np.stack([np.full(hashes.shape[0], index, np.int64),
+                                       BLOCK * np.arange(hashes.shape[0], dtype=np.int64)], axis=1))
         self._pending.clear()
         all_keys, all_where = np.concatenate(keys), np.concatenate(where)
         order = np.argsort(all_keys, kind="stable")
@@ -186,15 +182,11 @@ class RefChooser:
                     found.append(index)
         return found
 
-    def block_map(self, seg: Segment, read: Callable[[int, int], bytes]) -> tuple[int, RefMap] | None:
-        """The stream holding most of the segment's blocks, and the map of where, if it covers
-        at least MIN_COVER of the segment."""
-        n = seg.length // BLOCK
-        if n == 0 or self._keys.shape[0] == 0:
+    def block_map(self, seg: Segment, hashes: np.ndarray) -> tuple[int, RefMap] | None:
+        """The stream holding most of the segment's blocks (``hashes``: :func:`block_hashes` of
+        its bytes), and the map of where, if it covers at least MIN_COVER of the segment."""
+        if hashes.shape[0] == 0 or self._keys.shape[0] == 0:
             return None
-        piece = 2048 * BLOCK
-        hashes = np.concatenate([block_hashes(np.frombuffer(read(off, min(piece, n * BLOCK - off)), np.uint8))
-                                 for off in range(0, n * BLOCK, piece)])
         pos = np.searchsorted(self._keys, hashes)
         pos[pos == self._keys.shape[0]] = 0
         hit = self._keys[pos] == hashes
@@ -219,19 +211,20 @@ class RefChooser:
         stream ``index`` through ``ref_map``. Thread-safe."""
         return self.reader(index).reference(ref_map, lo, hi)
 
-    def choose(self, seg: Segment, names: list[str], chunk_elems: int, width: int,
+    def choose(self, seg: Segment, names: list[str], blocks: np.ndarray | None, chunk_elems: int, width: int,
                read: Callable[[int, int], bytes],
                size_alone: Callable[[np.ndarray], int],
                size_against: Callable[[np.ndarray, np.ndarray], int]) -> tuple[int, RefMap | None] | None:
         """The stream to code ``seg`` against and the map (None: the same place), or None to
         code it alone.
 
-        ``names`` are the segment's tensor names (:func:`segment_names`); ``read(offset, length)``
+        ``names`` are the segment's tensor names (:func:`segment_names`), ``blocks`` the hashes of
+        its blocks (:func:`block_hashes`; None: no block matching); ``read(offset, length)``
         reads the segment; ``size_alone(chunk)`` and ``size_against(chunk, ref)`` code a chunk
         alone and against a reference chunk.
         """
         cands: list[tuple[int, RefMap | None]] = [(c, None) for c in self.candidates(seg, names)]
-        mapped = self.block_map(seg, read)
+        mapped = self.block_map(seg, blocks) if blocks is not None else None
         if mapped is not None:
             cands.append(mapped)
         if not cands:
