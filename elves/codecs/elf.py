@@ -260,8 +260,8 @@ class Elf(Codec):
             words, xs, w, e0, L.shape[0], L, cum, lsum, mode, bound, rel_exact, codes, exc)
 
     def _ref_codes(self, kind: int, params: bytes, ref: np.ndarray) -> np.ndarray:
-        """The reference chunk's codes on this chunk's grid. The grid's own quantiser makes them,
-        on the encoder's side and the decoder's alike, so both get the same codes."""
+        """The reference chunk's codes on this chunk's grid, the same on the encoder's side and
+        the decoder's: on a uniform grid each element's nearest code, else the grid's quantiser."""
         from ..kernels import elf as k
 
         w = self.width
@@ -271,7 +271,11 @@ class Elf(Codec):
         if kind != KIND_EXACT:
             k.kernels(self.dtype).to_f64(words, w, xs)
         codes = np.empty(n, dtype=np.uint64)
-        self._quantiser(kind, params)(words, xs, codes, np.empty(n, dtype=np.uint8))
+        if kind == KIND_UNIFORM:
+            step, m_code, b_bits = UNIFORM_PARAMS.unpack_from(params)
+            k.nearest_uniform(words, xs, w, step, np.uint64(m_code), np.uint64(b_bits), codes)
+        else:
+            self._quantiser(kind, params)(words, xs, codes, np.empty(n, dtype=np.uint8))
         return codes
 
     def _subtract_ref(self, kind: int, params: bytes, codes: np.ndarray, exc: np.ndarray,

@@ -682,6 +682,27 @@ def _zig(t, w):
 
 
 @njit(cache=True, nogil=True)
+def nearest_uniform(words, xs, w, step, M, B, codes):
+    """A reference chunk's codes on a uniform grid: the nearest grid code of each element, with
+    no bound check (the reference only has to be quantised the same way on both sides, and its
+    values, restored from the grid, are mostly on it). ``xs`` holds the elements as float64."""
+    n = words.shape[0]
+    sh = np.uint64(8 * w - 1)
+    mask = (_U1 << sh) - _U1
+    inv = 1.0 / step
+    for i in range(n):
+        v = np.uint64(words[i])
+        s = v >> sh
+        mag = v & mask
+        if mag >= B:
+            codes[i] = _U0 if mag - B > mask - M else ((M + (mag - B)) << _U1) | s
+            continue
+        q = min(np.rint(abs(xs[i]) * inv), np.float64(M - _U1))
+        a = np.uint64(np.int64(q))
+        codes[i] = (a << _U1) | (s if a != _U0 or mag == _U0 else _U0)
+
+
+@njit(cache=True, nogil=True)
 def delta_codes(codes, ref, w):
     """``codes[i] <- zig(unzig(codes[i]) - unzig(ref[i]))`` in 8w-bit arithmetic, in place."""
     for i in range(codes.shape[0]):
