@@ -139,9 +139,11 @@ def _choose_ref(refs: RefChooser, seg: Segment, names: list[str], blocks: list[n
     """The earlier stream to code a lossy tensor against, if any, and the pipeline to code it with."""
     assert seg.dtype is not None
     delta = elf_pipeline(seg.dtype, lossy, delta=True)
-    ref = refs.choose(seg, names, np.concatenate(blocks) if blocks else None, chunk_elems, dtypes.get(seg.dtype).itemsize, read,
-                      lambda raw: len(encode_checked(pipeline, raw)[0]),
-                      lambda raw, r: len(encode_checked(delta, raw, r)[0]))
+    # Sizes only: encode_checked's second check of the bound is for what gets written.
+    ref = refs.choose(seg, names, np.concatenate(blocks) if blocks else None, chunk_elems,
+                      dtypes.get(seg.dtype).itemsize, read,
+                      lambda raw: len(pipeline.encode(raw)),
+                      lambda raw, r: len(delta.encode(raw, ref=r)))
     return ref, (pipeline if ref is None else delta)
 
 

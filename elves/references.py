@@ -124,7 +124,8 @@ class RefReader:
 
 
 class RefChooser:
-    """Chooses, while an archive is written, which earlier stream each new tensor is coded against."""
+    """Chooses, while an archive is written, which earlier stream each new tensor is coded against.
+    Used without a base model (``base=``), so no stream it sees is itself coded against one."""
 
     def __init__(self, writer: ArchiveWriter):
         self.writer = writer
@@ -148,11 +149,11 @@ class RefChooser:
         for number, (seg, index) in enumerate(zip(sf.segments, stream_ids)):
             stream = self.writer.streams[index]
             hashes = self._pending.pop(index, None)
-            if seg.dtype is None or stream.ref is not None or self.reader(index).pipeline.ref_codec is not None:
+            if seg.dtype is None or stream.ref is not None:
                 continue
-            for key in [(name, seg.dtype, seg.length) for name in names.get(number, [])] + [(seg.dtype, seg.length)]:
-                table = self.by_name if len(key) == 3 else self.by_size
-                same = table.setdefault(key, [])  # type: ignore[arg-type]
+            lists = [self.by_name.setdefault((name, seg.dtype, seg.length), []) for name in names.get(number, [])]
+            lists.append(self.by_size.setdefault((seg.dtype, seg.length), []))
+            for same in lists:
                 if index not in same:
                     same.append(index)
             if hashes is not None and 0 < hashes.shape[0] <= room:

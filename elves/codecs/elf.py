@@ -252,10 +252,7 @@ class Elf(Codec):
             step, m_code, b_bits = UNIFORM_PARAMS.unpack_from(params)
             return lambda words, xs, codes, exc: kk.quant_uniform(
                 words, xs, w, step, np.uint64(m_code), np.uint64(b_bits), mode, bound, rel_exact, codes, exc)
-        (e0,) = BINADE_E0.unpack_from(params)
-        L = np.frombuffer(params, dtype="<u4", offset=BINADE_E0.size).astype(np.int64)
-        cum = np.concatenate(([0], np.cumsum(L)[:-1])).astype(np.int64)
-        lsum = np.uint64(int(L.sum()))
+        e0, L, cum, lsum = _binade_grid(params)
         return lambda words, xs, codes, exc: kk.quant_binade(
             words, xs, w, e0, L.shape[0], L, cum, lsum, mode, bound, rel_exact, codes, exc)
 
@@ -435,17 +432,20 @@ class Elf(Codec):
         if grid[:ns, w - 1].any():
             raise CorruptArchiveError("elf chunk: malformed section")
         section = _unpack(grid, w, slen)
-        body = buf[ns * w:].view(WORD[w]) if buf.flags.aligned else buf[ns * w:].copy().view(WORD[w])
+        body = _words(buf[ns * w:], w)
         p = SECTION_HEAD.size
-        if kind == KIND_BINADE and (np.frombuffer(section, dtype="<u4", count=sub, offset=p + BINADE_E0.size) < 1).any():
-            raise CorruptArchiveError("elf chunk: a sub-binade has no levels")
+        params = section[p: p + plen]
+        if kind == KIND_BINADE:
+            e0, L, cum, lsum = _binade_grid(params)
+            if (L < 1).any():
+                raise CorruptArchiveError("elf chunk: a sub-binade has no levels")
         if self.delta:
             if pcount:
                 raise CorruptArchiveError("elf chunk: a palette in a delta chunk")
             if ref is None or ref.shape[0] != body.shape[0] * w:
                 raise CodecError("elf with delta needs a reference chunk as long as the chunk")
             codes = np.empty_like(body)
-            k.undelta_codes(body, self._ref_codes(kind, section[p: p + plen], ref), w, codes)
+            k.undelta_codes(body, self._ref_codes(kind, params, ref), w, codes)
         elif pcount:
             (npal,) = PALETTE_COUNT.unpack_from(section, SECTION_HEAD.size + plen)
             codes = _unpalette(body, npal, w)
@@ -460,14 +460,11 @@ class Elf(Codec):
         if kind == KIND_EXACT:
             k.dequant_exact(codes, n, w, dst)
         elif kind == KIND_UNIFORM:
-            step, m_code, b_bits = UNIFORM_PARAMS.unpack_from(section, p)
+            step, m_code, b_bits = UNIFORM_PARAMS.unpack_from(params)
             k.kernels(self.dtype).dequant_uniform(codes, n, w, step, np.uint64(m_code),
                               np.uint64(b_bits), dst)
         else:
-            (e0,) = BINADE_E0.unpack_from(section, p)
-            L = np.frombuffer(section, dtype="<u4", count=sub, offset=p + BINADE_E0.size).astype(np.int64)
-            cum = np.concatenate(([0], np.cumsum(L)[:-1])).astype(np.int64)
-            k.kernels(self.dtype).dequant_binade(codes, n, w, e0, sub, L, cum, np.uint64(int(L.sum())), dst)
+            k.kernels(self.dtype).dequant_binade(codes, n, w, e0, sub, L, cum, lsum, dst)
         if m:
             p += plen + pcount
             pos = np.frombuffer(section, dtype="<u2" if pos_bytes == 2 else "<u4", count=m, offset=p)
@@ -475,6 +472,14 @@ class Elf(Codec):
             if not k.scatter(dst, pos.astype(np.int64), vals.astype(dst.dtype)):
                 raise CorruptArchiveError("elf chunk: exception positions out of order or range")
         return out
+
+
+def _binade_grid(params: bytes) -> tuple[int, np.ndarray, np.ndarray, np.uint64]:
+    """A binade grid's ``e0``, levels ``L`` per sub-binade, their prefix sums and total."""
+    (e0,) = BINADE_E0.unpack_from(params)
+    L = np.frombuffer(params, dtype="<u4", offset=BINADE_E0.size).astype(np.int64)
+    cum = np.concatenate(([0], np.cumsum(L)[:-1])).astype(np.int64)
+    return e0, L, cum, np.uint64(int(L.sum()))
 
 
 def _words(data: np.ndarray, w: int) -> np.ndarray:
@@ -556,7 +561,7 @@ def encode_checked(pipeline: Pipeline, raw: np.ndarray, ref: np.ndarray | None =
     out = np.empty(raw.shape[0], dtype=np.uint8)
     elf.decode(codes, out, ref)
     w = elf.width
-    src = raw.view(WORD[w]) if raw.flags.aligned else raw.copy().view(WORD[w])
+    src = _words(raw, w)
     rel_exact = elf.mode == "rel" and _is_pow2(elf.bound)
     _, _, bad = k.kernels(elf.dtype).error_stats(src, out.view(WORD[w]), w, 0 if elf.mode == "abs" else 1,
                                                  elf.bound, rel_exact)
