@@ -799,9 +799,10 @@ class Store:
         man = self._manifest(name)
         nthreads = default_threads(threads)
         with ThreadPoolExecutor(nthreads) as pool:
-            return write_files(Path(dst), man["files"], man["source"] == "file" and len(man["files"]) == 1, force,
+            files = man["files"]
+            return write_files(Path(dst), [(f["path"], None) for f in files], man["source"] == "file", force,
                                self._manifest_path(name),
-                               lambda entry, target: self._restore_file(name, entry, target, pool, nthreads, progress))
+                               lambda i, target: self._restore_file(name, files[i], target, pool, nthreads, progress))
 
     def _restore_file(self, name: str, entry: dict[str, Any], target: Path, pool: Executor, nthreads: int,
                       progress: ProgressFn | None) -> int:
