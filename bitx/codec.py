@@ -134,7 +134,7 @@ class Xor(Codec):
             from .kernels import xor_ranked
 
             if n:
-                xor_ranked(a, r, self.mask, self.shift, self._inv if inverse else self._rank, o)
+                xor_ranked(a, r, word(self.mask), word(self.shift), self._inv if inverse else self._rank, o)
         elif self._full:
             np.bitwise_xor(a, r, out=o)
         else:
@@ -162,7 +162,8 @@ class Xor(Codec):
         nb = self._bitmap_bytes(n)
         out = np.empty(nb + data.shape[0], dtype=np.uint8)
         out[:nb] = 0
-        k = xor_sparse(data.view(word), ref[:m * self.width].view(word), self.mask, out[:nb], out[nb:].view(word))
+        k = xor_sparse(data.view(word), ref[:m * self.width].view(word), word(self.mask), out[:nb],
+                       out[nb:].view(word))
         return out[:nb + k * self.width]
 
     def decode(self, data: np.ndarray | None, out: np.ndarray | None = None,
@@ -190,7 +191,7 @@ class Xor(Codec):
         m = min(n, ref.shape[0] // self.width)
         count = -1
         if values.shape[0] % self.width == 0:
-            count = xor_unsparse(data[:nb], values.view(word), ref[:m * self.width].view(word), self.mask,
+            count = xor_unsparse(data[:nb], values.view(word), ref[:m * self.width].view(word), word(self.mask),
                                  out.view(word))
         if count * self.width != values.shape[0]:
             raise CorruptArchiveError("sparse xor: the bitmap does not match the number of elements")

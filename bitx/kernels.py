@@ -1,6 +1,10 @@
 """numba kernels for BitX, GIL released: the ``xor`` codec's ranked byte (``remap``) and sparse form,
 one pass per chunk each (numpy needs several temporaries, a gather or a scatter for them; these
 loops work in registers), and the planner's histograms of sample windows.
+
+Masks and shifts are passed as numpy scalars of the word type, never as Python ints: numba types
+an int by its value (int64 below 2^63, uint64 above) and a dispatcher first specialised on a small
+mask then fails to convert a 64-bit mask with the top bit set (the F64 ranked mask).
 """
 from __future__ import annotations
 

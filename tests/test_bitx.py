@@ -65,6 +65,28 @@ def test_xor_pipeline_roundtrips(dtype: str, n: int, ref_frac: float, flips: flo
     assert np.array_equal(out, data)
 
 
+MASK_ORDER = """
+import numpy as np
+from bitx.codec import Xor
+rng = np.random.default_rng(0)
+data, ref = rng.integers(0, 256, (2, 800), dtype=np.uint8)
+for sparse, remap in ((False, [[1, [2, 3]]]), (True, None)):
+    for mask in (1, None):  # a small mask first, then one with the top bit set
+        x = Xor("F64", "0" * 32, 800, mask=mask, sparse=sparse, remap=remap)
+        out = np.empty_like(data)
+        x.decode(x.encode(data, ref=ref), out, ref=ref)
+        assert np.array_equal(out, data), (sparse, mask)
+"""
+
+
+def test_xor_masks_of_any_size_in_any_order() -> None:
+    """The kernels once specialised on the first mask's Python int type (int64 for a small mask);
+    a later F64 mask with the top bit set could not convert. A fresh process fixes the order."""
+    proc = subprocess.run([sys.executable, "-c", MASK_ORDER], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_a_chunk_equal_to_its_reference_is_an_empty_payload() -> None:
     ref = np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8)
     p = Pipeline([Xor("F32", H, 4000), Planes("F32"), Rans()])
