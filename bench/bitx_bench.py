@@ -351,9 +351,9 @@ def elves_paired(archive: Path, lay: Layout) -> tuple[int, int]:
     with ArchiveReader(archive) as r:
         entry = r.files[0]
         by_seg = {}
-        for t in entry["tensors"]:
-            if t[3] in lay.match:
-                by_seg[t[3]] = entry["segments"][t[3]]
+        for t in entry.tensors:
+            if t.segment in lay.match:
+                by_seg[t.segment] = entry.segments[t.segment]
         streams = {by_seg[k] for k in by_seg}
         return sum(r.streams[i].nbytes for i in streams), sum(r.streams[i].stored_bytes for i in streams)
 

@@ -347,15 +347,15 @@ class ArchiveBase(BaseModel):
         self._starts: dict[int, np.ndarray] = {}
         segs: dict[int, BaseSegment] = {}
         for entry in self.reader.files:
-            for name, dt, shape, segment, offset, strides in entry["tensors"]:
+            for name, dt, shape, segment, offset, strides in entry.tensors:
                 if segment < 0:
                     continue
-                index = entry["segments"][segment]
+                index = entry.segments[segment]
                 st = self.reader.streams[index]
                 if st.kind != "tensor" or not st.nbytes:
                     continue
                 if index not in segs:
-                    segs[index] = BaseSegment(st.dtype, st.nbytes, entry["path"], (index, 0), st.hash)
+                    segs[index] = BaseSegment(st.dtype, st.nbytes, entry.path, (index, 0), st.hash)
                     self.segments.append(segs[index])
                 seg = segs[index]
                 from elves import dtypes
@@ -406,7 +406,7 @@ class ArchiveBase(BaseModel):
 
     def summary(self) -> dict[str, Any]:
         return {"source": self.reader.source_kind,
-                "files": [{"path": e["path"], "size": e["size"], "sha256": e["sha256"]} for e in self.reader.files]}
+                "files": [{"path": e.path, "size": e.size, "sha256": e.sha256} for e in self.reader.files]}
 
     def close(self) -> None:
         self.reader.close()

@@ -8,6 +8,7 @@ none, or a different one, was given; 8 a model store problem (``elves store``).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -51,11 +52,27 @@ def _fail(e: Exception, as_json: bool) -> None:
     from elves.errors import ElvesError
 
     code = e.exit_code if isinstance(e, ElvesError) else 1
+    if _debug():
+        import traceback
+
+        traceback.print_exception(e, file=sys.stderr)
+    if isinstance(e, ElvesError):
+        text, kind = str(e), type(e).__name__
+    elif isinstance(e, OSError):
+        text, kind = f"{e.filename}: {e.strerror}" if e.filename else str(e), "OSError"
+    else:  # a bug in elves, not in the input: say so, and how to see where
+        text, kind = f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", "InternalError"
     if as_json:
-        click.echo(json.dumps({"ok": False, "error": str(e), "kind": type(e).__name__}))
+        click.echo(json.dumps({"ok": False, "error": text, "kind": kind, "exit_code": code}))
     else:
-        click.echo(f"elves: error: {e}", err=True)
+        click.echo(f"elves: error: {text}", err=True)
     sys.exit(code)
+
+
+def _debug() -> bool:
+    """Whether ``elves --debug`` was given: errors then show their traceback too."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.find_root().params.get("debug"))
 
 
 def _emit_restored(as_json: bool, source: str, r: Any, seconds: float) -> None:
@@ -73,17 +90,20 @@ def _errors(as_json: bool) -> Iterator[None]:
 
     try:
         yield
-    except ElvesError as e:
+    except (ElvesError, OSError) as e:
         _fail(e, as_json)
     except KeyboardInterrupt:
         click.echo("elves: interrupted; nothing was left under the output name", err=True)
         sys.exit(130)
+    except Exception as e:  # noqa: BLE001 (a bug: reported in one line, with --debug for its traceback)
+        _fail(e, as_json)
 
 
 def _source_size(path: Path) -> int:
+    """What the progress bar counts: the bytes of the model's files, links not followed."""
     if path.is_file():
         return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return sum(os.lstat(os.path.join(d, f)).st_size for d, _, names in os.walk(path) for f in names)
 
 
 threads_option = click.option("--threads", "-t", type=click.IntRange(min=1), default=None,
@@ -109,6 +129,8 @@ class ErrorBoundType(click.ParamType):
             return parse_error_bound(value)
         except BoundError as e:
             self.fail(e.message, param, ctx)
+        except (ValueError, OverflowError, TypeError):
+            self.fail(f"{value!r} is not a bound: use 2^-24, 1e-6 or rel:1e-3", param, ctx)
 
 
 lossy_option = click.option("--lossy", type=click.Choice(["elf"]), default=None,
@@ -129,7 +151,8 @@ def _bound_text(bound: dict[str, Any] | None) -> str:
 
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="elves")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="On an error, show its traceback too.")
+def main(debug: bool) -> None:
     """Shrink model weights losslessly, and load them back fast.
 
     \b
@@ -150,9 +173,12 @@ def main() -> None:
 @base_option
 @lossy_option
 @bound_option
+@click.option("--follow-symlinks", is_flag=True,
+              help="Store the content of links that point outside the model folder (refused otherwise); "
+                   "links inside it are stored as links either way.")
 @json_option
 def compress(src: Path, out: Path, threads: int | None, force: bool, base: Path | None, lossy: str | None,
-             error_bound: Any, as_json: bool) -> None:
+             error_bound: Any, follow_symlinks: bool, as_json: bool) -> None:
     """Compress a model (a file or a folder) into one archive, losslessly.
 
     With --base, tensors that match the base model's are coded as a BitX delta against it
@@ -180,7 +206,7 @@ def compress(src: Path, out: Path, threads: int | None, force: bool, base: Path 
         t0 = time.perf_counter()
         with _progress(_source_size(src), "compress", not as_json) as bar:
             s = elves.compress(src, out, threads=threads, force=force, progress=bar, base=base,
-                               lossy=lossy, error_bound=error_bound)
+                               lossy=lossy, error_bound=error_bound, follow_symlinks=follow_symlinks)
         dt = time.perf_counter() - t0
         for w in s.warnings:
             click.echo(f"elves: warning: {w}", err=True)
@@ -207,9 +233,13 @@ def compress(src: Path, out: Path, threads: int | None, force: bool, base: Path 
 @threads_option
 @force_option
 @base_option
+@click.option("--no-verify", "no_verify", is_flag=True,
+              help="Skip the sha256 of each restored file (chunk checksums and content hashes are "
+                   "still checked): a little faster.")
 @json_option
-def restore(archive: Path, out: Path, threads: int | None, force: bool, base: Path | None, as_json: bool) -> None:
-    """Restore the original files, byte for byte (checked against their sha256).
+def restore(archive: Path, out: Path, threads: int | None, force: bool, base: Path | None, no_verify: bool,
+            as_json: bool) -> None:
+    """Restore the original files, byte for byte (checked against their sha256 as they are written).
 
     An archive compressed with --base needs the same base model again (checked first).
 
@@ -225,7 +255,8 @@ def restore(archive: Path, out: Path, threads: int | None, force: bool, base: Pa
         t0 = time.perf_counter()
         total = elves.info(archive).original_bytes
         with _progress(total, "restore", not as_json) as bar:
-            r = elves.restore(archive, out, threads=threads, force=force, progress=bar, base=base)
+            r = elves.restore(archive, out, threads=threads, force=force, progress=bar, base=base,
+                              verify=not no_verify)
         _emit_restored(as_json, str(archive), r, time.perf_counter() - t0)
 
 

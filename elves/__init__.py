@@ -19,6 +19,7 @@ from .errors import (
     CorruptArchiveError,
     ElvesError,
     InputError,
+    UsageError,
     OutputError,
     OutputExistsError,
     StoreError,
@@ -31,7 +32,7 @@ from .errors import (
 __all__ = [
     "Archive", "ArchiveInfo", "CompressSummary", "RestoreSummary", "TensorInfo", "VerifyReport",
     "compress", "restore", "open", "load_file", "info", "verify",
-    "ElvesError", "InputError", "UnsafePickleError", "ArchiveError", "TruncatedArchiveError",
+    "ElvesError", "InputError", "UsageError", "UnsafePickleError", "ArchiveError", "TruncatedArchiveError",
     "CorruptArchiveError", "UnsupportedFormatError", "UnsafePathError", "OutputExistsError",
     "OutputError", "CodecError", "BaseModelError", "BaseRequiredError", "BaseMismatchError", "StoreError",
 ]

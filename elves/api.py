@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import math
 import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,8 @@ from . import dtypes
 from .archive import ArchiveReader
 from .decoder import attach_base, file_chunks, read_stream
 from .encoder import default_threads
-from .errors import CorruptArchiveError, ElvesError, InputError
+from .errors import CorruptArchiveError, ElvesError, InputError, UsageError
+from .index import FileEntry, TensorEntry, tensor_names
 
 Framework = Literal["np", "numpy", "pt", "torch", "cupy"]
 
@@ -53,13 +55,7 @@ class Archive:
                 raise
         self._threads = default_threads(threads)
         self._pool: ThreadPoolExecutor | None = None
-        self._views: dict[str, tuple[dict[str, Any], list[Any]]] = {}
-        names = [(entry, t) for entry in self._reader.files for t in entry["tensors"]]
-        plain = len({t[0] for _, t in names}) == len(names)
-        for entry, t in names:
-            # Names are plain unless two files share one (five versions of a checkpoint, say):
-            # then every key is qualified as "file:name".
-            self._views[t[0] if plain else f"{entry['path']}:{t[0]}"] = (entry, t)
+        self._views = tensor_names(self._reader.files)
 
     @property
     def path(self) -> Path:
@@ -72,7 +68,7 @@ class Archive:
     @property
     def files(self) -> list[str]:
         """The paths of the files in the archive, as restore writes them."""
-        return [e["path"] for e in self._reader.files]
+        return [e.path for e in self._reader.files]
 
     def keys(self) -> list[str]:
         """The names of the tensors, in file order."""
@@ -83,7 +79,7 @@ class Archive:
 
     def tensor_info(self, name: str) -> TensorInfo:
         entry, t = self._lookup(name)
-        return TensorInfo(name, entry["path"], t[1], tuple(t[2]))
+        return TensorInfo(name, entry.path, t.dtype, t.shape)
 
     def get_tensor(self, name: str) -> np.ndarray:
         """The tensor called ``name`` as a numpy array (bfloat16 and float8 via ml_dtypes).
@@ -91,25 +87,28 @@ class Archive:
         Sub-byte kinds (F4, F6_*), which numpy cannot hold, come back as their packed bytes: a
         1-D uint8 array.
         """
-        entry, (_, dt, shape, segment, offset, strides) = self._lookup(name)
-        npdt = dtypes.numpy_dtype(dt) if dt in dtypes.DTYPES else np.dtype(np.uint8)
-        count = int(np.prod(shape, dtype=np.int64))
-        if dt in dtypes.PACKED:
-            nbytes = self._reader.streams[entry["segments"][segment]].nbytes if segment >= 0 else 0
-            shape, count = (nbytes,), nbytes
-        if segment < 0 or count == 0:
-            return np.empty(shape, dtype=npdt)
+        entry, t = self._lookup(name)
+        # The index parser checked that the tensor lies inside its segment, in its dtype.
+        if t.dtype in dtypes.PACKED:
+            npdt = np.dtype(np.uint8)
+            shape: tuple[int, ...] = (self._reader.streams[entry.segments[t.segment]].nbytes if t.segment >= 0 else 0,)
+        else:
+            npdt, shape = dtypes.numpy_dtype(t.dtype), t.shape
+        count = math.prod(shape)
+        if count == 0:
+            return np.zeros(shape, dtype=npdt)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._threads)
-        raw = read_stream(self._reader, entry["segments"][segment], self._pool, 2 * self._threads + 2)
-        flat = raw[offset:].view(np.uint8)
-        if strides is None:
+        raw = read_stream(self._reader, entry.segments[t.segment], self._pool, 2 * self._threads + 2)
+        flat = raw[t.offset:]
+        if t.strides is None:
             return flat[:count * npdt.itemsize].view(npdt).reshape(shape)
         base = flat[:len(flat) - len(flat) % npdt.itemsize].view(npdt)
-        view = np.lib.stride_tricks.as_strided(base, shape, tuple(s * npdt.itemsize for s in strides))
+        view = np.lib.stride_tricks.as_strided(base, shape, tuple(s * npdt.itemsize for s in t.strides),
+                                               writeable=False)
         return np.ascontiguousarray(view)
 
-    def _lookup(self, name: str) -> tuple[dict[str, Any], list[Any]]:
+    def _lookup(self, name: str) -> tuple[FileEntry, TensorEntry]:
         try:
             return self._views[name]
         except KeyError:
@@ -165,20 +164,26 @@ def load_file(path: str | os.PathLike[str], framework: Framework | None = None, 
         from . import gpu
 
         _no_base_on_gpu(base)
+        if framework not in (None, "pt", "torch", "cupy"):
+            raise UsageError(f"framework={framework!r} holds no GPU tensors: use 'pt' or 'cupy' with a device, "
+                             "or no device for numpy")
         return gpu.load_file(path, device, framework if framework not in (None, "torch") else "pt")
     framework = framework or "np"
+    if framework not in ("np", "numpy", "pt", "torch"):
+        raise UsageError(f"framework must be 'np' or 'pt' without a device, not {framework!r}")
     with Archive(path, threads=threads, base=base) as a:
         arrays = {k: a.get_tensor(k) for k in a.keys()}
     if framework in ("np", "numpy"):
         return arrays
-    if framework in ("pt", "torch"):
-        return {k: to_torch(v) for k, v in arrays.items()}
-    raise ValueError(f"framework must be 'np' or 'pt', not {framework!r}")
+    return {k: to_torch(v) for k, v in arrays.items()}
 
 
 def to_torch(arr: np.ndarray) -> Any:
     """A torch tensor sharing ``arr``'s memory; bfloat16/float8 arrays are reinterpreted bitwise."""
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise UsageError("framework='pt' needs torch, which is not installed") from None
 
     if arr.dtype.name in ("bfloat16",) or arr.dtype.name.startswith("float8"):
         bits = np.int16 if arr.dtype.itemsize == 2 else np.uint8
@@ -233,12 +238,12 @@ def info(path: str | os.PathLike[str]) -> ArchiveInfo:
             st.original_bytes += s.nbytes
             st.stored_bytes += s.stored_bytes
             codecs["+".join(c["id"] for c in s.pipeline)] += 1
-        files = [{"path": e["path"], "size": e["size"], "format": e["format"], "tensors": len(e["tensors"])}
-                 for e in r.files]
+        files = [{"path": e.path, "size": e.size, "format": e.format, "tensors": len(e.tensors),
+                  **({"link": e.link} if e.link is not None else {})} for e in r.files]
         return ArchiveInfo(
             path=r.path, format=r.version, writer=r.writer, lossy=r.lossy,
-            archive_bytes=r.path.stat().st_size, original_bytes=sum(e["size"] for e in r.files),
-            files=files, tensors=sum(len(e["tensors"]) for e in r.files),
+            archive_bytes=r.path.stat().st_size, original_bytes=sum(e.size for e in r.files),
+            files=files, tensors=sum(len(e.tensors) for e in r.files),
             by_dtype=dict(by_dtype), codecs=dict(codecs), base=r.base_needed,
             error_bound=r.error_bound, lossy_streams=sum(1 for s in r.streams if s.decoded_hash is not None),
             ref_streams=sum(1 for s in r.streams if s.ref is not None),
@@ -287,8 +292,8 @@ def verify(path: str | os.PathLike[str], against: str | os.PathLike[str] | None 
         errors = _LossyErrors()
         for entry in reader.files:
             try:
-                if entry.get("lossy") and entry["path"] in sources:
-                    checked += _check_lossy_file(reader, entry, sources[entry["path"]], pool,
+                if entry.lossy and entry.path in sources:
+                    checked += _check_lossy_file(reader, entry, sources[entry.path], pool,
                                                  2 * nthreads + 2, errors)
                 else:
                     for chunk in file_chunks(reader, entry, pool, 2 * nthreads + 2):
@@ -314,7 +319,7 @@ class _LossyErrors:
     problems: list[str] = field(default_factory=list)
 
 
-def _check_lossy_file(reader: ArchiveReader, entry: dict[str, Any], src: Path, pool: ThreadPoolExecutor,
+def _check_lossy_file(reader: ArchiveReader, entry: FileEntry, src: Path, pool: ThreadPoolExecutor,
                       window: int, errors: _LossyErrors) -> int:
     """Decode a lossy file (every checksum and decoded hash checked) and compare each lossy
     tensor's elements with the source file's; return the bytes decoded."""
@@ -324,7 +329,7 @@ def _check_lossy_file(reader: ArchiveReader, entry: dict[str, Any], src: Path, p
     pos = 0
     with builtins.open(src, "rb") as f:
         fd = f.fileno()
-        for index in entry["segments"]:
+        for index in entry.segments:
             stream = reader.streams[index]
             bound = bound_of(stream.pipeline) if stream.decoded_hash is not None else None
             over = 0
@@ -343,31 +348,42 @@ def _check_lossy_file(reader: ArchiveReader, entry: dict[str, Any], src: Path, p
                 errors.over += over
                 errors.problems.append(f"{stream_label(reader, index)}: {over} elements differ from {src} "
                                        f"by more than the error bound")
-    if pos != entry["size"]:
-        raise CorruptArchiveError(f"{entry['path']}: restored size does not match the stored size", reader.path)
+    if pos != entry.size:
+        raise CorruptArchiveError(f"{entry.path}: restored size does not match the stored size", reader.path)
     return pos
 
 
 def _source_files(reader: ArchiveReader, src: Path) -> dict[str, Path]:
-    if not src.exists():
+    """The files (and links) of the model at ``src`` by relative path, links not followed."""
+    if not os.path.lexists(src):
         raise InputError("no such file or folder", src)
-    if src.is_file():
-        return {reader.files[0]["path"] if len(reader.files) == 1 else src.name: src}
-    return {p.relative_to(src).as_posix(): p for p in src.rglob("*") if p.is_file()}
+    if not src.is_dir():
+        return {reader.files[0].path if len(reader.files) == 1 else src.name: src}
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(src):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            p = Path(dirpath) / name
+            found[p.relative_to(src).as_posix()] = p
+    return found
 
 
 def _compare_source(reader: ArchiveReader, src: Path, sources: dict[str, Path]) -> list[str]:
     problems = []
-    stored = {e["path"]: e for e in reader.files}
+    stored = {e.path: e for e in reader.files}
     for rel in sorted(set(sources) - set(stored)):
         problems.append(f"{rel}: in {src} but not in the archive")
     for rel in sorted(set(stored) - set(sources)):
         problems.append(f"{rel}: in the archive but not in {src}")
     for rel in sorted(set(stored) & set(sources)):
+        entry, path = stored[rel], sources[rel]
+        if entry.link is not None or path.is_symlink() and src.is_dir():
+            if not path.is_symlink() or os.readlink(path) != entry.link:
+                problems.append(f"{rel}: differs from {path} (the link or its target)")
+            continue
         h = hashlib.sha256()
-        with builtins.open(sources[rel], "rb") as f:
+        with builtins.open(path, "rb") as f:
             for piece in iter(lambda: f.read(8 << 20), b""):
                 h.update(piece)
-        if h.hexdigest() != stored[rel]["sha256"]:
-            problems.append(f"{rel}: differs from {sources[rel]} (sha256)")
+        if h.hexdigest() != entry.sha256:
+            problems.append(f"{rel}: differs from {path} (sha256)")
     return problems

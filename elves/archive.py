@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 import struct
 import tempfile
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -19,77 +18,42 @@ import xxhash
 import zstandard
 
 from .errors import (
+    ArchiveError,
     CorruptArchiveError,
     OutputError,
     OutputExistsError,
     TruncatedArchiveError,
-    UnsafePathError,
     UnsupportedFormatError,
 )
+from .index import Chunk, FileEntry, Index, Stream, parse_index, safe_relpath
+
+__all__ = ["ArchiveReader", "ArchiveWriter", "Chunk", "FileEntry", "Stream", "safe_relpath", "temp_sibling"]
 
 MAGIC = b"ELVES\x00\r\n"
-FORMAT_VERSION = (1, 2)
+FORMAT_VERSION = (1, 3)
 HEADER = struct.Struct("<8sHHIQQQ")  # magic, major, minor, flags, index offset, length, xxh3-64
 HEADER_SIZE = 64
 DATA_START = 4096
 ALIGN = 4096
 ALIGN_STREAMS_FROM = 4 << 20
 FLAG_LOSSY = 1
+# An index that inflates past this is refused before it is parsed (a 1 GB model's index is ~1 MB).
+MAX_INDEX_BYTES = 1 << 30
 
 
-@dataclass
-class Stream:
-    """An index entry: one unique byte stream and the chunks it is stored in."""
-
-    kind: str                 # "tensor" or "bytes"
-    dtype: str | None
-    nbytes: int
-    hash: str                 # xxh3-128 hex of the decoded bytes
-    pipeline: list[dict[str, Any]]
-    chunk_elems: int
-    chunks: list[tuple[int, int, int, int]]  # offset, length, decoded length, xxh3-64 of payload
-    # Lossy streams (``elf``) only: xxh3-128 hex of what decoding yields, which is not the
-    # original (``hash``); None when decoding gives the original bytes back.
-    decoded_hash: str | None = None
-    # The stream of the same archive whose decoded chunks are this one's reference chunks (a
-    # pipeline that starts with a filter needing a reference, e.g. ``elf`` with ``delta``), or None.
-    ref: int | None = None
-    # How the reference is laid out: [[dst, src, length], ...] (bytes ``[dst, dst + length)`` of the
-    # reference are bytes ``[src, src + length)`` of stream ``ref``; zeros elsewhere), or None: the
-    # referenced stream's bytes at the same places (it is as long as this one).
-    ref_map: list[list[int]] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {
-            "kind": self.kind, "dtype": self.dtype, "nbytes": self.nbytes, "hash": self.hash,
-            "pipeline": self.pipeline, "chunk_elems": self.chunk_elems, "chunks": [list(c) for c in self.chunks],
-        }
-        if self.decoded_hash is not None:
-            d["decoded_hash"] = self.decoded_hash
-        if self.ref is not None:
-            d["ref"] = self.ref
-        if self.ref_map is not None:
-            d["ref_map"] = self.ref_map
-        return d
-
-    @property
-    def expected_hash(self) -> str:
-        """The xxh3-128 that decoding this stream must reproduce."""
-        return self.decoded_hash or self.hash
-
-    @property
-    def stored_bytes(self) -> int:
-        return sum(c[1] for c in self.chunks)
-
-
-def safe_relpath(name: object, archive: Path) -> str:
-    """``name`` if it is a relative POSIX path that stays inside its folder; else UnsafePathError."""
-    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
-        raise UnsafePathError(f"invalid file name {name!r} in the index", archive)
-    p = PurePosixPath(name)
-    if p.is_absolute() or ".." in p.parts or name.startswith("/") or (len(name) > 1 and name[1] == ":"):
-        raise UnsafePathError(f"file name {name!r} would be written outside the output folder", archive)
-    return name
+def inflate(blob: bytes, cap: int) -> bytes:
+    """A zstd frame's content, refused (ValueError) past ``cap`` bytes before that much is
+    allocated: the size a frame declares is as untrusted as the rest."""
+    declared = zstandard.frame_content_size(blob)
+    if declared > cap:
+        raise ValueError(f"it declares {declared} bytes, over the {cap}-byte limit")
+    out = bytearray()
+    with zstandard.ZstdDecompressor().stream_reader(blob) as r:
+        while len(out) <= cap and (piece := r.read(min(cap + 1 - len(out), 16 << 20))):
+            out += piece
+    if len(out) > cap:
+        raise ValueError(f"it inflates past the {cap}-byte limit")
+    return bytes(out)
 
 
 def temp_sibling(path: Path, suffix: str = "") -> Path:
@@ -113,7 +77,7 @@ class ArchiveWriter:
         self.f.write(b"\0" * DATA_START)
         self.pos = DATA_START
         self.streams: list[Stream] = []
-        self.files: list[dict[str, Any]] = []
+        self.files: list[FileEntry] = []
         self.lossy = False
         self.source_kind = "folder"
         self.base: dict[str, Any] | None = None  # the base model the streams reference (BitX)
@@ -125,10 +89,10 @@ class ArchiveWriter:
             pad = ALIGN - self.pos % ALIGN
             self._write(b"\0" * pad)
 
-    def write_chunk(self, payload: bytes, decoded_length: int) -> tuple[int, int, int, int]:
+    def write_chunk(self, payload: bytes, decoded_length: int) -> Chunk:
         offset = self.pos
         self._write(payload)
-        return (offset, len(payload), decoded_length, xxhash.xxh3_64_intdigest(payload))
+        return Chunk(offset, len(payload), decoded_length, xxhash.xxh3_64_intdigest(payload))
 
     def read_payload(self, stream: Stream, chunk: int) -> bytes:
         """A chunk payload written earlier, read back (to serve as a reference); call
@@ -146,7 +110,7 @@ class ArchiveWriter:
         self.streams.append(stream)
         return len(self.streams) - 1
 
-    def add_file(self, entry: dict[str, Any]) -> None:
+    def add_file(self, entry: FileEntry) -> None:
         self.files.append(entry)
 
     def _write(self, data: bytes) -> None:
@@ -165,7 +129,7 @@ class ArchiveWriter:
             "lossy": self.lossy,
             "source": self.source_kind,
             "streams": [s.to_dict() for s in self.streams],
-            "files": self.files,
+            "files": [e.to_dict() for e in self.files],
         }
         if self.base is not None:
             index["base"] = self.base
@@ -238,6 +202,8 @@ class ArchiveReader:
                 f"({FORMAT_VERSION[0]}.x): upgrade elves", self.path)
         if index_offset == 0:
             raise CorruptArchiveError("the archive was never finished (no index)", self.path)
+        if index_offset < DATA_START:
+            raise CorruptArchiveError(f"the index offset {index_offset} lies inside the header", self.path)
         if index_offset + index_len > size:
             raise TruncatedArchiveError(
                 f"the archive is truncated: {size} bytes, but its index ends at byte {index_offset + index_len}",
@@ -247,63 +213,33 @@ class ArchiveReader:
         if xxhash.xxh3_64_intdigest(blob) != index_hash:
             raise CorruptArchiveError("the archive index is corrupted (checksum mismatch)", self.path)
         try:
-            index = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(blob), raw=False)
-            self.streams = [Stream(**{k: s[k] for k in Stream.__dataclass_fields__ if k in s})
-                            for s in index["streams"]]
-            self.files: list[dict[str, Any]] = index["files"]
-            self.lossy = bool(index.get("lossy", False))
-            self.writer = index.get("writer", "")
-            self.source_kind = index.get("source", "folder")
-            # A lossy archive's bound: {"codec": "elf", "mode": "abs"|"rel", "value", "spec"}.
-            self.error_bound: dict[str, Any] | None = index.get("error_bound")
-            # The base model the archive was compressed against (BitX), if any; bitx.base.attach_base
-            # checks a given base against it and sets base_model.
-            self.base_needed: dict[str, Any] | None = index.get("base")
-            self.base_model: Any = None
-            self.owns_base = False
+            raw = msgpack.unpackb(inflate(blob, MAX_INDEX_BYTES), raw=False, strict_map_key=False)
         except Exception as e:  # the checksum matched, so this is a writer bug or a forged index
-            raise CorruptArchiveError(f"the archive index is malformed: {e}", self.path) from None
+            raise CorruptArchiveError(f"the archive index does not decode: {e}", self.path) from None
+        index: Index = parse_index(raw, self.path, (major, minor), DATA_START, index_offset)
+        self.index = index
+        self.streams = index.streams
+        self.files = index.files
+        self.lossy = index.lossy
+        self.writer = index.writer
+        self.source_kind = index.source
+        # A lossy archive's bound: {"codec": "elf", "mode": "abs"|"rel", "value", "spec"}.
+        self.error_bound = index.error_bound
+        # The base model the archive was compressed against (BitX), if any; bitx.base.attach_base
+        # checks a given base against it and sets base_model.
+        self.base_needed = index.base
+        self.base_model: Any = None
+        self.owns_base = False
         self.flags = flags
         self.version = (major, minor)
-        for entry in self.files:
-            safe_relpath(entry.get("path"), self.path)
-            for s in entry["segments"]:
-                if not isinstance(s, int) or not 0 <= s < len(self.streams):
-                    raise CorruptArchiveError(f"{entry['path']}: segment points at no stream", self.path)
-        for i, s in enumerate(self.streams):
-            for off, length, _, _ in s.chunks:
-                if off + length > index_offset:
-                    raise CorruptArchiveError("a chunk lies outside the data region", self.path)
-            if s.ref is not None:
-                self._check_ref(i, s)
-
-    def _check_ref(self, i: int, s: Stream) -> None:
-        """A stream's reference must be another stream, itself coded without one (so decoding a
-        chunk never needs more than one other stream), as long as this one or laid out by a map
-        of sorted, disjoint pieces that lie within both streams."""
-        r = s.ref
-        if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < len(self.streams) or r == i:
-            raise CorruptArchiveError(f"stream {i} references no stream", self.path)
-        base = self.streams[r]
-        if base.ref is not None or (s.ref_map is None and base.nbytes != s.nbytes):
-            raise CorruptArchiveError(f"stream {i} references stream {r}, which cannot be its reference",
-                                      self.path)
-        if s.ref_map is not None:
-            end = 0
-            for piece in s.ref_map if isinstance(s.ref_map, list) else [None]:
-                if not (isinstance(piece, list) and len(piece) == 3
-                        and all(isinstance(v, int) and not isinstance(v, bool) for v in piece)):
-                    raise CorruptArchiveError(f"stream {i}: malformed reference map", self.path)
-                dst, src, length = piece
-                if dst < end or length <= 0 or src < 0 or dst + length > s.nbytes or src + length > base.nbytes:
-                    raise CorruptArchiveError(f"stream {i}: its reference map points outside the streams",
-                                              self.path)
-                end = dst + length
 
     def read_payload(self, stream: Stream, chunk: int) -> bytes:
         """The payload of ``chunk`` of ``stream``, its checksum checked."""
         offset, length, _, checksum = stream.chunks[chunk]
-        data = os.pread(self.f.fileno(), length, offset)
+        try:
+            data = os.pread(self.f.fileno(), length, offset)
+        except OSError as e:
+            raise ArchiveError(f"cannot read the archive: {e.strerror}", self.path) from None
         if len(data) != length:
             raise TruncatedArchiveError("the payload is cut short", self.path)
         if xxhash.xxh3_64_intdigest(data) != checksum:

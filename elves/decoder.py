@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import xxhash
@@ -22,7 +24,8 @@ import xxhash
 from .archive import ArchiveReader, Stream, safe_relpath, temp_sibling
 from .codecs import Pipeline
 from .encoder import INLINE_BYTES, default_threads, ordered_map
-from .errors import ArchiveError, CorruptArchiveError, OutputError, OutputExistsError
+from .errors import ArchiveError, CorruptArchiveError, OutputError, OutputExistsError, UnsafePathError
+from .index import FileEntry
 from .references import RefReader, decode_chunk
 
 ProgressFn = Callable[[int], None]
@@ -49,11 +52,11 @@ def attach_base(reader: ArchiveReader, base: str | os.PathLike[str] | None) -> N
 def stream_label(reader: ArchiveReader, index: int) -> str:
     """How errors name a stream: the tensor (or file) it holds."""
     for entry in reader.files:
-        for t in entry["tensors"]:
-            if t[3] >= 0 and entry["segments"][t[3]] == index:
-                return f"tensor {t[0]!r} in {entry['path']}"
-        if index in entry["segments"]:
-            return f"{entry['path']} (segment {entry['segments'].index(index)})"
+        for t in entry.tensors:
+            if t.segment >= 0 and entry.segments[t.segment] == index:
+                return f"tensor {t.name!r} in {entry.path}"
+        if index in entry.segments:
+            return f"{entry.path} (segment {entry.segments.index(index)})"
     return f"stream {index}"
 
 
@@ -105,40 +108,74 @@ def read_stream(reader: ArchiveReader, index: int, pool: Executor, window: int) 
     return out
 
 
-def file_chunks(reader: ArchiveReader, entry: dict, pool: Executor, window: int,
+class Sha256Beside:
+    """The sha256 of a file's chunks, computed on a thread of its own. hashlib releases the GIL
+    on large buffers, so the hash (about 1.5 GB/s) runs beside the decode instead of after it;
+    at most ``window`` chunks wait for it."""
+
+    def __init__(self, window: int):
+        self._sha = hashlib.sha256()
+        self._pool = ThreadPoolExecutor(1)
+        self._pending: deque[Future[None]] = deque()
+        self._window = window
+
+    def update(self, chunk: np.ndarray) -> None:
+        self._pending.append(self._pool.submit(self._sha.update, chunk))
+        if len(self._pending) > self._window:
+            self._pending.popleft().result()
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._sha.hexdigest()
+
+    def close(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+        self._pool.shutdown()
+
+
+def file_chunks(reader: ArchiveReader, entry: FileEntry, pool: Executor, window: int,
                 check_sha256: bool = True) -> Iterator[np.ndarray]:
     """The decoded bytes of one file, chunk by chunk; raises once the end shows a wrong sha256.
 
-    Every stream's xxh3-128 is checked either way, and the streams tile the file, so the sha256
-    (about 1.5 GB/s, often slower than decoding) only adds the check that the file is what was
-    hashed at compress time: ``verify`` does it, ``restore`` skips it. A lossy file (``elf``)
-    decodes to other bytes than the original the sha256 is of: its decoded streams' hashes are
-    the check.
+    Every stream's xxh3-128 is checked either way, and the streams tile the file. The sha256
+    (on a thread beside the decode) adds the check that the file is what was hashed at compress
+    time, whatever the index says of its streams. A lossy file (``elf``) decodes to other bytes
+    than the original the sha256 is of: its decoded streams' hashes are the check.
     """
-    sha = hashlib.sha256() if check_sha256 and not entry.get("lossy") else None
+    sha = Sha256Beside(window) if check_sha256 and not entry.lossy and entry.link is None else None
     size = 0
-    for index in entry["segments"]:
-        for chunk in iter_stream(reader, index, pool, window):
-            if sha is not None:
-                sha.update(chunk)
-            size += chunk.shape[0]
-            yield chunk
-    if size != entry["size"] or (sha is not None and sha.hexdigest() != entry["sha256"]):
-        raise CorruptArchiveError(f"{entry['path']}: restored bytes do not match the stored sha256", reader.path)
+    try:
+        for index in entry.segments:
+            for chunk in iter_stream(reader, index, pool, window):
+                if sha is not None:
+                    sha.update(chunk)
+                size += chunk.shape[0]
+                yield chunk
+    finally:
+        if sha is not None:
+            sha.close()
+    if size != entry.size or (sha is not None and sha.hexdigest() != entry.sha256):
+        raise CorruptArchiveError(f"{entry.path}: restored bytes do not match the stored sha256", reader.path)
 
 
-def _write_file(reader: ArchiveReader, entry: dict, target: Path, pool: Executor, window: int,
-                progress: ProgressFn | None) -> int:
+def _write_file(reader: ArchiveReader, entry: FileEntry, target: Path, pool: Executor, window: int,
+                progress: ProgressFn | None, check_sha256: bool) -> int:
     """Write one file's bytes to ``target`` (a temporary name); return the byte count."""
     try:
-        with open(target, "wb") as out:
-            for chunk in file_chunks(reader, entry, pool, window, check_sha256=False):
+        with open_new(target) as out:
+            for chunk in file_chunks(reader, entry, pool, window, check_sha256):
                 out.write(chunk)
                 if progress:
                     progress(chunk.shape[0])
     except OSError as e:
-        raise OutputError(f"cannot write {entry['path']}: {e.strerror}", target) from None
-    return entry["size"]
+        raise OutputError(f"cannot write {entry.path}: {e.strerror}", target) from None
+    return entry.size
+
+
+def open_new(path: Path):  # noqa: ANN201 (a binary file object)
+    """``path`` (a temporary name of ours) opened for writing; a link put there is not followed."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644), "wb")
 
 
 def restore(
@@ -149,11 +186,15 @@ def restore(
     force: bool = False,
     progress: ProgressFn | None = None,
     base: str | os.PathLike[str] | None = None,
+    verify: bool = True,
 ) -> RestoreSummary:
     """Restore the model in ``archive`` to ``dst``: a folder, or a file path for a single-file model.
 
-    Files are written under temporary names and renamed into place once verified, so ``dst``
-    never holds a half-written file. An existing ``dst`` is refused unless ``force``.
+    Files are written under temporary names and renamed into place once checked, so ``dst``
+    never holds a half-written file. An existing ``dst`` is refused unless ``force``; even then,
+    nothing is written through a link inside it. Every chunk's checksum and every stream's
+    content hash are checked; ``verify`` (the default) also checks each file's sha256 as it is
+    written, on a thread beside the decode (``verify=False``, ``--no-verify``: a little faster).
 
     An archive compressed against a base model needs that base (``base``: the model file or
     folder, or an ``.elves`` archive of it); every base tensor it references is checked before
@@ -165,32 +206,38 @@ def restore(
     window = 2 * nthreads + 2
     with ArchiveReader(archive) as reader, ThreadPoolExecutor(nthreads) as pool:
         attach_base(reader, base)  # before anything is written: a missing or wrong base is an error
-        single = reader.source_kind == "file" and len(reader.files) == 1
-        return write_files(dst, reader.files, single, force, reader.path,
-                           lambda entry, target: _write_file(reader, entry, target, pool, window, progress))
+        files = reader.files
+        return write_files(dst, [(e.path, e.link) for e in files], reader.source_kind == "file", force, reader.path,
+                           lambda i, target: _write_file(reader, files[i], target, pool, window, progress, verify))
 
 
-def write_files(dst: Path, entries: list[dict], single: bool, force: bool, source: Path,
-                write: Callable[[dict, Path], int]) -> RestoreSummary:
-    """Put a restored model at ``dst``: ``write(entry, target)`` writes the file of ``entry`` (an
-    index entry: ``path``, ``size``) to the temporary path ``target`` and returns its size.
+def write_files(dst: Path, files: Sequence[tuple[str, str | None]], single: bool, force: bool, source: Path,
+                write: Callable[[int, Path], int]) -> RestoreSummary:
+    """Put a restored model at ``dst``: ``files`` are the (path, link target or None) of its
+    files, and ``write(i, target)`` writes file ``i`` to the temporary path ``target`` and returns
+    its size. Links are made here.
 
     A single-file model (``single``) goes to ``dst``, or into it when ``dst`` is a folder; a
     folder model is written to a staging folder next to ``dst`` and moved in once every file is
-    complete. ``source`` (the archive or store) is what errors about unsafe names point at.
+    complete. Moving into an existing ``dst`` (``force``) walks its folders without following
+    links, so nothing lands outside it. ``source`` (the archive or store) is what errors about
+    unsafe names point at.
     """
     if single:
-        entry = entries[0]
+        if len(files) != 1 or files[0][1] is not None:
+            raise CorruptArchiveError("a single-file model must hold one regular file", source)
         if dst.is_dir():
-            dst = dst / safe_relpath(entry["path"], source).rsplit("/", 1)[-1]
-        if dst.exists() and not force:
+            dst = dst / safe_relpath(files[0][0], source).rsplit("/", 1)[-1]
+        if os.path.lexists(dst) and not force:
             raise OutputExistsError("already exists (use --force to overwrite)", dst)
         if not dst.parent.is_dir():
             raise OutputError("the folder to write into does not exist", dst.parent)
         tmp = temp_sibling(dst)
         try:
-            n = write(entry, tmp)
+            n = write(0, tmp)
             os.replace(tmp, dst)
+        except OSError as e:
+            raise OutputError(f"cannot write the restored model: {e.strerror}", dst) from None
         finally:
             tmp.unlink(missing_ok=True)
         return RestoreSummary(dst, 1, n)
@@ -198,26 +245,58 @@ def write_files(dst: Path, entries: list[dict], single: bool, force: bool, sourc
         raise OutputExistsError("already exists and is not empty (use --force to overwrite)", dst)
     if dst.exists() and not dst.is_dir():
         raise OutputExistsError("exists and is not a folder", dst)
-    parent = dst.parent if dst.parent.exists() else None
-    if parent is None:
+    if not dst.parent.is_dir():
         raise OutputError("the folder to write into does not exist", dst.parent)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".elves-tmp", dir=parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".elves-tmp", dir=dst.parent))
     total = 0
     try:
-        for entry in entries:
-            rel = safe_relpath(entry["path"], source)
-            target = staging / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            total += write(entry, target)
+        for i, (path, link) in enumerate(files):
+            target = staging / safe_relpath(path, source)
+            target.parent.mkdir(parents=True, exist_ok=True)  # our own folder: no links in it but ours
+            if link is not None:
+                os.symlink(link, target)
+            else:
+                total += write(i, target)
         if not dst.exists():
             os.replace(staging, dst)
         else:
-            for entry in entries:
-                final = dst / entry["path"]
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(staging / entry["path"], final)
+            _move_into(staging, dst, [p for p, _ in files])
     except OSError as e:
         raise OutputError(f"cannot write the restored model: {e.strerror}", dst) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return RestoreSummary(dst, len(entries), total)
+    return RestoreSummary(dst, len(files), total)
+
+
+def _move_into(staging: Path, dst: Path, paths: list[str]) -> None:
+    """Move each restored file from ``staging`` to the same place under ``dst``, which exists:
+    its folders are opened one level at a time without following links, so a link inside ``dst``
+    (to a folder outside it, say) is refused, never written through."""
+    root = os.open(dst, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for path in paths:
+            *folders, name = path.split("/")
+            fd = os.dup(root)
+            try:
+                for k, part in enumerate(folders):
+                    try:
+                        os.mkdir(part, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                    try:
+                        sub = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                    except OSError:
+                        where = dst / "/".join(folders[:k + 1])
+                        raise UnsafePathError("is a link or not a folder: refusing to write through it", where) from None
+                    os.close(fd)
+                    fd = sub
+                try:
+                    if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                        raise OutputExistsError("is a folder: cannot put a restored file there", dst / path)
+                except FileNotFoundError:
+                    pass
+                os.replace(staging / path, name, dst_dir_fd=fd)
+            finally:
+                os.close(fd)
+    finally:
+        os.close(root)

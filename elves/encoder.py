@@ -33,6 +33,8 @@ from .codecs.elf import (
 from .codecs.planes import Planes
 from .codecs.rans import Rans
 from .codecs.zstd import Zstd
+from .errors import InputError
+from .index import FileEntry, TensorEntry
 from .model import Segment, SourceFile
 from .readers import read_model
 from .references import BLOCK, RefChooser, block_hashes, segment_names
@@ -122,8 +124,6 @@ def pipeline_for(segment: Segment, lossy: ErrorBound | None = None,
 def _read(fd: int, offset: int, length: int, path: Path) -> bytes:
     data = os.pread(fd, length, offset)
     if len(data) != length:
-        from .errors import InputError
-
         raise InputError("the file changed or shrank while it was being read", path)
     return data
 
@@ -172,6 +172,7 @@ def compress(
     base: str | os.PathLike[str] | None = None,
     lossy: str | None = None,
     error_bound: str | float | ErrorBound | None = None,
+    follow_symlinks: bool = False,
 ) -> CompressSummary:
     """Compress the model at ``src`` (a file or a folder) into the archive ``dst``. Lossless,
     unless ``lossy="elf"``.
@@ -190,9 +191,15 @@ def compress(
     float tensor of a later file may be coded against the restored tensor of the same name (or
     size) in an earlier file, where that is smaller (``elves.references``): versions of one model
     in one folder then cost little more than their differences.
+
+    A symbolic link inside a model folder that points inside it is stored as a link (restore makes
+    the same link); one that points outside is refused (:class:`~elves.errors.InputError`) unless
+    ``follow_symlinks``, which stores the content it points at.
     """
     bound = _lossy_bound(lossy, error_bound)
-    files, single = read_model(src)
+    files, single = read_model(src, follow_symlinks=follow_symlinks)
+    if not files:
+        raise InputError("the folder holds no files to compress", src)
     nthreads = default_threads(threads)
     seen: dict[tuple[str | None, str], int] = {}
     warnings = [w for f in files for w in f.warnings]
@@ -211,7 +218,11 @@ def compress(
                 writer.error_bound = bound.to_index()
                 refs = RefChooser(writer) if planner is None else None
             for sf in files:
-                _compress_file(sf, writer, pool, nthreads, seen, progress, planner, bound, refs)
+                if sf.link is not None:  # a link inside the model: kept as a link, never read through
+                    writer.add_file(FileEntry(sf.relpath, 0, hashlib.sha256(sf.link.encode()).hexdigest(),
+                                              "symlink", [], link=sf.link))
+                else:
+                    _compress_file(sf, writer, pool, nthreads, seen, progress, planner, bound, refs)
             if planner is not None:
                 writer.base = planner.index_entry(writer.streams)
             archive_path = writer.path
@@ -342,13 +353,10 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
     if refs is not None:
         refs.remember(sf, stream_ids)
     lossy_file = any(writer.streams[i].decoded_hash is not None for i in stream_ids)
-    writer.add_file({
-        "path": sf.relpath,
-        "size": sf.size,
-        "sha256": sha.hexdigest(),  # of the original, also for a lossy file
-        **({"lossy": True} if lossy_file else {}),
-        "format": sf.format,
-        "segments": stream_ids,
-        "tensors": [[t.name, t.dtype, list(t.shape), t.segment, t.offset,
-                     list(t.strides) if t.strides is not None else None] for t in sf.tensors],
-    })
+    writer.add_file(FileEntry(
+        sf.relpath, sf.size, sha.hexdigest(),  # the sha256 of the original, also for a lossy file
+        sf.format, stream_ids,
+        [TensorEntry(t.name, t.dtype, tuple(t.shape), t.segment, t.offset,
+                     tuple(t.strides) if t.strides is not None else None) for t in sf.tensors],
+        lossy=lossy_file,
+    ))

@@ -19,6 +19,12 @@ class ElvesError(Exception):
         super().__init__(f"{self.path}: {message}" if self.path else message)
 
 
+class UsageError(ElvesError, ValueError):
+    """An argument is not one elves accepts (a framework or device it does not know)."""
+
+    exit_code = 2
+
+
 class InputError(ElvesError):
     """A model file given to compress is malformed (bad safetensors header, broken checkpoint)."""
 

@@ -44,7 +44,8 @@ from .codecs.planes import Planes
 from .codecs.rans import Rans
 from .decoder import read_stream, stream_label
 from .encoder import default_threads
-from .errors import CodecError, CorruptArchiveError, ElvesError, TruncatedArchiveError
+from .errors import CodecError, CorruptArchiveError, ElvesError, TruncatedArchiveError, UsageError
+from .index import FileEntry, TensorEntry, tensor_names
 
 GpuFramework = Literal["pt", "torch", "cupy"]
 
@@ -262,8 +263,11 @@ class _Target:
 
 class _TorchTarget(_Target):
     def __init__(self, device: int):
-        import torch
-
+        try:
+            import torch
+        except ImportError:
+            raise GpuUnavailableError("torch is not installed: pass framework='cupy' for cupy arrays, "
+                                      "or install torch") from None
         cp = _cupy()
         self.torch = torch
         self.device = device
@@ -346,7 +350,7 @@ def _target(framework: str, device: int) -> _Target:
         return _TorchTarget(device)
     if framework == "cupy":
         return _CupyTarget(device)
-    raise ValueError(f"framework must be 'pt' or 'cupy', not {framework!r}")
+    raise UsageError(f"framework must be 'pt' or 'cupy' on a GPU, not {framework!r}")
 
 
 @contextlib.contextmanager
@@ -365,31 +369,22 @@ def _device_index(device: Any) -> int:
         return _cupy().cuda.runtime.getDevice()
     if text.startswith("cuda:") and text[5:].isdigit():
         return int(text[5:])
-    raise ValueError(f"device must be 'cuda', 'cuda:N' or an index, not {device!r}")
+    raise UsageError(f"device must be 'cuda', 'cuda:N' or an index, not {device!r}")
 
 
 # ============================================================================ the archive side
 
-def tensor_entries(reader: ArchiveReader) -> dict[str, tuple[dict[str, Any], list[Any]]]:
-    """Every named tensor as ``name -> (file entry, index entry)``, named as
-    :meth:`elves.api.Archive.keys` names them: plain names, or "file:name" for every tensor once
-    two files share a name."""
-    pairs = [(entry, t) for entry in reader.files for t in entry["tensors"]]
-    plain = len({t[0] for _, t in pairs}) == len(pairs)
-    return {(t[0] if plain else f"{entry['path']}:{t[0]}"): (entry, t) for entry, t in pairs}
-
-
-def _stream_of(entry: dict[str, Any], t: list[Any], reader: ArchiveReader) -> int | None:
+def _stream_of(entry: FileEntry, t: TensorEntry, reader: ArchiveReader) -> int | None:
     """The stream holding tensor ``t``'s bytes, or None when it has none (empty tensors)."""
     _, dt, shape, segment, _, _ = t
     if segment < 0:
         return None
-    index = entry["segments"][segment]
+    index = entry.segments[segment]
     _, count = _shape_and_count(dt, shape, reader.streams[index].nbytes)
     return index if count else None
 
 
-def _is_whole(t: list[Any], stream: Stream) -> bool:
+def _is_whole(t: TensorEntry, stream: Stream) -> bool:
     """Whether tensor ``t`` is exactly its stream's bytes, so that it can be the stream's buffer."""
     _, dt, shape, _, offset, strides = t
     _, count = _shape_and_count(dt, shape, stream.nbytes)
@@ -680,7 +675,7 @@ def load_file(path: str | os.PathLike[str], device: Any = "cuda:0", framework: G
     """
     target = _target(framework, _device_index(device))
     with ArchiveReader(path) as reader, _on(target):
-        named = tensor_entries(reader)
+        named = tensor_names(reader.files)
         users: dict[int, list[str]] = {}
         out: dict[str, Any] = {}
         for name, (entry, t) in named.items():
@@ -718,7 +713,7 @@ class GpuArchive:
         self._staging = staging_bytes
         _target(framework, self._device)  # fail now, not at the first tensor: no cupy, no device
         self._reader = ArchiveReader(path)
-        self._named = tensor_entries(self._reader)
+        self._named = tensor_names(self._reader.files)
 
     @property
     def path(self) -> Path:

@@ -249,7 +249,7 @@ def test_what_is_coded_against_the_base(pair: tuple[Path, Path, Path]) -> None:
     _, _, archive = pair
     with ArchiveReader(archive) as r:
         assert r.version >= (1, 1) and r.base_needed is not None
-        names = {t[0]: e["segments"][t[3]] for e in r.files for t in e["tensors"]}
+        names = {t.name: e.segments[t.segment] for e in r.files for t in e.tensors}
         model = r.base_needed["model"]
         assert model["source"] == "folder"
         assert {f["path"] for f in model["files"]} == {"model.safetensors", "config.json"}

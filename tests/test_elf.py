@@ -420,7 +420,7 @@ def test_lossy_archive_index_hashes_and_tensors(tmp_path: Path) -> None:
         lossy = [st for st in r.streams if st.decoded_hash is not None]
         assert lossy and all(st.decoded_hash != st.hash for st in lossy)
         assert all(c["id"] != "elf" for st in r.streams if st.dtype == "I64" for c in st.pipeline)
-        assert r.files[0].get("lossy") is True
+        assert r.files[0].lossy is True
     out = elves.restore(s.archive, tmp_path / "r.safetensors").output
     loaded = elves.load_file(s.archive)
     raw = out.read_bytes()
@@ -497,7 +497,7 @@ def test_lossless_archives_carry_nothing_new(tmp_path: Path) -> None:
     s = elves.compress(src, tmp_path / "m.elves")
     with ArchiveReader(s.archive) as r:
         assert not r.lossy and r.error_bound is None and all(st.decoded_hash is None for st in r.streams)
-        assert "lossy" not in r.files[0]
+        assert r.files[0].lossy is False
     v = elves.verify(s.archive, against=src)
     assert v.ok and v.error_bound is None and v.max_abs_error is None
 

@@ -1,0 +1,327 @@
+"""Forged archives, as a hostile uploader makes them: the index edited and every checksum
+recomputed. Each must end in a clean ElvesError naming the archive, before a byte is written, or
+restore exactly what was compressed. Also the file system: links in and out of a model folder,
+and a destination holding a link."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zstandard
+
+import elves
+from elves import archive as ar
+from elves.errors import CorruptArchiveError, UnsafePathError
+from tests.conftest import tree_hashes, write_safetensors
+
+from .test_bad_input import rewrite_index
+from .test_cli import elves as elves_cli
+from .test_codecs import weights_like
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(7)
+    src = tmp_path / "src"
+    src.mkdir()
+    write_safetensors(src / "a.safetensors", {
+        "big": ("F32", (300, 1000), weights_like("F32", 300_000, rng).tobytes()),
+        "twin": ("F32", (300, 1000), weights_like("F32", 300_000, rng).tobytes()),
+        "small": ("F32", (16,), weights_like("F32", 16, rng).tobytes()),
+    })
+    (src / "config.json").write_text('{"hidden": 1000}')
+    return src
+
+
+@pytest.fixture
+def archive(model: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "m.elves"
+    elves.compress(model, out)
+    return out
+
+
+def _file(index: dict, path: str) -> dict:
+    return next(f for f in index["files"] if f["path"] == path)
+
+
+def _tensor(index: dict, name: str) -> list:
+    return next(t for f in index["files"] for t in f["tensors"] if t[0] == name)
+
+
+def _stream_of(index: dict, name: str) -> dict:
+    f = next(f for f in index["files"] if any(t[0] == name for t in f["tensors"]))
+    return index["streams"][f["segments"][_tensor(index, name)[3]]]
+
+
+def _refused(archive: Path, tmp_path: Path, match: str) -> None:
+    """Every reader refuses the archive with a CorruptArchiveError naming it, and writes nothing."""
+    out = tmp_path / "out"
+    for call in (lambda: elves.restore(archive, out), lambda: elves.info(archive),
+                 lambda: elves.verify(archive), lambda: elves.load_file(archive)):
+        with pytest.raises(CorruptArchiveError, match=match) as e:
+            call()
+        assert str(archive) in str(e.value)
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+# ---------------------------------------------------------------- silent wrong results
+
+def test_swapped_equal_size_segments_fail_restore(archive: Path, tmp_path: Path) -> None:
+    """Every stream still decodes to its own hash: only the file's sha256 tells the files apart."""
+    def edit(index):
+        segs = _file(index, "a.safetensors")["segments"]
+        big, twin = (_tensor(index, n)[3] for n in ("big", "twin"))
+        segs[big], segs[twin] = segs[twin], segs[big]
+
+    rewrite_index(archive, edit)
+    out = tmp_path / "out"
+    with pytest.raises(CorruptArchiveError, match="a.safetensors: restored bytes do not match the stored sha256"):
+        elves.restore(archive, out)
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+    # --no-verify trusts the index for the file as a whole (its streams are still checked)
+    elves.restore(archive, out, verify=False)
+    assert (out / "a.safetensors").stat().st_size == (tmp_path / "src" / "a.safetensors").stat().st_size
+
+
+def test_index_without_files(archive: Path, tmp_path: Path) -> None:
+    rewrite_index(archive, lambda index: index.update(files=[]))
+    _refused(archive, tmp_path, "lists no files")
+
+
+@pytest.mark.parametrize("dtype", ["I32", "U8", "F4", "X9", None, 7])
+def test_tensor_dtype_must_be_its_streams(archive: Path, tmp_path: Path, dtype) -> None:
+    rewrite_index(archive, lambda index: _tensor(index, "big").__setitem__(1, dtype))
+    _refused(archive, tmp_path, "tensor 'big'|malformed tensor")
+
+
+@pytest.mark.parametrize("edit", [
+    lambda t: t.__setitem__(3, -1),                    # no segment, 300k elements
+    lambda t: t.__setitem__(3, 9),                     # a segment the file does not have
+    lambda t: t.__setitem__(2, [0, 514]),              # safetensors: shape must cover the segment
+    lambda t: t.__setitem__(2, [600, 1000]),           # twice the segment
+    lambda t: t.__setitem__(2, [2 ** 40, 2 ** 40]),    # element count overflows int64
+    lambda t: t.__setitem__(5, [2 ** 40, 1]),          # strides far past the segment
+    lambda t: t.__setitem__(5, [1]),                   # strides of the wrong rank
+    lambda t: t.__setitem__(4, 3),                     # offset inside an element
+    lambda t: t.__setitem__(4, -4),
+    lambda t: t.__setitem__(2, [300, -1000]),
+    lambda t: t.__setitem__(2, [1] * 100),             # rank past numpy's
+    lambda t: t.pop(),                                 # short entry
+])
+def test_tensor_entry_must_lie_inside_its_segment(archive: Path, tmp_path: Path, edit) -> None:
+    rewrite_index(archive, lambda index: edit(_tensor(index, "big")))
+    _refused(archive, tmp_path, "tensor|malformed")
+
+
+def test_strides_inside_the_segment_still_read(archive: Path, model: Path) -> None:
+    """A torch-style view (a transpose by strides) that stays in its segment is served as such."""
+    def edit(index):
+        _file(index, "a.safetensors")["format"] = "torch-zip"  # safetensors tensors cover their segment
+        t = _tensor(index, "big")
+        t[2], t[5] = [1000, 300], [1, 1000]
+
+    with elves.open(archive) as a:
+        big = a.get_tensor("big")
+    rewrite_index(archive, edit)
+    with elves.open(archive) as a:
+        assert a.get_tensor("big").tobytes() == np.ascontiguousarray(big.T).tobytes()  # NaNs too
+
+
+# ---------------------------------------------------------------- the chunk plan
+
+@pytest.mark.parametrize("field,value,match", [
+    ("decoded_length", lambda d: d // 2, "decodes to"),
+    ("decoded_length", lambda d: -1, "malformed chunk"),
+    ("decoded_length", lambda d: 8 << 30, "decodes to"),
+    ("offset", lambda o: -1, "malformed chunk"),
+    ("offset", lambda o: 100, "outside the data region"),
+    ("offset", lambda o: 2 ** 63, "outside the data region"),
+    ("length", lambda n: 2 ** 62, "outside the data region"),
+    ("shape", None, "malformed chunk"),
+])
+def test_forged_chunks(archive: Path, tmp_path: Path, field, value, match) -> None:
+    def edit(index):
+        chunks = _stream_of(index, "big")["chunks"]
+        if field == "shape":
+            chunks[0] = chunks[0][:3]
+        else:
+            k = ["offset", "length", "decoded_length"].index(field)
+            chunks[1][k] = value(chunks[1][k])
+
+    rewrite_index(archive, edit)
+    _refused(archive, tmp_path, match)
+
+
+def test_forged_stream_length_is_refused_before_writing(archive: Path, tmp_path: Path) -> None:
+    """A stream and its file claiming 8 GB more than the chunks hold fail before a byte is written."""
+    def edit(index):
+        _stream_of(index, "big")["nbytes"] += 8 << 30
+        _file(index, "a.safetensors")["size"] += 8 << 30
+
+    rewrite_index(archive, edit)
+    _refused(archive, tmp_path, "chunks cannot hold")
+
+
+def test_overlapping_chunks(archive: Path, tmp_path: Path) -> None:
+    def edit(index):
+        a, b = _stream_of(index, "big")["chunks"][:2]
+        b[0] = a[0] + 1
+
+    rewrite_index(archive, edit)
+    _refused(archive, tmp_path, "overlap")
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda i: i.update(files={"a": 1}), "'files'"),
+    (lambda i: i.update(streams=None), "'streams'"),
+    (lambda i: i["files"][0].update(segments="0"), "'segments'"),
+    (lambda i: i["files"][0].update(segments=[-1]), "no stream"),
+    (lambda i: i["files"][0].update(size=None), "'size'"),
+    (lambda i: i["files"][0].update(size=-5), "'size'"),
+    (lambda i: i["files"][0].update(size=i["files"][0]["size"] + 1), "add up"),
+    (lambda i: i["files"][0].update(sha256="zz"), "'sha256'"),
+    (lambda i: i["files"][0].update(format="exe"), "'format'"),
+    (lambda i: i["files"].append(dict(i["files"][0])), "same path"),
+    (lambda i: i["files"][1].update(path=i["files"][0]["path"] + "/inner"), "folder of"),
+    (lambda i: i["streams"][0].update(kind="tensors"), "'kind'"),
+    (lambda i: i["streams"][0].update(hash=None), "'hash'"),
+    (lambda i: i["streams"][0].update(chunk_elems=0), "'chunk_elems'"),
+    (lambda i: i["streams"][0].update(chunk_elems=2 ** 40), "limit"),
+    (lambda i: i["streams"][0].update(pipeline=[{"id": None}]), "unknown codec"),
+    (lambda i: i["streams"][0].update(pipeline=[{"id": "rans", "lanes": 10 ** 9}]), "rans"),
+    (lambda i: i.update(format=[1, 9]), "header says"),
+    (lambda i: i.update(source="file"), "single-file"),
+])
+def test_forged_fields(archive: Path, tmp_path: Path, edit, match) -> None:
+    rewrite_index(archive, edit)
+    with pytest.raises(elves.ElvesError, match=match) as e:
+        elves.info(archive)
+    assert str(archive) in str(e.value)
+    out = tmp_path / "out"
+    with pytest.raises(elves.ElvesError):
+        elves.restore(archive, out)
+    assert not out.exists()
+
+
+def test_pipeline_element_width_must_match_the_stream(archive: Path, tmp_path: Path) -> None:
+    """F32 chunks declared as I64 or C128 planes: the merge would write past each chunk."""
+    for dt in ("I64", "C128", "U8"):
+        def edit(index, dt=dt):
+            _stream_of(index, "big")["pipeline"][0]["dtype"] = dt
+        rewrite_index(archive, edit)
+        _refused(archive, tmp_path, "codes .* elements")
+
+
+def test_index_inflation_is_capped() -> None:
+    blob = zstandard.ZstdCompressor().compress(b"\0" * 100_000)
+    with pytest.raises(ValueError, match="100000 bytes, over"):
+        ar.inflate(blob, 1000)
+    streamed = zstandard.ZstdCompressor(write_content_size=False).compress(b"\0" * 100_000)
+    with pytest.raises(ValueError, match="inflates past"):
+        ar.inflate(streamed, 1000)
+    assert ar.inflate(streamed, 100_000) == b"\0" * 100_000
+
+
+# ---------------------------------------------------------------- links
+
+def test_links_inside_the_model_come_back_as_links(model: Path, tmp_path: Path) -> None:
+    (model / "sub").mkdir()
+    (model / "sub" / "weights.safetensors").symlink_to("../a.safetensors")
+    (model / "cfg").symlink_to("config.json")
+    (model / "again").symlink_to("sub")
+    out = tmp_path / "l.elves"
+    s = elves.compress(model, out)
+    assert s.original_bytes == sum(p.stat().st_size for p in model.iterdir() if p.is_file() and not p.is_symlink())
+    info = {f["path"]: f for f in elves.info(out).files}
+    assert info["sub/weights.safetensors"]["link"] == "../a.safetensors" and info["again"]["link"] == "sub"
+    back = tmp_path / "back"
+    elves.restore(out, back)
+    for name in ("sub/weights.safetensors", "cfg", "again"):
+        assert (back / name).is_symlink() and os.readlink(back / name) == os.readlink(model / name)
+    assert tree_hashes(back / "a.safetensors") == tree_hashes(model / "a.safetensors")
+    assert elves.verify(out, against=model).ok
+
+
+def test_link_out_of_the_model_is_refused(model: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not part of the model")
+    (model / "leak.txt").symlink_to(secret)
+    with pytest.raises(elves.InputError, match="leak.txt.*outside") as e:
+        elves.compress(model, tmp_path / "x.elves")
+    assert "--follow-symlinks" in str(e.value)
+    assert not (tmp_path / "x.elves").exists()
+    out = tmp_path / "y.elves"
+    elves.compress(model, out, follow_symlinks=True)
+    back = tmp_path / "back"
+    elves.restore(out, back)
+    assert not (back / "leak.txt").is_symlink() and (back / "leak.txt").read_text() == "not part of the model"
+
+
+@pytest.mark.parametrize("link", ["../../etc/passwd", "/etc/passwd", "sub/../../x", ""])
+def test_forged_link_out_of_the_model(archive: Path, tmp_path: Path, link: str) -> None:
+    def edit(index):
+        index["files"].append({"path": "evil", "size": 0, "sha256": "0" * 64, "format": "symlink",
+                               "segments": [], "tensors": [], "link": link})
+
+    rewrite_index(archive, edit)
+    _refused(archive, tmp_path, "symbolic link")
+
+
+def test_restore_never_writes_through_a_link_in_the_destination(archive: Path, tmp_path: Path) -> None:
+    """``restore --force`` into a folder whose subfolder is a link to elsewhere: refused, and the
+    other folder is untouched."""
+    def edit(index):
+        _file(index, "config.json")["path"] = "sub/config.json"
+
+    rewrite_index(archive, edit)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub").symlink_to(outside)
+    with pytest.raises(UnsafePathError, match="sub: is a link"):
+        elves.restore(archive, out, force=True)
+    assert list(outside.iterdir()) == []
+    (out / "sub").unlink()
+    elves.restore(archive, out, force=True)
+    assert (out / "sub" / "config.json").read_text() == '{"hidden": 1000}'
+
+
+def test_empty_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(elves.InputError, match="no files"):
+        elves.compress(tmp_path / "empty", tmp_path / "e.elves")
+
+
+# ---------------------------------------------------------------- API and CLI errors
+
+def test_api_usage_errors(archive: Path) -> None:
+    with pytest.raises(elves.UsageError, match="numpy"):
+        elves.load_file(archive, framework="numpy", device="cuda:0")
+    with pytest.raises(elves.UsageError, match="'jax'"):
+        elves.load_file(archive, framework="jax")  # type: ignore[arg-type]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return elves_cli(*args)
+
+
+def test_cli_errors_json_and_debug(archive: Path, tmp_path: Path) -> None:
+    rewrite_index(archive, lambda index: index.update(files=[]))
+    r = _cli("info", str(archive), "--json")
+    assert r.returncode == 4 and "Traceback" not in r.stderr
+    err = json.loads(r.stdout)
+    assert err["ok"] is False and err["kind"] == "CorruptArchiveError" and err["exit_code"] == 4
+    assert str(archive) in err["error"]
+    r = _cli("--debug", "info", str(archive))
+    assert r.returncode == 4 and "Traceback" in r.stderr and "parse_index" in r.stderr
+
+
+@pytest.mark.parametrize("bound", ["abc", "2^x", "rel:", "1e999999", "nan"])
+def test_cli_bad_error_bound_is_a_usage_error(model: Path, tmp_path: Path, bound: str) -> None:
+    r = _cli("compress", str(model), "-o", str(tmp_path / "x.elves"), "--lossy", "elf", "--error-bound", bound)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "error-bound" in r.stderr
