@@ -125,7 +125,7 @@ class Report:
     failures: list[Failure] = field(default_factory=list)
     seconds: float = 0.0
 
-    def summary(self, limit: int = 40) -> str:
+    def summary(self, limit: int = 100) -> str:
         groups: dict[tuple[str, str, str], list[Failure]] = {}
         for f in self.failures:
             groups.setdefault(f.key(), []).append(f)
