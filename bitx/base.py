@@ -11,6 +11,7 @@ bytes.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -24,6 +25,7 @@ import xxhash
 from elves.archive import MAGIC, ArchiveReader, Stream, safe_relpath
 from elves.codecs import Pipeline
 from elves.errors import (
+    CorruptArchiveError,
     ArchiveError,
     BaseMismatchError,
     BaseModelError,
@@ -502,6 +504,9 @@ def chunk_refs(reader: ArchiveReader, stream: Stream, pipeline: Pipeline) -> Cal
         raise BaseRequiredError(f"this archive was compressed against {describe(needed)}: pass --base "
                                 "(base= in Python) with that model or an .elves archive of it", reader.path)
     digest, nbytes = codec.ref_hash, codec.ref_nbytes  # type: ignore[attr-defined]
+    if codec.shape is not None and math.prod(codec.shape) * codec.width != stream.nbytes:  # type: ignore[attr-defined]
+        raise CorruptArchiveError(f"xor: shape {list(codec.shape)} does not hold the stream's {stream.nbytes} "  # type: ignore[attr-defined]
+                                  "bytes", reader.path)
     if model.find(digest, nbytes) is None:
         model.hash_segments([nbytes])
         if model.find(digest, nbytes) is None:

@@ -58,7 +58,10 @@ def inflate(blob: bytes, cap: int) -> bytes:
 
 def temp_sibling(path: Path, suffix: str = "") -> Path:
     """A fresh temporary name next to ``path``, so that renaming it into place is atomic."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".elves-tmp{suffix}", dir=path.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".elves-tmp{suffix}", dir=path.parent)
+    except OSError as e:
+        raise OutputError(f"cannot write here: {e.strerror}", path) from None
     os.close(fd)
     return Path(name)
 

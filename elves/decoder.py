@@ -100,7 +100,11 @@ def iter_stream(reader: ArchiveReader, index: int, pool: Executor, window: int) 
 def read_stream(reader: ArchiveReader, index: int, pool: Executor, window: int) -> np.ndarray:
     """A whole stream as one uint8 array (for tensors handed to the caller)."""
     stream: Stream = reader.streams[index]
-    out = np.empty(stream.nbytes, dtype=np.uint8)
+    try:
+        out = np.empty(stream.nbytes, dtype=np.uint8)
+    except MemoryError:  # a real tensor, or a forged one its chunks decode to: either way, say so
+        raise ArchiveError(f"{stream_label(reader, index)}: {stream.nbytes} bytes do not fit in memory",
+                           reader.path) from None
     pos = 0
     for chunk in iter_stream(reader, index, pool, window):
         out[pos:pos + chunk.shape[0]] = chunk
@@ -247,7 +251,10 @@ def write_files(dst: Path, files: Sequence[tuple[str, str | None]], single: bool
         raise OutputExistsError("exists and is not a folder", dst)
     if not dst.parent.is_dir():
         raise OutputError("the folder to write into does not exist", dst.parent)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".elves-tmp", dir=dst.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".elves-tmp", dir=dst.parent))
+    except OSError as e:
+        raise OutputError(f"cannot write here: {e.strerror}", dst) from None
     total = 0
     try:
         for i, (path, link) in enumerate(files):

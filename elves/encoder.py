@@ -35,7 +35,7 @@ from .codecs.rans import Rans
 from .codecs.zstd import Zstd
 from .errors import InputError
 from .index import FileEntry, TensorEntry
-from .model import Segment, SourceFile
+from .model import Segment, SourceFile, open_source
 from .readers import read_model
 from .references import BLOCK, RefChooser, block_hashes, segment_names
 
@@ -266,7 +266,7 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
                    planner: "DeltaPlanner | None" = None, lossy: ErrorBound | None = None,
                    refs: RefChooser | None = None) -> None:
     sha = hashlib.sha256()
-    with open(sf.path, "rb") as fh:
+    with open_source(sf.path) as fh:
         fd = fh.fileno()
         stream_ids: list[int] = []
         new: list[tuple[Segment, Stream, Pipeline]] = []

@@ -239,8 +239,8 @@ def parse_stream(raw: Any, label: str, path: Path) -> Stream:
     chunks = f.list("chunks")
     if not all(_ints(c, 4) for c in chunks):
         f.fail("has a malformed chunk (four non-negative integers expected)")
-    ref_map = f.list("ref_map", None)
-    if ref_map is not None and not (ref_map and all(_ints(p, 3) for p in ref_map)):
+    ref_map = f.raw.get("ref_map")
+    if ref_map is not None and not (isinstance(ref_map, list) and ref_map and all(_ints(p, 3) for p in ref_map)):
         f.fail("has a malformed reference map")
     pipeline = f.list("pipeline")
     if not all(isinstance(c, dict) for c in pipeline):
