@@ -36,11 +36,12 @@ some dimensions (a widened layer) and sits at the origin of the fine-tune's shap
 from __future__ import annotations
 
 import functools
+import re
 
 import numpy as np
 
 from elves import dtypes
-from elves.codecs import Codec, Config, register
+from elves.codecs import Codec, Config, Expected, int_in, register
 from elves.errors import CodecError, CorruptArchiveError
 
 _WORD = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -72,29 +73,31 @@ class Xor(Codec):
     def __init__(self, dtype: str, ref_hash: str, ref_nbytes: int, mask: int | None = None,
                  sparse: bool = False, remap: list | None = None, ref_shape: list | None = None,
                  shape: list | None = None):
+        self.check(isinstance(dtype, str), "dtype must be a string")
         self.dtype = dtypes.get(dtype)
         self.width = self.dtype.itemsize
         if self.width not in _WORD:
             raise CodecError(f"xor handles 1, 2, 4 and 8-byte elements, not {dtype}")
         full = (1 << (8 * self.width)) - 1
+        self.check(mask is None or int_in(mask, 0, full), f"mask {mask!r} does not fit a {self.width}-byte word")
         self.mask = full if mask is None else int(mask)
-        if not 0 <= self.mask <= full:
-            raise CodecError(f"mask {mask!r} does not fit a {self.width}-byte word")
-        if not isinstance(ref_hash, str) or len(ref_hash) != 32:
-            raise CodecError("ref_hash must be 32 hex digits (xxh3-128)")
+        self.check(isinstance(ref_hash, str) and re.fullmatch("[0-9a-f]{32}", ref_hash) is not None,
+                   "ref_hash must be 32 hex digits (xxh3-128)")
         self.ref_hash = ref_hash
+        self.check(int_in(ref_nbytes, 0, 1 << 62), f"ref_nbytes must be a byte count, not {ref_nbytes!r}")
         self.ref_nbytes = int(ref_nbytes)
-        self.sparse = bool(sparse)
+        self.check(isinstance(sparse, bool), "sparse must be true or false")
+        self.sparse = sparse
         # A tensor grown along any dimensions (a widened layer): the base tensor sits at the origin
         # of the fine-tune's shape; the reader builds each chunk's reference from that geometry.
         self.ref_shape = self.shape = None
         if (ref_shape is None) != (shape is None):
             raise CodecError("xor: ref_shape and shape go together")
         if shape is not None:
-            try:
-                self.ref_shape, self.shape = tuple(int(d) for d in ref_shape), tuple(int(d) for d in shape)
-            except (TypeError, ValueError):
-                raise CodecError("xor: ref_shape and shape must be lists of integers") from None
+            self.check(all(isinstance(v, (list, tuple)) and all(int_in(d, 0, 1 << 62) for d in v)
+                           for v in (ref_shape, shape)),
+                       "ref_shape and shape must be lists of dimensions")
+            self.ref_shape, self.shape = tuple(ref_shape), tuple(shape)
             if (len(self.shape) != len(self.ref_shape) or any(not 0 <= b <= f for b, f in zip(self.ref_shape, self.shape))
                     or int(np.prod(self.ref_shape, dtype=np.int64)) * self.width != self.ref_nbytes):
                 raise CodecError("xor: ref_shape must fit inside shape and hold ref_nbytes")
@@ -102,10 +105,11 @@ class Xor(Codec):
         if remap is not None:
             if not self.dtype.is_float or self.width < 2 or self.sparse:
                 raise CodecError("xor: remap is for floats of 2 to 8 bytes, without sparse")
-            try:
-                self.remap = tuple((int(e), tuple(int(v) for v in vals)) for e, vals in remap)
-            except (TypeError, ValueError):
-                raise CodecError("xor: remap must be a list of [value, [values...]]") from None
+            self.check(isinstance(remap, (list, tuple)) and all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and int_in(p[0], 0, 255)
+                and isinstance(p[1], (list, tuple)) and all(int_in(v, 0, 255) for v in p[1]) for p in remap),
+                "remap must be a list of [byte, [bytes...]]")
+            self.remap = tuple((int(e), tuple(int(v) for v in vals)) for e, vals in remap)
             self.shift = 8 * self.width - 9
             self.mask &= ~(0xFF << self.shift)  # that byte is ranked, never XORed
             self._rank, self._inv = rank_tables(self.remap)
@@ -133,8 +137,8 @@ class Xor(Codec):
         if self.remap is not None:
             from .kernels import xor_ranked
 
-            if n:
-                xor_ranked(a, r, word(self.mask), word(self.shift), self._inv if inverse else self._rank, o)
+            if n and not xor_ranked(a, r, word(self.mask), word(self.shift), self._inv if inverse else self._rank, o):
+                raise CodecError("xor: the ranked kernel was given buffers shorter than the chunk")
         elif self._full:
             np.bitwise_xor(a, r, out=o)
         else:
@@ -164,16 +168,25 @@ class Xor(Codec):
         out[:nb] = 0
         k = xor_sparse(data.view(word), ref[:m * self.width].view(word), word(self.mask), out[:nb],
                        out[nb:].view(word))
+        if k < 0:
+            raise CodecError("sparse xor: the kernel was given buffers shorter than the chunk")
         return out[:nb + k * self.width]
 
+    def encoded_size(self, decoded: Expected) -> Expected:
+        if not self.sparse:
+            return decoded
+        lo, hi = decoded.lo // self.width, decoded.hi // self.width
+        return Expected(self._bitmap_bytes(lo), self._bitmap_bytes(hi) + hi * self.width)
+
     def decode(self, data: np.ndarray | None, out: np.ndarray | None = None,
-               ref: np.ndarray | None = None) -> np.ndarray:
-        """``data`` is None for a chunk stored as an empty payload: every XORed word was zero."""
+               ref: np.ndarray | None = None, *, expected: Expected | None = None) -> np.ndarray:
+        """``data`` is None for a chunk stored as an empty payload: every XORed word was zero.
+        ``out`` is the chunk's buffer (a filter with a reference is the first codec of its pipeline)."""
         if ref is None:
             raise CodecError("xor needs the reference chunk")
+        if out is None:
+            raise CodecError("xor decodes into the chunk's buffer only")
         if data is None or self.sparse:
-            if out is None:
-                raise CodecError("xor must be the first codec of its pipeline")
             if data is None:
                 return self._apply(np.zeros(out.shape[0], dtype=np.uint8), ref, out, inverse=True)
             return self._unsparse(np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data,

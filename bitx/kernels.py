@@ -5,6 +5,9 @@ loops work in registers), and the planner's histograms of sample windows.
 Masks and shifts are passed as numpy scalars of the word type, never as Python ints: numba types
 an int by its value (int64 below 2^63, uint64 above) and a dispatcher first specialised on a small
 mask then fails to convert a 64-bit mask with the top bit set (the F64 ranked mask).
+
+Numba does not check indices, so the codec's kernels check once, before their loop, that their
+buffers hold what they will read and write, and refuse (False, or -1 for a count) otherwise.
 """
 from __future__ import annotations
 
@@ -16,18 +19,22 @@ from numba import njit
 def xor_ranked(a, r, mask, shift, table, out):
     """``out[i] = a[i] ^ (r[i] & mask)``, with the byte at ``shift`` replaced by
     ``table[that byte of r[i], that byte of a[i]]`` (``mask`` has that byte clear)."""
+    n = a.shape[0]
+    if r.shape[0] < n or out.shape[0] < n or table.shape[0] < 256 or table.shape[1] < 256:
+        return False
     field = a.dtype.type(0xFF) << a.dtype.type(shift)
     s = a.dtype.type(shift)
     m = a.dtype.type(mask)
     keep = ~field
     ff = a.dtype.type(0xFF)
-    for i in range(a.shape[0]):
+    for i in range(n):
         av = a[i]
         rv = r[i]
         o = (av ^ (rv & m)) & keep
         e = (rv >> s) & ff
         v = (av >> s) & ff
         out[i] = o | (a.dtype.type(table[e, v]) << s)
+    return True
 
 
 @njit(cache=True, nogil=True)
@@ -131,7 +138,9 @@ def xor_sparse(a, r, mask, bitmap, vals):
     """The ``sparse`` form of ``a ^ (r & mask)`` (the words past ``r`` unchanged), in one pass:
     bit ``i`` of ``bitmap`` (least significant first; it must come zeroed) is set where XORed
     word ``i`` is not zero, and those words go to ``vals`` in order. Returns their
-    count."""
+    count, or -1 unless ``bitmap`` and ``vals`` can hold every word."""
+    if bitmap.shape[0] * 8 < a.shape[0] or vals.shape[0] < a.shape[0]:
+        return -1
     m = r.shape[0]
     msk = a.dtype.type(mask)
     k = 0
@@ -147,7 +156,10 @@ def xor_sparse(a, r, mask, bitmap, vals):
 @njit(cache=True, nogil=True)
 def xor_unsparse(bitmap, vals, r, mask, out):
     """Inverse of :func:`xor_sparse` into the words ``out``. Returns how many values the bitmap
-    asks for; the caller checks that against ``vals``, which is never read past its end."""
+    asks for; the caller checks that against ``vals``, which is never read past its end. -1
+    unless ``bitmap`` has a bit for every word of ``out``."""
+    if bitmap.shape[0] * 8 < out.shape[0]:
+        return -1
     m = r.shape[0]
     msk = out.dtype.type(mask)
     zero = out.dtype.type(0)

@@ -27,9 +27,12 @@
 // * Nothing is read outside the chunk's payload, whatever the payload holds: header fields are
 //   checked against the payload length, lane streams against their plane section, table writes
 //   against 2^P, and a lane that runs past its stream reads zeros and fails the final check.
+// * Nothing is written outside [dst, dst + dst_len): dst_len is the capacity the host gives, and
+//   a container whose header claims another plane count or element count (n * W != dst_len) is
+//   refused before any store. Payloads are at most 2^31 - 1 bytes, so no 32-bit offset sum wraps.
 //   Errors go to status[chunk] with the numba decoder's codes (1 header, 2 lane overrun, 3 final
-//   state, 4 table); the host turns any nonzero status into CorruptArchiveError. The decoded bytes
-//   of a flagged chunk are unspecified.
+//   state, 4 table, 5 size); the host turns any nonzero status into CorruptArchiveError. The
+//   decoded bytes of a flagged chunk are unspecified.
 // * Descriptors carry absolute device addresses, so one launch can write into many separately
 //   allocated tensors. Payloads must start on a 16-byte boundary (u16 lane words are read as
 //   aligned words), decoded bytes on a multiple of min(W, 8).
@@ -49,6 +52,8 @@ constexpr unsigned int kErrHeader = 1;
 constexpr unsigned int kErrOverrun = 2;
 constexpr unsigned int kErrFinalState = 3;
 constexpr unsigned int kErrTable = 4;
+constexpr unsigned int kErrSize = 5;
+constexpr unsigned long long kMaxPayload = 0x7FFFFFFFull;
 
 constexpr unsigned int kModeRaw = 0;
 constexpr unsigned int kModeConst = 1;
@@ -63,7 +68,7 @@ struct ChunkDesc {
     unsigned long long src;      // device address of the payload, a multiple of 16
     unsigned long long src_len;  // payload bytes
     unsigned long long dst;      // device address of the decoded bytes
-    unsigned long long dst_len;  // decoded bytes: n * width
+    unsigned long long dst_len;  // capacity at dst: the chunk's decoded bytes, n * width
     unsigned int width;          // element bytes; must be the kernel's W
     unsigned int flags;          // kFlagRotate: rotate each word right by one bit (float dtypes)
 };
@@ -181,15 +186,17 @@ __device__ __forceinline__ void decode_chunk(const ChunkDesc* __restrict__ descs
     // Everything up to the lane loop is computed identically by all 32 threads, so every branch
     // on it is uniform and no state needs sharing.
     unsigned int err = kOk;
-    if (d.width != W || (d.src & 15) || (d.dst % kDstAlign) || d.src_len > 0xFFFFFFFFull ||
+    if (d.width != W || (d.src & 15) || (d.dst % kDstAlign) || d.src_len > kMaxPayload ||
         d.src_len < 8 + 4 * W) {
         err = kErrHeader;
     }
     const unsigned int size = static_cast<unsigned int>(d.src_len);
     const unsigned int n = err ? 0 : load_u32(b, 0);
     const unsigned int lanes = err ? 0 : load_u16(b, 4);
-    if (!err && (load_u8(b, 6) != W || lanes < 1 || lanes > kMaxLanes ||
-                 static_cast<unsigned long long>(n) * W != d.dst_len)) {
+    if (!err && (load_u8(b, 6) != W || static_cast<unsigned long long>(n) * W != d.dst_len)) {
+        err = kErrSize;
+    }
+    if (!err && (lanes < 1 || lanes > kMaxLanes)) {
         err = kErrHeader;
     }
 
@@ -356,7 +363,7 @@ ELVES_DECODE_KERNEL(16, 2)
 extern "C" __global__ void elves_copy_chunks(const ChunkDesc* __restrict__ descs, unsigned int* __restrict__ status) {
     const ChunkDesc d = descs[blockIdx.x];
     if (d.src_len != d.dst_len) {
-        if (threadIdx.x == 0) status[blockIdx.x] = kErrHeader;
+        if (threadIdx.x == 0) status[blockIdx.x] = kErrSize;
         return;
     }
     const unsigned char* src = reinterpret_cast<const unsigned char*>(d.src);

@@ -41,7 +41,7 @@ from . import dtypes
 from .archive import ArchiveReader, Stream
 from .codecs import Pipeline
 from .codecs.planes import Planes
-from .codecs.rans import Rans
+from .codecs.rans import STATUS, Rans
 from .decoder import read_stream, stream_label
 from .encoder import default_threads
 from .errors import CodecError, CorruptArchiveError, ElvesError, TruncatedArchiveError, UsageError
@@ -63,15 +63,6 @@ KERNEL_FILE = "rans_decode.cu"
 DESC = np.dtype([("src", "<u8"), ("src_len", "<u8"), ("dst", "<u8"), ("dst_len", "<u8"),
                  ("width", "<u4"), ("flags", "<u4")])
 FLAG_ROTATE = 1
-
-# The kernel's status codes (the numba decoder's).
-_STATUS = {
-    1: "chunk header is malformed",
-    2: "a rANS lane runs past its stream",
-    3: "a rANS lane did not end in its initial state",
-    4: "a rANS frequency table is invalid",
-}
-
 
 class GpuUnavailableError(ElvesError):
     """GPU decoding was asked for, but cupy or a CUDA device is missing."""
@@ -147,7 +138,7 @@ def _raise_status(status: np.ndarray, name: Callable[[int], str], path: Path | N
     if bad.size:
         i = int(bad[0])
         code = int(status[i])
-        raise CorruptArchiveError(f"{name(i)}: {_STATUS.get(code, f'GPU decode failed ({code})')}", path)
+        raise CorruptArchiveError(f"{name(i)}: {STATUS.get(code, f'GPU decode failed ({code})')}", path)
 
 
 def _groups(widths: np.ndarray) -> list[tuple[int, int, int]]:
@@ -161,9 +152,10 @@ class ChunkDecoder:
 
     ``payload`` is a cupy uint8 array; ``chunks`` lists each chunk's ``(offset, length,
     decoded_length)`` in it (offsets multiples of 16); ``out`` (cupy uint8) receives the decoded
-    chunks back to back. Calling the object enqueues the decode on the current stream (one
-    launch, however many chunks); :meth:`check` waits for it and raises CorruptArchiveError if a
-    chunk failed. The building block of the loader, exposed for tests and benchmarks.
+    chunks back to back; each chunk's decoded length is the capacity its descriptor gives the
+    kernel, which refuses a payload that claims another size. Calling the object enqueues the
+    decode on the current stream (one launch, however many chunks); :meth:`check` waits for it
+    and raises CorruptArchiveError if a chunk failed. The building block of the loader, exposed for tests and benchmarks.
     """
 
     def __init__(self, payload: Any, chunks: list[tuple[int, int, int]], out: Any, *, width: int,
@@ -172,7 +164,7 @@ class ChunkDecoder:
         cp = self.kernels.cp
         if width not in WIDTHS:
             raise CodecError(f"no GPU decoder for {width}-byte elements")
-        if sum(c[2] for c in chunks) > out.nbytes:
+        if any(min(c) < 0 for c in chunks) or sum(c[2] for c in chunks) > out.nbytes:
             raise ValueError("out is smaller than the decoded chunks")
         descs = np.zeros(len(chunks), DESC)
         pos = 0

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CodecError, CorruptArchiveError
-from . import Codec, Config, Pipeline, register
+from . import Codec, Config, Expected, Pipeline, expected_of, int_in, register
 
 # dtype -> (item size, exponent bits, mantissa bits)
 ELF_DTYPES: dict[str, tuple[int, int, int]] = {
@@ -158,19 +158,40 @@ class Elf(Codec):
 
     def __init__(self, dtype: str, mode: str = "abs", bound: float = 2.0 ** -24, delta: bool = False, *,
                  lanes: int = 32, exact: bool = False, palette: bool = True):
-        if dtype not in ELF_DTYPES:
+        if not isinstance(dtype, str) or dtype not in ELF_DTYPES:
             raise CodecError(f"elf codes float tensors of {', '.join(ELF_DTYPES)}, not {dtype!r}")
-        if mode not in ("abs", "rel"):
-            raise CodecError(f"elf mode must be 'abs' or 'rel', not {mode!r}")
+        self.check(mode in ("abs", "rel"), f"mode must be 'abs' or 'rel', not {mode!r}")
+        self.check(isinstance(bound, (int, float)) and not isinstance(bound, bool)
+                   and math.isfinite(bound) and 0 < bound and (mode == "abs" or bound < 1),
+                   f"bound must be a positive finite number (below 1 when relative), not {bound!r}")
+        self.check(isinstance(delta, bool), "delta must be true or false")
+        self.check(int_in(lanes, 1, 4096), "lanes must be an integer in 1..4096")
         self.dtype = dtype
         self.mode = mode
         self.bound = float(bound)
         self.width, self.ebits, self.mbits = ELF_DTYPES[dtype]
-        self.delta = bool(delta)
+        self.delta = delta
         self.needs_ref = self.delta
         self.lanes = lanes
-        self.exact = exact
-        self.palette = palette and not self.delta  # differences from a reference hardly repeat
+        self.exact = bool(exact)
+        self.palette = bool(palette) and not self.delta  # differences from a reference hardly repeat
+
+    @classmethod
+    def from_config(cls, config: Config) -> "Elf":
+        extra = set(config) - {"id", "dtype", "mode", "bound", "delta"}
+        if extra:  # the encoder's own options are no part of an archive
+            raise CodecError(f"bad parameters for codec 'elf': unknown {sorted(extra)}")
+        return super().from_config(config)
+
+    def encoded_size(self, decoded: Expected) -> Expected:
+        """A section of at least the header's words, and at most every element an exception;
+        then one code per element, or (palette) at most as many distinct codes again."""
+        w = self.width
+        lo, hi = -(-decoded.lo // w), decoded.hi // w
+        if lo > hi:
+            raise CorruptArchiveError(f"elf: a chunk of {decoded.lo} bytes is not whole {self.dtype} elements")
+        most = SECTION_HEAD.size + BINADE_E0.size + 4 * MAX_SUB + PALETTE_COUNT.size + hi * (4 + w)
+        return Expected(w * (-(-SECTION_HEAD.size // (w - 1)) + lo), w * (-(-most // (w - 1)) + 2 * hi))
 
     def get_config(self) -> Config:
         config = {"id": self.codec_id, "dtype": self.dtype, "mode": self.mode, "bound": self.bound}
@@ -243,18 +264,27 @@ class Elf(Codec):
 
         w = self.width
         if kind == KIND_EXACT:
-            return lambda words, xs, codes, exc: k.quant_exact(words, w, codes) or 0
-        kk = k.kernels(self.dtype)
-        mode = k.MODE_ABS if self.mode == "abs" else k.MODE_REL
-        bound = self.bound
-        rel_exact = self.mode == "rel" and _is_pow2(bound)
-        if kind == KIND_UNIFORM:
-            step, m_code, b_bits = UNIFORM_PARAMS.unpack_from(params)
-            return lambda words, xs, codes, exc: kk.quant_uniform(
-                words, xs, w, step, np.uint64(m_code), np.uint64(b_bits), mode, bound, rel_exact, codes, exc)
-        e0, L, cum, lsum = _binade_grid(params)
-        return lambda words, xs, codes, exc: kk.quant_binade(
-            words, xs, w, e0, L.shape[0], L, cum, lsum, mode, bound, rel_exact, codes, exc)
+            quantise = lambda words, xs, codes, exc: 0 if k.quant_exact(words, w, codes) else -1  # noqa: E731
+        else:
+            kk = k.kernels(self.dtype)
+            mode = k.MODE_ABS if self.mode == "abs" else k.MODE_REL
+            bound = self.bound
+            rel_exact = self.mode == "rel" and _is_pow2(bound)
+            if kind == KIND_UNIFORM:
+                step, m_code, b_bits = UNIFORM_PARAMS.unpack_from(params)
+                quantise = lambda words, xs, codes, exc: kk.quant_uniform(  # noqa: E731
+                    words, xs, w, step, np.uint64(m_code), np.uint64(b_bits), mode, bound, rel_exact, codes, exc)
+            else:
+                e0, L, cum, lsum = _binade_grid(params)
+                quantise = lambda words, xs, codes, exc: kk.quant_binade(  # noqa: E731
+                    words, xs, w, e0, L.shape[0], L, cum, lsum, mode, bound, rel_exact, codes, exc)
+
+        def run(words: np.ndarray, xs: np.ndarray, codes: np.ndarray, exc: np.ndarray) -> int:
+            nexc = quantise(words, xs, codes, exc)
+            if nexc < 0:
+                raise CodecError("elf: a quantiser was given buffers shorter than the chunk")
+            return nexc
+        return run
 
     def _ref_codes(self, kind: int, params: bytes, ref: np.ndarray) -> np.ndarray:
         """The reference chunk's codes on this chunk's grid, the same on the encoder's side and
@@ -266,11 +296,11 @@ class Elf(Codec):
         n = words.shape[0]
         xs = np.empty(n, dtype=np.float64)
         if kind != KIND_EXACT:
-            k.kernels(self.dtype).to_f64(words, w, xs)
+            _ok(k.kernels(self.dtype).to_f64(words, w, xs))
         codes = np.empty(n, dtype=np.uint64)
         if kind == KIND_UNIFORM:
             step, m_code, b_bits = UNIFORM_PARAMS.unpack_from(params)
-            k.nearest_uniform(words, xs, w, step, np.uint64(m_code), np.uint64(b_bits), codes)
+            _ok(k.nearest_uniform(words, xs, w, step, np.uint64(m_code), np.uint64(b_bits), codes))
         else:
             self._quantiser(kind, params)(words, xs, codes, np.empty(n, dtype=np.uint8))
         return codes
@@ -399,9 +429,10 @@ class Elf(Codec):
     # -- decoding ------------------------------------------------------------------------------
 
     def decode(self, data: np.ndarray | bytes, out: np.ndarray | None = None,
-               ref: np.ndarray | None = None) -> np.ndarray:
+               ref: np.ndarray | None = None, *, expected: Expected | None = None) -> np.ndarray:
         from ..kernels import elf as k
 
+        want = expected_of(out, expected)
         w = self.width
         buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
         if buf.shape[0] % w or buf.shape[0] < w * -(-SECTION_HEAD.size // (w - 1)):
@@ -435,36 +466,39 @@ class Elf(Codec):
         body = _words(buf[ns * w:], w)
         p = SECTION_HEAD.size
         params = section[p: p + plen]
+        npal = PALETTE_COUNT.unpack_from(section, p + plen)[0] if pcount else 0
+        n = body.shape[0] - npal
+        if not npal <= n:  # the writer's palettes are at most half the chunk
+            raise CorruptArchiveError("elf chunk: bad palette size")
+        want.check(n * w, "elf chunk")
         if kind == KIND_BINADE:
             e0, L, cum, lsum = _binade_grid(params)
-            if (L < 1).any():
-                raise CorruptArchiveError("elf chunk: a sub-binade has no levels")
+            if (L < 1).any() or not -1022 <= e0 <= 1023:  # the encoder's e0 is a float64 exponent
+                raise CorruptArchiveError("elf chunk: malformed binade grid")
+        elif kind == KIND_UNIFORM:
+            step, m_code, b_bits = UNIFORM_PARAMS.unpack_from(params)
+            if not (math.isfinite(step) and step > 0):
+                raise CorruptArchiveError("elf chunk: malformed uniform grid")
         if self.delta:
             if pcount:
                 raise CorruptArchiveError("elf chunk: a palette in a delta chunk")
-            if ref is None or ref.shape[0] != body.shape[0] * w:
+            if ref is None or ref.shape[0] != n * w:
                 raise CodecError("elf with delta needs a reference chunk as long as the chunk")
             codes = np.empty_like(body)
-            k.undelta_codes(body, self._ref_codes(kind, params, ref), w, codes)
+            _ok(k.undelta_codes(body, self._ref_codes(kind, params, ref), w, codes))
         elif pcount:
-            (npal,) = PALETTE_COUNT.unpack_from(section, SECTION_HEAD.size + plen)
             codes = _unpalette(body, npal, w)
         else:
             codes = body
-        n = codes.shape[0]
         if out is None:
             out = np.empty(n * w, dtype=np.uint8)
-        elif out.shape[0] != n * w:
-            raise CorruptArchiveError(f"elf chunk holds {n * w} bytes, expected {out.shape[0]}")
         dst = out.view(WORD[w])
         if kind == KIND_EXACT:
-            k.dequant_exact(codes, n, w, dst)
+            _ok(k.dequant_exact(codes, n, w, dst))
         elif kind == KIND_UNIFORM:
-            step, m_code, b_bits = UNIFORM_PARAMS.unpack_from(params)
-            k.kernels(self.dtype).dequant_uniform(codes, n, w, step, np.uint64(m_code),
-                              np.uint64(b_bits), dst)
+            _ok(k.kernels(self.dtype).dequant_uniform(codes, n, w, step, np.uint64(m_code), np.uint64(b_bits), dst))
         else:
-            k.kernels(self.dtype).dequant_binade(codes, n, w, e0, sub, L, cum, lsum, dst)
+            _ok(k.kernels(self.dtype).dequant_binade(codes, n, w, e0, sub, L, cum, lsum, dst))
         if m:
             p += plen + pcount
             pos = np.frombuffer(section, dtype="<u2" if pos_bytes == 2 else "<u4", count=m, offset=p)
@@ -472,6 +506,12 @@ class Elf(Codec):
             if not k.scatter(dst, pos.astype(np.int64), vals.astype(dst.dtype)):
                 raise CorruptArchiveError("elf chunk: exception positions out of order or range")
         return out
+
+
+def _ok(done: bool) -> None:
+    """A kernel's capacity check failed: the codec sized a buffer wrong for the chunk it read."""
+    if not done:
+        raise CorruptArchiveError("elf chunk: its parts disagree in size")
 
 
 def _binade_grid(params: bytes) -> tuple[int, np.ndarray, np.ndarray, np.uint64]:
@@ -491,7 +531,7 @@ def _words(data: np.ndarray, w: int) -> np.ndarray:
 def _unpalette(body: np.ndarray, npal: int, w: int) -> np.ndarray:
     """The codes of a palette chunk: ``body`` is ``npal`` first differences of the strictly
     increasing distinct codes, then one index per element."""
-    if not 1 <= npal < body.shape[0]:
+    if npal < 1:
         raise CorruptArchiveError("elf chunk: bad palette size")
     values = np.cumsum(body[:npal], dtype=np.uint64)
     # A zero difference, or a sum that wrapped around 2^64, breaks the strict increase; a code

@@ -1,12 +1,26 @@
 """``zstd``: general-purpose compression for bytes that are not tensors (configs, tokenizers,
-pickles, container headers, formats elves does not parse)."""
+pickles, container headers, formats elves does not parse).
+
+A frame may declare any content size, and ``max_output_size`` does not cap a declared one; a frame
+that declares none may inflate without end. So decoding checks the declared size against the
+expected one before anything is allocated, and streams the frame into a buffer of the expected
+size, reading one byte more only to see whether the frame would go on.
+"""
 from __future__ import annotations
 
 import numpy as np
 import zstandard
 
 from ..errors import CorruptArchiveError
-from . import Codec, Config, register
+from . import Codec, Config, Expected, expected_of, int_in, register
+
+MIN_LEVEL = -(1 << 17)  # zstd's fastest level (ZSTD_minCLevel)
+UNKNOWN = -1            # frame_content_size of a frame that declares no size
+
+
+def compress_bound(n: int) -> int:
+    """The largest frame zstd writes for ``n`` bytes (ZSTD_COMPRESSBOUND)."""
+    return n + (n >> 8) + (((128 << 10) - n) >> 11 if n < 128 << 10 else 0)
 
 
 @register
@@ -14,25 +28,40 @@ class Zstd(Codec):
     codec_id = "zstd"
 
     def __init__(self, level: int = 3):
-        self.level = level
+        self.check(int_in(level, MIN_LEVEL, zstandard.MAX_COMPRESSION_LEVEL),
+                   f"level must be an integer in {MIN_LEVEL}..{zstandard.MAX_COMPRESSION_LEVEL}, not {level!r}")
+        self.level = int(level)
 
     def get_config(self) -> Config:
         return {"id": self.codec_id, "level": self.level}
 
+    def encoded_size(self, decoded: Expected) -> Expected:
+        return Expected(0, compress_bound(decoded.hi))
+
     def encode(self, data: np.ndarray | bytes) -> bytes:
         return zstandard.ZstdCompressor(level=self.level).compress(memoryview(data))
 
-    def decode(self, data: np.ndarray | bytes, out: np.ndarray | None = None) -> np.ndarray:
+    def decode(self, data: np.ndarray | bytes, out: np.ndarray | None = None, *,
+               expected: Expected | None = None) -> np.ndarray:
+        want = expected_of(out, expected)
+        src = memoryview(data)
         try:
-            raw = zstandard.ZstdDecompressor().decompress(
-                memoryview(data), max_output_size=out.shape[0] if out is not None else 0
-            )
+            declared = zstandard.frame_content_size(src)
+            if declared != UNKNOWN:
+                want.check(declared, "zstd frame")
+            if out is None:
+                out = np.empty(want.hi if declared == UNKNOWN else declared, dtype=np.uint8)
+            reader = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)
+            view = memoryview(out)
+            got = 0
+            while got < out.shape[0]:
+                step = reader.readinto(view[got:])
+                if step == 0:
+                    break
+                got += step
+            if got == out.shape[0] and reader.read(1):
+                raise CorruptArchiveError(f"zstd frame holds more than the {got} bytes expected")
         except zstandard.ZstdError as e:
             raise CorruptArchiveError(f"zstd frame does not decode: {e}") from None
-        arr = np.frombuffer(raw, dtype=np.uint8)
-        if out is None:
-            return arr
-        if arr.shape[0] != out.shape[0]:
-            raise CorruptArchiveError(f"zstd frame holds {arr.shape[0]} bytes, expected {out.shape[0]}")
-        out[:] = arr
-        return out
+        want.check(got, "zstd frame")
+        return out[:got]

@@ -10,6 +10,10 @@ The encoder quantises with the decoder's own functions and checks every element 
 bound *exactly* (not merely in float64: see :func:`_le_exact`); an element that fails, even by a
 rounding hair, is tried on the neighbouring grid point and otherwise kept as an exception.
 
+Numba does not check indices, so each kernel that a decoder calls gets its buffers whole and
+checks once, before its loop, that they hold ``n`` elements: False (or -1 for a count) when they
+do not, which the codec reports as a corrupt chunk; nothing is written past a buffer.
+
 Words here are the tensor's elements as unsigned integers of their width (uint16/32/64);
 ``ebits``/``mbits`` are the exponent and mantissa widths of the float format (F16 5/10, BF16
 8/7, F32 8/23, F64 11/52).
@@ -114,12 +118,15 @@ def _pow2(k):
 @njit(cache=True, nogil=True, inline="always")
 def _to_f64(words, w, ebits, mbits, out):
     """The values of ``words`` (elements as unsigned ints) as float64, exactly, into ``out``."""
+    if out.shape[0] < words.shape[0]:
+        return False
     ob = out.view(np.uint64)
     sh = np.uint64(8 * w - 1)
     mask = (_U1 << sh) - _U1
     for i in range(words.shape[0]):
         v = np.uint64(words[i])
         ob[i] = _mag_to_f64bits(v & mask, ebits, mbits) | ((v >> sh) << np.uint64(63))
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,16 +203,21 @@ def _binade_value(a, e0, S, L, cum, lsum):
 @njit(cache=True, nogil=True)
 def dequant_exact(codes, n, w, out):
     """Exact kind: the code is the element rotated left by one bit (sign at bit 0)."""
+    if n > codes.shape[0] or n > out.shape[0]:
+        return False
     sh = np.uint64(8 * w - 1)
     for i in range(n):
         u = np.uint64(codes[i])
         out[i] = (u >> _U1) | ((u & _U1) << sh)
+    return True
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _dequant_uniform(codes, n, w, ebits, mbits, step, M, B, out):
     """Uniform kind: magnitude ``round(float64(a) * step)`` for ``a < M``, else bits ``B + a - M``;
     the sign is the code's bit 0."""
+    if n > codes.shape[0] or n > out.shape[0]:
+        return False
     sh = np.uint64(8 * w - 1)
     mask = (_U1 << sh) - _U1
     if ebits == 8 and mbits == 23:
@@ -218,7 +230,7 @@ def _dequant_uniform(codes, n, w, ebits, mbits, step, M, B, out):
                 of[i] = np.float32(-v if (u & _U1) else v)
             else:
                 out[i] = ((B + (a - M)) & mask) | ((u & _U1) << sh)
-        return
+        return True
     if ebits == 11:
         of = out.view(np.float64)
         for i in range(n):
@@ -229,7 +241,7 @@ def _dequant_uniform(codes, n, w, ebits, mbits, step, M, B, out):
                 of[i] = -v if (u & _U1) else v
             else:
                 out[i] = ((B + (a - M)) & mask) | ((u & _U1) << sh)
-        return
+        return True
     tf = np.empty(1, np.float64)
     tb = tf.view(np.uint64)
     for i in range(n):
@@ -237,6 +249,7 @@ def _dequant_uniform(codes, n, w, ebits, mbits, step, M, B, out):
         a = u >> _U1
         mag = _uniform_mag(a, step, M, B, ebits, mbits, tb, tf) & mask
         out[i] = mag | ((u & _U1) << sh)
+    return True
 
 
 @njit(cache=True, nogil=True)
@@ -255,6 +268,8 @@ def binade_table(S, L, cum, lsum):
 def _dequant_binade(codes, n, w, ebits, mbits, e0, S, L, cum, lsum, out):
     """Binade kind: magnitude 0 for ``a = 0``; else with t = a - 1, b = t div lsum,
     r = t mod lsum = cum[i] + j: round(((S + i) * L[i] + j) / (S * L[i]) * 2^(e0 + b))."""
+    if n > codes.shape[0] or n > out.shape[0] or S > L.shape[0] or S > cum.shape[0]:
+        return False
     sh = np.uint64(8 * w - 1)
     tf = np.empty(1, np.float64)
     tb = tf.view(np.uint64)
@@ -290,7 +305,7 @@ def _dequant_binade(codes, n, w, ebits, mbits, e0, S, L, cum, lsum, out):
             else:
                 tf[0] = _binade_value(a, e0, S, L, cum, lsum)
                 out[i] = _round_bits(tb[0], ebits, mbits) | (s << sh)
-        return
+        return True
     if small and ebits != 11 and not (ebits == 8 and mbits == 23):
         # F16, BF16: rounding to nearest is scale-invariant in the dtype's normal range, so
         # RNE(q[r] * 2^E) = RNE(q[r]) * 2^E: round each quotient once, then add the exponent.
@@ -321,7 +336,7 @@ def _dequant_binade(codes, n, w, ebits, mbits, e0, S, L, cum, lsum, out):
             else:
                 tf[0] = tab[r] * _pow2(e0 + np.int64(b))
                 out[i] = _round_bits(tb[0], ebits, mbits) | (s << sh)
-        return
+        return True
     for i in range(n):
         u = np.uint64(codes[i])
         a = u >> _U1
@@ -345,12 +360,15 @@ def _dequant_binade(codes, n, w, ebits, mbits, e0, S, L, cum, lsum, out):
         else:
             tf[0] = v
             out[i] = _round_bits(tb[0], ebits, mbits) | (s << sh)
+    return True
 
 
 @njit(cache=True, nogil=True)
 def scatter(out, pos, vals):
     """Put the exceptions' original bits back; False if a position is out of order or range."""
     n = out.shape[0]
+    if vals.shape[0] < pos.shape[0]:
+        return False
     prev = -1
     for k in range(pos.shape[0]):
         p = np.int64(pos[k])
@@ -368,8 +386,10 @@ def scatter(out, pos, vals):
 @njit(cache=True, nogil=True, inline="always")
 def _quant_uniform(words, xs, w, ebits, mbits, step, M, B, mode, bound, rel_exact, codes, exc):
     """Codes of the uniform grid; ``exc[i] = 1`` where element i must be an exception. Returns the
-    number of exceptions."""
+    number of exceptions (-1 unless the buffers hold every element)."""
     n = words.shape[0]
+    if xs.shape[0] < n or codes.shape[0] < n or exc.shape[0] < n:
+        return -1
     sh = np.uint64(8 * w - 1)
     mask = (_U1 << sh) - _U1
     tf = np.empty(1, np.float64)
@@ -442,8 +462,11 @@ def exponent_range(xs):
 
 @njit(cache=True, nogil=True, inline="always")
 def _quant_binade(words, xs, w, ebits, mbits, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc):
-    """Codes of the binade grid (see :func:`dequant_binade`); returns the number of exceptions."""
+    """Codes of the binade grid (see :func:`dequant_binade`); returns the number of exceptions
+    (-1 unless the buffers hold every element and the grid its S sub-binades)."""
     n = words.shape[0]
+    if xs.shape[0] < n or codes.shape[0] < n or exc.shape[0] < n or S > L.shape[0] or S > cum.shape[0]:
+        return -1
     sh = np.uint64(8 * w - 1)
     mask = (_U1 << sh) - _U1
     tf = np.empty(1, np.float64)
@@ -523,12 +546,16 @@ def _quant_binade(words, xs, w, ebits, mbits, e0, S, L, cum, lsum, mode, bound, 
 
 @njit(cache=True, nogil=True)
 def quant_exact(words, w, codes):
+    """The exact kind's codes (see :func:`dequant_exact`); False unless ``codes`` holds them."""
+    if codes.shape[0] < words.shape[0]:
+        return False
     sh = np.uint64(8 * w - 1)
     for i in range(words.shape[0]):
         v = np.uint64(words[i])
         codes[i] = (v << _U1) | (v >> sh)
         if w < 8:
             codes[i] &= (_U1 << np.uint64(8 * w)) - _U1
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -687,6 +714,8 @@ def nearest_uniform(words, xs, w, step, M, B, codes):
     no bound check (the reference only has to be quantised the same way on both sides, and its
     values, restored from the grid, are mostly on it). ``xs`` holds the elements as float64."""
     n = words.shape[0]
+    if xs.shape[0] < n or codes.shape[0] < n:
+        return False
     sh = np.uint64(8 * w - 1)
     mask = (_U1 << sh) - _U1
     inv = 1.0 / step
@@ -700,6 +729,7 @@ def nearest_uniform(words, xs, w, step, M, B, codes):
         q = min(np.rint(abs(xs[i]) * inv), np.float64(M - _U1))
         a = np.uint64(np.int64(q))
         codes[i] = (a << _U1) | (s if a != _U0 or mag == _U0 else _U0)
+    return True
 
 
 @njit(cache=True, nogil=True)
@@ -714,10 +744,13 @@ def delta_codes(codes, ref, w):
 @njit(cache=True, nogil=True)
 def undelta_codes(deltas, ref, w, out):
     """The inverse of :func:`delta_codes`: ``out[i]`` (a code) from ``deltas[i]`` and ``ref[i]``."""
+    if ref.shape[0] < deltas.shape[0] or out.shape[0] < deltas.shape[0]:
+        return False
     for i in range(deltas.shape[0]):
         d = np.int64(deltas[i])
         r = np.int64(ref[i])
         out[i] = np.uint64(_zig(_signed(_unzig(r) + _unzig(d), w), w))
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -772,51 +805,51 @@ def _error_stats(src, dec, w, ebits, mbits, mode, bound, rel_exact):
 
 @njit(cache=True, nogil=True)
 def to_f64_f16(words, w, out):
-    _to_f64(words, w, 5, 10, out)
+    return _to_f64(words, w, 5, 10, out)
 
 @njit(cache=True, nogil=True)
 def to_f64_bf16(words, w, out):
-    _to_f64(words, w, 8, 7, out)
+    return _to_f64(words, w, 8, 7, out)
 
 @njit(cache=True, nogil=True)
 def to_f64_f32(words, w, out):
-    _to_f64(words, w, 8, 23, out)
+    return _to_f64(words, w, 8, 23, out)
 
 @njit(cache=True, nogil=True)
 def to_f64_f64(words, w, out):
-    _to_f64(words, w, 11, 52, out)
+    return _to_f64(words, w, 11, 52, out)
 
 @njit(cache=True, nogil=True)
 def dequant_uniform_f16(codes, n, w, step, M, B, out):
-    _dequant_uniform(codes, n, w, 5, 10, step, M, B, out)
+    return _dequant_uniform(codes, n, w, 5, 10, step, M, B, out)
 
 @njit(cache=True, nogil=True)
 def dequant_uniform_bf16(codes, n, w, step, M, B, out):
-    _dequant_uniform(codes, n, w, 8, 7, step, M, B, out)
+    return _dequant_uniform(codes, n, w, 8, 7, step, M, B, out)
 
 @njit(cache=True, nogil=True)
 def dequant_uniform_f32(codes, n, w, step, M, B, out):
-    _dequant_uniform(codes, n, w, 8, 23, step, M, B, out)
+    return _dequant_uniform(codes, n, w, 8, 23, step, M, B, out)
 
 @njit(cache=True, nogil=True)
 def dequant_uniform_f64(codes, n, w, step, M, B, out):
-    _dequant_uniform(codes, n, w, 11, 52, step, M, B, out)
+    return _dequant_uniform(codes, n, w, 11, 52, step, M, B, out)
 
 @njit(cache=True, nogil=True)
 def dequant_binade_f16(codes, n, w, e0, S, L, cum, lsum, out):
-    _dequant_binade(codes, n, w, 5, 10, e0, S, L, cum, lsum, out)
+    return _dequant_binade(codes, n, w, 5, 10, e0, S, L, cum, lsum, out)
 
 @njit(cache=True, nogil=True)
 def dequant_binade_bf16(codes, n, w, e0, S, L, cum, lsum, out):
-    _dequant_binade(codes, n, w, 8, 7, e0, S, L, cum, lsum, out)
+    return _dequant_binade(codes, n, w, 8, 7, e0, S, L, cum, lsum, out)
 
 @njit(cache=True, nogil=True)
 def dequant_binade_f32(codes, n, w, e0, S, L, cum, lsum, out):
-    _dequant_binade(codes, n, w, 8, 23, e0, S, L, cum, lsum, out)
+    return _dequant_binade(codes, n, w, 8, 23, e0, S, L, cum, lsum, out)
 
 @njit(cache=True, nogil=True)
 def dequant_binade_f64(codes, n, w, e0, S, L, cum, lsum, out):
-    _dequant_binade(codes, n, w, 11, 52, e0, S, L, cum, lsum, out)
+    return _dequant_binade(codes, n, w, 11, 52, e0, S, L, cum, lsum, out)
 
 @njit(cache=True, nogil=True)
 def quant_uniform_f16(words, xs, w, step, M, B, mode, bound, rel_exact, codes, exc):

@@ -11,6 +11,10 @@ outputs, and here several lanes at a time run as independent dependency chains i
 which the CPU overlaps. A step is bound by its chain (table load, multiply, renormalisation), so the
 hot loops keep every value uint64, renormalise without branches, and get the writer's
 ``prob_bits`` (12) as a constant; ``bench/kernel_speed.py`` measures them against ZipNN.
+
+Numba does not check indices, so every kernel is handed its buffers whole and checks, once per
+call, that they hold what it will read and write (``ERR_SIZE`` otherwise): a forged count can make
+a kernel refuse, never write past a buffer.
 """
 from __future__ import annotations
 
@@ -27,13 +31,16 @@ ERR_HEADER = 1
 ERR_OVERRUN = 2
 ERR_FINAL_STATE = 3
 ERR_TABLE = 4
+ERR_SIZE = 5
 
 RANS_L = 1 << 16
 
 
 @njit(cache=True, nogil=True)
 def split(src, n, w, rotate, planes):
-    """Byte planes of ``n`` little-endian ``w``-byte words; plane 0 is the top byte."""
+    """Byte planes of ``n`` little-endian ``w``-byte words; plane 0 is the top byte. Returns a status."""
+    if n < 0 or w < 1 or src.shape[0] < n * w or planes.shape[0] < w or planes.shape[1] < n:
+        return ERR_SIZE
     r = 1 if rotate else 0
     if w == 2:
         u16 = src[:2 * n].view(np.uint16)
@@ -42,7 +49,7 @@ def split(src, n, w, rotate, planes):
             v = ((v << 1) | (v >> 15)) & 0xFFFF if r else v
             planes[0, i] = v >> 8
             planes[1, i] = v & 0xFF
-        return
+        return OK
     if w == 4:
         u32 = src[:4 * n].view(np.uint32)
         for i in range(n):
@@ -53,7 +60,7 @@ def split(src, n, w, rotate, planes):
             planes[1, i] = (v >> np.uint64(16)) & np.uint64(0xFF)
             planes[2, i] = (v >> np.uint64(8)) & np.uint64(0xFF)
             planes[3, i] = v & np.uint64(0xFF)
-        return
+        return OK
     if rotate and w <= 8:
         nbits = 8 * w
         mask = np.uint64(0xFFFFFFFFFFFFFFFF) if w == 8 else np.uint64((1 << nbits) - 1)
@@ -70,18 +77,21 @@ def split(src, n, w, rotate, planes):
             base = i * w
             for p in range(w):
                 planes[p, i] = src[base + w - 1 - p]
+    return OK
 
 
 @njit(cache=True, nogil=True)
 def merge(planes, n, w, rotate, dst):
-    """Inverse of ``split``: words from planes, rotated back, into ``dst`` bytes."""
+    """Inverse of ``split``: words from planes, rotated back, into ``dst`` bytes. Returns a status."""
+    if n < 0 or w < 1 or dst.shape[0] < n * w or planes.shape[0] < w or planes.shape[1] < n:
+        return ERR_SIZE
     r = 1 if rotate else 0
     if w == 2:
         u16 = dst[:2 * n].view(np.uint16)
         for i in range(n):
             v = (np.uint32(planes[0, i]) << 8) | np.uint32(planes[1, i])
             u16[i] = ((v >> 1) | (v << 15)) & 0xFFFF if r else v
-        return
+        return OK
     if w == 4:
         u32 = dst[:4 * n].view(np.uint32)
         for i in range(n):
@@ -90,7 +100,7 @@ def merge(planes, n, w, rotate, dst):
             if r:
                 v = ((v >> np.uint64(1)) | (v << np.uint64(31))) & np.uint64(0xFFFFFFFF)
             u32[i] = v
-        return
+        return OK
     if rotate and w <= 8:
         nbits = 8 * w
         mask = np.uint64(0xFFFFFFFFFFFFFFFF) if w == 8 else np.uint64((1 << nbits) - 1)
@@ -107,6 +117,7 @@ def merge(planes, n, w, rotate, dst):
             base = i * w
             for p in range(w):
                 dst[base + w - 1 - p] = planes[p, i]
+    return OK
 
 
 @njit(cache=True, nogil=True)
@@ -368,12 +379,22 @@ def _encode_plane(sym, n, lanes, prob_bits, out, pos):
 
 
 @njit(cache=True, nogil=True)
-def encode_planes(planes, lanes, prob_bits, out):
-    """Encode a (n_planes, n) uint8 array as a ``rans`` container in ``out``; return its length.
+def max_encoded_size(n, w):
+    """An upper bound on :func:`encode_planes`' output for ``w`` planes of ``n`` symbols.
 
-    ``out`` must hold at least :func:`max_encoded_size` bytes.
+    A plane is written as rANS before it is known to beat raw, so the bound covers the worst
+    rANS section: the table, 8 bytes a lane, and a word per symbol.
     """
+    return 8 + 4 * w + w * (2 * n + 8 * min(max(n, 1), 4096) + 1100)
+
+
+@njit(cache=True, nogil=True)
+def encode_planes(planes, lanes, prob_bits, out):
+    """Encode a (n_planes, n) uint8 array as a ``rans`` container in ``out``; return its length,
+    or -1 unless ``out`` holds :func:`max_encoded_size` bytes and the header can say it all."""
     w, n = planes.shape
+    if w > 255 or n > 0xFFFFFFFF or lanes < 1 or lanes > 4096 or out.shape[0] < max_encoded_size(n, w):
+        return -1
     lanes = min(lanes, max(n, 1))
     _put_u32(out, 0, n)
     _put_u16(out, 4, lanes)
@@ -387,15 +408,6 @@ def encode_planes(planes, lanes, prob_bits, out):
         _put_u32(out, 8 + 4 * p, pos)
         pos = _encode_plane(planes[p], n, lanes, prob_bits, out, pos)
     return pos
-
-
-def max_encoded_size(n: int, w: int) -> int:
-    """An upper bound on :func:`encode_planes`' output for ``w`` planes of ``n`` symbols.
-
-    A plane is written as rANS before it is known to beat raw, so the bound covers the worst
-    rANS section: the table, 8 bytes a lane, and a word per symbol.
-    """
-    return 8 + 4 * w + w * (2 * n + 8 * min(max(n, 1), 4096) + 1100)
 
 
 _U = np.uint64
@@ -547,13 +559,16 @@ def container_shape(buf):
 
 @njit(cache=True, nogil=True)
 def decode_planes(buf, planes):
-    """Decode a ``rans`` container into ``planes`` (shaped by :func:`container_shape`); return a status."""
+    """Decode a ``rans`` container into ``planes``; return a status. The shape of ``planes`` is
+    the capacity: a container whose header says another shape is refused (``ERR_SIZE``)."""
     size = buf.shape[0]
     w, n = planes.shape
     if size < 8 + 4 * w:
         return ERR_HEADER
+    if buf[6] != w or np.int64(_get_u32(buf, 0)) != n:
+        return ERR_SIZE
     lanes = np.int64(_get_u16(buf, 4))
-    if buf[6] != w or np.int64(_get_u32(buf, 0)) != n or lanes < 1 or lanes > 4096:
+    if lanes < 1 or lanes > 4096:
         return ERR_HEADER
     for p in range(w):
         pos = np.int64(_get_u32(buf, 8 + 4 * p))
