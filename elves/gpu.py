@@ -155,7 +155,8 @@ class ChunkDecoder:
     chunks back to back; each chunk's decoded length is the capacity its descriptor gives the
     kernel, which refuses a payload that claims another size. Calling the object enqueues the
     decode on the current stream (one launch, however many chunks); :meth:`check` waits for it
-    and raises CorruptArchiveError if a chunk failed. The building block of the loader, exposed for tests and benchmarks.
+    and raises CorruptArchiveError if a chunk failed. The building block of the loader, exposed
+    for tests and benchmarks.
     """
 
     def __init__(self, payload: Any, chunks: list[tuple[int, int, int]], out: Any, *, width: int,
