@@ -1,6 +1,7 @@
 """``elves store``: the multi-model store (elves/store.py) from the command line."""
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -47,6 +48,7 @@ def store() -> None:
       elves store ls hub.store
       elves store restore hub.store my-finetune -o ./out
       elves store rm hub.store my-finetune && elves store gc hub.store
+      elves store verify hub.store --full
     """
 
 
@@ -74,9 +76,12 @@ def init(store_path: Path, as_json: bool) -> None:
 @click.option("--base", "base", default="auto", show_default=True,
               help="The stored model to code it against: a name, 'auto' (found from metadata and the "
                    "weights themselves) or 'none'.")
+@click.option("--follow-symlinks", is_flag=True,
+              help="Store the content of links that point outside the model folder (refused otherwise).")
 @threads_option
 @json_option
-def add(store_path: Path, src: Path, name: str | None, base: str, threads: int | None, as_json: bool) -> None:
+def add(store_path: Path, src: Path, name: str | None, base: str, follow_symlinks: bool, threads: int | None,
+        as_json: bool) -> None:
     """Add a model (a file or a folder). Data already stored costs nothing; a fine-tune of a
     stored model costs its delta. Models stored earlier whose base this one is are re-coded as
     its deltas.
@@ -90,7 +95,8 @@ def add(store_path: Path, src: Path, name: str | None, base: str, threads: int |
     with _errors(as_json):
         s = _open(store_path)
         with _progress(_source_size(src), "add", not as_json) as bar:
-            r = s.add(src, name, base=None if base == "none" else base, threads=threads, progress=bar)
+            r = s.add(src, name, base=None if base == "none" else base, threads=threads, progress=bar,
+                      follow_symlinks=follow_symlinks)
         _emit(as_json, {
             "ok": True, "name": r.name, "base": r.base, "reasons": r.reasons, "bytes_in": r.bytes_in,
             "bytes_added": r.bytes_added, "ratio": round(r.ratio, 4), "objects_new": r.objects_new,
@@ -246,3 +252,47 @@ def repack(store_path: Path, threads: int | None, as_json: bool) -> None:
               f"{r.objects_rewritten} objects re-coded as deltas: {_human(r.bytes_before)} -> "
               f"{_human(r.bytes_after)}" + "".join(f"\n  {n} <- {b}" for n, b in r.models)
               + "".join(f"\n  note: {s}" for s in r.skipped))
+
+
+VERIFY_EPILOG = """\b
+Exit codes: 0 the store is sound; 4 problems found (listed, and under --json by kind:
+bad_manifests, missing_objects, damaged_objects, bad_refs, orphans, bad_files);
+8 not a store.
+"""
+
+
+@store.command(epilog=VERIFY_EPILOG)
+@store_arg
+@click.option("--full", is_flag=True, help="Also decode every model and check each file's sha256 (slower: "
+                                           "reads as much as restoring everything).")
+@threads_option
+@json_option
+def verify(store_path: Path, full: bool, threads: int | None, as_json: bool) -> None:
+    """Check the whole store, as git fsck does a repository; nothing is changed.
+
+    Every manifest parses and passes its checks; every object a model uses exists and its footer,
+    trailer and chunk checksums hold; a delta reads only plain tensor objects; nothing in objects/
+    is left that no model reaches (an orphan: `gc` deletes it). --full also decodes every model
+    and checks each file's sha256, which finds what checksums alone cannot. Holds the store's
+    lock: an add waits for it.
+
+    \b
+    Examples:
+      elves store verify hub.store
+      elves store verify hub.store --full --json
+    """
+    with _errors(as_json):
+        s = _open(store_path)
+        with _progress(s.verify_bytes(full), "verify", not as_json) as bar:
+            r = s.verify(full, threads=threads, progress=bar)
+        lines = [f"{store_path}: " + ("OK" if r.ok else "PROBLEMS FOUND") + f", {r.models} models, "
+                 f"{r.objects} objects, {_human(r.bytes_checked)} checked"
+                 + (f", {r.files_checked} files decoded and matched with their sha256" if full else "")]
+        for kind, problems in r.problems.items():
+            lines.append(f"  {kind.replace('_', ' ')}: {len(problems)}")
+            lines += [f"    {p.path}: {p.message}" for p in problems]
+        if not r.orphans_checked:
+            lines.append("  orphans not looked for: a manifest is unreadable, so what it uses is unknown")
+        _emit(as_json, {"ok": r.ok, **asdict(r)}, "\n".join(lines))
+        if not r.ok:
+            sys.exit(4)

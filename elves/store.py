@@ -28,12 +28,13 @@ deletes. Readers take no lock: every file they read is either absent or complete
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import re
-import shutil
+import stat
 import struct
 import tempfile
 import time
@@ -53,9 +54,8 @@ from bitx.base import BaseModel, BaseSegment, BaseTensor
 from bitx.delta import Delta, DeltaPlanner
 
 from . import dtypes
-from .archive import Stream
 from .codecs import Pipeline
-from .decoder import RestoreSummary, iter_stream, write_files
+from .decoder import RestoreSummary, Sha256Beside, iter_stream, open_new, write_files
 from .encoder import (
     INLINE_BYTES,
     _hash_segment,
@@ -72,7 +72,8 @@ from .errors import (
     StoreError,
     UnsupportedFormatError,
 )
-from .model import Segment, SourceFile, TensorView
+from .index import Chunk, FileEntry, Stream, _check_paths, _Fields, _ints, check_chunks, parse_file, parse_stream
+from .model import Segment, SourceFile, TensorView, open_source
 from .readers import read_model
 
 if TYPE_CHECKING:
@@ -169,6 +170,43 @@ class RepackReport:
         return self.bytes_before - self.bytes_after
 
 
+@dataclass
+class StoreProblem:
+    """One thing :meth:`Store.verify` found wrong: the file concerned and what is wrong with it."""
+
+    path: str
+    message: str
+
+
+@dataclass
+class StoreVerifyReport:
+    """What :meth:`Store.verify` checked and found, problems listed by kind (``PROBLEMS``)."""
+
+    full: bool = False            # models were decoded and their files' sha256 checked
+    models: int = 0               # manifests that parse
+    objects: int = 0              # objects that manifests reach, checked whole
+    bytes_checked: int = 0        # object bytes read, plus with ``full`` the files decoded
+    files_checked: int = 0        # files decoded and matched with their sha256 (``full``)
+    bad_manifests: list[StoreProblem] = field(default_factory=list)   # unreadable, malformed, or not
+                                                                       # matching its objects; its profile
+    missing_objects: list[StoreProblem] = field(default_factory=list)  # named, absent
+    damaged_objects: list[StoreProblem] = field(default_factory=list)  # footer, trailer or a payload
+    bad_refs: list[StoreProblem] = field(default_factory=list)    # a delta reading a delta or a non-tensor
+    orphans: list[StoreProblem] = field(default_factory=list)     # in objects/, reached by nothing: gc frees
+    bad_files: list[StoreProblem] = field(default_factory=list)   # decoded bytes not the file's sha256
+    orphans_checked: bool = True  # False when a manifest is unreadable: what it names is unknown
+
+    PROBLEMS = ("bad_manifests", "missing_objects", "damaged_objects", "bad_refs", "orphans", "bad_files")
+
+    @property
+    def problems(self) -> dict[str, list[StoreProblem]]:
+        return {k: getattr(self, k) for k in self.PROBLEMS if getattr(self, k)}
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
 # ---------------------------------------------------------------------------- objects
 
 def object_key(digest: str, dtype: str | None) -> str:
@@ -177,6 +215,71 @@ def object_key(digest: str, dtype: str | None) -> str:
 
 
 _KEY_RE = re.compile(r"[0-9a-f]{32}\.[a-z0-9_]+")
+MAX_JSON_BYTES = 256 << 20        # a manifest or profile larger than this is not one elves wrote
+
+
+class _StoreFields(_Fields):
+    """Typed reads of one of the store's own records (an object trailer, a manifest)."""
+
+    def fail(self, problem: str) -> None:
+        raise CorruptArchiveError(f"{self.where} {problem}", self.path)
+
+
+def _open_inside(root: Path | None, path: Path, what: str) -> int:
+    """``path`` opened for reading without following a link at any level below ``root`` (the
+    store; without it, at the last level only): a link planted in a store shared with others must
+    not make elves read, or later delete, what lies outside it. A FIFO or a device is refused, not
+    waited on. A missing file raises FileNotFoundError."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        if root is None:
+            fd = os.open(path, flags)
+        else:
+            *folders, name = path.relative_to(root).parts
+            dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for part in folders:
+                    sub = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
+                    os.close(dfd)
+                    dfd = sub
+                fd = os.open(name, flags, dir_fd=dfd)
+            finally:
+                os.close(dfd)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise CorruptArchiveError(f"{what} is a symbolic link or lies in one: the store follows no links",
+                                      path) from None
+        raise StoreError(f"cannot read {what}: {e.strerror}", path) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CorruptArchiveError(f"{what} is not a regular file", path)
+    return fd
+
+
+def _read_json(root: Path, path: Path, what: str) -> Any:
+    """A JSON file of the store, read without following links and refused past MAX_JSON_BYTES
+    (FileNotFoundError when it is missing)."""
+    fd = _open_inside(root, path, what)
+    with os.fdopen(fd, "rb") as f:
+        blob = f.read(MAX_JSON_BYTES + 1)
+    if len(blob) > MAX_JSON_BYTES:
+        raise CorruptArchiveError(f"{what} is over {MAX_JSON_BYTES} bytes: not one elves wrote", path)
+    try:
+        return json.loads(blob)
+    except (ValueError, RecursionError) as e:
+        raise CorruptArchiveError(f"{what} is not valid JSON: {str(e)[:100]}", path) from None
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """An OSError while writing the store (a full disk, a quota, a read-only or forbidden folder,
+    a file-size limit) as OutputError naming ``path``."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputError(f"cannot write to the store: {e.strerror or e}", path) from None
 
 
 @dataclass
@@ -191,22 +294,26 @@ class ObjectMeta(Stream):
         return msgpack.packb({
             "v": list(STORE_VERSION), "kind": self.kind, "dtype": self.dtype, "nbytes": self.nbytes,
             "hash": self.hash, "pipeline": self.pipeline, "chunk_elems": self.chunk_elems,
-            "chunks": [[c[1], c[2], c[3]] for c in self.chunks], "refs": self.refs,
+            "chunks": [[c.length, c.decoded_length, c.checksum] for c in self.chunks], "refs": self.refs,
         }, use_bin_type=True)
 
 
 class StoredObject:
     """An object file opened for reading: its trailer checked and parsed, payloads read on demand
     with their checksums checked. It reads like a one-stream :class:`~elves.archive.ArchiveReader`,
-    so :func:`elves.decoder.iter_stream` decodes it (with ``base_model`` set for a delta)."""
+    so :func:`elves.decoder.iter_stream` decodes it (with ``base_model`` set for a delta).
 
-    def __init__(self, path: Path, key: str):
+    The trailer is untrusted (whoever forged it recomputed its checksum): every field is typed and
+    checked against the file and its key (:func:`elves.index.parse_stream`, ``check_chunks``)
+    before a payload is read. ``root``, the store, is where links stop being followed."""
+
+    def __init__(self, path: Path, key: str, root: Path | None = None):
         self.path, self.key = path, key
-        self.files: list[dict[str, Any]] = []  # no file entries: errors name the object by its path
+        self.files: list[FileEntry] = []  # no file entries: errors name the object by its path
         self.base_needed = None
         self.base_model: StoreBase | None = None
         try:
-            self.fd = os.open(path, os.O_RDONLY)
+            self.fd = _open_inside(root, path, f"object {key}")
         except FileNotFoundError:
             raise CorruptArchiveError(f"object {key} is missing: the store is damaged", path) from None
         try:
@@ -226,25 +333,47 @@ class StoredObject:
         if len(trailer) != tlen or xxhash.xxh3_64_intdigest(trailer) != thash:
             raise CorruptArchiveError(f"object {self.key}: its trailer is corrupted (checksum mismatch)", self.path)
         try:
-            t = msgpack.unpackb(trailer, raw=False)
-            if int(t["v"][0]) > STORE_VERSION[0]:
-                raise UnsupportedFormatError(f"object {self.key} was written by a newer elves: upgrade elves",
-                                             self.path)
-            chunks, pos = [], 0
-            for length, dlen, check in t["chunks"]:
-                chunks.append((pos, int(length), int(dlen), int(check)))
-                pos += int(length)
-            meta = ObjectMeta(t["kind"], t["dtype"], int(t["nbytes"]), t["hash"], t["pipeline"],
-                              int(t["chunk_elems"]), chunks, refs=[str(r) for r in t["refs"]], size=size)
-        except ElvesError:
-            raise
-        except (KeyError, IndexError, TypeError, ValueError) as e:  # the checksum matched: a writer bug or forgery
-            raise CorruptArchiveError(f"object {self.key}: malformed trailer: {e}", self.path) from None
-        if pos != start or sum(c[2] for c in chunks) != meta.nbytes or \
-                object_key(meta.hash, meta.dtype) != self.key:
-            raise CorruptArchiveError(f"object {self.key}: its trailer does not match its payloads or its key",
+            raw = msgpack.unpackb(trailer, raw=False)
+        except Exception as e:  # msgpack's errors for every kind of malformed input
+            raise CorruptArchiveError(f"object {self.key}: its trailer is not valid msgpack: {e}", self.path) from None
+        return self._check_trailer(raw, start, size)
+
+    def _check_trailer(self, raw: Any, start: int, size: int) -> ObjectMeta:
+        label = f"object {self.key}"
+        f = _StoreFields(raw, f"the trailer of {label}", self.path)
+        version = f.list("v")
+        if not _ints(version, 2):
+            f.fail("has no valid 'v' (two integers expected)")
+        if version[0] > STORE_VERSION[0]:
+            raise UnsupportedFormatError(f"{label} was written by a newer elves: upgrade elves", self.path)
+        chunks, refs = f.list("chunks"), f.list("refs")
+        if not all(_ints(c, 3) for c in chunks):
+            f.fail("has a malformed chunk (three non-negative integers expected)")
+        if not all(isinstance(r, str) and _KEY_RE.fullmatch(r) for r in refs):
+            f.fail("has a malformed 'refs' (object keys expected)")
+        if any(k in raw for k in ("decoded_hash", "ref", "ref_map")):
+            f.fail("has fields of a lossy stream or an in-archive reference, which no object has")
+        placed, pos = [], 0
+        for length, decoded, check in chunks:  # payloads lie back to back from offset 0
+            placed.append([pos, length, decoded, check])
+            pos += length
+        stream = parse_stream({**raw, "chunks": placed}, label, self.path)
+        check_chunks(stream, label, self.path, 0, start)
+        if pos != start:
+            raise CorruptArchiveError(f"{label}: its payloads end at byte {pos}, but its trailer starts at {start}",
                                       self.path)
-        return meta
+        if object_key(stream.hash, stream.dtype) != self.key:
+            raise CorruptArchiveError(f"{label}: its trailer's hash and dtype do not give its key", self.path)
+        codec = Pipeline.from_config(stream.pipeline).ref_codec
+        ref_hash = getattr(codec, "ref_hash", None)
+        if codec is not None and ref_hash is None:
+            raise CorruptArchiveError(f"{label}: its pipeline needs a reference that a store cannot give",
+                                      self.path)
+        wanted = [object_key(ref_hash, stream.dtype)] if ref_hash is not None else []
+        if refs != wanted:
+            raise CorruptArchiveError(f"{label}: its 'refs' ({', '.join(refs) or 'none'}) are not the objects "
+                                      f"its pipeline reads ({', '.join(wanted) or 'none'})", self.path)
+        return ObjectMeta(**{k: getattr(stream, k) for k in Stream.__dataclass_fields__}, refs=refs, size=size)
 
     @property
     def streams(self) -> list[Stream]:
@@ -270,32 +399,40 @@ class StoredObject:
 
 
 class _ObjectWriter:
-    """Writes one object under ``tmp/``: payloads, then the trailer and footer, then fsync."""
+    """Writes one object under ``tmp/``: payloads, then the trailer and footer, then fsync.
+    Errors name ``final``, where the object was going."""
 
-    def __init__(self, tmp_dir: Path, meta: ObjectMeta):
-        fd, name = tempfile.mkstemp(prefix="obj.", dir=tmp_dir)
+    def __init__(self, tmp_dir: Path, meta: ObjectMeta, final: Path):
+        self.final = final
+        with _writing(final):
+            fd, name = tempfile.mkstemp(prefix="obj.", dir=tmp_dir)
         self.f = os.fdopen(fd, "wb")
         self.tmp = Path(name)
         self.meta = meta
         self.pos = 0
 
     def write_chunk(self, payload: bytes, decoded: int) -> None:
-        self.f.write(payload)
-        self.meta.chunks.append((self.pos, len(payload), decoded, xxhash.xxh3_64_intdigest(payload)))
+        with _writing(self.final):
+            self.f.write(payload)
+        self.meta.chunks.append(Chunk(self.pos, len(payload), decoded, xxhash.xxh3_64_intdigest(payload)))
         self.pos += len(payload)
 
     def finish(self) -> Path:
         trailer = self.meta.to_trailer()
-        self.f.write(trailer)
-        self.f.write(FOOTER.pack(len(trailer), xxhash.xxh3_64_intdigest(trailer), OBJECT_MAGIC))
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
+        with _writing(self.final):
+            self.f.write(trailer)
+            self.f.write(FOOTER.pack(len(trailer), xxhash.xxh3_64_intdigest(trailer), OBJECT_MAGIC))
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
         self.meta.size = self.pos + len(trailer) + FOOTER.size
         return self.tmp
 
     def abort(self) -> None:
-        self.f.close()
+        try:
+            self.f.close()
+        except OSError:  # the buffered rest cannot be written (a full disk): it is not wanted
+            pass
         self.tmp.unlink(missing_ok=True)
 
 
@@ -332,6 +469,8 @@ class StoreBase(BaseModel):
                 man = store._manifest(name)
                 for f in man["files"]:
                     for t_name, t_dtype, shape, pos, offset, strides in f["tensors"]:
+                        if pos < 0:  # an empty tensor: no bytes to code against
+                            continue
                         entry = f["segments"][pos]
                         if len(entry) != 2 or not self._open(entry[0], strict=False):
                             continue
@@ -353,7 +492,7 @@ class StoreBase(BaseModel):
         else an error (a delta's reference must be such an object)."""
         if key in self.objects:
             return True
-        obj = StoredObject(self.store._object_path(key), key)
+        obj = self.store._open_object(key)
         if obj.meta.refs or obj.meta.kind != "tensor":
             obj.close()
             if strict:
@@ -362,7 +501,7 @@ class StoreBase(BaseModel):
             return False
         self.objects[key] = obj
         self._pipelines[key] = Pipeline.from_config(obj.meta.pipeline)
-        self._starts[key] = np.array([0] + [c[2] for c in obj.meta.chunks], dtype=np.int64).cumsum()
+        self._starts[key] = np.array([0] + [c.decoded_length for c in obj.meta.chunks], dtype=np.int64).cumsum()
         return True
 
     def _segment(self, key: str, file: str) -> BaseSegment:
@@ -377,13 +516,16 @@ class StoreBase(BaseModel):
     def _read_segment(self, seg: BaseSegment, offset: int, length: int) -> np.ndarray:
         key = seg.loc[0]
         obj, pipeline, starts = self.objects[key], self._pipelines[key], self._starts[key]
+        if offset < 0 or length < 0 or offset + length > obj.meta.nbytes:  # a delta's reference read
+            raise CorruptArchiveError(f"object {key}: a delta reads bytes {offset}..{offset + length} of its "
+                                      f"{obj.meta.nbytes}", obj.path)
         first = int(np.searchsorted(starts, offset, side="right")) - 1
         end = int(np.searchsorted(starts, offset + length, side="left"))
         decoded = np.empty(int(starts[end] - starts[first]), dtype=np.uint8)
         for i in range(first, end):  # the chunks that overlap the range, decoded side by side
             lo = int(starts[i] - starts[first])
             pipeline.decode(np.frombuffer(obj.read_payload(obj.meta, i), dtype=np.uint8),
-                            decoded[lo:lo + obj.meta.chunks[i][2]])
+                            decoded[lo:lo + obj.meta.chunks[i].decoded_length])
         start = offset - int(starts[first])
         return decoded[start:start + length]
 
@@ -407,6 +549,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _remove(p: Path) -> None:
+    """Delete ``p``: a link itself (never what it points at), a file, or a folder of ours."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def _discard(paths: Iterable[Path]) -> None:
+    """Remove what a failed write left, as far as the failing disk lets us: gc does the rest."""
+    for p in paths:
+        try:
+            p.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
 def default_name(src: str | os.PathLike[str]) -> str:
     """The name a model gets when none is given: its folder's or file's name."""
     return Path(src).resolve().name
@@ -419,18 +578,27 @@ class Store:
         self.path = Path(path)
         marker = self.path / MARKER
         try:
-            info = json.loads(marker.read_text())
-            version = tuple(int(v) for v in info["version"])
-            if info.get("format") != "elves-store":
+            info = _read_json(self.path, marker, MARKER)
+            version = tuple(info["version"])
+            if info.get("format") != "elves-store" or not _ints(list(version), 2):
                 raise ValueError("not an elves store marker")
         except FileNotFoundError:
             raise StoreError(f"not an elves store (no {MARKER}); create one with `elves store init`",
                              self.path) from None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise StoreError(f"{MARKER} is unreadable or malformed: {e}", self.path) from None
+        except ArchiveError as e:
+            raise StoreError(e.message, e.path) from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise StoreError(f"{MARKER} is malformed: {e}", self.path) from None
         if version[0] > STORE_VERSION[0]:
             raise StoreError(f"written by a newer elves (store version {version[0]}.{version[1]}, this elves "
                              f"reads {STORE_VERSION[0]}.x): upgrade elves", self.path)
+        for sub in ("objects", "models", "profiles", "tmp"):  # a link here would send writes elsewhere
+            try:
+                mode = os.lstat(self.path / sub).st_mode
+            except FileNotFoundError:
+                raise StoreError(f"not a complete store: {sub}/ is missing", self.path) from None
+            if not stat.S_ISDIR(mode):
+                raise StoreError("is a symbolic link or not a folder: the store follows no links", self.path / sub)
 
     @classmethod
     def init(cls, path: str | os.PathLike[str]) -> Store:
@@ -443,16 +611,20 @@ class Store:
             for sub in ("objects", "models", "profiles", "tmp"):
                 (p / sub).mkdir(exist_ok=True)
             (p / "lock").touch()
-            cls._write_json(p / "tmp", p / MARKER, {"format": "elves-store", "version": list(STORE_VERSION)})
         except OSError as e:
             raise OutputError(f"cannot create the store: {e.strerror}", p) from None
+        cls._write_json(p / "tmp", p / MARKER, {"format": "elves-store", "version": list(STORE_VERSION)})
         return cls(p)
 
     # -- paths and small files
     def _object_path(self, key: str) -> Path:
         if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
-            raise CorruptArchiveError(f"invalid object key {key!r} in a manifest or an object", self.path)
+            raise CorruptArchiveError(f"invalid object key {key!r:.80} in a manifest or an object", self.path)
         return self.path / "objects" / key[:2] / key
+
+    def _open_object(self, key: str, path: Path | None = None) -> StoredObject:
+        """Object ``key`` (at ``path``, one being written under tmp/, if given), opened and checked."""
+        return StoredObject(path or self._object_path(key), key, self.path)
 
     def _manifest_path(self, name: str) -> Path:
         return self.path / "models" / f"{quote(name, safe='')}.json"
@@ -463,20 +635,75 @@ class Store:
     @staticmethod
     def _write_json(tmp_dir: Path, dst: Path, data: Any) -> int:
         blob = json.dumps(data, separators=(",", ":")).encode()
-        fd, name = tempfile.mkstemp(prefix="json.", dir=tmp_dir)
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(name, dst)
-        _fsync_dir(dst.parent)
+        with _writing(dst):
+            fd, name = tempfile.mkstemp(prefix="json.", dir=tmp_dir)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(blob)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(name, dst)
+            except BaseException:
+                Path(name).unlink(missing_ok=True)
+                raise
+            _fsync_dir(dst.parent)
         return len(blob)
 
     def _load_manifest(self, path: Path) -> dict[str, Any]:
-        man = json.loads(path.read_text())
-        if int(man["version"][0]) > STORE_VERSION[0]:
-            raise StoreError(f"model {man.get('name')!r} was added by a newer elves: upgrade elves", path)
-        return man
+        """The manifest at ``path``, every field typed and checked (FileNotFoundError if absent)."""
+        return self._check_manifest(_read_json(self.path, path, "the manifest"), path)
+
+    def _check_manifest(self, raw: Any, path: Path) -> dict[str, Any]:
+        """A manifest is untrusted like an archive's index: its name must be the one its file is
+        named after; its files' paths stay inside the model and are unique; their segments are
+        object keys (pack slices inside a pack) that add up to each file's size; their tensors lie
+        inside their segments, in the segment's dtype (:func:`elves.index.parse_file`)."""
+        f = _StoreFields(raw, "the manifest", path)
+        version = f.list("version")
+        if not _ints(version, 2):
+            f.fail("has no valid 'version' (two integers expected)")
+        if version[0] > STORE_VERSION[0]:
+            raise StoreError(f"model {raw.get('name')!r:.80} was added by a newer elves: upgrade elves", path)
+        f.choice("format", ("elves-store-model",))
+        name = f.str("name")
+        if not NAME_RE.fullmatch(name) or self._manifest_path(name) != path:
+            f.fail(f"names model {name!r:.80}, not the one its file is named after")
+        f.int("seq")
+        f.str("added")
+        source = f.choice("source", ("file", "folder"))
+        base = f.str("base", None, None)
+        if base is not None and not NAME_RE.fullmatch(base):
+            f.fail(f"has an invalid 'base' {base!r:.80}")
+        if not all(isinstance(r, str) for r in f.list("reasons", [])):
+            f.fail("has a malformed 'reasons' (strings expected)")
+        files = [self._check_file(e, path) for e in f.list("files")]
+        if not files or (source == "file" and len(files) != 1):
+            f.fail(f"lists {len(files)} files for a model added as a {source}")
+        _check_paths(files, path)
+        return raw
+
+    @staticmethod
+    def _check_file(raw: Any, path: Path) -> FileEntry:
+        """One file entry of a manifest: its segments are checked here, the rest as an archive's file
+        entry, each segment standing for a stream of its key's dtype and its length. A pack slice
+        has no dtype of its own: it stands for one of the dtype of the tensor it holds, if any."""
+        f = _StoreFields(raw, "a file entry of the manifest", path)
+        tensors = f.list("tensors")
+        packed = {t[3]: t[1] for t in tensors if isinstance(t, list) and len(t) == 6 and type(t[3]) is int
+                  and isinstance(t[1], str) and t[1] in dtypes.DTYPES}
+        streams = []
+        for i, seg in enumerate(f.list("segments")):
+            if not (isinstance(seg, list) and len(seg) in (2, 3) and isinstance(seg[0], str)
+                    and _KEY_RE.fullmatch(seg[0]) and _ints(seg[1:])):
+                f.fail(f"has a malformed segment {str(seg)[:80]} ([key, length] or [key, length, offset])")
+            digest, kind = seg[0].split(".")
+            if len(seg) == 3 and (kind != "bytes" or seg[1] + seg[2] > PACK_MAX):
+                f.fail(f"has a pack slice {str(seg)[:80]} that lies outside any pack")
+            dtype = packed.get(i) if len(seg) == 3 else None if kind == "bytes" else kind.upper()
+            if dtype is not None and dtype not in dtypes.DTYPES:
+                f.fail(f"has a segment of unknown dtype {kind!r}")
+            streams.append(Stream("bytes" if dtype is None else "tensor", dtype, seg[1], digest, [], 1, []))
+        return parse_file({**raw, "segments": list(range(len(streams)))}, streams, path)
 
     def _manifest(self, name: str) -> dict[str, Any]:
         try:
@@ -484,65 +711,70 @@ class Store:
         except FileNotFoundError:
             known = ", ".join(sorted(self._names())[:8]) or "none"
             raise StoreError(f"no model named {name!r} in the store (stored: {known})", self.path) from None
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-            raise CorruptArchiveError(f"the manifest of {name!r} is unreadable: {e}", self._manifest_path(name)) \
-                from None
+
+    def _manifest_files(self) -> list[Path]:
+        return sorted((self.path / "models").glob("*.json"))
 
     def _names(self) -> list[str]:
+        """The stored models' names, for messages and gc: unreadable manifests are skipped."""
         out = []
-        for p in (self.path / "models").glob("*.json"):
+        for p in self._manifest_files():
             try:
-                out.append(json.loads(p.read_text())["name"])
-            except (OSError, ValueError, KeyError):
+                out.append(self._load_manifest(p)["name"])
+            except (OSError, ElvesError):
                 continue
         return out
 
     def _manifests(self) -> list[dict[str, Any]]:
         """Every manifest, in the order the models were added."""
         out = []
-        for p in (self.path / "models").glob("*.json"):
+        for p in self._manifest_files():
             try:
                 out.append(self._load_manifest(p))
-            except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-                raise CorruptArchiveError(f"a manifest is unreadable: {e}", p) from None
+            except FileNotFoundError:  # removed since the listing
+                continue
         return sorted(out, key=lambda m: (m["seq"], m["name"]))
 
-    def _profiles(self, manifests: list[dict[str, Any]]) -> list[Any]:
+    def _profile(self, name: str) -> Any:
         from .families import ModelProfile
 
-        out = []
-        for m in manifests:
-            try:
-                out.append(ModelProfile.from_json(json.loads(self._profile_path(m["name"]).read_text())))
-            except (OSError, ValueError) as e:
-                raise CorruptArchiveError(f"the profile of {m['name']!r} is unreadable: {e}",
-                                          self._profile_path(m["name"])) from None
-        return out
+        path = self._profile_path(name)
+        try:
+            return ModelProfile.from_json(_read_json(self.path, path, f"the profile of {name!r}"))
+        except FileNotFoundError:
+            raise CorruptArchiveError(f"the profile of {name!r} is missing", path) from None
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise CorruptArchiveError(f"the profile of {name!r} is malformed: {str(e)[:100]}", path) from None
+
+    def _profiles(self, manifests: list[dict[str, Any]]) -> list[Any]:
+        return [self._profile(m["name"]) for m in manifests]
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        """The writers' lock: one add, rm, gc or repack at a time, across processes."""
-        with open(self.path / "lock", "a+b") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        """The writers' lock: one add, rm, gc, repack or verify at a time, across processes."""
+        try:
+            fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise StoreError(f"cannot open the store's lock: {e.strerror}", self.path / "lock") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def _reusable(self, key: str) -> bool:
         """Whether an object already stored can be used as it is: complete, and its references
         present and not deltas themselves (a ``gc`` killed halfway may leave a delta without them)."""
-        path = self._object_path(key)
-        if not path.exists():
+        if not os.path.lexists(self._object_path(key)):
             return False
         try:
-            with StoredObject(path, key) as obj:
+            with self._open_object(key) as obj:
                 refs = obj.meta.refs
             for r in refs:
-                with StoredObject(self._object_path(r), r) as ref:
+                with self._open_object(r) as ref:
                     if ref.meta.refs:
                         return False
-        except ArchiveError:
+        except ElvesError:
             return False
         return True
 
@@ -559,11 +791,13 @@ class Store:
 
     # -- encoding
     def _write_objects(self, objects: Iterable[_NewObject], pool: Executor, nthreads: int,
-                       progress: ProgressFn | None, commit: bool = True) -> list[tuple[_NewObject, Path]]:
+                       progress: ProgressFn | None, commit: bool = True) -> Iterator[tuple[_NewObject, Path]]:
         """Encode ``objects`` chunk by chunk on ``pool`` (in order, a bounded window in flight) and
-        write each under ``tmp/``; with ``commit``, rename each into place once complete."""
+        write each under ``tmp/``; with ``commit``, rename each into place once complete. Yields
+        each object and where it is as soon as it is written. On an error (a full disk:
+        OutputError) the object being written is removed, and so is every uncommitted one."""
         tmp_dir = self.path / "tmp"
-        done: list[tuple[_NewObject, Path]] = []
+        done: list[Path] = []
 
         def jobs() -> Iterator[tuple[_NewObject, bytes, int, bool]]:
             for obj in objects:
@@ -582,7 +816,7 @@ class Store:
             for obj, raw, payload, last in ordered_map(pool, encode, jobs(), 2 * nthreads + 2,
                                                        inline=lambda job: len(job[1]) < INLINE_BYTES):
                 if writer is None:
-                    writer = _ObjectWriter(tmp_dir, obj.meta)
+                    writer = _ObjectWriter(tmp_dir, obj.meta, self._object_path(obj.key))
                 if last and not obj.meta.chunks and len(payload) >= len(raw):
                     # one chunk that coding would not shrink: stored as it is, like in an archive
                     payload, obj.meta.pipeline, obj.meta.refs = raw, [], []
@@ -592,20 +826,35 @@ class Store:
                 if last:
                     tmp = writer.finish()
                     writer = None
+                    done.append(tmp)
                     if commit:
-                        final = self._object_path(obj.key)
-                        final.parent.mkdir(exist_ok=True)
-                        os.replace(tmp, final)
-                        tmp = final
-                    done.append((obj, tmp))
+                        tmp = self._commit(tmp, self._object_path(obj.key))
+                    yield obj, tmp
         except BaseException:
             if writer is not None:
                 writer.abort()
             if not commit:
-                for _, tmp in done:
+                for tmp in done:
                     tmp.unlink(missing_ok=True)
             raise
-        return done
+
+    def _commit(self, tmp: Path, final: Path) -> Path:
+        """Rename the object written at ``tmp`` to ``final``, in a folder of the store that is no
+        link; ``tmp`` is removed if that fails."""
+        try:
+            with _writing(final):
+                try:
+                    os.mkdir(final.parent)
+                except FileExistsError:
+                    pass
+                if not stat.S_ISDIR(os.lstat(final.parent).st_mode):
+                    raise StoreError("is a symbolic link or not a folder: the store writes through no links",
+                                     final.parent)
+                os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return final
 
     @staticmethod
     def _new_object(key: str, kind: str, dtype: str | None, nbytes: int, digest: str, pipeline: Pipeline,
@@ -618,20 +867,27 @@ class Store:
         return _NewObject(key, meta, pipeline, chunks, delta.read if delta is not None else None)
 
     # -- reading
-    def _iter_object(self, key: str, pool: Executor, window: int, path: Path | None = None) -> Iterator[np.ndarray]:
-        """The decoded chunks of object ``key`` in order, each checked; then its content hash."""
-        with StoredObject(path or self._object_path(key), key) as obj:
-            codec = Pipeline.from_config(obj.meta.pipeline).ref_codec
-            if codec is not None:
-                if object_key(codec.ref_hash, obj.meta.dtype) not in obj.meta.refs:  # type: ignore[attr-defined]
-                    raise CorruptArchiveError(f"object {key}: its xor filter reads an object it does not list",
-                                              obj.path)
-                obj.base_model = StoreBase(self, keys=obj.meta.refs)
+    def _iter_object(self, key: str, pool: Executor, window: int, path: Path | None = None,
+                     nbytes: int | None = None, pack: bool = False) -> Iterator[np.ndarray]:
+        """The decoded chunks of object ``key`` in order, each checked; then its content hash.
+        ``nbytes`` is the length a manifest gives it, ``pack`` that the manifest reads slices of
+        it (a pack is read whole): both are checked before anything is decoded."""
+        with self._open_object(key, path) as obj:
+            m = obj.meta
+            if nbytes is not None and m.nbytes != nbytes:
+                raise CorruptArchiveError(f"object {key} holds {m.nbytes} bytes, but the manifest says {nbytes}",
+                                          obj.path)
+            if pack and (m.kind != "bytes" or m.nbytes > PACK_MAX):
+                raise CorruptArchiveError(f"object {key} is read as a pack, but it is not one ({m.kind}, "
+                                          f"{m.nbytes} bytes)", obj.path)
+            if m.refs:  # its trailer's check made them the one object its xor filter reads
+                obj.base_model = StoreBase(self, keys=m.refs)
             yield from iter_stream(obj, 0, pool, window)  # type: ignore[arg-type]
 
     # -- public API
     def add(self, src: str | os.PathLike[str], name: str | None = None, *, base: str | None = "auto",
-            threads: int | None = None, progress: ProgressFn | None = None) -> AddResult:
+            threads: int | None = None, progress: ProgressFn | None = None,
+            follow_symlinks: bool = False) -> AddResult:
         """Add the model at ``src`` (a file or a folder) as ``name`` (default: its file or folder name).
 
         ``base="auto"`` looks for its base among the stored models (:func:`elves.families.find_base`);
@@ -640,6 +896,10 @@ class Store:
         Tensors coded against the base are BitX deltas where that is smaller (``bitx.delta``).
         Segments already in the store cost nothing. When the new model turns out to be the base
         of models stored on their own before it, they are re-coded as its deltas (see :meth:`repack`).
+
+        Links inside the model folder are stored as links; one that points outside it is refused
+        unless ``follow_symlinks``. A write that fails (a full disk) raises OutputError and leaves
+        the store as it was: what this add wrote is removed again.
         """
         from . import families
 
@@ -649,7 +909,7 @@ class Store:
         if not NAME_RE.fullmatch(name) or len(name) > 200 or name in ("auto", "none"):
             raise StoreError(f"invalid model name {name!r}: use letters, digits and . _ + @ -, "
                              "with at most one / (org/model)")
-        files, single = read_model(src)
+        files, single = read_model(src, follow_symlinks)
         prof = families.profile(src, name)
         nthreads = default_threads(threads)
         with self._locked(), ThreadPoolExecutor(nthreads) as pool:
@@ -669,28 +929,39 @@ class Store:
                 self._manifest(base)  # a clear error for an unknown name
                 chosen, reasons = base, ["given by hand"]
             planner = DeltaPlanner(StoreBase(self, models=self._chain(chosen))) if chosen else None
+            written: list[Path] = []   # the objects this add put in place
+            created: list[Path] = []   # ...that were not there before it
             try:
-                if planner is not None and base not in (None, "auto"):
-                    self._check_fits(planner, files, base)
-                entries, stats, written = self._add_files(files, planner, pool, nthreads, progress)
-            finally:
-                if planner is not None:
-                    planner.base.close()
-            if chosen is not None and stats["tensors"] and stats["delta"] == 0:
-                reasons.append(f"no tensor was smaller coded against {chosen!r}")
-            for d in {p.parent for p in written} | {self.path / "objects"}:  # the renames, before the manifest
-                _fsync_dir(d)
-            added = sum(p.stat().st_size for p in written)
-            added += self._write_json(self.path / "tmp", self._profile_path(name), prof.to_json())
-            added += self._write_json(self.path / "tmp", self._manifest_path(name), {
-                "format": "elves-store-model", "version": list(STORE_VERSION), "name": name,
-                "seq": max((m["seq"] for m in manifests), default=0) + 1, "added": _utcnow(),
-                "source": "file" if single else "folder", "base": chosen, "reasons": reasons,
-                "files": entries,
-            })
+                try:
+                    if planner is not None and base not in (None, "auto"):
+                        self._check_fits(planner, files, base)
+                    entries, stats = self._add_files(files, planner, pool, nthreads, progress, written, created)
+                finally:
+                    if planner is not None:
+                        planner.base.close()
+                if chosen is not None and stats["tensors"] and stats["delta"] == 0:
+                    reasons.append(f"no tensor was smaller coded against {chosen!r}")
+                with _writing(self.path / "objects"):
+                    for d in {p.parent for p in written} | {self.path / "objects"}:  # the renames, before the manifest
+                        _fsync_dir(d)
+                    added = sum(p.stat().st_size for p in written)
+                added += self._write_json(self.path / "tmp", self._profile_path(name), prof.to_json())
+                added += self._write_json(self.path / "tmp", self._manifest_path(name), {
+                    "format": "elves-store-model", "version": list(STORE_VERSION), "name": name,
+                    "seq": max((m["seq"] for m in manifests), default=0) + 1, "added": _utcnow(),
+                    "source": "file" if single else "folder", "base": chosen, "reasons": reasons,
+                    "files": entries,
+                })
+            except BaseException:
+                if not os.path.lexists(self._manifest_path(name)):  # nothing names what it wrote
+                    _discard(created + [self._profile_path(name)])
+                raise
             result = AddResult(name, chosen, reasons, sum(f.size for f in files), added, stats["new"],
                                stats["reused"], stats["delta"])
-            report = self._repack(pool, nthreads, only_base=name)
+            try:
+                report = self._repack(pool, nthreads, only_base=name)
+            except OutputError as e:  # the model is in; re-coding others can wait for `repack`
+                report = RepackReport(skipped=[f"re-coding models stored before it as its deltas stopped: {e}"])
             result.repacked = [m for m, _ in report.models]
             result.notes = report.skipped
             result.bytes_added -= report.bytes_saved
@@ -708,14 +979,20 @@ class Store:
                          "dtype and size", self.path)
 
     def _add_files(self, files: list[SourceFile], planner: DeltaPlanner | None, pool: Executor, nthreads: int,
-                   progress: ProgressFn | None) -> tuple[list[dict[str, Any]], dict[str, int], list[Path]]:
+                   progress: ProgressFn | None, written: list[Path], created: list[Path],
+                   ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """Store the segments of ``files`` (appending each object put in place to ``written``, and to
+        ``created`` if it was not there before) and return their manifest entries and counts."""
         entries: list[dict[str, Any]] = []
         stats = {"new": 0, "reused": 0, "delta": 0, "tensors": 0}  # tensors: new tensor objects
         known: set[str] = set()      # keys written or checked during this add
-        written: list[Path] = []
         for sf in files:
             sha = hashlib.sha256()
-            with open(sf.path, "rb") as fh:
+            if sf.link is not None:
+                entries.append({"path": sf.relpath, "size": 0, "sha256": sha.hexdigest(), "format": sf.format,
+                                "segments": [], "tensors": [], "link": sf.link})
+                continue
+            with open_source(sf.path) as fh:
                 fd = fh.fileno()
                 segments: list[list[Any]] = []
                 new: list[tuple[int, Segment, str, str, Pipeline, int]] = []
@@ -773,8 +1050,11 @@ class Store:
                     pipeline, chunk_elems = pipeline_for(Segment(0, len(blob)))
                     objs.append(self._new_object(key, "bytes", None, len(blob), digest, pipeline, chunk_elems,
                                                  lambda blob=blob: iter([bytes(blob)])))
+                fresh = {o.key for o in objs if not os.path.lexists(self._object_path(o.key))}
                 for obj, path in self._write_objects(objs, pool, nthreads, progress):
                     written.append(path)
+                    if obj.key in fresh:
+                        created.append(path)
                     stats["new"] += 1
                     stats["delta"] += bool(obj.meta.refs)
                     stats["tensors"] += obj.meta.kind == "tensor"
@@ -784,7 +1064,7 @@ class Store:
                 "tensors": [[t.name, t.dtype, list(t.shape), t.segment, t.offset,
                              list(t.strides) if t.strides is not None else None] for t in sf.tensors],
             })
-        return entries, stats, written
+        return entries, stats
 
     def models(self) -> list[ModelEntry]:
         """The stored models, in the order they were added."""
@@ -794,55 +1074,70 @@ class Store:
     def restore(self, name: str, dst: str | os.PathLike[str], *, force: bool = False, threads: int | None = None,
                 progress: ProgressFn | None = None) -> RestoreSummary:
         """Write model ``name`` to ``dst``, byte for byte: a folder, or a file path for a model
-        added as a single file. Every file is checked against its sha256 and renamed into place
-        only then; an existing ``dst`` is refused unless ``force``."""
+        added as a single file. Every file's sha256 is checked as it is written (on a thread beside
+        the decode), and the file renamed into place only then; an existing ``dst`` is refused
+        unless ``force``."""
         man = self._manifest(name)
         nthreads = default_threads(threads)
+        window = 2 * nthreads + 2
         with ThreadPoolExecutor(nthreads) as pool:
             files = man["files"]
-            return write_files(Path(dst), [(f["path"], None) for f in files], man["source"] == "file", force,
-                               self._manifest_path(name),
-                               lambda i, target: self._restore_file(name, files[i], target, pool, nthreads, progress))
+            return write_files(Path(dst), [(f["path"], f.get("link")) for f in files], man["source"] == "file",
+                               force, self._manifest_path(name),
+                               lambda i, target: self._restore_file(name, files[i], target, pool, window, progress))
 
-    def _restore_file(self, name: str, entry: dict[str, Any], target: Path, pool: Executor, nthreads: int,
+    def _restore_file(self, name: str, entry: dict[str, Any], target: Path, pool: Executor, window: int,
                       progress: ProgressFn | None) -> int:
-        window = 2 * nthreads + 2
-        sha = hashlib.sha256()
-        size = 0
-        packs: dict[str, bytes] = {}   # the file's packed small segments, decoded once
         try:
-            with open(target, "wb") as out:
-                for seg in entry["segments"]:
-                    key, length = seg[0], seg[1]
-                    if len(seg) == 3:
-                        if key not in packs:
-                            packs[key] = b"".join(c.tobytes() for c in self._iter_object(key, pool, window))
-                        parts: Iterable[Any] = [packs[key][seg[2]:seg[2] + length]]
-                    else:
-                        parts = self._iter_object(key, pool, window)
-                    for part in parts:
-                        sha.update(part)
-                        out.write(part)
-                        size += len(part)
-                        if progress:
-                            progress(len(part))
+            with open_new(target) as out:
+                for part in self._file_parts(name, entry, pool, window):
+                    out.write(part)
+                    if progress:
+                        progress(len(part))
         except ArchiveError as e:
             raise type(e)(f"model {name!r}, file {entry['path']}: {e.message}", e.path) from None
         except OSError as e:
             raise OutputError(f"cannot write {entry['path']}: {e.strerror}", target) from None
+        return entry["size"]
+
+    def _file_parts(self, name: str, entry: dict[str, Any], pool: Executor, window: int) -> Iterator[np.ndarray]:
+        """The bytes of one file of model ``name``, in order: each object is checked against the
+        length the manifest gives it before it is decoded, so a lie stops at its first segment;
+        the end checks the file's sha256, computed beside the decode."""
+        sha = Sha256Beside(window)
+        size = 0
+        packs: dict[str, np.ndarray] = {}   # the file's packed small segments, decoded once
+        try:
+            for key, length, *at in entry["segments"]:
+                if at:
+                    if key not in packs:
+                        packs[key] = np.concatenate([np.empty(0, np.uint8),
+                                                     *self._iter_object(key, pool, window, pack=True)])
+                    part = packs[key][at[0]:at[0] + length]
+                    if len(part) != length:
+                        raise CorruptArchiveError(f"a slice of pack object {key} lies outside it",
+                                                  self._object_path(key))
+                    parts: Iterable[np.ndarray] = [part]
+                else:
+                    parts = self._iter_object(key, pool, window, nbytes=length)
+                for part in parts:
+                    sha.update(part)
+                    size += len(part)
+                    yield part
+        finally:
+            sha.close()
         if size != entry["size"] or sha.hexdigest() != entry["sha256"]:
-            raise CorruptArchiveError(f"model {name!r}, file {entry['path']}: restored bytes do not match its sha256",
-                                      self._manifest_path(name))
-        return size
+            raise CorruptArchiveError("restored bytes do not match the file's sha256", self._manifest_path(name))
 
     def remove(self, name: str) -> None:
         """Remove model ``name`` from the store. Its data stays until :meth:`gc`, and whatever
         another model's deltas reference stays after that too."""
         with self._locked():
             self._manifest(name)
-            self._manifest_path(name).unlink()
-            _fsync_dir(self._manifest_path(name).parent)
-            self._profile_path(name).unlink(missing_ok=True)
+            with _writing(self._manifest_path(name)):
+                self._manifest_path(name).unlink()
+                _fsync_dir(self._manifest_path(name).parent)
+                self._profile_path(name).unlink(missing_ok=True)
 
     def _live(self) -> dict[str, ObjectMeta]:
         """Every object a manifest uses, and every object those reference, with its metadata."""
@@ -853,18 +1148,28 @@ class Store:
             if key in metas:
                 continue
             try:
-                with StoredObject(self._object_path(key), key) as obj:
+                with self._open_object(key) as obj:
                     metas[key] = obj.meta
-            except ArchiveError:
+            except ElvesError:
                 metas[key] = ObjectMeta("bytes", None, 0, "", [], 0, [])  # missing or damaged: kept
                 continue
             todo.extend(metas[key].refs)
         return metas
 
     def _all_objects(self) -> Iterator[Path]:
-        for d in (self.path / "objects").iterdir():
-            if d.is_dir():
-                yield from d.iterdir()
+        """Everything in ``objects/``: the entries of its folders, and whatever else lies in it
+        (a link to a folder is an entry, never walked into)."""
+        with os.scandir(self.path / "objects") as top:
+            for d in top:
+                if d.is_dir(follow_symlinks=False):
+                    with os.scandir(d.path) as sub:
+                        yield from (Path(e.path) for e in sub)
+                else:
+                    yield Path(d.path)
+
+    def _is_object(self, p: Path, live: Iterable[str]) -> bool:
+        """Whether ``p`` is where a key of ``live`` is stored."""
+        return p.name in live and p.parent.name == p.name[:2] and p.parent.parent.name == "objects"
 
     def gc(self) -> GcReport:
         """Delete the objects nothing references, files left in ``tmp/`` by killed writers, and
@@ -872,22 +1177,20 @@ class Store:
         with self._locked():
             live = self._live()
             removed = freed = 0
-            for p in list(self._all_objects()):
-                if p.name not in live:
-                    freed += p.stat().st_size
-                    p.unlink()
-                    removed += 1
-            temp = 0
-            for p in (self.path / "tmp").iterdir():
-                if p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
-                temp += 1
-            names = {self._profile_path(n).name for n in self._names()}
-            for p in (self.path / "profiles").glob("*.json"):
-                if p.name not in names:
-                    p.unlink()
+            with _writing(self.path):
+                for p in list(self._all_objects()):
+                    if not self._is_object(p, live):
+                        freed += p.lstat().st_size
+                        _remove(p)
+                        removed += 1
+                temp = 0
+                for p in (self.path / "tmp").iterdir():
+                    _remove(p)
+                    temp += 1
+                names = {self._profile_path(n).name for n in self._names()}
+                for p in (self.path / "profiles").glob("*.json"):
+                    if p.name not in names:
+                        p.unlink()
             return GcReport(removed, freed, len(live), temp)
 
     def stats(self) -> StoreStats:
@@ -896,7 +1199,7 @@ class Store:
         live = self._live()
         stored = sum(m.size for m in live.values())
         stored += sum(p.stat().st_size for sub in ("models", "profiles") for p in (self.path / sub).glob("*.json"))
-        garbage = [p for p in self._all_objects() if p.name not in live]
+        garbage = [p for p in self._all_objects() if not self._is_object(p, live)]
         return StoreStats(
             models=len(manifests),
             logical_bytes=sum(f["size"] for m in manifests for f in m["files"]),
@@ -904,8 +1207,166 @@ class Store:
             objects=len(live),
             delta_objects=sum(1 for m in live.values() if m.refs),
             garbage_objects=len(garbage),
-            garbage_bytes=sum(p.stat().st_size for p in garbage),
+            garbage_bytes=sum(p.lstat().st_size for p in garbage),
         )
+
+    def verify(self, full: bool = False, threads: int | None = None,
+               progress: ProgressFn | None = None) -> StoreVerifyReport:
+        """Check the whole store, as ``git fsck`` checks a repository; nothing is changed.
+
+        Every manifest must parse and pass its checks (its profile too); every object a manifest
+        names must exist, with its footer, trailer and every payload's xxh3-64 intact and the
+        length the manifest gives it; a delta's reference must be a plain tensor object; nothing
+        else may lie in ``objects/`` (orphans, which :meth:`gc` deletes; ``tmp/`` is not looked
+        at). With ``full``, every model is decoded and each file's sha256 checked, which finds
+        what the checksums cannot (a manifest whose segments were swapped, say). It holds the
+        writers' lock, so that the objects of an add under way are not taken for orphans.
+        """
+        report = StoreVerifyReport(full=full)
+        nthreads = default_threads(threads)
+        with self._locked(), ThreadPoolExecutor(nthreads) as pool:
+            manifests = self._verify_manifests(report)
+            users: dict[str, str] = {}   # key -> what names it first, for messages
+            for _, man in manifests:
+                for f in man["files"]:
+                    for seg in f["segments"]:
+                        users.setdefault(seg[0], f"model {man['name']!r}, file {f['path']}")
+            metas, unusable = self._verify_objects(users, report, pool, progress)
+            mismatched = self._verify_segments(manifests, metas, report)
+            if report.orphans_checked:
+                for p in sorted(self._all_objects()):
+                    if not self._is_object(p, users):
+                        report.orphans.append(StoreProblem(str(p), "no model reaches it (`elves store gc` "
+                                                                   "deletes it)"))
+                        if progress:
+                            progress(p.lstat().st_size)
+            if full:
+                self._verify_files([m for m in manifests if m[0] not in mismatched], metas, unusable, report,
+                                   pool, 2 * nthreads + 2, progress)
+        return report
+
+    def verify_bytes(self, full: bool = False) -> int:
+        """What :meth:`verify` reads, in bytes (a progress bar's length): every object file, plus
+        with ``full`` every model's files."""
+        total = sum(p.lstat().st_size for p in self._all_objects())
+        if full:
+            for p in self._manifest_files():
+                try:
+                    total += sum(f["size"] for f in self._load_manifest(p)["files"])
+                except (OSError, ElvesError):
+                    continue
+        return total
+
+    def _verify_manifests(self, report: StoreVerifyReport) -> list[tuple[Path, dict[str, Any]]]:
+        """The manifests that pass their checks; the others, and bad profiles, go to the report."""
+        out = []
+        for p in self._manifest_files():
+            try:
+                man = self._load_manifest(p)
+            except FileNotFoundError:  # removed since the listing
+                continue
+            except ElvesError as e:
+                report.bad_manifests.append(StoreProblem(e.path or str(p), e.message))
+                report.orphans_checked = False
+                continue
+            try:
+                self._profile(man["name"])
+            except ElvesError as e:
+                report.bad_manifests.append(StoreProblem(e.path or str(p), e.message))
+            out.append((p, man))
+        report.models = len(out)
+        return out
+
+    def _verify_objects(self, users: dict[str, str], report: StoreVerifyReport, pool: Executor,
+                        progress: ProgressFn | None) -> tuple[dict[str, ObjectMeta], set[str]]:
+        """Check every object in ``users`` and those they reference, whole, on ``pool``: the
+        metadata of the sound ones, and the keys of those that cannot be restored."""
+        metas: dict[str, ObjectMeta] = {}
+        unusable: set[str] = set()
+        todo = list(users)
+        while todo:
+            batch = [k for k in dict.fromkeys(todo) if k not in metas and k not in unusable]
+            todo = []
+            for key, (meta, kind, message) in zip(batch, pool.map(self._verify_object, batch)):
+                if meta is None:
+                    getattr(report, kind).append(StoreProblem(str(self._object_path(key)), message))
+                    unusable.add(key)
+                    continue
+                metas[key] = meta
+                report.bytes_checked += meta.size
+                if progress:
+                    progress(meta.size)
+                for r in meta.refs:
+                    users.setdefault(r, f"object {key}")
+                    todo.append(r)
+        report.objects = len(metas)
+        for key, meta in metas.items():
+            for r in meta.refs:
+                ref = metas.get(r)
+                if ref is not None and (ref.refs or ref.kind != "tensor"):
+                    report.bad_refs.append(StoreProblem(
+                        str(self._object_path(key)), f"object {key} is a delta of object {r}, which is "
+                        + ("a delta itself" if ref.refs else "not a tensor") + ": references are one level deep"))
+                    unusable.add(key)
+        return metas, unusable
+
+    def _verify_object(self, key: str) -> tuple[ObjectMeta | None, str, str]:
+        """An object checked whole (trailer and every payload): its metadata, or the kind of
+        problem and what it is."""
+        if not os.path.lexists(self._object_path(key)):
+            return None, "missing_objects", f"object {key} is missing"
+        try:
+            with self._open_object(key) as obj:
+                for i in range(len(obj.meta.chunks)):
+                    obj.read_payload(obj.meta, i)
+                return obj.meta, "", ""
+        except ElvesError as e:
+            return None, "damaged_objects", e.message
+
+    @staticmethod
+    def _verify_segments(manifests: list[tuple[Path, dict[str, Any]]], metas: dict[str, ObjectMeta],
+                         report: StoreVerifyReport) -> set[Path]:
+        """Each segment must fit its object: a whole object of the segment's length, or a slice
+        inside a pack. The manifests where one does not."""
+        bad = set()
+        for p, man in manifests:
+            for f in man["files"]:
+                for key, length, *at in f["segments"]:
+                    m = metas.get(key)
+                    if m is None or (m.nbytes == length if not at else
+                                     m.kind == "bytes" and m.nbytes <= PACK_MAX and at[0] + length <= m.nbytes):
+                        continue
+                    report.bad_manifests.append(StoreProblem(
+                        str(p), f"file {f['path']}: a segment of {length} bytes" + (f" at {at[0]}" if at else "")
+                        + f" does not fit object {key} ({m.kind}, {m.nbytes} bytes)"))
+                    bad.add(p)
+                    break
+        return bad
+
+    def _verify_files(self, manifests: list[tuple[Path, dict[str, Any]]], metas: dict[str, ObjectMeta],
+                      unusable: set[str], report: StoreVerifyReport, pool: Executor, window: int,
+                      progress: ProgressFn | None) -> None:
+        """Decode every file whose objects passed and match it with its sha256 (``verify --full``)."""
+        seen = {p.path for p in report.damaged_objects}
+        for p, man in manifests:
+            for f in man["files"]:
+                keys = {seg[0] for seg in f["segments"]}
+                if any(k not in metas or k in unusable or unusable.intersection(metas[k].refs) for k in keys):
+                    continue  # already reported
+                try:
+                    for part in self._file_parts(man["name"], f, pool, window):
+                        report.bytes_checked += len(part)
+                        if progress:
+                            progress(len(part))
+                    report.files_checked += 1
+                except ElvesError as e:
+                    where = e.path or str(p)
+                    if where == str(p):
+                        report.bad_files.append(StoreProblem(where, f"model {man['name']!r}, file {f['path']}: "
+                                                                    f"{e.message}"))
+                    elif where not in seen:  # found only by decoding: the stored hash does not match
+                        seen.add(where)
+                        report.damaged_objects.append(StoreProblem(where, e.message))
 
     def families(self) -> list[Family]:
         """The families of the stored models (:func:`elves.families.cluster`): each a root model
@@ -940,11 +1401,11 @@ class Store:
         delta: set[str] = set()
         for p in self._all_objects():
             try:
-                with StoredObject(p, p.name) as obj:
+                with StoredObject(p, p.name, self.path) as obj:
                     referenced.update(obj.meta.refs)
                     if obj.meta.refs:
                         delta.add(p.name)
-            except ArchiveError:
+            except ElvesError:
                 continue
         for name, match in todo:
             self._repack_model(name, match.base, list(match.evidence), pool, nthreads, referenced, delta,
@@ -995,10 +1456,15 @@ class Store:
                     if obj.meta.size >= meta.size or not obj.meta.refs:
                         tmp.unlink()
                         continue
-                    for _ in self._iter_object(key, pool, window, path=tmp):  # decodes to the same hash
-                        pass
-                    os.replace(tmp, self._object_path(key))
-                    _fsync_dir(self._object_path(key).parent)
+                    try:
+                        for _ in self._iter_object(key, pool, window, path=tmp):  # decodes to the same hash
+                            pass
+                    except BaseException:
+                        tmp.unlink(missing_ok=True)
+                        raise
+                    final = self._commit(tmp, self._object_path(key))
+                    with _writing(final):
+                        _fsync_dir(final.parent)
                     report.objects_rewritten += 1
                     report.bytes_before += meta.size
                     report.bytes_after += obj.meta.size
