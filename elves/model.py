@@ -8,8 +8,16 @@ hold tensor data go through the float codecs, and everything else is kept as byt
 """
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
+
+from .errors import InputError
+
+# The most dimensions a named tensor may have; the archive index holds no more.
+MAX_RANK = 64
 
 
 @dataclass(frozen=True)
@@ -43,23 +51,60 @@ class TensorView:
 
 @dataclass
 class SourceFile:
-    """One input file: where it is, what kind it is, and its segments and named tensors."""
+    """One input file: where it is, what kind it is, and its segments and named tensors.
+
+    A symbolic link inside the model folder that points inside it is a ``SourceFile`` of format
+    ``"symlink"``, size 0 and no segments, whose ``link`` is the link's text: a relative POSIX
+    path from the link's folder to its target, which lies inside the model folder. Nothing is
+    read through it; restore makes the same link.
+    """
 
     path: Path
     relpath: str                   # POSIX path relative to the model root; the name in the archive
-    format: str                    # "safetensors", "torch-zip", "torch-legacy" or "opaque"
+    format: str                    # "safetensors", "torch-zip", "torch-legacy", "onnx", "opaque", "symlink"
     size: int
     segments: list[Segment]
     tensors: list[TensorView] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    link: str | None = None
 
     def check(self) -> None:
-        """Assert the segments tile the file exactly (a reader bug otherwise)."""
+        """:class:`InputError` unless the segments tile the file exactly and every named tensor
+        points at one of them (a reader that let a crafted layout through otherwise)."""
         pos = 0
         for s in self.segments:
-            assert s.offset == pos and s.length >= 0, (self.relpath, s, pos)
+            if type(s.offset) is not int or type(s.length) is not int or s.offset != pos or s.length <= 0:
+                raise InputError(f"segment at {s.offset} ({s.length} bytes) does not follow the previous "
+                                 f"one at {pos}: the layout is inconsistent", self.path)
             pos += s.length
-        assert pos == self.size, (self.relpath, pos, self.size)
+        if pos != self.size:
+            raise InputError(f"segments cover {pos} of the file's {self.size} bytes", self.path)
+        for t in self.tensors:
+            if len(t.shape) > MAX_RANK:
+                raise InputError(f"tensor {t.name!r:.80} has {len(t.shape)} dimensions (at most {MAX_RANK})",
+                                 self.path)
+            # segment -1 stands for "no bytes", which only a tensor with no elements has
+            if not -1 <= t.segment < len(self.segments) or (t.segment == -1) != (0 in t.shape):
+                raise InputError(f"tensor {t.name!r:.80} of shape {t.shape} points at segment {t.segment} "
+                                 f"of {len(self.segments)}", self.path)
+        if (self.format == "symlink") != (self.link is not None) or (self.link is not None and self.segments):
+            raise InputError("a symbolic link has content, or a file has a link target", self.path)
+
+
+def open_source(path: Path) -> BinaryIO:
+    """``path`` opened for reading, refusing a symbolic link (a file swapped for one after the
+    folder walk decided it was a regular file) and anything that is not a regular file (a FIFO
+    would block the read for ever, a device has no end)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        if os.path.islink(path):
+            raise InputError("became a symbolic link while the model was being read", path) from None
+        raise InputError(f"cannot open: {e.strerror}", path) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InputError("is not a regular file", path)
+    return os.fdopen(fd, "rb")
 
 
 def opaque_segments(size: int) -> list[Segment]:

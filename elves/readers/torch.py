@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import _compat_pickle
 import gc
-import io
 import mmap
 import os
 import pickle
 import re
+import reprlib
 import struct
 import zipfile
 import zlib
@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+from numba import njit
 
 from ..dtypes import DTYPES, numpy_dtype
 from ..errors import InputError, UnsafePickleError
-from ..model import Segment, SourceFile, TensorView, fill_gaps
+from ..model import MAX_RANK, Segment, SourceFile, TensorView, fill_gaps, open_source
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -41,6 +42,20 @@ _LEGACY_MAGIC_LONG1 = pickle.LONG1 + bytes([10]) + LEGACY_MAGIC.to_bytes(10, "li
 _LOCAL_HEADER = b"PK\x03\x04"
 _DATA_DESCRIPTOR = b"PK\x07\x08"
 _PICKLE_MEMBER = re.compile(r"(.+)/(data|constants)\.pkl")
+
+# Unpickling builds Python objects several times the pickle's size, so a pickle is read whole
+# only up to this size (a 70B model's data.pkl is a few MB). A deflated member may inflate to
+# at most MAX_INFLATION times its stored size (real pickles deflate about 3:1, a zip bomb 1000:1),
+# or 1 MiB, whichever is larger.
+MAX_PICKLE = 256 << 20
+MAX_INFLATION = 100
+_INFLATION_FLOOR = 1 << 20
+_INFLATE_STEP = 1 << 20
+# Tensors are named only this deep in the pickle's containers, and with names this long: a
+# crafted pickle nests containers (or repeats one long key) so that the dotted names would fill
+# the memory, quadratically in the nesting.
+MAX_NESTING = 64
+MAX_NAME = 4096
 
 # torch dtype attribute -> safetensors name. Other torch dtypes are known (so not reported as
 # unsafe) but not coded as tensors: their storages stay opaque.
@@ -235,16 +250,16 @@ class _SafeUnpickler(pickle.Unpickler):
         if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module":
             return pid[1]  # legacy format: an nn.Module class with its source; pid[1] is a stub
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"unexpected persistent id {str(pid)[:80]}")
+            raise pickle.UnpicklingError(f"unexpected persistent id {reprlib.repr(pid)}")
         stype, key = pid[1], pid[2]
         if isinstance(stype, _DType):  # newer writers may name the dtype instead of a class
             stype = _StorageType(stype.name, DTYPES[stype.name].itemsize if stype.name else 0)
         if not isinstance(stype, _StorageType) or not isinstance(key, str):
-            raise pickle.UnpicklingError(f"unexpected storage record {str(pid)[:80]}")
+            raise pickle.UnpicklingError(f"unexpected storage record {reprlib.repr(pid)}")
         view = pid[5] if len(pid) == 6 else None  # legacy: (view key, element offset, size)
         if view is not None and not (isinstance(view, tuple) and len(view) == 3
                                      and _is_count(view[1])):
-            raise pickle.UnpicklingError(f"unexpected storage view {str(view)[:80]}")
+            raise pickle.UnpicklingError(f"unexpected storage view {reprlib.repr(view)}")
         name = self._namespace + key
         # The legacy format sizes a storage by the item size of its first reference.
         self._found.storage_types.setdefault(name, stype)
@@ -275,28 +290,181 @@ class _SafeUnpickler(pickle.Unpickler):
 
 
 def _is_count(x: Any) -> bool:
-    return type(x) is int and x >= 0
+    return type(x) is int and 0 <= x < 1 << 63  # torch's sizes, strides and offsets are int64
 
 
-def _unpickle(file: BinaryIO, found: _Pickled, namespace: str = "", tensors: bool = False) -> Any:
-    """What the next pickle in ``file`` builds; with ``tensors``, only the tensors it holds in
-    plain containers, by dotted name (:func:`_plain_tensors`)."""
+def _unpickle(buf: Any, start: int, found: _Pickled, namespace: str = "",
+              tensors: bool = False) -> tuple[Any, int]:
+    """What the pickle at ``start`` in ``buf`` (bytes or a mapped file) builds, and where it ends;
+    with ``tensors``, only the tensors it holds in plain containers, by dotted name
+    (:func:`_plain_tensors`). The pickle is checked first (:func:`_pickle_end`)."""
+    end = _pickle_end(buf, start)
     # A pickle may build millions of objects, none of them garbage until the end, and the cyclic
     # collector would walk them over and over (most of the time, on a 6 MB data.pkl). So it is off
     # until what is not kept has been freed by reference counting; that needs the memo cleared:
     # it holds the unpickler's own bound methods (the rebuilders), a cycle through everything.
-    unpickler = _SafeUnpickler(file, found, namespace)
+    unpickler = _SafeUnpickler(_Window(buf, start, end), found, namespace)
     enabled = gc.isenabled()
     gc.disable()
     try:
         obj = unpickler.load()
         if tensors:
             obj = _plain_tensors(obj)
-        return obj
+        return obj, end
     finally:
         unpickler.memo.clear()
         if enabled:
             gc.enable()
+
+
+class _Window:
+    """``buf[pos:end]`` as the file the unpickler reads. ``peek`` lets the C unpickler fetch its
+    input in blocks rather than an opcode at a time."""
+
+    def __init__(self, buf: Any, pos: int, end: int):
+        self.buf, self.pos, self.end = buf, pos, end
+
+    def _take(self, n: int) -> bytes:
+        data = self.buf[self.pos:min(self.end, self.pos + max(n, 0))]
+        self.pos += len(data)
+        return data
+
+    def read(self, n: int = -1) -> bytes:
+        return self._take(self.end - self.pos if n < 0 else n)
+
+    def readinto(self, b: Any) -> int:
+        # released before returning: the unpickler frees the buffer when the pickle is truncated
+        with memoryview(b) as view, view.cast("B") as out:
+            data = self._take(out.nbytes)
+            out[:len(data)] = data
+        return len(data)
+
+    def readline(self) -> bytes:
+        stop = self.buf.find(b"\n", self.pos, self.end)
+        return self._take((self.end if stop < 0 else stop + 1) - self.pos)
+
+    def peek(self, n: int = 1) -> bytes:
+        return self.buf[self.pos:min(self.end, self.pos + max(n, 1))]
+
+
+# --- Checking a pickle before it is unpickled ---------------------------------------------------
+# The C unpickler trusts two numbers it reads: a memo index (BINPUT 2^32-1 grows and zeroes a
+# 32 GiB memo table: a 10-byte pickle takes the machine down) and a declared length (BINBYTES8
+# allocates it before reading). So each pickle is walked first, opcode by opcode, in numba:
+# memo indices must follow the puts before them (a pickler numbers its memo 0, 1, 2...),
+# lengths must lie inside the pickle, and the opcodes, each of which builds at most one object,
+# are counted, which bounds the memory the objects take.
+
+MAX_PICKLE_OPS = 1 << 24  # the largest real data.pkl seen has 1.6 M
+_LINE, _TWO_LINES, _LEN1, _LEN4, _LEN8, _UNKNOWN = -1, -2, -3, -4, -5, -6
+_PUTS = np.zeros(256, np.bool_)
+_PUTS[[ord(c) for c in "pqr\x94"]] = True
+
+
+def _opcode_layout() -> np.ndarray:
+    """Per opcode byte, how its argument is laid out: a fixed number of bytes, a line (two for
+    GLOBAL and INST), a 1-, 4- or 8-byte length then that many bytes, or unknown."""
+    import pickletools
+
+    lengths = {pickletools.TAKEN_FROM_ARGUMENT1: _LEN1, pickletools.TAKEN_FROM_ARGUMENT4: _LEN4,
+               pickletools.TAKEN_FROM_ARGUMENT4U: _LEN4, pickletools.TAKEN_FROM_ARGUMENT8U: _LEN8}
+    table = np.full(256, _UNKNOWN, np.int64)
+    for op in pickletools.opcodes:
+        arg = op.arg
+        if arg is None:
+            kind = 0
+        elif arg.n >= 0:
+            kind = arg.n
+        elif arg.n == pickletools.UP_TO_NEWLINE:
+            kind = _TWO_LINES if arg.name == "stringnl_noescape_pair" else _LINE
+        else:
+            kind = lengths[arg.n]
+        table[ord(op.code)] = kind
+    return table
+
+
+_LAYOUT = _opcode_layout()
+_SCAN_OK, _SCAN_TRUNCATED, _SCAN_UNKNOWN, _SCAN_MEMO, _SCAN_OPS = range(5)
+
+
+@njit(cache=True, nogil=True)
+def _scan_pickle(buf: np.ndarray, pos: int, end: int, layout: np.ndarray, puts: np.ndarray,
+                 max_ops: int) -> tuple[int, int]:
+    """(status, position): the end of the pickle starting at ``pos`` (just past STOP), or what is
+    wrong with it and where."""
+    memo = 0
+    ops = 0
+    while pos < end:
+        op = buf[pos]
+        at = pos
+        ops += 1
+        if ops > max_ops:
+            return _SCAN_OPS, at
+        kind = layout[op]
+        pos += 1
+        if op == 0x2E:  # STOP
+            return _SCAN_OK, pos
+        if kind == _UNKNOWN:
+            return _SCAN_UNKNOWN, at
+        index = -1
+        if kind >= 0:
+            if pos + kind > end:
+                return _SCAN_TRUNCATED, at
+            if op == 0x71:  # BINPUT
+                index = buf[pos]
+            elif op == 0x72:  # LONG_BINPUT
+                index = buf[pos] | buf[pos + 1] << 8 | buf[pos + 2] << 16 | np.int64(buf[pos + 3]) << 24
+            pos += kind
+        elif kind == _LINE or kind == _TWO_LINES:
+            value = 0
+            for _ in range(1 if kind == _LINE else 2):
+                while pos < end and buf[pos] != 0x0A:
+                    if op == 0x70:  # PUT: a decimal index (anything else fails in the unpickler)
+                        digit = np.int64(buf[pos]) - 0x30
+                        value = value * 10 + digit if 0 <= digit <= 9 and value < 1 << 40 else 1 << 40
+                    pos += 1
+                if pos == end:
+                    return _SCAN_TRUNCATED, at
+                pos += 1
+            if op == 0x70:
+                index = value
+        else:
+            width = 1 if kind == _LEN1 else 4 if kind == _LEN4 else 8
+            if pos + width > end:
+                return _SCAN_TRUNCATED, at
+            n = np.uint64(0)
+            for k in range(width):
+                n |= np.uint64(buf[pos + k]) << np.uint64(8 * k)
+            pos += width
+            if n > np.uint64(end - pos):
+                return _SCAN_TRUNCATED, at
+            pos += np.int64(n)
+        if puts[op]:
+            if op != 0x94 and index > memo:  # MEMOIZE takes the next index itself
+                return _SCAN_MEMO, at
+            if op == 0x94 or index == memo:
+                memo += 1
+    return _SCAN_TRUNCATED, pos
+
+
+def _pickle_end(buf: Any, start: int) -> int:
+    """Where the pickle at ``start`` ends, once checked; :class:`pickle.UnpicklingError` if it is
+    not one the unpickler can read in bounded memory, or runs past MAX_PICKLE bytes."""
+    data = np.frombuffer(buf, np.uint8)
+    size, limit = len(data), min(len(data), start + MAX_PICKLE)
+    status, pos = _scan_pickle(data, start, limit, _LAYOUT, _PUTS, MAX_PICKLE_OPS)
+    del data  # a traceback must not keep a mapped file's buffer exported: it could not be closed
+    if status == _SCAN_OK:
+        return pos
+    if status == _SCAN_TRUNCATED and limit < size:
+        raise pickle.UnpicklingError(f"the pickle runs past {MAX_PICKLE} bytes, more than elves reads")
+    problem = {
+        _SCAN_TRUNCATED: "ends before its STOP opcode (truncated?), or declares a length past its end",
+        _SCAN_UNKNOWN: "has an unknown opcode",
+        _SCAN_MEMO: "stores to a memo index beyond the memo",
+        _SCAN_OPS: f"has more than {MAX_PICKLE_OPS} opcodes",
+    }[status]
+    raise pickle.UnpicklingError(f"the pickle {problem} (at byte {pos - start})")
 
 
 # --- Where the storages lie in the file ---------------------------------------------------------
@@ -323,8 +491,8 @@ class _Member:
 
 
 def _read(path: Path) -> _Checkpoint | None:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with open_source(path) as f:
+        size = os.fstat(f.fileno()).st_size
         if f.read(4) == _LOCAL_HEADER:
             return _read_zip(path, f, size)
         return _read_legacy(path, f, size)
@@ -342,9 +510,9 @@ def _read_zip(path: Path, f: BinaryIO, size: int) -> _Checkpoint | None:
         if raw is None:  # an unknown compression: its storages' dtypes stay unknown, so opaque
             return
         try:
-            named = _unpickle(io.BytesIO(raw), found, "" if archive == "data" else "constants/", tensors=True)
+            named, _ = _unpickle(raw, 0, found, "" if archive == "data" else "constants/", tensors=True)
         except Exception as e:  # a malformed pickle fails in many ways, none of which runs code
-            raise InputError(f"cannot read {member.name}: {e}", path) from e
+            raise InputError(f"cannot read {member.name}: {str(e)[:200]}", path) from e
         if archive == "data":
             found.named = named
 
@@ -383,7 +551,7 @@ def _read_zip(path: Path, f: BinaryIO, size: int) -> _Checkpoint | None:
             continue
         rel = m.name[len(prefix) + 1:]
         if rel == "byteorder":
-            little_endian = _member_bytes(path, f, m) != b"big"
+            little_endian = _member_bytes(path, f, m, limit=16) != b"big"
         elif m.method == 0 and (name := _storage_name(rel)) is not None:
             storages[name] = (m.offset, m.size)
     return _Checkpoint("torch-zip", size, found, storages, little_endian, notes)
@@ -402,10 +570,19 @@ def _storage_name(rel: str) -> str | None:
 def _central_members(path: Path, f: BinaryIO, size: int) -> list[_Member]:
     """The members the central directory lists. Their data offsets come from the LOCAL headers:
     torch pads the local extra field to align the data, and the central copy does not say so."""
-    with zipfile.ZipFile(f) as zf:
-        infos = zf.infolist()
+    try:
+        with zipfile.ZipFile(f) as zf:
+            infos = zf.infolist()
+    except zipfile.BadZipFile:
+        raise
+    except (ValueError, NotImplementedError, EOFError, OSError, struct.error) as e:
+        # zipfile trusts the directory's fields: undecodable names, unknown versions, bad offsets
+        raise InputError(f"malformed zip central directory: {str(e)[:200]}", path) from None
     members = []
     for info in infos:
+        if not 0 <= info.header_offset <= size - 30:
+            raise InputError(f"zip member {info.filename!r:.200} has its local header at {info.header_offset}, "
+                             f"outside the {size}-byte file", path)
         f.seek(info.header_offset)
         head = f.read(30)
         if len(head) < 30 or head[:4] != _LOCAL_HEADER:
@@ -475,18 +652,44 @@ def _descriptor_at(buf: mmap.mmap, start: int, hit: int, stored: bool) -> tuple[
     return None
 
 
-def _member_bytes(path: Path, f: BinaryIO, member: _Member) -> bytes | None:
-    """A member's content; None for a compression method other than deflate."""
-    f.seek(member.offset)
-    raw = f.read(member.size)
+def _member_bytes(path: Path, f: BinaryIO, member: _Member, limit: int = MAX_PICKLE) -> bytes | None:
+    """A member's content, at most ``limit`` bytes of it (:class:`InputError` beyond, before it is
+    read or inflated further); None for a compression method other than deflate."""
     if member.method == 0:
-        return raw
+        if member.size > limit:
+            raise InputError(f"zip member {member.name!r} holds {member.size} bytes; elves reads at most "
+                             f"{limit} of it", path)
+        f.seek(member.offset)
+        return _exactly(path, f, member.size)
     if member.method != 8:
         return None
+    cap = min(limit, max(_INFLATION_FLOOR, MAX_INFLATION * member.size))
+    inflater = zlib.decompressobj(-15)
+    f.seek(member.offset)
+    out: list[bytes] = []
+    total, left = 0, member.size
     try:
-        return zlib.decompress(raw, -15)
+        while not inflater.eof:
+            if not left:
+                raise InputError(f"zip member {member.name!r} ends in the middle of its deflate stream", path)
+            step = _exactly(path, f, min(left, _INFLATE_STEP))
+            left -= len(step)
+            # max_length: the output stops one byte past the cap, however far the input would go
+            out.append(inflater.decompress(step, cap + 1 - total))
+            total += len(out[-1])
+            if total > cap:
+                raise InputError(f"zip member {member.name!r} inflates past {cap} bytes from {member.size} "
+                                 f"(at most {MAX_INFLATION}:1 and {limit} bytes are read): a zip bomb?", path)
     except zlib.error as e:
         raise InputError(f"cannot inflate zip member {member.name!r}: {e}", path) from None
+    return b"".join(out)
+
+
+def _exactly(path: Path, f: BinaryIO, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise InputError("the file shrank while it was being read", path)
+    return data
 
 
 def _read_legacy(path: Path, f: BinaryIO, size: int) -> _Checkpoint | None:
@@ -498,29 +701,28 @@ def _read_legacy(path: Path, f: BinaryIO, size: int) -> _Checkpoint | None:
     head = f.read(32)
     if head[:1] != pickle.PROTO or _LEGACY_MAGIC_LONG1 not in head:
         return None
-    f.seek(0)
     found = _Pickled()
-    try:
-        magic = _unpickle(f, found)
-    except Exception:  # not a pickle, so not a checkpoint
-        return None
-    if type(magic) is not int or magic != LEGACY_MAGIC:
-        return None
-    try:
-        version = _unpickle(f, found)
-        sys_info = _unpickle(f, found)
-        found.named = _unpickle(f, found, tensors=True)
-        keys = _unpickle(f, found)
-    except Exception as e:  # a malformed pickle fails in many ways, none of which runs code
-        raise InputError(f"cannot read the legacy checkpoint's pickles: {e}", path) from e
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        try:
+            magic, pos = _unpickle(buf, 0, found)
+        except Exception:  # not a pickle, so not a checkpoint
+            return None
+        if type(magic) is not int or magic != LEGACY_MAGIC:
+            return None
+        try:
+            version, pos = _unpickle(buf, pos, found)
+            sys_info, pos = _unpickle(buf, pos, found)
+            found.named, pos = _unpickle(buf, pos, found, tensors=True)
+            keys, pos = _unpickle(buf, pos, found)
+        except Exception as e:  # a malformed pickle fails in many ways, none of which runs code
+            raise InputError(f"cannot read the legacy checkpoint's pickles: {str(e)[:200]}", path) from e
     if version != LEGACY_PROTOCOL or not (
             isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
-        raise InputError(f"unexpected legacy checkpoint (protocol {str(version)[:20]})", path)
+        raise InputError(f"unexpected legacy checkpoint (protocol {reprlib.repr(version)})", path)
     little_endian = not (isinstance(sys_info, dict) and sys_info.get("little_endian") is False)
 
     storages: _Locations = {}
     notes = []
-    pos = f.tell()  # the unpickler stops right after each pickle's STOP opcode
     for key in keys:
         stype = found.storage_types.get(key)
         if stype is None or not stype.itemsize:
@@ -554,29 +756,36 @@ def _storage_segments(storages: _Locations, dtypes: dict[str, str | None]) -> li
 
 def _plain_tensors(root: Any) -> dict[str, _TensorRef]:
     """The tensors reachable from ``root`` through dicts, lists and tuples, by dotted path (first
-    path wins). Each container is entered once: pickles share containers, and a crafted one can
-    nest them in cycles or make the number of paths explode."""
+    path wins), down to MAX_NESTING containers deep and MAX_NAME characters. Each container is
+    entered once: pickles share containers, and a crafted one can nest them in cycles or make the
+    number of paths explode."""
     out: dict[str, _TensorRef] = {}
     entered: set[int] = set()
-    stack: list[tuple[str, Any]] = [("", root)]
+    stack: list[tuple[str, int, Any]] = [("", 0, root)] if isinstance(root, _NAMED) else []
     while stack:
-        prefix, obj = stack.pop()
+        prefix, depth, obj = stack.pop()
         if isinstance(obj, _TensorRef):
             if prefix:  # a bare tensor saved on its own has no name
                 out.setdefault(prefix, obj)
             continue
-        if isinstance(obj, dict):
-            items = list(obj.items())
-        elif isinstance(obj, (list, tuple)):
-            items = list(enumerate(obj))
-        else:
-            continue
-        if id(obj) in entered:
+        if depth == MAX_NESTING or id(obj) in entered:
             continue
         entered.add(id(obj))
-        stack.extend((f"{prefix}.{key}" if prefix else str(key), value)
-                     for key, value in reversed(items) if isinstance(key, (str, int)))
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+        found = [(key, value) for key, value in items if isinstance(value, _NAMED) and _is_key(key)]
+        for key, value in reversed(found):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if len(name) <= MAX_NAME:
+                stack.append((name, depth + 1, value))
     return out
+
+
+_NAMED = (_TensorRef, dict, list, tuple)
+
+
+def _is_key(key: Any) -> bool:
+    # a 5000-digit int has no str() (Python's limit on int digits), nor a use as a name
+    return len(key) <= MAX_NAME if isinstance(key, str) else isinstance(key, int) and key.bit_length() < 64
 
 
 def _byte_range(t: _TensorRef) -> tuple[int, int]:
@@ -597,6 +806,8 @@ def _is_contiguous(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
 
 def _view(name: str, t: _TensorRef, segments: list[Segment],
           index: dict[str, int]) -> TensorView | None:
+    if len(t.shape) > MAX_RANK:  # torch makes none; the archive index could not hold it
+        return None
     if t.dtype is not None and 0 in t.shape:  # no bytes to point at: segment -1, as for safetensors
         return TensorView(name, t.dtype, t.shape, -1)
     i = index.get(t.storage.name)
@@ -640,7 +851,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """Every tensor a checkpoint holds in plain containers, by dotted name, as numpy arrays copied
     out of the file. :class:`UnsafePickleError` if the pickle references anything else: what it
     builds from those objects cannot be known without running them."""
-    path = Path(path)
+    path = Path(os.path.realpath(path))  # the caller named it: a link is followed, once
     ck = _read(path)
     if ck is None:
         raise InputError("not a PyTorch checkpoint", path)
@@ -649,7 +860,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
                                 "never executes; load it with torch only if you trust it", path)
     if not ck.little_endian:
         raise InputError("big-endian checkpoints are not supported", path)
-    with open(path, "rb") as f:
+    with open_source(path) as f:
         return {name: _read_tensor(path, f, ck.storages, name, t)
                 for name, t in ck.pickled.named.items()}
 
@@ -658,6 +869,8 @@ def _read_tensor(path: Path, f: BinaryIO, storages: _Locations, name: str,
                  t: _TensorRef) -> np.ndarray:
     if t.dtype is None:
         raise InputError(f"tensor {name!r} has a dtype elves does not support", path)
+    if len(t.shape) > MAX_RANK:
+        raise InputError(f"tensor {name!r} has {len(t.shape)} dimensions (at most {MAX_RANK})", path)
     dtype = numpy_dtype(t.dtype)
     start, length = _byte_range(t)
     if not length:
