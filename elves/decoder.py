@@ -124,6 +124,9 @@ class Sha256Beside:
         self._window = window
 
     def update(self, chunk: np.ndarray) -> None:
+        if chunk.shape[0] < INLINE_BYTES and not self._pending:  # a hand-off costs more than hashing it
+            self._sha.update(chunk)
+            return
         self._pending.append(self._pool.submit(self._sha.update, chunk))
         if len(self._pending) > self._window:
             self._pending.popleft().result()

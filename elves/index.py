@@ -153,8 +153,10 @@ class Index:
 
 # ---------------------------------------------------------------------------- field checks
 
-class _Fields:
+class Fields:
     """Typed reads of one untrusted map, each naming the archive and the field when it fails."""
+
+    prefix = "the index is malformed: "
 
     def __init__(self, raw: Any, where: str, path: Path):
         self.where, self.path = where, path
@@ -163,7 +165,7 @@ class _Fields:
         self.raw: dict[Any, Any] = raw
 
     def fail(self, problem: str) -> None:
-        raise CorruptArchiveError(f"the index is malformed: {self.where} {problem}", self.path)
+        raise CorruptArchiveError(f"{self.prefix}{self.where} {problem}", self.path)
 
     def int(self, key: str, lo: int = 0, hi: int = U64, default: Any = ...) -> Any:
         v = self.raw.get(key, default)
@@ -196,7 +198,7 @@ class _Fields:
         return v
 
 
-def _ints(v: Any, n: int | None = None, lo: int = 0) -> bool:
+def ints(v: Any, n: int | None = None, lo: int = 0) -> bool:
     return isinstance(v, list) and (n is None or len(v) == n) and all(type(x) is int and lo <= x <= U64 for x in v)
 
 
@@ -226,21 +228,22 @@ def link_target_inside(path: str, link: str) -> bool:
 
 # ---------------------------------------------------------------------------- streams
 
-def parse_stream(raw: Any, label: str, path: Path) -> Stream:
-    """One stream record, its fields typed and its pipeline known (not yet placed in a file)."""
-    f = _Fields(raw, label, path)
+def parse_stream(raw: Any, label: str, path: Path, checked: set[str] | None = None) -> Stream:
+    """One stream record, its fields typed and its pipeline known (not yet placed in a file).
+    ``checked`` remembers the pipelines already checked, for an index of many streams."""
+    f = Fields(raw, label, path)
     kind = f.choice("kind", KINDS)
     dtype = f.raw.get("dtype")
     if kind == "tensor":
-        if dtype not in dtypes.DTYPES:
+        if not (isinstance(dtype, str) and dtype in dtypes.DTYPES):
             raise CorruptArchiveError(f"{label}: unknown dtype {dtype!r:.40} for a tensor stream", path)
     elif dtype is not None:
         f.fail("is a bytes stream with a dtype")
     chunks = f.list("chunks")
-    if not all(_ints(c, 4) for c in chunks):
+    if not all(ints(c, 4) for c in chunks):
         f.fail("has a malformed chunk (four non-negative integers expected)")
     ref_map = f.raw.get("ref_map")
-    if ref_map is not None and not (isinstance(ref_map, list) and ref_map and all(_ints(p, 3) for p in ref_map)):
+    if ref_map is not None and not (isinstance(ref_map, list) and ref_map and all(ints(p, 3) for p in ref_map)):
         f.fail("has a malformed reference map")
     pipeline = f.list("pipeline")
     if not all(isinstance(c, dict) for c in pipeline):
@@ -248,26 +251,34 @@ def parse_stream(raw: Any, label: str, path: Path) -> Stream:
     s = Stream(kind, dtype, f.int("nbytes"), f.str("hash", _HEX32), pipeline, f.int("chunk_elems", 1),
                [Chunk(*c) for c in chunks], decoded_hash=f.str("decoded_hash", _HEX32, None),
                ref=f.int("ref", 0, U64, None), ref_map=ref_map)
-    check_pipeline(s, label, path)
+    check_pipeline(s, label, path, checked)
     return s
 
 
-def check_pipeline(s: Stream, label: str, path: Path) -> Pipeline:
-    """The stream's codec pipeline, built from its configs: every codec known, its parameters in
-    range, and a filter's element type as wide as the stream's."""
+def check_pipeline(s: Stream, label: str, path: Path, checked: set[str] | None = None) -> None:
+    """The stream's codec pipeline can be built from its configs: every codec known, its
+    parameters in range, and a filter's element type as wide as the stream's."""
+    key = repr((s.kind, s.dtype, len(s.chunks) > 1, s.pipeline))
+    if checked is not None and key in checked:
+        return
     try:
-        pipeline = Pipeline.from_config(s.pipeline)
+        Pipeline.from_config(s.pipeline)
     except ElvesError as e:
         raise type(e)(f"{label}: {e.message}", path) from None
     except Exception as e:  # a codec's own checks, whatever they raise on forged parameters
         raise CorruptArchiveError(f"{label}: invalid codec parameters: {e}", path) from None
-    first = s.pipeline[0].get("dtype") if s.pipeline else None
-    if s.kind == "tensor" and first is not None and s.dtype is not None and \
-            dtypes.get(first).itemsize != dtypes.get(s.dtype).itemsize:
-        raise CorruptArchiveError(f"{label}: its pipeline codes {first} elements, but it holds {s.dtype}", path)
+    # Filters keep the element width (``elf`` maps floats to unsigned words of the same width), so
+    # every codec that names a dtype names one as wide as the stream's elements.
+    width = dtypes.get(s.dtype).itemsize if s.kind == "tensor" and s.dtype is not None else None
+    for c in s.pipeline:
+        named = c.get("dtype")
+        if named is not None and (width is None or not isinstance(named, str) or dtypes.get(named).itemsize != width):
+            raise CorruptArchiveError(f"{label}: its pipeline codes {named} elements, but it holds "
+                                      f"{s.dtype or 'bytes'}", path)
     if not s.pipeline and len(s.chunks) > 1:
         raise CorruptArchiveError(f"{label}: a stream stored as it is has more than one chunk", path)
-    return pipeline
+    if checked is not None:
+        checked.add(key)
 
 
 def check_chunks(s: Stream, label: str, path: Path, data_start: int, data_end: int) -> None:
@@ -320,7 +331,7 @@ def check_ref(streams: list[Stream], i: int, path: Path) -> None:
 # ---------------------------------------------------------------------------- files
 
 def parse_file(raw: Any, streams: list[Stream], path: Path) -> FileEntry:
-    f = _Fields(raw, "a file entry", path)
+    f = Fields(raw, "a file entry", path)
     name = safe_relpath(raw.get("path"), path)
     f.where = f"file {name!r}"
     fmt = f.choice("format", FILE_FORMATS)
@@ -342,16 +353,16 @@ def parse_file(raw: Any, streams: list[Stream], path: Path) -> FileEntry:
     return entry
 
 
-def _parse_tensor(t: Any, entry: FileEntry, streams: list[Stream], f: _Fields) -> TensorEntry:
+def _parse_tensor(t: Any, entry: FileEntry, streams: list[Stream], f: Fields) -> TensorEntry:
     if not (isinstance(t, list) and len(t) == 6 and isinstance(t[0], str) and isinstance(t[1], str)
-            and _ints(t[2]) and len(t[2]) <= MAX_RANK and type(t[3]) is int and type(t[4]) is int and t[4] >= 0
-            and (t[5] is None or _ints(t[5], len(t[2])))):
+            and ints(t[2]) and len(t[2]) <= MAX_RANK and type(t[3]) is int and type(t[4]) is int and t[4] >= 0
+            and (t[5] is None or ints(t[5], len(t[2])))):
         f.fail(f"has a malformed tensor entry {str(t)[:80]}")
     name, dt, shape, segment, offset, strides = t
     te = TensorEntry(name, dt, tuple(shape), segment, offset, tuple(strides) if strides is not None else None)
     what = f"tensor {name!r:.80}"
     packed = dt in dtypes.PACKED
-    if dt not in dtypes.DTYPES and not packed:
+    if dt not in dtypes.DTYPES and not packed:  # dt is a str: checked with the entry's shape
         f.fail(f"has {what} of unknown dtype {dt!r:.20}")
     count = te.count
     if segment == -1:
@@ -389,7 +400,7 @@ def tensor_names(files: list[FileEntry]) -> dict[str, tuple[FileEntry, TensorEnt
     return {(t.name if plain else f"{entry.path}:{t.name}"): (entry, t) for entry, t in pairs}
 
 
-def _check_paths(files: list[FileEntry], path: Path) -> None:
+def check_paths(files: list[FileEntry], path: Path) -> None:
     """Paths are unique, and none is a folder of another (restore would write through it)."""
     names = {e.path for e in files}
     if len(names) != len(files):
@@ -403,24 +414,24 @@ def _check_paths(files: list[FileEntry], path: Path) -> None:
 
 
 def _check_base(base: dict[str, Any], path: Path) -> None:
-    f = _Fields(base, "the base model entry", path)
+    f = Fields(base, "the base model entry", path)
     for t in f.list("tensors"):
-        g = _Fields(t, "a base tensor entry", path)
+        g = Fields(t, "a base tensor entry", path)
         g.str("hash", _HEX32)
         g.int("nbytes")
         g.int("offset", 0, U64, None)
         g.str("name", None, "")
         g.str("file", None, "")
     model = f.map("model") or {}
-    for e in _Fields(model, "the base model summary", path).list("files", []):
-        g = _Fields(e, "a base file entry", path)
+    for e in Fields(model, "the base model summary", path).list("files", []):
+        g = Fields(e, "a base file entry", path)
         g.str("path")
         g.int("size")
         g.str("sha256", _HEX64)
 
 
 def _check_error_bound(bound: dict[str, Any], path: Path) -> None:
-    f = _Fields(bound, "the error bound", path)
+    f = Fields(bound, "the error bound", path)
     f.choice("mode", ("abs", "rel"))
     f.str("spec")
     v = bound.get("value")
@@ -433,11 +444,12 @@ def _check_error_bound(bound: dict[str, Any], path: Path) -> None:
 def parse_index(raw: Any, path: Path, version: tuple[int, int], data_start: int, data_end: int) -> Index:
     """Check every invariant of a decoded index (msgpack) of an archive of format ``version`` whose
     chunk payloads lie in ``[data_start, data_end)``, and return it typed."""
-    f = _Fields(raw, "index", path)
+    f = Fields(raw, "index", path)
     fmt = f.raw.get("format")
-    if not (_ints(fmt, 2) and tuple(fmt) == version):
+    if not (ints(fmt, 2) and tuple(fmt) == version):
         f.fail(f"has format {fmt!r:.20}, but the header says {version[0]}.{version[1]}")
-    streams = [parse_stream(s, f"stream {i}", path) for i, s in enumerate(f.list("streams"))]
+    checked: set[str] = set()
+    streams = [parse_stream(s, f"stream {i}", path, checked) for i, s in enumerate(f.list("streams"))]
     for i, s in enumerate(streams):
         check_chunks(s, f"stream {i}", path, data_start, data_end)
         check_ref(streams, i, path)
@@ -445,7 +457,7 @@ def parse_index(raw: Any, path: Path, version: tuple[int, int], data_start: int,
     files = [parse_file(e, streams, path) for e in f.list("files")]
     if not files:
         raise CorruptArchiveError("the index lists no files (compress never writes such an archive)", path)
-    _check_paths(files, path)
+    check_paths(files, path)
     index = Index(writer=f.str("writer", None, ""), lossy=f.raw.get("lossy", False),
                   source=f.choice("source", ("file", "folder"), "folder"), streams=streams, files=files,
                   base=f.map("base"), error_bound=f.map("error_bound"))

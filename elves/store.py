@@ -72,7 +72,7 @@ from .errors import (
     StoreError,
     UnsupportedFormatError,
 )
-from .index import Chunk, FileEntry, Stream, _check_paths, _Fields, _ints, check_chunks, parse_file, parse_stream
+from .index import Chunk, FileEntry, Fields, Stream, check_chunks, check_paths, ints, parse_file, parse_stream
 from .model import Segment, SourceFile, TensorView, open_source
 from .readers import read_model
 
@@ -218,11 +218,10 @@ _KEY_RE = re.compile(r"[0-9a-f]{32}\.[a-z0-9_]+")
 MAX_JSON_BYTES = 256 << 20        # a manifest or profile larger than this is not one elves wrote
 
 
-class _StoreFields(_Fields):
+class _StoreFields(Fields):
     """Typed reads of one of the store's own records (an object trailer, a manifest)."""
 
-    def fail(self, problem: str) -> None:
-        raise CorruptArchiveError(f"{self.where} {problem}", self.path)
+    prefix = ""
 
 
 def _open_inside(root: Path | None, path: Path, what: str) -> int:
@@ -342,12 +341,12 @@ class StoredObject:
         label = f"object {self.key}"
         f = _StoreFields(raw, f"the trailer of {label}", self.path)
         version = f.list("v")
-        if not _ints(version, 2):
+        if not ints(version, 2):
             f.fail("has no valid 'v' (two integers expected)")
         if version[0] > STORE_VERSION[0]:
             raise UnsupportedFormatError(f"{label} was written by a newer elves: upgrade elves", self.path)
         chunks, refs = f.list("chunks"), f.list("refs")
-        if not all(_ints(c, 3) for c in chunks):
+        if not all(ints(c, 3) for c in chunks):
             f.fail("has a malformed chunk (three non-negative integers expected)")
         if not all(isinstance(r, str) and _KEY_RE.fullmatch(r) for r in refs):
             f.fail("has a malformed 'refs' (object keys expected)")
@@ -580,7 +579,7 @@ class Store:
         try:
             info = _read_json(self.path, marker, MARKER)
             version = tuple(info["version"])
-            if info.get("format") != "elves-store" or not _ints(list(version), 2):
+            if info.get("format") != "elves-store" or not ints(list(version), 2):
                 raise ValueError("not an elves store marker")
         except FileNotFoundError:
             raise StoreError(f"not an elves store (no {MARKER}); create one with `elves store init`",
@@ -660,7 +659,7 @@ class Store:
         inside their segments, in the segment's dtype (:func:`elves.index.parse_file`)."""
         f = _StoreFields(raw, "the manifest", path)
         version = f.list("version")
-        if not _ints(version, 2):
+        if not ints(version, 2):
             f.fail("has no valid 'version' (two integers expected)")
         if version[0] > STORE_VERSION[0]:
             raise StoreError(f"model {raw.get('name')!r:.80} was added by a newer elves: upgrade elves", path)
@@ -679,7 +678,7 @@ class Store:
         files = [self._check_file(e, path) for e in f.list("files")]
         if not files or (source == "file" and len(files) != 1):
             f.fail(f"lists {len(files)} files for a model added as a {source}")
-        _check_paths(files, path)
+        check_paths(files, path)
         return raw
 
     @staticmethod
@@ -694,7 +693,7 @@ class Store:
         streams = []
         for i, seg in enumerate(f.list("segments")):
             if not (isinstance(seg, list) and len(seg) in (2, 3) and isinstance(seg[0], str)
-                    and _KEY_RE.fullmatch(seg[0]) and _ints(seg[1:])):
+                    and _KEY_RE.fullmatch(seg[0]) and ints(seg[1:])):
                 f.fail(f"has a malformed segment {str(seg)[:80]} ([key, length] or [key, length, offset])")
             digest, kind = seg[0].split(".")
             if len(seg) == 3 and (kind != "bytes" or seg[1] + seg[2] > PACK_MAX):
