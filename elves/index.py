@@ -458,6 +458,11 @@ def parse_index(raw: Any, path: Path, version: tuple[int, int], data_start: int,
     if not files:
         raise CorruptArchiveError("the index lists no files (compress never writes such an archive)", path)
     check_paths(files, path)
+    used = {i for e in files for i in e.segments}
+    if len(used) != len(streams):  # compress writes a stream only for a file's segment
+        unused = min(set(range(len(streams))) - used)
+        raise CorruptArchiveError(f"the index is malformed: stream {unused} belongs to no file (a file was "
+                                  "removed from the index?)", path)
     index = Index(writer=f.str("writer", None, ""), lossy=f.raw.get("lossy", False),
                   source=f.choice("source", ("file", "folder"), "folder"), streams=streams, files=files,
                   base=f.map("base"), error_bound=f.map("error_bound"))

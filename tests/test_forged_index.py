@@ -186,6 +186,7 @@ def test_overlapping_chunks(archive: Path, tmp_path: Path) -> None:
     (lambda i: i["files"][0].update(sha256="zz"), "'sha256'"),
     (lambda i: i["files"][0].update(format="exe"), "'format'"),
     (lambda i: i["files"].append(dict(i["files"][0])), "same path"),
+    (lambda i: i["files"].pop(), "belongs to no file"),
     (lambda i: i["files"][1].update(path=i["files"][0]["path"] + "/inner"), "folder of"),
     (lambda i: i["streams"][0].update(kind="tensors"), "'kind'"),
     (lambda i: i["streams"][0].update(hash=None), "'hash'"),
