@@ -4,6 +4,8 @@
     python bench/kernel_speed.py                    # every prepared dataset
     python bench/kernel_speed.py astra-st minilm    # some datasets
     python bench/kernel_speed.py --repeat 5 --json speed.json
+    git worktree add --detach /tmp/before REV
+    python bench/kernel_speed.py --no-zipnn --baseline /tmp/before   # A/B against revision REV
 
 For each dataset and float dtype (F32, BF16, F16) it gathers the tensor bytes the readers find,
 cuts each tensor into chunks as the encoder does (256 KiB), and times one thread running
@@ -15,6 +17,11 @@ and ZipNN taking turns: on a shared machine, wall time also counts the time othe
 held the core. MB/s is 1e6 decoded
 bytes per second. Every decode is checked byte for byte. Ratios are tensor bytes over coded
 bytes (elves: chunk payloads, no index; ZipNN: its stream).
+
+With ``--baseline DIR`` (a checkout of an earlier revision), that revision's codecs and kernels
+also code the same chunks, taking turns with the current ones in the same process, and a second
+table gives the change: the cost of what changed, on the same bytes in the same run. Both must
+write byte-identical payloads.
 """
 from __future__ import annotations
 
@@ -28,17 +35,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+from compare import load_datasets_module, proc_field  # bench/compare.py, beside this script
 from results import write_section  # bench/results.py, beside this script
 
 HERE = Path(__file__).resolve().parent
 ZIPNN_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
-def load_datasets_module():
-    """bench/datasets.py, imported by path (``import datasets`` could be Hugging Face's)."""
-    spec = importlib.util.spec_from_file_location("elves_bench_datasets", HERE / "datasets.py")
+def load_package(name: str, root: Path):
+    """The ``elves`` package of the checkout at ``root``, imported as ``name`` beside the current
+    one (its modules import each other relatively; numba caches its kernels under ``root``)."""
+    init = root / "elves" / "__init__.py"
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -69,17 +79,17 @@ def cpu_seconds(fn, *args) -> tuple[float, object]:
 
 
 class Elves:
-    """``planes`` + ``rans`` over the encoder's 256 KiB chunks of the tensors."""
+    """``planes`` + ``rans`` over the encoder's 256 KiB chunks of the tensors, through the codecs
+    of ``package`` (an earlier checkout's, for an A/B)."""
 
-    name = "elves"
-
-    def __init__(self, dtype: str, segments: list[np.ndarray]):
-        from elves.codecs import Pipeline
-        from elves.codecs.planes import Planes
-        from elves.codecs.rans import Rans
+    def __init__(self, dtype: str, segments: list[np.ndarray], package: str = "elves", name: str = "elves"):
         from elves.encoder import TENSOR_CHUNK_BYTES
 
-        self.pipeline = Pipeline([Planes(dtype), Rans()])
+        codecs = importlib.import_module(f"{package}.codecs")
+        planes = importlib.import_module(f"{package}.codecs.planes")
+        rans = importlib.import_module(f"{package}.codecs.rans")
+        self.name = name
+        self.pipeline = codecs.Pipeline([planes.Planes(dtype), rans.Rans()])
         step = TENSOR_CHUNK_BYTES // self.pipeline.codecs[0].width * self.pipeline.codecs[0].width
         self.chunks = [s[o:o + step] for s in segments for o in range(0, len(s), step)]
         self.outs = [np.empty(len(c), np.uint8) for c in self.chunks]
@@ -93,7 +103,7 @@ class Elves:
     def decode(self) -> float:
         seconds, _ = cpu_seconds(lambda: [self.pipeline.decode(p, o) for p, o in zip(self.payloads, self.outs)])
         if any(not np.array_equal(c, o) for c, o in zip(self.chunks, self.outs)):
-            raise SystemExit(f"elves: a chunk of {len(self.chunks)} did not decode to its original bytes")
+            raise SystemExit(f"{self.name}: a chunk of {len(self.chunks)} did not decode to its original bytes")
         return seconds
 
     def coded_bytes(self) -> int:
@@ -144,11 +154,15 @@ def main() -> None:
     parser.add_argument("datasets", nargs="*", help="dataset names (default: every prepared one)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--no-zipnn", action="store_true", help="time elves only")
+    parser.add_argument("--baseline", type=Path, help="an earlier checkout to time against (A/B)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--write", action="store_true", help="replace the kernel section of bench/RESULTS.md")
     args = parser.parse_args()
     names = args.datasets or [d for d in ds.DATASETS if ds.is_prepared(d)]
     rows = []
+    baseline = load_package("elves_before", args.baseline) if args.baseline else None
+    ab = ["| dataset | dtype | MB | before enc MB/s | after enc MB/s | enc change | before dec MB/s "
+          "| after dec MB/s | dec change |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     lines = ["| dataset | dtype | MB | elves ratio | ZipNN ratio | elves enc MB/s | ZipNN enc MB/s "
              "| elves dec MB/s | ZipNN dec MB/s | dec speed-up |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -157,20 +171,31 @@ def main() -> None:
         for dtype, segments in sorted(tensor_bytes(ds.model_dir(name)).items()):
             mb = sum(len(s) for s in segments) / 1e6
             coders = [Elves(dtype, segments)] + ([] if args.no_zipnn else [ZipNN(dtype, segments)])
+            if baseline is not None:
+                coders.insert(0, Elves(dtype, segments, "elves_before", "before"))
             got = measure(coders, sum(len(s) for s in segments), args.repeat)
-            e, z = got["elves"], got.get("ZipNN")
-            rows.append({"dataset": name, "dtype": dtype, "mb": mb, "elves": e, "zipnn": z})
+            e, z, b = got["elves"], got.get("ZipNN"), got.get("before")
+            if b is not None:
+                if coders[0].payloads != coders[1].payloads:
+                    raise SystemExit(f"{name} {dtype}: the baseline writes other payloads")
+                ab.append(f"| {name} | {dtype} | {mb:.1f} | {b['enc']:.0f} | {e['enc']:.0f} | "
+                          f"{e['enc'] / b['enc'] - 1:+.1%} | {b['dec']:.0f} | {e['dec']:.0f} | {e['dec'] / b['dec'] - 1:+.1%} |")
+            rows.append({"dataset": name, "dtype": dtype, "mb": mb, "elves": e, "zipnn": z, "before": b})
             zr = ("n/a",) * 3 if z is None else (f"{z['ratio']:.4f}", f"{z['enc']:.0f}", f"{z['dec']:.0f}")
             up = "n/a" if z is None else f"{e['dec'] / z['dec']:.2f}x"
             lines.append(f"| {name} | {dtype} | {mb:.1f} | {e['ratio']:.4f} | {zr[0]} | {e['enc']:.0f} | {zr[1]} "
                          f"| {e['dec']:.0f} | {zr[2]} | {up} |")
             print(lines[-1], flush=True)
+    if baseline is not None:
+        print("\n" + "\n".join(ab))
+        lines += ["", f"A/B against `{args.baseline}` (before), same chunks, taking turns:", ""] + ab
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     if args.write:
         cmd = "python bench/kernel_speed.py " + " ".join(sys.argv[1:])
         when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, {platform.platform()}"
+        cpu = proc_field("/proc/cpuinfo", "model name") or platform.machine()
+        machine = f"{cpu}, {os.cpu_count()} logical cores, {platform.platform()}"
         write_section("kernel", "kernel_speed.py: the float codec's kernels alone, one thread, against ZipNN",
                       f"Command: `{cmd}`\nDate: {when}\nMachine: {machine}\n\n" + "\n".join(lines))
 

@@ -26,8 +26,7 @@ kernels are handed the capacity of every buffer they touch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -40,8 +39,7 @@ BYTES = "bytes"
 PLANES = "planes"
 
 
-@dataclass(frozen=True)
-class Expected:
+class Expected(NamedTuple):  # a tuple: built per chunk, and cheaply
     """What a stage's decode must produce: ``lo`` to ``hi`` bytes, as ``planes`` byte planes of
     equal length (``planes`` 0: flat bytes)."""
 
@@ -61,12 +59,13 @@ class Expected:
 
 
 def expected_of(out: np.ndarray | None, expected: Expected | None) -> Expected:
-    """What a decode must produce: all of ``out`` when given, else ``expected``."""
-    if out is not None:
-        return Expected.exactly(out.nbytes, out.shape[0] if out.ndim == 2 else 0)
-    if expected is None:
+    """What a decode must produce: ``expected`` (which the pipeline derives from the size of its
+    ``out``), else all of ``out``."""
+    if expected is not None:
+        return expected
+    if out is None:
         raise CodecError("decode needs the output buffer or the expected size")
-    return expected
+    return Expected.exactly(out.nbytes, out.shape[0] if out.ndim == 2 else 0)
 
 
 def int_in(v: Any, lo: int, hi: int) -> bool:
@@ -150,6 +149,7 @@ class Pipeline:
         if kind != BYTES:
             raise CodecError(f"a pipeline cannot end with {codecs[-1].codec_id!r}: it does not produce bytes")
         self.codecs = codecs
+        self._expected: dict[int, list[Expected]] = {}  # a stream's chunks have one or two sizes
 
     @classmethod
     def from_config(cls, configs: list[Config]) -> "Pipeline":
@@ -169,9 +169,14 @@ class Pipeline:
         """What each codec's decode must produce, for a chunk that decodes to ``nbytes``:
         ``expected(n)[i]`` for ``codecs[i]``. CorruptArchiveError if no payload can decode to
         ``nbytes`` (a length that is not whole elements of the pipeline's dtype)."""
-        sizes = [Expected.exactly(nbytes)]
-        for codec in self.codecs[:-1]:
-            sizes.append(codec.encoded_size(sizes[-1]))
+        sizes = self._expected.get(nbytes)
+        if sizes is None:
+            sizes = [Expected.exactly(nbytes)]
+            for codec in self.codecs[:-1]:
+                sizes.append(codec.encoded_size(sizes[-1]))
+            if len(self._expected) >= 16:
+                self._expected.clear()
+            self._expected[nbytes] = sizes
         return sizes
 
     def encode(self, chunk: np.ndarray, ref: np.ndarray | None = None) -> bytes:
