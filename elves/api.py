@@ -24,7 +24,7 @@ import numpy as np
 
 from . import dtypes
 from .archive import ArchiveReader
-from .decoder import attach_base, file_chunks, read_stream
+from .decoder import attach_base, check_tensors, file_chunks, read_stream
 from .encoder import default_threads
 from .errors import CorruptArchiveError, ElvesError, InputError, UsageError
 from .index import FileEntry, TensorEntry, tensor_names
@@ -57,6 +57,7 @@ class Archive:
         self._threads = default_threads(threads)
         self._pool: ThreadPoolExecutor | None = None
         self._views = tensor_names(self._reader.files)
+        self._checked: set[str] = set()  # files whose tensor entries agree with their own header
 
     @property
     def path(self) -> Path:
@@ -100,6 +101,9 @@ class Archive:
             return np.zeros(shape, dtype=npdt)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._threads)
+        if entry.path not in self._checked:
+            check_tensors(self._reader, entry, self._pool, 2 * self._threads + 2)
+            self._checked.add(entry.path)
         raw = read_stream(self._reader, entry.segments[t.segment], self._pool, 2 * self._threads + 2)
         flat = raw[t.offset:]
         if t.strides is None:

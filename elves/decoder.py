@@ -8,6 +8,7 @@ place only when complete and verified.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import stat
@@ -24,8 +25,9 @@ import xxhash
 from .archive import ArchiveReader, Stream, safe_relpath, temp_sibling
 from .codecs import Pipeline
 from .encoder import INLINE_BYTES, default_threads, ordered_map
-from .errors import ArchiveError, CorruptArchiveError, OutputError, OutputExistsError, UnsafePathError
+from .errors import ArchiveError, CorruptArchiveError, InputError, OutputError, OutputExistsError, UnsafePathError
 from .index import FileEntry
+from .readers import safetensors
 from .references import RefReader, decode_chunk
 
 ProgressFn = Callable[[int], None]
@@ -95,6 +97,40 @@ def iter_stream(reader: ArchiveReader, index: int, pool: Executor, window: int) 
     if total != stream.nbytes or h.hexdigest() != stream.expected_hash:  # lossy: the decoded bytes' hash
         raise CorruptArchiveError(f"{stream_label(reader, index)}: decoded bytes do not match the stored hash",
                                   reader.path)
+
+
+def check_tensors(reader: ArchiveReader, entry: FileEntry, pool: Executor, window: int) -> None:
+    """Check that the tensors the index lists for a safetensors file are those the file's own
+    header describes: name, dtype, shape and place. The header is restored from its stream, whose
+    hash is checked, so a forger who edits only the index's tensor entries (swapping two
+    dimensions, say) gets an error here, not a tensor of the wrong shape. Restore needs no such
+    check: it writes the header with the file."""
+    if entry.format != "safetensors" or not entry.segments:
+        return
+    head = read_stream(reader, entry.segments[0], pool, window)
+    n = int.from_bytes(head[:8].tobytes(), "little") if head.shape[0] >= 8 else -1
+    if not 0 <= n <= min(head.shape[0] - 8, safetensors.MAX_HEADER):
+        raise CorruptArchiveError(f"{entry.path}: its first segment is no safetensors header", reader.path)
+    try:
+        sf = safetensors.from_header(Path(entry.path), entry.path, head[8:8 + n].tobytes(), entry.size)
+    except InputError as e:
+        raise CorruptArchiveError(f"{entry.path}: its safetensors header is malformed: {e.message}",
+                                  reader.path) from None
+    starts = np.concatenate(([0], np.cumsum([reader.streams[i].nbytes for i in entry.segments])))
+
+    def placed(shape: tuple[int, ...], segment: int, offset: int, start: int) -> tuple[tuple[int, ...], int]:
+        return tuple(shape), start + offset if math.prod(shape) else -1  # an empty tensor is nowhere
+
+    header = {v.name: (v.dtype, *placed(v.shape, v.segment, v.offset,
+                                        sf.segments[v.segment].offset if v.segment >= 0 else 0))
+              for v in sf.tensors}
+    index = {t.name: (t.dtype, *placed(t.shape, t.segment, t.offset,
+                                       int(starts[t.segment]) if t.segment >= 0 else 0))
+             for t in entry.tensors}
+    if header != index or len(entry.tensors) != len(sf.tensors):
+        wrong = sorted(set(header.items()) ^ set(index.items()))
+        raise CorruptArchiveError(f"{entry.path}: tensor {wrong[0][0] if wrong else '?'!r} in the index is not "
+                                  "the one its safetensors header describes", reader.path)
 
 
 def read_stream(reader: ArchiveReader, index: int, pool: Executor, window: int) -> np.ndarray:

@@ -42,7 +42,7 @@ from .archive import ArchiveReader, Stream
 from .codecs import Pipeline
 from .codecs.planes import Planes
 from .codecs.rans import STATUS, Rans
-from .decoder import read_stream, stream_label
+from .decoder import check_tensors, read_stream, stream_label
 from .encoder import default_threads
 from .errors import CodecError, CorruptArchiveError, ElvesError, TruncatedArchiveError, UsageError
 from .index import FileEntry, TensorEntry, tensor_names
@@ -668,6 +668,7 @@ def load_file(path: str | os.PathLike[str], device: Any = "cuda:0", framework: G
     """
     target = _target(framework, _device_index(device))
     with ArchiveReader(path) as reader, _on(target):
+        _check_tensors(reader, reader.files)
         named = tensor_names(reader.files)
         users: dict[int, list[str]] = {}
         out: dict[str, Any] = {}
@@ -691,7 +692,15 @@ def load_file(path: str | os.PathLike[str], device: Any = "cuda:0", framework: G
     return {name: out[name] for name in named}
 
 
-def _empty(target: _Target, t: list[Any]) -> Any:
+def _check_tensors(reader: ArchiveReader, entries: list[FileEntry]) -> None:
+    """The files' tensor entries agree with their own headers (:func:`elves.decoder.check_tensors`),
+    checked on the CPU: headers are small."""
+    with ThreadPoolExecutor(2) as pool:
+        for entry in entries:
+            check_tensors(reader, entry, pool, 4)
+
+
+def _empty(target: _Target, t: TensorEntry) -> Any:
     shape, _ = _shape_and_count(t[1], t[2], 0)
     return target.empty_tensor(target.dtype(t[1]), shape)
 
@@ -707,6 +716,7 @@ class GpuArchive:
         _target(framework, self._device)  # fail now, not at the first tensor: no cupy, no device
         self._reader = ArchiveReader(path)
         self._named = tensor_names(self._reader.files)
+        self._checked: set[str] = set()  # files whose tensor entries agree with their own header
 
     @property
     def path(self) -> Path:
@@ -725,6 +735,9 @@ class GpuArchive:
             entry, t = self._named[name]
         except KeyError:
             raise KeyError(f"no tensor {name!r} in {self.path}") from None
+        if entry.path not in self._checked:
+            _check_tensors(self._reader, [entry])
+            self._checked.add(entry.path)
         target = _target(self._framework, self._device)  # on the caller's current stream
         with _on(target):
             s = _stream_of(entry, t, self._reader)

@@ -326,3 +326,39 @@ def test_cli_errors_json_and_debug(archive: Path, tmp_path: Path) -> None:
 def test_cli_bad_error_bound_is_a_usage_error(model: Path, tmp_path: Path, bound: str) -> None:
     r = _cli("compress", str(model), "-o", str(tmp_path / "x.elves"), "--lossy", "elf", "--error-bound", bound)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "error-bound" in r.stderr
+
+
+def _swap_dims(index: dict) -> None:
+    _tensor(index, "big")[2] = [1000, 300]  # the same count: the parser cannot tell
+
+
+def _retype(index: dict) -> None:
+    """F32 tensors declared I32, streams and codecs too: consistent, and wrong."""
+    for st in index["streams"]:
+        if st.get("dtype") == "F32":
+            st["dtype"] = "I32"
+            for c in st["pipeline"]:
+                if "dtype" in c:
+                    c["dtype"] = "I32"
+    for f in index["files"]:
+        for t in f["tensors"]:
+            t[1] = "I32"
+
+
+def _swap_names(index: dict) -> None:
+    big, twin = _tensor(index, "big"), _tensor(index, "twin")
+    big[0], twin[0] = "twin", "big"
+
+
+@pytest.mark.parametrize("forge", [_swap_dims, _retype, _swap_names])
+def test_tensor_entries_must_agree_with_the_safetensors_header(archive: Path, tmp_path: Path, forge) -> None:
+    """The index's tensor entries are checked against the file's own header (restored, its hash
+    checked): a forger who edits them alone gets an error from every tensor reader."""
+    rewrite_index(archive, forge)
+    with pytest.raises(CorruptArchiveError, match="a.safetensors: tensor .* is not the one its safetensors header"):
+        elves.load_file(archive)
+    with elves.open(archive) as a, pytest.raises(CorruptArchiveError, match=str(archive)):
+        a.get_tensor("small")
+    out = tmp_path / "out"
+    elves.restore(archive, out)  # the file itself is intact
+    assert tree_hashes(out) == tree_hashes(tmp_path / "src")

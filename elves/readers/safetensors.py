@@ -42,7 +42,15 @@ def parse(path: Path, relpath: str) -> SourceFile:
         raw = f.read(n)
     if len(raw) != n:
         raise InputError("the file shrank while its header was being read", path)
+    return from_header(path, relpath, raw, size)
+
+
+def from_header(path: Path, relpath: str, raw: bytes, size: int) -> SourceFile:
+    """The segments and tensors of a ``size``-byte safetensors file whose JSON header is ``raw``.
+    Also how a reader of an archive checks the tensors its index lists against the header it
+    restores (:func:`elves.decoder.check_tensors`)."""
     header = _json(path, raw)
+    n = len(raw)
 
     data_start = 8 + n
     entries = []
