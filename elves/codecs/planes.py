@@ -58,6 +58,6 @@ class Planes(Codec):
         want.check(n * self.width, "planes chunk")
         if out is None:
             out = np.empty(n * self.width, dtype=np.uint8)
-        if k.merge(data, n, self.width, self.rotate, out) != k.OK:
+        if k.merge(data, n, self.width, self.rotate, out):
             raise CorruptArchiveError(f"planes: {n} elements do not fit a {out.shape[0]}-byte chunk")
         return out
