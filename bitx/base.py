@@ -376,7 +376,7 @@ class ArchiveBase(BaseModel):
         with self._lock:
             if index not in self._pipelines:
                 stream = self.reader.streams[index]
-                pipeline = Pipeline.from_config(stream.pipeline)
+                pipeline = stream.decoder()
                 if pipeline.ref_codec is not None:
                     raise BaseModelError(
                         f"the base archive was itself compressed against a base (tensor {seg.names[0]!r}); "

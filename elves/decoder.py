@@ -23,7 +23,6 @@ import numpy as np
 import xxhash
 
 from .archive import ArchiveReader, Stream, safe_relpath, temp_sibling
-from .codecs import Pipeline
 from .encoder import INLINE_BYTES, default_threads, ordered_map
 from .errors import ArchiveError, CorruptArchiveError, InputError, OutputError, OutputExistsError, UnsafePathError
 from .index import FileEntry
@@ -65,7 +64,7 @@ def stream_label(reader: ArchiveReader, index: int) -> str:
 def iter_stream(reader: ArchiveReader, index: int, pool: Executor, window: int) -> Iterator[np.ndarray]:
     """The decoded chunks of stream ``index``, in order, each checked; then the stream's hash."""
     stream = reader.streams[index]
-    pipeline = Pipeline.from_config(stream.pipeline)
+    pipeline = stream.decoder()
     ref_of: Callable[[int], np.ndarray] | None = None
     if stream.ref is not None:  # coded against another stream of this archive
         ref_reader = RefReader(reader, reader.streams[stream.ref])

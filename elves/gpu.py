@@ -39,7 +39,6 @@ import xxhash
 
 from . import dtypes
 from .archive import ArchiveReader, Stream
-from .codecs import Pipeline
 from .codecs.planes import Planes
 from .codecs.rans import STATUS, Rans
 from .decoder import check_tensors, read_stream, stream_label
@@ -391,7 +390,7 @@ def _gpu_width(stream: Stream) -> int | None:
     if not stream.pipeline:
         return STORED
     try:
-        codecs = Pipeline.from_config(stream.pipeline).codecs
+        codecs = stream.decoder().codecs
     except CodecError:
         return None
     if len(codecs) == 2 and type(codecs[0]) is Planes and type(codecs[1]) is Rans and codecs[0].width in WIDTHS:
@@ -507,7 +506,7 @@ class _Loader:
         stream = self.reader.streams[s]
         width = _gpu_width(stream)
         assert width is not None
-        rotate = width != STORED and Pipeline.from_config(stream.pipeline).codecs[0].rotate
+        rotate = width != STORED and stream.decoder().codecs[0].rotate
         out, pos = [], 0
         for i, (offset, length, decoded, checksum) in enumerate(stream.chunks):
             if width != STORED and decoded % width:

@@ -66,6 +66,8 @@ class Stream:
     # reference are bytes ``[src, src + length)`` of stream ``ref``; zeros elsewhere), or None: the
     # referenced stream's bytes at the same places (it is as long as this one).
     ref_map: list[list[int]] | None = None
+    # The pipeline built from ``pipeline`` when the index was parsed (None for a stream being written).
+    codecs: Pipeline | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -79,6 +81,11 @@ class Stream:
         if self.ref_map is not None:
             d["ref_map"] = self.ref_map
         return d
+
+    def decoder(self) -> Pipeline:
+        """The pipeline that decodes this stream's chunks: built once when the index was parsed,
+        else (a stream being written) from ``pipeline`` now."""
+        return self.codecs if self.codecs is not None else Pipeline.from_config(self.pipeline)
 
     @property
     def expected_hash(self) -> str:
@@ -228,7 +235,7 @@ def link_target_inside(path: str, link: str) -> bool:
 
 # ---------------------------------------------------------------------------- streams
 
-def parse_stream(raw: Any, label: str, path: Path, checked: set[str] | None = None) -> Stream:
+def parse_stream(raw: Any, label: str, path: Path, checked: dict[str, Pipeline] | None = None) -> Stream:
     """One stream record, its fields typed and its pipeline known (not yet placed in a file).
     ``checked`` remembers the pipelines already checked, for an index of many streams."""
     f = Fields(raw, label, path)
@@ -251,18 +258,19 @@ def parse_stream(raw: Any, label: str, path: Path, checked: set[str] | None = No
     s = Stream(kind, dtype, f.int("nbytes"), f.str("hash", _HEX32), pipeline, f.int("chunk_elems", 1),
                [Chunk(*c) for c in chunks], decoded_hash=f.str("decoded_hash", _HEX32, None),
                ref=f.int("ref", 0, U64, None), ref_map=ref_map)
-    check_pipeline(s, label, path, checked)
+    s.codecs = check_pipeline(s, label, path, checked)
     return s
 
 
-def check_pipeline(s: Stream, label: str, path: Path, checked: set[str] | None = None) -> None:
-    """The stream's codec pipeline can be built from its configs: every codec known, its
-    parameters in range, and a filter's element type as wide as the stream's."""
+def check_pipeline(s: Stream, label: str, path: Path, checked: dict[str, Pipeline] | None = None) -> Pipeline:
+    """The stream's codec pipeline, built from its configs: every codec known, its parameters in
+    range, in an order that decodes, and a filter's element type as wide as the stream's.
+    ``checked`` holds the pipelines already built, by config: streams share them."""
     key = repr((s.kind, s.dtype, len(s.chunks) > 1, s.pipeline))
     if checked is not None and key in checked:
-        return
+        return checked[key]
     try:
-        Pipeline.from_config(s.pipeline)
+        pipeline = Pipeline.from_config(s.pipeline)
     except ElvesError as e:
         raise type(e)(f"{label}: {e.message}", path) from None
     except Exception as e:  # a codec's own checks, whatever they raise on forged parameters
@@ -278,7 +286,8 @@ def check_pipeline(s: Stream, label: str, path: Path, checked: set[str] | None =
     if not s.pipeline and len(s.chunks) > 1:
         raise CorruptArchiveError(f"{label}: a stream stored as it is has more than one chunk", path)
     if checked is not None:
-        checked.add(key)
+        checked[key] = pipeline
+    return pipeline
 
 
 def check_chunks(s: Stream, label: str, path: Path, data_start: int, data_end: int) -> None:
@@ -298,6 +307,12 @@ def check_chunks(s: Stream, label: str, path: Path, data_start: int, data_end: i
                                       f"expected {min(step, s.nbytes - i * step)}", path)
         if c.offset < data_start or c.offset + c.length > data_end:
             raise CorruptArchiveError(f"{label}: chunk {i} lies outside the data region", path)
+    if s.chunks and s.codecs is not None:  # the codecs can decode chunks of these lengths (whole elements)
+        for n in {s.chunks[0].decoded_length, s.chunks[-1].decoded_length}:
+            try:
+                s.codecs.expected(n)
+            except ElvesError as e:
+                raise CorruptArchiveError(f"{label}: {e.message}", path) from None
 
 
 def check_no_overlap(streams: list[Stream], path: Path) -> None:
@@ -448,7 +463,7 @@ def parse_index(raw: Any, path: Path, version: tuple[int, int], data_start: int,
     fmt = f.raw.get("format")
     if not (ints(fmt, 2) and tuple(fmt) == version):
         f.fail(f"has format {fmt!r:.20}, but the header says {version[0]}.{version[1]}")
-    checked: set[str] = set()
+    checked: dict[str, Pipeline] = {}
     streams = [parse_stream(s, f"stream {i}", path, checked) for i, s in enumerate(f.list("streams"))]
     for i, s in enumerate(streams):
         check_chunks(s, f"stream {i}", path, data_start, data_end)

@@ -80,7 +80,7 @@ class RefReader:
     def __init__(self, source: PayloadSource, stream: Stream):
         self.source = source
         self.stream = stream
-        self.pipeline = Pipeline.from_config(stream.pipeline)
+        self.pipeline = stream.decoder()
         self.starts = np.concatenate(([0], np.cumsum([c[2] for c in stream.chunks], dtype=np.int64)))
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()

@@ -363,7 +363,7 @@ class StoredObject:
                                       self.path)
         if object_key(stream.hash, stream.dtype) != self.key:
             raise CorruptArchiveError(f"{label}: its trailer's hash and dtype do not give its key", self.path)
-        codec = Pipeline.from_config(stream.pipeline).ref_codec
+        codec = stream.decoder().ref_codec
         ref_hash = getattr(codec, "ref_hash", None)
         if codec is not None and ref_hash is None:
             raise CorruptArchiveError(f"{label}: its pipeline needs a reference that a store cannot give",
