@@ -27,6 +27,10 @@ from .errors import CorruptArchiveError, ElvesError, UnsafePathError
 # The largest decoded chunk a reader accepts: memory per chunk in flight stays bounded (the writer
 # uses 256 KiB tensor chunks and 4 MiB byte chunks).
 MAX_CHUNK_BYTES = 64 << 20
+# A chunk's payload is read whole, so it is held to what a coding of the chunk can take: rANS
+# writes at most two bytes per symbol plus its tables, zstd a few bytes per block.
+MAX_EXPANSION = 4
+MAX_OVERHEAD = 1 << 20
 # Tensor ranks and element counts beyond these are forgeries (numpy allows 64 dimensions).
 MAX_RANK = 64
 FILE_FORMATS = ("safetensors", "torch-zip", "torch-legacy", "onnx", "opaque", "symlink")
@@ -307,6 +311,9 @@ def check_chunks(s: Stream, label: str, path: Path, data_start: int, data_end: i
                                       f"expected {min(step, s.nbytes - i * step)}", path)
         if c.offset < data_start or c.offset + c.length > data_end:
             raise CorruptArchiveError(f"{label}: chunk {i} lies outside the data region", path)
+        if c.length > MAX_EXPANSION * c.decoded_length + MAX_OVERHEAD:  # it would be read whole
+            raise CorruptArchiveError(f"{label}: chunk {i} has a {c.length}-byte payload, more than any coding "
+                                      f"of {c.decoded_length} bytes", path)
     if s.chunks and s.codecs is not None:  # the codecs can decode chunks of these lengths (whole elements)
         for n in {s.chunks[0].decoded_length, s.chunks[-1].decoded_length}:
             try:

@@ -362,3 +362,13 @@ def test_tensor_entries_must_agree_with_the_safetensors_header(archive: Path, tm
     out = tmp_path / "out"
     elves.restore(archive, out)  # the file itself is intact
     assert tree_hashes(out) == tree_hashes(tmp_path / "src")
+
+
+def test_payload_longer_than_any_coding_of_its_chunk(archive: Path, tmp_path: Path) -> None:
+    """A payload is read whole: a 256 KiB chunk may not claim a payload of most of the archive."""
+    def edit(index):
+        first = _stream_of(index, "big")["chunks"][0]
+        first[1] = 4 * first[2] + (1 << 20) + 1
+
+    rewrite_index(archive, edit)
+    _refused(archive, tmp_path, "more than any coding")
