@@ -309,11 +309,11 @@ def check_chunks(s: Stream, label: str, path: Path, data_start: int, data_end: i
         if c.decoded_length != min(step, s.nbytes - i * step):
             raise CorruptArchiveError(f"{label}: chunk {i} decodes to {c.decoded_length} bytes, "
                                       f"expected {min(step, s.nbytes - i * step)}", path)
-        if c.offset < data_start or c.offset + c.length > data_end:
-            raise CorruptArchiveError(f"{label}: chunk {i} lies outside the data region", path)
         if c.length > MAX_EXPANSION * c.decoded_length + MAX_OVERHEAD:  # it would be read whole
             raise CorruptArchiveError(f"{label}: chunk {i} has a {c.length}-byte payload, more than any coding "
                                       f"of {c.decoded_length} bytes", path)
+        if c.offset < data_start or c.offset + c.length > data_end:
+            raise CorruptArchiveError(f"{label}: chunk {i} lies outside the data region", path)
     if s.chunks and s.codecs is not None:  # the codecs can decode chunks of these lengths (whole elements)
         for n in {s.chunks[0].decoded_length, s.chunks[-1].decoded_length}:
             try:
