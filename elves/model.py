@@ -18,6 +18,9 @@ from .errors import InputError
 
 # The most dimensions a named tensor may have; the archive index holds no more.
 MAX_RANK = 64
+# The longest tensor name a reader takes from a container whose names are not otherwise bounded
+# (a pickle's nested keys, a protobuf field).
+MAX_NAME = 4096
 
 
 @dataclass(frozen=True)

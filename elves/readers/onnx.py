@@ -9,10 +9,11 @@ so the file comes back byte for byte. Anything that does not parse as expected i
 from __future__ import annotations
 
 import mmap
+import os
 from pathlib import Path
 
 from .. import dtypes
-from ..model import Segment, SourceFile, TensorView, fill_gaps
+from ..model import MAX_NAME, MAX_RANK, Segment, SourceFile, TensorView, fill_gaps, open_source
 
 # TensorProto.DataType -> safetensors spelling (types without a fixed element size are absent).
 ONNX_DTYPES = {
@@ -26,6 +27,7 @@ GRAPH_NODE, GRAPH_INITIALIZER = 1, 5
 NODE_ATTRIBUTE = 5
 ATTR_T, ATTR_G, ATTR_TENSORS, ATTR_GRAPHS = 5, 6, 10, 11
 TENSOR_DIMS, TENSOR_TYPE, TENSOR_NAME, TENSOR_RAW = 1, 2, 8, 9
+# Subgraphs (If/Loop bodies) nest this deep at most: the walk recurses once per level.
 MAX_DEPTH = 32
 
 
@@ -78,19 +80,23 @@ def _tensor(buf: memoryview, start: int, end: int, out: list) -> None:
     dtype, name, raw = None, "", None
     for field, wire, value in _fields(buf, start, end):
         if field == TENSOR_DIMS and wire == 0:
-            dims.append(value)
+            if len(dims) <= MAX_RANK:
+                dims.append(value)
         elif field == TENSOR_DIMS and wire == 2:  # packed
             pos, stop = value
-            while pos < stop:
+            while pos < stop and len(dims) <= MAX_RANK:
                 d, pos = _varint(buf, pos, stop)
                 dims.append(d)
         elif field == TENSOR_TYPE and wire == 0:
             dtype = ONNX_DTYPES.get(value)
         elif field == TENSOR_NAME and wire == 2:
+            if value[1] - value[0] > MAX_NAME:
+                return  # left opaque rather than a name of megabytes
             name = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
         elif field == TENSOR_RAW and wire == 2:
             raw = value
-    if dtype is None or raw is None or raw[1] == raw[0]:
+    # more dimensions than a tensor may have (a packed field of a million): left opaque
+    if dtype is None or raw is None or raw[1] == raw[0] or len(dims) > MAX_RANK:
         return
     count = 1
     for d in dims:
@@ -120,21 +126,22 @@ def _graph(buf: memoryview, start: int, end: int, out: list, depth: int) -> None
 
 def parse(path: Path, relpath: str) -> SourceFile | None:
     """The ONNX file's tensors as segments, or None when it does not parse as ONNX."""
-    size = path.stat().st_size
-    if size == 0:
-        return None
     found: list[tuple[Segment, tuple[int, ...]]] = []
-    # mmap: the walk touches only the protobuf's keys and lengths, not the weights it skips.
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        buf = memoryview(mm)
-        try:
-            for field, wire, value in _fields(buf, 0, size):
-                if field == MODEL_GRAPH and wire == 2:
-                    _graph(buf, *value, found, 0)
-        except _Malformed:
+    with open_source(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
             return None
-        finally:
-            buf.release()
+        # mmap: the walk touches only the protobuf's keys and lengths, not the weights it skips.
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            buf = memoryview(mm)
+            try:
+                for field, wire, value in _fields(buf, 0, size):
+                    if field == MODEL_GRAPH and wire == 2:
+                        _graph(buf, *value, found, 0)
+            except _Malformed:
+                return None
+            finally:
+                buf.release()
     found.sort(key=lambda f: f[0].offset)
     segments = fill_gaps(size, [s for s, _ in found])
     index = {(s.offset, s.length): i for i, s in enumerate(segments)}

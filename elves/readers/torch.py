@@ -33,7 +33,7 @@ from numba import njit
 
 from ..dtypes import DTYPES, numpy_dtype
 from ..errors import InputError, UnsafePickleError
-from ..model import MAX_RANK, Segment, SourceFile, TensorView, fill_gaps, open_source
+from ..model import MAX_NAME, MAX_RANK, Segment, SourceFile, TensorView, fill_gaps, open_source
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -51,11 +51,10 @@ MAX_PICKLE = 256 << 20
 MAX_INFLATION = 100
 _INFLATION_FLOOR = 1 << 20
 _INFLATE_STEP = 1 << 20
-# Tensors are named only this deep in the pickle's containers, and with names this long: a
-# crafted pickle nests containers (or repeats one long key) so that the dotted names would fill
-# the memory, quadratically in the nesting.
+# Tensors are named only this deep in the pickle's containers, and with names up to MAX_NAME:
+# a crafted pickle nests containers (or repeats one long key) so that the dotted names would
+# fill the memory, quadratically in the nesting.
 MAX_NESTING = 64
-MAX_NAME = 4096
 
 # torch dtype attribute -> safetensors name. Other torch dtypes are known (so not reported as
 # unsafe) but not coded as tensors: their storages stay opaque.
@@ -506,7 +505,7 @@ def _read_zip(path: Path, f: BinaryIO, size: int) -> _Checkpoint | None:
     def unpickle(member: _Member, match: re.Match[str]) -> None:
         done.add(member.name)
         archive = match.group(2)
-        raw = _member_bytes(path, f, member)
+        raw = _member_bytes(path, f, member, MAX_PICKLE)
         if raw is None:  # an unknown compression: its storages' dtypes stay unknown, so opaque
             return
         try:
@@ -652,7 +651,7 @@ def _descriptor_at(buf: mmap.mmap, start: int, hit: int, stored: bool) -> tuple[
     return None
 
 
-def _member_bytes(path: Path, f: BinaryIO, member: _Member, limit: int = MAX_PICKLE) -> bytes | None:
+def _member_bytes(path: Path, f: BinaryIO, member: _Member, limit: int) -> bytes | None:
     """A member's content, at most ``limit`` bytes of it (:class:`InputError` beyond, before it is
     read or inflated further); None for a compression method other than deflate."""
     if member.method == 0:
