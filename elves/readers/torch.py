@@ -572,8 +572,6 @@ def _central_members(path: Path, f: BinaryIO, size: int) -> list[_Member]:
     try:
         with zipfile.ZipFile(f) as zf:
             infos = zf.infolist()
-    except zipfile.BadZipFile:
-        raise
     except (ValueError, NotImplementedError, EOFError, OSError, struct.error) as e:
         # zipfile trusts the directory's fields: undecodable names, unknown versions, bad offsets
         raise InputError(f"malformed zip central directory: {str(e)[:200]}", path) from None
