@@ -43,8 +43,9 @@ _TABLE = [
 ]
 DTYPES: dict[str, DType] = {d.name: d for d in _TABLE}
 
-# Sub-byte kinds of the safetensors spec: kept as bytes (their elements do not fill a byte).
-PACKED = {"F4", "F6_E2M3", "F6_E3M2"}
+# Sub-byte kinds of the safetensors spec, with their bits per element: kept as bytes (their
+# elements do not fill a byte; a tensor of them fills whole bytes).
+PACKED = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 
 
 def get(name: str) -> DType:

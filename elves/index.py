@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 from . import dtypes
 from .codecs import Pipeline
 from .errors import CorruptArchiveError, ElvesError, UnsafePathError
+from .model import MAX_RANK
 
 # The largest decoded chunk a reader accepts: memory per chunk in flight stays bounded (the writer
 # uses 256 KiB tensor chunks and 4 MiB byte chunks).
@@ -31,8 +32,6 @@ MAX_CHUNK_BYTES = 64 << 20
 # writes at most two bytes per symbol plus its tables, zstd a few bytes per block.
 MAX_EXPANSION = 4
 MAX_OVERHEAD = 1 << 20
-# Tensor ranks and element counts beyond these are forgeries (numpy allows 64 dimensions).
-MAX_RANK = 64
 FILE_FORMATS = ("safetensors", "torch-zip", "torch-legacy", "onnx", "opaque", "symlink")
 KINDS = ("tensor", "bytes")
 _HEX32 = re.compile(r"[0-9a-f]{32}\Z")

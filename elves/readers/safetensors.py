@@ -17,8 +17,6 @@ from ..model import MAX_RANK, Segment, SourceFile, TensorView, fill_gaps, open_s
 
 # safetensors itself refuses headers above 100 MB.
 MAX_HEADER = 100_000_000
-# Bits per element of the sub-byte kinds (dtypes.PACKED); a tensor of them fills whole bytes.
-PACKED_BITS = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 # Element counts and byte offsets are u64 in safetensors and i64 in numpy.
 _LIMIT = 1 << 63
 
@@ -109,7 +107,7 @@ def _entry(path: Path, name: str, info: object, data_start: int, size: int):
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
         raise bad("lacks dtype, shape or data_offsets")
     dt, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-    if not isinstance(dt, str) or (dt not in dtypes.DTYPES and dt not in PACKED_BITS):
+    if not isinstance(dt, str) or (dt not in dtypes.DTYPES and dt not in dtypes.PACKED):
         raise bad(f"has unknown dtype {str(dt)[:40]!r}")
     # type() is int, not isinstance: JSON's true and false are ints to Python
     if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < _LIMIT for d in shape):
@@ -126,7 +124,7 @@ def _entry(path: Path, name: str, info: object, data_start: int, size: int):
         count *= d
     if count >= _LIMIT:
         raise bad(f"has {count} elements, more than a 64-bit count holds")
-    bits = PACKED_BITS.get(dt) or 8 * dtypes.get(dt).itemsize
+    bits = dtypes.PACKED.get(dt) or 8 * dtypes.get(dt).itemsize
     if count * bits != 8 * (end - begin):
         raise bad(f"has {end - begin} bytes for shape {shape} of {dt} ({count * bits / 8:g} expected)")
     # Packed sub-byte kinds are kept as opaque bytes: no element grid to split into planes.
