@@ -26,7 +26,8 @@ from .archive import ArchiveReader, Stream, safe_relpath, temp_sibling
 from .encoder import INLINE_BYTES, default_threads, ordered_map
 from .errors import ArchiveError, CorruptArchiveError, InputError, OutputError, OutputExistsError, UnsafePathError
 from .index import FileEntry
-from .readers import safetensors
+from .model import SourceFile
+from .readers import onnx, safetensors, torch
 from .references import RefReader, decode_chunk
 
 ProgressFn = Callable[[int], None]
@@ -98,38 +99,81 @@ def iter_stream(reader: ArchiveReader, index: int, pool: Executor, window: int) 
                                   reader.path)
 
 
+# Structure that check_tensors rebuilds in memory to parse; a file with more opaque bytes than
+# this (a checkpoint of storages elves keeps as bytes) is served unchecked.
+MAX_STRUCTURE_BYTES = 1 << 30
+
+
 def check_tensors(reader: ArchiveReader, entry: FileEntry, pool: Executor, window: int) -> None:
-    """Check that the tensors the index lists for a safetensors file are those the file's own
-    header describes: name, dtype, shape and place. The header is restored from its stream, whose
-    hash is checked, so a forger who edits only the index's tensor entries (swapping two
-    dimensions, say) gets an error here, not a tensor of the wrong shape. Restore needs no such
-    check: it writes the header with the file."""
-    if entry.format != "safetensors" or not entry.segments:
+    """Check that the tensors the index lists for a file are those the file itself describes:
+    name, dtype, shape, strides and place. The file's structure (its safetensors header; a
+    checkpoint's pickle and zip records; an ONNX file's protobuf) is restored from its streams,
+    whose hashes are checked, and parsed by the reader that compress used; so a forger who edits
+    only the index's tensor entries (swapping two dimensions, say) gets an error here, not a
+    tensor of the wrong shape. Restore needs no such check: it writes the structure with the file."""
+    if entry.format not in _PARSERS or not entry.tensors or not entry.segments:
         return
+    try:
+        sf = _PARSERS[entry.format](reader, entry, pool, window)
+    except InputError as e:
+        raise CorruptArchiveError(f"{entry.path}: its restored {entry.format} structure is malformed: "
+                                  f"{e.message}", reader.path) from None
+    if sf is None:
+        return
+    starts = np.concatenate(([0], np.cumsum([reader.streams[i].nbytes for i in entry.segments])))
+    from_file = {v.name: _placed(v.dtype, v.shape, v.strides, sf.segments[v.segment].offset + v.offset
+                                 if v.segment >= 0 else -1) for v in sf.tensors}
+    from_index = {t.name: _placed(t.dtype, t.shape, t.strides, int(starts[t.segment]) + t.offset
+                                  if t.segment >= 0 else -1) for t in entry.tensors}
+    if from_file != from_index or len(entry.tensors) != len(sf.tensors):
+        wrong = min((k for k in from_file.keys() | from_index.keys() if from_file.get(k) != from_index.get(k)),
+                    default="?")
+        raise CorruptArchiveError(f"{entry.path}: tensor {wrong!r} in the index is not the one its {entry.format} "
+                                  "structure describes", reader.path)
+
+
+def _placed(dtype: str, shape: tuple[int, ...], strides: tuple[int, ...] | None, at: int) -> tuple[object, ...]:
+    """What must agree between a tensor entry and the file: an empty tensor lies nowhere."""
+    return (dtype, tuple(shape), None if strides is None else tuple(strides), at if math.prod(shape) else -1)
+
+
+def _safetensors_structure(reader: ArchiveReader, entry: FileEntry, pool: Executor, window: int) -> SourceFile:
+    """The file's tensors from its header, the first segment."""
     head = read_stream(reader, entry.segments[0], pool, window)
     n = int.from_bytes(head[:8].tobytes(), "little") if head.shape[0] >= 8 else -1
     if not 0 <= n <= min(head.shape[0] - 8, safetensors.MAX_HEADER):
         raise CorruptArchiveError(f"{entry.path}: its first segment is no safetensors header", reader.path)
-    try:
-        sf = safetensors.from_header(Path(entry.path), entry.path, head[8:8 + n].tobytes(), entry.size)
-    except InputError as e:
-        raise CorruptArchiveError(f"{entry.path}: its safetensors header is malformed: {e.message}",
-                                  reader.path) from None
-    starts = np.concatenate(([0], np.cumsum([reader.streams[i].nbytes for i in entry.segments])))
+    return safetensors.from_header(Path(entry.path), entry.path, head[8:8 + n].tobytes(), entry.size)
 
-    def placed(shape: tuple[int, ...], segment: int, offset: int, start: int) -> tuple[tuple[int, ...], int]:
-        return tuple(shape), start + offset if math.prod(shape) else -1  # an empty tensor is nowhere
 
-    header = {v.name: (v.dtype, *placed(v.shape, v.segment, v.offset,
-                                        sf.segments[v.segment].offset if v.segment >= 0 else 0))
-              for v in sf.tensors}
-    index = {t.name: (t.dtype, *placed(t.shape, t.segment, t.offset,
-                                       int(starts[t.segment]) if t.segment >= 0 else 0))
-             for t in entry.tensors}
-    if header != index or len(entry.tensors) != len(sf.tensors):
-        wrong = sorted(set(header.items()) ^ set(index.items()))
-        raise CorruptArchiveError(f"{entry.path}: tensor {wrong[0][0] if wrong else '?'!r} in the index is not "
-                                  "the one its safetensors header describes", reader.path)
+def _skeleton_structure(reader: ArchiveReader, entry: FileEntry, pool: Executor, window: int) -> SourceFile | None:
+    """The file's tensors as its reader finds them in a skeleton of the file held in memory: its
+    opaque segments (pickle, zip records, protobuf) where they lie, zeros for the tensor data,
+    which these readers skip."""
+    if sum(reader.streams[i].nbytes for i in entry.segments if reader.streams[i].kind == "bytes") > MAX_STRUCTURE_BYTES:
+        return None
+    fd = os.memfd_create("elves-structure", os.MFD_CLOEXEC) if hasattr(os, "memfd_create") else None
+    with (os.fdopen(fd, "w+b") if fd is not None else tempfile.TemporaryFile()) as f:
+        f.truncate(entry.size)  # holes: the tensor data costs nothing
+        pos = 0
+        for i in entry.segments:
+            if reader.streams[i].kind == "bytes":
+                for chunk in iter_stream(reader, i, pool, window):
+                    os.pwrite(f.fileno(), chunk, pos)
+                    pos += chunk.shape[0]
+            else:
+                pos += reader.streams[i].nbytes
+        parse = torch.parse if entry.format.startswith("torch") else onnx.parse
+        sf = parse(Path(entry.path), entry.path, f)
+    if sf is None or sf.format != entry.format:
+        raise CorruptArchiveError(f"{entry.path}: its restored structure is no {entry.format} file", reader.path)
+    return sf
+
+
+_PARSERS: dict[str, Callable[[ArchiveReader, FileEntry, Executor, int], SourceFile | None]] = {
+    "safetensors": _safetensors_structure, "torch-zip": _skeleton_structure,
+    "torch-legacy": _skeleton_structure, "onnx": _skeleton_structure,
+}
 
 
 def read_stream(reader: ArchiveReader, index: int, pool: Executor, window: int) -> np.ndarray:

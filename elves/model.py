@@ -8,11 +8,12 @@ hold tensor data go through the float codecs, and everything else is kept as byt
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, ContextManager
 
 from .errors import InputError
 
@@ -108,6 +109,16 @@ def open_source(path: Path) -> BinaryIO:
         os.close(fd)
         raise InputError("is not a regular file", path)
     return os.fdopen(fd, "rb")
+
+
+def opened(path: Path, source: BinaryIO | None = None) -> ContextManager[BinaryIO]:
+    """``source`` rewound, when given (a file the caller holds and closes: a reader of an archive
+    checks the tensors its index lists by parsing the file's restored structure), else ``path``
+    opened with :func:`open_source`."""
+    if source is None:
+        return open_source(path)
+    source.seek(0)
+    return contextlib.nullcontext(source)
 
 
 def opaque_segments(size: int) -> list[Segment]:

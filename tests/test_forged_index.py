@@ -117,18 +117,36 @@ def test_tensor_entry_must_lie_inside_its_segment(archive: Path, tmp_path: Path,
     _refused(archive, tmp_path, "tensor|malformed")
 
 
-def test_strides_inside_the_segment_still_read(archive: Path, model: Path) -> None:
-    """A torch-style view (a transpose by strides) that stays in its segment is served as such."""
-    def edit(index):
-        _file(index, "a.safetensors")["format"] = "torch-zip"  # safetensors tensors cover their segment
-        t = _tensor(index, "big")
-        t[2], t[5] = [1000, 300], [1, 1000]
+def _checkpoint(tmp_path: Path) -> tuple[Path, dict]:
+    """A real PyTorch checkpoint holding strided views: a transpose and a column slice of one
+    storage."""
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 48, generator=g)
+    tensors = {"w": w, "wt": w.T, "col": w[:, 5], "b": torch.randn(48, generator=g)}
+    src = tmp_path / "ck"
+    src.mkdir()
+    torch.save(tensors, src / "model.pt")
+    return src, {k: v.contiguous().numpy() for k, v in tensors.items()}
 
-    with elves.open(archive) as a:
-        big = a.get_tensor("big")
-    rewrite_index(archive, edit)
-    with elves.open(archive) as a:
-        assert a.get_tensor("big").tobytes() == np.ascontiguousarray(big.T).tobytes()  # NaNs too
+
+def test_strided_views_of_a_checkpoint_read_and_forged_strides_are_refused(tmp_path: Path) -> None:
+    src, want = _checkpoint(tmp_path)
+    out = tmp_path / "ck.elves"
+    elves.compress(src, out)
+    with elves.open(out) as a:
+        for name, arr in want.items():
+            assert a.get_tensor(name).tobytes() == arr.tobytes()
+
+    def forge(index):  # the transpose declared contiguous: same count, inside the storage
+        next(t for f in index["files"] for t in f["tensors"] if t[0] == "wt")[5] = None
+
+    rewrite_index(out, forge)
+    with elves.open(out) as a, pytest.raises(CorruptArchiveError, match="tensor 'wt' in the index is not the one "
+                                                                          "its torch-zip structure describes"):
+        a.get_tensor("b")
+    elves.restore(out, tmp_path / "back")  # the file itself is intact
+    assert tree_hashes(tmp_path / "back") == tree_hashes(src)
 
 
 # ---------------------------------------------------------------- the chunk plan
@@ -355,7 +373,7 @@ def test_tensor_entries_must_agree_with_the_safetensors_header(archive: Path, tm
     """The index's tensor entries are checked against the file's own header (restored, its hash
     checked): a forger who edits them alone gets an error from every tensor reader."""
     rewrite_index(archive, forge)
-    with pytest.raises(CorruptArchiveError, match="a.safetensors: tensor .* is not the one its safetensors header"):
+    with pytest.raises(CorruptArchiveError, match="a.safetensors: tensor .* is not the one its safetensors structure describes"):
         elves.load_file(archive)
     with elves.open(archive) as a, pytest.raises(CorruptArchiveError, match=str(archive)):
         a.get_tensor("small")

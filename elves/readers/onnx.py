@@ -11,9 +11,10 @@ from __future__ import annotations
 import mmap
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 from .. import dtypes
-from ..model import MAX_NAME, MAX_RANK, Segment, SourceFile, TensorView, fill_gaps, open_source
+from ..model import MAX_NAME, MAX_RANK, Segment, SourceFile, TensorView, fill_gaps, opened
 
 # TensorProto.DataType -> safetensors spelling (types without a fixed element size are absent).
 ONNX_DTYPES = {
@@ -124,10 +125,11 @@ def _graph(buf: memoryview, start: int, end: int, out: list, depth: int) -> None
                         _graph(buf, *v, out, depth + 1)
 
 
-def parse(path: Path, relpath: str) -> SourceFile | None:
-    """The ONNX file's tensors as segments, or None when it does not parse as ONNX."""
+def parse(path: Path, relpath: str, source: BinaryIO | None = None) -> SourceFile | None:
+    """The ONNX file's tensors as segments, or None when it does not parse as ONNX. ``source``:
+    the file already open (see :func:`elves.model.opened`)."""
     found: list[tuple[Segment, tuple[int, ...]]] = []
-    with open_source(path) as f:
+    with opened(path, source) as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             return None

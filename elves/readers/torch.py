@@ -33,7 +33,7 @@ from numba import njit
 
 from ..dtypes import DTYPES, numpy_dtype
 from ..errors import InputError, UnsafePickleError
-from ..model import MAX_NAME, MAX_RANK, Segment, SourceFile, TensorView, fill_gaps, open_source
+from ..model import MAX_NAME, MAX_RANK, Segment, SourceFile, TensorView, fill_gaps, open_source, opened
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -489,8 +489,8 @@ class _Member:
     method: int      # 0 stored, 8 deflated
 
 
-def _read(path: Path) -> _Checkpoint | None:
-    with open_source(path) as f:
+def _read(path: Path, source: BinaryIO | None = None) -> _Checkpoint | None:
+    with opened(path, source) as f:
         size = os.fstat(f.fileno()).st_size
         if f.read(4) == _LOCAL_HEADER:
             return _read_zip(path, f, size)
@@ -823,10 +823,11 @@ def _names(qualnames: dict[str, None], shown: int = 8) -> str:
     return ", ".join(names[:shown]) + more
 
 
-def parse(path: Path, relpath: str) -> SourceFile | None:
+def parse(path: Path, relpath: str, source: BinaryIO | None = None) -> SourceFile | None:
     """Cut a PyTorch checkpoint into segments (storages as tensor segments, the rest opaque) and
-    name the tensors its pickle holds in plain containers; None if ``path`` is not a checkpoint."""
-    ck = _read(path)
+    name the tensors its pickle holds in plain containers; None if ``path`` is not a checkpoint.
+    ``source``: the file already open (see :func:`elves.model.opened`)."""
+    ck = _read(path, source)
     if ck is None:
         return None
     warnings = [f"{relpath}: {note}" for note in ck.notes]
