@@ -69,6 +69,7 @@ def rank_tables(remap: tuple[tuple[int, tuple[int, ...]], ...]) -> tuple[np.ndar
 class Xor(Codec):
     codec_id = "xor"
     needs_ref = True
+    omits_zero_output = True
 
     def __init__(self, dtype: str, ref_hash: str, ref_nbytes: int, mask: int | None = None,
                  sparse: bool = False, remap: list | None = None, ref_shape: list | None = None,

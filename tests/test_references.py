@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xxhash
 
 import elves
 from elves.archive import ArchiveReader
@@ -168,6 +169,22 @@ def test_forged_references_are_clean_errors(tmp_path: Path, forge, message: str)
     with pytest.raises(CorruptArchiveError, match=message) as e:
         elves.restore(s.archive, tmp_path / "out")
     assert str(s.archive) in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_payload_of_a_delta_chunk_is_a_clean_error(tmp_path: Path) -> None:
+    """Only ``xor`` stores a chunk equal to its reference as an empty payload; an ``elf`` delta
+    chunk forged empty is refused, not handed to the filter as nothing."""
+    src = versions(tmp_path / "src", np.random.default_rng(8))
+    s = elves.compress(src, tmp_path / "m.elves", lossy="elf", error_bound="1e-5")
+
+    def edit(index: dict) -> None:
+        chunk = next(st for st in index["streams"] if "ref" in st)["chunks"][0]
+        chunk[1], chunk[3] = 0, xxhash.xxh3_64_intdigest(b"")
+
+    rewrite_index(s.archive, edit)
+    with pytest.raises(CorruptArchiveError, match=str(s.archive)):
+        elves.restore(s.archive, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

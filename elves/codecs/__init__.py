@@ -14,8 +14,9 @@ the list writes straight into the caller's output buffer.
 A filter that declares ``needs_ref = True`` (BitX's ``xor``) also receives the reference chunk:
 the bytes at the same place in a tensor of the base model, which the caller reads and checks. A
 chunk whose reference filter (the first codec) leaves nothing but zero bytes (it equals its
-reference) is stored as an empty payload, and that filter's ``decode`` then gets ``None`` for
-data: unchanged chunks and tensors cost only their index entries.
+reference) is stored as an empty payload when the filter declares ``omits_zero_output`` (``xor``),
+and that filter's ``decode`` then gets ``None`` for data: unchanged chunks and tensors cost only
+their index entries.
 
 Decoding trusts no number in a payload. Before a stage decodes, the pipeline tells it what it must
 produce (:class:`Expected`), derived backwards from the chunk's decoded length, which the index
@@ -83,6 +84,9 @@ class Codec:
     """True for filters that code a chunk against its reference chunk: their ``encode`` and
     ``decode`` then take a ``ref`` keyword (a 1-D uint8 array, possibly shorter than the chunk).
     Such a filter must be the first codec of its pipeline."""
+    omits_zero_output: ClassVar[bool] = False
+    """True for a reference filter whose all-zero output (a chunk equal to its reference) is
+    stored as an empty payload; its ``decode`` then gets ``None`` for data."""
     decodes_to: ClassVar[str] = BYTES   # what ``decode`` produces (``encode`` takes)
     encodes_to: ClassVar[str] = BYTES   # what ``encode`` produces (``decode`` takes)
 
@@ -188,7 +192,7 @@ class Pipeline:
                 if ref is None:
                     raise CodecError(f"codec {codec.codec_id!r} needs a reference chunk")
                 data = codec.encode(data, ref=ref)
-                if codec is self.codecs[0] and not data.any():  # equal to its reference: nothing to code
+                if codec.omits_zero_output and codec is self.codecs[0] and not data.any():  # equal to its reference
                     return b""
             else:
                 data = codec.encode(data)
@@ -205,7 +209,7 @@ class Pipeline:
             return out
         codecs = self.codecs
         data: Any = payload
-        if len(payload) == 0 and codecs[0].needs_ref:  # the reference filter's output was all zero
+        if len(payload) == 0 and codecs[0].omits_zero_output:  # the reference filter's output was all zero
             codecs, data = codecs[:1], None
         sizes = self._expected.get(out.shape[0]) or self.expected(out.shape[0])
         for i in range(len(codecs) - 1, -1, -1):

@@ -143,6 +143,15 @@ def build(root: Path) -> list[Seed]:
     try:
         seeds.append(Seed("torch", "input", torch_checkpoint(src / "model.bin", {k: v for k, v in plain.items()
                                                                              if k != "b.bf16"})))
+        # An archive of a checkpoint whose tensors are views of one storage (a transpose, a
+        # column): its tensor entries are checked against the pickle restored from the archive.
+        import torch
+
+        w = torch.from_numpy(plain["a.f32"].copy())
+        (src / "ckpt").mkdir()
+        torch.save({"w": w, "wt": w.T, "col": w[:, 3], "ids": torch.from_numpy(plain["ids"].copy())},
+                   src / "ckpt" / "pytorch_model.bin")
+        seeds.append(archive_seed("torch_archive", src / "ckpt", root))
     except ImportError:  # torch writes the zip checkpoints; elves reads them without it
         pass
     seeds.append(Seed("zip_bomb", "input", zip_bomb(src / "bomb.bin", 1 << 30)))
