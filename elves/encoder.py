@@ -37,7 +37,7 @@ from .errors import InputError
 from .index import FileEntry, TensorEntry
 from .model import Segment, SourceFile, open_source
 from .readers import read_model
-from .references import BLOCK, RefChooser, block_hashes, segment_names
+from .references import RefChooser, block_hashes, segment_names
 
 if TYPE_CHECKING:
     from bitx.delta import Delta, DeltaPlanner

@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import stat
 import struct
 import tempfile

@@ -214,7 +214,10 @@ def test_orphans_are_reported_and_gc_frees_them(store: Store, family: dict[str, 
     r = check_verify(store, {"orphans": only_other})
     assert all("gc" in p.message for p in r.orphans)
     (store.path / "tmp" / "obj.killed").write_bytes(b"half an object")  # tmp/ is not looked at
-    assert store.gc().objects_removed == len(only_other)
+    (store.path / "tmp" / "staging.killed").mkdir()                      # nor a writer's folder there
+    (store.path / "tmp" / "staging.killed" / "part").write_bytes(b"x")
+    report = store.gc()
+    assert report.objects_removed == len(only_other) and not any((store.path / "tmp").iterdir())
     check_verify(store, {})
 
 
