@@ -56,6 +56,14 @@ def inflate(blob: bytes, cap: int) -> bytes:
     return bytes(out)
 
 
+def public_mode(mode: int) -> int:
+    """``mode`` less the process's umask: what a plain ``open`` would give the file (temporary
+    names are made private, 0600, and get this before they are renamed into place)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def temp_sibling(path: Path, suffix: str = "") -> Path:
     """A fresh temporary name next to ``path``, so that renaming it into place is atomic."""
     try:
@@ -149,6 +157,7 @@ class ArchiveWriter:
             self.f.write(head)
             self.f.flush()
             os.fsync(self.f.fileno())
+            os.fchmod(self.f.fileno(), public_mode(0o666))
             self.f.close()
             os.replace(self.tmp, self.path)
         except OSError as e:

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import xxhash
 
-from .archive import ArchiveReader, Stream, safe_relpath, temp_sibling
+from .archive import ArchiveReader, Stream, public_mode, safe_relpath, temp_sibling
 from .encoder import INLINE_BYTES, default_threads, ordered_map
 from .errors import ArchiveError, CorruptArchiveError, InputError, OutputError, OutputExistsError, UnsafePathError
 from .index import FileEntry
@@ -322,6 +322,7 @@ def write_files(dst: Path, files: Sequence[tuple[str, str | None]], single: bool
         tmp = temp_sibling(dst)
         try:
             n = write(0, tmp)
+            os.chmod(tmp, public_mode(0o666))
             os.replace(tmp, dst)
         except OSError as e:
             raise OutputError(f"cannot write the restored model: {e.strerror}", dst) from None
@@ -348,6 +349,7 @@ def write_files(dst: Path, files: Sequence[tuple[str, str | None]], single: bool
             else:
                 total += write(i, target)
         if not dst.exists():
+            os.chmod(staging, public_mode(0o777))
             os.replace(staging, dst)
         else:
             _move_into(staging, dst, [p for p, _ in files])

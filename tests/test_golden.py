@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def index_of(path: Path) -> tuple[list[int], dict]:
 
 def test_every_format_version_has_fixtures() -> None:
     versions = {tuple(e["header_version"]) for e in MANIFEST.values()}
-    assert versions == {(1, 0), (1, 1), (1, 2)}
+    assert versions == {(1, 0), (1, 1), (1, 2), (1, 3)}
     assert sum(p.stat().st_size for p in GOLDEN.glob("*.elves")) < 100_000
     assert sorted(p.name for p in GOLDEN.glob("*.elves")) == sorted(e["archive"] for e in MANIFEST.values())
 
@@ -55,6 +56,8 @@ def test_fixture_restores_bit_exactly(name: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
     elves.restore(archive, out, **base)
     assert tree_hashes(out) == entry["files"]
+    for link, target in entry.get("links", {}).items():  # 1.3: links come back as links
+        assert (out / link).is_symlink() and os.readlink(out / link) == target
     report = elves.verify(archive, **base)
     assert report.ok, report.problems
     with elves.open(archive, **base) as a:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -141,3 +142,20 @@ def test_real_models_roundtrip(dataset, tmp_path: Path, name: str, min_ratio: fl
     info = elves.info(archive)
     # The float tensors went through the float codec, not the opaque-file path.
     assert any(k in info.by_dtype for k in ("F32", "BF16", "F16")), info.by_dtype
+
+
+def test_outputs_get_the_permissions_a_plain_open_gives(tmp_path: Path) -> None:
+    """Temporary names are private (0600); what is renamed into place follows the umask."""
+    src = tmp_path / "m"
+    src.mkdir()
+    (src / "config.json").write_text('{"a": 1}')
+    old = os.umask(0o027)
+    try:
+        elves.compress(src, tmp_path / "a.elves")
+        elves.restore(tmp_path / "a.elves", tmp_path / "out")
+        elves.compress(src / "config.json", tmp_path / "one.elves")
+        elves.restore(tmp_path / "one.elves", tmp_path / "one.json")
+    finally:
+        os.umask(old)
+    mode = {p: (tmp_path / p).stat().st_mode & 0o777 for p in ("a.elves", "out", "out/config.json", "one.json")}
+    assert mode == {"a.elves": 0o640, "out": 0o750, "out/config.json": 0o640, "one.json": 0o640}

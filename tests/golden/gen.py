@@ -20,6 +20,9 @@ Versions and their commits (``elves/archive.py``'s FORMAT_VERSION):
   against its base (the base committed as an archive of the same version) and an ELF lossy file.
 - ``1.2``  1df4728, the first 1.2 writer: a lossy folder of two releases of one model, whose
   second release's tensors are coded against the first's (in-archive ``ref``).
+- ``1.3``  the first 1.3 writer (issue 10): a folder holding symbolic links to a file and to a
+  folder inside it, stored as links (format ``symlink``), and a PyTorch checkpoint whose tensors
+  are strided views of one storage.
 
 Every model is synthetic (numpy's PCG64 with fixed seeds) and small: all fixtures together stay
 under 100 KB. The manifest (manifest.json, one entry per archive) records, per restored file, the
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import struct
 import sys
@@ -79,6 +83,11 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def links(root: Path) -> dict[str, str]:
+    """Every symbolic link under ``root`` and its text."""
+    return {p.relative_to(root).as_posix(): os.readlink(p) for p in sorted(root.rglob("*")) if p.is_symlink()}
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -135,6 +144,9 @@ class Writer:
         self.entries[name] = {"archive": dst.name, "version": self.version, "writer": elves.__version__,
                               "lossless": lossless, "base": self.entries[base]["archive"] if base else None,
                               "files": files, "tensors": tensors, **index_features(dst)}
+        if links(src) if src.is_dir() else {}:
+            assert links(restored) == links(src), f"{name}: links did not come back as links"
+            self.entries[name]["links"] = links(src)
         return dst
 
 
@@ -177,16 +189,32 @@ def v1_2(w: Writer, rng: np.random.Generator) -> None:
               lossless=False, lossy="elf", error_bound="2^-16")
 
 
+def v1_3(w: Writer, rng: np.random.Generator) -> None:
+    import torch
+
+    src = w.model("links", {"model.safetensors": {"embed.weight": weights("F32", (32, 32), rng)},
+                            "sub/config.json": json.dumps({"hidden_size": 32}).encode()})
+    (src / "weights.safetensors").symlink_to("model.safetensors")
+    (src / "config").symlink_to("sub")
+    w.archive("links", src)
+    ck = w.work / "checkpoint"
+    ck.mkdir()
+    g = torch.Generator().manual_seed(13)
+    m = torch.randn(24, 16, generator=g) * 0.02
+    torch.save({"w": m, "w_t": m.T, "col": m[:, 3], "b": torch.zeros(16)}, ck / "pytorch_model.bin")
+    w.archive("checkpoint", ck)
+
+
 def main() -> None:
     version, out = sys.argv[1], Path(sys.argv[2]).resolve()
-    want = {"1.0": (1, 0), "1.1a": (1, 1), "1.1": (1, 1), "1.2": (1, 2)}[version]
+    want = {"1.0": (1, 0), "1.1a": (1, 1), "1.1": (1, 1), "1.2": (1, 2), "1.3": (1, 3)}[version]
     assert tuple(FORMAT_VERSION) == want, f"this elves ({elves.__file__}) writes {FORMAT_VERSION}, not {want}"
     rng = np.random.default_rng(10 + list(want)[1] * 100 + len(version))
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         w = Writer(version, out, Path(tmp))
-        {"1.0": v1_0, "1.1a": v1_1, "1.1": v1_1, "1.2": v1_2}[version](w, rng)
+        {"1.0": v1_0, "1.1a": v1_1, "1.1": v1_1, "1.2": v1_2, "1.3": v1_3}[version](w, rng)
     for name, entry in w.entries.items():
         manifest[f"v{version}-{name}"] = entry
     manifest_path.write_text(json.dumps(dict(sorted(manifest.items())), indent=1) + "\n")
