@@ -323,6 +323,11 @@ def test_api_usage_errors(archive: Path) -> None:
         elves.load_file(archive, framework="numpy", device="cuda:0")
     with pytest.raises(elves.UsageError, match="'jax'"):
         elves.load_file(archive, framework="jax")  # type: ignore[arg-type]
+    try:
+        import cupy  # noqa: F401
+    except ImportError:  # no GPU stack here: a clean error naming what is missing, not an ImportError
+        with pytest.raises(elves.ElvesError, match="cupy is not installed"):
+            elves.load_file(archive, device="cuda:0")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
