@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 from . import dtypes
 from .codecs import Pipeline
@@ -174,25 +175,25 @@ class Fields:
             self.fail("is not a map")
         self.raw: dict[Any, Any] = raw
 
-    def fail(self, problem: str) -> None:
+    def fail(self, problem: str) -> NoReturn:
         raise CorruptArchiveError(f"{self.prefix}{self.where} {problem}", self.path)
 
     def int(self, key: str, lo: int = 0, hi: int = U64, default: Any = ...) -> Any:
         v = self.raw.get(key, default)
         if v is ... or (v is not default and not (type(v) is int and lo <= v <= hi)):
-            self.fail(f"has no valid {key!r} (an integer in {lo}..{hi} expected, got {v!r:.40})")
+            self.fail(f"has no valid {key!r} (an integer in {lo}..{hi} expected, got {_short(v)})")
         return v
 
     def str(self, key: str, pattern: re.Pattern[str] | None = None, default: Any = ...) -> Any:
         v = self.raw.get(key, default)
         if v is ... or (v is not default and not (isinstance(v, str) and (pattern is None or pattern.match(v)))):
-            self.fail(f"has no valid {key!r} (got {v!r:.60})")
+            self.fail(f"has no valid {key!r} (got {_short(v)})")
         return v
 
     def choice(self, key: str, options: tuple[Any, ...], default: Any = ...) -> Any:
         v = self.raw.get(key, default)
         if v is ... or (v is not default and v not in options):
-            self.fail(f"has {key!r} = {v!r:.40}, not one of {', '.join(map(repr, options))}")
+            self.fail(f"has {key!r} = {_short(v)}, not one of {', '.join(map(repr, options))}")
         return v
 
     def list(self, key: str, default: Any = ...) -> Any:
@@ -208,6 +209,15 @@ class Fields:
         return v
 
 
+_REPR = reprlib.Repr()  # keywords only from Python 3.12
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 40, 40
+
+
+def _short(v: Any) -> str:
+    """A forged value for an error message: its repr, cut short before it is built whole."""
+    return _REPR.repr(v)
+
+
 def ints(v: Any, n: int | None = None, lo: int = 0) -> bool:
     return isinstance(v, list) and (n is None or len(v) == n) and all(type(x) is int and lo <= x <= U64 for x in v)
 
@@ -215,11 +225,11 @@ def ints(v: Any, n: int | None = None, lo: int = 0) -> bool:
 def safe_relpath(name: object, archive: Path) -> str:
     """``name`` if it is a relative POSIX path that stays inside its folder; else UnsafePathError."""
     if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
-        raise UnsafePathError(f"invalid file name {name!r:.80} in the index", archive)
+        raise UnsafePathError(f"invalid file name {_short(name)} in the index", archive)
     p = PurePosixPath(name)
     if (p.is_absolute() or ".." in p.parts or "." in name.split("/") or "" in name.split("/")
             or (len(name) > 1 and name[1] == ":")):
-        raise UnsafePathError(f"file name {name!r:.80} would be written outside the output folder", archive)
+        raise UnsafePathError(f"file name {_short(name)} would be written outside the output folder", archive)
     return name
 
 
@@ -246,7 +256,7 @@ def parse_stream(raw: Any, label: str, path: Path, checked: dict[str, Pipeline] 
     dtype = f.raw.get("dtype")
     if kind == "tensor":
         if not (isinstance(dtype, str) and dtype in dtypes.DTYPES):
-            raise CorruptArchiveError(f"{label}: unknown dtype {dtype!r:.40} for a tensor stream", path)
+            raise CorruptArchiveError(f"{label}: unknown dtype {_short(dtype)} for a tensor stream", path)
     elif dtype is not None:
         f.fail("is a bytes stream with a dtype")
     chunks = f.list("chunks")
@@ -381,10 +391,10 @@ def _parse_tensor(t: Any, entry: FileEntry, streams: list[Stream], f: Fields) ->
         f.fail(f"has a malformed tensor entry {str(t)[:80]}")
     name, dt, shape, segment, offset, strides = t
     te = TensorEntry(name, dt, tuple(shape), segment, offset, tuple(strides) if strides is not None else None)
-    what = f"tensor {name!r:.80}"
+    what = f"tensor {_short(name)}"
     packed = dt in dtypes.PACKED
     if dt not in dtypes.DTYPES and not packed:  # dt is a str: checked with the entry's shape
-        f.fail(f"has {what} of unknown dtype {dt!r:.20}")
+        f.fail(f"has {what} of unknown dtype {_short(dt)}")
     count = te.count
     if segment == -1:
         if count and not packed:
@@ -468,7 +478,7 @@ def parse_index(raw: Any, path: Path, version: tuple[int, int], data_start: int,
     f = Fields(raw, "index", path)
     fmt = f.raw.get("format")
     if not (ints(fmt, 2) and tuple(fmt) == version):
-        f.fail(f"has format {fmt!r:.20}, but the header says {version[0]}.{version[1]}")
+        f.fail(f"has format {_short(fmt)}, but the header says {version[0]}.{version[1]}")
     checked: dict[str, Pipeline] = {}
     streams = [parse_stream(s, f"stream {i}", path, checked) for i, s in enumerate(f.list("streams"))]
     for i, s in enumerate(streams):
