@@ -194,22 +194,35 @@ def read_stream(reader: ArchiveReader, index: int, pool: Executor, window: int) 
 
 class Sha256Beside:
     """The sha256 of a file's chunks, computed on a thread of its own. hashlib releases the GIL
-    on large buffers, so the hash (about 1.5 GB/s) runs beside the decode instead of after it;
-    at most ``window`` chunks wait for it."""
+    on large buffers, so the hash (about 1.8 GB/s) runs beside the decode instead of after it.
+    Chunks go to the thread in batches of at least ``HANDOFF`` bytes (a hand-off per small chunk
+    costs more than hashing it), and at most ``window`` batches wait for it."""
+
+    HANDOFF = 1 << 20
 
     def __init__(self, window: int):
         self._sha = hashlib.sha256()
         self._pool = ThreadPoolExecutor(1)
         self._pending: deque[Future[None]] = deque()
         self._window = window
+        self._batch: list[np.ndarray] = []
+        self._batched = 0
 
     def update(self, chunk: np.ndarray) -> None:
-        if chunk.shape[0] < INLINE_BYTES and not self._pending:  # a hand-off costs more than hashing it
-            self._sha.update(chunk)
-            return
-        self._pending.append(self._pool.submit(self._sha.update, chunk))
+        self._batch.append(chunk)
+        self._batched += chunk.shape[0]
+        if self._batched >= self.HANDOFF:
+            self._hand_off()
+
+    def _hand_off(self) -> None:
+        self._pending.append(self._pool.submit(self._hash, self._batch))
+        self._batch, self._batched = [], 0
         if len(self._pending) > self._window:
             self._pending.popleft().result()
+
+    def _hash(self, chunks: list[np.ndarray]) -> None:
+        for chunk in chunks:
+            self._sha.update(chunk)
 
     def hexdigest(self) -> str:
         self.close()
@@ -219,6 +232,8 @@ class Sha256Beside:
         while self._pending:
             self._pending.popleft().result()
         self._pool.shutdown()
+        self._hash(self._batch)  # the small rest: nothing is left to overlap with
+        self._batch, self._batched = [], 0
 
 
 def file_chunks(reader: ArchiveReader, entry: FileEntry, pool: Executor, window: int,
