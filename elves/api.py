@@ -57,7 +57,7 @@ class Archive:
         self._threads = default_threads(threads)
         self._pool: ThreadPoolExecutor | None = None
         self._views = tensor_names(self._reader.files)
-        self._checked: set[str] = set()  # files whose tensor entries agree with their own header
+        self._checked: set[str] = set()  # files whose tensor entries agree with their own structure
 
     @property
     def path(self) -> Path:
@@ -96,14 +96,14 @@ class Archive:
             shape: tuple[int, ...] = (self._reader.streams[entry.segments[t.segment]].nbytes if t.segment >= 0 else 0,)
         else:
             npdt, shape = dtypes.numpy_dtype(t.dtype), t.shape
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._threads)
+        if entry.path not in self._checked:  # an empty tensor too: the file may say it is not
+            check_tensors(self._reader, entry, self._pool, 2 * self._threads + 2)
+            self._checked.add(entry.path)
         count = math.prod(shape)
         if count == 0:
             return np.zeros(shape, dtype=npdt)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._threads)
-        if entry.path not in self._checked:
-            check_tensors(self._reader, entry, self._pool, 2 * self._threads + 2)
-            self._checked.add(entry.path)
         raw = read_stream(self._reader, entry.segments[t.segment], self._pool, 2 * self._threads + 2)
         flat = raw[t.offset:]
         if t.strides is None:

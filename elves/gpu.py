@@ -715,7 +715,7 @@ class GpuArchive:
         _target(framework, self._device)  # fail now, not at the first tensor: no cupy, no device
         self._reader = ArchiveReader(path)
         self._named = tensor_names(self._reader.files)
-        self._checked: set[str] = set()  # files whose tensor entries agree with their own header
+        self._checked: set[str] = set()  # files whose tensor entries agree with their own structure
 
     @property
     def path(self) -> Path:

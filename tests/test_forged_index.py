@@ -149,6 +149,17 @@ def test_strided_views_of_a_checkpoint_read_and_forged_strides_are_refused(tmp_p
     assert tree_hashes(tmp_path / "back") == tree_hashes(src)
 
 
+def test_a_tensor_forged_empty_is_refused(tmp_path: Path) -> None:
+    """An empty shape needs no bytes, so only the file's own pickle can tell it is forged."""
+    src, _ = _checkpoint(tmp_path)
+    out = tmp_path / "ck.elves"
+    elves.compress(src, out)
+    rewrite_index(out, lambda index: next(t for f in index["files"] for t in f["tensors"]
+                                          if t[0] == "b").__setitem__(2, [0, 48]))
+    with elves.open(out) as a, pytest.raises(CorruptArchiveError, match="tensor 'b' in the index is not the one"):
+        a.get_tensor("b")
+
+
 # ---------------------------------------------------------------- the chunk plan
 
 @pytest.mark.parametrize("field,value,match", [
