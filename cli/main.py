@@ -121,7 +121,8 @@ class ErrorBoundType(click.ParamType):
     name = "BOUND"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        from elves.codecs.elf import BoundError, ErrorBound, parse_error_bound
+        from elves.codecs.elf import ErrorBound, parse_error_bound
+        from elves.errors import BoundError
 
         if isinstance(value, ErrorBound):
             return value

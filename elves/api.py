@@ -25,9 +25,9 @@ import numpy as np
 from . import dtypes
 from .archive import ArchiveReader
 from .decoder import attach_base, check_tensors, file_chunks, read_stream
-from .encoder import default_threads
 from .errors import CorruptArchiveError, ElvesError, InputError, UsageError
 from .index import FileEntry, TensorEntry, tensor_names
+from .parallel import default_threads
 
 Framework = Literal["np", "numpy", "pt", "torch", "cupy"]
 

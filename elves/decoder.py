@@ -23,12 +23,20 @@ import numpy as np
 import xxhash
 
 from .archive import ArchiveReader, Stream, public_mode, safe_relpath, temp_sibling
-from .encoder import INLINE_BYTES, default_threads, ordered_map
-from .errors import ArchiveError, CorruptArchiveError, InputError, OutputError, OutputExistsError, UnsafePathError
+from .chunks import decode_chunk
+from .errors import (
+    ArchiveError,
+    CorruptArchiveError,
+    InputError,
+    OutputError,
+    OutputExistsError,
+    UnsafePathError,
+)
 from .index import FileEntry
 from .model import SourceFile
+from .parallel import INLINE_BYTES, default_threads, ordered_map
 from .readers import onnx, safetensors, torch
-from .references import RefReader, decode_chunk
+from .references import RefReader
 
 ProgressFn = Callable[[int], None]
 

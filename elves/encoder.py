@@ -10,11 +10,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from collections import deque
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import xxhash
@@ -35,7 +34,8 @@ from .codecs.rans import Rans
 from .codecs.zstd import Zstd
 from .errors import InputError
 from .index import FileEntry, TensorEntry
-from .model import Segment, SourceFile, open_source
+from .model import Segment, SourceFile, hash_segment, open_source, read_exact
+from .parallel import INLINE_BYTES, default_threads, ordered_map
 from .readers import read_model
 from .references import RefChooser, block_hashes, segment_names
 
@@ -44,11 +44,6 @@ if TYPE_CHECKING:
 
 TENSOR_CHUNK_BYTES = 256 << 10
 BYTES_CHUNK_BYTES = 4 << 20
-READ_PIECE = 8 << 20  # a multiple of references.BLOCK
-INLINE_BYTES = 64 << 10
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 ProgressFn = Callable[[int], None]
 
@@ -74,31 +69,6 @@ class CompressSummary:
         return self.original_bytes / max(self.archive_bytes, 1)
 
 
-def default_threads(threads: int | None) -> int:
-    return threads if threads and threads > 0 else (os.cpu_count() or 1)
-
-
-def ordered_map(pool: Executor, fn: Callable[[T], R], items: Iterable[T], window: int,
-                inline: Callable[[T], bool] | None = None) -> Iterator[R]:
-    """``map(fn, items)`` on ``pool``, in order, with at most ``window`` items in flight.
-
-    Items for which ``inline(item)`` holds run in the calling thread: for a few kilobytes of
-    work, handing it to another thread costs more than doing it.
-    """
-    pending: deque[Future[R]] = deque()
-    for item in items:
-        if inline is not None and inline(item):
-            done: Future[R] = Future()
-            done.set_result(fn(item))
-            pending.append(done)
-        else:
-            pending.append(pool.submit(fn, item))
-        if len(pending) >= window:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
 def pipeline_for(segment: Segment, lossy: ErrorBound | None = None,
                  read: Callable[[int, int], bytes] | None = None) -> tuple[Pipeline, int]:
     """The pipeline for a segment and its chunk size in elements (bytes for opaque streams).
@@ -121,16 +91,9 @@ def pipeline_for(segment: Segment, lossy: ErrorBound | None = None,
     return Pipeline([Planes(segment.dtype), Rans()]), TENSOR_CHUNK_BYTES // width
 
 
-def _read(fd: int, offset: int, length: int, path: Path) -> bytes:
-    data = os.pread(fd, length, offset)
-    if len(data) != length:
-        raise InputError("the file changed or shrank while it was being read", path)
-    return data
-
-
 def _read_in(fd: int, seg: Segment, path: Path, offset: int, length: int) -> bytes:
     """``length`` bytes at ``offset`` within the segment."""
-    return _read(fd, seg.offset + offset, length, path)
+    return read_exact(fd, seg.offset + offset, length, path)
 
 
 def _choose_ref(refs: RefChooser, seg: Segment, names: list[str], blocks: list[np.ndarray] | None,
@@ -145,21 +108,6 @@ def _choose_ref(refs: RefChooser, seg: Segment, names: list[str], blocks: list[n
                       lambda raw: len(pipeline.encode(raw)),
                       lambda raw, r: len(delta.encode(raw, ref=r)))
     return ref, (pipeline if ref is None else delta)
-
-
-def _hash_segment(fd: int, seg: Segment, path: Path, sha: "hashlib._Hash",
-                  blocks: list[np.ndarray] | None = None) -> str:
-    """The segment's xxh3-128, its bytes fed to ``sha`` on the way, and with ``blocks``, the
-    hashes of its whole blocks appended there (``references.block_hashes``: pieces are whole
-    blocks but for the last)."""
-    h = xxhash.xxh3_128()
-    for off in range(seg.offset, seg.offset + seg.length, READ_PIECE):
-        piece = _read(fd, off, min(READ_PIECE, seg.offset + seg.length - off), path)
-        h.update(piece)
-        sha.update(piece)
-        if blocks is not None:
-            blocks.append(block_hashes(np.frombuffer(piece, dtype=np.uint8)))
-    return h.hexdigest()
 
 
 def compress(
@@ -248,7 +196,7 @@ def compress(
 
 
 def _lossy_bound(lossy: str | None, error_bound: str | float | ErrorBound | None) -> ErrorBound | None:
-    from .codecs.elf import BoundError
+    from .errors import BoundError
 
     if lossy is None:
         if error_bound is not None:
@@ -275,7 +223,8 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
         names = segment_names(sf) if refs is not None else {}
         for index, seg in enumerate(sf.segments):
             blocks: list[np.ndarray] | None = [] if refs is not None and seg.dtype in ELF_DTYPES else None
-            key = (seg.dtype, _hash_segment(fd, seg, sf.path, sha, blocks))
+            key = (seg.dtype, hash_segment(fd, seg, sf.path, sha, None if blocks is None else
+                                          lambda piece, blocks=blocks: blocks.append(block_hashes(np.frombuffer(piece, np.uint8)))))
             if key not in seen:
                 read = functools.partial(_read_in, fd, seg, sf.path)
                 pipeline, chunk_elems = pipeline_for(seg, lossy, read)
@@ -309,7 +258,7 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
             for seg, stream, pipeline in new:
                 step = stream.chunk_elems * (dtypes.get(seg.dtype).itemsize if seg.dtype else 1)
                 for i, off in enumerate(range(seg.offset, seg.offset + seg.length, step)):
-                    raw = _read(fd, off, min(step, seg.offset + seg.length - off), sf.path)
+                    raw = read_exact(fd, off, min(step, seg.offset + seg.length - off), sf.path)
                     yield stream, pipeline, raw, i == 0, off - seg.offset
 
         raw_of: dict[int, bytes] = {}

@@ -99,3 +99,14 @@ class StoreError(ElvesError):
     duplicate model name, or a base model that does not fit."""
 
     exit_code = 8
+
+
+class BoundError(CodecError, ValueError):
+    """An error bound that cannot be used (malformed, not positive, a relative bound >= 1)."""
+
+    exit_code = 2
+
+
+class GpuUnavailableError(ElvesError):
+    """GPU decoding was asked for, but cupy or a CUDA device is missing."""
+

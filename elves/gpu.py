@@ -42,9 +42,16 @@ from .archive import ArchiveReader, Stream
 from .codecs.planes import Planes
 from .codecs.rans import STATUS, Rans
 from .decoder import check_tensors, read_stream, stream_label
-from .encoder import default_threads
-from .errors import CodecError, CorruptArchiveError, ElvesError, TruncatedArchiveError, UsageError
+from .errors import (
+    CodecError,
+    CorruptArchiveError,
+    ElvesError,
+    GpuUnavailableError,
+    TruncatedArchiveError,
+    UsageError,
+)
 from .index import FileEntry, TensorEntry, tensor_names
+from .parallel import default_threads
 
 GpuFramework = Literal["pt", "torch", "cupy"]
 
@@ -62,10 +69,6 @@ KERNEL_FILE = "rans_decode.cu"
 DESC = np.dtype([("src", "<u8"), ("src_len", "<u8"), ("dst", "<u8"), ("dst_len", "<u8"),
                  ("width", "<u4"), ("flags", "<u4")])
 FLAG_ROTATE = 1
-
-class GpuUnavailableError(ElvesError):
-    """GPU decoding was asked for, but cupy or a CUDA device is missing."""
-
 
 # ============================================================================ cupy and the kernels
 

@@ -13,15 +13,22 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, ContextManager
+from typing import TYPE_CHECKING, BinaryIO, Callable, ContextManager
+
+import xxhash
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    import hashlib
 
 # The most dimensions a named tensor may have; the archive index holds no more.
 MAX_RANK = 64
 # The longest tensor name a reader takes from a container whose names are not otherwise bounded
 # (a pickle's nested keys, a protobuf field).
 MAX_NAME = 4096
+# Segments are read and hashed in pieces of this many bytes (a multiple of references.BLOCK).
+READ_PIECE = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -142,3 +149,26 @@ def fill_gaps(size: int, tensors: list[Segment]) -> list[Segment]:
     if pos < size:
         out.append(Segment(pos, size - pos))
     return out
+
+
+def read_exact(fd: int, offset: int, length: int, path: Path) -> bytes:
+    """``length`` bytes of the open source ``path`` at ``offset``; InputError if they are not all
+    there (the file changed or shrank after the reader walked it)."""
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise InputError("the file changed or shrank while it was being read", path)
+    return data
+
+
+def hash_segment(fd: int, seg: Segment, path: Path, sha: "hashlib._Hash",
+                 on_piece: Callable[[bytes], None] | None = None) -> str:
+    """The segment's xxh3-128, its bytes fed to ``sha`` on the way, and to ``on_piece`` in pieces
+    of READ_PIECE bytes (all whole but the last)."""
+    h = xxhash.xxh3_128()
+    for off in range(seg.offset, seg.offset + seg.length, READ_PIECE):
+        piece = read_exact(fd, off, min(READ_PIECE, seg.offset + seg.length - off), path)
+        h.update(piece)
+        sha.update(piece)
+        if on_piece is not None:
+            on_piece(piece)
+    return h.hexdigest()

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 
 from bitx.base import normalize
 
 from .archive import ArchiveWriter, Stream
-from .codecs import Pipeline
+from .chunks import ChunkSource, decode_chunk
 from .model import Segment, SourceFile
 
 # A reference is kept when the sample chunk coded against it is at most this fraction of the
@@ -45,10 +45,6 @@ CACHED_CHUNKS = 8
 RefMap = list[list[int]]  # [[dst, src, length], ...]: bytes of the reference copied from the referenced stream
 
 
-class PayloadSource(Protocol):
-    def read_payload(self, stream: Stream, chunk: int) -> bytes: ...
-
-
 def block_hashes(raw: np.ndarray) -> np.ndarray:
     """A 64-bit hash of each whole BLOCK-byte block of ``raw``: a dot product with fixed odd
     multipliers, wrapping. Weak, but a false match only costs size (the sample chunk is coded
@@ -62,22 +58,11 @@ def block_hashes(raw: np.ndarray) -> np.ndarray:
 _MULTIPLIERS = np.random.default_rng(0x1E5).integers(1, 1 << 62, BLOCK // 8, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
 
 
-def decode_chunk(source: PayloadSource, stream: Stream, pipeline: Pipeline, i: int,
-                 ref: np.ndarray | None = None) -> np.ndarray:
-    """Chunk ``i`` of ``stream``, decoded; ``ref`` is its reference chunk, if its pipeline needs one.
-    ``source`` is an :class:`~elves.archive.ArchiveReader` (which checks the payload's checksum)
-    or the :class:`~elves.archive.ArchiveWriter` that wrote it."""
-    payload = source.read_payload(stream, i)
-    out = np.empty(stream.chunks[i][2], dtype=np.uint8)
-    pipeline.decode(np.frombuffer(payload, dtype=np.uint8), out, ref=ref)
-    return out
-
-
 class RefReader:
     """Reads the decoded bytes of a referenced stream at any offset, decoding the chunks it needs
     and keeping the last few (a block map jumps between them). Thread-safe."""
 
-    def __init__(self, source: PayloadSource, stream: Stream):
+    def __init__(self, source: ChunkSource, stream: Stream):
         self.source = source
         self.stream = stream
         self.pipeline = stream.decoder()

@@ -57,14 +57,7 @@ from bitx.delta import Delta, DeltaPlanner
 from . import dtypes
 from .codecs import Pipeline
 from .decoder import RestoreSummary, Sha256Beside, iter_stream, open_new, write_files
-from .encoder import (
-    INLINE_BYTES,
-    _hash_segment,
-    _read,
-    default_threads,
-    ordered_map,
-    pipeline_for,
-)
+from .encoder import pipeline_for
 from .errors import (
     ArchiveError,
     CorruptArchiveError,
@@ -73,8 +66,26 @@ from .errors import (
     StoreError,
     UnsupportedFormatError,
 )
-from .index import Chunk, FileEntry, Fields, Stream, check_chunks, check_paths, ints, parse_file, parse_stream
-from .model import Segment, SourceFile, TensorView, open_source
+from .index import (
+    Chunk,
+    Fields,
+    FileEntry,
+    Stream,
+    check_chunks,
+    check_paths,
+    ints,
+    parse_file,
+    parse_stream,
+)
+from .model import (
+    Segment,
+    SourceFile,
+    TensorView,
+    hash_segment,
+    open_source,
+    read_exact,
+)
+from .parallel import INLINE_BYTES, default_threads, ordered_map
 from .readers import read_model
 
 if TYPE_CHECKING:
@@ -999,7 +1010,7 @@ class Store:
                 packs: list[tuple[bytearray, list[int]]] = []   # packed bytes, the entries pointing in
                 for index, seg in enumerate(sf.segments):
                     if seg.length < PACK_BELOW:
-                        data = _read(fd, seg.offset, seg.length, sf.path)
+                        data = read_exact(fd, seg.offset, seg.length, sf.path)
                         sha.update(data)
                         if not packs or len(packs[-1][0]) + len(data) > PACK_MAX:
                             packs.append((bytearray(), []))
@@ -1007,7 +1018,7 @@ class Store:
                         segments.append(["", seg.length, len(packs[-1][0])])
                         packs[-1][0].extend(data)
                         continue
-                    digest = _hash_segment(fd, seg, sf.path, sha)
+                    digest = hash_segment(fd, seg, sf.path, sha)
                     key = object_key(digest, seg.dtype)
                     segments.append([key, seg.length])
                     if key in known or self._reusable(key):
@@ -1025,7 +1036,7 @@ class Store:
                 def chunks_of(seg: Segment, step: int, fd: int = fd, path: Path = sf.path) -> Callable[[], Iterator[bytes]]:
                     def gen() -> Iterator[bytes]:
                         for off in range(seg.offset, seg.offset + seg.length, step):
-                            yield _read(fd, off, min(step, seg.offset + seg.length - off), path)
+                            yield read_exact(fd, off, min(step, seg.offset + seg.length - off), path)
                     return gen
 
                 objs = []

@@ -281,6 +281,6 @@ def test_without_cupy_the_error_says_what_to_install(monkeypatch: pytest.MonkeyP
     import elves.gpu
 
     monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` fail, installed or not
-    with pytest.raises(elves.gpu.GpuUnavailableError, match=r"cupy is not installed: pip install 'elves\[gpu\]'"):
+    with pytest.raises(elves.errors.GpuUnavailableError, match=r"cupy is not installed: pip install 'elves\[gpu\]'"):
         elves.gpu.load_file(tmp_path / "any.elves", framework="cupy")
-    assert issubclass(elves.gpu.GpuUnavailableError, elves.ElvesError)
+    assert issubclass(elves.errors.GpuUnavailableError, elves.ElvesError)

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CodecError, CorruptArchiveError
+from ..errors import BoundError, CodecError, CorruptArchiveError
 from . import Codec, Config, Expected, Pipeline, expected_of, int_in, register
 
 # dtype -> (item size, exponent bits, mantissa bits)
@@ -61,12 +61,6 @@ PALETTE_COUNT = struct.Struct("<I")
 UNIFORM_PARAMS = struct.Struct("<dQQ")   # step, M, B
 BINADE_E0 = struct.Struct("<i")
 MAX_SUB = 64
-
-
-class BoundError(CodecError, ValueError):
-    """An error bound that cannot be used (malformed, not positive, a relative bound >= 1)."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)
