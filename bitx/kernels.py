@@ -11,12 +11,22 @@ buffers hold what they will read and write, and refuse (False, or -1 for a count
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numba import njit
+from numpy.typing import NDArray
+
+# Types the kernels take (numba compiles from the arguments' types; these are for mypy).
+# ``Words``: elements as unsigned integers of their width; ``Word``: a scalar of that type.
+Word = np.unsignedinteger[Any]
+Words = NDArray[np.unsignedinteger[Any]]
+U8 = NDArray[np.uint8]
+I64 = NDArray[np.int64]
 
 
 @njit(cache=True, nogil=True)
-def xor_ranked(a, r, mask, shift, table, out):
+def xor_ranked(a: Words, r: Words, mask: Word, shift: Word, table: U8, out: Words) -> bool:
     """``out[i] = a[i] ^ (r[i] & mask)``, with the byte at ``shift`` replaced by
     ``table[that byte of r[i], that byte of a[i]]`` (``mask`` has that byte clear)."""
     n = a.shape[0]
@@ -38,7 +48,8 @@ def xor_ranked(a, r, mask, shift, table, out):
 
 
 @njit(cache=True, nogil=True)
-def sample_stats(a, r, w, rotate, std, xor, bitmap, joint, tail):
+def sample_stats(a: Words, r: Words, w: int, rotate: bool, std: I64, xor: I64, bitmap: I64, joint: I64,
+                 tail: I64) -> int:
     """Byte histograms of one sample window, for the planner to estimate coded sizes without
     coding. ``a``: the fine-tune's words; ``r``: the reference words (possibly fewer: the words
     past it have no reference). Per rotated byte plane (as ``planes`` splits them): ``std`` of
@@ -89,7 +100,7 @@ def sample_stats(a, r, w, rotate, std, xor, bitmap, joint, tail):
 
 
 @njit(cache=True, nogil=True)
-def rank_counts(joint, near, min_count, order, listed, codes):
+def rank_counts(joint: I64, near: U8, min_count: int, order: U8, listed: I64, codes: I64) -> None:
     """The ranking behind ``remap`` (``bitx.delta.ranking``), from the counts ``joint[base value,
     fine-tune value]``. For each base value ``e`` that has counts: ``order[e, :listed[e]]`` are
     the fine-tune values seen at least ``min_count`` times, most frequent first (the lower value
@@ -134,7 +145,7 @@ def rank_counts(joint, near, min_count, order, listed, codes):
 
 
 @njit(cache=True, nogil=True)
-def xor_sparse(a, r, mask, bitmap, vals):
+def xor_sparse(a: Words, r: Words, mask: Word, bitmap: U8, vals: Words) -> int:
     """The ``sparse`` form of ``a ^ (r & mask)`` (the words past ``r`` unchanged), in one pass:
     bit ``i`` of ``bitmap`` (least significant first; it must come zeroed) is set where XORed
     word ``i`` is not zero, and those words go to ``vals`` in order. Returns their
@@ -154,7 +165,7 @@ def xor_sparse(a, r, mask, bitmap, vals):
 
 
 @njit(cache=True, nogil=True)
-def xor_unsparse(bitmap, vals, r, mask, out):
+def xor_unsparse(bitmap: U8, vals: Words, r: Words, mask: Word, out: Words) -> int:
     """Inverse of :func:`xor_sparse` into the words ``out``. Returns how many values the bitmap
     asks for; the caller checks that against ``vals``, which is never read past its end. -1
     unless ``bitmap`` has a bit for every word of ``out``."""

@@ -63,4 +63,5 @@ def numpy_dtype(name: str) -> np.dtype:
         return np.dtype(spec)
     import ml_dtypes
 
-    return np.dtype(getattr(ml_dtypes, spec))
+    kind: type[np.generic] = getattr(ml_dtypes, spec)
+    return np.dtype(kind)

@@ -47,12 +47,11 @@ import xxhash
 
 from bitx.base import normalize
 from elves import dtypes
-from elves.errors import ArchiveError, InputError
-from elves.model import SourceFile
+from elves.errors import ArchiveError
+from elves.model import READ_PIECE, SourceFile, read_exact
 from elves.readers import read_model
 
 PROFILE_VERSION = 1
-READ_PIECE = 8 << 20
 # The top byte holds the sign and (most of) the exponent. Ordered by mantissa bits: a model cast
 # to another precision is compared in the coarser of the two.
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
@@ -164,13 +163,6 @@ def sample_positions(dtype: str, shape: tuple[int, ...], nbytes: int) -> list[tu
     return [(int(s) * width, WINDOW_ELEMENTS * width) for s in starts]
 
 
-def _read_exact(fd: int, offset: int, length: int, path: Path) -> bytes:
-    data = os.pread(fd, length, offset)
-    if len(data) != length:
-        raise InputError("the file changed or shrank while it was being read", path)
-    return data
-
-
 def _hash_range(fd: int, offset: int, length: int, width: int, path: Path) -> tuple[str, bool]:
     """xxh3-128 of a byte range, and whether its elements (``width`` bytes each) are all equal;
     read in pieces, so memory stays bounded whatever the tensor's size."""
@@ -178,7 +170,7 @@ def _hash_range(fd: int, offset: int, length: int, width: int, path: Path) -> tu
     first: np.ndarray | None = None
     constant = length % width == 0
     for off in range(offset, offset + length, READ_PIECE):
-        piece = _read_exact(fd, off, min(READ_PIECE, offset + length - off), path)
+        piece = read_exact(fd, off, min(READ_PIECE, offset + length - off), path)
         h.update(piece)
         if constant:
             elems = np.frombuffer(piece, dtype=np.uint8).reshape(-1, width)
@@ -262,7 +254,7 @@ def _take_samples(files: list[SourceFile], picked: dict[str, _Sampleable]) -> di
             s = picked[name]
             if s.file not in fds:
                 fds[s.file] = os.open(files[s.file].path, os.O_RDONLY)
-            out[name] = b"".join(_read_exact(fds[s.file], s.offset + off, length, files[s.file].path)
+            out[name] = b"".join(read_exact(fds[s.file], s.offset + off, length, files[s.file].path)
                                  for off, length in sample_positions(s.dtype, s.shape, s.nbytes))
     finally:
         for fd in fds.values():
@@ -403,7 +395,8 @@ class _Bits:
 
     @property
     def z(self) -> float:
-        return (self.zero_top - self.zero_top_chance) / max(self.variance, 1.0) ** 0.5
+        sd: float = max(self.variance, 1.0) ** 0.5
+        return (self.zero_top - self.zero_top_chance) / sd
 
     @property
     def similarity(self) -> float:
@@ -463,8 +456,8 @@ def _compare_bits(model: ModelProfile, cand: ModelProfile, names: dict[str, Tens
     compared in the coarser one, which is what casting the finer one would give."""
     bits = _Bits()
     mine: dict[str, TensorInfo] = {}
-    for t in model.tensors:
-        mine.setdefault(t.name, t)
+    for info in model.tensors:
+        mine.setdefault(info.name, info)
     theirs = {normalize(n): s for n, s in cand.samples.items()}
     for name, sample in model.samples.items():
         other = theirs.get(normalize(name))

@@ -21,9 +21,20 @@ Words here are the tensor's elements as unsigned integers of their width (uint16
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 from numba import njit
+from numpy.typing import NDArray
+
+# Array types the kernels take (numba compiles from the arguments' types; these are for mypy).
+# ``Words``: a tensor's elements as unsigned integers of its width (uint16, uint32 or uint64).
+Words = NDArray[np.unsignedinteger[Any]]
+U8 = NDArray[np.uint8]
+U64 = NDArray[np.uint64]
+I64 = NDArray[np.int64]
+F64 = NDArray[np.float64]
 
 KIND_EXACT = 0
 KIND_UNIFORM = 1
@@ -43,7 +54,7 @@ _U0 = np.uint64(0)
 # ---------------------------------------------------------------------------------------------
 
 @njit(cache=True, nogil=True, inline="always")
-def _round_bits(b, ebits, mbits):
+def _round_bits(b: np.uint64, ebits: int, mbits: int) -> np.uint64:
     """Magnitude bits of the ``(ebits, mbits)`` float nearest to the non-negative finite float64
     whose bits are ``b`` (round to nearest, ties to even; too large -> infinity)."""
     if ebits == 11:
@@ -75,7 +86,7 @@ def _round_bits(b, ebits, mbits):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _mag_to_f64bits(mag, ebits, mbits):
+def _mag_to_f64bits(mag: np.uint64, ebits: int, mbits: int) -> np.uint64:
     """float64 bits of the ``(ebits, mbits)`` magnitude ``mag`` (exact; inf/NaN map to inf/NaN)."""
     if ebits == 11:
         return mag
@@ -98,7 +109,7 @@ def _mag_to_f64bits(mag, ebits, mbits):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _round_value(v, ebits, mbits, tb, tf):
+def _round_value(v: float, ebits: int, mbits: int, tb: U64, tf: F64) -> float:
     """``v`` (non-negative float64) rounded to the dtype, as a float64 (exact)."""
     if ebits == 11:
         return v
@@ -110,13 +121,13 @@ def _round_value(v, ebits, mbits, tb, tf):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _pow2(k):
+def _pow2(k: int) -> float:
     """2.0 ** k for an integer k (exact; 0 or inf beyond float64's range)."""
     return math.ldexp(1.0, k)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _to_f64(words, w, ebits, mbits, out):
+def _to_f64(words: Words, w: int, ebits: int, mbits: int, out: F64) -> bool:
     """The values of ``words`` (elements as unsigned ints) as float64, exactly, into ``out``."""
     if out.shape[0] < words.shape[0]:
         return False
@@ -134,7 +145,7 @@ def _to_f64(words, w, ebits, mbits, out):
 # ---------------------------------------------------------------------------------------------
 
 @njit(cache=True, nogil=True, inline="always")
-def _le_exact(y, x, lim):
+def _le_exact(y: float, x: float, lim: float) -> bool:
     """True only if the exact |y - x| <= lim (finite float64s; ``lim`` taken as exact).
 
     ``d = y - x`` is rounded; TwoSum gives its error ``t``. |d| < lim implies the exact
@@ -153,7 +164,7 @@ def _le_exact(y, x, lim):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _within(y, x, mode, bound, rel_exact):
+def _within(y: float, x: float, mode: int, bound: float, rel_exact: bool) -> bool:
     """The guarantee for one element: |y - x| <= bound (absolute) or <= bound*|x| (relative),
     in exact arithmetic. ``rel_exact``: bound is a power of two, so bound*|x| is exact when normal."""
     if mode == MODE_ABS:
@@ -169,7 +180,8 @@ def _within(y, x, mode, bound, rel_exact):
 # ---------------------------------------------------------------------------------------------
 
 @njit(cache=True, nogil=True, inline="always")
-def _uniform_mag(a, step, M, B, ebits, mbits, tb, tf):
+def _uniform_mag(a: np.uint64, step: float, M: np.uint64, B: np.uint64, ebits: int, mbits: int, tb: U64,
+                 tf: F64) -> np.uint64:
     """Magnitude bits for code magnitude ``a`` of a uniform grid: round(float64(a) * step) below
     ``M``, the dtype's own values from bits ``B`` on."""
     if a >= M:
@@ -179,7 +191,7 @@ def _uniform_mag(a, step, M, B, ebits, mbits, tb, tf):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _binade_value(a, e0, S, L, cum, lsum):
+def _binade_value(a: np.uint64, e0: int, S: int, L: I64, cum: I64, lsum: np.uint64) -> float:
     """float64 value of binade-grid code magnitude ``a >= 1``: binade b, sub-binade i, level j;
     ((S + i) * L[i] + j) / (S * L[i]) * 2^(e0 + b)."""
     t = a - _U1
@@ -201,7 +213,7 @@ def _binade_value(a, e0, S, L, cum, lsum):
 
 
 @njit(cache=True, nogil=True)
-def dequant_exact(codes, n, w, out):
+def dequant_exact(codes: U64, n: int, w: int, out: Words) -> bool:
     """Exact kind: the code is the element rotated left by one bit (sign at bit 0)."""
     if n > codes.shape[0] or n > out.shape[0]:
         return False
@@ -213,7 +225,8 @@ def dequant_exact(codes, n, w, out):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _dequant_uniform(codes, n, w, ebits, mbits, step, M, B, out):
+def _dequant_uniform(codes: U64, n: int, w: int, ebits: int, mbits: int, step: float, M: np.uint64,
+                     B: np.uint64, out: Words) -> bool:
     """Uniform kind: magnitude ``round(float64(a) * step)`` for ``a < M``, else bits ``B + a - M``;
     the sign is the code's bit 0."""
     if n > codes.shape[0] or n > out.shape[0]:
@@ -253,7 +266,7 @@ def _dequant_uniform(codes, n, w, ebits, mbits, step, M, B, out):
 
 
 @njit(cache=True, nogil=True)
-def binade_table(S, L, cum, lsum):
+def binade_table(S: int, L: I64, cum: I64, lsum: np.uint64) -> F64:
     """The in-binade values of codes ``t mod lsum``: ((S + i) * L[i] + j) / (S * L[i])."""
     tab = np.empty(lsum, dtype=np.float64)
     for i in range(S):
@@ -265,7 +278,8 @@ def binade_table(S, L, cum, lsum):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _dequant_binade(codes, n, w, ebits, mbits, e0, S, L, cum, lsum, out):
+def _dequant_binade(codes: U64, n: int, w: int, ebits: int, mbits: int, e0: int, S: int, L: I64, cum: I64,
+                    lsum: np.uint64, out: Words) -> bool:
     """Binade kind: magnitude 0 for ``a = 0``; else with t = a - 1, b = t div lsum,
     r = t mod lsum = cum[i] + j: round(((S + i) * L[i] + j) / (S * L[i]) * 2^(e0 + b))."""
     if n > codes.shape[0] or n > out.shape[0] or S > L.shape[0] or S > cum.shape[0]:
@@ -364,7 +378,7 @@ def _dequant_binade(codes, n, w, ebits, mbits, e0, S, L, cum, lsum, out):
 
 
 @njit(cache=True, nogil=True)
-def scatter(out, pos, vals):
+def scatter(out: Words, pos: I64, vals: Words) -> bool:
     """Put the exceptions' original bits back; False if a position is out of order or range."""
     n = out.shape[0]
     if vals.shape[0] < pos.shape[0]:
@@ -384,7 +398,8 @@ def scatter(out, pos, vals):
 # ---------------------------------------------------------------------------------------------
 
 @njit(cache=True, nogil=True, inline="always")
-def _quant_uniform(words, xs, w, ebits, mbits, step, M, B, mode, bound, rel_exact, codes, exc):
+def _quant_uniform(words: Words, xs: F64, w: int, ebits: int, mbits: int, step: float, M: np.uint64,
+                   B: np.uint64, mode: int, bound: float, rel_exact: bool, codes: U64, exc: U8) -> int:
     """Codes of the uniform grid; ``exc[i] = 1`` where element i must be an exception. Returns the
     number of exceptions (-1 unless the buffers hold every element)."""
     n = words.shape[0]
@@ -441,7 +456,7 @@ def _quant_uniform(words, xs, w, ebits, mbits, step, M, B, mode, bound, rel_exac
 
 
 @njit(cache=True, nogil=True)
-def exponent_range(xs):
+def exponent_range(xs: F64) -> tuple[int, int]:
     """(min, max) float64 exponent of the nonzero finite normal-in-float64 values; (1, 0) if none."""
     lo = 1 << 20
     hi = -(1 << 20)
@@ -461,7 +476,8 @@ def exponent_range(xs):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _quant_binade(words, xs, w, ebits, mbits, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc):
+def _quant_binade(words: Words, xs: F64, w: int, ebits: int, mbits: int, e0: int, S: int, L: I64, cum: I64,
+                  lsum: np.uint64, mode: int, bound: float, rel_exact: bool, codes: U64, exc: U8) -> int:
     """Codes of the binade grid (see :func:`dequant_binade`); returns the number of exceptions
     (-1 unless the buffers hold every element and the grid its S sub-binades)."""
     n = words.shape[0]
@@ -545,7 +561,7 @@ def _quant_binade(words, xs, w, ebits, mbits, e0, S, L, cum, lsum, mode, bound, 
 
 
 @njit(cache=True, nogil=True)
-def quant_exact(words, w, codes):
+def quant_exact(words: Words, w: int, codes: U64) -> bool:
     """The exact kind's codes (see :func:`dequant_exact`); False unless ``codes`` holds them."""
     if codes.shape[0] < words.shape[0]:
         return False
@@ -563,7 +579,7 @@ def quant_exact(words, w, codes):
 # ---------------------------------------------------------------------------------------------
 
 @njit(cache=True, nogil=True)
-def plane_hist(codes, w, hist):
+def plane_hist(codes: U64, w: int, hist: I64) -> None:
     """hist[p, s]: how often byte plane p (0 = most significant) holds s (``codes``: uint64).
 
     Four interleaved counters per plane: a plane of one symbol would otherwise make every
@@ -588,7 +604,7 @@ def plane_hist(codes, w, hist):
 
 
 @njit(cache=True, nogil=True)
-def est_plane(h, n, lanes):
+def est_plane(h: I64, n: int, lanes: int) -> float:
     """Bytes the ``rans`` codec will spend on a plane with histogram ``h`` (a close estimate)."""
     k = 0
     bits = 0.0
@@ -607,7 +623,7 @@ def est_plane(h, n, lanes):
 
 
 @njit(cache=True, nogil=True)
-def est_size(hist, n, w, lanes):
+def est_size(hist: I64, n: int, w: int, lanes: int) -> float:
     total = 8.0 + 4 * w
     for p in range(w):
         total += est_plane(hist[p], n, lanes)
@@ -615,7 +631,7 @@ def est_size(hist, n, w, lanes):
 
 
 @njit(cache=True, nogil=True)
-def probe_distinct(codes, stride):
+def probe_distinct(codes: U64, stride: int) -> tuple[int, int, np.uint64, np.uint64]:
     """(probed, distinct, smallest, largest) over every ``stride``-th code (uint64), counted
     with an open-addressing hash set: a sort (np.unique) would cost more than the answer saves."""
     m = (codes.shape[0] + stride - 1) // stride
@@ -642,7 +658,7 @@ def probe_distinct(codes, stride):
 
 
 @njit(cache=True, nogil=True)
-def demote_top(codes, exc, w, lanes, exc_cost):
+def demote_top(codes: U64, exc: U8, w: int, lanes: int, exc_cost: float) -> int:
     """Turn elements whose code uses the top byte into exceptions when that is cheaper.
 
     A top plane that is all zeros costs 2 bytes; a few elements with a nonzero top byte (values
@@ -687,7 +703,7 @@ def demote_top(codes, exc, w, lanes, exc_cost):
 # pair maps to a w-byte delta and back, whatever the codes hold (exact-zone bits included).
 
 @njit(cache=True, nogil=True, inline="always")
-def _signed(v, w):
+def _signed(v: np.int64, w: int) -> np.int64:
     """The 8w-bit two's complement value of ``v`` (an int64 holding 64 bits), sign-extended."""
     if w == 8:
         return v
@@ -698,18 +714,18 @@ def _signed(v, w):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _unzig(c):
+def _unzig(c: np.int64) -> np.int64:
     return ((c >> np.int64(1)) & np.int64(0x7FFFFFFFFFFFFFFF)) ^ -(c & np.int64(1))  # a logical shift
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _zig(t, w):
+def _zig(t: np.int64, w: int) -> np.int64:
     z = (t << np.int64(1)) ^ (t >> np.int64(63))
     return z if w == 8 else z & ((np.int64(1) << (8 * w)) - 1)
 
 
 @njit(cache=True, nogil=True)
-def nearest_uniform(words, xs, w, step, M, B, codes):
+def nearest_uniform(words: Words, xs: F64, w: int, step: float, M: np.uint64, B: np.uint64, codes: U64) -> bool:
     """A reference chunk's codes on a uniform grid: the nearest grid code of each element, with
     no bound check (the reference only has to be quantised the same way on both sides, and its
     values, restored from the grid, are mostly on it). ``xs`` holds the elements as float64."""
@@ -733,7 +749,7 @@ def nearest_uniform(words, xs, w, step, M, B, codes):
 
 
 @njit(cache=True, nogil=True)
-def delta_codes(codes, ref, w):
+def delta_codes(codes: U64, ref: U64, w: int) -> None:
     """``codes[i] <- zig(unzig(codes[i]) - unzig(ref[i]))`` in 8w-bit arithmetic, in place."""
     for i in range(codes.shape[0]):
         c = np.int64(codes[i])
@@ -742,7 +758,7 @@ def delta_codes(codes, ref, w):
 
 
 @njit(cache=True, nogil=True)
-def undelta_codes(deltas, ref, w, out):
+def undelta_codes(deltas: U64, ref: U64, w: int, out: U64) -> bool:
     """The inverse of :func:`delta_codes`: ``out[i]`` (a code) from ``deltas[i]`` and ``ref[i]``."""
     if ref.shape[0] < deltas.shape[0] or out.shape[0] < deltas.shape[0]:
         return False
@@ -758,7 +774,8 @@ def undelta_codes(deltas, ref, w, out):
 # ---------------------------------------------------------------------------------------------
 
 @njit(cache=True, nogil=True, inline="always")
-def _error_stats(src, dec, w, ebits, mbits, mode, bound, rel_exact):
+def _error_stats(src: Words, dec: Words, w: int, ebits: int, mbits: int, mode: int, bound: float,
+                 rel_exact: bool) -> tuple[float, float, int]:
     """(max absolute error, max relative error, elements over the bound) of ``dec`` against
     ``src`` (unsigned words). NaN, infinities and +-0.0 must match bit for bit; relative errors
     are over nonzero finite elements."""
@@ -804,111 +821,139 @@ def _error_stats(src, dec, w, ebits, mbits, mode, bound, rel_exact):
 # ---------------------------------------------------------------------------------------------
 
 @njit(cache=True, nogil=True)
-def to_f64_f16(words, w, out):
+def to_f64_f16(words: Words, w: int, out: F64) -> bool:
     return _to_f64(words, w, 5, 10, out)
 
 @njit(cache=True, nogil=True)
-def to_f64_bf16(words, w, out):
+def to_f64_bf16(words: Words, w: int, out: F64) -> bool:
     return _to_f64(words, w, 8, 7, out)
 
 @njit(cache=True, nogil=True)
-def to_f64_f32(words, w, out):
+def to_f64_f32(words: Words, w: int, out: F64) -> bool:
     return _to_f64(words, w, 8, 23, out)
 
 @njit(cache=True, nogil=True)
-def to_f64_f64(words, w, out):
+def to_f64_f64(words: Words, w: int, out: F64) -> bool:
     return _to_f64(words, w, 11, 52, out)
 
 @njit(cache=True, nogil=True)
-def dequant_uniform_f16(codes, n, w, step, M, B, out):
+def dequant_uniform_f16(codes: U64, n: int, w: int, step: float, M: np.uint64, B: np.uint64, out: Words) -> bool:
     return _dequant_uniform(codes, n, w, 5, 10, step, M, B, out)
 
 @njit(cache=True, nogil=True)
-def dequant_uniform_bf16(codes, n, w, step, M, B, out):
+def dequant_uniform_bf16(codes: U64, n: int, w: int, step: float, M: np.uint64, B: np.uint64, out: Words) -> bool:
     return _dequant_uniform(codes, n, w, 8, 7, step, M, B, out)
 
 @njit(cache=True, nogil=True)
-def dequant_uniform_f32(codes, n, w, step, M, B, out):
+def dequant_uniform_f32(codes: U64, n: int, w: int, step: float, M: np.uint64, B: np.uint64, out: Words) -> bool:
     return _dequant_uniform(codes, n, w, 8, 23, step, M, B, out)
 
 @njit(cache=True, nogil=True)
-def dequant_uniform_f64(codes, n, w, step, M, B, out):
+def dequant_uniform_f64(codes: U64, n: int, w: int, step: float, M: np.uint64, B: np.uint64, out: Words) -> bool:
     return _dequant_uniform(codes, n, w, 11, 52, step, M, B, out)
 
 @njit(cache=True, nogil=True)
-def dequant_binade_f16(codes, n, w, e0, S, L, cum, lsum, out):
+def dequant_binade_f16(codes: U64, n: int, w: int, e0: int, S: int, L: I64, cum: I64, lsum: np.uint64,
+                       out: Words) -> bool:
     return _dequant_binade(codes, n, w, 5, 10, e0, S, L, cum, lsum, out)
 
 @njit(cache=True, nogil=True)
-def dequant_binade_bf16(codes, n, w, e0, S, L, cum, lsum, out):
+def dequant_binade_bf16(codes: U64, n: int, w: int, e0: int, S: int, L: I64, cum: I64, lsum: np.uint64,
+                        out: Words) -> bool:
     return _dequant_binade(codes, n, w, 8, 7, e0, S, L, cum, lsum, out)
 
 @njit(cache=True, nogil=True)
-def dequant_binade_f32(codes, n, w, e0, S, L, cum, lsum, out):
+def dequant_binade_f32(codes: U64, n: int, w: int, e0: int, S: int, L: I64, cum: I64, lsum: np.uint64,
+                       out: Words) -> bool:
     return _dequant_binade(codes, n, w, 8, 23, e0, S, L, cum, lsum, out)
 
 @njit(cache=True, nogil=True)
-def dequant_binade_f64(codes, n, w, e0, S, L, cum, lsum, out):
+def dequant_binade_f64(codes: U64, n: int, w: int, e0: int, S: int, L: I64, cum: I64, lsum: np.uint64,
+                       out: Words) -> bool:
     return _dequant_binade(codes, n, w, 11, 52, e0, S, L, cum, lsum, out)
 
 @njit(cache=True, nogil=True)
-def quant_uniform_f16(words, xs, w, step, M, B, mode, bound, rel_exact, codes, exc):
+def quant_uniform_f16(words: Words, xs: F64, w: int, step: float, M: np.uint64, B: np.uint64, mode: int,
+                      bound: float, rel_exact: bool, codes: U64, exc: U8) -> int:
     return _quant_uniform(words, xs, w, 5, 10, step, M, B, mode, bound, rel_exact, codes, exc)
 
 @njit(cache=True, nogil=True)
-def quant_uniform_bf16(words, xs, w, step, M, B, mode, bound, rel_exact, codes, exc):
+def quant_uniform_bf16(words: Words, xs: F64, w: int, step: float, M: np.uint64, B: np.uint64, mode: int,
+                       bound: float, rel_exact: bool, codes: U64, exc: U8) -> int:
     return _quant_uniform(words, xs, w, 8, 7, step, M, B, mode, bound, rel_exact, codes, exc)
 
 @njit(cache=True, nogil=True)
-def quant_uniform_f32(words, xs, w, step, M, B, mode, bound, rel_exact, codes, exc):
+def quant_uniform_f32(words: Words, xs: F64, w: int, step: float, M: np.uint64, B: np.uint64, mode: int,
+                      bound: float, rel_exact: bool, codes: U64, exc: U8) -> int:
     return _quant_uniform(words, xs, w, 8, 23, step, M, B, mode, bound, rel_exact, codes, exc)
 
 @njit(cache=True, nogil=True)
-def quant_uniform_f64(words, xs, w, step, M, B, mode, bound, rel_exact, codes, exc):
+def quant_uniform_f64(words: Words, xs: F64, w: int, step: float, M: np.uint64, B: np.uint64, mode: int,
+                      bound: float, rel_exact: bool, codes: U64, exc: U8) -> int:
     return _quant_uniform(words, xs, w, 11, 52, step, M, B, mode, bound, rel_exact, codes, exc)
 
 @njit(cache=True, nogil=True)
-def quant_binade_f16(words, xs, w, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc):
+def quant_binade_f16(words: Words, xs: F64, w: int, e0: int, S: int, L: I64, cum: I64, lsum: np.uint64,
+                     mode: int, bound: float, rel_exact: bool, codes: U64, exc: U8) -> int:
     return _quant_binade(words, xs, w, 5, 10, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc)
 
 @njit(cache=True, nogil=True)
-def quant_binade_bf16(words, xs, w, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc):
+def quant_binade_bf16(words: Words, xs: F64, w: int, e0: int, S: int, L: I64, cum: I64, lsum: np.uint64,
+                      mode: int, bound: float, rel_exact: bool, codes: U64, exc: U8) -> int:
     return _quant_binade(words, xs, w, 8, 7, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc)
 
 @njit(cache=True, nogil=True)
-def quant_binade_f32(words, xs, w, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc):
+def quant_binade_f32(words: Words, xs: F64, w: int, e0: int, S: int, L: I64, cum: I64, lsum: np.uint64,
+                     mode: int, bound: float, rel_exact: bool, codes: U64, exc: U8) -> int:
     return _quant_binade(words, xs, w, 8, 23, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc)
 
 @njit(cache=True, nogil=True)
-def quant_binade_f64(words, xs, w, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc):
+def quant_binade_f64(words: Words, xs: F64, w: int, e0: int, S: int, L: I64, cum: I64, lsum: np.uint64,
+                     mode: int, bound: float, rel_exact: bool, codes: U64, exc: U8) -> int:
     return _quant_binade(words, xs, w, 11, 52, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc)
 
 @njit(cache=True, nogil=True)
-def error_stats_f16(src, dec, w, mode, bound, rel_exact):
+def error_stats_f16(src: Words, dec: Words, w: int, mode: int, bound: float,
+                    rel_exact: bool) -> tuple[float, float, int]:
     return _error_stats(src, dec, w, 5, 10, mode, bound, rel_exact)
 
 @njit(cache=True, nogil=True)
-def error_stats_bf16(src, dec, w, mode, bound, rel_exact):
+def error_stats_bf16(src: Words, dec: Words, w: int, mode: int, bound: float,
+                     rel_exact: bool) -> tuple[float, float, int]:
     return _error_stats(src, dec, w, 8, 7, mode, bound, rel_exact)
 
 @njit(cache=True, nogil=True)
-def error_stats_f32(src, dec, w, mode, bound, rel_exact):
+def error_stats_f32(src: Words, dec: Words, w: int, mode: int, bound: float,
+                    rel_exact: bool) -> tuple[float, float, int]:
     return _error_stats(src, dec, w, 8, 23, mode, bound, rel_exact)
 
 @njit(cache=True, nogil=True)
-def error_stats_f64(src, dec, w, mode, bound, rel_exact):
+def error_stats_f64(src: Words, dec: Words, w: int, mode: int, bound: float,
+                    rel_exact: bool) -> tuple[float, float, int]:
     return _error_stats(src, dec, w, 11, 52, mode, bound, rel_exact)
 
 
+@dataclass(frozen=True)
 class _Kernels:
-    def __init__(self, suffix: str):
-        for name in ("to_f64", "dequant_uniform", "dequant_binade", "quant_uniform", "quant_binade",
-                     "error_stats"):
-            setattr(self, name, globals()[f"{name}_{suffix}"])
+    """One float format's entry points (see :func:`kernels`)."""
+    to_f64: Callable[[Words, int, F64], bool]
+    dequant_uniform: Callable[[U64, int, int, float, np.uint64, np.uint64, Words], bool]
+    dequant_binade: Callable[[U64, int, int, int, int, I64, I64, np.uint64, Words], bool]
+    quant_uniform: Callable[[Words, F64, int, float, np.uint64, np.uint64, int, float, bool, U64, U8], int]
+    quant_binade: Callable[[Words, F64, int, int, int, I64, I64, np.uint64, int, float, bool, U64, U8], int]
+    error_stats: Callable[[Words, Words, int, int, float, bool], tuple[float, float, int]]
 
 
-_BY_DTYPE = {"F16": "f16", "BF16": "bf16", "F32": "f32", "F64": "f64"}
-_SETS: dict = {}
+_SETS = {
+    "F16": _Kernels(to_f64_f16, dequant_uniform_f16, dequant_binade_f16, quant_uniform_f16, quant_binade_f16,
+                    error_stats_f16),
+    "BF16": _Kernels(to_f64_bf16, dequant_uniform_bf16, dequant_binade_bf16, quant_uniform_bf16,
+                     quant_binade_bf16, error_stats_bf16),
+    "F32": _Kernels(to_f64_f32, dequant_uniform_f32, dequant_binade_f32, quant_uniform_f32, quant_binade_f32,
+                    error_stats_f32),
+    "F64": _Kernels(to_f64_f64, dequant_uniform_f64, dequant_binade_f64, quant_uniform_f64, quant_binade_f64,
+                    error_stats_f64),
+}
 
 
 def kernels(dtype: str) -> _Kernels:
@@ -917,6 +962,4 @@ def kernels(dtype: str) -> _Kernels:
     lsum, out)``, ``quant_uniform(words, xs, w, step, M, B, mode, bound, rel_exact, codes, exc)``,
     ``quant_binade(words, xs, w, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc)`` and
     ``error_stats(src, dec, w, mode, bound, rel_exact)``."""
-    if dtype not in _SETS:
-        _SETS[dtype] = _Kernels(_BY_DTYPE[dtype])
     return _SETS[dtype]

@@ -11,7 +11,8 @@ from __future__ import annotations
 import mmap
 import os
 from pathlib import Path
-from typing import BinaryIO
+from collections.abc import Iterator
+from typing import Any, BinaryIO
 
 from .. import dtypes
 from ..model import MAX_NAME, MAX_RANK, Segment, SourceFile, TensorView, fill_gaps, opened
@@ -53,8 +54,9 @@ def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: memoryview, start: int, end: int):
-    """(field number, wire type, value or (start, end) of a length-delimited field)."""
+def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, Any]]:
+    """(field number, wire type, value or (start, end) of a length-delimited field). The value is
+    Any: which of the two it is follows from the wire type, which every caller checks."""
     pos = start
     while pos < end:
         key, pos = _varint(buf, pos, end)
@@ -76,7 +78,11 @@ def _fields(buf: memoryview, start: int, end: int):
             raise _Malformed
 
 
-def _tensor(buf: memoryview, start: int, end: int, out: list) -> None:
+# A tensor found: its segment, dtype and shape.
+_Found = tuple[Segment, str, tuple[int, ...]]
+
+
+def _tensor(buf: memoryview, start: int, end: int, out: list[_Found]) -> None:
     dims: list[int] = []
     dtype, name, raw = None, "", None
     for field, wire, value in _fields(buf, start, end):
@@ -103,32 +109,32 @@ def _tensor(buf: memoryview, start: int, end: int, out: list) -> None:
     for d in dims:
         count *= d
     if count * dtypes.get(dtype).itemsize == raw[1] - raw[0]:
-        out.append((Segment(raw[0], raw[1] - raw[0], dtype, name), tuple(dims)))
+        out.append((Segment(raw[0], raw[1] - raw[0], dtype, name), dtype, tuple(dims)))
 
 
-def _graph(buf: memoryview, start: int, end: int, out: list, depth: int) -> None:
+def _graph(buf: memoryview, start: int, end: int, out: list[_Found], depth: int) -> None:
     if depth > MAX_DEPTH:
         raise _Malformed
     for field, wire, value in _fields(buf, start, end):
         if wire != 2:
             continue
         if field == GRAPH_INITIALIZER:
-            _tensor(buf, *value, out)
+            _tensor(buf, value[0], value[1], out)
         elif field == GRAPH_NODE:
             for nf, nw, attr in _fields(buf, *value):
                 if nf != NODE_ATTRIBUTE or nw != 2:
                     continue
                 for af, aw, v in _fields(buf, *attr):
                     if aw == 2 and af in (ATTR_T, ATTR_TENSORS):
-                        _tensor(buf, *v, out)
+                        _tensor(buf, v[0], v[1], out)
                     elif aw == 2 and af in (ATTR_G, ATTR_GRAPHS):
-                        _graph(buf, *v, out, depth + 1)
+                        _graph(buf, v[0], v[1], out, depth + 1)
 
 
 def parse(path: Path, relpath: str, source: BinaryIO | None = None) -> SourceFile | None:
     """The ONNX file's tensors as segments, or None when it does not parse as ONNX. ``source``:
     the file already open (see :func:`elves.model.opened`)."""
-    found: list[tuple[Segment, tuple[int, ...]]] = []
+    found: list[_Found] = []
     with opened(path, source) as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
@@ -139,14 +145,14 @@ def parse(path: Path, relpath: str, source: BinaryIO | None = None) -> SourceFil
             try:
                 for field, wire, value in _fields(buf, 0, size):
                     if field == MODEL_GRAPH and wire == 2:
-                        _graph(buf, *value, found, 0)
+                        _graph(buf, value[0], value[1], found, 0)
             except _Malformed:
                 return None
             finally:
                 buf.release()
     found.sort(key=lambda f: f[0].offset)
-    segments = fill_gaps(size, [s for s, _ in found])
+    segments = fill_gaps(size, [s for s, _, _ in found])
     index = {(s.offset, s.length): i for i, s in enumerate(segments)}
-    views = [TensorView(s.name or f"tensor{i}", s.dtype, shape, index[(s.offset, s.length)])
-             for i, (s, shape) in enumerate(found)]
+    views = [TensorView(s.name or f"tensor{i}", dtype, shape, index[(s.offset, s.length)])
+             for i, (s, dtype, shape) in enumerate(found)]
     return SourceFile(path, relpath, "onnx", size, segments, views)

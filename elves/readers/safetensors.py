@@ -51,15 +51,16 @@ def from_header(path: Path, relpath: str, raw: bytes, size: int) -> SourceFile:
     n = len(raw)
 
     data_start = 8 + n
-    entries = []
+    entries: list[tuple[Segment, str, str, tuple[int, ...]]] = []
     for name, info in header.items():
         if name == "__metadata__":
             _check_metadata(path, info)
         else:
-            entries.append(_entry(path, name, info, data_start, size))
+            seg, (dt, shape) = _entry(path, name, info, data_start, size)
+            entries.append((seg, name, dt, shape))
     entries.sort(key=lambda e: e[0].offset)
     # An empty tensor claims no bytes, wherever its offsets say it lies; only the others can overlap.
-    claimed = [seg for seg, _ in entries if seg.length]
+    claimed = [seg for seg, *_ in entries if seg.length]
     for a, b in zip(claimed, claimed[1:]):
         if a.offset + a.length > b.offset:
             raise InputError(f"corrupted safetensors header: tensors {a.name!r:.200} and {b.name!r:.200} "
@@ -67,19 +68,21 @@ def from_header(path: Path, relpath: str, raw: bytes, size: int) -> SourceFile:
 
     segments = fill_gaps(size, claimed)
     index = {id(s): i for i, s in enumerate(segments)}
-    views = [TensorView(seg.name, dt, shape, index[id(seg)]) for seg, (dt, shape) in entries if seg.length]
-    views += [TensorView(seg.name, dt, shape, -1) for seg, (dt, shape) in entries if not seg.length]
+    views = [TensorView(name, dt, shape, index[id(seg)]) for seg, name, dt, shape in entries if seg.length]
+    views += [TensorView(name, dt, shape, -1) for seg, name, dt, shape in entries if not seg.length]
     return SourceFile(path, relpath, "safetensors", size, segments, views)
 
 
-def _json(path: Path, raw: bytes) -> dict:
+def _json(path: Path, raw: bytes) -> dict[str, object]:
     """The header as a dict, refusing duplicate names (two readers could each see another tensor)."""
-    def unique(pairs: list[tuple[str, object]]) -> dict:
+    def unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
         out = dict(pairs)
         if len(out) != len(pairs):
             seen: set[str] = set()
-            dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-            raise InputError(f"corrupted safetensors header: {dup!r:.200} appears twice", path)
+            for k, _ in pairs:
+                if k in seen:
+                    raise InputError(f"corrupted safetensors header: {k!r:.200} appears twice", path)
+                seen.add(k)
         return out
 
     # json's scanner recurses once per nesting level and stops with RecursionError, cleanly, at
@@ -100,7 +103,8 @@ def _check_metadata(path: Path, info: object) -> None:
         raise InputError("corrupted safetensors header: __metadata__ is not a map of strings to strings", path)
 
 
-def _entry(path: Path, name: str, info: object, data_start: int, size: int):
+def _entry(path: Path, name: str, info: object, data_start: int,
+           size: int) -> tuple[Segment, tuple[str, tuple[int, ...]]]:
     def bad(problem: str) -> InputError:
         return InputError(f"corrupted safetensors header: tensor {name!r:.200} {problem}", path)
 

@@ -153,7 +153,7 @@ def _first_arg(data: Any, *_rest: Any) -> Any:
     return data
 
 
-def _rebuild_from_type(func: Callable[..., Any], _new_type: Any, args: tuple, _state: Any) -> Any:
+def _rebuild_from_type(func: Callable[..., Any], _new_type: Any, args: tuple[Any, ...], _state: Any) -> Any:
     # Everything callable a pickle can reach here came from find_class, so this runs only ours.
     return func(*args)
 
@@ -227,7 +227,7 @@ class _Pickled:
 class _SafeUnpickler(pickle.Unpickler):
     """An unpickler whose ``find_class`` never imports or returns anything but our stand-ins."""
 
-    def __init__(self, file: BinaryIO, found: _Pickled, namespace: str = ""):
+    def __init__(self, file: _Window, found: _Pickled, namespace: str = ""):
         super().__init__(file, encoding="utf-8")  # as torch.load reads Python 2 strings
         self._found = found
         self._namespace = namespace
@@ -324,7 +324,7 @@ class _Window:
         self.buf, self.pos, self.end = buf, pos, end
 
     def _take(self, n: int) -> bytes:
-        data = self.buf[self.pos:min(self.end, self.pos + max(n, 0))]
+        data: bytes = self.buf[self.pos:min(self.end, self.pos + max(n, 0))]
         self.pos += len(data)
         return data
 
@@ -343,7 +343,8 @@ class _Window:
         return self._take((self.end if stop < 0 else stop + 1) - self.pos)
 
     def peek(self, n: int = 1) -> bytes:
-        return self.buf[self.pos:min(self.end, self.pos + max(n, 1))]
+        data: bytes = self.buf[self.pos:min(self.end, self.pos + max(n, 1))]
+        return data
 
 
 # --- Checking a pickle before it is unpickled ---------------------------------------------------
@@ -785,9 +786,8 @@ def _is_key(key: Any) -> bool:
     return len(key) <= MAX_NAME if isinstance(key, str) else isinstance(key, int) and key.bit_length() < 64
 
 
-def _byte_range(t: _TensorRef) -> tuple[int, int]:
+def _byte_range(t: _TensorRef, itemsize: int) -> tuple[int, int]:
     """(start, length) in bytes, within its storage, of the elements ``t`` spans."""
-    itemsize = DTYPES[t.dtype].itemsize
     elems = 0 if 0 in t.shape else 1 + sum((n - 1) * s for n, s in zip(t.shape, t.strides))
     return t.storage.offset + t.offset * itemsize, elems * itemsize
 
@@ -802,15 +802,15 @@ def _is_contiguous(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
 
 
 def _view(name: str, t: _TensorRef, segments: list[Segment],
-          index: dict[str, int]) -> TensorView | None:
+          index: dict[str | None, int]) -> TensorView | None:
     if len(t.shape) > MAX_RANK:  # torch makes none; the archive index could not hold it
         return None
     if t.dtype is not None and 0 in t.shape:  # no bytes to point at: segment -1, as for safetensors
         return TensorView(name, t.dtype, t.shape, -1)
     i = index.get(t.storage.name)
-    if i is None or t.dtype != segments[i].dtype:
+    if i is None or t.dtype is None or t.dtype != segments[i].dtype:
         return None
-    start, length = _byte_range(t)
+    start, length = _byte_range(t, DTYPES[t.dtype].itemsize)
     if start + length > segments[i].length:  # the pickle claims more than the storage holds
         return None
     strides = None if _is_contiguous(t.shape, t.strides) else t.strides
@@ -870,7 +870,7 @@ def _read_tensor(path: Path, f: BinaryIO, storages: _Locations, name: str,
     if len(t.shape) > MAX_RANK:
         raise InputError(f"tensor {name!r} has {len(t.shape)} dimensions (at most {MAX_RANK})", path)
     dtype = numpy_dtype(t.dtype)
-    start, length = _byte_range(t)
+    start, length = _byte_range(t, DTYPES[t.dtype].itemsize)
     if not length:
         return np.empty(t.shape, dtype)
     location = storages.get(t.storage.name)
@@ -881,4 +881,5 @@ def _read_tensor(path: Path, f: BinaryIO, storages: _Locations, name: str,
     f.seek(location[0] + start)
     flat = np.frombuffer(f.read(length), dtype)
     strides = tuple(s * dtype.itemsize for s in t.strides)
-    return np.lib.stride_tricks.as_strided(flat, t.shape, strides).copy()
+    tensor: np.ndarray = np.lib.stride_tricks.as_strided(flat, t.shape, strides).copy()
+    return tensor
