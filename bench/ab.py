@@ -1,8 +1,19 @@
 """A/B: restore (and compress) speed of this working tree against an earlier revision of elves, side
-by side, in one run, on the same archives (a benchmark, not a test).
+by side, in one run, on the same archives (a benchmark, not a test); with ``--identity``, whether
+both write the very same bytes.
 
     python bench/ab.py --rev 56081ff                   # every prepared dataset
     python bench/ab.py --rev 56081ff minilm openff --threads 1,2 --repeat 5 --write
+    python bench/ab.py --rev bb7694d --identity        # archives and store objects byte-identical?
+
+``--identity`` compresses the same inputs with the same options through each version's CLI and
+compares the archives' sha256: every dataset folder under ``$ELVES_DATA/models`` up to
+``--max-mb`` (the variants of ``minilm-family`` each count as one), lossless and ``--lossy elf
+--error-bound 2^-20``, plus ``--base minilm`` for the fine-tune ``minilm-family/last-layers``
+(``bench/make_family.py``), each at every ``--threads`` count (default 1,2). Then it adds the same
+models, in the same order, to a fresh store with ``elves store add`` in each version and compares
+every object's sha256, and the manifests and profiles as JSON less the time of adding. It prints
+a table and exits 1 on any difference or failure: a refactor must not change a byte.
 
 The revision is checked out into a temporary git worktree, and each timed run is a fresh worker
 process that imports elves from either that worktree or this tree (PYTHONPATH first). Each
@@ -15,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -22,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from compare import load_datasets_module  # bench/compare.py, beside this script
@@ -61,6 +74,135 @@ def run(tree: Path, op: str, src: Path, dst: Path, threads: int, repeat: int = 0
     return got["seconds"]
 
 
+CLI = r"""
+import sys
+import elves, elves.cli.main as cli
+print("elves-from", elves.__file__, cli.__file__, file=sys.stderr, flush=True)
+sys.argv[0] = "elves"
+cli.main()
+"""
+BOUND = "2^-20"
+FINE_TUNE = ("minilm-family/last-layers", "minilm")  # a real fine-tune and its base (make_family.py)
+
+
+def elves_cli(tree: Path, *args: str | Path) -> None:
+    """``elves ARGS`` run by the version in ``tree`` (its elves and its CLI, checked)."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    out = subprocess.run([sys.executable, "-c", CLI, *map(str, args)], env=env, capture_output=True, text=True,
+                         cwd=tree)
+    first = out.stderr.splitlines()[0].split() if out.stderr else []
+    if first[:1] == ["elves-from"]:
+        assert all(Path(f).resolve().is_relative_to(tree.resolve()) for f in first[1:]), first
+    if out.returncode:
+        raise RuntimeError((out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1][:160])
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while piece := f.read(1 << 20):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def store_digest(store: Path) -> dict[str, str]:
+    """Every file of a store by relative path: objects by sha256, JSON files (manifests, profiles,
+    the store's own) as canonical JSON without ``added`` (the manifest's time of adding)."""
+    out = {}
+    for p in sorted(store.rglob("*")):
+        rel = str(p.relative_to(store))
+        if not p.is_file() or rel == "lock" or rel.startswith("tmp/"):
+            continue
+        if p.suffix == ".json":
+            doc = json.loads(p.read_text())
+            if isinstance(doc, dict):
+                doc.pop("added", None)
+            out[rel] = json.dumps(doc, sort_keys=True)
+        else:
+            out[rel] = sha256(p)
+    return out
+
+
+def identity(old: Path, work: Path, ds, names: list[str], threads: list[int], max_mb: float) -> int:
+    """Compress and store the same inputs with both versions; print a table; the differences' count."""
+    models = ds.DATA_ROOT / "models"
+    family = models / "minilm-family"
+    if names:
+        inputs = [Path(n) if Path(n).exists() else ds.model_dir(n) for n in names]
+    else:
+        inputs = [p for p in sorted(models.iterdir()) if p.is_dir() and p != family]
+        inputs += [p for p in sorted(family.iterdir()) if p.is_dir() and not p.name.startswith(".")] if family.is_dir() else []
+    skipped = [p for p in inputs if size_of(p) > max_mb * 1e6]
+    inputs = [p for p in inputs if p not in skipped]
+    fine, base = (models / FINE_TUNE[0], models / FINE_TUNE[1])
+    cases: list[tuple[str, Path, list[str | Path]]] = []
+    for src in inputs:
+        cases += [(src.name, src, []), (src.name, src, ["--lossy", "elf", "--error-bound", BOUND])]
+    if fine.is_dir() and base.is_dir():
+        cases.append((FINE_TUNE[0], fine, ["--base", base]))
+    else:
+        print(f"no fine-tune pair: {fine} missing (python bench/make_family.py {fine.name})")
+    rows: list[tuple[str, str, int, str, str, bool]] = []
+
+    def both(make: Callable[[Path, Path], None], key: str) -> tuple[str, str]:
+        got = []
+        for label, tree in (("old", old), ("new", ROOT)):
+            out = work / f"{label}-{key}"
+            try:
+                make(tree, out)
+                got.append(sha256(out) if out.is_file() else "?")
+            except (RuntimeError, subprocess.SubprocessError) as e:
+                got.append(f"error: {e}")
+            finally:
+                out.unlink(missing_ok=True)
+        return got[0], got[1]
+
+    for name, src, opts in cases:
+        for t in threads:
+            label = " ".join(str(o) if not isinstance(o, Path) else o.name for o in opts) or "lossless"
+            a, b = both(lambda tree, out: elves_cli(tree, "compress", src, "-o", out, "--threads", t, *opts),
+                        f"{len(rows)}.elves")
+            rows.append((name, label, t, a, b, a == b and not a.startswith("error")))
+            print(f"{name:28} {label:32} {t}T  {'same' if a == b else 'DIFFERENT'}  old {a[:16]}  new {b[:16]}",
+                  flush=True)
+    store_inputs = [p for p in inputs if p != fine] + [fine] * fine.is_dir()  # the fine-tune after its base
+    for t in threads:
+        digests = []
+        for label, tree in (("old", old), ("new", ROOT)):
+            store = work / f"{label}.store"
+            shutil.rmtree(store, ignore_errors=True)
+            try:
+                elves_cli(tree, "store", "init", store)
+                for src in store_inputs:
+                    elves_cli(tree, "store", "add", store, src, "--threads", t)
+                digests.append(store_digest(store))
+            except RuntimeError as e:
+                digests.append({"error": str(e)})
+            finally:
+                shutil.rmtree(store, ignore_errors=True)
+        a, b = digests
+        differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        objects = sum(k.startswith("objects/") for k in a)
+        rows.append((f"store add ({len(store_inputs)} models)", f"{objects} objects, {len(a) - objects} other files",
+                     t, a.get("error", "-"), b.get("error", f"{len(differ)} files differ: " + ", ".join(differ[:3])),
+                     not differ))
+        print(f"{'store add':28} {len(store_inputs)} models {t}T  "
+              + ("same" if not differ else f"DIFFERENT: {len(differ)} files, e.g. {', '.join(differ[:4])}"
+                 + (f"; old: {a['error']}" if "error" in a else "") + (f"; new: {b['error']}" if "error" in b else "")),
+              flush=True)
+    print()
+    print("| input | options | threads | old | new | |")
+    print("| --- | --- | ---: | --- | --- | --- |")
+    bad = 0
+    for name, label, t, a, b, same in rows:
+        bad += not same
+        print(f"| {name} | {label} | {t} | {a[:60]} | {b[:60]} | {'same' if same else '**DIFFERENT**'} |")
+    if skipped:
+        print(f"\nskipped (over {max_mb:.0f} MB): {', '.join(p.name for p in skipped)}")
+    print(f"\n{len(rows) - bad} of {len(rows)} identical")
+    return bad
+
+
 def size_of(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -69,20 +211,33 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("datasets", nargs="*", help="dataset names (bench/datasets.py) or paths")
     p.add_argument("--rev", required=True, help="the git revision to compare against")
-    p.add_argument("--threads", default=f"1,{os.cpu_count() or 1}", help="thread counts, comma-separated")
+    p.add_argument("--threads", default=None,
+                   help=f"thread counts, comma-separated (default 1,{os.cpu_count() or 1}; with --identity 1,2)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per worker process, after a warm-up run")
     p.add_argument("--rounds", type=int, default=3, help="worker processes per version, alternating")
     p.add_argument("--no-verify", action="store_true",
                    help="also time this tree's restore without the sha256 check (verify=False, --no-verify)")
     p.add_argument("--write", action="store_true", help="update the ab section of bench/RESULTS.md")
+    p.add_argument("--identity", action="store_true",
+                   help="compare the bytes both versions write (archives, store objects), not speeds")
+    p.add_argument("--max-mb", type=float, default=120, help="with --identity: skip inputs larger than this")
     args = p.parse_args()
     ds = load_datasets_module()
-    names = args.datasets or [n for n in ds.DATASETS if ds.model_dir(n).exists()]
-    threads = [int(t) for t in args.threads.split(",")]
+    threads = [int(t) for t in (args.threads or ("1,2" if args.identity else f"1,{os.cpu_count() or 1}")).split(",")]
     work = Path(tempfile.mkdtemp(prefix="elves-ab-"))
     old = work / "old"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.rev], check=True,
                    capture_output=True)
+    # The CLI folder is installed as elves.cli (package-dir): in the worktree, a link puts it there.
+    (old / "elves" / "cli").symlink_to("../cli")
+    if args.identity:
+        try:
+            bad = identity(old, work, ds, args.datasets, threads, args.max_mb)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], capture_output=True)
+            shutil.rmtree(work, ignore_errors=True)
+        sys.exit(1 if bad else 0)
+    names = args.datasets or [n for n in ds.DATASETS if ds.model_dir(n).exists()]
     rows = []
     try:
         for name in names:
