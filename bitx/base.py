@@ -11,7 +11,6 @@ bytes.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -23,16 +22,16 @@ import numpy as np
 import xxhash
 
 from elves.archive import MAGIC, ArchiveReader, Stream, safe_relpath
+from elves.chunks import decode_chunk
 from elves.codecs import Pipeline
 from elves.errors import (
-    CorruptArchiveError,
     ArchiveError,
     BaseMismatchError,
     BaseModelError,
-    BaseRequiredError,
     InputError,
 )
 from elves.model import SourceFile
+from elves.references import Reference
 
 READ_PIECE = 8 << 20
 
@@ -347,6 +346,7 @@ class ArchiveBase(BaseModel):
         self.reader = ArchiveReader(path)
         self._pipelines: dict[int, Pipeline] = {}
         self._starts: dict[int, np.ndarray] = {}
+        self._refs: dict[int, Callable[[int], np.ndarray] | None] = {}
         segs: dict[int, BaseSegment] = {}
         for entry in self.reader.files:
             for name, dt, shape, segment, offset, strides in entry.tensors:
@@ -371,22 +371,24 @@ class ArchiveBase(BaseModel):
     def _hash(self, wanted: Callable[[BaseSegment], bool], with_sha256: bool) -> None:
         pass  # every stream's hash is in the index; the decoder checks chunks as it reads them
 
-    def _stream(self, seg: BaseSegment) -> tuple[Stream, Pipeline, np.ndarray]:
+    def _stream(self, seg: BaseSegment) -> tuple[Stream, Pipeline, np.ndarray, Callable[[int], np.ndarray] | None]:
         index = seg.loc[0]
         with self._lock:
             if index not in self._pipelines:
                 stream = self.reader.streams[index]
-                pipeline = stream.decoder()
-                if pipeline.ref_codec is not None:
+                ref = Reference.of(stream)
+                if ref is not None and ref.content is not None:
                     raise BaseModelError(
                         f"the base archive was itself compressed against a base (tensor {seg.names[0]!r}); "
                         "restore it and pass the restored model as the base", self.path)
-                self._pipelines[index] = pipeline
+                self._pipelines[index] = stream.decoder()
                 self._starts[index] = np.concatenate(([0], np.cumsum([c[2] for c in stream.chunks])))
-            return self.reader.streams[index], self._pipelines[index], self._starts[index]
+                # a version coded against an earlier one in the same archive
+                self._refs[index] = self.reader.references.chunk_refs(stream)
+            return self.reader.streams[index], self._pipelines[index], self._starts[index], self._refs[index]
 
     def _read_segment(self, seg: BaseSegment, offset: int, length: int) -> np.ndarray:
-        stream, pipeline, starts = self._stream(seg)
+        stream, pipeline, starts, ref_of = self._stream(seg)
         first = int(np.searchsorted(starts, offset, side="right")) - 1
         out = np.empty(length, dtype=np.uint8)
         pos = 0
@@ -394,9 +396,7 @@ class ArchiveBase(BaseModel):
         while pos < length:
             lo, hi = int(starts[i]), int(starts[i + 1])
             try:
-                payload = self.reader.read_payload(stream, i)
-                chunk = np.empty(hi - lo, dtype=np.uint8)
-                pipeline.decode(np.frombuffer(payload, dtype=np.uint8), chunk)
+                chunk = decode_chunk(self.reader, stream, pipeline, i, ref_of(i) if ref_of is not None else None)
             except ArchiveError as e:
                 raise type(e)(f"base tensor {seg.names[0]!r}: chunk {i}: {e.message}", self.path) from None
             a = offset + pos - lo
@@ -430,91 +430,3 @@ def open_base(path: str | os.PathLike[str]) -> BaseModel:
     if p.is_file() and is_archive(p):
         return ArchiveBase(p)
     return ModelBase(p)
-
-
-def describe(needed: dict[str, Any]) -> str:
-    """One phrase naming the base model an archive needs, from its index's ``base`` field."""
-    files = needed.get("model", {}).get("files", [])
-    if not files:
-        return "a base model"
-    names = ", ".join(f["path"] for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
-    return f"a base model ({names}; sha256 {files[0]['sha256'][:12]}…)" if len(files) == 1 else f"a base model ({names})"
-
-
-def attach_base(reader: ArchiveReader, base: str | os.PathLike[str] | BaseModel | None) -> None:
-    """Give ``reader`` the base model its ``xor`` streams need, after checking every reference.
-
-    Does nothing for an archive that needs no base (a base given anyway is ignored). Raises
-    :class:`BaseRequiredError` when one is needed and none is given, and
-    :class:`BaseMismatchError` when the one given lacks a referenced tensor or holds other bytes.
-    """
-    needed = getattr(reader, "base_needed", None)
-    if not needed:
-        return
-    if base is None:
-        raise BaseRequiredError(f"this archive was compressed against {describe(needed)}: pass --base "
-                                "(base= in Python) with that model or an .elves archive of it", reader.path)
-    model = base if isinstance(base, BaseModel) else open_base(base)
-    try:
-        model.check(needed.get("tensors", []))
-    except BaseException:
-        if model is not base:
-            model.close()
-        raise
-    reader.base_model = model
-    reader.owns_base = model is not base
-
-
-def reference(model: BaseModel, codec: Any) -> Callable[[int, int], np.ndarray]:
-    """``(offset, length) -> the reference bytes`` for that byte range of a stream coded with the
-    ``xor`` codec ``codec``: the base tensor's bytes at the same place (cut short at its end), or,
-    for a grown tensor (``ref_shape`` inside ``shape``), the base element at the same index in
-    every dimension and zero where the base has none."""
-    digest = codec.ref_hash
-    if codec.shape is None:
-        return lambda offset, length: model.read(digest, offset, length)
-    w, shape, ref_shape = codec.width, codec.shape, codec.ref_shape
-
-    def read(offset: int, length: int) -> np.ndarray:
-        out = np.zeros(length, dtype=np.uint8)
-        idx = np.arange(offset // w, (offset + length) // w, dtype=np.int64)
-        multi = np.unravel_index(idx, shape)
-        inside = np.ones(idx.shape[0], dtype=bool)
-        for m, d in zip(multi, ref_shape):
-            inside &= m < d
-        if inside.any():
-            bidx = np.ravel_multi_index(tuple(m[inside] for m in multi), ref_shape)
-            lo, hi = int(bidx[0]), int(bidx[-1]) + 1  # C order: increasing
-            src = model.read(digest, lo * w, (hi - lo) * w).reshape(-1, w)
-            out.reshape(-1, w)[inside] = src[bidx - lo]
-        return out
-
-    return read
-
-
-def chunk_refs(reader: ArchiveReader, stream: Stream, pipeline: Pipeline) -> Callable[[int], np.ndarray] | None:
-    """For a stream coded against a base tensor: chunk number -> that chunk's reference bytes.
-    ``None`` for a stream that needs no reference."""
-    codec = pipeline.ref_codec
-    if codec is None:
-        return None
-    model: BaseModel | None = getattr(reader, "base_model", None)
-    if model is None:
-        needed = getattr(reader, "base_needed", None) or {}
-        raise BaseRequiredError(f"this archive was compressed against {describe(needed)}: pass --base "
-                                "(base= in Python) with that model or an .elves archive of it", reader.path)
-    digest, nbytes = codec.ref_hash, codec.ref_nbytes  # type: ignore[attr-defined]
-    if codec.shape is not None and math.prod(codec.shape) * codec.width != stream.nbytes:  # type: ignore[attr-defined]
-        raise CorruptArchiveError(f"xor: shape {list(codec.shape)} does not hold the stream's {stream.nbytes} "  # type: ignore[attr-defined]
-                                  "bytes", reader.path)
-    if model.find(digest, nbytes) is None:
-        model.hash_segments([nbytes])
-        if model.find(digest, nbytes) is None:
-            raise BaseMismatchError(f"the base has no tensor with xxh3-128 {digest} ({nbytes} bytes)", model.path)
-    starts = np.concatenate(([0], np.cumsum([c[2] for c in stream.chunks], dtype=np.int64)))
-    read = reference(model, codec)
-
-    def ref(i: int) -> np.ndarray:
-        return read(int(starts[i]), int(starts[i + 1] - starts[i]))
-
-    return ref

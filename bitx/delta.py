@@ -31,43 +31,55 @@ from typing import Any
 
 import numpy as np
 
-from elves import dtypes
+from elves import casts, dtypes
 from elves.codecs import Pipeline
 from elves.codecs.planes import Planes
 from elves.codecs.rans import Rans
 from elves.model import Segment, SourceFile
+from elves.references import RangeFn, Reference, Sources
 
-from .base import BaseModel, BaseSegment, BaseTensor, normalize, reference
+from .base import BaseModel, BaseSegment, BaseTensor, normalize
 from .codec import NEAR, Xor
 from .kernels import rank_counts, sample_stats
 
 WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 MIN_DELTA_BYTES = 128        # smaller tensors cost more as a reference than as bytes
 MAX_CANDIDATES = 4
+MAX_CASTS = 2                 # casts of one base tensor tried (round to nearest, truncate)
+# A reference of a kind the planner did not always offer (a cast, an earlier stream of the archive)
+# is kept only when its estimate is below this fraction of the standalone one: on a near tie the
+# estimate from a few windows says too little, and the archive stays what it was.
+NEW_SOURCE_MARGIN = 0.95
 SAMPLE_WINDOWS = 3            # the start, the middle and the end of a tensor...
 SAMPLE_BYTES = 64 << 10       # ...this many bytes each
 
 
 @dataclass
 class Cand:
-    """A base tensor to try as the reference of a fine-tuned segment."""
+    """A reference to try for a segment: how the index will name it, and its bytes."""
 
-    seg: BaseSegment
+    reference: Reference
+    read: RangeFn                 # (offset, length) in the segment -> the reference bytes there
+    ref_hash: str                 # xxh3-128 and length of the source (the ``xor`` codec's config)
+    ref_nbytes: int
+    seg: BaseSegment | None = None  # the base tensor, for a reference into the base model
     identical: bool = False
-    shapes: tuple[list[int], list[int]] | None = None  # (base shape, fine-tune shape) of a grown tensor
+    margin: float = 1.0           # kept only below this fraction of the standalone estimate
 
     def xor(self, dtype: str, **kw: Any) -> Xor:
-        shapes = {"ref_shape": self.shapes[0], "shape": self.shapes[1]} if self.shapes else {}
-        return Xor(dtype, self.seg.hash, self.seg.nbytes, **kw, **shapes)
+        grown = self.reference.grown
+        shapes = {"ref_shape": list(grown[0]), "shape": list(grown[1])} if grown else {}
+        return Xor(dtype, self.ref_hash, self.ref_nbytes, **kw, **shapes)
 
 
 @dataclass
 class Delta:
-    """The decision for one fine-tuned segment: code it with ``pipeline`` against ``ref``."""
+    """The decision for one segment: code it with ``pipeline`` against ``reference``."""
 
     pipeline: Pipeline
-    ref: BaseSegment
-    read: Callable[[int, int], np.ndarray]  # (offset, length) in the segment -> reference bytes
+    reference: Reference
+    read: RangeFn                 # (offset, length) in the segment -> reference bytes
+    ref: BaseSegment | None = None  # the base tensor referenced, if the source is the base model
 
 
 def plane_mask(use: list[bool], width: int, rotate: bool) -> int:
@@ -152,25 +164,40 @@ class Sample:
 
 
 class DeltaPlanner:
-    """Chooses, for the encoder, which fine-tuned segments to code against which base tensors."""
+    """Chooses, for the encoder and the store, which segments to code against which reference:
+    the tensors of a base model (``base``: by content, by name, grown, or at another precision),
+    and whatever candidates the caller adds (earlier streams of the archive: ``elves.planner``)."""
 
-    def __init__(self, base: BaseModel):
+    def __init__(self, base: BaseModel | None):
         self.base = base
-        base.hash_segments(with_sha256=True)
         self.by_name: dict[str, list[BaseTensor]] = {}
-        for t in base.tensors:
-            self.by_name.setdefault(normalize(t.name), []).append(t)
+        self.sources: Sources | None = None
+        if base is not None:
+            base.hash_segments(with_sha256=True)
+            self.sources = Sources.of_content(base)
+            for t in base.tensors:
+                self.by_name.setdefault(normalize(t.name), []).append(t)
+
+    def _cand(self, b: BaseSegment, dtype: str, nbytes: int, identical: bool = False,
+              grown: tuple[list[int], list[int]] | None = None, cast: tuple[str, str] | None = None) -> Cand:
+        assert b.hash is not None and self.sources is not None
+        ref = Reference(content=(b.hash, b.nbytes), cast=cast,
+                        grown=None if grown is None else (tuple(grown[0]), tuple(grown[1])))
+        return Cand(ref, self.sources.reader(ref, dtype, nbytes), b.hash, b.nbytes, seg=b, identical=identical,
+                    margin=NEW_SOURCE_MARGIN if cast is not None else 1.0)
 
     def candidates(self, sf: SourceFile, index: int, seg: Segment, digest: str,
                    views: list | None = None) -> list[Cand]:
         """Base tensors to try for segment ``index`` of ``sf``; ``views``: the tensors of ``sf``
         that view that segment (all of them by default)."""
-        if seg.dtype is None or seg.length < MIN_DELTA_BYTES or dtypes.get(seg.dtype).itemsize > 8:
+        if self.base is None or seg.dtype is None or seg.length < MIN_DELTA_BYTES \
+                or dtypes.get(seg.dtype).itemsize > 8:
             return []
         same = self.base.find(digest, seg.length)
         if same is not None and same.dtype == seg.dtype:
-            return [Cand(same, identical=True)]
+            return [self._cand(same, seg.dtype, seg.length, identical=True)]
         out: list[Cand] = []
+        casts_of: list[Cand] = []
         width = dtypes.get(seg.dtype).itemsize
         for view in sf.tensors if views is None else views:
             if view.segment != index or view.offset != 0:
@@ -178,17 +205,23 @@ class DeltaPlanner:
             exact = view.strides is None and int(np.prod(view.shape, dtype=np.int64)) * width == seg.length
             for bt in self.by_name.get(normalize(view.name), []):
                 b = bt.segment
-                if bt.dtype != seg.dtype or b.hash is None or any(c.seg is b for c in out):
+                if b.hash is None or any(c.seg is b for c in out + casts_of):
                     continue
-                if b.nbytes == seg.length:  # the same file name first (one of several versions)
-                    out.insert(0 if b.file == sf.relpath else len(out), Cand(b))
+                if bt.dtype != seg.dtype:
+                    # The same tensor at another precision: coded against its cast.
+                    if exact and bt.exact and bt.dtype in casts.WIDTH and seg.dtype in casts.WIDTH \
+                            and b.nbytes // casts.WIDTH[bt.dtype] == seg.length // width:
+                        casts_of += [self._cand(b, seg.dtype, seg.length, cast=(bt.dtype, r)) for r in casts.ROUNDINGS
+                                     if casts.supported(bt.dtype, seg.dtype, r)]
+                elif b.nbytes == seg.length:  # the same file name first (one of several versions)
+                    out.insert(0 if b.file == sf.relpath else len(out), self._cand(b, seg.dtype, seg.length))
                 elif (b.nbytes < seg.length and exact and bt.exact and len(view.shape) >= 1
                       and len(bt.shape) == len(view.shape) and all(x <= y for x, y in zip(bt.shape, view.shape))):
                     if tuple(bt.shape[1:]) == tuple(view.shape[1:]):
-                        out.append(Cand(b))  # rows appended: the base is the prefix
+                        out.append(self._cand(b, seg.dtype, seg.length))  # rows appended: the base is the prefix
                     else:  # widened along other dimensions: the base sits at the origin
-                        out.append(Cand(b, shapes=(list(bt.shape), list(view.shape))))
-        return out[:MAX_CANDIDATES]
+                        out.append(self._cand(b, seg.dtype, seg.length, grown=(list(bt.shape), list(view.shape))))
+        return out[:MAX_CANDIDATES] + casts_of[:MAX_CASTS]
 
     def choose(self, seg: Segment, standalone: Pipeline, chunk_elems: int, cands: list[Cand],
                read: Callable[[int, int], bytes]) -> Delta | None:
@@ -206,7 +239,7 @@ class DeltaPlanner:
             last = (seg.length - SAMPLE_BYTES) // width * width
             picks = [(0, SAMPLE_BYTES), (last // 2 // width * width, SAMPLE_BYTES), (last, SAMPLE_BYTES)]
         remap_ok = dtypes.get(seg.dtype).is_float and width >= 2 and planes.rotate
-        refs = [reference(self.base, cand.xor(seg.dtype)) for cand in cands]
+        refs = [cand.read for cand in cands]
         samples = [Sample(width, planes.rotate) for _ in cands]
         for off, length in picks:
             raw = np.frombuffer(read(seg.offset + off, length), dtype=np.uint8)
@@ -236,7 +269,10 @@ class DeltaPlanner:
             top = cost[width + 2 * width_c:]
             options += [(float(top[c] + rest[c, 1:].sum()) + table_bytes(remaps[c]) * scale, "remap", c)
                         for c in range(n)]
-        _, kind, c = min(options, key=lambda o: o[0])
+        # A new kind of source competes only below its margin, and loses ties: the choice among
+        # the rest is what it always was.
+        options = [o for o in options if o[2] < 0 or cands[o[2]].margin >= 1 or o[0] < cands[o[2]].margin * options[0][0]]
+        _, kind, c = min(options, key=lambda o: (o[0], o[2] >= 0 and cands[o[2]].margin < 1))
         if kind == "std":
             return None
         full = (1 << (8 * width)) - 1
@@ -251,12 +287,13 @@ class DeltaPlanner:
     def _delta(self, seg: Segment, standalone: Pipeline, cand: Cand, mask: int, sparse: bool = False,
                remap: list | None = None) -> Delta:
         xor = cand.xor(seg.dtype, mask=mask, sparse=sparse, remap=remap)
-        return Delta(Pipeline([xor, *standalone.codecs]), cand.seg, reference(self.base, xor))
+        return Delta(Pipeline([xor, *standalone.codecs]), cand.reference, cand.read, cand.seg)
 
     def plan(self, sf: SourceFile, fd: int, items: list[tuple[int, Segment, str, Pipeline, int]],
-             pool: Executor) -> dict[int, Delta]:
+             pool: Executor, more: Callable[[int, Segment, list[Any]], list[Cand]] | None = None) -> dict[int, Delta]:
         """Decide for the new segments of one file, in parallel: segment number -> its delta.
-        ``items`` are (segment number, segment, its xxh3-128, standalone pipeline, chunk elements)."""
+        ``items`` are (segment number, segment, its xxh3-128, standalone pipeline, chunk elements);
+        ``more(segment number, segment, its views)`` adds candidates of other sources."""
 
         def read(off: int, length: int) -> bytes:
             return os.pread(fd, length, off)
@@ -268,6 +305,8 @@ class DeltaPlanner:
         def one(item: tuple[int, Segment, str, Pipeline, int]) -> tuple[int, Delta | None]:
             index, seg, digest, standalone, chunk_elems = item
             cands = self.candidates(sf, index, seg, digest, views.get(index, []))
+            if more is not None and not (cands and cands[0].identical):
+                cands += more(index, seg, views.get(index, []))
             return index, self.choose(seg, standalone, chunk_elems, cands, read) if cands else None
 
         out = {}
@@ -276,15 +315,15 @@ class DeltaPlanner:
                 out[index] = d
         return out
 
-    def ref_chunk(self, delta: Delta, offset: int, length: int) -> np.ndarray:
-        """The reference bytes for the chunk at ``offset`` (within the segment) of ``length`` bytes."""
-        return delta.read(offset, length)
-
     def index_entry(self, streams: list[Any]) -> dict[str, Any] | None:
         """The index's ``base`` field: the base tensors the archive's streams reference, and a
         summary of the base model. None when no stream ended up referencing the base."""
         refs: dict[str, dict[str, Any]] = {}
+        if self.base is None:
+            return None
         for s in streams:
+            if s.ref is not None:  # coded against a stream of the archive itself
+                continue
             for c in s.pipeline:
                 if c.get("id") == "xor" and c["ref_hash"] not in refs:
                     seg = self.base.find(c["ref_hash"], c["ref_nbytes"])

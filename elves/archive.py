@@ -26,11 +26,12 @@ from .errors import (
     UnsupportedFormatError,
 )
 from .index import Chunk, FileEntry, Index, Stream, parse_index, safe_relpath
+from .references import Sources
 
 __all__ = ["ArchiveReader", "ArchiveWriter", "Chunk", "FileEntry", "Stream", "safe_relpath", "temp_sibling"]
 
 MAGIC = b"ELVES\x00\r\n"
-FORMAT_VERSION = (1, 3)
+FORMAT_VERSION = (1, 4)
 HEADER = struct.Struct("<8sHHIQQQ")  # magic, major, minor, flags, index offset, length, xxh3-64
 HEADER_SIZE = 64
 DATA_START = 4096
@@ -124,6 +125,14 @@ class ArchiveWriter:
     def add_file(self, entry: FileEntry) -> None:
         self.files.append(entry)
 
+    def format_version(self) -> tuple[int, int]:
+        """The oldest format that holds what was written, so that older readers read it: 1.4 only
+        for references that 1.3 does not have (a cast, ``xor`` against a stream of the archive)."""
+        if any(s.ref_cast is not None or (s.ref is not None and s.pipeline and s.pipeline[0]["id"] == "xor")
+               for s in self.streams):
+            return FORMAT_VERSION
+        return (1, 3)
+
     def _write(self, data: bytes) -> None:
         try:
             self.f.write(data)
@@ -134,8 +143,9 @@ class ArchiveWriter:
     def close(self) -> None:
         from . import __version__
 
+        version = self.format_version()
         index = {
-            "format": list(FORMAT_VERSION),
+            "format": list(version),
             "writer": f"elves {__version__}",
             "lossy": self.lossy,
             "source": self.source_kind,
@@ -149,7 +159,7 @@ class ArchiveWriter:
         blob = zstandard.ZstdCompressor(level=9).compress(msgpack.packb(index, use_bin_type=True))
         index_offset = self.pos
         self._write(blob)
-        head = HEADER.pack(MAGIC, *FORMAT_VERSION, FLAG_LOSSY if self.lossy else 0,
+        head = HEADER.pack(MAGIC, *version, FLAG_LOSSY if self.lossy else 0,
                            index_offset, len(blob), xxhash.xxh3_64_intdigest(blob))
         head += struct.pack("<Q", xxhash.xxh3_64_intdigest(head))
         try:
@@ -237,11 +247,10 @@ class ArchiveReader:
         self.source_kind = index.source
         # A lossy archive's bound: {"codec": "elf", "mode": "abs"|"rel", "value", "spec"}.
         self.error_bound = index.error_bound
-        # The base model the archive was compressed against (BitX), if any; bitx.base.attach_base
-        # checks a given base against it and sets base_model.
+        # The base model the archive was compressed against (BitX), if any: decoder.attach_base
+        # checks a given base against it and makes it the content source of ``references``.
         self.base_needed = index.base
-        self.base_model: Any = None
-        self.owns_base = False
+        self.references = Sources(self, self.streams, self.path, index.base)
         self.flags = flags
         self.version = (major, minor)
 
@@ -259,8 +268,8 @@ class ArchiveReader:
         return data
 
     def close(self) -> None:
-        if getattr(self, "base_model", None) is not None and self.owns_base:
-            self.base_model.close()
+        if hasattr(self, "references"):
+            self.references.close()
         self.f.close()
 
     def __enter__(self) -> "ArchiveReader":

@@ -22,6 +22,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import xxhash
 
+from bitx.base import BaseModel, open_base
+
 from .archive import ArchiveReader, Stream, public_mode, safe_relpath, temp_sibling
 from .chunks import decode_chunk
 from .errors import (
@@ -36,7 +38,6 @@ from .index import FileEntry
 from .model import SourceFile
 from .parallel import INLINE_BYTES, default_threads, ordered_map
 from .readers import onnx, safetensors, torch
-from .references import RefReader
 
 ProgressFn = Callable[[int], None]
 
@@ -50,13 +51,28 @@ class RestoreSummary:
     bytes_written: int
 
 
-def attach_base(reader: ArchiveReader, base: str | os.PathLike[str] | None) -> None:
-    """Check ``base`` against the base model the archive needs and give it to ``reader``
-    (``bitx.base.attach_base``; bitx is imported here, not at the top, to keep imports one way)."""
-    if reader.base_needed or base is not None:
-        from bitx.base import attach_base as attach
+def attach_base(reader: ArchiveReader, base: str | os.PathLike[str] | BaseModel | None) -> None:
+    """Make ``base`` the source of the archive's references by content, after checking every
+    reference its index records (:meth:`bitx.base.BaseModel.check`).
 
-        attach(reader, base)
+    Does nothing for an archive that needs no base (a base given anyway is ignored). Raises
+    :class:`BaseRequiredError` when one is needed and none is given, and
+    :class:`BaseMismatchError` when the one given lacks a referenced tensor or holds other bytes.
+    """
+    needed = reader.base_needed
+    if not needed:
+        return
+    if base is None:
+        raise reader.references.missing()
+    model = base if isinstance(base, BaseModel) else open_base(base)
+    try:
+        model.check(needed.get("tensors", []))
+    except BaseException:
+        if model is not base:
+            model.close()
+        raise
+    reader.references.close()
+    reader.references.content, reader.references.owns_content = model, model is not base
 
 
 def stream_label(reader: ArchiveReader, index: int) -> str:
@@ -74,18 +90,7 @@ def iter_stream(reader: ArchiveReader, index: int, pool: Executor, window: int) 
     """The decoded chunks of stream ``index``, in order, each checked; then the stream's hash."""
     stream = reader.streams[index]
     pipeline = stream.decoder()
-    ref_of: Callable[[int], np.ndarray] | None = None
-    if stream.ref is not None:  # coded against another stream of this archive
-        ref_reader = RefReader(reader, reader.streams[stream.ref])
-        starts = np.concatenate(([0], np.cumsum([c[2] for c in stream.chunks], dtype=np.int64)))
-
-        def from_ref(i: int) -> np.ndarray:
-            return ref_reader.reference(stream.ref_map, int(starts[i]), int(starts[i + 1]))
-        ref_of = from_ref
-    elif pipeline.ref_codec is not None:  # BitX: coded against a tensor of the base model
-        from bitx.base import chunk_refs
-
-        ref_of = chunk_refs(reader, stream, pipeline)
+    ref_of = reader.references.chunk_refs(stream)  # the reference's bytes of each chunk, if it has one
 
     def decode(i: int) -> np.ndarray:
         try:

@@ -13,34 +13,27 @@ import os
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import xxhash
 
 from . import dtypes
 from .archive import ArchiveWriter, Stream
+from .bounds import ErrorBound, parse_error_bound
 from .codecs import Pipeline
-from .codecs.elf import (
-    ELF_DTYPES,
-    ErrorBound,
-    elf_pays,
-    elf_pipeline,
-    encode_checked,
-    parse_error_bound,
-)
+from .codecs.elf import ELF_DTYPES
 from .codecs.planes import Planes
 from .codecs.rans import Rans
 from .codecs.zstd import Zstd
 from .errors import InputError
 from .index import FileEntry, TensorEntry
+from .lossy import elf_pays, elf_pipeline, encode_checked
 from .model import Segment, SourceFile, hash_segment, open_source, read_exact
 from .parallel import INLINE_BYTES, default_threads, ordered_map
+from .planner import ReferencePlanner, block_hashes, segment_names
 from .readers import read_model
-from .references import RefChooser, block_hashes, segment_names
-
-if TYPE_CHECKING:
-    from bitx.delta import Delta, DeltaPlanner
+from .references import Reference
 
 TENSOR_CHUNK_BYTES = 256 << 10
 BYTES_CHUNK_BYTES = 4 << 20
@@ -96,17 +89,16 @@ def _read_in(fd: int, seg: Segment, path: Path, offset: int, length: int) -> byt
     return read_exact(fd, seg.offset + offset, length, path)
 
 
-def _choose_ref(refs: RefChooser, seg: Segment, names: list[str], blocks: list[np.ndarray] | None,
-                pipeline: Pipeline, chunk_elems: int, lossy: ErrorBound, read: Callable[[int, int], bytes]
-                ) -> tuple[tuple[int, list[list[int]] | None] | None, Pipeline]:
+def _choose_lossy_ref(planner: ReferencePlanner, seg: Segment, names: list[str], blocks: list[np.ndarray] | None,
+                      pipeline: Pipeline, chunk_elems: int, lossy: ErrorBound, read: Callable[[int, int], bytes]
+                      ) -> tuple[Reference | None, Pipeline]:
     """The earlier stream to code a lossy tensor against, if any, and the pipeline to code it with."""
     assert seg.dtype is not None
     delta = elf_pipeline(seg.dtype, lossy, delta=True)
     # Sizes only: encode_checked's second check of the bound is for what gets written.
-    ref = refs.choose(seg, names, np.concatenate(blocks) if blocks else None, chunk_elems,
-                      dtypes.get(seg.dtype).itemsize, read,
-                      lambda raw: len(pipeline.encode(raw)),
-                      lambda raw, r: len(delta.encode(raw, ref=r)))
+    ref = planner.choose_lossy(seg, names, np.concatenate(blocks) if blocks else None, chunk_elems, read,
+                               lambda raw: len(pipeline.encode(raw)),
+                               lambda raw, r: len(delta.encode(raw, ref=r)))
     return ref, (pipeline if ref is None else delta)
 
 
@@ -151,35 +143,39 @@ def compress(
     nthreads = default_threads(threads)
     seen: dict[tuple[str | None, str], int] = {}
     warnings = [w for f in files for w in f.warnings]
-    planner = None
+    base_model = None
     if base is not None:
         from bitx.base import open_base
-        from bitx.delta import DeltaPlanner
 
-        planner = DeltaPlanner(open_base(base))
+        base_model = open_base(base)
     try:
         with ArchiveWriter(dst, force=force) as writer, ThreadPoolExecutor(nthreads) as pool:
             writer.source_kind = "file" if single else "folder"
-            refs = None
             if bound is not None:
                 writer.lossy = True
                 writer.error_bound = bound.to_index()
-                refs = RefChooser(writer) if planner is None else None
-            for sf in files:
-                if sf.link is not None:  # a link inside the model: kept as a link, never read through
-                    writer.add_file(FileEntry(sf.relpath, 0, hashlib.sha256(sf.link.encode()).hexdigest(),
-                                              "symlink", [], link=sf.link))
-                else:
-                    _compress_file(sf, writer, pool, nthreads, seen, progress, planner, bound, refs)
-            if planner is not None:
-                writer.base = planner.index_entry(writer.streams)
+            # Block maps cost a hash pass over every float tensor: offered in a lossy archive, and
+            # where there is an earlier file to map against.
+            several = sum(1 for f in files if any(seg.dtype in ELF_DTYPES for seg in f.segments)) > 1
+            planner = ReferencePlanner(writer, base_model, bound is not None, bound is not None or several)
+            try:
+                for sf in files:
+                    if sf.link is not None:  # a link inside the model: kept as a link, never read through
+                        writer.add_file(FileEntry(sf.relpath, 0, hashlib.sha256(sf.link.encode()).hexdigest(),
+                                                  "symlink", [], link=sf.link))
+                    else:
+                        _compress_file(sf, writer, pool, nthreads, seen, progress, planner, bound)
+            finally:
+                planner.close()
+            writer.base = planner.deltas.index_entry(writer.streams)
             archive_path = writer.path
-            base_streams = sum(1 for st in writer.streams if any(c["id"] == "xor" for c in st.pipeline))
+            base_streams = sum(1 for st in writer.streams
+                               if st.ref is None and any(c["id"] == "xor" for c in st.pipeline))
             lossy_streams = sum(1 for st in writer.streams if st.decoded_hash is not None)
             ref_streams = sum(1 for st in writer.streams if st.ref is not None)
     finally:
-        if planner is not None:
-            planner.base.close()
+        if base_model is not None:
+            base_model.close()
     return CompressSummary(
         archive=archive_path,
         files=len(files),
@@ -211,66 +207,66 @@ def _lossy_bound(lossy: str | None, error_bound: str | float | ErrorBound | None
 
 def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthreads: int,
                    seen: dict[tuple[str | None, str], int], progress: ProgressFn | None,
-                   planner: "DeltaPlanner | None" = None, lossy: ErrorBound | None = None,
-                   refs: RefChooser | None = None) -> None:
+                   planner: ReferencePlanner, lossy: ErrorBound | None = None) -> None:
     sha = hashlib.sha256()
     with open_source(sf.path) as fh:
         fd = fh.fileno()
         stream_ids: list[int] = []
         new: list[tuple[Segment, Stream, Pipeline]] = []
-        to_plan: list[tuple[int, Segment, str, Pipeline, int]] = []  # tensors that may code against a base
+        to_plan: list[tuple[int, Segment, str, Pipeline, int]] = []  # lossless tensors, which may code against xor
         slot: dict[int, int] = {}  # their segment number -> their place in ``new``
-        names = segment_names(sf) if refs is not None else {}
+        names = segment_names(sf)
+        blocks_of: dict[int, np.ndarray] = {}
         for index, seg in enumerate(sf.segments):
-            blocks: list[np.ndarray] | None = [] if refs is not None and seg.dtype in ELF_DTYPES else None
+            blocks: list[np.ndarray] | None = [] if planner.blocks and seg.dtype in ELF_DTYPES else None
             key = (seg.dtype, hash_segment(fd, seg, sf.path, sha, None if blocks is None else
                                           lambda piece, blocks=blocks: blocks.append(block_hashes(np.frombuffer(piece, np.uint8)))))
             if key not in seen:
                 read = functools.partial(_read_in, fd, seg, sf.path)
                 pipeline, chunk_elems = pipeline_for(seg, lossy, read)
                 ref = None
-                if refs is not None and lossy is not None and pipeline.codecs[0].codec_id == "elf":
-                    ref, pipeline = _choose_ref(refs, seg, names.get(index, []), blocks, pipeline, chunk_elems,
-                                                lossy, read)
+                if lossy is not None and pipeline.codecs[0].codec_id == "elf":
+                    ref, pipeline = _choose_lossy_ref(planner, seg, names.get(index, []), blocks, pipeline,
+                                                      chunk_elems, lossy, read)
                 stream = Stream("bytes" if seg.dtype is None else "tensor", seg.dtype, seg.length, key[1],
                                 pipeline.get_config(), chunk_elems, [],
-                                ref=None if ref is None else ref[0], ref_map=None if ref is None else ref[1])
+                                ref=None if ref is None else ref.stream, ref_map=None if ref is None else ref.map)
                 seen[key] = writer.add_stream(stream)
-                if refs is not None and blocks:
-                    refs.add_blocks(seen[key], np.concatenate(blocks))
+                if blocks:
+                    blocks_of[index] = np.concatenate(blocks)
+                    planner.add_blocks(seen[key], blocks_of[index])
                 new.append((seg, stream, pipeline))
-                if planner is not None and seg.dtype is not None:
+                if seg.dtype is not None and isinstance(pipeline.codecs[0], Planes):
                     to_plan.append((index, seg, key[1], pipeline, chunk_elems))
                     slot[index] = len(new) - 1
             stream_ids.append(seen[key])
         if progress:  # bytes that need no encoding: opaque gaps already seen, duplicate tensors
             progress(sf.size - sum(seg.length for seg, _, _ in new))
 
-        deltas: dict[int, Delta] = {}  # id(stream) -> its BitX delta against a base tensor
         if to_plan:
-            for index, d in planner.plan(sf, fd, to_plan, pool).items():
+            for index, d in planner.plan_lossless(sf, fd, to_plan, pool, names, blocks_of).items():
                 seg, stream, _ = new[slot[index]]
                 stream.pipeline = d.pipeline.get_config()
+                stream.ref, stream.ref_map, stream.ref_cast = d.reference.stream, d.reference.map, d.reference.cast
                 new[slot[index]] = (seg, stream, d.pipeline)
-                deltas[id(stream)] = d
+        # Every chunk's reference, whatever its source, as restore will read it.
+        refs = {id(stream): planner.sources.chunk_refs(stream) for _, stream, _ in new}
 
         def jobs() -> Iterator[tuple[Stream, Pipeline, bytes, bool, int]]:
             for seg, stream, pipeline in new:
                 step = stream.chunk_elems * (dtypes.get(seg.dtype).itemsize if seg.dtype else 1)
                 for i, off in enumerate(range(seg.offset, seg.offset + seg.length, step)):
                     raw = read_exact(fd, off, min(step, seg.offset + seg.length - off), sf.path)
-                    yield stream, pipeline, raw, i == 0, off - seg.offset
+                    yield stream, pipeline, raw, i == 0, i
 
         raw_of: dict[int, bytes] = {}
 
         def encode(job: tuple[Stream, Pipeline, bytes, bool, int]) -> tuple[Stream, bytes, int, bool, "np.ndarray | None"]:
-            stream, pipeline, raw, first, pos = job
+            stream, pipeline, raw, first, i = job
             if len(raw) == stream.nbytes:
                 raw_of[id(stream)] = raw
-            d = deltas.get(id(stream))
-            ref = planner.ref_chunk(d, pos, len(raw)) if d is not None else None
-            if refs is not None and stream.ref is not None:
-                ref = refs.ref_chunk(stream.ref, stream.ref_map, pos, pos + len(raw))
+            ref_of = refs[id(stream)]
+            ref = ref_of(i) if ref_of is not None else None
             arr = np.frombuffer(raw, dtype=np.uint8)
             if lossy is not None and pipeline.codecs and pipeline.codecs[0].codec_id == "elf":
                 # Also what restore will produce, checked against the bound once more: the
@@ -287,7 +283,8 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
             if nraw == stream.nbytes and len(payload) >= nraw:
                 # A one-chunk stream that coding would not shrink (a tiny tensor, a zip record)
                 # is stored as it is: an empty pipeline.
-                payload, stream.pipeline, stream.ref, stream.ref_map = raw_of[id(stream)], [], None, None
+                payload, stream.pipeline = raw_of[id(stream)], []
+                stream.ref, stream.ref_map, stream.ref_cast = None, None, None
                 decoded = None
             if decoded is not None:
                 h, done = decoded_of.get(id(stream), (xxhash.xxh3_128(), 0))
@@ -299,8 +296,7 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
             if progress:
                 progress(nraw)
 
-    if refs is not None:
-        refs.remember(sf, stream_ids)
+    planner.remember(sf, stream_ids)
     lossy_file = any(writer.streams[i].decoded_hash is not None for i in stream_ids)
     writer.add_file(FileEntry(
         sf.relpath, sf.size, sha.hexdigest(),  # the sha256 of the original, also for a lossy file

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple, NoReturn
 
-from . import dtypes
+from . import casts, dtypes
 from .codecs import Pipeline
 from .errors import CorruptArchiveError, ElvesError, UnsafePathError
 from .model import MAX_RANK
@@ -70,6 +70,9 @@ class Stream:
     # reference are bytes ``[src, src + length)`` of stream ``ref``; zeros elsewhere), or None: the
     # referenced stream's bytes at the same places (it is as long as this one).
     ref_map: list[list[int]] | None = None
+    # The reference is a precision cast of its source (format 1.4): (the source's dtype, rounding),
+    # see elves.casts; None: the source's bytes as they are.
+    ref_cast: tuple[str, str] | None = None
     # The pipeline built from ``pipeline`` when the index was parsed (None for a stream being written).
     codecs: Pipeline | None = field(default=None, repr=False, compare=False)
 
@@ -84,6 +87,8 @@ class Stream:
             d["ref"] = self.ref
         if self.ref_map is not None:
             d["ref_map"] = self.ref_map
+        if self.ref_cast is not None:
+            d["ref_cast"] = {"from": self.ref_cast[0], "round": self.ref_cast[1]}
         return d
 
     def decoder(self) -> Pipeline:
@@ -268,10 +273,19 @@ def parse_stream(raw: Any, label: str, path: Path, checked: dict[str, Pipeline] 
     pipeline = f.list("pipeline")
     if not all(isinstance(c, dict) for c in pipeline):
         f.fail("has a malformed pipeline")
+    ref_cast = None
+    cast = f.map("ref_cast")
+    if cast is not None:
+        g = Fields(cast, f"{label}'s ref_cast", path)
+        ref_cast = (g.choice("from", casts.FLOATS), g.choice("round", casts.ROUNDINGS))
+        if not casts.supported(ref_cast[0], dtype, ref_cast[1]):
+            f.fail(f"has a reference cast from {ref_cast[0]} to {_short(dtype)} ({ref_cast[1]}) that elves does not make")
     s = Stream(kind, dtype, f.int("nbytes"), f.str("hash", _HEX32), pipeline, f.int("chunk_elems", 1),
                [Chunk(*c) for c in chunks], decoded_hash=f.str("decoded_hash", _HEX32, None),
-               ref=f.int("ref", 0, U64, None), ref_map=ref_map)
+               ref=f.int("ref", 0, U64, None), ref_map=ref_map, ref_cast=ref_cast)
     s.codecs = check_pipeline(s, label, path, checked)
+    if ref_map is not None and s.ref is None:
+        f.fail("has a reference map but no reference")
     return s
 
 
@@ -342,15 +356,38 @@ def check_no_overlap(streams: list[Stream], path: Path) -> None:
 def check_ref(streams: list[Stream], i: int, path: Path) -> None:
     """A stream's reference is an earlier stream, itself coded without one (so decoding a chunk
     never needs more than one other stream), as long as this one or laid out by a map of sorted,
-    disjoint pieces that lie within both streams."""
+    disjoint pieces that lie within both streams; a cast reference has a source of as many
+    elements; and an ``xor`` filter names the bytes it is given (hash and length)."""
     s = streams[i]
-    r = s.ref
-    if r is None:
+    codec = s.decoder().ref_codec
+    if s.ref is None:
+        if codec is not None and codec.codec_id != "xor":  # only xor names a source outside the archive
+            raise CorruptArchiveError(f"stream {i}: its pipeline needs a reference, but it names none", path)
+        if s.ref_cast is not None:
+            if codec is None:
+                raise CorruptArchiveError(f"stream {i}: it has a reference cast but no reference", path)
+            cfg = s.pipeline[0]
+            if cfg.get("shape") is not None or \
+                    cfg["ref_nbytes"] // casts.WIDTH[s.ref_cast[0]] * casts.WIDTH[s.dtype or ""] != s.nbytes:
+                raise CorruptArchiveError(f"stream {i}: its reference cast has a source of another size", path)
         return
+    r = s.ref
     if not r < i:
         raise CorruptArchiveError(f"stream {i} references stream {r}, which does not come before it", path)
     base = streams[r]
-    if base.ref is not None or (s.ref_map is None and base.nbytes != s.nbytes):
+    if codec is None:
+        raise CorruptArchiveError(f"stream {i} references stream {r}, but its pipeline takes no reference", path)
+    if base.ref is not None or base.decoder().ref_codec is not None:
+        raise CorruptArchiveError(f"stream {i} references stream {r}, which cannot be its reference", path)
+    if codec.codec_id == "xor" and (s.pipeline[0]["ref_hash"] != base.expected_hash
+                                    or s.pipeline[0]["ref_nbytes"] != base.nbytes or "shape" in s.pipeline[0]):
+        raise CorruptArchiveError(f"stream {i}: its xor filter names other bytes than stream {r}'s", path)
+    if s.ref_cast is not None:
+        if s.ref_map is not None or base.dtype != s.ref_cast[0] or \
+                base.nbytes // casts.WIDTH[s.ref_cast[0]] != s.nbytes // casts.WIDTH[s.dtype or ""]:
+            raise CorruptArchiveError(f"stream {i} references stream {r}, which cannot be its cast", path)
+        return
+    if s.ref_map is None and base.nbytes != s.nbytes:
         raise CorruptArchiveError(f"stream {i} references stream {r}, which cannot be its reference", path)
     end = 0
     for dst, src, length in s.ref_map or []:

@@ -1,66 +1,109 @@
-"""In-archive references: coding a tensor against another tensor of the same archive.
+"""References: the bytes a stream is coded against, from wherever they come.
 
-A folder often holds several versions of one model (checkpoints of one run, releases of one
-network, the same weights in two formats); their tensors are close, and coded against each other
-they cost a fraction of what each costs alone. A stream with ``ref`` (docs/FORMAT.md) takes, as
-each chunk's reference, the decoded chunk at the same place of the referenced stream, and its
-pipeline's first filter codes the chunk against it (``elf`` with ``delta``). References are one
-level deep: a referenced stream is coded on its own, so decoding any chunk needs at most one other
-chunk and random access stays cheap. The reference is what restore produces, read back from the
-archive as it is written, so encoder and decoder see the same bytes, lossy or not.
+A tensor is often close to one elves has seen already: the same layer in the base model of a
+fine-tune, in an earlier checkpoint of the same run, or in a copy of the model at another
+precision. Coded against that tensor (``xor``, or ``elf`` with ``delta``), it costs its
+differences. Whatever the source, a stream's reference is one :class:`Reference`, read from its
+index entry (docs/FORMAT.md):
 
-:class:`RefChooser` offers each new float tensor the streams of earlier files that could serve:
-the tensor of the same name (or the same name without wrapper prefixes such as ``state_dict.``),
-the latest tensors of the same dtype and size, and the tensor most of whose 4 KiB blocks it
-holds, in another order (``ref_map``: an exporter that reorders an LSTM's gates, a layer split
-or fused). It codes one sample chunk against each and alone, and keeps the best reference only
-where that is clearly smaller.
+- its source: an earlier stream of the same archive (``ref``), or bytes known by content hash
+  outside it (the ``xor`` codec's ``ref_hash``): a base model's tensor (``--base``) or a store
+  object;
+- and a transform of that source: a block map (``ref_map``: the source's 4 KiB blocks in another
+  order), a grown shape (``ref_shape`` inside ``shape``: the source at the origin of a larger
+  tensor), or a precision cast (``ref_cast``: the source's elements rounded to this stream's dtype).
+
+:class:`Sources` turns a stream's reference into the reference bytes of any of its byte ranges, in
+one way for the encoder (which reads back what it wrote, so both sides see what restore
+produces), the CPU decoder, the store and the GPU loader. References are one level deep: a
+source is coded on its own, so a chunk never needs more than one other chunk decoded.
 """
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
-from bitx.base import normalize
+from bitx.codec import Xor
 
-from .archive import ArchiveWriter, Stream
+from . import casts, dtypes
 from .chunks import ChunkSource, decode_chunk
-from .model import Segment, SourceFile
+from .errors import (
+    BaseMismatchError,
+    BaseRequiredError,
+    CorruptArchiveError,
+    ElvesError,
+)
+from .index import Stream
 
-# A reference is kept when the sample chunk coded against it is at most this fraction of the
-# chunk coded alone: below a few percent, the gain is within what one chunk says of the rest.
-KEEP_BELOW = 0.95
-MAX_CANDIDATES = 3
-# Block matching: blocks of BLOCK bytes at multiples of BLOCK in both tensors; a map is tried when
-# it covers at least MIN_COVER of the tensor. The index holds at most MAX_BLOCKS blocks (4 GiB of
-# tensors, 24 MiB of index); later tensors are matched against it but not added to it.
-BLOCK = 4096
-MIN_COVER = 0.25
-MAX_BLOCKS = 1 << 20
-CACHED_CHUNKS = 8
-
-RefMap = list[list[int]]  # [[dst, src, length], ...]: bytes of the reference copied from the referenced stream
+RefMap = list[list[int]]  # [[dst, src, length], ...]: bytes of the reference copied from the source
+RangeFn = Callable[[int, int], np.ndarray]  # (offset, length) in the stream -> its reference bytes there
+CACHED_CHUNKS = 8    # decoded chunks a stream reader keeps (a block map jumps between them)
+CACHED_READERS = 16  # stream readers kept: memory stays bounded however many streams are referenced
 
 
-def block_hashes(raw: np.ndarray) -> np.ndarray:
-    """A 64-bit hash of each whole BLOCK-byte block of ``raw``: a dot product with fixed odd
-    multipliers, wrapping. Weak, but a false match only costs size (the sample chunk is coded
-    against what the map gives, whatever that is), never correctness."""
-    n = raw.shape[0] // BLOCK
-    words = raw[: n * BLOCK].view("<u8").reshape(n, BLOCK // 8)
-    with np.errstate(over="ignore"):
-        return (words * _MULTIPLIERS).sum(axis=1, dtype=np.uint64)
+@dataclass(frozen=True)
+class Reference:
+    """Where a stream's reference bytes come from (``stream`` or ``content``), and how they are
+    laid out (at most one of ``map``, ``grown``, ``cast``; none: the source's bytes at the same
+    places)."""
+
+    stream: int | None = None                 # an earlier stream of the same archive
+    content: tuple[str, int] | None = None    # (xxh3-128, length) of bytes outside the archive
+    map: RefMap | None = None
+    grown: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # (source shape, this stream's shape)
+    cast: tuple[str, str] | None = None       # (source dtype, rounding): see elves.casts
+
+    @classmethod
+    def of(cls, stream: Stream) -> Reference | None:
+        """The reference a stream's index entry records, if any (checked by ``index.check_ref``)."""
+        if stream.ref is not None:
+            return cls(stream=stream.ref, map=stream.ref_map, cast=stream.ref_cast)
+        codec = stream.decoder().ref_codec
+        if not isinstance(codec, Xor):
+            return None
+        grown = None if codec.shape is None or codec.ref_shape is None else (codec.ref_shape, codec.shape)
+        return cls(content=(codec.ref_hash, codec.ref_nbytes), grown=grown, cast=stream.ref_cast)
 
 
-_MULTIPLIERS = np.random.default_rng(0x1E5).integers(1, 1 << 62, BLOCK // 8, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+class ContentSource(Protocol):
+    """Bytes known by content hash: a base model (``bitx.base.BaseModel``) or a store's objects."""
+
+    path: Path
+
+    def find(self, digest: str, nbytes: int) -> object | None:
+        """Something (truthy) when bytes of that hash and length are known."""
+        ...
+
+    def hash_segments(self, nbytes: Iterable[int] | None = None, with_sha256: bool = False) -> None:
+        """Hash what is not hashed yet (only pieces of the given lengths)."""
+        ...
+
+    def read(self, digest: str, offset: int, length: int) -> np.ndarray:
+        """``length`` bytes at ``offset`` of those bytes, cut short at their end."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def describe(needed: dict[str, Any]) -> str:
+    """One phrase naming the base model an archive needs, from its index's ``base`` field."""
+    files = needed.get("model", {}).get("files", [])
+    if not files:
+        return "a base model"
+    names = ", ".join(f["path"] for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    return f"a base model ({names}; sha256 {files[0]['sha256'][:12]}…)" if len(files) == 1 else f"a base model ({names})"
 
 
 class RefReader:
     """Reads the decoded bytes of a referenced stream at any offset, decoding the chunks it needs
-    and keeping the last few (a block map jumps between them). Thread-safe."""
+    and keeping the last few. Thread-safe."""
 
     def __init__(self, source: ChunkSource, stream: Stream):
         self.source = source
@@ -108,131 +151,131 @@ class RefReader:
         return out
 
 
-class RefChooser:
-    """Chooses, while an archive is written, which earlier stream each new tensor is coded against.
-    Used without a base model (``base=``), so no stream it sees is itself coded against one."""
+def _grown(source: RangeFn, width: int, shape: tuple[int, ...], ref_shape: tuple[int, ...]) -> RangeFn:
+    """The reference of a tensor grown along any dimensions: the source element at the same index
+    in every dimension, zero where the source has none."""
 
-    def __init__(self, writer: ArchiveWriter):
-        self.writer = writer
-        self.by_name: dict[tuple[str, str, int], list[int]] = {}  # (name, dtype, nbytes) -> streams, latest last
-        self.by_size: dict[tuple[str, int], list[int]] = {}     # (dtype, nbytes) -> streams, latest last
-        self._readers: dict[int, RefReader] = {}
-        self._pending: dict[int, np.ndarray] = {}                  # stream -> its block hashes
-        self._keys = np.zeros(0, dtype=np.uint64)                 # the block index, sorted by hash
-        self._where = np.zeros((0, 2), dtype=np.int64)             # (stream, offset) of each
+    def read(offset: int, length: int) -> np.ndarray:
+        out = np.zeros(length, dtype=np.uint8)
+        idx = np.arange(offset // width, (offset + length) // width, dtype=np.int64)
+        multi = np.unravel_index(idx, shape)
+        inside = np.ones(idx.shape[0], dtype=bool)
+        for m, d in zip(multi, ref_shape):
+            inside &= m < d
+        if inside.any():
+            bidx = np.ravel_multi_index(tuple(m[inside] for m in multi), ref_shape)
+            lo, hi = int(bidx[0]), int(bidx[-1]) + 1  # C order: increasing
+            src = source(lo * width, (hi - lo) * width).reshape(-1, width)
+            out.reshape(-1, width)[inside] = src[bidx - lo]
+        return out
 
-    def add_blocks(self, index: int, hashes: np.ndarray) -> None:
-        """Note the block hashes of a new stream (:func:`block_hashes` of its original bytes); they
-        join the index with the stream, in :meth:`remember`."""
-        self._pending[index] = hashes
+    return read
 
-    def remember(self, sf: SourceFile, stream_ids: list[int]) -> None:
-        """Offer the tensor streams of a file whose chunks are all written as references."""
-        names = segment_names(sf)
-        keys, where = [self._keys], [self._where]
-        room = MAX_BLOCKS - self._keys.shape[0]
-        for number, (seg, index) in enumerate(zip(sf.segments, stream_ids)):
-            stream = self.writer.streams[index]
-            hashes = self._pending.pop(index, None)
-            if seg.dtype is None or stream.ref is not None:
-                continue
-            lists = [self.by_name.setdefault((name, seg.dtype, seg.length), []) for name in names.get(number, [])]
-            lists.append(self.by_size.setdefault((seg.dtype, seg.length), []))
-            for same in lists:
-                if index not in same:
-                    same.append(index)
-            if hashes is not None and 0 < hashes.shape[0] <= room:
-                room -= hashes.shape[0]
-                keys.append(hashes)
-                where.append(np.stack([np.full(hashes.shape[0], index, np.int64),
-                                       BLOCK * np.arange(hashes.shape[0], dtype=np.int64)], axis=1))
-        self._pending.clear()
-        all_keys, all_where = np.concatenate(keys), np.concatenate(where)
-        order = np.argsort(all_keys, kind="stable")
-        self._keys, self._where = all_keys[order], all_where[order]
-        self.writer.flush()
 
-    def reader(self, index: int) -> RefReader:
-        if index not in self._readers:
-            self._readers[index] = RefReader(self.writer, self.writer.streams[index])
-        return self._readers[index]
+def _cast(source: RangeFn, src: str, dst: str, rounding: str) -> RangeFn:
+    """The reference as the source's elements cast to ``dst``: element ``k`` of the stream against
+    the cast of element ``k`` of the source."""
+    ws, wd = casts.WIDTH[src], casts.WIDTH[dst]
 
-    def candidates(self, seg: Segment, names: list[str]) -> list[int]:
-        """Streams of the same dtype and size, latest first: those of the same name, then others."""
-        lists = [self.by_name.get((name, seg.dtype or "", seg.length), []) for name in names]
-        lists.append(self.by_size.get((seg.dtype or "", seg.length), []))
-        found: list[int] = []
-        for same in lists:
-            for index in reversed(same):
-                if index not in found and len(found) < MAX_CANDIDATES:
-                    found.append(index)
-        return found
+    def read(offset: int, length: int) -> np.ndarray:
+        first, last = offset // wd, (offset + length) // wd
+        return casts.cast(source(first * ws, (last - first) * ws), src, dst, rounding)
 
-    def block_map(self, seg: Segment, hashes: np.ndarray) -> tuple[int, RefMap] | None:
-        """The stream holding most of the segment's blocks (``hashes``: :func:`block_hashes` of
-        its bytes), and the map of where, if it covers at least MIN_COVER of the segment."""
-        if hashes.shape[0] == 0 or self._keys.shape[0] == 0:
-            return None
-        pos = np.searchsorted(self._keys, hashes)
-        pos[pos == self._keys.shape[0]] = 0
-        hit = self._keys[pos] == hashes
-        if hit.sum() < MIN_COVER * seg.length / BLOCK:
-            return None
-        found = self._where[pos[hit]]
-        stream = int(np.bincount(found[:, 0]).argmax())
-        mine = found[:, 0] == stream
-        if mine.sum() < MIN_COVER * seg.length / BLOCK:
-            return None
-        dsts = np.flatnonzero(hit)[mine] * BLOCK
-        ref_map: RefMap = []
-        for dst, src in zip(dsts.tolist(), found[mine, 1].tolist()):
-            if ref_map and ref_map[-1][0] + ref_map[-1][2] == dst and ref_map[-1][1] + ref_map[-1][2] == src:
-                ref_map[-1][2] += BLOCK
+    return read
+
+
+class Sources:
+    """What one archive (or store object) resolves references against: its own streams, read
+    through ``chunks``, and a :class:`ContentSource` for references by content hash (``content``:
+    the base model given to restore, the store's objects, None until one is given). ``needed`` is
+    the index's ``base`` field, for the error when a reference by content finds no source."""
+
+    def __init__(self, chunks: ChunkSource | None, streams: Sequence[Stream], path: Path,
+                 needed: dict[str, Any] | None = None):
+        self.chunks = chunks
+        self.streams = streams
+        self.path = path
+        self.needed = needed
+        self.content: ContentSource | None = None
+        self.owns_content = False   # close ``content`` with these sources
+        self._readers: OrderedDict[int, RefReader] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of_content(cls, content: ContentSource) -> Sources:
+        """Sources that hold only ``content`` (planning deltas against a base model)."""
+        sources = cls(None, [], content.path)
+        sources.content = content
+        return sources
+
+    def stream_reader(self, index: int) -> RefReader:
+        """A reader of stream ``index``'s decoded bytes (kept for the next references to it)."""
+        assert self.chunks is not None, "a stream reference needs the archive's chunks"
+        with self._lock:
+            got = self._readers.get(index)
+            if got is None:
+                got = self._readers[index] = RefReader(self.chunks, self.streams[index])
+                while len(self._readers) > CACHED_READERS:
+                    self._readers.popitem(last=False)
             else:
-                ref_map.append([dst, src, BLOCK])
-        return stream, ref_map
+                self._readers.move_to_end(index)
+            return got
 
-    def ref_chunk(self, index: int, ref_map: RefMap | None, lo: int, hi: int) -> np.ndarray:
-        """What restore gives as the reference of bytes ``[lo, hi)`` of a stream coded against
-        stream ``index`` through ``ref_map``. Thread-safe."""
-        return self.reader(index).reference(ref_map, lo, hi)
+    def missing(self) -> ElvesError:
+        """The error for a reference by content with no content source given."""
+        return BaseRequiredError(f"this archive was compressed against {describe(self.needed or {})}: pass "
+                                 "--base (base= in Python) with that model or an .elves archive of it", self.path)
 
-    def choose(self, seg: Segment, names: list[str], blocks: np.ndarray | None, chunk_elems: int, width: int,
-               read: Callable[[int, int], bytes],
-               size_alone: Callable[[np.ndarray], int],
-               size_against: Callable[[np.ndarray, np.ndarray], int]) -> tuple[int, RefMap | None] | None:
-        """The stream to code ``seg`` against and the map (None: the same place), or None to
-        code it alone.
+    def _content(self, digest: str, nbytes: int) -> ContentSource:
+        model = self.content
+        if model is None:
+            raise self.missing()
+        if model.find(digest, nbytes) is None:
+            model.hash_segments([nbytes])
+            if model.find(digest, nbytes) is None:
+                raise BaseMismatchError(f"the base has no tensor with xxh3-128 {digest} ({nbytes} bytes)", model.path)
+        return model
 
-        ``names`` are the segment's tensor names (:func:`segment_names`), ``blocks`` the hashes of
-        its blocks (:func:`block_hashes`; None: no block matching); ``read(offset, length)``
-        reads the segment; ``size_alone(chunk)`` and ``size_against(chunk, ref)`` code a chunk
-        alone and against a reference chunk.
-        """
-        cands: list[tuple[int, RefMap | None]] = [(c, None) for c in self.candidates(seg, names)]
-        mapped = self.block_map(seg, blocks) if blocks is not None else None
-        if mapped is not None:
-            cands.append(mapped)
-        if not cands:
+    def reader(self, ref: Reference, dtype: str | None, nbytes: int) -> RangeFn:
+        """``(offset, length) -> reference bytes`` for a stream of ``dtype`` and ``nbytes`` bytes
+        coded against ``ref``. A source by content is cut short at its end (a tensor with rows
+        appended past its base's); a mapped stream source is zero where the map has nothing."""
+        source: RangeFn
+        if ref.stream is not None:
+            stream_reader = self.stream_reader(ref.stream)
+            if ref.map is not None:
+                ref_map = ref.map
+                return lambda offset, length: stream_reader.reference(ref_map, offset, offset + length)
+            source = lambda offset, length: stream_reader.reference(None, offset, offset + length)  # noqa: E731
+        else:
+            assert ref.content is not None
+            digest, src_bytes = ref.content
+            model = self._content(digest, src_bytes)
+            source = lambda offset, length: model.read(digest, offset, length)  # noqa: E731
+        if ref.cast is not None:
+            assert dtype is not None
+            return _cast(source, ref.cast[0], dtype, ref.cast[1])
+        if ref.grown is not None:
+            assert dtype is not None
+            ref_shape, shape = ref.grown
+            width = dtypes.get(dtype).itemsize
+            if math.prod(shape) * width != nbytes:
+                raise CorruptArchiveError(f"xor: shape {list(shape)} does not hold the stream's {nbytes} bytes",
+                                          self.path)
+            return _grown(source, width, shape, ref_shape)
+        return source
+
+    def chunk_refs(self, stream: Stream) -> Callable[[int], np.ndarray] | None:
+        """For a stream coded against a reference: chunk number -> that chunk's reference bytes.
+        None for a stream coded on its own."""
+        ref = Reference.of(stream)
+        if ref is None:
             return None
-        step = chunk_elems * width
-        i = -(-seg.length // step) // 2
-        lo, hi = i * step, min((i + 1) * step, seg.length)
-        raw = np.frombuffer(read(lo, hi - lo), dtype=np.uint8)
-        best, best_size = None, KEEP_BELOW * size_alone(raw)
-        for cand in cands:
-            size = size_against(raw, self.ref_chunk(cand[0], cand[1], lo, hi))
-            if size < best_size:
-                best, best_size = cand, size
-        return best
+        read = self.reader(ref, stream.dtype, stream.nbytes)
+        step, nbytes = stream.chunk_bytes, stream.nbytes  # every chunk but the last is step long (check_chunks)
+        return lambda i: read(i * step, min(step, nbytes - i * step))
 
-
-def segment_names(sf: SourceFile) -> dict[int, list[str]]:
-    """Segment number -> the names of the tensors it holds, each as written and without wrapper
-    prefixes, for matching a tensor to the same tensor of another file."""
-    names: dict[int, list[str]] = {}
-    for t in sf.tensors:
-        if t.segment >= 0:
-            got = names.setdefault(t.segment, [])
-            got += [n for n in (t.name, normalize(t.name)) if n not in got]
-    return names
+    def close(self) -> None:
+        if self.content is not None and self.owns_content:
+            self.content.close()
+        self.content = None
