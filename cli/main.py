@@ -1,129 +1,46 @@
-"""The ``elves`` command (installed from the repository's cli/ folder as ``elves.cli``).
-
-Exit codes: 0 success; 1 an unexpected elves error; 2 bad usage; 3 bad input model;
-4 damaged, truncated or unsupported archive (or verify found a mismatch); 5 output exists or
-cannot be written; 6 unknown codec or dtype; 7 the archive needs a base model (--base) and
-none, or a different one, was given; 8 a model store problem (``elves store``).
+"""The ``elves`` command (installed from the repository's cli/ folder as ``elves.cli``): archives
+here, the model store in cli/store.py; the exit codes are the error classes' (``elves --help``).
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import click
 
-EPILOG = """\b
-Exit codes: 0 ok, 2 usage, 3 bad input model, 4 damaged or unsupported archive
-(or verify failed), 5 output exists or cannot be written, 6 unknown codec or dtype,
-7 base model missing or not the one the archive was compressed against,
-8 store problem (not a store, unknown model name).
-"""
+import elves
+from elves.bounds import ErrorBound, parse_error_bound
+from elves.errors import BoundError
 
+from ._common import (
+    EPILOG,
+    PROBLEMS_FOUND,
+    emit,
+    emit_restored,
+    epilog,
+    force_option,
+    human,
+    json_option,
+    progress,
+    reported,
+    source_size,
+    threads_option,
+)
+from .store import store
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    raise AssertionError
-
-
-@contextmanager
-def _progress(total: int, label: str, enabled: bool) -> Iterator[Callable[[int], None] | None]:
-    """A progress bar on stderr for long work; nothing when output is for scripts or not a tty."""
-    if not enabled or not sys.stderr.isatty():
-        yield None
-        return
-    with click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True,
-                           item_show_func=lambda _: None) as bar:
-        yield bar.update
-
-
-def _emit(as_json: bool, data: dict[str, Any], text: str) -> None:
-    click.echo(json.dumps(data, indent=2) if as_json else text)
-
-
-def _fail(e: Exception, as_json: bool) -> None:
-    from elves.errors import ElvesError
-
-    code = e.exit_code if isinstance(e, ElvesError) else 1
-    if _debug():
-        import traceback
-
-        traceback.print_exception(e, file=sys.stderr)
-    if isinstance(e, ElvesError):
-        text, kind = str(e), type(e).__name__
-    elif isinstance(e, OSError):
-        text, kind = f"{e.filename}: {e.strerror}" if e.filename else str(e), "OSError"
-    else:  # a bug in elves, not in the input: say so, and how to see where
-        text, kind = f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", "InternalError"
-    if as_json:
-        click.echo(json.dumps({"ok": False, "error": text, "kind": kind, "exit_code": code}))
-    else:
-        click.echo(f"elves: error: {text}", err=True)
-    sys.exit(code)
-
-
-def _debug() -> bool:
-    """Whether ``elves --debug`` was given: errors then show their traceback too."""
-    ctx = click.get_current_context(silent=True)
-    return bool(ctx is not None and ctx.find_root().params.get("debug"))
-
-
-def _emit_restored(as_json: bool, source: str, r: Any, seconds: float) -> None:
-    """The report of a restore (from an archive or a store): where it went, how much, how fast."""
-    _emit(as_json, {"ok": True, "output": str(r.output), "files": r.files, "bytes": r.bytes_written,
-                    "seconds": round(seconds, 3)},
-          f"{source} -> {r.output}: {r.files} files, {_human(r.bytes_written)}, "
-          f"{r.bytes_written / max(seconds, 1e-9) / 1e6:.0f} MB/s")
-
-
-@contextmanager
-def _errors(as_json: bool) -> Iterator[None]:
-    """Turn ElvesError into a one-line message and its exit code: users never see a traceback."""
-    from elves.errors import ElvesError
-
-    try:
-        yield
-    except (ElvesError, OSError) as e:
-        _fail(e, as_json)
-    except KeyboardInterrupt:
-        click.echo("elves: interrupted; nothing was left under the output name", err=True)
-        sys.exit(130)
-    except Exception as e:  # noqa: BLE001 (a bug: reported in one line, with --debug for its traceback)
-        _fail(e, as_json)
-
-
-def _source_size(path: Path) -> int:
-    """What the progress bar counts: the bytes of the model's files, links not followed."""
-    if path.is_file():
-        return path.stat().st_size
-    return sum(os.lstat(os.path.join(d, f)).st_size for d, _, names in os.walk(path) for f in names)
-
-
-threads_option = click.option("--threads", "-t", type=click.IntRange(min=1), default=None,
-                              help="Worker threads (default: all cores).")
-json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON object for scripts.")
-force_option = click.option("--force", "-f", is_flag=True, help="Overwrite the output if it exists.")
 base_option = click.option("--base", "base", type=click.Path(exists=True, path_type=Path), default=None,
                            help="The base model (file, folder or .elves archive) the archive is "
                                 "compressed against (BitX delta of a fine-tune).")
 
 
-class ErrorBoundType(click.ParamType):
+class ErrorBoundType(click.ParamType[ErrorBound]):
     """``--error-bound``: 2^-24, 1e-6 (absolute) or rel:1e-3 (relative); bad ones are usage errors."""
 
     name = "BOUND"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        from elves.codecs.elf import ErrorBound, parse_error_bound
-        from elves.errors import BoundError
-
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> ErrorBound:
         if isinstance(value, ErrorBound):
             return value
         try:
@@ -179,7 +96,7 @@ def main(debug: bool) -> None:
                    "links inside it are stored as links either way.")
 @json_option
 def compress(src: Path, out: Path, threads: int | None, force: bool, base: Path | None, lossy: str | None,
-             error_bound: Any, follow_symlinks: bool, as_json: bool) -> None:
+             error_bound: ErrorBound | None, follow_symlinks: bool, as_json: bool) -> None:
     """Compress a model (a file or a folder) into one archive, losslessly.
 
     With --base, tensors that match the base model's are coded as a BitX delta against it
@@ -197,33 +114,31 @@ def compress(src: Path, out: Path, threads: int | None, force: bool, base: Path 
       elves compress ./my-finetune/ -o ft.elves --base ./llama-3-8b/
       elves compress ./all-MiniLM-L6-v2 -o minilm.elves --lossy elf --error-bound 2^-24
     """
-    import elves
-
     if lossy is not None and error_bound is None:
         raise click.UsageError("--lossy elf needs --error-bound (e.g. 2^-24, 1e-6 or rel:1e-3)")
     if lossy is None and error_bound is not None:
         raise click.UsageError("--error-bound needs --lossy elf")
-    with _errors(as_json):
+    with reported(as_json):
         t0 = time.perf_counter()
-        with _progress(_source_size(src), "compress", not as_json) as bar:
+        with progress(source_size(src), "compress", not as_json) as bar:
             s = elves.compress(src, out, threads=threads, force=force, progress=bar, base=base,
                                lossy=lossy, error_bound=error_bound, follow_symlinks=follow_symlinks)
         dt = time.perf_counter() - t0
         for w in s.warnings:
             click.echo(f"elves: warning: {w}", err=True)
-        _emit(as_json, {
+        emit(as_json, {
             "ok": True, "archive": str(s.archive), "files": s.files, "tensors": s.tensors,
             "original_bytes": s.original_bytes, "archive_bytes": s.archive_bytes,
             "ratio": round(s.ratio, 4), "seconds": round(dt, 3), "warnings": s.warnings,
             "base": str(base) if base is not None else None, "base_streams": s.base_streams,
             "lossy": lossy, "error_bound": s.error_bound, "lossy_streams": s.lossy_streams,
             "ref_streams": s.ref_streams,
-        }, f"{src} -> {s.archive}: {_human(s.original_bytes)} -> {_human(s.archive_bytes)} "
+        }, f"{src} -> {s.archive}: {human(s.original_bytes)} -> {human(s.archive_bytes)} "
            f"({s.ratio:.3f}x), {s.files} files, {s.tensors} tensors, "
            f"{s.original_bytes / max(dt, 1e-9) / 1e6:.0f} MB/s"
            + (f", {s.base_streams} tensors coded against the base" if base is not None else "")
            + (f"\n  LOSSY ({_bound_text(error_bound.to_index())}): {s.lossy_streams} tensors within the bound, "
-              "the rest exact" if lossy else "")
+              "the rest exact" if error_bound is not None else "")
            + (f"; {s.ref_streams} coded against a tensor of an earlier file" if s.ref_streams else ""))
 
 
@@ -250,15 +165,13 @@ def restore(archive: Path, out: Path, threads: int | None, force: bool, base: Pa
       elves restore model.elves -o model.safetensors
       elves restore ft.elves -o ./my-finetune --base ./llama-3-8b/
     """
-    import elves
-
-    with _errors(as_json):
+    with reported(as_json):
         t0 = time.perf_counter()
         total = elves.info(archive).original_bytes
-        with _progress(total, "restore", not as_json) as bar:
+        with progress(total, "restore", not as_json) as bar:
             r = elves.restore(archive, out, threads=threads, force=force, progress=bar, base=base,
                               verify=not no_verify)
-        _emit_restored(as_json, str(archive), r, time.perf_counter() - t0)
+        emit_restored(as_json, str(archive), r, time.perf_counter() - t0)
 
 
 @main.command(epilog=EPILOG)
@@ -272,9 +185,7 @@ def info(archive: Path, files: bool, as_json: bool) -> None:
     Example:
       elves info minilm.elves --json
     """
-    import elves
-
-    with _errors(as_json):
+    with reported(as_json):
         i = elves.info(archive)
         data = {
             "ok": True, "archive": str(i.path), "format": ".".join(map(str, i.format)), "writer": i.writer,
@@ -290,7 +201,7 @@ def info(archive: Path, files: bool, as_json: bool) -> None:
             "LOSSY" if i.lossy else "lossless")
         lines = [
             f"{i.path}: format {data['format']}, {kind}, written by {i.writer}",
-            f"  {_human(i.original_bytes)} -> {_human(i.archive_bytes)} ({i.ratio:.3f}x), {i.tensors} tensors",
+            f"  {human(i.original_bytes)} -> {human(i.archive_bytes)} ({i.ratio:.3f}x), {i.tensors} tensors",
         ]
         if i.lossy:
             lines.append(f"  {i.lossy_streams} tensors restore within the error bound, the rest exactly; "
@@ -300,21 +211,21 @@ def info(archive: Path, files: bool, as_json: bool) -> None:
         if i.base:
             lines.append(f"  needs a base model (--base): {len(i.base.get('tensors', []))} base tensors referenced; "
                          "base files:")
-            lines += [f"    {f['path']}  {_human(f['size'])}  sha256 {f['sha256']}"
+            lines += [f"    {f['path']}  {human(f['size'])}  sha256 {f['sha256']}"
                       for f in i.base.get("model", {}).get("files", [])]
         lines += [
             "  by dtype (unique data):",
         ]
         for k, v in sorted(i.by_dtype.items(), key=lambda kv: -kv[1].original_bytes):
-            lines.append(f"    {k:8} {_human(v.original_bytes):>10} -> {_human(v.stored_bytes):>10}  {v.ratio:.3f}x")
+            lines.append(f"    {k:8} {human(v.original_bytes):>10} -> {human(v.stored_bytes):>10}  {v.ratio:.3f}x")
         lines.append("  codecs: " + ", ".join(f"{k} x{n}" for k, n in i.codecs.items()))
         if files:
             lines.append("  files:")
-            lines += [f"    {f['path']}  {_human(f['size'])}  {f['format']}, {f['tensors']} tensors" for f in i.files]
-        _emit(as_json, data, "\n".join(lines))
+            lines += [f"    {f['path']}  {human(f['size'])}  {f['format']}, {f['tensors']} tensors" for f in i.files]
+        emit(as_json, data, "\n".join(lines))
 
 
-@main.command(epilog=EPILOG)
+@main.command(epilog=epilog(f"verify ends with {PROBLEMS_FOUND} when a check fails."))
 @click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--against", type=click.Path(exists=True, path_type=Path),
               help="The original model: also check that restore would reproduce it exactly.")
@@ -322,7 +233,7 @@ def info(archive: Path, files: bool, as_json: bool) -> None:
 @base_option
 @json_option
 def verify(archive: Path, against: Path | None, threads: int | None, base: Path | None, as_json: bool) -> None:
-    """Decode everything and check every checksum (exit 4 on any mismatch).
+    """Decode everything and check every checksum; any mismatch is reported and fails.
 
     For a lossy archive, --against (the original model) also compares every restored element
     with the original: it prints the largest errors and fails if one is over the bound.
@@ -332,9 +243,7 @@ def verify(archive: Path, against: Path | None, threads: int | None, base: Path 
       elves verify minilm.elves
       elves verify minilm.elves --against ./all-MiniLM-L6-v2
     """
-    import elves
-
-    with _errors(as_json):
+    with reported(as_json):
         rep = elves.verify(archive, against=against, threads=threads, base=base)
         lossy_line = ""
         if rep.error_bound:
@@ -342,18 +251,16 @@ def verify(archive: Path, against: Path | None, threads: int | None, base: Path 
             if rep.max_abs_error is not None:
                 lossy_line += (f": largest error against the original {rep.max_abs_error:.3g} absolute, "
                                f"{rep.max_rel_error:.3g} relative; {rep.over_bound} elements over the bound")
-        _emit(as_json, {"ok": rep.ok, "files": rep.files, "bytes_checked": rep.bytes_checked,
+        emit(as_json, {"ok": rep.ok, "files": rep.files, "bytes_checked": rep.bytes_checked,
                         "problems": rep.problems, "error_bound": rep.error_bound,
                         "max_abs_error": rep.max_abs_error, "max_rel_error": rep.max_rel_error,
                         "over_bound": rep.over_bound},
               f"{archive}: " + ("OK" if rep.ok else "FAILED") +
-              f", {rep.files} files, {_human(rep.bytes_checked)} checked" + lossy_line +
+              f", {rep.files} files, {human(rep.bytes_checked)} checked" + lossy_line +
               "".join(f"\n  {p}" for p in rep.problems))
         if not rep.ok:
-            sys.exit(4)
+            sys.exit(PROBLEMS_FOUND)
 
-
-from .store import store  # last: cli/store.py imports the helpers above
 
 main.add_command(store)
 

@@ -1,39 +1,31 @@
-"""``elves store``: the multi-model store (elves/store.py) from the command line."""
+"""``elves store``: the multi-model store (:mod:`elves.store`) from the command line."""
 from __future__ import annotations
 
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import click
 
-from .main import (
-    _emit,
-    _emit_restored,
-    _errors,
-    _human,
-    _progress,
-    _source_size,
+from elves.store import Store
+
+from ._common import (
+    EPILOG,
+    PROBLEMS_FOUND,
+    emit,
+    emit_restored,
+    epilog,
     force_option,
+    human,
     json_option,
+    progress,
+    reported,
+    source_size,
     threads_option,
 )
 
-EPILOG = """\b
-Exit codes: 0 ok, 2 usage, 3 bad input model, 4 damaged store (a checksum or
-sha256 mismatch, a missing object), 5 output exists or cannot be written,
-8 not a store, unknown or duplicate model name, or a base that does not fit.
-"""
-
 store_arg = click.argument("store_path", metavar="STORE", type=click.Path(path_type=Path))
-
-
-def _open(path: Path) -> Any:
-    from elves.store import Store
-
-    return Store(path)
 
 
 @click.group(epilog=EPILOG)
@@ -62,11 +54,9 @@ def init(store_path: Path, as_json: bool) -> None:
     Example:
       elves store init hub.store
     """
-    from elves.store import Store
-
-    with _errors(as_json):
+    with reported(as_json):
         s = Store.init(store_path)
-        _emit(as_json, {"ok": True, "store": str(s.path)}, f"created store {s.path}")
+        emit(as_json, {"ok": True, "store": str(s.path)}, f"created store {s.path}")
 
 
 @store.command(epilog=EPILOG)
@@ -92,17 +82,17 @@ def add(store_path: Path, src: Path, name: str | None, base: str, follow_symlink
       elves store add hub.store ./ft --name acme/minilm-ft --base all-MiniLM-L6-v2
       elves store add hub.store ./other --base none --json
     """
-    with _errors(as_json):
-        s = _open(store_path)
-        with _progress(_source_size(src), "add", not as_json) as bar:
+    with reported(as_json):
+        s = Store(store_path)
+        with progress(source_size(src), "add", not as_json) as bar:
             r = s.add(src, name, base=None if base == "none" else base, threads=threads, progress=bar,
                       follow_symlinks=follow_symlinks)
-        _emit(as_json, {
+        emit(as_json, {
             "ok": True, "name": r.name, "base": r.base, "reasons": r.reasons, "bytes_in": r.bytes_in,
             "bytes_added": r.bytes_added, "ratio": round(r.ratio, 4), "objects_new": r.objects_new,
             "objects_reused": r.objects_reused, "delta_objects": r.delta_objects, "repacked": r.repacked,
             "notes": r.notes, "seconds": round(r.seconds, 3),
-        }, f"added {r.name}: {_human(r.bytes_in)} -> {_human(r.bytes_added)} stored ({r.ratio:.3f}x), "
+        }, f"added {r.name}: {human(r.bytes_in)} -> {human(r.bytes_added)} stored ({r.ratio:.3f}x), "
            f"{r.objects_new} new objects ({r.delta_objects} deltas), {r.objects_reused} already stored, "
            f"{r.bytes_in / max(r.seconds, 1e-9) / 1e6:.0f} MB/s"
            + (f"\n  base: {r.base}" if r.base else "\n  base: none")
@@ -121,13 +111,13 @@ def ls(store_path: Path, as_json: bool) -> None:
     Example:
       elves store ls hub.store --json
     """
-    with _errors(as_json):
-        models = _open(store_path).models()
+    with reported(as_json):
+        models = Store(store_path).models()
         names = {m.name for m in models}
-        _emit(as_json, {"ok": True, "models": [
+        emit(as_json, {"ok": True, "models": [
             {"name": m.name, "source": m.source, "files": m.files, "bytes": m.bytes, "base": m.base,
              "reasons": m.reasons, "added": m.added} for m in models]},
-            "\n".join(f"{m.name}  {_human(m.bytes)}  {m.files} files  added {m.added}"
+            "\n".join(f"{m.name}  {human(m.bytes)}  {m.files} files  added {m.added}"
                       + (f"  base {m.base}" + ("" if m.base in names else " (removed; its data stays)")
                          if m.base else "") for m in models) or "(no models)")
 
@@ -148,13 +138,13 @@ def restore(store_path: Path, name: str, out: Path, threads: int | None, force: 
       elves store restore hub.store my-finetune -o ./my-finetune
       elves store restore hub.store model.pt -o ./model.pt --force
     """
-    with _errors(as_json):
-        s = _open(store_path)
+    with reported(as_json):
+        s = Store(store_path)
         total = next((m.bytes for m in s.models() if m.name == name), 0)
         t0 = time.perf_counter()
-        with _progress(total, "restore", not as_json) as bar:
+        with progress(total, "restore", not as_json) as bar:
             r = s.restore(name, out, force=force, threads=threads, progress=bar)
-        _emit_restored(as_json, name, r, time.perf_counter() - t0)
+        emit_restored(as_json, name, r, time.perf_counter() - t0)
 
 
 @store.command(epilog=EPILOG)
@@ -168,9 +158,9 @@ def rm(store_path: Path, name: str, as_json: bool) -> None:
     Example:
       elves store rm hub.store my-finetune && elves store gc hub.store
     """
-    with _errors(as_json):
-        _open(store_path).remove(name)
-        _emit(as_json, {"ok": True, "removed": name}, f"removed {name} (run `elves store gc` to free its data)")
+    with reported(as_json):
+        Store(store_path).remove(name)
+        emit(as_json, {"ok": True, "removed": name}, f"removed {name} (run `elves store gc` to free its data)")
 
 
 @store.command(epilog=EPILOG)
@@ -183,10 +173,10 @@ def gc(store_path: Path, as_json: bool) -> None:
     Example:
       elves store gc hub.store
     """
-    with _errors(as_json):
-        r = _open(store_path).gc()
-        _emit(as_json, {"ok": True, **asdict(r)},
-              f"freed {_human(r.bytes_freed)}: {r.objects_removed} objects removed, {r.objects_kept} kept"
+    with reported(as_json):
+        r = Store(store_path).gc()
+        emit(as_json, {"ok": True, **asdict(r)},
+              f"freed {human(r.bytes_freed)}: {r.objects_removed} objects removed, {r.objects_kept} kept"
               + (f", {r.temp_removed} temporary files removed" if r.temp_removed else ""))
 
 
@@ -200,12 +190,12 @@ def stats(store_path: Path, as_json: bool) -> None:
     Example:
       elves store stats hub.store --json
     """
-    with _errors(as_json):
-        st = _open(store_path).stats()
-        _emit(as_json, {"ok": True, **asdict(st), "ratio": round(st.ratio, 4)},
-              f"{store_path}: {st.models} models, {_human(st.logical_bytes)} -> {_human(st.stored_bytes)} "
+    with reported(as_json):
+        st = Store(store_path).stats()
+        emit(as_json, {"ok": True, **asdict(st), "ratio": round(st.ratio, 4)},
+              f"{store_path}: {st.models} models, {human(st.logical_bytes)} -> {human(st.stored_bytes)} "
               f"({st.ratio:.3f}x), {st.objects} objects ({st.delta_objects} deltas)"
-              + (f", {_human(st.garbage_bytes)} garbage in {st.garbage_objects} objects (run gc)"
+              + (f", {human(st.garbage_bytes)} garbage in {st.garbage_objects} objects (run gc)"
                  if st.garbage_objects else ""))
 
 
@@ -219,8 +209,8 @@ def families(store_path: Path, as_json: bool) -> None:
     Example:
       elves store families hub.store
     """
-    with _errors(as_json):
-        fams = _open(store_path).families()
+    with reported(as_json):
+        fams = Store(store_path).families()
         data = [{"root": f.root, "members": [
             {"name": n, "base": m.base, "score": round(m.score, 4), "pairs": m.pairs, "evidence": m.evidence}
             for n, m in f.members]} for f in fams]
@@ -230,7 +220,7 @@ def families(store_path: Path, as_json: bool) -> None:
             for n, m in f.members:
                 lines.append(f"  {n}  <- {m.base}  (score {m.score:.2f})")
                 lines += [f"      {why}" for why in m.evidence]
-        _emit(as_json, {"ok": True, "families": data}, "\n".join(lines) or "(no models)")
+        emit(as_json, {"ok": True, "families": data}, "\n".join(lines) or "(no models)")
 
 
 @store.command(epilog=EPILOG)
@@ -244,24 +234,19 @@ def repack(store_path: Path, threads: int | None, as_json: bool) -> None:
     Example:
       elves store repack hub.store
     """
-    with _errors(as_json):
-        r = _open(store_path).repack(threads=threads)
-        _emit(as_json, {"ok": True, "models": [{"name": n, "base": b} for n, b in r.models],
+    with reported(as_json):
+        r = Store(store_path).repack(threads=threads)
+        emit(as_json, {"ok": True, "models": [{"name": n, "base": b} for n, b in r.models],
                         "objects_rewritten": r.objects_rewritten, "bytes_before": r.bytes_before,
                         "bytes_after": r.bytes_after, "skipped": r.skipped},
-              f"{r.objects_rewritten} objects re-coded as deltas: {_human(r.bytes_before)} -> "
-              f"{_human(r.bytes_after)}" + "".join(f"\n  {n} <- {b}" for n, b in r.models)
+              f"{r.objects_rewritten} objects re-coded as deltas: {human(r.bytes_before)} -> "
+              f"{human(r.bytes_after)}" + "".join(f"\n  {n} <- {b}" for n, b in r.models)
               + "".join(f"\n  note: {s}" for s in r.skipped))
 
 
-VERIFY_EPILOG = """\b
-Exit codes: 0 the store is sound; 4 problems found (listed, and under --json by kind:
-bad_manifests, missing_objects, damaged_objects, bad_refs, orphans, bad_files);
-8 not a store.
-"""
-
-
-@store.command(epilog=VERIFY_EPILOG)
+@store.command(epilog=epilog(f"store verify ends with {PROBLEMS_FOUND} when it finds problems: they are listed, "
+                            "and under --json by kind (bad_manifests, missing_objects, damaged_objects, "
+                            "bad_refs, orphans, bad_files)."))
 @store_arg
 @click.option("--full", is_flag=True, help="Also decode every model and check each file's sha256 (slower: "
                                            "reads as much as restoring everything).")
@@ -281,18 +266,18 @@ def verify(store_path: Path, full: bool, threads: int | None, as_json: bool) -> 
       elves store verify hub.store
       elves store verify hub.store --full --json
     """
-    with _errors(as_json):
-        s = _open(store_path)
-        with _progress(s.verify_bytes(full), "verify", not as_json) as bar:
+    with reported(as_json):
+        s = Store(store_path)
+        with progress(s.verify_bytes(full), "verify", not as_json) as bar:
             r = s.verify(full, threads=threads, progress=bar)
         lines = [f"{store_path}: " + ("OK" if r.ok else "PROBLEMS FOUND") + f", {r.models} models, "
-                 f"{r.objects} objects, {_human(r.bytes_checked)} checked"
+                 f"{r.objects} objects, {human(r.bytes_checked)} checked"
                  + (f", {r.files_checked} files decoded and matched with their sha256" if full else "")]
         for kind, problems in r.problems.items():
             lines.append(f"  {kind.replace('_', ' ')}: {len(problems)}")
             lines += [f"    {p.path}: {p.message}" for p in problems]
         if not r.orphans_checked:
             lines.append("  orphans not looked for: a manifest is unreadable, so what it uses is unknown")
-        _emit(as_json, {"ok": r.ok, **asdict(r)}, "\n".join(lines))
+        emit(as_json, {"ok": r.ok, **asdict(r)}, "\n".join(lines))
         if not r.ok:
-            sys.exit(4)
+            sys.exit(PROBLEMS_FOUND)

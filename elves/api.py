@@ -18,7 +18,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
@@ -29,7 +29,14 @@ from .errors import CorruptArchiveError, ElvesError, InputError, UsageError
 from .index import FileEntry, TensorEntry, tensor_names
 from .parallel import default_threads
 
+if TYPE_CHECKING:
+    import cupy
+    import torch
+
+    from .gpu import GpuArchive
+
 Framework = Literal["np", "numpy", "pt", "torch", "cupy"]
+PathLike = str | os.PathLike[str]
 
 
 @dataclass(frozen=True)
@@ -131,8 +138,18 @@ class Archive:
         self.close()
 
 
-def open(path: str | os.PathLike[str], *, threads: int | None = None,  # noqa: A001
-         base: str | os.PathLike[str] | None = None, device: Any = None) -> Any:
+@overload
+def open(path: PathLike, *, threads: int | None = None, base: PathLike | None = None,  # noqa: A001
+         device: None = None) -> Archive: ...
+
+
+@overload
+def open(path: PathLike, *, threads: int | None = None, base: PathLike | None = None,  # noqa: A001
+         device: Any = None) -> Archive | GpuArchive: ...
+
+
+def open(path: PathLike, *, threads: int | None = None, base: PathLike | None = None,  # noqa: A001
+         device: Any = None) -> Archive | GpuArchive:
     """Open an archive for lazy, per-tensor reading. ``base``: the base model (file, folder or
     ``.elves`` archive) of an archive compressed against one; it is checked when opened.
 
@@ -157,9 +174,28 @@ def _no_base_on_gpu(base: object) -> None:
                          "load on the CPU (no device) and move the tensors")
 
 
-def load_file(path: str | os.PathLike[str], framework: Framework | None = None, *,
-              threads: int | None = None, base: str | os.PathLike[str] | None = None,
-              device: Any = None) -> dict[str, Any]:
+@overload
+def load_file(path: PathLike, framework: Literal["np", "numpy"] | None = None, *, threads: int | None = None,
+              base: PathLike | None = None, device: None = None) -> dict[str, np.ndarray]: ...
+
+
+@overload
+def load_file(path: PathLike, framework: Literal["pt", "torch"], *, threads: int | None = None,
+              base: PathLike | None = None, device: Any = None) -> dict[str, torch.Tensor]: ...
+
+
+@overload
+def load_file(path: PathLike, framework: Literal["cupy"], *, threads: int | None = None,
+              base: PathLike | None = None, device: Any = None) -> dict[str, cupy.ndarray]: ...
+
+
+@overload
+def load_file(path: PathLike, framework: Framework | None = None, *, threads: int | None = None,
+              base: PathLike | None = None, device: Any = None) -> dict[str, Any]: ...
+
+
+def load_file(path: PathLike, framework: Framework | None = None, *, threads: int | None = None,
+              base: PathLike | None = None, device: Any = None) -> dict[str, Any]:
     """Every tensor of the archive, by name: numpy arrays, or torch tensors with ``framework="pt"``.
 
     With ``device="cuda:0"`` (say), the chunks are decoded on that GPU as they stream in, and the
@@ -183,7 +219,7 @@ def load_file(path: str | os.PathLike[str], framework: Framework | None = None, 
     return {k: to_torch(v) for k, v in arrays.items()}
 
 
-def to_torch(arr: np.ndarray) -> Any:
+def to_torch(arr: np.ndarray) -> torch.Tensor:
     """A torch tensor sharing ``arr``'s memory; bfloat16/float8 arrays are reinterpreted bitwise."""
     try:
         import torch
@@ -328,7 +364,7 @@ def _check_lossy_file(reader: ArchiveReader, entry: FileEntry, src: Path, pool: 
                       window: int, errors: _LossyErrors) -> int:
     """Decode a lossy file (every checksum and decoded hash checked) and compare each lossy
     tensor's elements with the source file's; return the bytes decoded."""
-    from .codecs.elf import bound_of, error_stats
+    from .lossy import bound_of, error_stats
     from .decoder import iter_stream, stream_label
 
     pos = 0
@@ -339,7 +375,7 @@ def _check_lossy_file(reader: ArchiveReader, entry: FileEntry, src: Path, pool: 
             bound = bound_of(stream.pipeline) if stream.decoded_hash is not None else None
             over = 0
             for chunk in iter_stream(reader, index, pool, window):
-                if bound is not None:
+                if bound is not None and stream.dtype is not None:  # lossy streams are tensors
                     orig = np.frombuffer(os.pread(fd, chunk.shape[0], pos), dtype=np.uint8)
                     if orig.shape[0] != chunk.shape[0]:
                         raise InputError("is shorter than the archived file", src)

@@ -1,17 +1,21 @@
 """The errors elves raises. Every one is an :class:`ElvesError`, names the file it concerns and
 says what is wrong in one sentence, so that the CLI can print it without a traceback.
 
-Each class carries the CLI exit code that stands for it (see ``elves --help``).
+Each class carries the exit code the CLI ends with when it is raised (``exit_code``); a class
+that gives a code a meaning of its own says what it is in ``exit_help``. :func:`exit_codes`
+gathers them into the table ``elves --help`` prints: the codes are written down here only.
 """
 from __future__ import annotations
 
 import os
+from typing import ClassVar
 
 
 class ElvesError(Exception):
     """Base of every error elves raises on purpose."""
 
-    exit_code = 1
+    exit_code: ClassVar[int] = 1
+    exit_help: ClassVar[str] = "other error"
 
     def __init__(self, message: str, path: str | os.PathLike[str] | None = None):
         self.path = os.fspath(path) if path is not None else None
@@ -23,12 +27,14 @@ class UsageError(ElvesError, ValueError):
     """An argument is not one elves accepts (a framework or device it does not know)."""
 
     exit_code = 2
+    exit_help = "bad usage"
 
 
 class InputError(ElvesError):
     """A model file given to compress is malformed (bad safetensors header, broken checkpoint)."""
 
     exit_code = 3
+    exit_help = "bad input model"
 
 
 class UnsafePickleError(InputError):
@@ -43,6 +49,7 @@ class ArchiveError(ElvesError):
     """An archive cannot be used as it is."""
 
     exit_code = 4
+    exit_help = "damaged, truncated or unsupported archive or store object"
 
 
 class TruncatedArchiveError(ArchiveError):
@@ -65,6 +72,7 @@ class BaseModelError(ArchiveError):
     """An archive compressed against a base model (``--base``) cannot be used with the base given."""
 
     exit_code = 7
+    exit_help = "base model missing or not the one the archive was compressed against"
 
 
 class BaseRequiredError(BaseModelError):
@@ -80,18 +88,21 @@ class OutputExistsError(ElvesError):
     """The output path exists and overwriting was not asked for (``--force``)."""
 
     exit_code = 5
+    exit_help = "output exists"
 
 
 class OutputError(ElvesError):
     """Writing the output failed (disk full, permission denied); nothing was left under the final name."""
 
     exit_code = 5
+    exit_help = "output cannot be written"
 
 
 class CodecError(ElvesError):
     """A codec was asked to do something it cannot (unknown codec id, unknown dtype)."""
 
     exit_code = 6
+    exit_help = "unknown codec or dtype"
 
 
 class StoreError(ElvesError):
@@ -99,6 +110,7 @@ class StoreError(ElvesError):
     duplicate model name, or a base model that does not fit."""
 
     exit_code = 8
+    exit_help = "store problem (not a store, unknown or duplicate model name, a base that does not fit)"
 
 
 class BoundError(CodecError, ValueError):
@@ -110,3 +122,16 @@ class BoundError(CodecError, ValueError):
 class GpuUnavailableError(ElvesError):
     """GPU decoding was asked for, but cupy or a CUDA device is missing."""
 
+
+
+def exit_codes() -> dict[int, list[str]]:
+    """Every exit code an ElvesError ends the CLI with, lowest first, with what it means: the
+    ``exit_help`` of each class that gives the code a meaning, base classes first."""
+    meanings: dict[int, list[str]] = {}
+    pending: list[type[ElvesError]] = [ElvesError]
+    while pending:
+        cls = pending.pop(0)
+        if "exit_help" in vars(cls) and cls.exit_help not in meanings.get(cls.exit_code, []):
+            meanings.setdefault(cls.exit_code, []).append(cls.exit_help)
+        pending += cls.__subclasses__()
+    return dict(sorted(meanings.items()))

@@ -41,6 +41,45 @@ def test_help_shows_examples_and_exit_codes() -> None:
         assert sub.returncode == 0 and "Example" in sub.stdout, cmd
 
 
+def test_help_lists_every_exit_code_of_the_error_classes() -> None:
+    """The table in every help is built from the error classes; each class's code is in it."""
+    from elves import errors
+
+    table = errors.exit_codes()
+    classes, pending = [], [errors.ElvesError]
+    while pending:
+        classes.append(pending.pop())
+        pending += classes[-1].__subclasses__()
+    assert {cls.exit_code for cls in classes} == set(table)
+    assert table[5] == ["output exists", "output cannot be written"]
+    for args in [("--help",), ("store", "--help"), ("verify", "--help"), ("store", "add", "--help")]:
+        text = elves(*args).stdout
+        rows = text[text.index("Exit codes:"):].splitlines()[1:]
+        assert [r.split(maxsplit=1)[0] for r in rows[:len(table) + 1]] == ["0", *map(str, table)], args
+        assert f"{errors.BaseMismatchError.exit_code}  base model missing" in text, args
+
+
+def test_every_error_class_lives_in_errors() -> None:
+    """Every ElvesError subclass that elves defines, the CLI's and the GPU loader's included, is
+    one of elves.errors."""
+    code = ("import elves, elves.gpu, elves.store, elves.cli.main, elves.errors as E\n"
+            "seen, todo = [], [E.ElvesError]\n"
+            "while todo:\n"
+            "    seen.append(todo.pop()); todo += seen[-1].__subclasses__()\n"
+            "print(sorted({c.__module__ for c in seen}), set(seen) == {v for v in vars(E).values()\n"
+            "      if isinstance(v, type) and issubclass(v, E.ElvesError)})")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["['elves.errors']", "True"]
+
+
+def test_the_store_commands_import_without_the_main_command() -> None:
+    """cli/store.py and cli/main.py share cli/_common.py; neither imports the other back."""
+    code = "import sys, elves.cli.store; print('elves.cli.main' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
 def test_full_cycle_with_json(model: Path, tmp_path: Path) -> None:
     archive = tmp_path / "m.elves"
     r = elves("compress", model, "-o", archive, "--json", "--threads", "2")
@@ -90,6 +129,8 @@ def test_exit_codes_and_no_tracebacks(model: Path, tmp_path: Path) -> None:
     cut = tmp_path / "cut.elves"
     cut.write_bytes(bytes(data[:3000]))
     r = elves("info", cut, "--json")
-    assert r.returncode == 4 and json.loads(r.stdout)["kind"] == "TruncatedArchiveError"
+    report = json.loads(r.stdout)
+    assert r.returncode == 4 and report.pop("error").startswith(str(cut))
+    assert report == {"ok": False, "kind": "TruncatedArchiveError", "exit_code": 4}
 
     assert elves("restore", tmp_path / "missing.elves", "-o", tmp_path / "o").returncode == 2  # usage

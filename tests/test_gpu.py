@@ -1,7 +1,8 @@
 """GPU decoding (elves.gpu) gives bit for bit what the CPU decoder gives, and refuses damaged data.
 
-The GPU tests need cupy and a CUDA device and skip without them; the last test checks the error a
-machine without cupy gets.
+The GPU tests (marked ``gpu``) need cupy and a CUDA device and skip without them. The host side
+runs anywhere: chunk batches, descriptors and staged payloads are checked by decoding what the
+descriptors point at on the CPU, and a machine without cupy gets a clear error.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from tests.conftest import write_safetensors
 
 from .test_codecs import ALL, cpu_decode, weights_like
 
-pytestmark = pytest.mark.gpu
 FRAMEWORKS = ["cupy", "pt"]
 
 
@@ -86,7 +86,7 @@ def every_bit_pattern(dt: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def every_dtype_archive(cp: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def every_dtype_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every dtype at sizes that matter: one element, fewer and not a multiple of the 32 lanes,
     one full chunk plus a tail, several chunks; all special bit patterns; empty and scalar
     tensors; tied (deduplicated) weights; a packed sub-byte tensor."""
@@ -111,6 +111,7 @@ def every_dtype_archive(cp: Any, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return tmp / "m.elves"
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_every_dtype_is_bit_exact(gpu: Any, every_dtype_archive: Path, framework: str) -> None:
     framework_or_skip(framework)
@@ -118,12 +119,14 @@ def test_every_dtype_is_bit_exact(gpu: Any, every_dtype_archive: Path, framework
                 framework)
 
 
+@pytest.mark.gpu
 def test_small_staging_buffers_many_batches(gpu: Any, every_dtype_archive: Path) -> None:
     """Buffers smaller than a few chunks: the copy/decode pipeline turns over many times."""
     got = gpu.load_file(every_dtype_archive, framework="cupy", staging_bytes=300_000)
     assert_same(got, elves.load_file(every_dtype_archive), "cupy")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_open_loads_one_tensor_at_a_time(gpu: Any, every_dtype_archive: Path, framework: str) -> None:
     framework_or_skip(framework)
@@ -135,6 +138,7 @@ def test_open_loads_one_tensor_at_a_time(gpu: Any, every_dtype_archive: Path, fr
             a.get_tensor("nope")
 
 
+@pytest.mark.gpu
 def test_tensor_memory_is_bounded(gpu: Any, every_dtype_archive: Path) -> None:
     """GPU memory at its peak is the tensors plus the staging buffers, not a second model copy."""
     framework_or_skip("pt")
@@ -150,6 +154,7 @@ def test_tensor_memory_is_bounded(gpu: Any, every_dtype_archive: Path) -> None:
     assert extra <= gpu.STAGING_BUFFERS * staging + (2 << 20), extra
 
 
+@pytest.mark.gpu
 def test_views_of_storages_and_cpu_fallback(gpu: Any, tmp_path: Path) -> None:
     """PyTorch checkpoints hold tensors that are views (offset, strides) of shared storages."""
     torch = pytest.importorskip("torch")
@@ -197,6 +202,7 @@ def gpu_decode(cp: Any, gpu: Any, payloads: list[bytes], sizes: list[int], width
     return out.get().tobytes()
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("lanes", [1, 5, 32, 33, 100, 4096])
 @pytest.mark.parametrize("dt", ["BF16", "F32", "U8", "F64", "C128"])
 def test_lane_counts_and_table_sizes_the_writer_does_not_use(cp: Any, gpu: Any, dt: str, lanes: int) -> None:
@@ -209,6 +215,7 @@ def test_lane_counts_and_table_sizes_the_writer_does_not_use(cp: Any, gpu: Any, 
         assert got == b"".join(r.tobytes() for r in raws)
 
 
+@pytest.mark.gpu
 def test_corrupted_payloads_raise_like_the_cpu(cp: Any, gpu: Any) -> None:
     """Damage that bypasses the host checksum (bytes flipped in the device copy of the payload)
     raises CorruptArchiveError, never returns wrong data, wherever the CPU decoder refuses it;
@@ -247,6 +254,7 @@ def test_corrupted_payloads_raise_like_the_cpu(cp: Any, gpu: Any) -> None:
             assert gpu_decode(cp, gpu, [bytes(bad)], [len(raw)], 2, True) == want
 
 
+@pytest.mark.gpu
 def test_damaged_archive_raises(gpu: Any, every_dtype_archive: Path, tmp_path: Path) -> None:
     """A flipped payload byte in the file is caught by the chunk checksum, naming the tensor."""
     from elves.archive import ArchiveReader
@@ -262,6 +270,7 @@ def test_damaged_archive_raises(gpu: Any, every_dtype_archive: Path, tmp_path: P
         gpu.load_file(damaged, framework="cupy")
 
 
+@pytest.mark.gpu
 @pytest.mark.realdata
 @pytest.mark.parametrize("name", ["minilm", "astra"])
 def test_real_models(gpu: Any, dataset: Any, tmp_path: Path, name: str) -> None:
@@ -284,3 +293,148 @@ def test_without_cupy_the_error_says_what_to_install(monkeypatch: pytest.MonkeyP
     with pytest.raises(elves.errors.GpuUnavailableError, match=r"cupy is not installed: pip install 'elves\[gpu\]'"):
         elves.gpu.load_file(tmp_path / "any.elves", framework="cupy")
     assert issubclass(elves.errors.GpuUnavailableError, elves.ElvesError)
+
+
+# ---------------------------------------------------------------------------- host side, no GPU
+
+def host_plan(archive: Path, staging_bytes: int) -> tuple[Any, list[int], list[Any], int]:
+    """The reader (open), the streams the kernels decode, and their batches for ``staging_bytes``."""
+    from elves.archive import ArchiveReader
+    from elves.gpu import plan
+
+    reader = ArchiveReader(archive)
+    streams = [s for s, st in enumerate(reader.streams) if st.chunks and plan.gpu_width(st) is not None]
+    batches, staging = plan.batches(reader, streams, staging_bytes)
+    return reader, streams, batches, staging
+
+
+def test_kernels_and_cpu_fallback_are_chosen_per_stream(every_dtype_archive: Path) -> None:
+    """planes+rans streams go to the kernel of their element width, streams stored as they are
+    to the copy kernel; zstd streams (the packed F4 tensor's) stay on the CPU."""
+    from elves.archive import ArchiveReader
+    from elves.gpu import plan
+    from elves.gpu.launcher import STORED
+    from elves.index import tensor_names
+
+    with ArchiveReader(every_dtype_archive) as r:
+        chosen = {}
+        for s in r.streams:
+            ids = tuple(c["id"] for c in s.pipeline)
+            chosen.setdefault(ids, set()).add(plan.gpu_width(s))
+            if ids == ("planes", "rans"):
+                assert plan.gpu_width(s) == dtypes.get(s.dtype).itemsize, s.dtype
+        assert chosen == {(): {STORED}, ("planes", "rans"): {1, 2, 4, 8, 16}, ("zstd",): {None}}
+        entry, t = tensor_names(r.files)["packed.f4"]
+        assert plan.gpu_width(r.streams[entry.segments[t.segment]]) is None
+
+
+@pytest.mark.parametrize("staging_bytes", [300_000, 64 << 20])
+def test_batches_fit_staging_and_cover_every_chunk_once(every_dtype_archive: Path, staging_bytes: int) -> None:
+    reader, streams, batches, staging = host_plan(every_dtype_archive, staging_bytes)
+    with reader:
+        assert staging == staging_bytes  # no chunk is larger than the buffer
+        assert all(b.size() <= staging for b in batches)
+        assert (len(batches) > 10) == (staging_bytes < 1 << 20)
+        seen = [(c.stream, c.index) for b in batches for c in b.chunks]
+        assert seen == [(s, i) for s in streams for i in range(len(reader.streams[s].chunks))]
+        for s in streams:  # each stream's chunks tile its buffer
+            chunks = [c for b in batches for c in b.chunks if c.stream == s]
+            assert [c.dst_offset for c in chunks] == [sum(c.decoded for c in chunks[:i]) for i in range(len(chunks))]
+            assert sum(c.decoded for c in chunks) == reader.streams[s].nbytes
+
+
+def test_a_chunk_bigger_than_staging_grows_it(every_dtype_archive: Path) -> None:
+    from elves.gpu.launcher import DESC, align
+
+    reader, _, batches, staging = host_plan(every_dtype_archive, 1000)
+    with reader:
+        largest = max(c.length for b in batches for c in b.chunks)
+        assert staging == align(DESC.itemsize) + align(largest)
+        assert all(b.size() <= staging for b in batches)
+
+
+def test_staged_descriptors_decode_like_the_cpu(every_dtype_archive: Path) -> None:
+    """Emulate the GPU on the host: lay each batch out in a staging buffer whose "device
+    address" is its own, fill it from the archive, then decode what every descriptor points at
+    with the CPU pipeline. The streams come out as the CPU reader's; descriptors are grouped by
+    width, one launch each, and carry each stream's rotate flag."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from elves.decoder import read_stream
+    from elves.gpu import plan
+    from elves.gpu.launcher import DESC, FLAG_ROTATE, STORED
+
+    reader, streams, batches, staging = host_plan(every_dtype_archive, 300_000)
+    with reader, ThreadPoolExecutor(2) as pool:
+        out = {s: np.full(reader.streams[s].nbytes, 0xA5, dtype=np.uint8) for s in streams}
+        where = {o.ctypes.data: s for s, o in out.items()}
+        host = np.zeros(staging, dtype=np.uint8)
+        base, status_base = host.ctypes.data, 0
+        for batch in batches:
+            layout = plan.lay_out(batch, base, {s: o.ctypes.data for s, o in out.items()}, status_base)
+            status_base += len(batch.chunks)
+            plan.fill(host, reader, batch, layout)
+            descs = host[:len(batch.chunks) * DESC.itemsize].view(DESC)
+            assert [(w, f, n) for w, f, n in layout.groups] == [
+                (int(w), int(np.argmax(descs["width"] == w)), int((descs["width"] == w).sum()))
+                for w in sorted(set(descs["width"].tolist()))]
+            assert list(descs["width"]) == sorted(descs["width"])
+            for d in descs:
+                s = next(s for addr, s in where.items() if addr <= d["dst"] < addr + max(out[s].size, 1))
+                stream = reader.streams[s]
+                payload = host[d["src"] - base:d["src"] - base + d["src_len"]]
+                dst = out[s][d["dst"] - out[s].ctypes.data:][:d["dst_len"]]
+                assert d["width"] == plan.gpu_width(stream)
+                if d["width"] == STORED:
+                    dst[:] = payload
+                else:
+                    assert bool(d["flags"] & FLAG_ROTATE) == stream.decoder().codecs[0].rotate
+                    stream.decoder().decode(payload, dst)
+        for s in streams:
+            assert np.array_equal(out[s], read_stream(reader, s, pool, 4)), s
+
+
+def test_fill_refuses_a_damaged_payload(every_dtype_archive: Path, tmp_path: Path) -> None:
+    """Payloads are checked on the host before they travel: a flipped byte names its chunk."""
+    from elves.gpu import plan
+
+    reader, _, batches, staging = host_plan(every_dtype_archive, 300_000)
+    with reader:
+        victim = batches[3].chunks[1]
+    data = bytearray(every_dtype_archive.read_bytes())
+    data[victim.offset + victim.length // 2] ^= 0x10
+    damaged = tmp_path / "damaged.elves"
+    damaged.write_bytes(bytes(data))
+    reader, _, batches, staging = host_plan(damaged, 300_000)
+    host = np.zeros(staging, dtype=np.uint8)
+    with reader:
+        plan.fill(host, reader, batches[2], plan.lay_out(batches[2], 0, dict.fromkeys(range(len(reader.streams)), 0), 0))
+        with pytest.raises(CorruptArchiveError, match=rf"chunk {victim.index}: the payload is corrupted"):
+            plan.fill(host, reader, batches[3], plan.lay_out(batches[3], 0, dict.fromkeys(range(len(reader.streams)), 0), 0))
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_kernel_source_is_found(monkeypatch: pytest.MonkeyPatch, installed: bool) -> None:
+    """From the package data, or (a checkout that was not installed) the repository's cuda/."""
+    import importlib.resources
+
+    from elves.gpu.launcher import WIDTHS, kernel_source
+
+    if not installed:
+        def no_package(name: str) -> Any:
+            raise ModuleNotFoundError(name)
+
+        monkeypatch.setattr(importlib.resources, "files", no_package)
+    source = kernel_source()
+    assert "void elves_copy_chunks(" in source
+    assert all(f"ELVES_DECODE_KERNEL({w}," in source for w in WIDTHS)
+
+
+def test_imports_without_cupy() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['cupy'] = None; import elves.gpu; print(sorted(elves.gpu.__all__))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "load_file" in r.stdout and "ChunkDecoder" in r.stdout

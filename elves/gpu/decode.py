@@ -1,0 +1,151 @@
+"""Decode an archive's streams onto the device, batch by batch.
+
+Each batch of chunks (:mod:`.plan`) is read into a pinned staging buffer on a worker thread,
+copied to the device on a copy stream while the previous batch decodes on the target's stream,
+and decoded by the kernels straight into the streams' own buffers. Streams the kernels cannot
+decode go through the CPU instead: :meth:`StreamDecoder.decode_on_cpu` is the one place where
+that happens.
+"""
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Generator, Iterator
+
+import numpy as np
+
+from ..archive import ArchiveReader
+from ..decoder import read_stream, stream_label
+from ..parallel import default_threads
+from . import plan
+from .device import Staging, Target
+from .launcher import kernels, raise_status
+
+STAGING_BYTES = 64 << 20   # one staging buffer (pinned on the host, and on the device)
+STAGING_BUFFERS = 3        # read, copy and decode overlap: one buffer each
+
+
+class StreamDecoder:
+    """Decodes streams of one archive onto one device (see the module docstring).
+
+    Run it inside ``device.on(target)``. :meth:`run` yields each stream's buffer once every chunk
+    of it has been enqueued: work on it enqueued afterwards on ``target.stream`` is ordered after
+    the decode. :meth:`finish` waits for the GPU and raises CorruptArchiveError if a chunk failed.
+    """
+
+    def __init__(self, reader: ArchiveReader, target: Target, staging_bytes: int):
+        self.reader = reader
+        self.target = target
+        self.kernels = kernels(target.device)
+        self.cp = self.kernels.cp
+        self.staging_bytes = staging_bytes
+        self.status: Any = None
+        self.status_ptr = 0
+        self.status_chunks: list[plan.Chunk] = []
+        self._threads = default_threads(None)
+        self._cpu_pool: ThreadPoolExecutor | None = None
+
+    def run(self, streams: list[int]) -> Generator[tuple[int, Any], None, None]:
+        gpu = {s for s in streams if plan.gpu_width(self.reader.streams[s]) is not None}
+        for s in streams:
+            if s not in gpu:
+                yield s, self.decode_on_cpu(s)
+        yield from self._run_gpu(sorted(gpu, key=self._first_offset))
+
+    def decode_on_cpu(self, s: int) -> Any:
+        """Stream ``s`` decoded by the CPU decoder (every check of it applied) and uploaded: for
+        streams no kernel decodes (zstd bytes, codecs the kernels do not know)."""
+        if self._cpu_pool is None:
+            self._cpu_pool = ThreadPoolExecutor(self._threads)
+        return self.target.upload(read_stream(self.reader, s, self._cpu_pool, 2 * self._threads + 2))
+
+    def _first_offset(self, s: int) -> int:
+        chunks = self.reader.streams[s].chunks
+        return chunks[0][0] if chunks else -1
+
+    def _run_gpu(self, streams: list[int]) -> Iterator[tuple[int, Any]]:
+        cp, target = self.cp, self.target
+        batches, self.staging_bytes = plan.batches(self.reader, streams, self.staging_bytes)
+        # The batch holding each stream's last chunk: once it is enqueued, the stream is handed out.
+        done: dict[int, list[int]] = {}
+        for k, b in enumerate(batches):
+            for c in b.chunks:
+                if c.index == len(self.reader.streams[c.stream].chunks) - 1:
+                    done.setdefault(k, []).append(c.stream)
+        for s in streams:
+            if not self.reader.streams[s].chunks:
+                yield s, target.empty(0)[0]
+        if not batches:
+            return
+        total = sum(len(b.chunks) for b in batches)
+        self.status, self.status_ptr = target.empty(4 * total)
+        cp.cuda.runtime.memsetAsync(self.status_ptr, 0, 4 * total, target.stream.ptr)
+
+        staging = [Staging(cp, target, self.staging_bytes) for _ in range(min(STAGING_BUFFERS, len(batches)))]
+        copy_stream = cp.cuda.Stream(non_blocking=True)
+        # The allocators are stream-ordered: the staging memory may still be read by work queued
+        # earlier on the decode stream, which the copy stream must not overtake.
+        allocated = cp.cuda.Event(disable_timing=True)
+        allocated.record(target.stream)
+        copy_stream.wait_event(allocated)
+        buffers: dict[int, tuple[Any, int]] = {}
+        layouts: dict[int, plan.Layout] = {}
+        reads: deque[Future[None]] = deque()
+        pool = ThreadPoolExecutor(len(staging))
+
+        def submit(k: int) -> None:
+            """Allocate the outputs that batch k writes, lay it out, and start reading it."""
+            batch, slot = batches[k], staging[k % len(staging)]
+            for c in batch.chunks:
+                if c.stream not in buffers:
+                    buffers[c.stream] = target.empty(self.reader.streams[c.stream].nbytes)
+            layout = layouts[k] = plan.lay_out(batch, slot.dev_ptr, {s: ptr for s, (_, ptr) in buffers.items()},
+                                               len(self.status_chunks))
+            self.status_chunks += [batch.chunks[i] for i in layout.order]
+            reads.append(pool.submit(self._fill, slot, batch, layout))
+
+        try:
+            for k in range(len(staging)):
+                submit(k)
+            for k, batch in enumerate(batches):
+                slot = staging[k % len(staging)]
+                layout = layouts.pop(k)
+                reads.popleft().result()  # read and checksummed, or raises
+                copy_stream.wait_event(slot.decoded)
+                cp.cuda.runtime.memcpyAsync(slot.dev_ptr, slot.host_mem.ptr, batch.size(),
+                                            cp.cuda.runtime.memcpyHostToDevice, copy_stream.ptr)
+                slot.copied.record(copy_stream)
+                target.stream.wait_event(slot.copied)
+                self.kernels.launch(slot.dev_ptr, self.status_ptr + 4 * layout.status_base, layout.groups)
+                slot.decoded.record(target.stream)
+                if k + len(staging) < len(batches):
+                    submit(k + len(staging))
+                for s in done.get(k, []):
+                    yield s, buffers.pop(s)[0]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            copy_stream.synchronize()  # no upload may still read a pinned buffer once it is freed
+            target.stream.synchronize()
+
+    def _fill(self, slot: Staging, batch: plan.Batch, layout: plan.Layout) -> None:
+        """Worker thread: wait until the buffer's previous upload is done, then fill it."""
+        with self.cp.cuda.Device(self.target.device):
+            slot.copied.synchronize()
+        plan.fill(slot.host, self.reader, batch, layout)
+
+    def finish(self) -> None:
+        """Wait for the decodes and raise CorruptArchiveError if a chunk failed."""
+        if self._cpu_pool is not None:
+            self._cpu_pool.shutdown()
+        if not self.status_chunks:
+            return
+        self.target.stream.synchronize()
+        status = np.empty(len(self.status_chunks), dtype=np.uint32)
+        self.cp.cuda.runtime.memcpy(status.ctypes.data, self.status_ptr, status.nbytes,
+                                    self.cp.cuda.runtime.memcpyDeviceToHost)
+
+        def name(i: int) -> str:
+            c = self.status_chunks[i]
+            return f"{stream_label(self.reader, c.stream)}: chunk {c.index}"
+
+        raise_status(status, name, self.reader.path)

@@ -1,0 +1,151 @@
+"""The CUDA kernels (``cuda/rans_decode.cu``): their source, compilation, launch, and the chunk
+descriptors they read.
+
+A descriptor (:data:`DESC`, the kernel's ``ChunkDesc`` field for field) gives one chunk's payload
+address and length, where its decoded bytes go and how many they must be, its element width
+(:data:`STORED`: a plain copy) and flags. A launch decodes a run of descriptors of one width; each
+chunk leaves a status word, nonzero when it failed (codes as in :data:`elves.codecs.rans.STATUS`).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.resources
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..codecs.rans import STATUS
+from ..errors import CodecError, CorruptArchiveError, GpuUnavailableError
+from .device import cupy
+
+PAYLOAD_ALIGN = 16         # the kernel reads payloads as aligned words
+WIDTHS = (1, 2, 4, 8, 16)  # element widths the decode kernel is instantiated for
+STORED = 0                 # "width" of a chunk stored as it is (empty pipeline): a plain copy
+PLANE_SMEM = 256 * 4 + 4096  # shared memory per plane: symbol info words + slot -> symbol bytes
+DEFAULT_SMEM = 48 << 10    # dynamic shared memory a kernel gets without opting in
+COPY_THREADS = 256
+KERNEL_FILE = "rans_decode.cu"
+
+DESC = np.dtype([("src", "<u8"), ("src_len", "<u8"), ("dst", "<u8"), ("dst_len", "<u8"),
+                 ("width", "<u4"), ("flags", "<u4")])
+FLAG_ROTATE = 1
+
+Group = tuple[int, int, int]  # (width, first descriptor, count): one launch
+
+
+def align(n: int) -> int:
+    return -(-n // PAYLOAD_ALIGN) * PAYLOAD_ALIGN
+
+
+def groups(widths: np.ndarray) -> list[Group]:
+    """(width, first, count) runs of a sorted width array."""
+    kinds, first, counts = np.unique(widths, return_index=True, return_counts=True)
+    return [(int(k), int(f), int(c)) for k, f, c in zip(kinds, first, counts)]
+
+
+def kernel_source() -> str:
+    """The CUDA source: package data ``elves.cuda`` when installed, else the checkout's cuda/."""
+    try:
+        resource = importlib.resources.files("elves.cuda").joinpath(KERNEL_FILE)
+        if resource.is_file():
+            return resource.read_text()
+    except (ModuleNotFoundError, TypeError):
+        pass
+    path = Path(__file__).resolve().parents[2] / "cuda" / KERNEL_FILE
+    try:
+        return path.read_text()
+    except OSError:
+        raise GpuUnavailableError(f"the CUDA source {KERNEL_FILE} is missing from this install", path) from None
+
+
+class Kernels:
+    """The compiled kernels for one device (cupy caches the compiled module on disk)."""
+
+    def __init__(self, device: int):
+        cp = cupy()
+        self.cp = cp
+        self.device = device
+        with cp.cuda.Device(device):
+            module = cp.RawModule(code=kernel_source(), options=("-std=c++17",))
+            self.decode = {w: module.get_function(f"elves_rans_decode_w{w}") for w in WIDTHS}
+            self.copy = module.get_function("elves_copy_chunks")
+            for w, kernel in self.decode.items():
+                if w * PLANE_SMEM > DEFAULT_SMEM:
+                    kernel.max_dynamic_shared_size_bytes = w * PLANE_SMEM
+
+    def launch(self, descs: int, status: int, runs: list[Group]) -> None:
+        """Enqueue, on the current stream, one launch per group ``(width, first, count)`` of
+        consecutive descriptors at device address ``descs``; statuses go to ``status`` + 4 * i."""
+        ptr = np.uint64
+        for width, first, count in runs:
+            args = (ptr(descs + first * DESC.itemsize), ptr(status + 4 * first))
+            if width == STORED:
+                self.copy((count,), (COPY_THREADS,), args)
+            else:
+                self.decode[width]((count,), (32,), args, shared_mem=width * PLANE_SMEM)
+
+
+@functools.cache
+def kernels(device: int) -> Kernels:
+    return Kernels(device)
+
+
+def raise_status(status: np.ndarray, name: Callable[[int], str], path: Path | None = None) -> None:
+    """CorruptArchiveError for the first chunk with a nonzero status; ``name(i)`` says which."""
+    bad = np.flatnonzero(status)
+    if bad.size:
+        i = int(bad[0])
+        code = int(status[i])
+        raise CorruptArchiveError(f"{name(i)}: {STATUS.get(code, f'GPU decode failed ({code})')}", path)
+
+
+class ChunkDecoder:
+    """Decode ``planes`` + ``rans`` chunk payloads that are already on the device.
+
+    ``payload`` is a cupy uint8 array; ``chunks`` lists each chunk's ``(offset, length,
+    decoded_length)`` in it (offsets multiples of 16); ``out`` (cupy uint8) receives the decoded
+    chunks back to back; each chunk's decoded length is the capacity its descriptor gives the
+    kernel, which refuses a payload that claims another size. Calling the object enqueues the
+    decode on the current stream (one launch, however many chunks); :meth:`check` waits for it
+    and raises CorruptArchiveError if a chunk failed. The building block of the loader, exposed
+    for tests and benchmarks.
+    """
+
+    def __init__(self, payload: Any, chunks: list[tuple[int, int, int]], out: Any, *, width: int,
+                 rotate: bool, device: int | None = None):
+        self.kernels = kernels(payload.device.id if device is None else device)
+        cp = self.kernels.cp
+        if width not in WIDTHS:
+            raise CodecError(f"no GPU decoder for {width}-byte elements")
+        if any(min(c) < 0 for c in chunks) or sum(c[2] for c in chunks) > out.nbytes:
+            raise ValueError("out is smaller than the decoded chunks")
+        descs = np.zeros(len(chunks), DESC)
+        pos = 0
+        for k, (offset, length, decoded) in enumerate(chunks):
+            if offset % PAYLOAD_ALIGN or offset + length > payload.nbytes:
+                raise ValueError(f"chunk {k}: payload offsets must be multiples of 16 inside the buffer")
+            descs[k] = (payload.data.ptr + offset, length, out.data.ptr + pos, decoded, width,
+                        FLAG_ROTATE if rotate else 0)
+            pos += decoded
+        self._keep = (payload, out)
+        with cp.cuda.Device(self.kernels.device):
+            self.descs = cp.asarray(descs.view(np.uint8))
+            self.status = cp.zeros(len(chunks), dtype=cp.uint32)
+        self.count = len(chunks)
+        self.width = width
+
+    def __call__(self) -> None:
+        if self.count:
+            self.kernels.launch(self.descs.data.ptr, self.status.data.ptr, [(self.width, 0, self.count)])
+
+    def check(self) -> None:
+        raise_status(self.status.get(), lambda i: f"chunk {i}")
+
+
+def decode_chunks(payload: Any, chunks: list[tuple[int, int, int]], out: Any, *, width: int,
+                  rotate: bool) -> None:
+    """Decode ``chunks`` of ``payload`` into ``out`` in one launch and check them (see ChunkDecoder)."""
+    decoder = ChunkDecoder(payload, chunks, out, width=width, rotate=rotate)
+    decoder()
+    decoder.check()

@@ -1,0 +1,169 @@
+"""Which kernel decodes each chunk, how chunks are cut into batches that fit a staging buffer,
+and how a batch is laid out in one: descriptors first, then the payloads, read from the archive
+and checked. Host side only (no cupy): it runs, and is tested, on any machine.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import xxhash
+
+from ..archive import ArchiveReader
+from ..codecs.planes import Planes
+from ..codecs.rans import Rans
+from ..decoder import stream_label
+from ..errors import CodecError, CorruptArchiveError, TruncatedArchiveError
+from ..index import Stream
+from .launcher import DESC, FLAG_ROTATE, STORED, WIDTHS, Group, align, groups
+
+IOV_MAX = 1024  # buffers per preadv call (Linux's IOV_MAX)
+
+
+def gpu_width(stream: Stream) -> int | None:
+    """The kernel that decodes ``stream``'s chunks (an element width, or STORED), or None when
+    only the CPU can decode it."""
+    if not stream.pipeline:
+        return STORED
+    try:
+        codecs = stream.decoder().codecs
+    except CodecError:
+        return None
+    if len(codecs) == 2 and type(codecs[0]) is Planes and type(codecs[1]) is Rans and codecs[0].width in WIDTHS:
+        return codecs[0].width
+    return None
+
+
+@dataclass
+class Chunk:
+    stream: int
+    index: int        # chunk number within the stream
+    offset: int       # in the archive
+    length: int
+    decoded: int
+    checksum: int
+    width: int        # an element width, or STORED
+    rotate: bool
+    dst_offset: int   # where its decoded bytes go in the stream's buffer
+
+
+@dataclass
+class Batch:
+    """Chunks that fill one staging buffer: their descriptors first, then their payloads."""
+
+    chunks: list[Chunk] = field(default_factory=list)
+    payload_bytes: int = 0
+
+    def desc_bytes(self, extra: int = 0) -> int:
+        return align((len(self.chunks) + extra) * DESC.itemsize)
+
+    def size(self) -> int:
+        return self.desc_bytes() + self.payload_bytes
+
+
+@dataclass
+class Layout:
+    """A batch laid out in its staging buffer."""
+
+    descs: np.ndarray    # sorted by width: each kernel gets a contiguous run
+    groups: list[Group]  # (width, first descriptor, count) per launch
+    offsets: list[int]   # payload offset of each chunk, in batch order
+    order: list[int]     # the chunk (batch order) of each descriptor
+    status_base: int     # the batch's first index in the status array
+
+
+def stream_chunks(reader: ArchiveReader, s: int) -> list[Chunk]:
+    """The chunks of stream ``s``, which :func:`gpu_width` found a kernel for."""
+    stream = reader.streams[s]
+    width = gpu_width(stream)
+    if width is None:
+        raise ValueError(f"stream {s} has no GPU decoder")
+    codec = stream.decoder().codecs[0] if width != STORED else None
+    rotate = isinstance(codec, Planes) and codec.rotate
+    out, pos = [], 0
+    for i, (offset, length, decoded, checksum) in enumerate(stream.chunks):
+        if width != STORED and decoded % width:
+            raise CorruptArchiveError(f"{stream_label(reader, s)}: chunk {i} is not a whole number "
+                                      "of elements", reader.path)
+        out.append(Chunk(s, i, offset, length, decoded, checksum, width, rotate, pos))
+        pos += decoded
+    if pos != stream.nbytes:
+        raise CorruptArchiveError(f"{stream_label(reader, s)}: its chunks do not add up to its size", reader.path)
+    return out
+
+
+def batches(reader: ArchiveReader, streams: list[int], staging_bytes: int) -> tuple[list[Batch], int]:
+    """The chunks of ``streams``, in that order, cut into batches that fit a staging buffer of
+    ``staging_bytes``, and the size the buffers need: more, for an archive written with chunks
+    bigger than that."""
+    out = [Batch()]
+    for s in streams:
+        for c in stream_chunks(reader, s):
+            staging_bytes = max(staging_bytes, align(DESC.itemsize) + align(c.length))
+            b = out[-1]
+            if b.chunks and b.desc_bytes(1) + b.payload_bytes + align(c.length) > staging_bytes:
+                b = Batch()
+                out.append(b)
+            b.chunks.append(c)
+            b.payload_bytes += align(c.length)
+    return [b for b in out if b.chunks], staging_bytes
+
+
+def lay_out(batch: Batch, staging_ptr: int, outputs: Mapping[int, int], status_base: int) -> Layout:
+    """Descriptors for ``batch`` in a staging buffer at device address ``staging_ptr``, decoding
+    into the stream buffers at ``outputs[stream]``; its statuses start at ``status_base``."""
+    offsets, pos = [], batch.desc_bytes()
+    for c in batch.chunks:
+        offsets.append(pos)
+        pos += align(c.length)
+    order = sorted(range(len(batch.chunks)), key=lambda i: batch.chunks[i].width)
+    descs = np.zeros(len(order), DESC)
+    for d, i in enumerate(order):
+        c = batch.chunks[i]
+        descs[d] = (staging_ptr + offsets[i], c.length, outputs[c.stream] + c.dst_offset, c.decoded,
+                    c.width, FLAG_ROTATE if c.rotate else 0)
+    return Layout(descs, groups(descs["width"]), offsets, order, status_base)
+
+
+def fill(host: np.ndarray, reader: ArchiveReader, batch: Batch, layout: Layout) -> None:
+    """Write ``layout``'s descriptors and ``batch``'s payloads into the staging buffer ``host``,
+    reading the payloads from the archive (one preadv per run of adjacent chunks) and checking
+    their checksums."""
+    chunks, offsets = batch.chunks, layout.offsets
+    host[:layout.descs.nbytes] = layout.descs.view(np.uint8)
+    mem = host.data
+    fd = reader.f.fileno()
+    i = 0
+    while i < len(chunks):
+        j = i + 1
+        while (j < len(chunks) and j - i < IOV_MAX
+               and chunks[j].offset == chunks[j - 1].offset + chunks[j - 1].length):
+            j += 1
+        views = [mem[offsets[k]:offsets[k] + chunks[k].length] for k in range(i, j)]
+        if _read_into(fd, views, chunks[i].offset) != sum(chunks[k].length for k in range(i, j)):
+            raise TruncatedArchiveError(f"{stream_label(reader, chunks[i].stream)}: chunk "
+                                        f"{chunks[i].index}: the payload is cut short", reader.path)
+        i = j
+    for c, offset in zip(chunks, offsets):
+        if xxhash.xxh3_64_intdigest(mem[offset:offset + c.length]) != c.checksum:
+            raise CorruptArchiveError(f"{stream_label(reader, c.stream)}: chunk {c.index}: "
+                                      "the payload is corrupted (checksum mismatch)", reader.path)
+
+
+def _read_into(fd: int, views: list[memoryview], offset: int) -> int:
+    """Read consecutive file bytes at ``offset`` into ``views``; the byte count read."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, views, offset)
+    total = 0
+    for view in views:
+        data = os.pread(fd, len(view), offset + total)
+        view[:len(data)] = data
+        total += len(data)
+    return total
+
+
+def staging_for(stream: Stream) -> int:
+    """Staging that holds all of ``stream``'s chunks at once."""
+    return align(len(stream.chunks) * DESC.itemsize) + sum(align(c[1]) for c in stream.chunks)
