@@ -31,7 +31,7 @@ from .index import FileEntry, TensorEntry
 from .lossy import elf_pays, elf_pipeline, encode_checked
 from .model import Segment, SourceFile, hash_segment, open_source, read_exact
 from .parallel import INLINE_BYTES, default_threads, ordered_map
-from .planner import ReferencePlanner, block_hashes, segment_names
+from .planner import ReferencePlanner, block_hashes, segment_names, widest_first
 from .readers import read_model
 from .references import Reference
 
@@ -159,7 +159,7 @@ def compress(
             several = sum(1 for f in files if any(seg.dtype in ELF_DTYPES for seg in f.segments)) > 1
             planner = ReferencePlanner(writer, base_model, bound is not None, bound is not None or several)
             try:
-                for sf in files:
+                for sf in widest_first(files):
                     if sf.link is not None:  # a link inside the model: kept as a link, never read through
                         writer.add_file(FileEntry(sf.relpath, 0, hashlib.sha256(sf.link.encode()).hexdigest(),
                                                   "symlink", [], link=sf.link))

@@ -78,6 +78,31 @@ def segment_names(sf: SourceFile) -> dict[int, list[str]]:
     return names
 
 
+def widest_first(files: list[SourceFile]) -> list[SourceFile]:
+    """``files`` in the order to code them: as given, except that copies of one model at several
+    precisions (files with the same float tensor names and element counts) are taken widest
+    first, in the places they held, so that the narrower copies code against the cast of the
+    wider one, which references, pointing backwards, need."""
+    def key(sf: SourceFile) -> frozenset[tuple[str, int]]:
+        sizes = {seg: s.length // casts.WIDTH[s.dtype] for seg, s in enumerate(sf.segments) if s.dtype in casts.WIDTH}
+        return frozenset((normalize(t.name), sizes[t.segment]) for t in sf.tensors if t.segment in sizes)
+
+    def width(sf: SourceFile) -> int:
+        return max((casts.WIDTH[s.dtype] for s in sf.segments if s.dtype in casts.WIDTH), default=0)
+
+    groups: dict[frozenset[tuple[str, int]], list[int]] = {}
+    for i, sf in enumerate(files):
+        k = key(sf)
+        if k:
+            groups.setdefault(k, []).append(i)
+    out = list(files)
+    for places in groups.values():
+        if len({width(files[i]) for i in places}) > 1:
+            for place, i in zip(places, sorted(places, key=lambda i: -width(files[i]))):
+                out[place] = files[i]
+    return out
+
+
 class ReferencePlanner:
     """Plans the references of one archive as it is written (``writer``), against its earlier
     streams and, with ``base``, a base model. ``lossy``: the archive is lossy (``elf``), which
