@@ -15,11 +15,12 @@ from .errors import (
     BaseMismatchError,
     BaseModelError,
     BaseRequiredError,
+    BoundError,
     CodecError,
     CorruptArchiveError,
     ElvesError,
+    GpuUnavailableError,
     InputError,
-    UsageError,
     OutputError,
     OutputExistsError,
     StoreError,
@@ -27,6 +28,7 @@ from .errors import (
     UnsafePathError,
     UnsafePickleError,
     UnsupportedFormatError,
+    UsageError,
 )
 
 __all__ = [
@@ -34,5 +36,6 @@ __all__ = [
     "compress", "restore", "open", "load_file", "info", "verify",
     "ElvesError", "InputError", "UsageError", "UnsafePickleError", "ArchiveError", "TruncatedArchiveError",
     "CorruptArchiveError", "UnsupportedFormatError", "UnsafePathError", "OutputExistsError",
-    "OutputError", "CodecError", "BaseModelError", "BaseRequiredError", "BaseMismatchError", "StoreError",
+    "OutputError", "CodecError", "BoundError", "BaseModelError", "BaseRequiredError", "BaseMismatchError",
+    "StoreError", "GpuUnavailableError",
 ]

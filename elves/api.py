@@ -364,8 +364,8 @@ def _check_lossy_file(reader: ArchiveReader, entry: FileEntry, src: Path, pool: 
                       window: int, errors: _LossyErrors) -> int:
     """Decode a lossy file (every checksum and decoded hash checked) and compare each lossy
     tensor's elements with the source file's; return the bytes decoded."""
-    from .lossy import bound_of, error_stats
     from .decoder import iter_stream, stream_label
+    from .lossy import bound_of, error_stats
 
     pos = 0
     with builtins.open(src, "rb") as f:

@@ -13,7 +13,14 @@ from ..decoder import check_tensors
 from ..index import FileEntry, Stream, TensorEntry, tensor_names
 from . import plan
 from .decode import STAGING_BYTES, StreamDecoder
-from .device import GpuFramework, device_index, itemsize, make_target, on, shape_and_count
+from .device import (
+    GpuFramework,
+    device_index,
+    itemsize,
+    make_target,
+    on,
+    shape_and_count,
+)
 
 
 def load_file(path: str | os.PathLike[str], device: Any = "cuda:0", framework: GpuFramework = "pt", *,
