@@ -23,9 +23,12 @@ Versions and their commits (``elves/archive.py``'s FORMAT_VERSION):
 - ``1.3``  the first 1.3 writer (issue 10): a folder holding symbolic links to a file and to a
   folder inside it, stored as links (format ``symlink``), and a PyTorch checkpoint whose tensors
   are strided views of one storage.
+- ``1.4``  the first 1.4 writer (issue 11): a lossless folder of an F32 model, its BF16 copy (a few
+  elements changed after the cast) and a fine-tuned second version (``ref_cast``, ``xor`` with
+  ``ref``); and a BF16 release coded against the cast of its F32 base (``ref_cast`` by content).
 
 Every model is synthetic (numpy's PCG64 with fixed seeds) and small: all fixtures together stay
-under 100 KB. The manifest (manifest.json, one entry per archive) records, per restored file, the
+under 150 KB. The manifest (manifest.json, one entry per archive) records, per restored file, the
 sha256 of the source file (lossless) or of what this elves decoded (lossy), the sha256 of every
 tensor ``get_tensor`` returns, and the codec ids and index features the archive must hold (so a
 fixture that silently stopped exercising, say, ``xor`` is noticed).
@@ -205,16 +208,28 @@ def v1_3(w: Writer, rng: np.random.Generator) -> None:
     w.archive("checkpoint", ck)
 
 
+def v1_4(w: Writer, rng: np.random.Generator) -> None:
+    f32 = {"embed.weight": weights("F32", (16, 16), rng), "layer.0.weight": weights("F32", (16, 12), rng)}
+    bf16 = {k: a.astype(ml_dtypes.bfloat16) for k, a in f32.items()}
+    bf16["embed.weight"].reshape(-1)[:5] = bf16["embed.weight"].reshape(-1)[:5] * 2  # exceptions
+    w.archive("precisions", w.model("precisions", {
+        "model.safetensors": f32, "model.bf16.safetensors": bf16,
+        "model-v2.safetensors": {k: fine_tune(a, rng, frac=0.2) for k, a in f32.items()}}))
+    w.archive("base", w.model("base", {"model.safetensors": f32}))
+    w.archive("cast-delta", w.model("release", {"model.safetensors": {k: a.astype(ml_dtypes.bfloat16)
+                                                                      for k, a in f32.items()}}), base="base")
+
+
 def main() -> None:
     version, out = sys.argv[1], Path(sys.argv[2]).resolve()
-    want = {"1.0": (1, 0), "1.1a": (1, 1), "1.1": (1, 1), "1.2": (1, 2), "1.3": (1, 3)}[version]
+    want = {"1.0": (1, 0), "1.1a": (1, 1), "1.1": (1, 1), "1.2": (1, 2), "1.3": (1, 3), "1.4": (1, 4)}[version]
     assert tuple(FORMAT_VERSION) == want, f"this elves ({elves.__file__}) writes {FORMAT_VERSION}, not {want}"
     rng = np.random.default_rng(10 + list(want)[1] * 100 + len(version))
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         w = Writer(version, out, Path(tmp))
-        {"1.0": v1_0, "1.1a": v1_1, "1.1": v1_1, "1.2": v1_2, "1.3": v1_3}[version](w, rng)
+        {"1.0": v1_0, "1.1a": v1_1, "1.1": v1_1, "1.2": v1_2, "1.3": v1_3, "1.4": v1_4}[version](w, rng)
     for name, entry in w.entries.items():
         manifest[f"v{version}-{name}"] = entry
     manifest_path.write_text(json.dumps(dict(sorted(manifest.items())), indent=1) + "\n")
