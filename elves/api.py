@@ -159,19 +159,12 @@ def open(path: PathLike, *, threads: int | None = None, base: PathLike | None = 
     if _on_gpu(device):
         from . import gpu
 
-        _no_base_on_gpu(base)
-        return gpu.open(path, device)
+        return gpu.open(path, device, base=base)
     return Archive(path, threads=threads, base=base)
 
 
 def _on_gpu(device: Any) -> bool:
     return device is not None and str(device) != "cpu"
-
-
-def _no_base_on_gpu(base: object) -> None:
-    if base is not None:
-        raise ElvesError("decoding against a base model on the GPU is not supported yet: "
-                         "load on the CPU (no device) and move the tensors")
 
 
 @overload
@@ -204,11 +197,10 @@ def load_file(path: PathLike, framework: Framework | None = None, *, threads: in
     if _on_gpu(device):
         from . import gpu
 
-        _no_base_on_gpu(base)
         if framework not in (None, "pt", "torch", "cupy"):
             raise UsageError(f"framework={framework!r} holds no GPU tensors: use 'pt' or 'cupy' with a device, "
                              "or no device for numpy")
-        return gpu.load_file(path, device, framework if framework not in (None, "torch") else "pt")
+        return gpu.load_file(path, device, framework if framework not in (None, "torch") else "pt", base=base)
     framework = framework or "np"
     if framework not in ("np", "numpy", "pt", "torch"):
         raise UsageError(f"framework must be 'np' or 'pt' without a device, not {framework!r}")
