@@ -5,7 +5,7 @@ The public API: :func:`compress`, :func:`restore`, :func:`open`, :func:`load_fil
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 from .api import Archive, ArchiveInfo, TensorInfo, VerifyReport, info, load_file, open, verify  # noqa: A004
 from .decoder import RestoreSummary, restore

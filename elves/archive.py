@@ -27,6 +27,7 @@ from .errors import (
 )
 from .index import Chunk, FileEntry, Index, Stream, parse_index, safe_relpath
 from .references import Sources
+from .version import __version__
 
 __all__ = ["ArchiveReader", "ArchiveWriter", "Chunk", "FileEntry", "Stream", "safe_relpath", "temp_sibling"]
 
@@ -141,8 +142,6 @@ class ArchiveWriter:
         self.pos += len(data)
 
     def close(self) -> None:
-        from . import __version__
-
         version = self.format_version()
         index = {
             "format": list(version),
