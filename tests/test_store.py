@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 
 from elves.errors import CorruptArchiveError, StoreError
-from elves.store import Store, StoredObject
+from elves.store import Store
+from elves.store.layout import manifest_at, object_at, profile_at
+from elves.store.manifests import manifest
+from elves.store.objects import StoredObject
 from tests.conftest import tree_hashes, write_safetensors
 
 OPENFF = ["0.0.1-alpha.1", "0.1.0-rc.1", "0.1.0-rc.2", "0.1.0-rc.3", "1.0.0"]
@@ -66,16 +69,29 @@ def check_store(s: Store, expected: dict[str, Path], tmp: Path) -> None:
         r = s.restore(name, out)
         assert tree_hashes(r.output) == tree_hashes(src), name
     for p in (s.path / "objects").glob("*/*"):
-        with StoredObject(p, p.name) as obj:
+        with StoredObject(s.storage, p.name) as obj:
             for ref in obj.meta.refs:
-                with StoredObject(s._object_path(ref), ref) as r:
+                with StoredObject(s.storage, ref) as r:
                     assert not r.meta.refs and r.meta.kind == "tensor"
+
+
+def at(s: Store, key: str) -> Path:
+    """Where object ``key`` lies in store ``s``."""
+    return s.path / object_at(key)
+
+
+def manifest_path(s: Store, name: str) -> Path:
+    return s.path / manifest_at(name)
+
+
+def profile_path(s: Store, name: str) -> Path:
+    return s.path / profile_at(name)
 
 
 def objects_bytes(s: Store, name: str) -> int:
     """The size of the objects a model's manifest names."""
-    keys = {seg[0] for f in s._manifest(name)["files"] for seg in f["segments"]}
-    return sum(s._object_path(k).stat().st_size for k in keys)
+    keys = {seg[0] for f in manifest(s.storage, name)["files"] for seg in f["segments"]}
+    return sum(at(s, k).stat().st_size for k in keys)
 
 
 def openff(dataset) -> dict[str, Path]:
@@ -234,23 +250,23 @@ def test_a_corrupted_object_is_an_error_naming_the_model_and_file(family: dict[s
     man = json.loads(next((s.path / "models").glob("tiny-ft-a*")).read_text())
     f = next(f for f in man["files"] if f["path"] == "model.safetensors")
     key = next(seg[0] for seg in f["segments"] if seg[0].endswith(".bf16"))
-    with StoredObject(s._object_path(key), key) as obj:
+    with StoredObject(s.storage, key) as obj:
         assert obj.meta.refs  # a delta: its base object is damaged below instead
         ref = obj.meta.refs[0]
-    p = s._object_path(key)
+    p = at(s, key)
     whole = p.read_bytes()
     p.write_bytes(whole[:-10])  # truncated
     with pytest.raises(CorruptArchiveError, match=r"model 'tiny-ft-a', file model.safetensors: .*not a complete object"):
         s.restore("tiny-ft-a", tmp_path / "out")
     p.write_bytes(whole)
-    p = s._object_path(ref)  # the delta's base object: found when decoding the delta
+    p = at(s, ref)  # the delta's base object: found when decoding the delta
     data = bytearray(p.read_bytes())
     data[len(data) // 3] ^= 0x40
     p.write_bytes(bytes(data))
     with pytest.raises(CorruptArchiveError, match=rf"model 'tiny-ft-a', file model.safetensors: .*object {ref}: .*corrupted"):
         s.restore("tiny-ft-a", tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
-    s._object_path(ref).unlink()
+    at(s, ref).unlink()
     with pytest.raises(CorruptArchiveError, match="missing"):
         s.restore("tiny-base", tmp_path / "out")
 

@@ -22,9 +22,11 @@ import pytest
 import xxhash
 
 from elves.errors import ArchiveError, CorruptArchiveError, ElvesError, OutputError
-from elves.store import FOOTER, OBJECT_MAGIC, Store, StoredObject, StoreVerifyReport
+from elves.store import Store, StoreVerifyReport
+from elves.store.manifests import manifest
+from elves.store.objects import FOOTER, OBJECT_MAGIC, StoredObject
 from tests.conftest import tree_hashes
-from tests.test_store import family  # noqa: F401 (a fixture)
+from tests.test_store import at, family, manifest_path, profile_path  # noqa: F401 (family: a fixture)
 
 # ---------------------------------------------------------------------------- a real store
 
@@ -44,13 +46,13 @@ def store(pristine: Path, tmp_path: Path) -> Store:
 
 
 def keys_of(s: Store, name: str) -> list[str]:
-    return [seg[0] for f in s._manifest(name)["files"] for seg in f["segments"]]
+    return [seg[0] for f in manifest(s.storage, name)["files"] for seg in f["segments"]]
 
 
 def a_delta(s: Store) -> tuple[str, str]:
     """A delta object of the fine-tune and the base object it reads."""
     for key in keys_of(s, "tiny-ft-a"):
-        with StoredObject(s._object_path(key), key) as obj:
+        with StoredObject(s.storage, key) as obj:
             if obj.meta.refs:
                 return key, obj.meta.refs[0]
     raise AssertionError("the fine-tune has no delta")
@@ -92,7 +94,7 @@ def forge_trailer(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
 
 
 def write_manifest(s: Store, name: str, change: Callable[[dict[str, Any]], None]) -> Path:
-    p = s._manifest_path(name)
+    p = manifest_path(s, name)
     man = json.loads(p.read_text())
     change(man)
     p.write_text(json.dumps(man))
@@ -114,16 +116,16 @@ def test_a_clean_store_verifies(store: Store, family: dict[str, Path]) -> None:
 
 def test_a_missing_object(store: Store, tmp_path: Path) -> None:
     delta, ref = a_delta(store)
-    store._object_path(ref).unlink()  # the base object the delta reads
-    r = check_verify(store, {"missing_objects": [store._object_path(ref)]})
+    at(store, ref).unlink()  # the base object the delta reads
+    r = check_verify(store, {"missing_objects": [at(store, ref)]})
     assert f"object {ref} is missing" in r.missing_objects[0].message
     p = cli("verify", store.path)
-    assert p.returncode == 4 and "missing objects: 1" in p.stdout and str(store._object_path(ref)) in p.stdout
+    assert p.returncode == 4 and "missing objects: 1" in p.stdout and str(at(store, ref)) in p.stdout
 
 
 def test_a_flipped_payload_byte(store: Store, tmp_path: Path) -> None:
     delta, _ = a_delta(store)
-    p = store._object_path(delta)
+    p = at(store, delta)
     data = bytearray(p.read_bytes())
     data[len(data) // 3] ^= 0x01
     p.write_bytes(bytes(data))
@@ -177,7 +179,7 @@ def _strings(t: dict[str, Any]) -> None:
 def test_a_forged_trailer_with_its_checksum_recomputed(store: Store, tmp_path: Path, forge: Callable,
                                                        says: str) -> None:
     delta, _ = a_delta(store)
-    p = store._object_path(delta)
+    p = at(store, delta)
     forge_trailer(p, forge)
     r = check_verify(store, {"damaged_objects": [p]})
     assert says in r.damaged_objects[0].message and delta in r.damaged_objects[0].message
@@ -190,7 +192,7 @@ def test_a_delta_whose_reference_is_a_delta(store: Store) -> None:
     first, _ = a_delta(store)
     deltas = []
     for key in keys_of(store, "tiny-ft-a"):
-        with StoredObject(store._object_path(key), key) as obj:
+        with StoredObject(store.storage, key) as obj:
             if obj.meta.refs and key != first:
                 deltas.append(obj.meta)
     other = deltas[0]  # as long as ``first``: the same shape of the fine-tune
@@ -200,15 +202,15 @@ def test_a_delta_whose_reference_is_a_delta(store: Store) -> None:
         xor["ref_hash"], xor["ref_nbytes"] = other.hash, other.nbytes
         t["refs"] = [f"{other.hash}.bf16"]
 
-    forge_trailer(store._object_path(first), read_the_other_delta)
-    r = check_verify(store, {"bad_refs": [store._object_path(first)]})
+    forge_trailer(at(store, first), read_the_other_delta)
+    r = check_verify(store, {"bad_refs": [at(store, first)]})
     assert "a delta itself" in r.bad_refs[0].message
 
 
 def test_orphans_are_reported_and_gc_frees_them(store: Store, family: dict[str, Path]) -> None:
     before = set(keys_of(store, "tiny-base")) | set(keys_of(store, "tiny-ft-a"))
     store.add(family["other"], base=None)
-    only_other = [store._object_path(k) for k in set(keys_of(store, "other")) - before]
+    only_other = [at(store, k) for k in set(keys_of(store, "other")) - before]
     assert only_other
     store.remove("other")
     r = check_verify(store, {"orphans": only_other})
@@ -242,7 +244,7 @@ def test_a_malformed_manifest(store: Store, tmp_path: Path, change: Callable, sa
 
 
 def test_a_manifest_that_is_not_json(store: Store) -> None:
-    p = store._manifest_path("tiny-ft-a")
+    p = manifest_path(store, "tiny-ft-a")
     p.write_text("[" * 100_000)
     r = check_verify(store, {"bad_manifests": [p]})
     assert "not valid JSON" in r.bad_manifests[0].message
@@ -284,7 +286,7 @@ def test_content_swapped_in_a_manifest_is_found_by_full_only(store: Store, tmp_p
 
 def test_links_inside_the_store_are_not_followed(store: Store, tmp_path: Path) -> None:
     delta, _ = a_delta(store)
-    p = store._object_path(delta)
+    p = at(store, delta)
     outside = tmp_path / "outside"
     shutil.move(p, outside)
     p.symlink_to(outside)  # the same bytes, through a link
@@ -329,21 +331,21 @@ def test_a_file_size_limit_during_add_is_a_clean_error_and_leaves_nothing(store:
 def test_a_full_disk_at_the_manifest_removes_what_the_add_wrote(store: Store, family: dict[str, Path],
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     before = sorted((store.path / "objects").glob("*/*"))
-    manifest = store._manifest_path("other")
+    target = manifest_path(store, "other")
     real = os.replace
 
     def replace(src: Any, dst: Any, **kw: Any) -> None:
-        if Path(dst) == manifest:
+        if Path(dst) == target:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(src, dst, **kw)
 
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(OutputError, match="No space left on device") as e:
         store.add(family["other"])
-    assert e.value.path == str(manifest)
+    assert e.value.path == str(target)
     monkeypatch.undo()
     assert sorted((store.path / "objects").glob("*/*")) == before
-    assert not list((store.path / "tmp").iterdir()) and not store._profile_path("other").exists()
+    assert not list((store.path / "tmp").iterdir()) and not profile_path(store, "other").exists()
     check_verify(store, {})
 
 
@@ -362,7 +364,7 @@ def test_restore_of_a_store_with_links_in_the_model(tmp_path: Path, family: dict
 def test_the_trailer_footer_itself(store: Store) -> None:
     """A footer whose trailer length reaches before the file, and one that claims 2^63 bytes."""
     delta, _ = a_delta(store)
-    p = store._object_path(delta)
+    p = at(store, delta)
     data = p.read_bytes()
     for tlen in (len(data), 1 << 63):
         body = data[:-FOOTER.size]

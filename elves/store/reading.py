@@ -1,0 +1,87 @@
+"""Decoding what a manifest names: objects (a delta with the plain object it reads), and a
+model's files, each checked against its sha256."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..decoder import Sha256Beside, iter_stream, open_new
+from ..errors import ArchiveError, CorruptArchiveError, OutputError
+from .layout import manifest_at, object_at
+from .manifests import PACK_MAX
+from .objects import StoredObject
+from .planner import StoreBase
+from .storage import Storage
+
+ProgressFn = Callable[[int], None]
+
+
+def iter_object(storage: Storage, key: str, pool: Executor, window: int, at: str | None = None,
+                nbytes: int | None = None, pack: bool = False) -> Iterator[np.ndarray]:
+    """The decoded chunks of object ``key`` (lying at ``at``, if not at its place) in order, each
+    checked; then its content hash. ``nbytes`` is the length a manifest gives it, ``pack`` that
+    the manifest reads slices of it (a pack is read whole): both are checked before anything is
+    decoded."""
+    with StoredObject(storage, key, at) as obj:
+        m = obj.meta
+        if nbytes is not None and m.nbytes != nbytes:
+            raise CorruptArchiveError(f"object {key} holds {m.nbytes} bytes, but the manifest says {nbytes}",
+                                      obj.path)
+        if pack and (m.kind != "bytes" or m.nbytes > PACK_MAX):
+            raise CorruptArchiveError(f"object {key} is read as a pack, but it is not one ({m.kind}, "
+                                      f"{m.nbytes} bytes)", obj.path)
+        if m.refs:  # its trailer's check made them the one object its xor filter reads
+            obj.base_model = StoreBase(storage, keys=m.refs)
+        yield from iter_stream(obj, 0, pool, window)  # type: ignore[arg-type]
+
+
+def file_parts(storage: Storage, name: str, entry: dict[str, Any], pool: Executor,
+               window: int) -> Iterator[np.ndarray]:
+    """The bytes of one file of model ``name``, in order: each object is checked against the
+    length the manifest gives it before it is decoded, so a lie stops at its first segment;
+    the end checks the file's sha256, computed beside the decode."""
+    sha = Sha256Beside(window)
+    size = 0
+    packs: dict[str, np.ndarray] = {}   # the file's packed small segments, decoded once
+    try:
+        for key, length, *at in entry["segments"]:
+            if at:
+                if key not in packs:
+                    packs[key] = np.concatenate([np.empty(0, np.uint8),
+                                                 *iter_object(storage, key, pool, window, pack=True)])
+                part = packs[key][at[0]:at[0] + length]
+                if len(part) != length:
+                    raise CorruptArchiveError(f"a slice of pack object {key} lies outside it",
+                                              storage.where(object_at(key)))
+                parts: Iterable[np.ndarray] = [part]
+            else:
+                parts = iter_object(storage, key, pool, window, nbytes=length)
+            for part in parts:
+                sha.update(part)
+                size += len(part)
+                yield part
+    finally:
+        sha.close()
+    if size != entry["size"] or sha.hexdigest() != entry["sha256"]:
+        raise CorruptArchiveError("restored bytes do not match the file's sha256", storage.where(manifest_at(name)))
+
+
+def restore_file(storage: Storage, name: str, entry: dict[str, Any], target: Path, pool: Executor, window: int,
+                 progress: ProgressFn | None) -> int:
+    """Write one file of model ``name`` to ``target``; its size."""
+    try:
+        with open_new(target) as out:
+            for part in file_parts(storage, name, entry, pool, window):
+                out.write(part)
+                if progress:
+                    progress(len(part))
+    except ArchiveError as e:
+        raise type(e)(f"model {name!r}, file {entry['path']}: {e.message}", e.path) from None
+    except OSError as e:
+        raise OutputError(f"cannot write {entry['path']}: {e.strerror}", target) from None
+    size: int = entry["size"]
+    return size

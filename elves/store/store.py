@@ -1,0 +1,234 @@
+"""The store as a whole (:class:`Store`): opening and creating one, adding, listing, restoring and
+removing models, and the maintenance commands."""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .. import families
+from ..decoder import RestoreSummary, write_files
+from ..errors import ArchiveError, ElvesError, OutputError, StoreError
+from ..families import Family
+from ..index import ints
+from ..parallel import default_threads
+from ..readers import read_model
+from . import maintenance, verify
+from .ingest import Added, ProgressFn, add_files
+from .layout import (
+    FOLDERS,
+    MARKER,
+    MODELS,
+    NAME_RE,
+    OBJECTS,
+    STORE_VERSION,
+    manifest_at,
+    profile_at,
+)
+from .manifests import manifest, manifests, profiles, read_json, write_json
+from .planner import check_fits, choose_base, derived, planner
+from .reading import restore_file
+from .reports import (
+    AddResult,
+    GcReport,
+    ModelEntry,
+    RepackReport,
+    StoreStats,
+    StoreVerifyReport,
+)
+from .storage import LocalStorage, Storage
+
+
+def _utcnow() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def default_name(src: str | os.PathLike[str]) -> str:
+    """The name a model gets when none is given: its folder's or file's name."""
+    return Path(src).resolve().name
+
+
+class Store:
+    """A model store. ``Store(path)`` opens one; :meth:`Store.init` creates one."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self.storage: Storage = LocalStorage(self.path)
+        try:
+            info = read_json(self.storage, MARKER, MARKER)
+            version = tuple(info["version"])
+            if info.get("format") != "elves-store" or not ints(list(version), 2):
+                raise ValueError("not an elves store marker")
+        except FileNotFoundError:
+            raise StoreError(f"not an elves store (no {MARKER}); create one with `elves store init`",
+                             self.path) from None
+        except ArchiveError as e:
+            raise StoreError(e.message, e.path) from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise StoreError(f"{MARKER} is malformed: {e}", self.path) from None
+        if version[0] > STORE_VERSION[0]:
+            raise StoreError(f"written by a newer elves (store version {version[0]}.{version[1]}, this elves "
+                             f"reads {STORE_VERSION[0]}.x): upgrade elves", self.path)
+        self.storage.check(FOLDERS)
+
+    @classmethod
+    def init(cls, path: str | os.PathLike[str]) -> Store:
+        """Create an empty store at ``path`` (a new or empty folder)."""
+        storage = LocalStorage.create(path, FOLDERS)
+        write_json(storage, MARKER, {"format": "elves-store", "version": list(STORE_VERSION)})
+        return cls(path)
+
+    def add(self, src: str | os.PathLike[str], name: str | None = None, *, base: str | None = "auto",
+            threads: int | None = None, progress: ProgressFn | None = None,
+            follow_symlinks: bool = False) -> AddResult:
+        """Add the model at ``src`` (a file or a folder) as ``name`` (default: its file or folder name).
+
+        ``base="auto"`` looks for its base among the stored models (:func:`elves.families.find_base`);
+        ``base=None`` stores it on its own (a later :meth:`repack` may still find it a base);
+        ``base="NAME"`` codes it against that stored model.
+        Tensors coded against the base are BitX deltas where that is smaller (``bitx.delta``).
+        Segments already in the store cost nothing. When the new model turns out to be the base
+        of models stored before it (the family says which way: metadata first, then the weights),
+        it is never coded against them: they are re-coded as its deltas (see :meth:`repack`).
+
+        Links inside the model folder are stored as links; one that points outside it is refused
+        unless ``follow_symlinks``. A write that fails (a full disk) raises OutputError and leaves
+        the store as it was: what this add wrote is removed again.
+        """
+        t0 = time.perf_counter()
+        src = Path(src)
+        name = name or default_name(src)
+        if not NAME_RE.fullmatch(name) or len(name) > 200 or name in ("auto", "none"):
+            raise StoreError(f"invalid model name {name!r}: use letters, digits and . _ + @ -, "
+                             "with at most one / (org/model)")
+        files, single = read_model(src, follow_symlinks)
+        prof = families.profile(src, name)
+        nthreads = default_threads(threads)
+        st = self.storage
+        with st.locked(), ThreadPoolExecutor(nthreads) as pool:
+            if st.exists(manifest_at(name)):
+                raise StoreError(f"a model named {name!r} is already in the store: `rm` it first or add under "
+                                 "another name", self.path)
+            mans = manifests(st)
+            stored = list(zip(mans, profiles(st, mans)))
+            below = derived(prof, stored)
+            reasons: list[str] = []
+            chosen: str | None = None
+            if base == "auto":
+                chosen, reasons = choose_base(prof, stored, [n for n, _ in below])
+            elif base is not None:
+                manifest(st, base)  # a clear error for an unknown name
+                chosen, reasons = base, ["given by hand"]
+            plan, models = planner(st, chosen) if chosen else (None, None)
+            out = Added([], [], [])
+            try:
+                try:
+                    if plan is not None and base not in (None, "auto"):
+                        check_fits(plan, files, base, str(self.path))
+                    add_files(st, files, plan, pool, nthreads, progress, out)
+                finally:
+                    if models is not None:
+                        models.close()
+                if chosen is not None and out.tensors and out.delta == 0:
+                    reasons.append(f"no tensor was smaller coded against {chosen!r}")
+                # the objects' renames are durable before the manifest that names them
+                st.sync({f"{OBJECTS}{o.key[:2]}/" for o in out.written} | {OBJECTS})
+                added = sum(o.meta.size for o in out.written)
+                added += write_json(st, profile_at(name), prof.to_json())
+                added += write_json(st, manifest_at(name), {
+                    "format": "elves-store-model", "version": list(STORE_VERSION), "name": name,
+                    "seq": max((m["seq"] for m in mans), default=0) + 1, "added": _utcnow(),
+                    "source": "file" if single else "folder", "base": chosen, "reasons": reasons,
+                    "files": out.entries,
+                })
+            except BaseException:
+                if not st.exists(manifest_at(name)):  # nothing names what it wrote
+                    for key in out.created + [profile_at(name)]:
+                        try:
+                            st.delete(key)
+                        except ElvesError:  # the failing disk keeps it: gc does the rest
+                            pass
+                raise
+            result = AddResult(name, chosen, reasons, sum(f.size for f in files), added, out.new,
+                               out.reused, out.delta)
+            try:
+                report = maintenance.repack(st, pool, nthreads, only_base=name, below=below)
+            except OutputError as e:  # the model is in; re-coding others can wait for `repack`
+                report = RepackReport(skipped=[f"re-coding models stored before it as its deltas stopped: {e}"])
+            result.repacked = [m for m, _ in report.models]
+            result.notes = report.skipped
+            result.bytes_added -= report.bytes_saved
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def models(self) -> list[ModelEntry]:
+        """The stored models, in the order they were added."""
+        return [ModelEntry(m["name"], m["source"], len(m["files"]), sum(f["size"] for f in m["files"]),
+                           m.get("base"), list(m.get("reasons", [])), m["added"]) for m in manifests(self.storage)]
+
+    def restore(self, name: str, dst: str | os.PathLike[str], *, force: bool = False, threads: int | None = None,
+                progress: ProgressFn | None = None) -> RestoreSummary:
+        """Write model ``name`` to ``dst``, byte for byte: a folder, or a file path for a model
+        added as a single file. Every file's sha256 is checked as it is written (on a thread beside
+        the decode), and the file renamed into place only then; an existing ``dst`` is refused
+        unless ``force``."""
+        man = manifest(self.storage, name)
+        nthreads = default_threads(threads)
+        window = 2 * nthreads + 2
+        with ThreadPoolExecutor(nthreads) as pool:
+            files = man["files"]
+            return write_files(Path(dst), [(f["path"], f.get("link")) for f in files], man["source"] == "file",
+                               force, Path(self.storage.where(manifest_at(name))),
+                               lambda i, target: restore_file(self.storage, name, files[i], target, pool, window,
+                                                              progress))
+
+    def remove(self, name: str) -> None:
+        """Remove model ``name`` from the store. Its data stays until :meth:`gc`, and whatever
+        another model's deltas reference stays after that too."""
+        with self.storage.locked():
+            manifest(self.storage, name)
+            self.storage.delete(manifest_at(name))
+            self.storage.sync([MODELS])
+            self.storage.delete(profile_at(name))
+
+    def gc(self) -> GcReport:
+        """Delete the objects nothing references, files left in ``tmp/`` by killed writers, and
+        profiles of removed models. Never deletes an object a manifest or a live delta uses."""
+        return maintenance.gc(self.storage)
+
+    def stats(self) -> StoreStats:
+        """Model count, logical and stored bytes, objects and garbage."""
+        return maintenance.stats(self.storage)
+
+    def verify(self, full: bool = False, threads: int | None = None,
+               progress: ProgressFn | None = None) -> StoreVerifyReport:
+        """Check the whole store, as ``git fsck`` checks a repository; nothing is changed.
+
+        Every manifest must parse and pass its checks (its profile too); every object a manifest
+        names must exist, with its footer, trailer and every payload's xxh3-64 intact and the
+        length the manifest gives it; a delta's reference must be a plain tensor object; nothing
+        else may lie in ``objects/`` (orphans, which :meth:`gc` deletes; ``tmp/`` is not looked
+        at). With ``full``, every model is decoded and each file's sha256 checked, which finds
+        what the checksums cannot (a manifest whose segments were swapped, say). It holds the
+        writers' lock, so that the objects of an add under way are not taken for orphans.
+        """
+        return verify.verify(self.storage, full, threads, progress)
+
+    def verify_bytes(self, full: bool = False) -> int:
+        """What :meth:`verify` reads, in bytes (a progress bar's length)."""
+        return verify.verify_bytes(self.storage, full)
+
+    def families(self) -> list[Family]:
+        """The families of the stored models (:func:`elves.families.cluster`): each a root model
+        and its derived models, each with the evidence for its base."""
+        return families.cluster(profiles(self.storage, manifests(self.storage)))
+
+    def repack(self, *, threads: int | None = None, progress: ProgressFn | None = None) -> RepackReport:
+        """Re-code models stored on their own as deltas of a base that arrived after them (as
+        :func:`elves.families.cluster` finds it). Objects keep their keys and are replaced one by
+        one, atomically; an object that some delta references, or that is no smaller as a delta,
+        stays as it is."""
+        nthreads = default_threads(threads)
+        with self.storage.locked(), ThreadPoolExecutor(nthreads) as pool:
+            return maintenance.repack(self.storage, pool, nthreads, progress=progress)
