@@ -307,7 +307,7 @@ class ModelBase(BaseModel):
                         sha.update(piece)
                         if h is not None:
                             h.update(piece)
-                    if h is not None:
+                    if h is not None and b is not None:
                         b.hash = h.hexdigest()
                 self._sha256[fi] = sha.hexdigest()
                 continue
@@ -357,7 +357,7 @@ class ArchiveBase(BaseModel):
                 if st.kind != "tensor" or not st.nbytes:
                     continue
                 if index not in segs:
-                    segs[index] = BaseSegment(st.dtype, st.nbytes, entry.path, (index, 0), st.hash)
+                    segs[index] = BaseSegment(st.dtype or "", st.nbytes, entry.path, (index, 0), st.hash)
                     self.segments.append(segs[index])
                 seg = segs[index]
                 from elves import dtypes

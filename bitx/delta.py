@@ -35,13 +35,14 @@ from elves import casts, dtypes
 from elves.codecs import Pipeline
 from elves.codecs.planes import Planes
 from elves.codecs.rans import Rans
-from elves.model import Segment, SourceFile
+from elves.model import Segment, SourceFile, TensorView
 from elves.references import RangeFn, Reference, Sources
 
 from .base import BaseModel, BaseSegment, BaseTensor, normalize
 from .codec import NEAR, Xor
 from .kernels import rank_counts, sample_stats
 
+Remap = list[list[Any]]  # the xor codec's remap table: [[base byte, [fine-tune bytes, ...]], ...]
 WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 MIN_DELTA_BYTES = 128        # smaller tensors cost more as a reference than as bytes
 MAX_CANDIDATES = 4
@@ -68,8 +69,9 @@ class Cand:
 
     def xor(self, dtype: str, **kw: Any) -> Xor:
         grown = self.reference.grown
-        shapes = {"ref_shape": list(grown[0]), "shape": list(grown[1])} if grown else {}
-        return Xor(dtype, self.ref_hash, self.ref_nbytes, **kw, **shapes)
+        if grown:
+            return Xor(dtype, self.ref_hash, self.ref_nbytes, **kw, ref_shape=list(grown[0]), shape=list(grown[1]))
+        return Xor(dtype, self.ref_hash, self.ref_nbytes, **kw)
 
 
 @dataclass
@@ -95,7 +97,7 @@ def plane_mask(use: list[bool], width: int, rotate: bool) -> int:
     return m
 
 
-def ranked(joint: np.ndarray, min_count: int = 2) -> tuple[list[list], np.ndarray]:
+def ranked(joint: np.ndarray, min_count: int = 2) -> tuple[Remap, np.ndarray]:
     """The ``remap`` table of the ``xor`` codec for the counts ``joint[base value, fine-tune
     value]`` of the byte below the sign: per base value, the fine-tune values seen at least
     ``min_count`` times, most frequent first (the rest keep the default order); and the
@@ -107,12 +109,12 @@ def ranked(joint: np.ndarray, min_count: int = 2) -> tuple[list[list], np.ndarra
     return [[e, order[e, :listed[e]].tolist()] for e in np.flatnonzero(listed).tolist()], codes
 
 
-def ranking(joint: np.ndarray, min_count: int = 2) -> list[list]:
+def ranking(joint: np.ndarray, min_count: int = 2) -> Remap:
     """The ``remap`` table alone (see :func:`ranked`)."""
     return ranked(joint, min_count)[0]
 
 
-def table_bytes(remap: list[list] | None) -> int:
+def table_bytes(remap: Remap | None) -> int:
     """About what a remap table adds to the (msgpack) index."""
     return 0 if not remap else sum(3 + len(vals) for _, vals in remap)
 
@@ -187,7 +189,7 @@ class DeltaPlanner:
                     margin=NEW_SOURCE_MARGIN if cast is not None else 1.0)
 
     def candidates(self, sf: SourceFile, index: int, seg: Segment, digest: str,
-                   views: list | None = None) -> list[Cand]:
+                   views: list[TensorView] | None = None) -> list[Cand]:
         """Base tensors to try for segment ``index`` of ``sf``; ``views``: the tensors of ``sf``
         that view that segment (all of them by default)."""
         if self.base is None or seg.dtype is None or seg.length < MIN_DELTA_BYTES \
@@ -238,6 +240,7 @@ class DeltaPlanner:
         else:
             last = (seg.length - SAMPLE_BYTES) // width * width
             picks = [(0, SAMPLE_BYTES), (last // 2 // width * width, SAMPLE_BYTES), (last, SAMPLE_BYTES)]
+        assert seg.dtype is not None
         remap_ok = dtypes.get(seg.dtype).is_float and width >= 2 and planes.rotate
         refs = [cand.read for cand in cands]
         samples = [Sample(width, planes.rotate) for _ in cands]
@@ -250,7 +253,7 @@ class DeltaPlanner:
         # every option's planes, estimated in one call: standalone, then per candidate XORed,
         # sparse and the ranked top byte
         n, width_c = len(cands), width * len(cands)
-        remaps: list[list | None] = [None] * n
+        remaps: list[Remap | None] = [None] * n
         hists = [samples[0].std] + [s.xor for s in samples] + [s.sparse for s in samples]
         if remap_ok:
             for c, s in enumerate(samples):
@@ -285,12 +288,13 @@ class DeltaPlanner:
         return self._delta(seg, standalone, cands[c], plane_mask(use, width, planes.rotate))
 
     def _delta(self, seg: Segment, standalone: Pipeline, cand: Cand, mask: int, sparse: bool = False,
-               remap: list | None = None) -> Delta:
+               remap: Remap | None = None) -> Delta:
+        assert seg.dtype is not None
         xor = cand.xor(seg.dtype, mask=mask, sparse=sparse, remap=remap)
         return Delta(Pipeline([xor, *standalone.codecs]), cand.reference, cand.read, cand.seg)
 
     def plan(self, sf: SourceFile, fd: int, items: list[tuple[int, Segment, str, Pipeline, int]],
-             pool: Executor, more: Callable[[int, Segment, list[Any]], list[Cand]] | None = None) -> dict[int, Delta]:
+             pool: Executor, more: Callable[[int, Segment, list[TensorView]], list[Cand]] | None = None) -> dict[int, Delta]:
         """Decide for the new segments of one file, in parallel: segment number -> its delta.
         ``items`` are (segment number, segment, its xxh3-128, standalone pipeline, chunk elements);
         ``more(segment number, segment, its views)`` adds candidates of other sources."""
@@ -298,7 +302,7 @@ class DeltaPlanner:
         def read(off: int, length: int) -> bytes:
             return os.pread(fd, length, off)
 
-        views: dict[int, list] = {}
+        views: dict[int, list[TensorView]] = {}
         for t in sf.tensors:
             views.setdefault(t.segment, []).append(t)
 

@@ -5,11 +5,9 @@ The public API: :func:`compress`, :func:`restore`, :func:`open`, :func:`load_fil
 """
 from __future__ import annotations
 
-from .version import __version__ as __version__
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .api import Archive, ArchiveInfo, TensorInfo, VerifyReport, info, load_file, open, verify  # noqa: A004
-from .decoder import RestoreSummary, restore
-from .encoder import CompressSummary, compress
 from .errors import (
     ArchiveError,
     BaseMismatchError,
@@ -30,6 +28,28 @@ from .errors import (
     UnsupportedFormatError,
     UsageError,
 )
+from .version import __version__ as __version__
+
+if TYPE_CHECKING:
+    from .api import Archive, ArchiveInfo, TensorInfo, VerifyReport, info, load_file, open, verify  # noqa: A004
+    from .decoder import RestoreSummary, restore
+    from .encoder import CompressSummary, compress
+
+# The API loads on first use: importing any submodule runs this file (``elves.dtypes`` from
+# ``bitx.codec``, say), and must not drag in the pipeline, which imports bitx back.
+_LAZY = {name: "api" for name in ("Archive", "ArchiveInfo", "TensorInfo", "VerifyReport", "info", "load_file",
+                                  "open", "verify")}
+_LAZY.update(RestoreSummary="decoder", restore="decoder", CompressSummary="encoder", compress="encoder")
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'elves' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Archive", "ArchiveInfo", "CompressSummary", "RestoreSummary", "TensorInfo", "VerifyReport",

@@ -31,20 +31,26 @@ def supported(src: str, dst: str, rounding: str) -> bool:
 
 def _to_f32(raw: np.ndarray, src: str) -> np.ndarray:
     """Little-endian ``src`` elements as F32 words (exact)."""
+    words: np.ndarray
     if src == "F32":
-        return raw.view("<u4")
-    if src == "BF16":
-        return raw.view("<u2").astype(np.uint32) << np.uint32(16)
-    return raw.view("<f2").astype(np.float32).view(np.uint32)
+        words = raw.view(np.uint32)
+    elif src == "BF16":
+        words = np.left_shift(raw.view(np.uint16).astype(np.uint32), np.uint32(16))
+    else:
+        words = raw.view(np.float16).astype(np.float32).view(np.uint32)
+    return words
 
 
 def _f32_to(words: np.ndarray, dst: str, rounding: str) -> np.ndarray:
     if dst == "F32":
         return words
+    out: np.ndarray
     if dst == "F16":  # numpy's conversion is IEEE round-to-nearest-even, NaN kept quiet
-        return words.view(np.float32).astype("<f2").view("<u2")
+        out = words.view(np.float32).astype("<f2").view("<u2")
+        return out
     if rounding == "trunc":
-        return (words >> np.uint32(16)).astype("<u2")
+        out = (words >> np.uint32(16)).astype("<u2")
+        return out
     nan = (words & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
     lsb = (words >> np.uint32(16)) & np.uint32(1)
     out = ((words + np.uint32(0x7FFF) + lsb) >> np.uint32(16)).astype("<u2")
@@ -58,4 +64,5 @@ def cast(raw: np.ndarray, src: str, dst: str, rounding: str) -> np.ndarray:
     n = raw.shape[0] // WIDTH[src]
     with np.errstate(over="ignore", invalid="ignore"):
         out = _f32_to(_to_f32(raw[:n * WIDTH[src]], src), dst, rounding)
-    return np.ascontiguousarray(out).view(np.uint8)
+    raw_out: np.ndarray = np.ascontiguousarray(out).view(np.uint8)
+    return raw_out

@@ -17,7 +17,7 @@ from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 import xxhash
@@ -104,7 +104,7 @@ def iter_stream(reader: ArchiveReader, index: int, pool: Executor, window: int) 
     total = 0
     for chunk in ordered_map(pool, decode, range(len(stream.chunks)), window,
                              inline=lambda i: stream.chunks[i][2] < INLINE_BYTES):
-        h.update(chunk)
+        h.update(chunk.data)
         total += chunk.shape[0]
         yield chunk
     if total != stream.nbytes or h.hexdigest() != stream.expected_hash:  # lossy: the decoded bytes' hash
@@ -173,7 +173,7 @@ def _skeleton_structure(reader: ArchiveReader, entry: FileEntry, pool: Executor,
         for i in entry.segments:
             if reader.streams[i].kind == "bytes":
                 for chunk in iter_stream(reader, i, pool, window):
-                    os.pwrite(f.fileno(), chunk, pos)
+                    os.pwrite(f.fileno(), chunk.data, pos)
                     pos += chunk.shape[0]
             else:
                 pos += reader.streams[i].nbytes
@@ -235,7 +235,7 @@ class Sha256Beside:
 
     def _hash(self, chunks: list[np.ndarray]) -> None:
         for chunk in chunks:
-            self._sha.update(chunk)
+            self._sha.update(chunk.data)
 
     def hexdigest(self) -> str:
         self.close()
@@ -280,7 +280,7 @@ def _write_file(reader: ArchiveReader, entry: FileEntry, target: Path, pool: Exe
     try:
         with open_new(target) as out:
             for chunk in file_chunks(reader, entry, pool, window, check_sha256):
-                out.write(chunk)
+                out.write(chunk.data)
                 if progress:
                     progress(chunk.shape[0])
     except OSError as e:
@@ -288,7 +288,7 @@ def _write_file(reader: ArchiveReader, entry: FileEntry, target: Path, pool: Exe
     return entry.size
 
 
-def open_new(path: Path):  # noqa: ANN201 (a binary file object)
+def open_new(path: Path) -> BinaryIO:
     """``path`` (a temporary name of ours) opened for writing; a link put there is not followed."""
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644), "wb")
 

@@ -89,6 +89,10 @@ def _read_in(fd: int, seg: Segment, path: Path, offset: int, length: int) -> byt
     return read_exact(fd, seg.offset + offset, length, path)
 
 
+def _add_blocks(blocks: list[np.ndarray], piece: bytes) -> None:
+    blocks.append(block_hashes(np.frombuffer(piece, np.uint8)))
+
+
 def _choose_lossy_ref(planner: ReferencePlanner, seg: Segment, names: list[str], blocks: list[np.ndarray] | None,
                       pipeline: Pipeline, chunk_elems: int, lossy: ErrorBound, read: Callable[[int, int], bytes]
                       ) -> tuple[Reference | None, Pipeline]:
@@ -219,8 +223,8 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
         blocks_of: dict[int, np.ndarray] = {}
         for index, seg in enumerate(sf.segments):
             blocks: list[np.ndarray] | None = [] if planner.blocks and seg.dtype in ELF_DTYPES else None
-            key = (seg.dtype, hash_segment(fd, seg, sf.path, sha, None if blocks is None else
-                                          lambda piece, blocks=blocks: blocks.append(block_hashes(np.frombuffer(piece, np.uint8)))))
+            key = (seg.dtype, hash_segment(fd, seg, sf.path, sha,
+                                          None if blocks is None else functools.partial(_add_blocks, blocks)))
             if key not in seen:
                 read = functools.partial(_read_in, fd, seg, sf.path)
                 pipeline, chunk_elems = pipeline_for(seg, lossy, read)
@@ -288,7 +292,7 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
                 decoded = None
             if decoded is not None:
                 h, done = decoded_of.get(id(stream), (xxhash.xxh3_128(), 0))
-                h.update(decoded)
+                h.update(decoded.data)
                 decoded_of[id(stream)] = h, done + nraw
                 if done + nraw == stream.nbytes and h.hexdigest() != stream.hash:
                     stream.decoded_hash = h.hexdigest()

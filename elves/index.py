@@ -14,6 +14,7 @@ A violation raises :class:`~elves.errors.CorruptArchiveError` naming the archive
 """
 from __future__ import annotations
 
+import builtins
 import math
 import re
 import reprlib
@@ -77,7 +78,7 @@ class Stream:
     codecs: Pipeline | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {
+        d: dict[str, Any] = {
             "kind": self.kind, "dtype": self.dtype, "nbytes": self.nbytes, "hash": self.hash,
             "pipeline": self.pipeline, "chunk_elems": self.chunk_elems, "chunks": [list(c) for c in self.chunks],
         }
@@ -124,7 +125,7 @@ class TensorEntry(NamedTuple):
     strides: tuple[int, ...] | None
 
     @property
-    def count(self) -> int:
+    def count(self) -> int:  # type: ignore[override]  # NamedTuple's count(value) is not used on entries
         return math.prod(self.shape)
 
 
@@ -195,19 +196,19 @@ class Fields:
             self.fail(f"has no valid {key!r} (got {_short(v)})")
         return v
 
-    def choice(self, key: str, options: tuple[Any, ...], default: Any = ...) -> Any:
+    def choice(self, key: builtins.str, options: tuple[Any, ...], default: Any = ...) -> Any:
         v = self.raw.get(key, default)
         if v is ... or (v is not default and v not in options):
             self.fail(f"has {key!r} = {_short(v)}, not one of {', '.join(map(repr, options))}")
         return v
 
-    def list(self, key: str, default: Any = ...) -> Any:
+    def list(self, key: builtins.str, default: Any = ...) -> Any:
         v = self.raw.get(key, default)
         if v is ... or (v is not default and not isinstance(v, list)):
             self.fail(f"has no valid {key!r} (a list expected)")
         return v
 
-    def map(self, key: str) -> dict[str, Any] | None:
+    def map(self, key: builtins.str) -> dict[builtins.str, Any] | None:
         v = self.raw.get(key)
         if v is not None and not isinstance(v, dict):
             self.fail(f"has no valid {key!r} (a map expected)")
@@ -278,7 +279,7 @@ def parse_stream(raw: Any, label: str, path: Path, checked: dict[str, Pipeline] 
     if cast is not None:
         g = Fields(cast, f"{label}'s ref_cast", path)
         ref_cast = (g.choice("from", casts.FLOATS), g.choice("round", casts.ROUNDINGS))
-        if not casts.supported(ref_cast[0], dtype, ref_cast[1]):
+        if not casts.supported(ref_cast[0], str(dtype), ref_cast[1]):
             f.fail(f"has a reference cast from {ref_cast[0]} to {_short(dtype)} ({ref_cast[1]}) that elves does not make")
     s = Stream(kind, dtype, f.int("nbytes"), f.str("hash", _HEX32), pipeline, f.int("chunk_elems", 1),
                [Chunk(*c) for c in chunks], decoded_hash=f.str("decoded_hash", _HEX32, None),
@@ -514,7 +515,7 @@ def parse_index(raw: Any, path: Path, version: tuple[int, int], data_start: int,
     chunk payloads lie in ``[data_start, data_end)``, and return it typed."""
     f = Fields(raw, "index", path)
     fmt = f.raw.get("format")
-    if not (ints(fmt, 2) and tuple(fmt) == version):
+    if not (ints(fmt, 2) and tuple(fmt or ()) == version):
         f.fail(f"has format {_short(fmt)}, but the header says {version[0]}.{version[1]}")
     checked: dict[str, Pipeline] = {}
     streams = [parse_stream(s, f"stream {i}", path, checked) for i, s in enumerate(f.list("streams"))]

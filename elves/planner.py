@@ -31,7 +31,7 @@ from . import casts, dtypes
 from .chunks import ChunkSource
 from .codecs import Pipeline
 from .index import Stream
-from .model import Segment, SourceFile
+from .model import Segment, SourceFile, TensorView
 from .references import Reference, RefMap, Sources
 
 # A lossy reference is kept when the sample chunk coded against it is at most this fraction of the
@@ -61,7 +61,8 @@ def block_hashes(raw: np.ndarray) -> np.ndarray:
     n = raw.shape[0] // BLOCK
     words = raw[: n * BLOCK].view("<u8").reshape(n, BLOCK // 8)
     with np.errstate(over="ignore"):
-        return (words * _MULTIPLIERS).sum(axis=1, dtype=np.uint64)
+        hashes: np.ndarray = (words * _MULTIPLIERS).sum(axis=1, dtype=np.uint64)
+    return hashes
 
 
 _MULTIPLIERS = np.random.default_rng(0x1E5).integers(1, 1 << 62, BLOCK // 8, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
@@ -230,7 +231,7 @@ class ReferencePlanner:
                       pool: Executor, names: dict[int, list[str]], blocks: dict[int, np.ndarray]) -> dict[int, Delta]:
         """The ``xor`` deltas of a file's new lossless tensors, against every source (see
         :meth:`bitx.delta.DeltaPlanner.plan`): segment number -> its delta."""
-        def more(index: int, seg: Segment, views: list[Any]) -> list[Cand]:
+        def more(index: int, seg: Segment, views: list[TensorView]) -> list[Cand]:
             return self.xor_candidates(seg, names.get(index, []), blocks.get(index))
 
         return self.deltas.plan(sf, fd, items, pool, more)

@@ -26,11 +26,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
-
-from bitx.codec import Xor
 
 from . import casts, dtypes
 from .chunks import ChunkSource, decode_chunk
@@ -65,11 +63,21 @@ class Reference:
         """The reference a stream's index entry records, if any (checked by ``index.check_ref``)."""
         if stream.ref is not None:
             return cls(stream=stream.ref, map=stream.ref_map, cast=stream.ref_cast)
-        codec = stream.decoder().ref_codec
-        if not isinstance(codec, Xor):
+        found = stream.decoder().ref_codec
+        if found is None or found.codec_id != "xor":
             return None
+        codec = cast(NamesContent, found)
         grown = None if codec.shape is None or codec.ref_shape is None else (codec.ref_shape, codec.shape)
         return cls(content=(codec.ref_hash, codec.ref_nbytes), grown=grown, cast=stream.ref_cast)
+
+
+class NamesContent(Protocol):
+    """A filter that names its reference by content (BitX's ``xor``)."""
+
+    ref_hash: str
+    ref_nbytes: int
+    ref_shape: tuple[int, ...] | None
+    shape: tuple[int, ...] | None
 
 
 class ContentSource(Protocol):
