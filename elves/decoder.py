@@ -17,15 +17,15 @@ from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import xxhash
 
 from bitx.base import BaseModel, open_base
 
-from .archive import ArchiveReader, Stream, public_mode, safe_relpath, temp_sibling
-from .chunks import decode_chunk
+from .archive import ArchiveReader, public_mode, safe_relpath, temp_sibling
+from .chunks import ChunkSource, decode_chunk
 from .errors import (
     ArchiveError,
     CorruptArchiveError,
@@ -34,10 +34,11 @@ from .errors import (
     OutputExistsError,
     UnsafePathError,
 )
-from .index import FileEntry
+from .index import FileEntry, Stream
 from .model import SourceFile
 from .parallel import INLINE_BYTES, default_threads, ordered_map
 from .readers import onnx, safetensors, torch
+from .references import Sources
 
 ProgressFn = Callable[[int], None]
 
@@ -75,7 +76,24 @@ def attach_base(reader: ArchiveReader, base: str | os.PathLike[str] | BaseModel 
     reader.references.content, reader.references.owns_content = model, model is not base
 
 
-def stream_label(reader: ArchiveReader, index: int) -> str:
+class StreamReader(ChunkSource, Protocol):
+    """What :func:`iter_stream` decodes from: an :class:`ArchiveReader`, or a store object
+    (``elves.store.objects.StoredObject``), each with the sources of its references."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def streams(self) -> list[Stream]: ...
+
+    @property
+    def files(self) -> list[FileEntry]: ...
+
+    @property
+    def references(self) -> Sources: ...
+
+
+def stream_label(reader: StreamReader, index: int) -> str:
     """How errors name a stream: the tensor (or file) it holds."""
     for entry in reader.files:
         for t in entry.tensors:
@@ -86,7 +104,7 @@ def stream_label(reader: ArchiveReader, index: int) -> str:
     return f"stream {index}"
 
 
-def iter_stream(reader: ArchiveReader, index: int, pool: Executor, window: int) -> Iterator[np.ndarray]:
+def iter_stream(reader: StreamReader, index: int, pool: Executor, window: int) -> Iterator[np.ndarray]:
     """The decoded chunks of stream ``index``, in order, each checked; then the stream's hash."""
     stream = reader.streams[index]
     pipeline = stream.decoder()

@@ -46,7 +46,7 @@ def new_object(key: str, kind: str, dtype: str | None, nbytes: int, digest: str,
     if delta is not None:
         pipeline = delta.pipeline
     meta = ObjectMeta(kind, dtype, nbytes, digest, pipeline.get_config(), chunk_elems, [],
-                      refs=[ref_key] if ref_key else [])
+                      ref_cast=delta.reference.cast if delta is not None else None, refs=[ref_key] if ref_key else [])
     return NewObject(key, meta, pipeline, chunks, delta.read if delta is not None else None)
 
 

@@ -15,11 +15,18 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import xxhash
 
-from bitx.base import BaseModel
-
 from ..chunks import ChunkSource
 from ..errors import CorruptArchiveError, UnsupportedFormatError
-from ..index import Chunk, FileEntry, Stream, check_chunks, ints, parse_stream
+from ..index import (
+    Chunk,
+    FileEntry,
+    Stream,
+    check_chunks,
+    check_ref,
+    ints,
+    parse_stream,
+)
+from ..references import Reference, Sources
 from .layout import KEY_RE, STORE_VERSION, StoreFields, object_at, object_key
 from .storage import Storage, Upload
 
@@ -50,6 +57,7 @@ class ObjectMeta(Stream):
             "v": list(STORE_VERSION), "kind": self.kind, "dtype": self.dtype, "nbytes": self.nbytes,
             "hash": self.hash, "pipeline": self.pipeline, "chunk_elems": self.chunk_elems,
             "chunks": [[c.length, c.decoded_length, c.checksum] for c in self.chunks], "refs": self.refs,
+            **({} if self.ref_cast is None else {"ref_cast": {"from": self.ref_cast[0], "round": self.ref_cast[1]}}),
         }, use_bin_type=True)
         return packed
 
@@ -57,7 +65,8 @@ class ObjectMeta(Stream):
 class StoredObject:
     """An object opened for reading: its trailer checked and parsed, payloads read on demand
     with their checksums checked. It reads like a one-stream :class:`~elves.archive.ArchiveReader`,
-    so :func:`elves.decoder.iter_stream` decodes it (with ``base_model`` set for a delta).
+    so :func:`elves.decoder.iter_stream` decodes it (a delta's ``references`` read the plain
+    object it names, ``StoreBase``).
 
     The trailer is untrusted (whoever forged it recomputed its checksum): every field is typed and
     checked against the file and its key (:func:`elves.index.parse_stream`, ``check_chunks``)
@@ -69,8 +78,6 @@ class StoredObject:
         self.key = key
         self.path = Path(storage.where(at))
         self.files: list[FileEntry] = []  # no file entries: errors name the object by its path
-        self.base_needed = None
-        self.base_model: BaseModel | None = None  # a delta's: the plain object it reads
         try:
             self.blob = storage.open(at, f"object {key}")
         except FileNotFoundError:
@@ -80,6 +87,7 @@ class StoredObject:
         except BaseException:
             self.blob.close()
             raise
+        self.references = Sources(self, [self.meta], self.path)
 
     def _parse(self) -> ObjectMeta:
         size = self.blob.size
@@ -123,12 +131,10 @@ class StoredObject:
                                       self.path)
         if object_key(stream.hash, stream.dtype) != self.key:
             raise CorruptArchiveError(f"{label}: its trailer's hash and dtype do not give its key", self.path)
-        codec = stream.decoder().ref_codec
-        ref_hash = getattr(codec, "ref_hash", None)
-        if codec is not None and ref_hash is None:
-            raise CorruptArchiveError(f"{label}: its pipeline needs a reference that a store cannot give",
-                                      self.path)
-        wanted = [object_key(ref_hash, stream.dtype)] if ref_hash is not None else []
+        check_ref([stream], 0, self.path)  # a reference by content hash (xor), cast or not, and no other
+        ref = Reference.of(stream)
+        source_dtype = stream.ref_cast[0] if stream.ref_cast is not None else stream.dtype
+        wanted = [object_key(ref.content[0], source_dtype)] if ref is not None and ref.content is not None else []
         if refs != wanted:
             raise CorruptArchiveError(f"{label}: its 'refs' ({', '.join(refs) or 'none'}) are not the objects "
                                       f"its pipeline reads ({', '.join(wanted) or 'none'})", self.path)
@@ -146,8 +152,8 @@ class StoredObject:
         return data
 
     def close(self) -> None:
-        if self.base_model is not None:
-            self.base_model.close()
+        if hasattr(self, "references"):
+            self.references.close()
         self.blob.close()
 
     def __enter__(self) -> Self:

@@ -35,8 +35,8 @@ def iter_object(storage: Storage, key: str, pool: Executor, window: int, at: str
             raise CorruptArchiveError(f"object {key} is read as a pack, but it is not one ({m.kind}, "
                                       f"{m.nbytes} bytes)", obj.path)
         if m.refs:  # its trailer's check made them the one object its xor filter reads
-            obj.base_model = StoreBase(storage, keys=m.refs)
-        yield from iter_stream(obj, 0, pool, window)  # type: ignore[arg-type]
+            obj.references.content, obj.references.owns_content = StoreBase(storage, keys=m.refs), True
+        yield from iter_stream(obj, 0, pool, window)
 
 
 def file_parts(storage: Storage, name: str, entry: dict[str, Any], pool: Executor,
@@ -76,7 +76,7 @@ def restore_file(storage: Storage, name: str, entry: dict[str, Any], target: Pat
     try:
         with open_new(target) as out:
             for part in file_parts(storage, name, entry, pool, window):
-                out.write(part)
+                out.write(part.data)
                 if progress:
                     progress(len(part))
     except ArchiveError as e:
