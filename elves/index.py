@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import builtins
 import math
+import os
 import re
 import reprlib
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ from . import casts, dtypes
 from .codecs import Pipeline
 from .errors import CorruptArchiveError, ElvesError, UnsafePathError
 from .model import MAX_RANK
+
+# Where an index or trailer came from, for error messages only: a path, or a store's URL.
+Where = str | os.PathLike[str]
 
 # The largest decoded chunk a reader accepts: memory per chunk in flight stays bounded (the writer
 # uses 256 KiB tensor chunks and 4 MiB byte chunks).
@@ -175,7 +179,7 @@ class Fields:
 
     prefix = "the index is malformed: "
 
-    def __init__(self, raw: Any, where: str, path: Path):
+    def __init__(self, raw: Any, where: str, path: Where):
         self.where, self.path = where, path
         if not isinstance(raw, dict):
             self.fail("is not a map")
@@ -228,7 +232,7 @@ def ints(v: Any, n: int | None = None, lo: int = 0) -> bool:
     return isinstance(v, list) and (n is None or len(v) == n) and all(type(x) is int and lo <= x <= U64 for x in v)
 
 
-def safe_relpath(name: object, archive: Path) -> str:
+def safe_relpath(name: object, archive: Where) -> str:
     """``name`` if it is a relative POSIX path that stays inside its folder; else UnsafePathError."""
     if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
         raise UnsafePathError(f"invalid file name {_short(name)} in the index", archive)
@@ -254,7 +258,7 @@ def link_target_inside(path: str, link: str) -> bool:
 
 # ---------------------------------------------------------------------------- streams
 
-def parse_stream(raw: Any, label: str, path: Path, checked: dict[str, Pipeline] | None = None) -> Stream:
+def parse_stream(raw: Any, label: str, path: Where, checked: dict[str, Pipeline] | None = None) -> Stream:
     """One stream record, its fields typed and its pipeline known (not yet placed in a file).
     ``checked`` remembers the pipelines already checked, for an index of many streams."""
     f = Fields(raw, label, path)
@@ -290,7 +294,7 @@ def parse_stream(raw: Any, label: str, path: Path, checked: dict[str, Pipeline] 
     return s
 
 
-def check_pipeline(s: Stream, label: str, path: Path, checked: dict[str, Pipeline] | None = None) -> Pipeline:
+def check_pipeline(s: Stream, label: str, path: Where, checked: dict[str, Pipeline] | None = None) -> Pipeline:
     """The stream's codec pipeline, built from its configs: every codec known, its parameters in
     range, in an order that decodes, and a filter's element type as wide as the stream's.
     ``checked`` holds the pipelines already built, by config: streams share them."""
@@ -318,7 +322,7 @@ def check_pipeline(s: Stream, label: str, path: Path, checked: dict[str, Pipelin
     return pipeline
 
 
-def check_chunks(s: Stream, label: str, path: Path, data_start: int, data_end: int) -> None:
+def check_chunks(s: Stream, label: str, path: Where, data_start: int, data_end: int) -> None:
     """The chunks follow the stream's plan (every one ``chunk_bytes`` long when decoded, the last
     what remains, adding up to ``nbytes``) and their payloads lie in ``[data_start, data_end)``."""
     step = s.chunk_bytes
@@ -346,7 +350,7 @@ def check_chunks(s: Stream, label: str, path: Path, data_start: int, data_end: i
                 raise CorruptArchiveError(f"{label}: {e.message}", path) from None
 
 
-def check_no_overlap(streams: list[Stream], path: Path) -> None:
+def check_no_overlap(streams: list[Stream], path: Where) -> None:
     """No two chunk payloads share a byte (a forger's way to make one payload mean two things)."""
     spans = sorted((c.offset, c.offset + c.length) for s in streams for c in s.chunks if c.length)
     for (_, end), (start, _) in zip(spans, spans[1:]):
@@ -354,7 +358,7 @@ def check_no_overlap(streams: list[Stream], path: Path) -> None:
             raise CorruptArchiveError(f"the index is malformed: two chunk payloads overlap at byte {start}", path)
 
 
-def check_ref(streams: list[Stream], i: int, path: Path) -> None:
+def check_ref(streams: list[Stream], i: int, path: Where) -> None:
     """A stream's reference is an earlier stream, itself coded without one (so decoding a chunk
     never needs more than one other stream), as long as this one or laid out by a map of sorted,
     disjoint pieces that lie within both streams; a cast reference has a source of as many
@@ -399,7 +403,7 @@ def check_ref(streams: list[Stream], i: int, path: Path) -> None:
 
 # ---------------------------------------------------------------------------- files
 
-def parse_file(raw: Any, streams: list[Stream], path: Path) -> FileEntry:
+def parse_file(raw: Any, streams: list[Stream], path: Where) -> FileEntry:
     f = Fields(raw, "a file entry", path)
     name = safe_relpath(raw.get("path"), path)
     f.where = f"file {name!r}"
@@ -469,7 +473,7 @@ def tensor_names(files: list[FileEntry]) -> dict[str, tuple[FileEntry, TensorEnt
     return {(t.name if plain else f"{entry.path}:{t.name}"): (entry, t) for entry, t in pairs}
 
 
-def check_paths(files: list[FileEntry], path: Path) -> None:
+def check_paths(files: list[FileEntry], path: Where) -> None:
     """Paths are unique, and none is a folder of another (restore would write through it)."""
     names = {e.path for e in files}
     if len(names) != len(files):
@@ -482,7 +486,7 @@ def check_paths(files: list[FileEntry], path: Path) -> None:
                                           f"the folder of {e.path!r}", path)
 
 
-def _check_base(base: dict[str, Any], path: Path) -> None:
+def _check_base(base: dict[str, Any], path: Where) -> None:
     f = Fields(base, "the base model entry", path)
     for t in f.list("tensors"):
         g = Fields(t, "a base tensor entry", path)
@@ -499,7 +503,7 @@ def _check_base(base: dict[str, Any], path: Path) -> None:
         g.str("sha256", _HEX64)
 
 
-def _check_error_bound(bound: dict[str, Any], path: Path) -> None:
+def _check_error_bound(bound: dict[str, Any], path: Where) -> None:
     f = Fields(bound, "the error bound", path)
     f.choice("mode", ("abs", "rel"))
     f.str("spec")
@@ -510,7 +514,7 @@ def _check_error_bound(bound: dict[str, Any], path: Path) -> None:
 
 # ---------------------------------------------------------------------------- the index
 
-def parse_index(raw: Any, path: Path, version: tuple[int, int], data_start: int, data_end: int) -> Index:
+def parse_index(raw: Any, path: Where, version: tuple[int, int], data_start: int, data_end: int) -> Index:
     """Check every invariant of a decoded index (msgpack) of an archive of format ``version`` whose
     chunk payloads lie in ``[data_start, data_end)``, and return it typed."""
     f = Fields(raw, "index", path)
