@@ -379,6 +379,16 @@ def _names_as_base(model: ModelProfile, cand: ModelProfile) -> list[str]:
     return [why for key, why in _declared(model) if key in keys]
 
 
+def awaits(model: ModelProfile, cand: ModelProfile, present: set[str]) -> bool:
+    """Whether ``model`` is waiting for ``cand`` as its base though no name says so: its model
+    card names bases, none of which is among ``present`` (the keys of the models known), and
+    ``cand``'s names none in common with them (it does not derive from the same base). Then,
+    whatever the order of arrival, ``cand`` is taken as ``model``'s base when the weights agree,
+    and never the other way round."""
+    declared = {model_key(b) for b in model.base_model}
+    return bool(declared) and not declared & (present | {model_key(b) for b in cand.base_model})
+
+
 @dataclass
 class _Bits:
     """Bitwise comparison of the samples of same-name tensors."""
@@ -580,9 +590,11 @@ def cluster(profiles: Iterable[ModelProfile]) -> list[Family]:
     with no base and nothing derived from it is a family of its own, with no members.
     """
     profs = list(profiles)
+    present = {model_key(p.name) for p in profs}
     parent: dict[int, tuple[int, BaseMatch]] = {}
     for i, p in enumerate(profs):
-        eligible = [j for j, q in enumerate(profs) if j < i or (j > i and _names_as_base(p, q))]
+        eligible = [j for j, q in enumerate(profs)
+                    if (j < i and not awaits(q, p, present)) or (j > i and (_names_as_base(p, q) or awaits(p, q, present)))]
         ranked = _ranked(p, [profs[j] for j in eligible])
         if ranked and ranked[0][1].accepted:
             parent[i] = (eligible[ranked[0][0]], ranked[0][1])

@@ -75,6 +75,7 @@ def test_a_base_added_after_its_finetune_is_stored_whole_and_the_finetune_recode
     assert size_of(s, ft_refs) < 0.8 * alone
     assert {m.name: m.base for m in s.models()} == {"minilm-ft": "minilm", "minilm": None}
     assert s.repack(threads=2).objects_rewritten == 0  # nothing is turned back the other way
+    assert [(f.root, [m for m, _ in f.members]) for f in s.families()] == [("minilm", ["minilm-ft"])]
     for name, src in (("minilm", base), ("minilm-ft", ft)):
         assert tree_hashes(s.restore(name, tmp_path / name, threads=2).output) == tree_hashes(src)
     assert s.verify(threads=2).ok

@@ -15,7 +15,7 @@ from bitx.delta import Delta, DeltaPlanner
 from .. import dtypes
 from ..codecs import Pipeline
 from ..errors import CorruptArchiveError, StoreError
-from ..families import BaseMatch, ModelProfile, find_base, model_key, rank
+from ..families import BaseMatch, ModelProfile, awaits, find_base, model_key, rank
 from ..model import SourceFile
 from .layout import manifest_at, object_key
 from .manifests import manifest
@@ -158,11 +158,9 @@ def derived(new: ModelProfile, stored: list[tuple[dict[str, Any], ModelProfile]]
     whatever the order of arrival. Without this, the later model, the base, would be coded as a
     delta of its own fine-tune."""
     present = {model_key(m["name"]) for m, _ in stored}
-    own = {model_key(b) for b in new.base_model}
     out = []
     for man, prof in stored:
-        declared = {model_key(b) for b in prof.base_model}
-        if man.get("base") is not None or not declared or declared & (present | own):
+        if man.get("base") is not None or not awaits(prof, new, present):
             continue
         match = rank(prof, [new])[0]
         if match.accepted:
