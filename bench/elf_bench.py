@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import elves  # noqa: E402
-from elves.codecs.elf import ELF_DTYPES, parse_error_bound  # noqa: E402
+from elves.bounds import parse_error_bound  # noqa: E402
+from elves.codecs.elf import ELF_DTYPES  # noqa: E402
 
 DATA = Path(os.environ.get("ELVES_DATA", Path.home() / ".cache" / "elves" / "datasets")) / "models"
 MODELS = ["minilm", "openff", "openff-st", "astra", "astra-st", "fall", "silero"]

@@ -2,11 +2,10 @@
 the elves codec pipeline, and more: per-plane choice, unchanged elements dropped, the exponent
 ranked given the base's, rows appended.
 
-- ``bitx.codec``: the ``xor`` codec (registered with elves' codecs when elves is imported);
+- ``bitx.codec``: the ``xor`` codec (named in ``elves.codecs.registry``);
 - ``bitx.base``: base models (a model file/folder or an ``.elves`` archive), read and checked;
 - ``bitx.delta``: which tensors to code against which base tensors, and how.
 
 Use it through ``elves.compress(..., base=...)`` / ``elves compress --base``. Family clustering
 and the multi-model store come next.
 """
-import elves  # noqa: F401  first: elves' codec registry and API import modules of this package

@@ -37,14 +37,17 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from elves import dtypes
-from elves.codecs import Codec, Config, Expected, int_in, register
+from elves.codecs.base import U8, ArrayArrayCodec, Config, Expected, as_u8, int_in
 from elves.errors import CodecError, CorruptArchiveError
 
-_WORD = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_WORD: dict[int, type[np.unsignedinteger[Any]]] = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+Pairs = tuple[tuple[int, tuple[int, ...]], ...]
 
 # NEAR[e] = the 256 byte values in order of distance from e, lower first: the default ranking.
 NEAR = np.argsort(np.abs(np.arange(256)[None, :] - np.arange(256)[:, None]) * 512 + np.arange(256)[None, :],
@@ -52,7 +55,7 @@ NEAR = np.argsort(np.abs(np.arange(256)[None, :] - np.arange(256)[:, None]) * 51
 
 
 @functools.lru_cache(maxsize=256)
-def rank_tables(remap: tuple[tuple[int, tuple[int, ...]], ...]) -> tuple[np.ndarray, np.ndarray]:
+def rank_tables(remap: Pairs) -> tuple[U8, U8]:
     """rank[e, v] (the code of fine-tune value v given base value e) and its inverse inv[e, k]."""
     order = NEAR.copy()
     for e, vals in remap:
@@ -65,15 +68,16 @@ def rank_tables(remap: tuple[tuple[int, tuple[int, ...]], ...]) -> tuple[np.ndar
     return rank, order
 
 
-@register
-class Xor(Codec):
+class Xor(ArrayArrayCodec):
+    """A chunk equal to its reference (every XORed word zero) needs no payload: ``encode`` gives
+    None for it, and ``decode`` takes None back."""
+
     codec_id = "xor"
-    needs_ref = True
-    omits_zero_output = True
+    optional_payload = True
 
     def __init__(self, dtype: str, ref_hash: str, ref_nbytes: int, mask: int | None = None,
-                 sparse: bool = False, remap: list | None = None, ref_shape: list | None = None,
-                 shape: list | None = None):
+                 sparse: bool = False, remap: list[Any] | None = None, ref_shape: list[int] | None = None,
+                 shape: list[int] | None = None):
         self.check(isinstance(dtype, str), "dtype must be a string")
         self.dtype = dtypes.get(dtype)
         self.width = self.dtype.itemsize
@@ -91,10 +95,11 @@ class Xor(Codec):
         self.sparse = sparse
         # A tensor grown along any dimensions (a widened layer): the base tensor sits at the origin
         # of the fine-tune's shape; the reader builds each chunk's reference from that geometry.
-        self.ref_shape = self.shape = None
+        self.ref_shape: tuple[int, ...] | None = None
+        self.shape: tuple[int, ...] | None = None
         if (ref_shape is None) != (shape is None):
             raise CodecError("xor: ref_shape and shape go together")
-        if shape is not None:
+        if shape is not None and ref_shape is not None:
             self.check(all(isinstance(v, (list, tuple)) and all(int_in(d, 0, 1 << 62) for d in v)
                            for v in (ref_shape, shape)),
                        "ref_shape and shape must be lists of dimensions")
@@ -102,7 +107,7 @@ class Xor(Codec):
             if (len(self.shape) != len(self.ref_shape) or any(not 0 <= b <= f for b, f in zip(self.ref_shape, self.shape))
                     or int(np.prod(self.ref_shape, dtype=np.int64)) * self.width != self.ref_nbytes):
                 raise CodecError("xor: ref_shape must fit inside shape and hold ref_nbytes")
-        self.remap = None
+        self.remap: Pairs | None = None
         if remap is not None:
             if not self.dtype.is_float or self.width < 2 or self.sparse:
                 raise CodecError("xor: remap is for floats of 2 to 8 bytes, without sparse")
@@ -116,17 +121,20 @@ class Xor(Codec):
             self._rank, self._inv = rank_tables(self.remap)
         self._full = self.mask == full
 
+    @property
+    def needs_ref(self) -> bool:
+        return True
+
     def get_config(self) -> Config:
-        config = {"id": self.codec_id, "dtype": self.dtype.name, "mask": self.mask,
+        config: Config = {"id": self.codec_id, "dtype": self.dtype.name, "mask": self.mask,
                   "ref_hash": self.ref_hash, "ref_nbytes": self.ref_nbytes, "sparse": self.sparse}
         if self.remap is not None:
             config["remap"] = [[e, list(vals)] for e, vals in self.remap]
-        if self.shape is not None:
+        if self.shape is not None and self.ref_shape is not None:
             config["ref_shape"], config["shape"] = list(self.ref_shape), list(self.shape)
         return config
 
-    def _apply(self, data: np.ndarray, ref: np.ndarray, out: np.ndarray | None, inverse: bool = False) -> np.ndarray:
-        data = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
+    def _apply(self, data: U8, ref: U8, out: U8 | None, inverse: bool = False) -> U8:
         if out is None:
             out = np.empty(data.shape[0], dtype=np.uint8)
         elif out.shape[0] != data.shape[0]:
@@ -152,14 +160,15 @@ class Xor(Codec):
         nb = -(-n_words // 8)
         return nb + (-nb) % self.width
 
-    def encode(self, data: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
+    def encode(self, data: U8 | bytes, ref: U8 | None = None) -> U8 | None:
         if ref is None:
             raise CodecError("xor needs the reference chunk")
-        if not self.sparse:
-            return self._apply(data, ref, None)
+        out = self._sparse(as_u8(data), ref) if self.sparse else self._apply(as_u8(data), ref, None)
+        return out if out.any() else None
+
+    def _sparse(self, data: U8, ref: U8) -> U8:
         from .kernels import xor_sparse
 
-        data = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
         if data.shape[0] % self.width:
             raise CodecError("sparse xor needs a whole number of elements")
         word, n = _WORD[self.width], data.shape[0] // self.width
@@ -179,22 +188,21 @@ class Xor(Codec):
         lo, hi = decoded.lo // self.width, decoded.hi // self.width
         return Expected(self._bitmap_bytes(lo), self._bitmap_bytes(hi) + hi * self.width)
 
-    def decode(self, data: np.ndarray | None, out: np.ndarray | None = None,
-               ref: np.ndarray | None = None, *, expected: Expected | None = None) -> np.ndarray:
-        """``data`` is None for a chunk stored as an empty payload: every XORed word was zero.
-        ``out`` is the chunk's buffer (a filter with a reference is the first codec of its pipeline)."""
+    def decode(self, data: U8 | bytes | None, out: U8 | None = None, ref: U8 | None = None, *,
+               expected: Expected | None = None) -> U8:
+        """``data`` is None for a chunk that :meth:`encode` left without a payload: every XORed
+        word was zero. ``out`` is the chunk's buffer (a codec with a reference comes first)."""
         if ref is None:
             raise CodecError("xor needs the reference chunk")
         if out is None:
             raise CodecError("xor decodes into the chunk's buffer only")
-        if data is None or self.sparse:
-            if data is None:
-                return self._apply(np.zeros(out.shape[0], dtype=np.uint8), ref, out, inverse=True)
-            return self._unsparse(np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data,
-                                  ref, out)
-        return self._apply(data, ref, out, inverse=True)
+        if data is None:
+            return self._apply(np.zeros(out.shape[0], dtype=np.uint8), ref, out, inverse=True)
+        if self.sparse:
+            return self._unsparse(as_u8(data), ref, out)
+        return self._apply(as_u8(data), ref, out, inverse=True)
 
-    def _unsparse(self, data: np.ndarray, ref: np.ndarray, out: np.ndarray) -> np.ndarray:
+    def _unsparse(self, data: U8, ref: U8, out: U8) -> U8:
         from .kernels import xor_unsparse
 
         word, n = _WORD[self.width], out.shape[0] // self.width

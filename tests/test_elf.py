@@ -17,18 +17,11 @@ from hypothesis import strategies as st
 import elves
 from elves.archive import ArchiveReader
 from elves.cli.main import main as cli
+from elves.bounds import ErrorBound, parse_error_bound
 from elves.codecs import Pipeline
-from elves.codecs.elf import (
-    ELF_DTYPES,
-    FLAG_PALETTE,
-    KIND_EXACT,
-    BoundError,
-    Elf,
-    ErrorBound,
-    elf_pipeline,
-    parse_error_bound,
-)
-from elves.errors import CorruptArchiveError, ElvesError
+from elves.codecs.elf import ELF_DTYPES, FLAG_PALETTE, KIND_EXACT, Elf
+from elves.errors import BoundError, CorruptArchiveError, ElvesError
+from elves.lossy import elf_pipeline
 from elves.kernels import elf as kern
 from tests.conftest import write_safetensors
 

@@ -20,7 +20,8 @@ import zstandard
 
 from bitx.codec import Xor
 from elves.codecs import Expected, Pipeline, codec_from_config
-from elves.codecs.elf import elf_pipeline, parse_error_bound
+from elves.bounds import parse_error_bound
+from elves.lossy import elf_pipeline
 from elves.codecs.planes import Planes
 from elves.codecs.rans import Rans
 from elves.codecs.zstd import Zstd
@@ -37,7 +38,8 @@ PRELUDE = """
 import struct
 import numpy as np
 from elves.codecs import Pipeline
-from elves.codecs.elf import elf_pipeline, parse_error_bound
+from elves.bounds import parse_error_bound
+from elves.lossy import elf_pipeline
 from elves.codecs.planes import Planes
 from elves.codecs.rans import Rans
 from elves.errors import CorruptArchiveError

@@ -37,21 +37,21 @@ every element, always. The chunk layout is in docs/FORMAT.md.
 from __future__ import annotations
 
 import math
-import re
 import struct
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from ..errors import BoundError, CodecError, CorruptArchiveError
-from . import Codec, Config, Expected, Pipeline, expected_of, int_in, register
+from ..errors import CodecError, CorruptArchiveError
+from .base import U8, ArrayArrayCodec, Config, Expected, as_u8, expected_of, int_in
 
 # dtype -> (item size, exponent bits, mantissa bits)
 ELF_DTYPES: dict[str, tuple[int, int, int]] = {
     "F16": (2, 5, 10), "BF16": (2, 8, 7), "F32": (4, 8, 23), "F64": (8, 11, 52),
 }
-WORD = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+WORD: dict[int, np.dtype[Any]] = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 CODE_DTYPE = {2: "U16", 4: "U32", 8: "U64"}
 
 KIND_EXACT, KIND_UNIFORM, KIND_BINADE = 0, 1, 2
@@ -63,71 +63,6 @@ BINADE_E0 = struct.Struct("<i")
 MAX_SUB = 64
 
 
-@dataclass(frozen=True)
-class ErrorBound:
-    """A parsed error bound: ``mode`` "abs" (|y - x| <= value) or "rel" (|y - x| <= value*|x|)."""
-
-    mode: str
-    value: float
-    spec: str
-
-    def describe(self) -> str:
-        return f"{self.spec.split(':', 1)[-1]} {'absolute' if self.mode == 'abs' else 'relative'}"
-
-    def to_index(self) -> dict[str, Any]:
-        return {"codec": "elf", "mode": self.mode, "value": self.value, "spec": self.spec}
-
-
-_NUM = re.compile(r"^[+]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
-_POW = re.compile(r"^[+]?(\d+(\.\d*)?)\s*(\^|\*\*)\s*([+-]?\d+)$")
-
-
-def _number(text: str) -> float:
-    m = _POW.match(text)
-    if m:
-        base, exp = float(m.group(1)), int(m.group(4))
-        if abs(exp) > 2000:
-            raise ValueError
-        return math.ldexp(1.0, exp) if base == 2.0 else base ** exp
-    if _NUM.match(text):
-        return float(text)
-    raise ValueError
-
-
-def parse_error_bound(spec: "str | float | ErrorBound") -> ErrorBound:
-    """``2^-24``, ``1e-6``, ``abs:1e-6`` (absolute) or ``rel:1e-3`` (relative); a number is absolute.
-
-    Raises :class:`BoundError` (an :class:`~elves.errors.ElvesError` and a ``ValueError``).
-    """
-    if isinstance(spec, ErrorBound):
-        return spec
-    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        value, mode, text = float(spec), "abs", repr(float(spec))
-    elif isinstance(spec, str):
-        text = spec.strip().lower().replace(" ", "")
-        mode = "abs"
-        if ":" in text:
-            mode, _, rest = text.partition(":")
-            if mode not in ("abs", "rel"):
-                raise BoundError(f"error bound {spec!r}: the prefix must be 'abs:' or 'rel:'")
-        else:
-            rest = text
-        try:
-            value = _number(rest)
-        except (ValueError, OverflowError):
-            raise BoundError(f"error bound {spec!r} is not a number; write it as 2^-24, 1e-6 or rel:1e-3") from None
-        text = f"rel:{rest}" if mode == "rel" else rest
-    else:
-        raise BoundError(f"error bound must be a string or a number, not {type(spec).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise BoundError(f"error bound {spec!r} must be a positive finite number")
-    if mode == "rel" and value >= 1:
-        raise BoundError(f"relative error bound {spec!r} must be below 1")
-    if value < 2.0 ** -1000:
-        raise BoundError(f"error bound {spec!r} is too small to be of use (below 2^-1000)")
-    return ErrorBound(mode, value, text)
-
-
 def _ceil_log2(v: float) -> int:
     m, e = math.frexp(v)
     return e - 1 if m == 0.5 else e
@@ -137,8 +72,11 @@ def _is_pow2(v: float) -> bool:
     return math.frexp(v)[0] == 0.5
 
 
-@register
-class Elf(Codec):
+Words = npt.NDArray[np.unsignedinteger[Any]]
+Quantiser = Callable[[Words, npt.NDArray[np.float64], npt.NDArray[np.uint64], U8], int]
+
+
+class Elf(ArrayArrayCodec):
     """Quantise a float chunk to integer codes within an error bound (docs/FORMAT.md, ``elf``).
 
     ``delta`` codes every chunk against a reference chunk (``encode`` and ``decode`` then take
@@ -165,13 +103,16 @@ class Elf(Codec):
         self.bound = float(bound)
         self.width, self.ebits, self.mbits = ELF_DTYPES[dtype]
         self.delta = delta
-        self.needs_ref = self.delta
         self.lanes = lanes
         self.exact = bool(exact)
         self.palette = bool(palette) and not self.delta  # differences from a reference hardly repeat
 
+    @property
+    def needs_ref(self) -> bool:
+        return self.delta
+
     @classmethod
-    def from_config(cls, config: Config) -> "Elf":
+    def from_config(cls, config: Config) -> Elf:
         extra = set(config) - {"id", "dtype", "mode", "bound", "delta"}
         if extra:  # the encoder's own options are no part of an archive
             raise CodecError(f"bad parameters for codec 'elf': unknown {sorted(extra)}")
@@ -195,7 +136,7 @@ class Elf(Codec):
 
     # -- encoding ------------------------------------------------------------------------------
 
-    def encode(self, data: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
+    def encode(self, data: U8, ref: U8 | None = None) -> U8:
         from ..kernels import elf as k
 
         w = self.width
@@ -207,7 +148,7 @@ class Elf(Codec):
         words = _words(data[: n * w], w)
         codes = np.empty(n, dtype=np.uint64)
         if self.exact or n == 0:
-            return self._finish(words, KIND_EXACT, b"", None, codes, ref)
+            return self._finish(words, KIND_EXACT, b"", np.empty(0, np.float64), codes, ref)
         xs = np.empty(n, dtype=np.float64)
         k.kernels(self.dtype).to_f64(words, w, xs)
         pos_bytes = 2 if n <= 65536 else 4
@@ -224,7 +165,7 @@ class Elf(Codec):
         hist = np.zeros((w, 256), dtype=np.int64)
         k.quant_exact(sw, w, scodes)
         k.plane_hist(scodes, w, hist)
-        best = k.est_size(hist * scale, n, w, self.lanes), None
+        best: tuple[float, tuple[int, bytes] | None] = (k.est_size(hist * scale, n, w, self.lanes), None)
         for cand in self._candidates(xs):
             kind, params = cand
             nexc = self._quantiser(kind, params)(sw, sx, scodes, sexc) * scale
@@ -236,7 +177,7 @@ class Elf(Codec):
         kind, params = best[1] if best[1] is not None else (KIND_EXACT, b"")
         return self._finish(words, kind, params, xs, codes, ref, exc_cost)
 
-    def _finish(self, words: np.ndarray, kind: int, params: bytes, xs: np.ndarray | None,
+    def _finish(self, words: np.ndarray, kind: int, params: bytes, xs: npt.NDArray[np.float64],
                 codes: np.ndarray, ref: np.ndarray | None, exc_cost: float = 0.0) -> np.ndarray:
         """Quantise the whole chunk on the chosen grid, subtract the reference's codes (delta),
         and pack the chunk."""
@@ -251,12 +192,13 @@ class Elf(Codec):
             k.demote_top(codes, exc, self.width, self.lanes, exc_cost)
         return self._pack(words, kind, params, codes, exc)
 
-    def _quantiser(self, kind: int, params: bytes):
+    def _quantiser(self, kind: int, params: bytes) -> Quantiser:
         """``run(words, xs, codes, exc)``: the quantiser of a grid, from its packed parameters;
         it writes each element's code and exception flag and returns the exception count."""
         from ..kernels import elf as k
 
         w = self.width
+        quantise: Quantiser
         if kind == KIND_EXACT:
             quantise = lambda words, xs, codes, exc: 0 if k.quant_exact(words, w, codes) else -1  # noqa: E731
         else:
@@ -273,7 +215,7 @@ class Elf(Codec):
                 quantise = lambda words, xs, codes, exc: kk.quant_binade(  # noqa: E731
                     words, xs, w, e0, L.shape[0], L, cum, lsum, mode, bound, rel_exact, codes, exc)
 
-        def run(words: np.ndarray, xs: np.ndarray, codes: np.ndarray, exc: np.ndarray) -> int:
+        def run(words: Words, xs: npt.NDArray[np.float64], codes: npt.NDArray[np.uint64], exc: U8) -> int:
             nexc = quantise(words, xs, codes, exc)
             if nexc < 0:
                 raise CodecError("elf: a quantiser was given buffers shorter than the chunk")
@@ -310,7 +252,7 @@ class Elf(Codec):
         codes[flagged] = rcodes[flagged]
         k.delta_codes(codes, rcodes, self.width)
 
-    def _candidates(self, xs: np.ndarray):
+    def _candidates(self, xs: npt.NDArray[np.float64]) -> Iterator[tuple[int, bytes]]:
         """(kind, packed parameters) for each grid worth trying on this chunk."""
         from ..kernels import elf as k
 
@@ -422,13 +364,13 @@ class Elf(Codec):
 
     # -- decoding ------------------------------------------------------------------------------
 
-    def decode(self, data: np.ndarray | bytes, out: np.ndarray | None = None,
-               ref: np.ndarray | None = None, *, expected: Expected | None = None) -> np.ndarray:
+    def decode(self, data: U8 | bytes, out: U8 | None = None, ref: U8 | None = None, *,
+               expected: Expected | None = None) -> U8:
         from ..kernels import elf as k
 
         want = expected_of(out, expected)
         w = self.width
-        buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
+        buf = as_u8(data)
         if buf.shape[0] % w or buf.shape[0] < w * -(-SECTION_HEAD.size // (w - 1)):
             raise CorruptArchiveError("elf chunk is cut short or not whole words")
         total_words = buf.shape[0] // w
@@ -502,6 +444,32 @@ class Elf(Codec):
         return out
 
 
+    # -- what an encoded chunk is, and how far a decoded one strays ----------------------------
+
+    def is_exact(self, encoded: U8) -> bool:
+        """Whether a chunk :meth:`encode` gave holds its elements' own bits: neither quantised on
+        a grid nor coded through a palette."""
+        w = self.width
+        kind, _, _, flags = _unpack(encoded.reshape(-1, w), w, 4)
+        return kind == KIND_EXACT and not flags & FLAG_PALETTE
+
+    def errors(self, src: U8, dec: U8) -> tuple[float, float, int]:
+        """(max absolute error, max relative error, elements outside the bound) of the decoded
+        bytes ``dec`` against the original bytes ``src`` (1-D uint8 arrays).
+
+        NaN, infinities and +-0.0 must come back bit for bit; anything else must lie within the
+        bound in exact arithmetic. The relative error is over nonzero finite elements.
+        """
+        from ..kernels import elf as k
+
+        w = self.width
+        n = min(src.shape[0], dec.shape[0]) // w
+        rel_exact = self.mode == "rel" and _is_pow2(self.bound)
+        stats: tuple[float, float, int] = k.kernels(self.dtype).error_stats(
+            _words(src[: n * w], w), _words(dec[: n * w], w), w, 0 if self.mode == "abs" else 1, self.bound, rel_exact)
+        return stats
+
+
 def _ok(done: bool) -> None:
     """A kernel's capacity check failed: the codec sized a buffer wrong for the chunk it read."""
     if not done:
@@ -535,88 +503,11 @@ def _unpalette(body: np.ndarray, npal: int, w: int) -> np.ndarray:
     index = body[npal:]
     if int(index.max()) >= npal:
         raise CorruptArchiveError("elf chunk: a palette index is out of range")
-    return values[index].astype(WORD[w])
+    codes: Words = values[index].astype(WORD[w])
+    return codes
 
 
 def _unpack(grid: np.ndarray, w: int, nbytes: int) -> bytes:
     """The first ``nbytes`` section bytes: each leading word carries ``w - 1`` of them."""
     rows = -(-nbytes // (w - 1))
     return grid[:rows, : w - 1].tobytes()[:nbytes]
-
-
-def elf_pays(dtype: str, bound: ErrorBound, sample: bytes | np.ndarray) -> bool:
-    """Whether quantising a tensor within ``bound`` is worth its while, judged on a sample chunk
-    of it: True when the encoder would code the sample with a grid rather than exactly, or
-    through a palette. A tensor where it would not (a bound finer than the dtype's own precision,
-    a tiny tensor) is better off with the lossless pipeline: the same bytes, and decodable by the
-    GPU path."""
-    data = np.frombuffer(sample, dtype=np.uint8) if not isinstance(sample, np.ndarray) else sample
-    w = ELF_DTYPES[dtype][0]
-    if data.shape[0] < w:
-        return False
-    kind, _, _, flags = _unpack(Elf(dtype, bound.mode, bound.value).encode(data).reshape(-1, w), w, 4)
-    return kind != KIND_EXACT or bool(flags & FLAG_PALETTE)
-
-
-def elf_pipeline(dtype: str, bound: ErrorBound, exact: bool = False, delta: bool = False) -> Pipeline:
-    """The pipeline of a lossy float stream: ``elf`` then ``planes`` (unsigned codes) then ``rans``;
-    with ``delta``, coded against a reference stream's chunks."""
-    from .planes import Planes
-    from .rans import Rans
-
-    w = ELF_DTYPES[dtype][0]
-    return Pipeline([Elf(dtype, bound.mode, bound.value, delta, exact=exact),
-                     Planes(CODE_DTYPE[w], rotate=False), Rans()])
-
-
-def bound_of(pipeline: list[Config]) -> ErrorBound | None:
-    """The error bound of a stream's pipeline config, or None for a lossless stream."""
-    for c in pipeline:
-        if c.get("id") == Elf.codec_id:
-            return ErrorBound(c["mode"], float(c["bound"]), "")
-    return None
-
-
-def encode_checked(pipeline: Pipeline, raw: np.ndarray, ref: np.ndarray | None = None) -> tuple[bytes, np.ndarray]:
-    """Encode one chunk of a lossy stream (``ref``: its reference chunk, for ``delta``); return
-    (payload, the bytes restore will produce).
-
-    The chunk's codes are dequantised by the decoder itself (:meth:`Elf.decode`) and checked
-    against the bound once more, independently of the encoder's own per-element check; should
-    that ever fail, the chunk is recoded exactly. The stages after ``elf`` are lossless, so the
-    returned bytes are what decoding the payload yields, and the stream's decoded hash is of them.
-    """
-    from ..kernels import elf as k
-
-    elf = pipeline.codecs[0]
-    assert isinstance(elf, Elf)
-    rest = Pipeline(pipeline.codecs[1:])
-    codes = elf.encode(raw, ref)
-    out = np.empty(raw.shape[0], dtype=np.uint8)
-    elf.decode(codes, out, ref)
-    w = elf.width
-    src = _words(raw, w)
-    rel_exact = elf.mode == "rel" and _is_pow2(elf.bound)
-    _, _, bad = k.kernels(elf.dtype).error_stats(src, out.view(WORD[w]), w, 0 if elf.mode == "abs" else 1,
-                                                 elf.bound, rel_exact)
-    if bad:  # never expected: the encoder checked every element; stay correct regardless
-        exact = Elf(elf.dtype, elf.mode, elf.bound, elf.delta, exact=True)
-        return rest.encode(exact.encode(raw, ref)), raw
-    return rest.encode(codes), out
-
-
-def error_stats(dtype: str, bound: ErrorBound, src: np.ndarray, dec: np.ndarray) -> tuple[float, float, int]:
-    """(max absolute error, max relative error, elements outside the bound) of the decoded bytes
-    ``dec`` against the original bytes ``src`` of a ``dtype`` tensor (1-D uint8 arrays).
-
-    NaN, infinities and +-0.0 must come back bit for bit; anything else must lie within the bound
-    in exact arithmetic. The relative error is over nonzero finite elements.
-    """
-    from ..kernels import elf as k
-
-    w = ELF_DTYPES[dtype][0]
-    n = min(src.shape[0], dec.shape[0]) // w
-    a = np.ascontiguousarray(src[: n * w]).view(WORD[w])
-    b = np.ascontiguousarray(dec[: n * w]).view(WORD[w])
-    rel_exact = bound.mode == "rel" and _is_pow2(bound.value)
-    return k.kernels(dtype).error_stats(a, b, w, 0 if bound.mode == "abs" else 1, bound.value, rel_exact)

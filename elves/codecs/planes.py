@@ -10,13 +10,11 @@ import numpy as np
 
 from .. import dtypes
 from ..errors import CodecError, CorruptArchiveError
-from . import PLANES, Codec, Config, Expected, expected_of, register
+from .base import U8, ArrayPlanesCodec, Config, Expected, expected_of
 
 
-@register
-class Planes(Codec):
+class Planes(ArrayPlanesCodec):
     codec_id = "planes"
-    encodes_to = PLANES
 
     def __init__(self, dtype: str, rotate: bool | None = None):
         self.check(isinstance(dtype, str), "dtype must be a string")
@@ -36,7 +34,7 @@ class Planes(Codec):
             raise CorruptArchiveError(f"planes: a chunk of {decoded.lo} bytes is not whole {self.dtype.name} elements")
         return Expected(lo, hi, w)
 
-    def encode(self, data: np.ndarray) -> np.ndarray:
+    def encode(self, data: U8, ref: U8 | None = None) -> U8:
         from ..kernels import planes_rans as k
 
         n, rest = divmod(data.shape[0], self.width)
@@ -46,8 +44,8 @@ class Planes(Codec):
         k.split(data, n, self.width, self.rotate, planes)  # sized here: cannot fail
         return planes
 
-    def decode(self, data: np.ndarray, out: np.ndarray | None = None, *,
-               expected: Expected | None = None) -> np.ndarray:
+    def decode(self, data: U8, out: U8 | None = None, ref: U8 | None = None, *,
+               expected: Expected | None = None) -> U8:
         from ..kernels import planes_rans as k
 
         want = expected_of(out, expected)

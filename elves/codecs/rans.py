@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import CodecError, CorruptArchiveError
-from . import PLANES, Codec, Config, Expected, expected_of, int_in, register
+from .base import U8, Config, Expected, PlanesBytesCodec, as_u8, expected_of, int_in
 
 # The status codes of the numba and the CUDA decoders (elves.gpu reports the kernel's with these).
 STATUS = {
@@ -22,10 +22,8 @@ STATUS = {
 }
 
 
-@register
-class Rans(Codec):
+class Rans(PlanesBytesCodec):
     codec_id = "rans"
-    decodes_to = PLANES
 
     def __init__(self, lanes: int = 32, prob_bits: int = 12):
         self.check(int_in(lanes, 1, 4096), f"lanes must be an integer in 1..4096, not {lanes!r}")
@@ -42,7 +40,7 @@ class Rans(Codec):
         w = decoded.planes
         return Expected(8 + 4 * w, k.max_encoded_size(decoded.hi // w, w))
 
-    def encode(self, data: np.ndarray) -> np.ndarray:
+    def encode(self, data: U8, ref: U8 | None = None) -> U8:
         from ..kernels import planes_rans as k
 
         w, n = data.shape
@@ -52,12 +50,12 @@ class Rans(Codec):
             raise CodecError(f"rans codes at most 255 planes of 2^32 symbols, not {w} of {n}")
         return out[:size]
 
-    def decode(self, data: np.ndarray | bytes, out: np.ndarray | None = None, *,
-               expected: Expected | None = None) -> np.ndarray:
+    def decode(self, data: U8 | bytes, out: U8 | None = None, ref: U8 | None = None, *,
+               expected: Expected | None = None) -> U8:
         from ..kernels import planes_rans as k
 
         want = expected_of(out, expected)
-        buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
+        buf = as_u8(data)
         w, n = k.container_shape(buf)
         if w < 1:
             raise CorruptArchiveError(STATUS[k.ERR_HEADER])

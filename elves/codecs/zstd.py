@@ -12,7 +12,7 @@ import numpy as np
 import zstandard
 
 from ..errors import CorruptArchiveError
-from . import Codec, Config, Expected, expected_of, int_in, register
+from .base import U8, BytesBytesCodec, Config, Expected, expected_of, int_in
 
 MIN_LEVEL = -(1 << 17)  # zstd's fastest level (ZSTD_minCLevel)
 UNKNOWN = -1            # frame_content_size of a frame that declares no size
@@ -23,8 +23,11 @@ def compress_bound(n: int) -> int:
     return n + (n >> 8) + (((128 << 10) - n) >> 11 if n < 128 << 10 else 0)
 
 
-@register
-class Zstd(Codec):
+def _view(data: U8 | bytes) -> memoryview:
+    return data.data if isinstance(data, np.ndarray) else memoryview(data)
+
+
+class Zstd(BytesBytesCodec):
     codec_id = "zstd"
 
     def __init__(self, level: int = 3):
@@ -38,13 +41,13 @@ class Zstd(Codec):
     def encoded_size(self, decoded: Expected) -> Expected:
         return Expected(0, compress_bound(decoded.hi))
 
-    def encode(self, data: np.ndarray | bytes) -> bytes:
-        return zstandard.ZstdCompressor(level=self.level).compress(memoryview(data))
+    def encode(self, data: U8 | bytes, ref: U8 | None = None) -> bytes:
+        return zstandard.ZstdCompressor(level=self.level).compress(_view(data))
 
-    def decode(self, data: np.ndarray | bytes, out: np.ndarray | None = None, *,
-               expected: Expected | None = None) -> np.ndarray:
+    def decode(self, data: U8 | bytes, out: U8 | None = None, ref: U8 | None = None, *,
+               expected: Expected | None = None) -> U8:
         want = expected_of(out, expected)
-        src = memoryview(data)
+        src = _view(data)
         try:
             declared = zstandard.frame_content_size(src)
             if declared != UNKNOWN:
@@ -52,7 +55,7 @@ class Zstd(Codec):
             if out is None:
                 out = np.empty(want.hi if declared == UNKNOWN else declared, dtype=np.uint8)
             reader = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)
-            view = memoryview(out)
+            view = out.data
             got = 0
             while got < out.shape[0]:
                 step = reader.readinto(view[got:])
