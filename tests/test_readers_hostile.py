@@ -23,6 +23,7 @@ from elves.model import Segment, SourceFile
 from elves.readers import onnx as onnx_reader
 from elves.readers import read_file, read_model, safetensors
 from elves.readers import torch as torch_reader
+from elves.readers.torch import unpickler as torch_unpickler
 from tests.conftest import tree_hashes, write_safetensors
 from tests.test_onnx_reader import field, model_bytes, varint
 
@@ -285,7 +286,8 @@ def test_deflated_pickle_within_the_caps_is_read(torch, tmp_path: Path, blocks: 
 def test_pickle_larger_than_the_cap_is_refused(torch, tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "big.pt"
     torch.save({**_state_dict(torch), "history": list(range(20_000))}, path)
-    monkeypatch.setattr(torch_reader, "MAX_PICKLE", 10_000)
+    monkeypatch.setattr("elves.readers.torch.zip_format.MAX_PICKLE", 10_000)
+    monkeypatch.setattr("elves.readers.torch.pickle_scan.MAX_PICKLE", 10_000)
     with pytest.raises(InputError, match=r"big\.pt.*data\.pkl.*holds \d+ bytes; elves reads at most 10000"):
         torch_reader.parse(path, "big.pt")
     path = tmp_path / "legacy.pt"
@@ -322,7 +324,7 @@ def test_declared_length_past_the_pickle_is_refused(torch, tmp_path: Path, basel
 def test_deep_nesting_names_tensors_only_near_the_top(torch, tmp_path: Path) -> None:
     sd = _state_dict(torch)
     deep = {"w": sd["layer.weight"]}
-    for _ in range(torch_reader.MAX_NESTING + 5):
+    for _ in range(torch_unpickler.MAX_NESTING + 5):
         deep = {"d": deep}
     path = tmp_path / "deep.pt"
     torch.save({"deep": deep, "s": {"t": sd["layer.bias"]}}, path)
