@@ -1,7 +1,7 @@
 """The CUDA sources in cuda/: NVRTC-compatible, compile for sm_90 without register spills, and
 (on any machine with g++) decode exactly like the numba reference, run on the host.
 
-elves/gpu.py compiles cuda/*.cu at run time with NVRTC, which has no host headers: the sources
+elves/gpu/launcher.py compiles cuda/*.cu at run time with NVRTC, which has no host headers: the sources
 must include none. NVRTC (libnvrtc, when found) and nvcc (when on PATH) compile them here, so
 errors show on machines without a GPU. The host run compiles the decoder as C++ with a small shim
 (CUDA threads are std::threads, warp shuffles and __syncwarp are barriers), so the kernel's logic
