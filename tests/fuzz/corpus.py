@@ -134,11 +134,24 @@ def build(root: Path) -> list[Seed]:
         "a.safetensors": {"rnn": np.concatenate(gates)},
         "b.safetensors": {"lstm": np.concatenate([gates[0], gates[3], gates[1], tuned(gates[2], rng)])}}), root,
         lossy="elf", error_bound="2^-24"))
+    # A model beside its BF16 copy and a later version (format 1.4: ref_cast, xor with ref), and a
+    # BF16 release coded against the cast of its base.
+    f32 = {"l0": weights("F32", (64, 48), rng), "l1": weights("F32", (48, 48), rng)}  # BF16 over 4 KiB: objects
+    half = {k: a.astype(ml_dtypes.bfloat16) for k, a in f32.items()}
+    seeds.append(archive_seed("casts", folder(src / "precisions", {
+        "model.safetensors": f32, "model.bf16.safetensors": half,
+        "model-v2.safetensors": {k: tuned(a, rng) for k, a in f32.items()}}), root))
+    f32_base = folder(src / "f32", {"model.safetensors": f32})
+    release = folder(src / "release", {"model.safetensors": half})
+    seeds.append(archive_seed("cast_xor", release, root, base=f32_base))
     store = Store.init(root / "hub.store")
     store.add(base, "base", base=None, threads=2)
     store.add(ft, "ft", base="base", threads=2)
+    store.add(f32_base, "f32", base=None, threads=2)
+    store.add(release, "release", base="f32", threads=2)  # objects coded against casts
     seeds.append(Seed("store", "store", root / "hub.store",
-                      {"models": {"base": file_digests(base), "ft": file_digests(ft)}}))
+                      {"models": {"base": file_digests(base), "ft": file_digests(ft), "f32": file_digests(f32_base),
+                                  "release": file_digests(release)}}))
     seeds.append(Seed("safetensors", "input", one))
     try:
         seeds.append(Seed("torch", "input", torch_checkpoint(src / "model.bin", {k: v for k, v in plain.items()
