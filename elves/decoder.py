@@ -109,6 +109,7 @@ def iter_stream(reader: StreamReader, index: int, pool: Executor, window: int) -
     stream = reader.streams[index]
     pipeline = stream.decoder()
     ref_of = reader.references.chunk_refs(stream)  # the reference's bytes of each chunk, if it has one
+    keep = reader.references.keep(index)  # a stream that later ones reference: its chunks serve them
 
     def decode(i: int) -> np.ndarray:
         try:
@@ -116,6 +117,8 @@ def iter_stream(reader: StreamReader, index: int, pool: Executor, window: int) -
             out = decode_chunk(reader, stream, pipeline, i, ref)
         except ArchiveError as e:  # name the tensor only when something is wrong: it costs a scan
             raise type(e)(f"{stream_label(reader, index)}: chunk {i}: {e.message}", reader.path) from None
+        if keep is not None:
+            keep(i, out)
         return out
 
     h = xxhash.xxh3_128()

@@ -42,7 +42,10 @@ from .index import Stream
 
 RefMap = list[list[int]]  # [[dst, src, length], ...]: bytes of the reference copied from the source
 RangeFn = Callable[[int, int], np.ndarray]  # (offset, length) in the stream -> its reference bytes there
-CACHED_CHUNKS = 8    # decoded chunks a stream reader keeps (a block map jumps between them)
+# Decoded chunks of referenced streams are kept up to this many bytes: a restore decodes a
+# referenced stream for its own file first, and its chunks then serve the streams coded against it
+# without a second decode (versions of a small model fit whole; a larger one keeps what it can).
+CACHE_BYTES = 256 << 20
 CACHED_READERS = 16  # stream readers kept: memory stays bounded however many streams are referenced
 
 
@@ -109,29 +112,52 @@ def describe(needed: dict[str, Any]) -> str:
     return f"a base model ({names}; sha256 {files[0]['sha256'][:12]}…)" if len(files) == 1 else f"a base model ({names})"
 
 
-class RefReader:
-    """Reads the decoded bytes of a referenced stream at any offset, decoding the chunks it needs
-    and keeping the last few. Thread-safe."""
+class ChunkCache:
+    """Decoded chunks by (stream, chunk), least recently used dropped past ``budget`` bytes.
+    Thread-safe. A chunk is put only once its payload's checksum and its decode have passed."""
 
-    def __init__(self, source: ChunkSource, stream: Stream):
-        self.source = source
-        self.stream = stream
-        self.pipeline = stream.decoder()
-        self.starts = np.concatenate(([0], np.cumsum([c[2] for c in stream.chunks], dtype=np.int64)))
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.size = 0
+        self._chunks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _chunk(self, i: int) -> np.ndarray:
+    def get(self, key: tuple[int, int]) -> np.ndarray | None:
         with self._lock:
-            got = self._cache.get(i)
+            got = self._chunks.get(key)
             if got is not None:
-                self._cache.move_to_end(i)
-                return got
-        got = decode_chunk(self.source, self.stream, self.pipeline, i)
+                self._chunks.move_to_end(key)
+            return got
+
+    def put(self, key: tuple[int, int], chunk: np.ndarray) -> None:
+        """Keep ``chunk`` (read-only from now on: the caller hands it to no one else)."""
+        chunk.setflags(write=False)
         with self._lock:
-            self._cache[i] = got
-            while len(self._cache) > CACHED_CHUNKS:
-                self._cache.popitem(last=False)
+            if key in self._chunks or chunk.nbytes > self.budget:
+                return
+            self._chunks[key] = chunk
+            self.size += chunk.nbytes
+            while self.size > self.budget:
+                self.size -= self._chunks.popitem(last=False)[1].nbytes
+
+
+class RefReader:
+    """Reads the decoded bytes of referenced stream ``index`` at any offset, decoding the chunks
+    it needs unless ``cache`` holds them. Thread-safe."""
+
+    def __init__(self, source: ChunkSource, stream: Stream, index: int, cache: ChunkCache):
+        self.source = source
+        self.stream = stream
+        self.index = index
+        self.cache = cache
+        self.pipeline = stream.decoder()
+        self.starts = np.concatenate(([0], np.cumsum([c[2] for c in stream.chunks], dtype=np.int64)))
+
+    def _chunk(self, i: int) -> np.ndarray:
+        got = self.cache.get((self.index, i))
+        if got is None:
+            got = decode_chunk(self.source, self.stream, self.pipeline, i)
+            self.cache.put((self.index, i), got)
         return got
 
     def read(self, offset: int, out: np.ndarray) -> None:
@@ -148,8 +174,12 @@ class RefReader:
 
     def reference(self, ref_map: RefMap | None, lo: int, hi: int) -> np.ndarray:
         """The reference bytes ``[lo, hi)`` of a stream that references this one through
-        ``ref_map`` (None: the same bytes at the same place); zeros where the map has none."""
+        ``ref_map`` (None: the same bytes at the same place); zeros where the map has none.
+        Read-only: it may be a decoded chunk itself."""
         if ref_map is None:
+            i = int(np.searchsorted(self.starts, lo, side="right")) - 1
+            if 0 <= i < len(self.stream.chunks) and self.starts[i] == lo and self.starts[i + 1] == hi:
+                return self._chunk(i)  # chunked alike, as streams of one size and dtype are: no copy
             ref_map = [[0, 0, int(self.starts[-1])]]
         out = np.zeros(hi - lo, dtype=np.uint8)
         for dst, src, length in ref_map:
@@ -206,6 +236,8 @@ class Sources:
         self.needed = needed
         self.content: ContentSource | None = None
         self.owns_content = False   # close ``content`` with these sources
+        self.cache = ChunkCache(CACHE_BYTES)
+        self._referenced: set[int] | None = None
         self._readers: OrderedDict[int, RefReader] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -222,12 +254,22 @@ class Sources:
         with self._lock:
             got = self._readers.get(index)
             if got is None:
-                got = self._readers[index] = RefReader(self.chunks, self.streams[index])
+                got = self._readers[index] = RefReader(self.chunks, self.streams[index], index, self.cache)
                 while len(self._readers) > CACHED_READERS:
                     self._readers.popitem(last=False)
             else:
                 self._readers.move_to_end(index)
             return got
+
+    def keep(self, index: int) -> Callable[[int, np.ndarray], None] | None:
+        """For a decoder of stream ``index``: where to put its decoded chunks when later streams
+        reference it (None when none does)."""
+        if self._referenced is None:
+            self._referenced = {s.ref for s in self.streams if s.ref is not None}
+        if index not in self._referenced:
+            return None
+        # a copy: the decoder hands its chunks on (to a file, or to the caller as a tensor)
+        return lambda i, chunk: self.cache.put((index, i), chunk.copy())
 
     def missing(self) -> ElvesError:
         """The error for a reference by content with no content source given."""
