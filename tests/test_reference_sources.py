@@ -211,3 +211,48 @@ def test_index_records_the_cast_as_documented(tmp_path: Path) -> None:
     assert json.dumps(st["pipeline"][0], sort_keys=True)  # plain JSON-able config
     src = index["streams"][st["ref"]]
     assert st["pipeline"][0]["ref_hash"] == src["hash"] and st["pipeline"][0]["ref_nbytes"] == src["nbytes"]
+
+
+def test_restore_decodes_each_referenced_chunk_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A later version's chunks take their references from the chunks decoded for the earlier
+    file, not from a second decode; and the cache holds copies, so a caller's tensor is its own."""
+    from elves import chunks, references
+
+    src = tmp_path / "src"
+    src.mkdir()
+    v1 = synthetic(3)
+    save_file(v1, str(src / "a.safetensors"))
+    rng = np.random.default_rng(5)
+    save_file({k: v + rng.standard_normal(v.shape).astype(np.float32) * np.float32(1e-5) for k, v in v1.items()},
+              str(src / "b.safetensors"))
+    s = elves.compress(src, tmp_path / "m.elves")
+    assert s.ref_streams == 3
+    with ArchiveReader(s.archive) as r:  # each file's segments decoded once (a shared header twice)
+        total = sum(len(r.streams[i].chunks) for e in r.files for i in e.segments)
+    calls = []
+    real = chunks.decode_chunk
+    monkeypatch.setattr(references, "decode_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    import elves.decoder as decoder
+
+    monkeypatch.setattr(decoder, "decode_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = elves.restore(s.archive, tmp_path / "out").output
+    assert len(calls) == total
+    assert tree_hashes(out) == tree_hashes(src)
+    with elves.open(s.archive) as a:
+        t = a.get_tensor("a.safetensors:layer.0.weight")
+        t[...] = 0  # the caller's own array
+        assert a.get_tensor("b.safetensors:layer.0.weight").tobytes() == load_file(str(src / "b.safetensors"))[
+            "layer.0.weight"].tobytes()
+
+
+def test_the_chunk_cache_stays_within_its_budget() -> None:
+    from elves.references import ChunkCache
+
+    cache = ChunkCache(10_000)
+    for i in range(10):
+        cache.put((0, i), np.zeros(3000, np.uint8))
+    assert cache.size <= 10_000 and cache.get((0, 9)) is not None and cache.get((0, 0)) is None
+    cache.put((1, 0), np.zeros(20_000, np.uint8))  # larger than the budget: not kept
+    assert cache.get((1, 0)) is None and cache.size <= 10_000
+    kept = cache.get((0, 9))
+    assert kept is not None and not kept.flags.writeable
