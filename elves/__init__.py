@@ -1,7 +1,8 @@
 """elves: lossless (and opt-in error-bounded) compression of model weights.
 
 The public API: :func:`compress`, :func:`restore`, :func:`open`, :func:`load_file`,
-:func:`info`, :func:`verify`, and the errors under :class:`ElvesError`.
+:func:`info`, :func:`verify`, the listings :class:`FileInfo` and :class:`TensorInfo`, and the
+errors under :class:`ElvesError`.
 """
 from __future__ import annotations
 
@@ -31,15 +32,16 @@ from .errors import (
 from .version import __version__ as __version__
 
 if TYPE_CHECKING:
-    from .api import Archive, ArchiveInfo, TensorInfo, VerifyReport, info, load_file, open, verify  # noqa: A004
+    from .api import Archive, ArchiveInfo, VerifyReport, info, load_file, open, verify  # noqa: A004
     from .decoder import RestoreSummary, restore
     from .encoder import CompressSummary, compress
+    from .listing import FileInfo, TensorInfo
 
 # The API loads on first use: importing any submodule runs this file (``elves.dtypes`` from
 # ``bitx.codec``, say), and must not drag in the pipeline, which imports bitx back.
-_LAZY = {name: "api" for name in ("Archive", "ArchiveInfo", "TensorInfo", "VerifyReport", "info", "load_file",
-                                  "open", "verify")}
-_LAZY.update(RestoreSummary="decoder", restore="decoder", CompressSummary="encoder", compress="encoder")
+_LAZY = {name: "api" for name in ("Archive", "ArchiveInfo", "VerifyReport", "info", "load_file", "open", "verify")}
+_LAZY.update(RestoreSummary="decoder", restore="decoder", CompressSummary="encoder", compress="encoder",
+             FileInfo="listing", TensorInfo="listing")
 
 
 def __getattr__(name: str) -> Any:
@@ -52,7 +54,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "Archive", "ArchiveInfo", "CompressSummary", "RestoreSummary", "TensorInfo", "VerifyReport",
+    "Archive", "ArchiveInfo", "CompressSummary", "FileInfo", "RestoreSummary", "TensorInfo", "VerifyReport",
     "compress", "restore", "open", "load_file", "info", "verify",
     "ElvesError", "InputError", "UsageError", "UnsafePickleError", "ArchiveError", "TruncatedArchiveError",
     "CorruptArchiveError", "UnsupportedFormatError", "UnsafePathError", "OutputExistsError",

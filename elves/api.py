@@ -24,9 +24,10 @@ import numpy as np
 
 from . import dtypes
 from .archive import ArchiveReader
-from .decoder import attach_base, check_tensors, file_chunks, read_stream
-from .errors import CorruptArchiveError, ElvesError, InputError, UsageError
+from .decoder import _write_file, attach_base, check_tensors, file_chunks, read_stream, write_files
+from .errors import CorruptArchiveError, ElvesError, InputError, OutputExistsError, UsageError
 from .index import FileEntry, TensorEntry, tensor_names
+from .listing import FileInfo, TensorInfo, codec_name, files_of, matching_files, matching_tensors, tensors_of
 from .parallel import default_threads
 
 if TYPE_CHECKING:
@@ -39,14 +40,9 @@ Framework = Literal["np", "numpy", "pt", "torch", "cupy"]
 PathLike = str | os.PathLike[str]
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where a named tensor lives in an archive."""
-
-    name: str
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
+# The largest file read_file returns as bytes: a larger one belongs on disk (extract).
+MAX_READ_BYTES = 1 << 30
+MAX_LINK_HOPS = 40
 
 
 class Archive:
@@ -65,6 +61,8 @@ class Archive:
         self._pool: ThreadPoolExecutor | None = None
         self._views = tensor_names(self._reader.files)
         self._checked: set[str] = set()  # files whose tensor entries agree with their own structure
+        self._tensors: list[TensorInfo] | None = None
+        self._by_path = {e.path: e for e in self._reader.files}
 
     @property
     def path(self) -> Path:
@@ -74,10 +72,17 @@ class Archive:
     def lossy(self) -> bool:
         return self._reader.lossy
 
-    @property
-    def files(self) -> list[str]:
-        """The paths of the files in the archive, as restore writes them."""
-        return [e.path for e in self._reader.files]
+    def files(self, pattern: str | None = None) -> list[FileInfo]:
+        """The files of the archive, as restore writes them, in order; with ``pattern``, those
+        whose path matches that glob (``*`` crosses "/")."""
+        return matching_files(files_of(self._reader.streams, self._reader.files), pattern)
+
+    def tensors(self, pattern: str | None = None) -> list[TensorInfo]:
+        """The tensors of the archive, in file order, with how each is stored; with ``pattern``,
+        those whose name, or "file:name", matches that glob."""
+        if self._tensors is None:
+            self._tensors = tensors_of(self._reader.streams, self._reader.files)
+        return matching_tensors(self._tensors, pattern)
 
     def keys(self) -> list[str]:
         """The names of the tensors, in file order."""
@@ -87,8 +92,59 @@ class Archive:
         return name in self._views
 
     def tensor_info(self, name: str) -> TensorInfo:
+        """How the tensor called ``name`` (a key of :meth:`keys`) is stored: see :class:`TensorInfo`."""
         entry, t = self._lookup(name)
-        return TensorInfo(name, entry.path, t.dtype, t.shape)
+        return next(i for i in self.tensors() if i.file == entry.path and i.name == t.name)
+
+    def read_file(self, name: str) -> bytes:
+        """The bytes of the file at path ``name`` (a link: the file it leads to in the archive),
+        decoding only its streams and checking its sha256. A file over 1 GiB raises
+        :class:`UsageError`: :meth:`extract` writes it to disk instead."""
+        entry = self._resolve(name)
+        if entry.size > MAX_READ_BYTES:
+            raise UsageError(f"{name} is {entry.size} bytes, too large to read into memory: extract it to disk "
+                             "(Archive.extract, `elves extract`)", self.path)
+        return b"".join(chunk.data for chunk in file_chunks(self._reader, entry, self._ensure_pool(),
+                                                            2 * self._threads + 2))
+
+    def extract(self, names: list[str], dst: str | os.PathLike[str], *, force: bool = False) -> list[Path]:
+        """Write the files at paths ``names`` into the folder ``dst`` (made if missing), each at its
+        path in the archive, links as links; only their streams are decoded. Each file is checked
+        (sha256) and renamed into place once complete; nothing is written through a link under
+        ``dst``. A file that is already there is refused unless ``force``. Returns where they lie."""
+        chosen = [self._file(n) for n in dict.fromkeys(names)]
+        dst = Path(dst)
+        there = [e.path for e in chosen if os.path.lexists(dst / e.path)]
+        if there and not force:
+            raise OutputExistsError("already exists (use --force to overwrite)", dst / there[0])
+        pool, window = self._ensure_pool(), 2 * self._threads + 2
+        # force: dst may hold other files; the files are moved in one by one, links not followed
+        write_files(dst, [(e.path, e.link) for e in chosen], False, True, self.path,
+                    lambda i, target: _write_file(self._reader, chosen[i], target, pool, window, None, True))
+        return [dst / e.path for e in chosen]
+
+    def _file(self, name: str) -> FileEntry:
+        try:
+            return self._by_path[name]
+        except KeyError:
+            raise UsageError(f"no file {name!r} in the archive (`elves ls` lists them)", self.path) from None
+
+    def _resolve(self, name: str) -> FileEntry:
+        """The file at ``name``, or the file the link there leads to in the archive."""
+        entry = self._file(name)
+        for _ in range(MAX_LINK_HOPS):
+            if entry.link is None:
+                return entry
+            target = posixpath.normpath(posixpath.join(posixpath.dirname(entry.path), entry.link))
+            if target not in self._by_path:
+                break
+            entry = self._by_path[target]
+        raise UsageError(f"{name} is a link that leads to no file of the archive", self.path)
+
+    def _ensure_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._threads)
+        return self._pool
 
     def get_tensor(self, name: str) -> np.ndarray:
         """The tensor called ``name`` as a numpy array (bfloat16 and float8 via ml_dtypes).
@@ -103,15 +159,14 @@ class Archive:
             shape: tuple[int, ...] = (self._reader.streams[entry.segments[t.segment]].nbytes if t.segment >= 0 else 0,)
         else:
             npdt, shape = dtypes.numpy_dtype(t.dtype), t.shape
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._threads)
+        pool = self._ensure_pool()
         if entry.path not in self._checked:  # an empty tensor too: the file may say it is not
-            check_tensors(self._reader, entry, self._pool, 2 * self._threads + 2)
+            check_tensors(self._reader, entry, pool, 2 * self._threads + 2)
             self._checked.add(entry.path)
         count = math.prod(shape)
         if count == 0:
             return np.zeros(shape, dtype=npdt)
-        raw = read_stream(self._reader, entry.segments[t.segment], self._pool, 2 * self._threads + 2)
+        raw = read_stream(self._reader, entry.segments[t.segment], pool, 2 * self._threads + 2)
         flat = raw[t.offset:]
         if t.strides is None:
             return flat[:count * npdt.itemsize].view(npdt).reshape(shape)
@@ -270,7 +325,7 @@ def info(path: str | os.PathLike[str]) -> ArchiveInfo:
             st = by_dtype[s.dtype or "bytes"]
             st.original_bytes += s.nbytes
             st.stored_bytes += s.stored_bytes
-            codecs["+".join(c["id"] for c in s.pipeline)] += 1
+            codecs[codec_name(s.pipeline)] += 1
         files = [{"path": e.path, "size": e.size, "format": e.format, "tensors": len(e.tensors),
                   **({"link": e.link} if e.link is not None else {})} for e in r.files]
         return ArchiveInfo(
