@@ -27,6 +27,7 @@ from .layout import (
     profile_at,
 )
 from .manifests import manifest, manifests, profiles, read_json, write_json
+from .model_view import StoredModel
 from .planner import check_fits, choose_base, derived, planner
 from .reading import restore_file
 from .reports import (
@@ -166,6 +167,11 @@ class Store:
         """The stored models, in the order they were added."""
         return [ModelEntry(m["name"], m["source"], len(m["files"]), sum(f["size"] for f in m["files"]),
                            m.get("base"), list(m.get("reasons", [])), m["added"]) for m in manifests(self.storage)]
+
+    def model(self, name: str) -> StoredModel:
+        """Model ``name``'s files and tensors, with how each is stored (``elves ls STORE/NAME``);
+        StoreError if there is none."""
+        return StoredModel(self.storage, name)
 
     def restore(self, name: str, dst: str | os.PathLike[str], *, force: bool = False, threads: int | None = None,
                 progress: ProgressFn | None = None) -> RestoreSummary:
