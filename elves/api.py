@@ -4,6 +4,8 @@
     >>> elves.compress("all-MiniLM-L6-v2/", "minilm.elves")
     >>> with elves.open("minilm.elves") as a:
     ...     w = a.get_tensor("embeddings.word_embeddings.weight")     # numpy array
+    ...     big = [t for t in a.tensors("*.weight") if t.nbytes > 1 << 20]  # name, codec, stored bytes ...
+    ...     config = a.read_file("config.json")                        # one file's bytes
     >>> tensors = elves.load_file("minilm.elves", framework="pt")     # dict of torch tensors
     >>> elves.restore("minilm.elves", "restored/")                    # byte-exact files
 """
@@ -98,7 +100,8 @@ class Archive:
 
     def read_file(self, name: str) -> bytes:
         """The bytes of the file at path ``name`` (a link: the file it leads to in the archive),
-        decoding only its streams and checking its sha256. A file over 1 GiB raises
+        decoding only its streams and checking its sha256 (a lossy file: its streams' decoded
+        hashes, as restore does). A file over 1 GiB raises
         :class:`UsageError`: :meth:`extract` writes it to disk instead."""
         entry = self._resolve(name)
         if entry.size > MAX_READ_BYTES:
