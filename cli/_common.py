@@ -2,6 +2,7 @@
 
 Exceptions become exit codes here and nowhere else: an :class:`~elves.errors.ElvesError` ends the
 command with its class's ``exit_code``, and the help's table of codes is built from those classes.
+Under ``--json`` every error, click's usage errors included, is one JSON object on stderr.
 """
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Sequence
 
 import click
 
-from elves.errors import CorruptArchiveError, ElvesError, exit_codes
+from elves.errors import CorruptArchiveError, ElvesError, UsageError, exit_codes
 
 if TYPE_CHECKING:
     from click._termui_impl import ProgressBar
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 # What a verify ends with when it finds a problem: what reading the damage would have raised.
 PROBLEMS_FOUND = CorruptArchiveError.exit_code
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+_QUIET = "elves.quiet"  # the key of -q in click's context meta, which every nested context shares
 
 
 def epilog(note: str = "") -> str:
@@ -45,8 +47,8 @@ def human(n: float) -> str:
 
 @contextmanager
 def progress(total: int, label: str, enabled: bool) -> Iterator[Callable[[int], None] | None]:
-    """A progress bar on stderr for long work; nothing when output is for scripts or not a tty."""
-    if not enabled or not sys.stderr.isatty():
+    """A progress bar on stderr for long work; nothing under -q, for scripts, or off a tty."""
+    if not enabled or quiet() or not sys.stderr.isatty():
         yield None
         return
     bar: ProgressBar[int]
@@ -55,8 +57,18 @@ def progress(total: int, label: str, enabled: bool) -> Iterator[Callable[[int], 
         yield bar.update
 
 
-def emit(as_json: bool, data: dict[str, Any], text: str) -> None:
-    click.echo(json.dumps(data, indent=2) if as_json else text)
+def emit(as_json: bool, data: dict[str, Any], text: str, *, summary: bool = False) -> None:
+    """Print a command's result; a ``summary`` (of work done, not an answer asked for) is left
+    out under -q. JSON is printed either way: a script asked for it."""
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    elif not (summary and quiet()):
+        click.echo(text)
+
+
+def warn(text: str) -> None:
+    if not quiet():
+        click.echo(f"elves: warning: {text}", err=True)
 
 
 def emit_restored(as_json: bool, source: str, r: RestoreSummary, seconds: float) -> None:
@@ -64,13 +76,27 @@ def emit_restored(as_json: bool, source: str, r: RestoreSummary, seconds: float)
     emit(as_json, {"ok": True, "output": str(r.output), "files": r.files, "bytes": r.bytes_written,
                    "seconds": round(seconds, 3)},
          f"{source} -> {r.output}: {r.files} files, {human(r.bytes_written)}, "
-         f"{r.bytes_written / max(seconds, 1e-9) / 1e6:.0f} MB/s")
+         f"{r.bytes_written / max(seconds, 1e-9) / 1e6:.0f} MB/s", summary=True)
 
 
 def _debug() -> bool:
     """Whether ``elves --debug`` was given: errors then show their traceback too."""
     ctx = click.get_current_context(silent=True)
     return bool(ctx is not None and ctx.find_root().params.get("debug"))
+
+
+def quiet() -> bool:
+    """Whether -q was given, to ``elves`` or to the command (contexts share ``meta``)."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.meta.get(_QUIET))
+
+
+def _error(text: str, kind: str, code: int, as_json: bool) -> None:
+    """One error, the one shape for every error: a line, or under --json an object, on stderr."""
+    if as_json:
+        click.echo(json.dumps({"ok": False, "error": text, "kind": kind, "exit_code": code}), err=True)
+    else:
+        click.echo(f"elves: error: {text}", err=True)
 
 
 def fail(e: BaseException, as_json: bool) -> NoReturn:
@@ -86,10 +112,7 @@ def fail(e: BaseException, as_json: bool) -> NoReturn:
         text, kind = f"{e.filename}: {e.strerror}" if e.filename else str(e), "OSError"
     else:  # a bug in elves, not in the input: say so, and how to see where
         text, kind = f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", "InternalError"
-    if as_json:
-        click.echo(json.dumps({"ok": False, "error": text, "kind": kind, "exit_code": code}))
-    else:
-        click.echo(f"elves: error: {text}", err=True)
+    _error(text, kind, code, as_json)
     sys.exit(code)
 
 
@@ -98,6 +121,8 @@ def reported(as_json: bool) -> Iterator[None]:
     """Turn any error into a one-line message and its exit code: users never see a traceback."""
     try:
         yield
+    except click.ClickException:  # a usage error: click (ElvesGroup under --json) reports it
+        raise
     except KeyboardInterrupt:
         click.echo("elves: interrupted; nothing was left under the output name", err=True)
         sys.exit(INTERRUPTED)
@@ -112,6 +137,34 @@ def source_size(path: Path) -> int:
     return sum(os.lstat(os.path.join(d, f)).st_size for d, _, names in os.walk(path) for f in names)
 
 
+class ElvesGroup(click.Group):
+    """The ``elves`` group: under --json, click's own errors (a usage error, a missing argument)
+    become the JSON object every other error is, with the same exit code."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        if not standalone_mode or "--json" not in argv:
+            return super().main(argv, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(argv, prog_name, complete_var, False, **extra)
+        except click.ClickException as e:
+            kind = UsageError.__name__ if isinstance(e, click.UsageError) else type(e).__name__
+            _error(e.format_message(), kind, e.exit_code, True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            _error("aborted", "Aborted", 1, True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)  # what click returns for --help and --version
+
+
+def _set_quiet(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.meta[_QUIET] = True
+
+
+quiet_option = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_set_quiet,
+                            help="No progress bar and no summary (errors are still printed; so is --json).")
 threads_option = click.option("--threads", "-t", type=click.IntRange(min=1), default=None,
                               help="Worker threads (default: all cores).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON object for scripts.")

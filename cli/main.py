@@ -3,20 +3,29 @@ here, the model store in cli/store.py; the exit codes are the error classes' (``
 """
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
+from click.shell_completion import get_completion_class
 
 import elves
+from elves.archive import FORMAT_VERSION
 from elves.bounds import ErrorBound, parse_error_bound
-from elves.errors import BoundError
+from elves.errors import BoundError, OutputExistsError
+from elves.store import STORE_VERSION
 
 from ._common import (
     EPILOG,
     PROBLEMS_FOUND,
+    ElvesGroup,
     emit,
     emit_restored,
     epilog,
@@ -24,10 +33,13 @@ from ._common import (
     human,
     json_option,
     progress,
+    quiet_option,
     reported,
     source_size,
     threads_option,
+    warn,
 )
+from .contents import extract, ls
 from .store import store
 
 base_option = click.option("--base", "base", type=click.Path(exists=True, path_type=Path), default=None,
@@ -67,9 +79,19 @@ def _bound_text(bound: dict[str, Any] | None) -> str:
     return f"{bound.get('codec', 'elf')}, error bound {spec.split(':', 1)[-1]} {kind}"
 
 
-@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="elves")
+VERSION = ("%(prog)s %(version)s\n"
+           f"archive format: reads 1.0 to {FORMAT_VERSION[0]}.{FORMAT_VERSION[1]}, "
+           f"writes {FORMAT_VERSION[0]}.{FORMAT_VERSION[1]}\n"
+           f"store format: reads and writes {STORE_VERSION[0]}.x ({STORE_VERSION[0]}.{STORE_VERSION[1]})")
+COMPLETION = ("\b\nShell completion (bash, zsh, fish):\n"
+              "  eval \"$(elves completion bash)\"             # in ~/.bashrc\n"
+              "  eval \"$(_ELVES_COMPLETE=zsh_source elves)\"  # click's own variable, in ~/.zshrc")
+
+
+@click.group(cls=ElvesGroup, epilog=epilog(COMPLETION), context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(elves.__version__, "-V", "--version", prog_name="elves", message=VERSION)
 @click.option("--debug", is_flag=True, help="On an error, show its traceback too.")
+@quiet_option
 def main(debug: bool) -> None:
     """Shrink model weights losslessly, and load them back fast.
 
@@ -77,15 +99,39 @@ def main(debug: bool) -> None:
     Examples:
       elves compress ./all-MiniLM-L6-v2 -o minilm.elves
       elves info minilm.elves
+      elves ls minilm.elves 'encoder.layer.0.*'
+      elves extract minilm.elves config.json -o ./out
       elves verify minilm.elves --against ./all-MiniLM-L6-v2
       elves restore minilm.elves -o ./restored
+      curl -sL https://host/model.safetensors | elves compress - --name model.safetensors -o m.elves
+      elves restore m.elves -o - | sha256sum
     """
 
 
+@contextmanager
+def _stdin_file(out: Path, name: str, force: bool) -> Iterator[Path]:
+    """Standard input as the file ``name``, in a temporary folder beside ``out`` (the same disk,
+    which must hold it anyway), removed afterwards."""
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise click.BadParameter(f"{name!r} is not a file name", param_hint="--name")
+    if out.exists() and not force:  # before reading what may be gigabytes of input
+        raise OutputExistsError("already exists (use --force to overwrite)", out)
+    folder = Path(tempfile.mkdtemp(prefix=".elves-stdin-", dir=out.parent))
+    try:
+        with open(folder / name, "wb") as f:
+            shutil.copyfileobj(sys.stdin.buffer, f, 1 << 20)
+        yield folder / name
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @main.command(epilog=EPILOG)
-@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("src", type=click.Path(exists=True, allow_dash=True, path_type=Path))
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True,
               help="The archive to write (.elves).")
+@click.option("--name", default="stdin", show_default=True,
+              help="With SRC '-' (standard input): the file name the archive records (its extension "
+                   "tells the format, e.g. model.safetensors).")
 @threads_option
 @force_option
 @base_option
@@ -95,9 +141,11 @@ def main(debug: bool) -> None:
               help="Store the content of links that point outside the model folder (refused otherwise); "
                    "links inside it are stored as links either way.")
 @json_option
-def compress(src: Path, out: Path, threads: int | None, force: bool, base: Path | None, lossy: str | None,
-             error_bound: ErrorBound | None, follow_symlinks: bool, as_json: bool) -> None:
-    """Compress a model (a file or a folder) into one archive, losslessly.
+@quiet_option
+def compress(src: Path, out: Path, name: str, threads: int | None, force: bool, base: Path | None,
+             lossy: str | None, error_bound: ErrorBound | None, follow_symlinks: bool, as_json: bool) -> None:
+    """Compress a model (a file or a folder) into one archive, losslessly. SRC '-' reads one file
+    from standard input (named by --name).
 
     With --base, tensors that match the base model's are coded as a BitX delta against it
     (where that is smaller); restoring then needs the same base.
@@ -113,6 +161,7 @@ def compress(src: Path, out: Path, threads: int | None, force: bool, base: Path 
       elves compress ./llama-3-8b/ -o llama.elves --threads 8
       elves compress ./my-finetune/ -o ft.elves --base ./llama-3-8b/
       elves compress ./all-MiniLM-L6-v2 -o minilm.elves --lossy elf --error-bound 2^-24
+      cat model.safetensors | elves compress - --name model.safetensors -o model.elves
     """
     if lossy is not None and error_bound is None:
         raise click.UsageError("--lossy elf needs --error-bound (e.g. 2^-24, 1e-6 or rel:1e-3)")
@@ -120,12 +169,20 @@ def compress(src: Path, out: Path, threads: int | None, force: bool, base: Path 
         raise click.UsageError("--error-bound needs --lossy elf")
     with reported(as_json):
         t0 = time.perf_counter()
-        with progress(source_size(src), "compress", not as_json) as bar:
-            s = elves.compress(src, out, threads=threads, force=force, progress=bar, base=base,
-                               lossy=lossy, error_bound=error_bound, follow_symlinks=follow_symlinks)
+
+        def run(path: Path) -> elves.CompressSummary:
+            with progress(source_size(path), "compress", not as_json) as bar:
+                return elves.compress(path, out, threads=threads, force=force, progress=bar, base=base, lossy=lossy,
+                                      error_bound=error_bound, follow_symlinks=follow_symlinks)
+
+        if str(src) == "-":
+            with _stdin_file(out, name, force) as path:
+                s = run(path)
+        else:
+            s = run(src)
         dt = time.perf_counter() - t0
         for w in s.warnings:
-            click.echo(f"elves: warning: {w}", err=True)
+            warn(w)
         emit(as_json, {
             "ok": True, "archive": str(s.archive), "files": s.files, "tensors": s.tensors,
             "original_bytes": s.original_bytes, "archive_bytes": s.archive_bytes,
@@ -133,19 +190,21 @@ def compress(src: Path, out: Path, threads: int | None, force: bool, base: Path 
             "base": str(base) if base is not None else None, "base_streams": s.base_streams,
             "lossy": lossy, "error_bound": s.error_bound, "lossy_streams": s.lossy_streams,
             "ref_streams": s.ref_streams,
-        }, f"{src} -> {s.archive}: {human(s.original_bytes)} -> {human(s.archive_bytes)} "
+        }, f"{'standard input' if str(src) == '-' else src} -> {s.archive}: {human(s.original_bytes)} -> {human(s.archive_bytes)} "
            f"({s.ratio:.3f}x), {s.files} files, {s.tensors} tensors, "
            f"{s.original_bytes / max(dt, 1e-9) / 1e6:.0f} MB/s"
            + (f", {s.base_streams} tensors coded against the base" if base is not None else "")
            + (f"\n  LOSSY ({_bound_text(error_bound.to_index())}): {s.lossy_streams} tensors within the bound, "
               "the rest exact" if error_bound is not None else "")
-           + (f"; {s.ref_streams} coded against a tensor of an earlier file" if s.ref_streams else ""))
+           + (f"; {s.ref_streams} coded against a tensor of an earlier file" if s.ref_streams else ""),
+           summary=True)
 
 
 @main.command(epilog=EPILOG)
 @click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True,
-              help="Folder to restore into, or a file path for a single-file model.")
+@click.option("-o", "--output", "out", type=click.Path(allow_dash=True, path_type=Path), required=True,
+              help="Folder to restore into, or a file path for a single-file model; '-' writes a "
+                   "single-file model to standard output.")
 @threads_option
 @force_option
 @base_option
@@ -153,6 +212,7 @@ def compress(src: Path, out: Path, threads: int | None, force: bool, base: Path 
               help="Skip the sha256 of each restored file (chunk checksums and content hashes are "
                    "still checked): a little faster.")
 @json_option
+@quiet_option
 def restore(archive: Path, out: Path, threads: int | None, force: bool, base: Path | None, no_verify: bool,
             as_json: bool) -> None:
     """Restore the original files, byte for byte (checked against their sha256 as they are written).
@@ -164,7 +224,14 @@ def restore(archive: Path, out: Path, threads: int | None, force: bool, base: Pa
       elves restore minilm.elves -o ./all-MiniLM-L6-v2
       elves restore model.elves -o model.safetensors
       elves restore ft.elves -o ./my-finetune --base ./llama-3-8b/
+      elves restore model.elves -o - | sha256sum
     """
+    if str(out) == "-":
+        if as_json:
+            raise click.UsageError("--json and -o - would share standard output: use one")
+        with reported(as_json):
+            _restore_to_stdout(archive, threads, base)
+        return
     with reported(as_json):
         t0 = time.perf_counter()
         total = elves.info(archive).original_bytes
@@ -174,10 +241,21 @@ def restore(archive: Path, out: Path, threads: int | None, force: bool, base: Pa
         emit_restored(as_json, str(archive), r, time.perf_counter() - t0)
 
 
+def _restore_to_stdout(archive: Path, threads: int | None, base: Path | None) -> None:
+    with elves.open(archive, threads=threads, base=base) as a:
+        files = a.files()
+        if len(files) != 1:
+            raise click.UsageError(f"{archive} holds {len(files)} files: -o - writes a single-file model "
+                                   "(`elves extract ARCHIVE PATH -o DIR` writes chosen files)")
+        sys.stdout.buffer.write(a.read_file(files[0].path))
+        sys.stdout.buffer.flush()
+
+
 @main.command(epilog=EPILOG)
 @click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--files/--no-files", default=True, help="List the files.")
 @json_option
+@quiet_option
 def info(archive: Path, files: bool, as_json: bool) -> None:
     """Show what an archive holds: files, tensors, codecs and ratio per dtype.
 
@@ -232,6 +310,7 @@ def info(archive: Path, files: bool, as_json: bool) -> None:
 @threads_option
 @base_option
 @json_option
+@quiet_option
 def verify(archive: Path, against: Path | None, threads: int | None, base: Path | None, as_json: bool) -> None:
     """Decode everything and check every checksum; any mismatch is reported and fails.
 
@@ -257,11 +336,36 @@ def verify(archive: Path, against: Path | None, threads: int | None, base: Path 
                         "over_bound": rep.over_bound},
               f"{archive}: " + ("OK" if rep.ok else "FAILED") +
               f", {rep.files} files, {human(rep.bytes_checked)} checked" + lossy_line +
-              "".join(f"\n  {p}" for p in rep.problems))
+              "".join(f"\n  {p}" for p in rep.problems), summary=rep.ok)
         if not rep.ok:
             sys.exit(PROBLEMS_FOUND)
 
 
+@main.command(epilog=EPILOG)
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]), required=False)
+@quiet_option
+@click.pass_context
+def completion(ctx: click.Context, shell: str | None) -> None:
+    """Print the shell completion script for SHELL (default: the one $SHELL names).
+
+    The script runs elves with _ELVES_COMPLETE set (click's completion) to complete commands,
+    options and paths.
+
+    \b
+    Examples:
+      eval "$(elves completion bash)"                     # in ~/.bashrc
+      elves completion zsh > ~/.zfunc/_elves
+      elves completion fish > ~/.config/fish/completions/elves.fish
+    """
+    shell = shell or Path(os.environ.get("SHELL", "bash")).name
+    complete = get_completion_class(shell)
+    if complete is None:
+        raise click.UsageError(f"$SHELL is {shell}, which click does not complete: name bash, zsh or fish")
+    click.echo(complete(ctx.find_root().command, {}, "elves", "_ELVES_COMPLETE").source())
+
+
+main.add_command(ls)
+main.add_command(extract)
 main.add_command(store)
 
 if __name__ == "__main__":

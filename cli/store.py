@@ -20,6 +20,7 @@ from ._common import (
     human,
     json_option,
     progress,
+    quiet_option,
     reported,
     source_size,
     threads_option,
@@ -38,6 +39,7 @@ def store() -> None:
       elves store add hub.store ./llama-3-8b
       elves store add hub.store ./my-finetune            # finds its base, stores the delta
       elves store ls hub.store
+      elves ls hub.store/my-finetune 'model.layers.0.*'   # its files and tensors
       elves store restore hub.store my-finetune -o ./out
       elves store rm hub.store my-finetune && elves store gc hub.store
       elves store verify hub.store --full
@@ -47,6 +49,7 @@ def store() -> None:
 @store.command(epilog=EPILOG)
 @store_arg
 @json_option
+@quiet_option
 def init(store_path: Path, as_json: bool) -> None:
     """Create an empty store (a new or empty folder).
 
@@ -56,7 +59,7 @@ def init(store_path: Path, as_json: bool) -> None:
     """
     with reported(as_json):
         s = Store.init(store_path)
-        emit(as_json, {"ok": True, "store": str(s.path)}, f"created store {s.path}")
+        emit(as_json, {"ok": True, "store": str(s.path)}, f"created store {s.path}", summary=True)
 
 
 @store.command(epilog=EPILOG)
@@ -70,6 +73,7 @@ def init(store_path: Path, as_json: bool) -> None:
               help="Store the content of links that point outside the model folder (refused otherwise).")
 @threads_option
 @json_option
+@quiet_option
 def add(store_path: Path, src: Path, name: str | None, base: str, follow_symlinks: bool, threads: int | None,
         as_json: bool) -> None:
     """Add a model (a file or a folder). Data already stored costs nothing; a fine-tune of a
@@ -98,12 +102,13 @@ def add(store_path: Path, src: Path, name: str | None, base: str, follow_symlink
            + (f"\n  base: {r.base}" if r.base else "\n  base: none")
            + "".join(f"\n    {why}" for why in r.reasons)
            + (f"\n  re-coded as its deltas: {', '.join(r.repacked)}" if r.repacked else "")
-           + "".join(f"\n  note: {n}" for n in r.notes))
+           + "".join(f"\n  note: {n}" for n in r.notes), summary=True)
 
 
 @store.command("ls", epilog=EPILOG)
 @store_arg
 @json_option
+@quiet_option
 def ls(store_path: Path, as_json: bool) -> None:
     """List the stored models, in the order they were added.
 
@@ -130,6 +135,7 @@ def ls(store_path: Path, as_json: bool) -> None:
 @threads_option
 @force_option
 @json_option
+@quiet_option
 def restore(store_path: Path, name: str, out: Path, threads: int | None, force: bool, as_json: bool) -> None:
     """Restore a model byte for byte (every file checked against its sha256).
 
@@ -151,6 +157,7 @@ def restore(store_path: Path, name: str, out: Path, threads: int | None, force: 
 @store_arg
 @click.argument("name")
 @json_option
+@quiet_option
 def rm(store_path: Path, name: str, as_json: bool) -> None:
     """Remove a model. Its data is freed by `gc`, except what other models' deltas still use.
 
@@ -160,12 +167,14 @@ def rm(store_path: Path, name: str, as_json: bool) -> None:
     """
     with reported(as_json):
         Store(store_path).remove(name)
-        emit(as_json, {"ok": True, "removed": name}, f"removed {name} (run `elves store gc` to free its data)")
+        emit(as_json, {"ok": True, "removed": name}, f"removed {name} (run `elves store gc` to free its data)",
+             summary=True)
 
 
 @store.command(epilog=EPILOG)
 @store_arg
 @json_option
+@quiet_option
 def gc(store_path: Path, as_json: bool) -> None:
     """Delete data that no model uses, and files left by interrupted writers.
 
@@ -177,12 +186,13 @@ def gc(store_path: Path, as_json: bool) -> None:
         r = Store(store_path).gc()
         emit(as_json, {"ok": True, **asdict(r)},
               f"freed {human(r.bytes_freed)}: {r.objects_removed} objects removed, {r.objects_kept} kept"
-              + (f", {r.temp_removed} temporary files removed" if r.temp_removed else ""))
+              + (f", {r.temp_removed} temporary files removed" if r.temp_removed else ""), summary=True)
 
 
 @store.command(epilog=EPILOG)
 @store_arg
 @json_option
+@quiet_option
 def stats(store_path: Path, as_json: bool) -> None:
     """Show models, logical and stored sizes, the ratio and the objects.
 
@@ -202,6 +212,7 @@ def stats(store_path: Path, as_json: bool) -> None:
 @store.command(epilog=EPILOG)
 @store_arg
 @json_option
+@quiet_option
 def families(store_path: Path, as_json: bool) -> None:
     """Show the families of stored models, and the evidence for each model's base.
 
@@ -227,6 +238,7 @@ def families(store_path: Path, as_json: bool) -> None:
 @store_arg
 @threads_option
 @json_option
+@quiet_option
 def repack(store_path: Path, threads: int | None, as_json: bool) -> None:
     """Re-code models stored before their base arrived as deltas of it.
 
@@ -241,7 +253,7 @@ def repack(store_path: Path, threads: int | None, as_json: bool) -> None:
                         "bytes_after": r.bytes_after, "skipped": r.skipped},
               f"{r.objects_rewritten} objects re-coded as deltas: {human(r.bytes_before)} -> "
               f"{human(r.bytes_after)}" + "".join(f"\n  {n} <- {b}" for n, b in r.models)
-              + "".join(f"\n  note: {s}" for s in r.skipped))
+              + "".join(f"\n  note: {s}" for s in r.skipped), summary=True)
 
 
 @store.command(epilog=epilog(f"store verify ends with {PROBLEMS_FOUND} when it finds problems: they are listed, "
@@ -252,6 +264,7 @@ def repack(store_path: Path, threads: int | None, as_json: bool) -> None:
                                            "reads as much as restoring everything).")
 @threads_option
 @json_option
+@quiet_option
 def verify(store_path: Path, full: bool, threads: int | None, as_json: bool) -> None:
     """Check the whole store, as git fsck does a repository; nothing is changed.
 
@@ -278,6 +291,6 @@ def verify(store_path: Path, full: bool, threads: int | None, as_json: bool) -> 
             lines += [f"    {p.path}: {p.message}" for p in problems]
         if not r.orphans_checked:
             lines.append("  orphans not looked for: a manifest is unreadable, so what it uses is unknown")
-        emit(as_json, {"ok": r.ok, **asdict(r)}, "\n".join(lines))
+        emit(as_json, {"ok": r.ok, **asdict(r)}, "\n".join(lines), summary=r.ok)
         if not r.ok:
             sys.exit(PROBLEMS_FOUND)

@@ -128,8 +128,9 @@ def test_exit_codes_and_no_tracebacks(model: Path, tmp_path: Path) -> None:
 
     cut = tmp_path / "cut.elves"
     cut.write_bytes(bytes(data[:3000]))
-    r = elves("info", cut, "--json")
-    report = json.loads(r.stdout)
+    r = elves("info", cut, "--json")                               # errors under --json: on stderr
+    report = json.loads(r.stderr)
+    assert r.stdout == ""
     assert r.returncode == 4 and report.pop("error").startswith(str(cut))
     assert report == {"ok": False, "kind": "TruncatedArchiveError", "exit_code": 4}
 
