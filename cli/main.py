@@ -244,11 +244,14 @@ def restore(archive: Path, out: Path, threads: int | None, force: bool, base: Pa
 def _restore_to_stdout(archive: Path, threads: int | None, base: Path | None) -> None:
     with elves.open(archive, threads=threads, base=base) as a:
         files = a.files()
-        if len(files) != 1:
-            raise click.UsageError(f"{archive} holds {len(files)} files: -o - writes a single-file model "
-                                   "(`elves extract ARCHIVE PATH -o DIR` writes chosen files)")
-        sys.stdout.buffer.write(a.read_file(files[0].path))
-        sys.stdout.buffer.flush()
+        if not a.single_file:
+            n = len(files)
+            raise click.UsageError(f"{archive} is of a folder ({n} file{'s' * (n != 1)}): -o - writes a single-file "
+                                   "model (`elves extract ARCHIVE PATH -o DIR` writes chosen files)")
+        out = sys.stdout.buffer
+        for piece in a.iter_file(files[0].path):  # streamed: any size, memory bounded
+            out.write(piece)
+        out.flush()
 
 
 @main.command(epilog=EPILOG)

@@ -20,16 +20,37 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Iterator, Literal, overload
 
 import numpy as np
 
 from . import dtypes
 from .archive import ArchiveReader
-from .decoder import _write_file, attach_base, check_tensors, file_chunks, read_stream, write_files
-from .errors import CorruptArchiveError, ElvesError, InputError, OutputExistsError, UsageError
+from .decoder import (
+    attach_base,
+    check_tensors,
+    file_chunks,
+    read_stream,
+    restore_file,
+    write_files,
+)
+from .errors import (
+    CorruptArchiveError,
+    ElvesError,
+    InputError,
+    OutputExistsError,
+    UsageError,
+)
 from .index import FileEntry, TensorEntry, tensor_names
-from .listing import FileInfo, TensorInfo, codec_name, files_of, matching_files, matching_tensors, tensors_of
+from .listing import (
+    FileInfo,
+    TensorInfo,
+    codec_name,
+    files_of,
+    matching_files,
+    matching_tensors,
+    tensors_of,
+)
 from .parallel import default_threads
 
 if TYPE_CHECKING:
@@ -106,9 +127,23 @@ class Archive:
         entry = self._resolve(name)
         if entry.size > MAX_READ_BYTES:
             raise UsageError(f"{name} is {entry.size} bytes, too large to read into memory: extract it to disk "
-                             "(Archive.extract, `elves extract`)", self.path)
-        return b"".join(chunk.data for chunk in file_chunks(self._reader, entry, self._ensure_pool(),
-                                                            2 * self._threads + 2))
+                             "(Archive.extract, `elves extract`) or stream it (Archive.iter_file)", self.path)
+        return b"".join(self.iter_file(name))
+
+    def iter_file(self, name: str) -> Iterator[memoryview]:
+        """The bytes of the file at path ``name``, as :meth:`read_file` gives them, in pieces as
+        they are decoded (a chunk at a time, memory bounded by the decode window): for writing a
+        file of any size to a stream. Each piece has passed its chunk's checks; the file's sha256
+        is known only at its end, so a file that fails it raises after its last piece, and the
+        caller must drop what it wrote (``elves restore -o -`` then exits non-zero)."""
+        entry = self._resolve(name)
+        for chunk in file_chunks(self._reader, entry, self._ensure_pool(), 2 * self._threads + 2):
+            yield chunk.data
+
+    @property
+    def single_file(self) -> bool:
+        """Whether the archive is of a single model file (compressed from a file, not a folder)."""
+        return self._reader.source_kind == "file"
 
     def extract(self, names: list[str], dst: str | os.PathLike[str], *, force: bool = False) -> list[Path]:
         """Write the files at paths ``names`` into the folder ``dst`` (made if missing), each at its
@@ -123,7 +158,7 @@ class Archive:
         pool, window = self._ensure_pool(), 2 * self._threads + 2
         # force: dst may hold other files; the files are moved in one by one, links not followed
         write_files(dst, [(e.path, e.link) for e in chosen], False, True, self.path,
-                    lambda i, target: _write_file(self._reader, chosen[i], target, pool, window, None, True))
+                    lambda i, target: restore_file(self._reader, chosen[i], target, pool, window, None, True))
         return [dst / e.path for e in chosen]
 
     def _file(self, name: str) -> FileEntry:

@@ -295,7 +295,7 @@ def file_chunks(reader: ArchiveReader, entry: FileEntry, pool: Executor, window:
         raise CorruptArchiveError(f"{entry.path}: restored bytes do not match the stored sha256", reader.path)
 
 
-def _write_file(reader: ArchiveReader, entry: FileEntry, target: Path, pool: Executor, window: int,
+def restore_file(reader: ArchiveReader, entry: FileEntry, target: Path, pool: Executor, window: int,
                 progress: ProgressFn | None, check_sha256: bool) -> int:
     """Write one file's bytes to ``target`` (a temporary name); return the byte count."""
     try:
@@ -344,7 +344,7 @@ def restore(
         attach_base(reader, base)  # before anything is written: a missing or wrong base is an error
         files = reader.files
         return write_files(dst, [(e.path, e.link) for e in files], reader.source_kind == "file", force, reader.path,
-                           lambda i, target: _write_file(reader, files[i], target, pool, window, progress, verify))
+                           lambda i, target: restore_file(reader, files[i], target, pool, window, progress, verify))
 
 
 def write_files(dst: Path, files: Sequence[tuple[str, str | None]], single: bool, force: bool, source: Path,

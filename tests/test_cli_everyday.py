@@ -269,7 +269,13 @@ def test_stdin_and_stdout_through_a_process(model: Path, tmp_path: Path) -> None
     folder = tmp_path / "folder.elves"
     assert process("compress", model, "-o", folder, "-q").returncode == 0
     r = process("restore", folder, "-o", "-")
-    assert r.returncode == 2 and r.stdout == b"" and b"holds 3 files" in r.stderr
+    assert r.returncode == 2 and r.stdout == b"" and b"is of a folder (3 files)" in r.stderr
+    one = tmp_path / "one-file-folder"
+    one.mkdir()
+    (one / "notes.txt").write_bytes(b"a folder of one file is still a folder\n")
+    assert process("compress", one, "-o", tmp_path / "one.elves", "-q").returncode == 0
+    r = process("restore", tmp_path / "one.elves", "-o", "-")
+    assert r.returncode == 2 and r.stdout == b"" and b"is of a folder (1 file)" in r.stderr
 
 
 def test_ls_and_extract_through_a_process(archive: Path, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from elves.errors import CorruptArchiveError, StoreError
+from elves.errors import CorruptArchiveError, InputError, StoreError
 from elves.store import Store
 from elves.store.layout import manifest_at, object_at, profile_at
 from elves.store.manifests import manifest
@@ -361,5 +361,13 @@ def test_cli_commands_json_and_exit_codes(family: dict[str, Path], tmp_path: Pat
                        (("init", st), 8)]:
         r = cli(*args)
         assert r.returncode == code and "Traceback" not in r.stderr and "elves: error:" in r.stderr, (args, r.stderr)
-    r = cli("ls", tmp_path, "--json")
-    assert json.loads(r.stdout)["kind"] == "StoreError"
+    r = cli("ls", tmp_path, "--json")  # an error as JSON on stderr, nothing on stdout
+    assert json.loads(r.stderr)["kind"] == "StoreError" and r.stdout == ""
+
+
+def test_adding_an_empty_folder_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    s = Store.init(tmp_path / "s")
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(InputError, match="holds no files"):
+        s.add(tmp_path / "empty")
+    assert s.models() == [] and s.verify().ok

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import families
 from ..decoder import RestoreSummary, write_files
-from ..errors import ArchiveError, ElvesError, OutputError, StoreError
+from ..errors import ArchiveError, ElvesError, InputError, OutputError, StoreError
 from ..families import Family
 from ..index import ints
 from ..parallel import default_threads
@@ -104,6 +104,8 @@ class Store:
             raise StoreError(f"invalid model name {name!r}: use letters, digits and . _ + @ -, "
                              "with at most one / (org/model)")
         files, single = read_model(src, follow_symlinks)
+        if not files:  # a manifest of no files would be refused by every later read
+            raise InputError("the folder holds no files to add", src)
         prof = families.profile(src, name)
         nthreads = default_threads(threads)
         st = self.storage
