@@ -15,6 +15,7 @@ import numpy as np
 
 import elves
 from elves import dtypes
+from elves.archive import public_mode
 from elves.errors import OutputExistsError, UsageError
 from elves.listing import FileInfo, TensorInfo
 from elves.store import Store
@@ -169,6 +170,7 @@ def _save_tensor(a: elves.Archive, name: str, out: Path, force: bool) -> int:
                 np.save(f, arr, allow_pickle=False)
             else:
                 _write_safetensors(f, name, info, arr)
+            os.fchmod(f.fileno(), public_mode(0o666))  # mkstemp's 0600 is for the temporary name only
         os.replace(tmp, out)
     except BaseException:
         os.unlink(tmp)

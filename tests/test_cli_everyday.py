@@ -93,7 +93,8 @@ def test_version_names_the_formats_it_reads_and_writes() -> None:
     major, minor = FORMAT_VERSION
     assert r.stdout.splitlines() == [
         f"elves {elves.__version__}",
-        f"archive format: reads 1.0 to {major}.{minor}, writes {major}.{minor}",
+        f"archive format: reads 1.0 to {major}.{minor}, writes the oldest that holds the archive "
+        f"(1.3, or {major}.{minor} for references 1.3 lacks)",
         f"store format: reads and writes {STORE_VERSION[0]}.x ({STORE_VERSION[0]}.{STORE_VERSION[1]})",
     ]
 
@@ -159,6 +160,9 @@ def test_extract_one_tensor_as_npy_or_safetensors(archive: Path, model: Path, tm
     assert same(np.load(tmp_path / "b.npy"), bias)     # bit for bit: the weights hold NaNs
     assert run("extract", archive, "--tensor", "encoder.layer.0.bias", "-o", tmp_path / "b.safetensors").exit_code == 0
     assert same(load_file(tmp_path / "b.safetensors")["encoder.layer.0.bias"], bias)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "b.npy").stat().st_mode & 0o777 == 0o666 & ~umask  # not the temporary name's 0600
 
     with elves.open(archive) as a:
         q = a.get_tensor("head.q")
