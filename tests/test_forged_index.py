@@ -349,7 +349,7 @@ def test_cli_errors_json_and_debug(archive: Path, tmp_path: Path) -> None:
     rewrite_index(archive, lambda index: index.update(files=[]))
     r = _cli("info", str(archive), "--json")
     assert r.returncode == 4 and "Traceback" not in r.stderr
-    err = json.loads(r.stdout)
+    err = json.loads(r.stderr)  # errors go to stderr, results to stdout
     assert err["ok"] is False and err["kind"] == "CorruptArchiveError" and err["exit_code"] == 4
     assert str(archive) in err["error"]
     r = _cli("--debug", "info", str(archive))
