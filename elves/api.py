@@ -157,7 +157,7 @@ class Archive:
             raise OutputExistsError("already exists (use --force to overwrite)", dst / there[0])
         pool, window = self._ensure_pool(), 2 * self._threads + 2
         # force: dst may hold other files; the files are moved in one by one, links not followed
-        write_files(dst, [(e.path, e.link) for e in chosen], False, True, self.path,
+        write_files(dst, [(e.path, e.link, e.mode) for e in chosen], False, True, self.path,
                     lambda i, target: restore_file(self._reader, chosen[i], target, pool, window, None, True))
         return [dst / e.path for e in chosen]
 

@@ -343,14 +343,14 @@ def restore(
     with ArchiveReader(archive) as reader, ThreadPoolExecutor(nthreads) as pool:
         attach_base(reader, base)  # before anything is written: a missing or wrong base is an error
         files = reader.files
-        return write_files(dst, [(e.path, e.link) for e in files], reader.source_kind == "file", force, reader.path,
+        return write_files(dst, [(e.path, e.link, e.mode) for e in files], reader.source_kind == "file", force, reader.path,
                            lambda i, target: restore_file(reader, files[i], target, pool, window, progress, verify))
 
 
-def write_files(dst: Path, files: Sequence[tuple[str, str | None]], single: bool, force: bool, source: Path,
+def write_files(dst: Path, files: Sequence[tuple[str, str | None, int | None]], single: bool, force: bool, source: Path,
                 write: Callable[[int, Path], int]) -> RestoreSummary:
-    """Put a restored model at ``dst``: ``files`` are the (path, link target or None) of its
-    files, and ``write(i, target)`` writes file ``i`` to the temporary path ``target`` and returns
+    """Put a restored model at ``dst``: ``files`` are the (path, link target or None, recorded
+    permission bits or None) of its files, and ``write(i, target)`` writes file ``i`` to the temporary path ``target`` and returns
     its size. Links are made here.
 
     A single-file model (``single``) goes to ``dst``, or into it when ``dst`` is a folder; a
@@ -371,7 +371,7 @@ def write_files(dst: Path, files: Sequence[tuple[str, str | None]], single: bool
         tmp = temp_sibling(dst)
         try:
             n = write(0, tmp)
-            os.chmod(tmp, public_mode(0o666))
+            os.chmod(tmp, public_mode(files[0][2] or 0o666))
             os.replace(tmp, dst)
         except OSError as e:
             raise OutputError(f"cannot write the restored model: {e.strerror}", dst) from None
@@ -390,18 +390,19 @@ def write_files(dst: Path, files: Sequence[tuple[str, str | None]], single: bool
         raise OutputError(f"cannot write here: {e.strerror}", dst) from None
     total = 0
     try:
-        for i, (path, link) in enumerate(files):
+        for i, (path, link, mode) in enumerate(files):
             target = staging / safe_relpath(path, source)
             target.parent.mkdir(parents=True, exist_ok=True)  # our own folder: no links in it but ours
             if link is not None:
                 os.symlink(link, target)
             else:
                 total += write(i, target)
+                os.chmod(target, public_mode(mode or 0o666))
         if not dst.exists():
             os.chmod(staging, public_mode(0o777))
             os.replace(staging, dst)
         else:
-            _move_into(staging, dst, [p for p, _ in files])
+            _move_into(staging, dst, [p for p, _, _ in files])
     except OSError as e:
         raise OutputError(f"cannot write the restored model: {e.strerror}", dst) from None
     finally:

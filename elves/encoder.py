@@ -29,7 +29,7 @@ from .codecs.zstd import Zstd
 from .errors import InputError
 from .index import FileEntry, TensorEntry
 from .lossy import elf_pays, elf_pipeline, encode_checked
-from .model import Segment, SourceFile, hash_segment, open_source, read_exact
+from .model import Segment, SourceFile, hash_segment, kept_mode, open_source, read_exact
 from .parallel import INLINE_BYTES, default_threads, ordered_map
 from .planner import ReferencePlanner, block_hashes, segment_names, widest_first
 from .readers import read_model
@@ -215,6 +215,7 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
     sha = hashlib.sha256()
     with open_source(sf.path) as fh:
         fd = fh.fileno()
+        mode = kept_mode(fd)
         stream_ids: list[int] = []
         new: list[tuple[Segment, Stream, Pipeline]] = []
         to_plan: list[tuple[int, Segment, str, Pipeline, int]] = []  # lossless tensors, which may code against xor
@@ -307,5 +308,5 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
         sf.format, stream_ids,
         [TensorEntry(t.name, t.dtype, tuple(t.shape), t.segment, t.offset,
                      tuple(t.strides) if t.strides is not None else None) for t in sf.tensors],
-        lossy=lossy_file,
+        lossy=lossy_file, mode=mode,
     ))

@@ -145,6 +145,7 @@ class FileEntry:
     tensors: list[TensorEntry] = field(default_factory=list)
     lossy: bool = False       # some segment restores within a bound, not exactly
     link: str | None = None   # 1.3, format "symlink": the link's target, relative, inside the model
+    mode: int | None = None   # 1.4: permission bits of an executable source file (model.kept_mode)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"path": self.path, "size": self.size, "sha256": self.sha256}
@@ -156,6 +157,8 @@ class FileEntry:
                          list(t.strides) if t.strides is not None else None] for t in self.tensors]
         if self.link is not None:
             d["link"] = self.link
+        if self.mode is not None:
+            d["mode"] = self.mode
         return d
 
 
@@ -412,7 +415,8 @@ def parse_file(raw: Any, streams: list[Stream], path: Where) -> FileEntry:
     if not all(type(s) is int and 0 <= s < len(streams) for s in segments):
         f.fail("has a segment that points at no stream")
     entry = FileEntry(name, f.int("size"), f.str("sha256", _HEX64), fmt, segments,
-                      lossy=f.raw.get("lossy", False), link=f.str("link", None, None))
+                      lossy=f.raw.get("lossy", False), link=f.str("link", None, None),
+                      mode=f.int("mode", 0, 0o777, None))
     if not isinstance(entry.lossy, bool):
         f.fail("has a non-boolean 'lossy'")
     if sum(streams[s].nbytes for s in segments) != entry.size:

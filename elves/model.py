@@ -151,6 +151,14 @@ def fill_gaps(size: int, tensors: list[Segment]) -> list[Segment]:
     return out
 
 
+def kept_mode(fd: int) -> int | None:
+    """The permission bits an archive records for the open source file ``fd``: those of an
+    executable (a script shipped with a model), which restore gives back less the umask; None for
+    any other file, which restore creates as the umask allows."""
+    mode = os.fstat(fd).st_mode & 0o777
+    return mode if mode & 0o111 else None
+
+
 def read_exact(fd: int, offset: int, length: int, path: Path) -> bytes:
     """``length`` bytes of the open source ``path`` at ``offset``; InputError if they are not all
     there (the file changed or shrank after the reader walked it)."""

@@ -287,3 +287,39 @@ def test_ls_and_extract_through_a_process(archive: Path, tmp_path: Path) -> None
     assert r.returncode == 0 and b"encoder.layer.0.bias" in r.stdout and b"layer.0.weight" not in r.stdout
     r = process("extract", archive, "extra/noise.bin", "-o", tmp_path)
     assert r.returncode == 0 and (tmp_path / "extra" / "noise.bin").read_bytes() == NOISE
+
+
+def test_an_executable_keeps_its_mode_bits_and_other_files_follow_the_umask(tmp_path: Path) -> None:
+    """A script shipped with a model (an exec bit) comes back executable, from an archive and from
+    a store; everything else gets what the umask gives a new file. Archives of models without such
+    a file record no mode (and stay format 1.3)."""
+    from elves.archive import ArchiveReader
+    from elves.store import Store
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    (src / "run.sh").chmod(0o750)
+    (src / "notes.txt").write_text("plain\n")
+    (src / "notes.txt").chmod(0o600)
+    umask = os.umask(0o027)
+    try:
+        s = elves.compress(src, tmp_path / "m.elves")
+        with ArchiveReader(s.archive) as r:
+            assert {f.path: f.mode for f in r.files} == {"run.sh": 0o750, "notes.txt": None}
+            assert r.version == (1, 4)
+        out = elves.restore(s.archive, tmp_path / "out").output
+        store = Store.init(tmp_path / "s")
+        store.add(src, "m")
+        stored = store.restore("m", tmp_path / "from-store").output
+        with elves.open(s.archive) as a:
+            a.extract(["run.sh"], tmp_path / "some")
+        for folder in (out, stored, tmp_path / "some"):
+            assert (folder / "run.sh").stat().st_mode & 0o777 == 0o750 & ~0o027
+        for folder in (out, stored):
+            assert (folder / "notes.txt").stat().st_mode & 0o777 == 0o666 & ~0o027
+    finally:
+        os.umask(umask)
+    (src / "run.sh").chmod(0o640)
+    with ArchiveReader(elves.compress(src, tmp_path / "n.elves").archive) as r:
+        assert r.version == (1, 3) and all(f.mode is None for f in r.files)

@@ -18,7 +18,7 @@ from .. import dtypes
 from ..codecs import Pipeline
 from ..encoder import pipeline_for
 from ..errors import ElvesError
-from ..model import Segment, SourceFile, hash_segment, open_source, read_exact
+from ..model import Segment, SourceFile, hash_segment, kept_mode, open_source, read_exact
 from ..parallel import INLINE_BYTES, ordered_map
 from .layout import object_at, object_key
 from .manifests import PACK_BELOW, PACK_MAX
@@ -143,6 +143,7 @@ def add_files(storage: Storage, files: list[SourceFile], planner: DeltaPlanner |
             continue
         with open_source(sf.path) as fh:
             fd = fh.fileno()
+            mode = kept_mode(fd)
             segments: list[list[Any]] = []
             new: list[tuple[int, Segment, str, str, Pipeline, int]] = []
             packs: list[tuple[bytearray, list[int]]] = []   # packed bytes, the entries pointing in
@@ -215,4 +216,5 @@ def add_files(storage: Storage, files: list[SourceFile], planner: DeltaPlanner |
             "segments": segments,
             "tensors": [[t.name, t.dtype, list(t.shape), t.segment, t.offset,
                          list(t.strides) if t.strides is not None else None] for t in sf.tensors],
+            **({} if mode is None else {"mode": mode}),
         })

@@ -186,7 +186,7 @@ class Store:
         window = 2 * nthreads + 2
         with ThreadPoolExecutor(nthreads) as pool:
             files = man["files"]
-            return write_files(Path(dst), [(f["path"], f.get("link")) for f in files], man["source"] == "file",
+            return write_files(Path(dst), [(f["path"], f.get("link"), f.get("mode")) for f in files], man["source"] == "file",
                                force, Path(self.storage.where(manifest_at(name))),
                                lambda i, target: restore_file(self.storage, name, files[i], target, pool, window,
                                                               progress))
