@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Executor
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -50,6 +51,7 @@ class Written(ChunkSource, Protocol):
     """An archive being written, as the planner reads it back (``elves.archive.ArchiveWriter``)."""
 
     streams: list[Stream]
+    path: Path  # where errors point
 
     def flush(self) -> None: ...
 
@@ -116,7 +118,7 @@ class ReferencePlanner:
         self.lossy = lossy
         self.blocks = blocks
         self.deltas = DeltaPlanner(base)
-        self.sources = Sources(writer, writer.streams, getattr(writer, "path", base.path if base else None))  # type: ignore[arg-type]
+        self.sources = Sources(writer, writer.streams, writer.path)
         self.sources.content = base
         self.by_name: dict[tuple[str, str, int], list[int]] = {}    # (name, dtype, nbytes) -> streams, latest last
         self.by_size: dict[tuple[str, int], list[int]] = {}        # (dtype, nbytes) -> streams, latest last
