@@ -161,7 +161,7 @@ def compress(
             # Block maps cost a hash pass over every float tensor: offered in a lossy archive, and
             # where there is an earlier file to map against.
             several = sum(1 for f in files if any(seg.dtype in ELF_DTYPES for seg in f.segments)) > 1
-            planner = ReferencePlanner(writer, base_model, bound is not None, bound is not None or several)
+            planner = ReferencePlanner(writer, base_model, bound is not None or several)
             try:
                 for sf in widest_first(files):
                     if sf.link is not None:  # a link inside the model: kept as a link, never read through

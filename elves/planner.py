@@ -109,13 +109,11 @@ def widest_first(files: list[SourceFile]) -> list[SourceFile]:
 
 class ReferencePlanner:
     """Plans the references of one archive as it is written (``writer``), against its earlier
-    streams and, with ``base``, a base model. ``lossy``: the archive is lossy (``elf``), which
-    also offers the latest tensors of the same size. ``blocks``: block maps are offered (the
-    encoder then passes each float tensor's :func:`block_hashes`)."""
+    streams and, with ``base``, a base model. ``blocks``: block maps are offered (the encoder then
+    passes each float tensor's :func:`block_hashes`)."""
 
-    def __init__(self, writer: Written, base: BaseModel | None, lossy: bool, blocks: bool):
+    def __init__(self, writer: Written, base: BaseModel | None, blocks: bool):
         self.writer = writer
-        self.lossy = lossy
         self.blocks = blocks
         self.deltas = DeltaPlanner(base)
         self.sources = Sources(writer, writer.streams, writer.path)
