@@ -21,9 +21,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from elves.archive import MAGIC, ArchiveReader, Stream, safe_relpath
-from elves.chunks import decode_chunk
-from elves.codecs import Pipeline
+from elves.archive import MAGIC, ArchiveReader, safe_relpath
 from elves.errors import (
     ArchiveError,
     BaseMismatchError,
@@ -31,7 +29,7 @@ from elves.errors import (
     InputError,
 )
 from elves.model import SourceFile
-from elves.references import Reference
+from elves.references import Reference, RefReader
 
 READ_PIECE = 8 << 20
 
@@ -344,9 +342,7 @@ class ArchiveBase(BaseModel):
     def __init__(self, path: Path):
         super().__init__(path)
         self.reader = ArchiveReader(path)
-        self._pipelines: dict[int, Pipeline] = {}
-        self._starts: dict[int, np.ndarray] = {}
-        self._refs: dict[int, Callable[[int], np.ndarray] | None] = {}
+        self._streams: dict[int, RefReader] = {}  # stream index -> reader of its decoded bytes
         segs: dict[int, BaseSegment] = {}
         for entry in self.reader.files:
             for name, dt, shape, segment, offset, strides in entry.tensors:
@@ -371,39 +367,27 @@ class ArchiveBase(BaseModel):
     def _hash(self, wanted: Callable[[BaseSegment], bool], with_sha256: bool) -> None:
         pass  # every stream's hash is in the index; the decoder checks chunks as it reads them
 
-    def _stream(self, seg: BaseSegment) -> tuple[Stream, Pipeline, np.ndarray, Callable[[int], np.ndarray] | None]:
+    def _stream(self, seg: BaseSegment) -> RefReader:
         index = seg.loc[0]
         with self._lock:
-            if index not in self._pipelines:
+            if index not in self._streams:
                 stream = self.reader.streams[index]
                 ref = Reference.of(stream)
                 if ref is not None and ref.content is not None:
                     raise BaseModelError(
                         f"the base archive was itself compressed against a base (tensor {seg.names[0]!r}); "
                         "restore it and pass the restored model as the base", self.path)
-                self._pipelines[index] = stream.decoder()
-                self._starts[index] = np.concatenate(([0], np.cumsum([c[2] for c in stream.chunks])))
-                # a version coded against an earlier one in the same archive
-                self._refs[index] = self.reader.references.chunk_refs(stream)
-            return self.reader.streams[index], self._pipelines[index], self._starts[index], self._refs[index]
+                # a version coded against an earlier one in the same archive reads that one too
+                sources = self.reader.references
+                self._streams[index] = RefReader(self.reader, stream, index, sources.cache, sources.chunk_refs(stream))
+            return self._streams[index]
 
     def _read_segment(self, seg: BaseSegment, offset: int, length: int) -> np.ndarray:
-        stream, pipeline, starts, ref_of = self._stream(seg)
-        first = int(np.searchsorted(starts, offset, side="right")) - 1
         out = np.empty(length, dtype=np.uint8)
-        pos = 0
-        i = first
-        while pos < length:
-            lo, hi = int(starts[i]), int(starts[i + 1])
-            try:
-                chunk = decode_chunk(self.reader, stream, pipeline, i, ref_of(i) if ref_of is not None else None)
-            except ArchiveError as e:
-                raise type(e)(f"base tensor {seg.names[0]!r}: chunk {i}: {e.message}", self.path) from None
-            a = offset + pos - lo
-            take = min(hi - lo - a, length - pos)
-            out[pos:pos + take] = chunk[a:a + take]
-            pos += take
-            i += 1
+        try:
+            self._stream(seg).read(offset, out)
+        except ArchiveError as e:
+            raise type(e)(f"base tensor {seg.names[0]!r}: {e.message}", self.path) from None
         return out
 
     def summary(self) -> dict[str, Any]:

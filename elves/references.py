@@ -33,6 +33,7 @@ import numpy as np
 from . import casts, dtypes
 from .chunks import ChunkSource, decode_chunk
 from .errors import (
+    ArchiveError,
     BaseMismatchError,
     BaseRequiredError,
     CorruptArchiveError,
@@ -142,21 +143,28 @@ class ChunkCache:
 
 
 class RefReader:
-    """Reads the decoded bytes of referenced stream ``index`` at any offset, decoding the chunks
-    it needs unless ``cache`` holds them. Thread-safe."""
+    """Reads the decoded bytes of stream ``index`` at any offset, decoding the chunks it needs
+    unless ``cache`` holds them; ``refs`` gives each chunk's reference, for a stream coded against
+    one (a base archive's tensor read as a reference; a referenced stream itself has none).
+    Thread-safe."""
 
-    def __init__(self, source: ChunkSource, stream: Stream, index: int, cache: ChunkCache):
+    def __init__(self, source: ChunkSource, stream: Stream, index: int, cache: ChunkCache,
+                 refs: Callable[[int], np.ndarray] | None = None):
         self.source = source
         self.stream = stream
         self.index = index
         self.cache = cache
+        self.refs = refs
         self.pipeline = stream.decoder()
         self.starts = np.concatenate(([0], np.cumsum([c[2] for c in stream.chunks], dtype=np.int64)))
 
     def _chunk(self, i: int) -> np.ndarray:
         got = self.cache.get((self.index, i))
         if got is None:
-            got = decode_chunk(self.source, self.stream, self.pipeline, i)
+            try:
+                got = decode_chunk(self.source, self.stream, self.pipeline, i, self.refs(i) if self.refs else None)
+            except ArchiveError as e:  # say which chunk of which stream: the caller names only its own
+                raise type(e)(f"chunk {i} of stream {self.index}: {e.message}", e.path) from None
             self.cache.put((self.index, i), got)
         return got
 

@@ -21,7 +21,7 @@ from elves.archive import ArchiveReader
 from elves.codecs import Pipeline, codec_from_config
 from elves.codecs.planes import Planes
 from elves.codecs.rans import Rans
-from elves.errors import BaseMismatchError, BaseRequiredError, CodecError
+from elves.errors import BaseMismatchError, BaseRequiredError, CodecError, CorruptArchiveError
 from tests.conftest import tree_hashes, write_safetensors
 
 NP = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32}
@@ -494,3 +494,23 @@ def test_astra_against_merlin_first_shard(dataset, tmp_path: Path) -> None:
     # a heavy BF16 fine-tune against a truncated torch zip holding 443 of 930 base tensors
     delta, alone = _real_pair(dataset("astra") / "astra_encoder.pt", dataset("merlin-p1") / "part.bin", tmp_path)
     assert delta < alone
+
+
+def test_a_damaged_base_archive_names_the_tensor_and_chunk(pair: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """A base given as an .elves archive whose referenced payload was damaged: the error names
+    the base tensor, the chunk and the stream, and nothing is restored."""
+    from elves.archive import ArchiveReader
+
+    base, ft, _ = pair
+    base_archive = tmp_path / "base.elves"
+    elves.compress(base, base_archive)
+    archive = elves.compress(ft, tmp_path / "ft.elves", base=base_archive).archive
+    with ArchiveReader(base_archive) as r:
+        stream = max((s for s in r.streams if s.kind == "tensor"), key=lambda s: s.nbytes)
+        offset = stream.chunks[0].offset
+    data = bytearray(base_archive.read_bytes())
+    data[offset] ^= 0xFF
+    base_archive.write_bytes(bytes(data))
+    with pytest.raises(CorruptArchiveError, match=r"base tensor '.*': chunk 0 of stream \d+: .*checksum mismatch"):
+        elves.restore(archive, tmp_path / "out", base=base_archive)
+    assert not (tmp_path / "out").exists()
