@@ -113,6 +113,36 @@ class StoreError(ElvesError):
     exit_help = "store problem (not a store, unknown or duplicate model name, a base that does not fit)"
 
 
+class HubError(ElvesError):
+    """The Hub (or a mirror's upstream) failed a request: unreachable, or an answer that makes no
+    sense. ``path`` names the URL or the repo."""
+
+    exit_code = 9
+    exit_help = "the Hub failed a request (unreachable, or an unexpected answer)"
+
+
+class HubNotFoundError(HubError):
+    """The repo, revision or file does not exist on the Hub (or is private and no token opens it)."""
+
+    exit_code = 10
+    exit_help = "no such repo, revision or file on the Hub"
+
+
+class HubAccessError(HubError):
+    """The Hub refused access: a gated or private repo without a token that opens it, or a
+    mirror client without one of the mirror's tokens."""
+
+    exit_code = 11
+    exit_help = "the Hub refused access (gated or private repo: give a token)"
+
+
+class HubIntegrityError(HubError):
+    """A file from the Hub does not match its listing's sha256 or git blob id: nothing of it is stored."""
+
+    exit_code = 12
+    exit_help = "a download did not match its sha256 or blob id"
+
+
 class BoundError(CodecError, ValueError):
     """An error bound that cannot be used (malformed, not positive, a relative bound >= 1)."""
 

@@ -8,10 +8,10 @@ comparison of sampled tensors), ``ranking`` (candidate bases weighed on all the 
 """
 from .clustering import Family, cluster
 from .naming import awaits, model_key
-from .profiling import ModelProfile, front_matter_base_model, profile, sample_positions
+from .profiling import ModelProfile, Profiler, front_matter_base_model, profile, sample_positions
 from .ranking import BaseMatch, find_base, rank
 
 __all__ = [
-    "BaseMatch", "Family", "ModelProfile", "awaits", "cluster", "find_base", "front_matter_base_model", "model_key",
+    "BaseMatch", "Family", "ModelProfile", "Profiler", "awaits", "cluster", "find_base", "front_matter_base_model", "model_key",
     "profile", "rank", "sample_positions",
 ]

@@ -10,8 +10,10 @@ from .profiling import ModelProfile
 
 
 def model_key(name: str) -> str:
-    """A model name as metadata may spell it: last path component, lower case, ``_`` as ``-``."""
-    return name.strip().rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower().replace("_", "-")
+    """A model name as metadata may spell it: last path component, lower case, ``_`` as ``-``;
+    a revision after ``@`` (``org/name@<commit>``, as the mirror names what it stores) is not part
+    of it."""
+    return name.strip().rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].split("@", 1)[0].lower().replace("_", "-")
 
 
 def declared_bases(p: ModelProfile) -> list[tuple[str, str]]:

@@ -131,15 +131,14 @@ def _hash_range(fd: int, offset: int, length: int, width: int, path: Path) -> tu
 class _Sampleable(NamedTuple):
     """A float tensor that may be sampled: where its bytes are."""
 
-    file: int
     dtype: str
     offset: int
     nbytes: int
     shape: tuple[int, ...]
 
 
-def _file_tensors(fi: int, sf: SourceFile, prof: ModelProfile, picked: dict[str, _Sampleable]) -> None:
-    """Append the tensors of ``sf`` (file number ``fi``) to ``prof``, hashing each segment once,
+def _file_tensors(sf: SourceFile, prof: ModelProfile, picked: dict[str, _Sampleable]) -> None:
+    """Append the tensors of ``sf`` to ``prof``, hashing each segment once,
     and note in ``picked`` the float tensors that may be sampled (the first of each name)."""
     fd = os.open(sf.path, os.O_RDONLY)
     try:
@@ -170,7 +169,7 @@ def _file_tensors(fi: int, sf: SourceFile, prof: ModelProfile, picked: dict[str,
                 d = digest(t.segment, t.offset, size, width)
                 nbytes = size
                 if t.dtype in FLOAT_DTYPES and count >= MIN_SAMPLED_ELEMENTS:
-                    picked.setdefault(t.name, _Sampleable(fi, t.dtype, seg.offset + t.offset, size, tuple(t.shape)))
+                    picked.setdefault(t.name, _Sampleable(t.dtype, seg.offset + t.offset, size, tuple(t.shape)))
             else:
                 d, nbytes = digest(t.segment, 0, seg.length, 1), seg.length
             prof.tensors.append(TensorInfo(t.name, t.dtype, tuple(t.shape), d, nbytes))
@@ -183,30 +182,10 @@ def _file_tensors(fi: int, sf: SourceFile, prof: ModelProfile, picked: dict[str,
             shape = (seg.length // width,) if known and seg.length % width == 0 else (seg.length,)
             prof.tensors.append(TensorInfo(name, seg.dtype, shape, digest(si, 0, seg.length, width), seg.length))
             if seg.dtype in FLOAT_DTYPES and seg.length >= MIN_SAMPLED_ELEMENTS * width and seg.length % width == 0:
-                picked.setdefault(name, _Sampleable(fi, seg.dtype, seg.offset, seg.length, shape))
+                picked.setdefault(name, _Sampleable(seg.dtype, seg.offset, seg.length, shape))
         prof.constant = sorted(constant)
     finally:
         os.close(fd)
-
-
-def _take_samples(files: list[SourceFile], picked: dict[str, _Sampleable]) -> dict[str, bytes]:
-    """The bytes at :func:`sample_positions` of up to :data:`SAMPLED_TENSORS` of the candidates,
-    chosen by the smallest hash of their prefix-free name: the choice depends on a tensor's name
-    alone, so a model and a truncated or extended copy of it sample mostly the same tensors."""
-    rank = sorted(picked, key=lambda n: (xxhash.xxh64_intdigest(normalize(n).encode()), n))[:SAMPLED_TENSORS]
-    out: dict[str, bytes] = {}
-    fds: dict[int, int] = {}
-    try:
-        for name in rank:
-            s = picked[name]
-            if s.file not in fds:
-                fds[s.file] = os.open(files[s.file].path, os.O_RDONLY)
-            out[name] = b"".join(read_exact(fds[s.file], s.offset + off, length, files[s.file].path)
-                                 for off, length in sample_positions(s.dtype, s.shape, s.nbytes))
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-    return out
 
 
 def _read_meta(path: Path, warnings: list[str]) -> bytes | None:
@@ -250,8 +229,8 @@ def front_matter_base_model(text: str) -> list[str]:
     return [v for v in out if v]
 
 
-def _metadata(root: Path, prof: ModelProfile) -> None:
-    raw = _read_meta(root / "config.json", prof.warnings)
+def _metadata(root: Path, prof: ModelProfile, only: str) -> None:
+    raw = _read_meta(root / "config.json", prof.warnings) if only == "config.json" else None
     if raw is not None:
         try:
             config = json.loads(raw)
@@ -266,9 +245,72 @@ def _metadata(root: Path, prof: ModelProfile) -> None:
                 prof.architectures += [a for a in archs if isinstance(a, str)]
             if isinstance(config.get("model_type"), str):
                 prof.architectures.append(config["model_type"])
-    raw = _read_meta(root / "README.md", prof.warnings)
+    raw = _read_meta(root / "README.md", prof.warnings) if only == "README.md" else None
     if raw is not None:
         prof.base_model = front_matter_base_model(raw.decode("utf-8", errors="replace"))
+
+
+class Profiler:
+    """Builds a model's profile file by file, for an add that sees one file at a time (the
+    mirror's pull). Fed a folder's files in walk order, each while it is on disk, it gives what
+    :func:`profile` gives for the folder. Its state round-trips through JSON
+    (:meth:`to_json`), so that an add resumed after a crash goes on where it stopped."""
+
+    def __init__(self, name: str):
+        self.prof = ModelProfile(name=name)
+        self._candidates: list[str] = []    # names of the float tensors that may be sampled, ranked
+
+    def metadata(self, relpath: str, path: Path) -> None:
+        """Read the metadata of the model's top-level config.json or README.md at ``path``."""
+        if relpath in ("config.json", "README.md"):
+            _metadata(path.parent, self.prof, only=relpath)
+
+    def add(self, sf: SourceFile) -> None:
+        """Profile the tensors of ``sf``, and sample those that rank among the
+        :data:`SAMPLED_TENSORS` kept: the choice depends on a tensor's name alone, so the ranks
+        over the files seen so far contain those over the whole model."""
+        if not any(s.dtype is not None for s in sf.segments):
+            return
+        picked: dict[str, _Sampleable] = {}
+        _file_tensors(sf, self.prof, picked)
+        fresh = [n for n in picked if n not in self.prof.samples and n not in self._candidates]
+        self._candidates = sorted(self._candidates + fresh, key=_rank)[:SAMPLED_TENSORS]
+        kept = set(self._candidates)
+        self.prof.samples = {n: v for n, v in self.prof.samples.items() if n in kept}
+        wanted = [n for n in fresh if n in kept]
+        if wanted:
+            fd = os.open(sf.path, os.O_RDONLY)
+            try:
+                for n in wanted:
+                    s = picked[n]
+                    self.prof.samples[n] = b"".join(read_exact(fd, s.offset + off, length, sf.path)
+                                                    for off, length in sample_positions(s.dtype, s.shape, s.nbytes))
+            finally:
+                os.close(fd)
+
+    def result(self) -> ModelProfile:
+        """The profile, its samples in rank order."""
+        self.prof.samples = {n: self.prof.samples[n] for n in self._candidates if n in self.prof.samples}
+        return self.prof
+
+    def to_json(self) -> dict[str, Any]:
+        return {"profile": self.prof.to_json(), "candidates": list(self._candidates)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Profiler:
+        """The profiler :meth:`to_json` saved; :class:`ArchiveError` if ``d`` is not one."""
+        if not isinstance(d, dict) or not isinstance(d.get("profile"), dict) or not isinstance(d.get("candidates"), list):
+            raise ArchiveError("malformed profiler state")
+        out = cls("")
+        out.prof = ModelProfile.from_json(d["profile"])
+        out._candidates = [str(n) for n in d["candidates"]][:SAMPLED_TENSORS]
+        return out
+
+
+def _rank(name: str) -> tuple[int, str]:
+    """Tensors are sampled by the smallest hash of their prefix-free name, so that a model and a
+    truncated or extended copy of it sample mostly the same tensors."""
+    return xxhash.xxh64_intdigest(normalize(name).encode()), name
 
 
 def profile(path: str | os.PathLike[str], name: str | None = None) -> ModelProfile:
@@ -281,12 +323,9 @@ def profile(path: str | os.PathLike[str], name: str | None = None) -> ModelProfi
     """
     root = Path(path)
     files, single = read_model(root)
-    prof = ModelProfile(name=name or (root.stem if single else root.name))
-    if not single:
-        _metadata(root, prof)
-    picked: dict[str, _Sampleable] = {}
-    for fi, sf in enumerate(files):
-        if any(s.dtype is not None for s in sf.segments):
-            _file_tensors(fi, sf, prof, picked)
-    prof.samples = _take_samples(files, picked)
-    return prof
+    profiler = Profiler(name or (root.stem if single else root.name))
+    for sf in files:
+        if not single:
+            profiler.metadata(sf.relpath, sf.path)
+        profiler.add(sf)
+    return profiler.result()

@@ -67,6 +67,13 @@ def read_model(src: str | os.PathLike[str], follow_symlinks: bool = False) -> tu
     return files, False
 
 
+def walk_key(relpath: str) -> tuple[tuple[int, str], ...]:
+    """Sorts the relative paths of a model's files as :func:`read_model` walks them: each
+    folder's files by name, then its subfolders by name."""
+    *folders, name = relpath.split("/")
+    return (*((1, f) for f in folders), (0, name))
+
+
 def _entries(folder: Path) -> list[tuple[os.DirEntry[str], int]]:
     """The folder's entries by name, each with its own mode (a link's, not its target's)."""
     try:

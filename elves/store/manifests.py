@@ -71,6 +71,8 @@ def check_manifest(raw: Any, key: str, path: Path) -> dict[str, Any]:
         f.fail(f"has an invalid 'base' {base!r:.80}")
     if not all(isinstance(r, str) for r in f.list("reasons", [])):
         f.fail("has a malformed 'reasons' (strings expected)")
+    if not isinstance(raw.get("origin", {}), dict):
+        f.fail("has a malformed 'origin' (an object expected)")
     files = [_check_file(e, path) for e in f.list("files")]
     if not files or (source == "file" and len(files) != 1):
         f.fail(f"lists {len(files)} files for a model added as a {source}")

@@ -9,8 +9,10 @@ from typing import Any
 
 import numpy as np
 
+from ..chunks import decode_chunk
 from ..decoder import Sha256Beside, iter_stream, open_new
 from ..errors import ArchiveError, CorruptArchiveError, OutputError
+from ..parallel import ordered_map
 from .layout import manifest_at, object_at
 from .manifests import PACK_MAX
 from .objects import StoredObject
@@ -37,6 +39,58 @@ def iter_object(storage: Storage, key: str, pool: Executor, window: int, at: str
         if m.refs:  # its trailer's check made them the one object its xor filter reads
             obj.references.content, obj.references.owns_content = StoreBase(storage, keys=m.refs), True
         yield from iter_stream(obj, 0, pool, window)
+
+
+def object_range(storage: Storage, key: str, start: int, stop: int, pool: Executor, window: int,
+                 nbytes: int) -> Iterator[np.ndarray]:
+    """Bytes ``[start, stop)`` of object ``key``: only the chunks that overlap them are read and
+    decoded, each checked against its checksum (the object's hash needs all of it)."""
+    with StoredObject(storage, key) as obj:
+        m = obj.meta
+        if m.nbytes != nbytes:
+            raise CorruptArchiveError(f"object {key} holds {m.nbytes} bytes, but the manifest says {nbytes}",
+                                      obj.path)
+        if m.refs:
+            obj.references.content, obj.references.owns_content = StoreBase(storage, keys=m.refs), True
+        pipeline = m.decoder()
+        ref_of = obj.references.chunk_refs(m)
+        step = m.chunk_bytes  # every chunk but the last is this long (check_chunks)
+        first, last = start // step, (stop - 1) // step
+
+        def decode(i: int) -> np.ndarray:
+            try:
+                return decode_chunk(obj, m, pipeline, i, ref_of(i) if ref_of is not None else None)
+            except ArchiveError as e:
+                raise type(e)(f"object {key}: chunk {i}: {e.message}", obj.path) from None
+
+        for i, chunk in zip(range(first, last + 1), ordered_map(pool, decode, range(first, last + 1), window)):
+            lo = max(start - i * step, 0)
+            yield chunk[lo:stop - i * step]
+
+
+def file_range(storage: Storage, name: str, entry: dict[str, Any], start: int, stop: int, pool: Executor,
+               window: int) -> Iterator[np.ndarray]:
+    """Bytes ``[start, stop)`` of one file of model ``name`` (``0 <= start < stop <= size``), as a
+    served Range needs them: only the objects, and the chunks of them, that overlap the range
+    are decoded. Each chunk is checked; the file's sha256 is not (:func:`file_parts` checks it)."""
+    pos = 0
+    try:
+        for key, length, *at in entry["segments"]:
+            lo, hi = max(start - pos, 0), min(stop - pos, length)
+            pos += length
+            if lo >= hi:
+                continue
+            if at:
+                pack = np.concatenate([np.empty(0, np.uint8), *iter_object(storage, key, pool, window, pack=True)])
+                part = pack[at[0] + lo:at[0] + hi]
+                if len(part) != hi - lo:
+                    raise CorruptArchiveError(f"a slice of pack object {key} lies outside it",
+                                              storage.where(object_at(key)))
+                yield part
+            else:
+                yield from object_range(storage, key, lo, hi, pool, window, length)
+    except ArchiveError as e:
+        raise type(e)(f"model {name!r}, file {entry['path']}: {e.message}", e.path) from None
 
 
 def file_parts(storage: Storage, name: str, entry: dict[str, Any], pool: Executor,

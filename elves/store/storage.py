@@ -260,17 +260,23 @@ class LocalStorage:
         tmp, final = self.root / temp, self.root / key
         try:
             with _writing(str(final)):
-                try:
-                    os.mkdir(final.parent)
-                except FileExistsError:
-                    pass
-                if not stat.S_ISDIR(os.lstat(final.parent).st_mode):
-                    raise StoreError("is a symbolic link or not a folder: the store writes through no links",
-                                     final.parent)
+                self._folders(key)
                 os.replace(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+    def _folders(self, key: str) -> None:
+        """Make the folders ``key`` lies in, below the store's top folders, refusing links."""
+        *folders, _ = key.split("/")
+        for i in range(len(folders)):
+            sub = self.root.joinpath(*folders[:i + 1])
+            try:
+                os.mkdir(sub)
+            except FileExistsError:
+                pass
+            if not stat.S_ISDIR(os.lstat(sub).st_mode):
+                raise StoreError("is a symbolic link or not a folder: the store writes through no links", sub)
 
     def sync(self, folders: Iterable[str]) -> None:
         for folder in folders:
@@ -280,6 +286,7 @@ class LocalStorage:
     def put(self, key: str, data: bytes) -> None:
         dst = self.root / key
         with _writing(str(dst)):
+            self._folders(key)
             fd, name = tempfile.mkstemp(prefix="json.", dir=self.root / "tmp")
             try:
                 with os.fdopen(fd, "wb") as f:

@@ -4,45 +4,27 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 from .. import families
 from ..decoder import RestoreSummary, write_files
-from ..errors import ArchiveError, ElvesError, InputError, OutputError, StoreError
-from ..families import Family
+from ..errors import ArchiveError, InputError, StoreError, UsageError
+from ..families import Family, ModelProfile
 from ..index import ints
 from ..parallel import default_threads
 from ..readers import read_model
 from . import maintenance, verify
-from .ingest import Added, ProgressFn, add_files
-from .layout import (
-    FOLDERS,
-    MARKER,
-    MODELS,
-    NAME_RE,
-    OBJECTS,
-    STORE_VERSION,
-    manifest_at,
-    profile_at,
-)
+from .ingest import ProgressFn
+from .layout import FOLDERS, MARKER, MODELS, STORE_VERSION, manifest_at, profile_at
 from .manifests import manifest, manifests, profiles, read_json, write_json
 from .model_view import StoredModel
-from .planner import check_fits, choose_base, derived, planner
-from .reading import restore_file
-from .reports import (
-    AddResult,
-    GcReport,
-    ModelEntry,
-    RepackReport,
-    StoreStats,
-    StoreVerifyReport,
-)
+from .reading import file_parts, file_range, restore_file
+from .reports import AddResult, GcReport, ModelEntry, RepackReport, StoreStats, StoreVerifyReport
+from .staging import StagedAdd, check_name
 from .storage import LocalStorage, Storage
-
-
-def _utcnow() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def default_name(src: str | os.PathLike[str]) -> str:
@@ -100,70 +82,35 @@ class Store:
         t0 = time.perf_counter()
         src = Path(src)
         name = name or default_name(src)
-        if not NAME_RE.fullmatch(name) or len(name) > 200 or name in ("auto", "none"):
-            raise StoreError(f"invalid model name {name!r}: use letters, digits and . _ + @ -, "
-                             "with at most one / (org/model)")
+        check_name(name)
         files, single = read_model(src, follow_symlinks)
         if not files:  # a manifest of no files would be refused by every later read
             raise InputError("the folder holds no files to add", src)
         prof = families.profile(src, name)
-        nthreads = default_threads(threads)
-        st = self.storage
-        with st.locked(), ThreadPoolExecutor(nthreads) as pool:
-            if st.exists(manifest_at(name)):
-                raise StoreError(f"a model named {name!r} is already in the store: `rm` it first or add under "
-                                 "another name", self.path)
-            mans = manifests(st)
-            stored = list(zip(mans, profiles(st, mans)))
-            below = derived(prof, stored)
-            reasons: list[str] = []
-            chosen: str | None = None
-            if base == "auto":
-                chosen, reasons = choose_base(prof, stored, [n for n, _ in below])
-            elif base is not None:
-                manifest(st, base)  # a clear error for an unknown name
-                chosen, reasons = base, ["given by hand"]
-            plan, models = planner(st, chosen) if chosen else (None, None)
-            out = Added([], [], [])
-            try:
-                try:
-                    if plan is not None and base not in (None, "auto"):
-                        check_fits(plan, files, base, str(self.path))
-                    add_files(st, files, plan, pool, nthreads, progress, out)
-                finally:
-                    if models is not None:
-                        models.close()
-                if chosen is not None and out.tensors and out.delta == 0:
-                    reasons.append(f"no tensor was smaller coded against {chosen!r}")
-                # the objects' renames are durable before the manifest that names them
-                st.sync({f"{OBJECTS}{o.key[:2]}/" for o in out.written} | {OBJECTS})
-                added = sum(o.meta.size for o in out.written)
-                added += write_json(st, profile_at(name), prof.to_json())
-                added += write_json(st, manifest_at(name), {
-                    "format": "elves-store-model", "version": list(STORE_VERSION), "name": name,
-                    "seq": max((m["seq"] for m in mans), default=0) + 1, "added": _utcnow(),
-                    "source": "file" if single else "folder", "base": chosen, "reasons": reasons,
-                    "files": out.entries,
-                })
-            except BaseException:
-                if not st.exists(manifest_at(name)):  # nothing names what it wrote
-                    for key in out.created + [profile_at(name)]:
-                        try:
-                            st.delete(key)
-                        except ElvesError:  # the failing disk keeps it: gc does the rest
-                            pass
-                raise
-            result = AddResult(name, chosen, reasons, sum(f.size for f in files), added, out.new,
-                               out.reused, out.delta)
-            try:
-                report = maintenance.repack(st, pool, nthreads, only_base=name, below=below)
-            except OutputError as e:  # the model is in; re-coding others can wait for `repack`
-                report = RepackReport(skipped=[f"re-coding models stored before it as its deltas stopped: {e}"])
-            result.repacked = [m for m, _ in report.models]
-            result.notes = report.skipped
-            result.bytes_added -= report.bytes_saved
+        with self.stage(name, base=base, threads=threads, progress=progress, profile=prof) as staged:
+            staged.check_fits(files)
+            for sf in files:
+                staged.add_source(sf)
+            result = staged.commit(source="file" if single else "folder")
         result.seconds = time.perf_counter() - t0
         return result
+
+    @contextmanager
+    def stage(self, name: str, *, base: str | None = "auto", threads: int | None = None,
+              progress: ProgressFn | None = None, profile: ModelProfile | None = None,
+              resumable: bool = False, replace: bool = False) -> Iterator[StagedAdd]:
+        """Add model ``name`` file by file (:class:`~elves.store.staging.StagedAdd`), holding
+        the store's writer lock until the block ends: what the mirror's pull does as files
+        arrive. With ``resumable``, an add cut short is taken up by the next one of that name;
+        with ``replace``, a stored model of that name is replaced when the add commits."""
+        nthreads = default_threads(threads)
+        with self.storage.locked(), ThreadPoolExecutor(nthreads) as pool:
+            with StagedAdd(self.storage, name, base, pool, nthreads, progress, profile, resumable, replace) as staged:
+                yield staged
+
+    def locked(self) -> AbstractContextManager[None]:
+        """The store's writer lock, held by the block (for several changes made as one)."""
+        return self.storage.locked()
 
     def models(self) -> list[ModelEntry]:
         """The stored models, in the order they were added."""
@@ -191,10 +138,38 @@ class Store:
                                lambda i, target: restore_file(self.storage, name, files[i], target, pool, window,
                                                               progress))
 
-    def remove(self, name: str) -> None:
+    def read_file(self, name: str, path: str, start: int = 0, stop: int | None = None, *,
+                  pool: Executor | None = None) -> Iterator[bytes]:
+        """The bytes of file ``path`` of model ``name``, decoded as they are needed: all of it,
+        checked against its sha256 at the end; or ``[start, stop)`` of it, decoding only the
+        chunks that overlap (each checked by its checksum). Memory stays at a few chunks.
+        ``pool`` decodes chunks beside each other (a server shares one among its requests)."""
+        man = manifest(self.storage, name)
+        entry = next((f for f in man["files"] if f["path"] == path and f.get("link") is None), None)
+        if entry is None:
+            raise StoreError(f"model {name!r} has no file {path!r}", self.storage.where(manifest_at(name)))
+        stop = entry["size"] if stop is None else stop
+        if not 0 <= start <= stop <= entry["size"]:
+            raise UsageError(f"bytes {start}-{stop} lie outside {path!r} ({entry['size']} bytes)")
+        own = pool is None
+        pool = pool or ThreadPoolExecutor(default_threads(None))
+        window = 8
+        try:
+            if start == stop:
+                return
+            parts = (file_parts(self.storage, name, entry, pool, window) if (start, stop) == (0, entry["size"])
+                     else file_range(self.storage, name, entry, start, stop, pool, window))
+            for part in parts:
+                yield part.tobytes()
+        finally:
+            if own:
+                pool.shutdown()
+
+    def remove(self, name: str, *, locked: bool = False) -> None:
         """Remove model ``name`` from the store. Its data stays until :meth:`gc`, and whatever
-        another model's deltas reference stays after that too."""
-        with self.storage.locked():
+        another model's deltas reference stays after that too. ``locked``: the caller holds
+        the writer lock (:meth:`locked`)."""
+        with nullcontext() if locked else self.storage.locked():
             manifest(self.storage, name)
             self.storage.delete(manifest_at(name))
             self.storage.sync([MODELS])

@@ -1,0 +1,17 @@
+"""The Hugging Face Hub mirror: Hub repos pulled into a store, exported as plain folders or as
+the Hub's own cache, and served through the Hub's download API.
+
+    >>> from elves.store import Store
+    >>> from elves import mirror
+    >>> store = Store("hub.store")
+    >>> mirror.pull(store, "sentence-transformers/all-MiniLM-L6-v2")     # HF_ENDPOINT, HF_TOKEN honoured
+    >>> mirror.update(store)                                            # follow every tracked revision
+
+Modules, one concept each: ``records`` (what the mirror keeps of each repo, in the store),
+``hub`` (the upstream Hub, through huggingface_hub), ``pull`` (pull, update, remove).
+"""
+from .pull import PullProgress, PullResult, UpdateResult, pull, remove, update
+from .records import RemoteFile, RepoRecord, Snapshot, repos, snapshot
+
+__all__ = ["PullProgress", "PullResult", "RemoteFile", "RepoRecord", "Snapshot", "UpdateResult", "pull", "remove",
+           "repos", "snapshot", "update"]
