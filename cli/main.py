@@ -40,6 +40,7 @@ from ._common import (
     warn,
 )
 from .contents import extract, ls
+from .mirror import mirror
 from .store import store
 
 base_option = click.option("--base", "base", type=click.Path(exists=True, path_type=Path), default=None,
@@ -370,6 +371,7 @@ def completion(ctx: click.Context, shell: str | None) -> None:
 main.add_command(ls)
 main.add_command(extract)
 main.add_command(store)
+main.add_command(mirror)
 
 if __name__ == "__main__":
     main()

@@ -204,6 +204,7 @@ class Repo:
 @dataclass
 class Download:
     key: str          # "{repo_id}/{path}", "datasets/" in front for a dataset
+    start: int = 0    # the first byte asked for (a Range continuing a cut download starts later)
     bytes_sent: int = 0
 
 
@@ -233,7 +234,8 @@ class HubStandin:
     ``requests`` logs (method, raw path without query, Range header) of every request in order;
     ``downloads()`` counts GETs that started sending a file's content (on resolve or on the CDN),
     ``bytes_served()`` what they sent. ``fail_after[path] = n`` cuts the next download of ``path``
-    after n body bytes (once), as a network failure mid-file would.
+    after n body bytes (once), as a network failure mid-file would. ``rate`` (bytes a second)
+    slows every download down, so that a test can stop a client halfway.
     """
 
     def __init__(self) -> None:
@@ -242,6 +244,7 @@ class HubStandin:
         self.tokens: set[str] = {"hf_good"}
         self.page_size = 1000
         self.fail_after: dict[str, int] = {}
+        self.rate: float | None = None
         self.requests: list[tuple[str, str, str | None]] = []
         self._downloads: list[Download] = []
         self._repos: dict[tuple[str, str], Repo] = {}
@@ -338,6 +341,12 @@ class HubStandin:
         ``{repo_id}/{path}`` ends with ``path_suffix``."""
         with self._lock:
             return sum(1 for d in self._downloads if path_suffix is None or d.key.endswith(path_suffix))
+
+    def fresh_downloads(self, path_suffix: str | None = None) -> int:
+        """:meth:`downloads` that started from the file's first byte (no Range continuing one)."""
+        with self._lock:
+            return sum(1 for d in self._downloads
+                       if d.start == 0 and (path_suffix is None or d.key.endswith(path_suffix)))
 
     def bytes_served(self, path_suffix: str | None = None) -> int:
         with self._lock:
@@ -562,7 +571,7 @@ class HubStandin:
         headers["Content-Length"] = str(end - start)
         if request.method == "HEAD":
             return Response(status_code=status, headers=headers, media_type="application/octet-stream")
-        download = Download(key)
+        download = Download(key, start)
         with self._lock:
             self._downloads.append(download)
             cut = self.fail_after.pop(path, None)
@@ -577,5 +586,11 @@ class HubStandin:
                     download.bytes_sent += len(piece)
                     yield piece
                 raise SimulatedNetworkFailure(f"{download.key}: connection cut after {cut} bytes")
+            if self.rate:  # slowed down in small slices, each counted once it is handed over
+                for i in range(0, len(piece), 1 << 16):
+                    time.sleep(len(piece[i:i + (1 << 16)]) / self.rate)
+                    download.bytes_sent += len(piece[i:i + (1 << 16)])
+                    yield piece[i:i + (1 << 16)]
+                continue
             download.bytes_sent += len(piece)
             yield piece

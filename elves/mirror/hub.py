@@ -63,7 +63,8 @@ class Hub:
 
     def __init__(self, endpoint: str | None = None, token: str | None = None):
         from huggingface_hub import HfApi
-        self.api = HfApi(endpoint=endpoint, token=token)
+        # read now, not when huggingface_hub was imported: a caller may have set it since
+        self.api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token)
         self.endpoint: str = self.api.endpoint.rstrip("/")
         self.token = token
 
@@ -117,16 +118,15 @@ class Hub:
         url = self.url(repo_type, repo_id, commit, f.path)
         part = dst.with_name(dst.name + ".part")
         label = f"{repo_id}@{commit[:12]}: {f.path}"
-        digest = hashlib.sha256() if f.lfs_sha256 else git_blob_id(f.size)
-        have = 0
-        if part.exists():  # what an interrupted run got: hashed again, then continued
-            with open(part, "rb") as fh:
-                while piece := fh.read(PIECE):
-                    digest.update(piece)
-                    have += len(piece)
-            if have > f.size:
-                part.unlink()
-                digest, have = (hashlib.sha256() if f.lfs_sha256 else git_blob_id(f.size)), 0
+        if dst.exists():  # complete before an interruption, and not stored yet: checked again
+            digest, have = _hashed(f, dst)
+            if have == f.size and digest.hexdigest() == f.etag:
+                return
+            dst.unlink()
+        digest, have = _hashed(f, part)
+        if have > f.size:
+            part.unlink()
+            digest, have = _hashed(f, part)
         headers = build_hf_headers(token=self.token)
         if have:
             headers["Range"] = f"bytes={have}-"
@@ -134,6 +134,8 @@ class Hub:
         try:
             with _hub_errors(label, url):
                 for _ in range(MAX_REDIRECTS):
+                    if have == f.size:  # all there before the run was cut: nothing to ask for
+                        break
                     with session.stream("GET", url, headers=headers, follow_redirects=False, timeout=TIMEOUT) as r:
                         if r.has_redirect_location:
                             target = urljoin(url, r.headers["Location"])
@@ -144,9 +146,10 @@ class Hub:
                             continue
                         hf_raise_for_status(r)
                         if have and r.status_code != 206:  # the server ignored the Range: start over
-                            digest, have = (hashlib.sha256() if f.lfs_sha256 else git_blob_id(f.size)), 0
+                            part.unlink()
+                            digest, have = _hashed(f, part)
                         with open(part, "ab" if have else "wb") as out:
-                            for piece in r.iter_bytes(PIECE):
+                            for piece in r.iter_bytes():  # as it arrives: a cut loses nothing received
                                 if have + len(piece) > f.size:
                                     raise HubIntegrityError(f"{label}: the Hub sent more than its {f.size} bytes", url)
                                 out.write(piece)
@@ -163,11 +166,26 @@ class Hub:
             raise OutputError(f"cannot stage {f.path}: {e.strerror}", part) from None
         if have != f.size:
             raise HubError(f"{label}: the download stopped at {have} of {f.size} bytes", url)
-        if digest.hexdigest() != (f.lfs_sha256 or f.blob_id):
+        if digest.hexdigest() != f.etag:
             part.unlink(missing_ok=True)
             raise HubIntegrityError(f"{label}: the download does not match its "
                                     f"{'sha256' if f.lfs_sha256 else 'git blob id'}: nothing of it is stored", url)
         os.replace(part, dst)
+
+
+def _hashed(f: RemoteFile, path: Path) -> tuple[Any, int]:
+    """The hash ``f`` is checked by (sha256 for LFS, else the git blob id), fed what ``path``
+    already holds (an interrupted download, continued from there), and its length."""
+    digest = hashlib.sha256() if f.lfs_sha256 else git_blob_id(f.size)
+    have = 0
+    try:
+        with open(path, "rb") as fh:
+            while piece := fh.read(PIECE):
+                digest.update(piece)
+                have += len(piece)
+    except FileNotFoundError:
+        pass
+    return digest, have
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

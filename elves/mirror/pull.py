@@ -245,7 +245,7 @@ class UpdateResult:
 
     pulled: list[PullResult] = field(default_factory=list)
     unchanged: list[tuple[str, str, str]] = field(default_factory=list)   # (repo, revision, commit)
-    failed: list[tuple[str, str, str]] = field(default_factory=list)      # (repo, revision, error)
+    failed: list[tuple[str, str, ElvesError]] = field(default_factory=list)   # (repo, revision, error)
 
 
 def update(store: Store, *, endpoint: str | None = None, token: str | None = None, jobs: int = 4,
@@ -274,7 +274,7 @@ def update(store: Store, *, endpoint: str | None = None, token: str | None = Non
                                        progress=progress, hub=hub, include=patterns.get("include"),
                                        exclude=patterns.get("exclude")))
             except ElvesError as e:
-                out.failed.append((rec.repo_id, rev, e.message))
+                out.failed.append((rec.repo_id, rev, e))
     return out
 
 

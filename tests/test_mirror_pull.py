@@ -1,0 +1,244 @@
+"""``elves mirror pull / update / ls / rm``: Hub repos into a store, from a stand-in of the Hub
+(tests/hub_standin.py) that the real huggingface_hub client talks to over HTTP."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from elves import mirror
+from elves.errors import HubAccessError, HubError, HubIntegrityError, HubNotFoundError, UsageError
+from elves.mirror.records import read_repo, snapshot
+from elves.store import Store
+from elves.store.staging import staging_at
+
+from .hub_standin import HubStandin, folder_files
+
+BASE = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def tree(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): sha(p.read_bytes()) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def small_repo(n: int = 3, size: int = 5000, seed: int = 0) -> dict[str, bytes]:
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    files: dict[str, bytes] = {"config.json": b'{"model_type": "toy"}', "README.md": b"# toy\n"}
+    for i in range(n):
+        files[f"data/part{i}.bin"] = rng.standard_normal(size // 4).astype(np.float32).tobytes()
+    return files
+
+
+@pytest.fixture()
+def hub():
+    with HubStandin() as h:
+        yield h
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Store:
+    return Store.init(tmp_path / "hub.store")
+
+
+def elves_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "elves.cli.main", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+@pytest.mark.realdata
+def test_pull_base_and_finetune_restore_bit_exact(hub: HubStandin, store: Store, dataset, tmp_path: Path) -> None:
+    base_dir, ft_dir = dataset("minilm"), dataset("minilm-family/last-layers")
+    c1 = hub.commit(BASE, folder_files(base_dir))
+    c2 = hub.commit("acme/minilm-ft", folder_files(ft_dir))
+    r1 = mirror.pull(store, BASE, endpoint=hub.url, jobs=3)
+    assert (r1.commit, r1.files, r1.downloaded, r1.already) == (c1, 13, 13, False)
+    r2 = mirror.pull(store, "acme/minilm-ft", endpoint=hub.url)
+    # the fine-tune's card names its base: its tensors are deltas of the base's commit
+    assert r2.base == f"{BASE}@{c1}" and r2.commit == c2
+    # its tokenizer and other small files are the base's blobs: decoded from the store, not fetched
+    assert r2.reused >= 8 and r2.downloaded == r2.files - r2.reused
+    assert r2.stored_bytes < r1.stored_bytes / 4
+    for r, src in ((r1, base_dir), (r2, ft_dir)):
+        store.restore(r.model, tmp_path / r.commit)
+        assert tree(tmp_path / r.commit) == tree(src)
+    snap = snapshot(store, "model", "acme/minilm-ft", c2)
+    blobs = hub.files("acme/minilm-ft")
+    assert {f.path: (f.size, f.etag) for f in snap.files} == {p: (b.size, b.etag) for p, b in blobs.items()}
+    rec = read_repo(store, "model", BASE)
+    assert rec is not None and rec.refs == {"main": c1} and rec.commits == [c1]
+    # the same commit again: no download at all
+    before = hub.downloads()
+    again = mirror.pull(store, "acme/minilm-ft", endpoint=hub.url)
+    assert again.already and hub.downloads() == before
+    # `mirror ls --json`: the delta costs a fraction of its logical size
+    out = elves_cli("mirror", "ls", "--store", str(store.path), "--json")
+    assert out.returncode == 0, out.stderr
+    listing = json.loads(out.stdout)
+    ft = next(r for r in listing["repos"] if r["repo"] == "acme/minilm-ft")["commits"][0]
+    assert ft["revisions"] == ["main"] and ft["base"] == f"{BASE}@{c1}"
+    assert ft["new_bytes"] * 4 < ft["logical_bytes"] and ft["new_bytes"] < ft["stored_bytes"]
+    assert listing["totals"]["stored_bytes"] < listing["totals"]["file_dedup_bytes"] / 2
+
+
+def test_update_fetches_only_changed_files(hub: HubStandin, store: Store, tmp_path: Path) -> None:
+    files = small_repo(4)
+    c1 = hub.commit("acme/toy", files)
+    hub.tag("acme/toy", "v1", c1)
+    mirror.pull(store, "acme/toy", endpoint=hub.url)
+    mirror.pull(store, "acme/toy", "v1", endpoint=hub.url)
+    changed = small_repo(1, seed=7)["data/part0.bin"]
+    c2 = hub.commit("acme/toy", {"data/part0.bin": changed, "new.txt": b"hello"})
+    before = hub.downloads()
+    u = mirror.update(store, endpoint=hub.url)
+    assert [(r.revision, r.commit) for r in u.pulled] == [("main", c2)]
+    assert u.unchanged == [("acme/toy", "v1", c1)] and not u.failed
+    assert hub.downloads() - before == 2 and u.pulled[0].reused == 5
+    rec = read_repo(store, "model", "acme/toy")
+    assert rec is not None and rec.refs == {"main": c2, "v1": c1} and rec.commits == [c1, c2]
+    store.restore(u.pulled[0].model, tmp_path / "new")
+    assert (tmp_path / "new/data/part0.bin").read_bytes() == changed
+    assert (tmp_path / "new/data/part1.bin").read_bytes() == files["data/part1.bin"]
+    # the old commit stays until it is removed; then gc frees what only it held
+    assert mirror.remove(store, "acme/toy", "v1") == [f"acme/toy@{c1}"]
+    rec = read_repo(store, "model", "acme/toy")
+    assert rec is not None and rec.refs == {"main": c2}
+    assert store.gc().objects_removed >= 1
+    store.verify(full=True)
+    with pytest.raises(UsageError, match="no revision"):
+        mirror.remove(store, "acme/toy", "v9")
+
+
+def test_include_exclude_and_dataset_repos(hub: HubStandin, store: Store) -> None:
+    files = small_repo(3)
+    c = hub.commit("acme/data", files, repo_type="dataset")
+    r = mirror.pull(store, "acme/data", repo_type="dataset", endpoint=hub.url, include=["data/*"],
+                    exclude=["*part2*"])
+    assert r.files == 2 and r.model == f"dataset+acme/data@{c}"
+    assert [f.path for f in snapshot(store, "dataset", "acme/data", c).files] == ["data/part0.bin", "data/part1.bin"]
+    # the whole commit later: stored again with every file, the two held ones decoded locally
+    full = mirror.pull(store, "acme/data", repo_type="dataset", endpoint=hub.url)
+    assert full.files == 5 and full.reused == 2 and full.downloaded == 3
+    assert {f.path for f in snapshot(store, "dataset", "acme/data", c).files} == set(files)
+    assert read_repo(store, "model", "acme/data") is None
+
+
+def test_interrupted_pull_resumes_without_downloading_twice(hub: HubStandin, store: Store) -> None:
+    files = small_repo(6, size=400_000)
+    hub.commit("acme/cut", files)
+    path = "data/part3.bin"
+    hub.fail_after[path] = 150_000
+    with pytest.raises(HubError, match="stopped at|cannot be reached|RemoteProtocolError|peer"):
+        mirror.pull(store, "acme/cut", endpoint=hub.url, jobs=1)
+    assert not store.models()  # nothing visible: no manifest, no record
+    assert read_repo(store, "model", "acme/cut") is None
+    r = mirror.pull(store, "acme/cut", endpoint=hub.url, jobs=1)
+    assert r.files == 8
+    for p in files:
+        # no file was fetched from its start twice: the cut one resumed where it stopped (a Range)
+        assert hub.fresh_downloads(f"acme/cut/{p}") == 1, p
+    assert any(m == "GET" and rng == "bytes=150000-" for m, _, rng in hub.requests)
+    assert not store.storage.exists(staging_at(r.model))
+
+
+def test_kill_9_during_pull_then_rerun(hub: HubStandin, store: Store) -> None:
+    files = small_repo(8, size=1_000_000)
+    hub.commit("acme/killed", files)
+    hub.rate = 4e6  # 8 MB at 4 MB/s: the kill lands mid-pull
+    proc = subprocess.Popen([sys.executable, "-m", "elves.cli.main", "mirror", "pull", "acme/killed", "--store",
+                             str(store.path), "--endpoint", hub.url, "--jobs", "1", "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = store.path / "tmp" / "staged"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and hub.bytes_served() < 3_500_000:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert journal.exists() and not store.models()
+    hub.rate = None
+    r = mirror.pull(store, "acme/killed", endpoint=hub.url)
+    assert not r.already and r.downloaded < r.files
+    for p in files:
+        assert hub.fresh_downloads(f"acme/killed/{p}") == 1, p
+    out = Path(store.path.parent / "out")
+    store.restore(r.model, out)
+    assert {p: sha(d) for p, d in files.items()} == tree(out)
+
+
+def test_errors_are_clear_and_leave_the_store_untouched(hub: HubStandin, store: Store, tmp_path: Path) -> None:
+    hub.commit("acme/gated", small_repo(1))
+    hub.set_gated("acme/gated")
+    hub.commit("acme/private", small_repo(1))
+    hub.set_private("acme/private")
+    with pytest.raises(HubAccessError, match="gated"):
+        mirror.pull(store, "acme/gated", endpoint=hub.url)
+    ok = mirror.pull(store, "acme/gated", endpoint=hub.url, token="hf_good")
+    assert read_repo(store, "model", "acme/gated").gated and ok.files == 3
+    with pytest.raises(HubNotFoundError, match="repo"):
+        mirror.pull(store, "acme/private", endpoint=hub.url)
+    with pytest.raises(HubNotFoundError, match="repo"):
+        mirror.pull(store, "acme/nothing", endpoint=hub.url)
+    with pytest.raises(HubNotFoundError, match="revision"):
+        mirror.pull(store, "acme/gated", "v404", endpoint=hub.url, token="hf_good")
+    with pytest.raises(UsageError):
+        mirror.pull(store, "../etc", endpoint=hub.url)
+    with pytest.raises(HubError, match="cannot be reached"):
+        mirror.pull(store, "acme/gated", endpoint="http://127.0.0.1:9", token="hf_good")
+    assert [m.name for m in store.models()] == [ok.model]
+    # the CLI: one line, an exit code per kind of failure, JSON errors, no traceback
+    tokens = tmp_path / "token"
+    tokens.write_text("# the Hub token\nhf_good\n")
+    hub.commit("acme/gated2", small_repo(1, seed=5))
+    hub.set_gated("acme/gated2")
+    cases = [(["acme/nothing"], HubNotFoundError.exit_code), (["acme/gated2"], HubAccessError.exit_code),
+             (["acme/gated@v404", "--token-file", str(tokens)], HubNotFoundError.exit_code)]
+    for args, code in cases:
+        out = elves_cli("mirror", "pull", *args, "--store", str(store.path), "--endpoint", hub.url, "--json")
+        assert out.returncode == code, (args, out.stderr)
+        err = json.loads(out.stderr)
+        assert err["ok"] is False and err["exit_code"] == code and "Traceback" not in out.stderr
+
+
+def test_integrity_mismatch_stores_nothing(hub: HubStandin, store: Store) -> None:
+    files = small_repo(1)
+    hub.commit("acme/bad", files)
+    blob = hub.files("acme/bad")["data/part0.bin"]
+    real = blob.read
+
+    def tampered(start: int, end: int):
+        for piece in real(start, end):
+            yield bytes([piece[0] ^ 1]) + piece[1:] if start == 0 else piece
+    object.__setattr__(blob, "read", tampered)  # the Hub serves bytes that are not the listed ones
+    with pytest.raises(HubIntegrityError, match="does not match"):
+        mirror.pull(store, "acme/bad", endpoint=hub.url)
+    assert not store.models()
+
+
+def test_pull_list_and_cli_summary(hub: HubStandin, store: Store, tmp_path: Path) -> None:
+    a = hub.commit("acme/a", small_repo(1, seed=1))
+    b = hub.commit("acme/b", small_repo(1, seed=2))
+    hub.tag("acme/b", "v1", b)
+    lst = tmp_path / "repos.txt"
+    lst.write_text("# repos\nacme/a\nacme/b@v1  # tagged\nacme/missing\n")
+    out = elves_cli("mirror", "pull", "--list", str(lst), "--store", str(store.path), "--endpoint", hub.url,
+                    "--json")
+    assert out.returncode == HubNotFoundError.exit_code, out.stderr
+    res = json.loads(out.stdout)
+    assert [(p["repo"], p["revision"], p["commit"]) for p in res["pulled"]] == [("acme/a", "main", a),
+                                                                                 ("acme/b", "v1", b)]
+    assert [f["repo"] for f in res["failed"]] == ["acme/missing@main"]
+    out = elves_cli("mirror", "ls", "--store", str(store.path))
+    assert out.returncode == 0 and "acme/a" in out.stdout and "v1" in out.stdout
+    out = elves_cli("mirror", "rm", "acme/a", "--store", str(store.path), "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["removed"] == [f"acme/a@{a}"]
