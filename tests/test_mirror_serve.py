@@ -284,6 +284,9 @@ def test_pull_through_fetches_a_new_repo_once(mirror, tmp_path):
                                             "silero_vad.onnx": sha256(Path(repo["silero_vad.onnx"]).read_bytes())}
                    for p in results)
         assert mirror.hub.downloads() - before == 2                      # each file fetched once upstream
+        # The three clients asked at once; the one pull resolved the revision upstream once.
+        assert [r for r in mirror.hub.requests if r[1] == "/api/models/org/fresh/revision/main"] == [
+            ("GET", "/api/models/org/fresh/revision/main", None)]
         with pytest.raises(RepositoryNotFoundError):
             HfApi(endpoint=url + "/hub", token=False).model_info("org/nowhere")
         with pytest.raises(RevisionNotFoundError):
