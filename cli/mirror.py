@@ -293,13 +293,13 @@ def export(spec: str, store_path: Path, repo_type: str, to: Path | None, hf_cach
         if (to is None) == (hf_cache is None):
             raise UsageError("give one of --to DIR and --hf-cache DIR")
         repo_id, revision = parse_spec(spec)
-        t0 = time.perf_counter()
         r = run_export(Store(store_path), repo_id, revision, repo_type=repo_type, to=to, hf_cache=hf_cache,
                        force=force, threads=threads)
-        seconds = time.perf_counter() - t0
-        data = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(r).items()}
-        emit(as_json, {"ok": True, **data, "seconds": round(seconds, 3)},
-             f"exported {repo_id}@{revision or 'main'}: {r}", summary=True)
+        emit(as_json, {"ok": True, "repo": r.repo_id, "type": r.repo_type, "revision": r.revision,
+                       "commit": r.commit, "files": r.files, "bytes": r.bytes, "bytes_written": r.bytes_written,
+                       "blobs_reused": r.blobs_reused, "where": str(r.where), "seconds": round(r.seconds, 3)},
+             f"exported {r.repo_id}@{r.revision} ({r.commit[:12]}) -> {r.where}: {r.files} files, {human(r.bytes)}"
+             + (f", {r.blobs_reused} blobs already there" if hf_cache is not None else ""), summary=True)
 
 
 @mirror.command(epilog=EPILOG)

@@ -8,10 +8,13 @@ the Hub's own cache, and served through the Hub's download API.
     >>> mirror.update(store)                                            # follow every tracked revision
 
 Modules, one concept each: ``records`` (what the mirror keeps of each repo, in the store),
-``hub`` (the upstream Hub, through huggingface_hub), ``pull`` (pull, update, remove).
+``hub`` (the upstream Hub, through huggingface_hub), ``pull`` (pull, update, remove),
+``inventory`` (what it holds and what that costs), ``export`` (a folder, or the huggingface_hub
+cache) and ``server`` (the Hub's download API; needs the ``hub`` extra's starlette and uvicorn).
 """
+from .export import ExportResult, export
 from .pull import PullProgress, PullResult, UpdateResult, pull, remove, update
 from .records import RemoteFile, RepoRecord, Snapshot, repos, snapshot
 
-__all__ = ["PullProgress", "PullResult", "RemoteFile", "RepoRecord", "Snapshot", "UpdateResult", "pull", "remove",
-           "repos", "snapshot", "update"]
+__all__ = ["ExportResult", "PullProgress", "PullResult", "RemoteFile", "RepoRecord", "Snapshot", "UpdateResult", "export", "pull",
+           "remove", "repos", "snapshot", "update"]

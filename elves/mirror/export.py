@@ -29,7 +29,6 @@ already there is kept, never rewritten, once its bytes hash to its name.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import secrets
@@ -55,7 +54,6 @@ from ..parallel import default_threads
 from ..store import Store
 from ..store.layout import manifest_at
 from ..store.manifests import manifest
-from .hub import git_blob_id
 from .records import RemoteFile, Snapshot, check_revision, check_type, repo, snapshot
 
 ProgressFn = Callable[[int], None]
@@ -177,11 +175,6 @@ def _tree_listing(files: list[RemoteFile]) -> bytes:
     return json.dumps({"format_version": TREE_FORMAT_VERSION, "files": entries}, indent=1).encode()
 
 
-def _digest(f: RemoteFile) -> Any:
-    """A fresh hash of what ``f``'s etag is the digest of."""
-    return hashlib.sha256() if f.lfs_sha256 is not None else git_blob_id(f.size)
-
-
 def _blob(store: Store, model: str, f: RemoteFile, blobs: int, where: Path, pool: Executor,
           progress: ProgressFn | None, result: ExportResult) -> None:
     """Put ``f``'s bytes at ``blobs/<etag>``, unless a blob there already holds them.
@@ -194,7 +187,7 @@ def _blob(store: Store, model: str, f: RemoteFile, blobs: int, where: Path, pool
         result.blobs_reused += 1
         return
     tmp = f"{f.etag}.{secrets.token_hex(4)}.incomplete"
-    digest = _digest(f) if f.lfs_sha256 is None else None
+    digest = f.hasher() if f.lfs_sha256 is None else None
     try:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666, dir_fd=blobs)
@@ -232,7 +225,7 @@ def _holds(blobs: int, f: RemoteFile, where: Path, progress: ProgressFn | None) 
             raise OutputError("is not a file: refusing to take it for a blob", where)
         if st.st_size != f.size:
             return False
-        digest = _digest(f)
+        digest = f.hasher()
         while piece := fh.read(READ_PIECE):
             digest.update(piece)
             if progress:

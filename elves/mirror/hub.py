@@ -9,7 +9,6 @@ sha256 of an LFS file, the git blob id of any other.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,13 +22,6 @@ from .records import COMMIT_RE, RemoteFile
 PIECE = 1 << 20            # bytes read from the network and hashed at a time
 MAX_REDIRECTS = 10
 TIMEOUT = 60.0             # seconds without a byte before a download is given up
-
-
-def git_blob_id(size: int) -> Any:
-    """A sha1 primed as git primes a blob's, to be fed the blob's bytes."""
-    h = hashlib.sha1()
-    h.update(b"blob %d\0" % size)
-    return h
 
 
 @contextmanager
@@ -176,7 +168,7 @@ class Hub:
 def _hashed(f: RemoteFile, path: Path) -> tuple[Any, int]:
     """The hash ``f`` is checked by (sha256 for LFS, else the git blob id), fed what ``path``
     already holds (an interrupted download, continued from there), and its length."""
-    digest = hashlib.sha256() if f.lfs_sha256 else git_blob_id(f.size)
+    digest = f.hasher()
     have = 0
     try:
         with open(path, "rb") as fh:

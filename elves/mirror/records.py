@@ -12,6 +12,7 @@ and says whether the repo was gated or private upstream. Both are read as untrus
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from dataclasses import dataclass, field
@@ -87,6 +88,15 @@ class RemoteFile:
     def etag(self) -> str:
         """The Hub's ETag of the file (without quotes): the sha256 of an LFS file, else the blob id."""
         return self.lfs_sha256 or self.blob_id
+
+    def hasher(self) -> Any:
+        """A fresh hash of the kind :attr:`etag` is: sha256 for an LFS file, else git's blob sha1
+        (``sha1("blob <size>\\0" + bytes)``), to be fed the file's bytes."""
+        if self.lfs_sha256 is not None:
+            return hashlib.sha256()
+        h = hashlib.sha1()
+        h.update(b"blob %d\0" % self.size)
+        return h
 
     def to_json(self) -> dict[str, Any]:
         return {"path": self.path, "size": self.size, "blob_id": self.blob_id,
