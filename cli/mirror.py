@@ -10,6 +10,7 @@ import click
 
 from elves import mirror as hubmirror
 from elves.errors import ElvesError, UsageError
+from elves.mirror.hub import read_tokens
 from elves.mirror.records import parse_spec
 from elves.store import Store
 
@@ -25,18 +26,6 @@ token_option = click.option("--token-file", type=click.Path(exists=True, dir_oka
                             default=None, help="A file holding the Hub token (default: HF_TOKEN, or the stored login).")
 jobs_option = click.option("--jobs", "-j", type=click.IntRange(min=1, max=64), default=4, show_default=True,
                            help="Files downloaded at once.")
-
-
-def read_tokens(path: Path) -> list[str]:
-    """The tokens in a token file: one a line; blank lines and ``#`` comments are skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path}: cannot read the token file: {e}") from None
-    tokens = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not tokens:
-        raise UsageError(f"{path}: the token file holds no token")
-    return tokens
 
 
 class _Progress:
@@ -312,8 +301,9 @@ def export(spec: str, store_path: Path, repo_type: str, to: Path | None, hf_cach
               help="The token for --upstream.")
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Bearer tokens clients must present, one a line; gated repos need one.")
+@jobs_option
 def serve(store_path: Path, host: str, port: int, upstream: str | None, upstream_token_file: Path | None,
-          token_file: Path | None) -> None:
+          token_file: Path | None, jobs: int) -> None:
     """Serve the store through the Hub's API: clients set HF_ENDPOINT to this server and change
     nothing else. Files are decoded as they stream; a Range decodes only what it covers.
 
@@ -328,4 +318,4 @@ def serve(store_path: Path, host: str, port: int, upstream: str | None, upstream
         store = Store(store_path)
         upstream_token = read_tokens(upstream_token_file)[0] if upstream_token_file else None
         run_server(store, host=host, port=port, upstream=upstream, upstream_token=upstream_token,
-                   token_file=token_file)
+                   token_file=token_file, jobs=jobs)

@@ -122,10 +122,15 @@ class HubError(ElvesError):
 
 
 class HubNotFoundError(HubError):
-    """The repo, revision or file does not exist on the Hub (or is private and no token opens it)."""
+    """The repo, revision or file does not exist on the Hub (or is private and no token opens it);
+    ``kind`` says which: ``"repo"``, ``"revision"`` or ``"file"``."""
 
     exit_code = 10
     exit_help = "no such repo, revision or file on the Hub"
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None, kind: str = "repo"):
+        super().__init__(message, path)
+        self.kind = kind
 
 
 class HubAccessError(HubError):
@@ -134,6 +139,10 @@ class HubAccessError(HubError):
 
     exit_code = 11
     exit_help = "the Hub refused access (gated or private repo: give a token)"
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None, gated: bool = False):
+        super().__init__(message, path)
+        self.gated = gated
 
 
 class HubIntegrityError(HubError):

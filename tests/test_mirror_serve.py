@@ -31,7 +31,8 @@ from starlette.routing import Mount
 
 from elves.errors import UsageError
 from elves.mirror.pull import pull
-from elves.mirror.server import app, read_tokens
+from elves.mirror.hub import read_tokens
+from elves.mirror.server import app
 from elves.store import Store
 from tests.conftest import tree_hashes
 from tests.hub_standin import HubStandin, folder_files, git_blob_sha1
@@ -299,7 +300,7 @@ def test_pull_through_fetches_a_new_repo_once(mirror, tmp_path):
 def test_token_file(tmp_path):
     f = tmp_path / "tokens"
     f.write_text("# the team's tokens\n\n  alpha  \nbeta\n")
-    assert read_tokens(f) == {"alpha", "beta"}
+    assert read_tokens(f) == ["alpha", "beta"]
     f.write_text("# none yet\n\n")
     with pytest.raises(UsageError, match="lists no token"):
         read_tokens(f)

@@ -18,3 +18,11 @@ from .records import RemoteFile, RepoRecord, Snapshot, repos, snapshot
 
 __all__ = ["ExportResult", "PullProgress", "PullResult", "RemoteFile", "RepoRecord", "Snapshot", "UpdateResult", "export", "pull",
            "remove", "repos", "snapshot", "update"]
+
+
+def __getattr__(name: str) -> object:
+    # the server needs starlette (the ``hub`` extra): imported when asked for, not with the package
+    if name in ("app", "serve"):
+        from . import server
+        return getattr(server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlparse
 
-from ..errors import HubAccessError, HubError, HubIntegrityError, HubNotFoundError, OutputError
+from ..errors import HubAccessError, HubError, HubIntegrityError, HubNotFoundError, OutputError, UsageError
 from .records import COMMIT_RE, RemoteFile
 
 PIECE = 1 << 20            # bytes read from the network and hashed at a time
@@ -33,13 +33,13 @@ def _hub_errors(what: str, where: str) -> Iterator[None]:
         yield
     except hf.GatedRepoError:
         raise HubAccessError(f"{what}: the repo is gated; accept its terms on the Hub and give a token "
-                             "(HF_TOKEN or --token-file)", where) from None
+                             "(HF_TOKEN or --token-file)", where, gated=True) from None
     except (hf.RepositoryNotFoundError, hf.RevisionNotFoundError, hf.EntryNotFoundError,
             hf.RemoteEntryNotFoundError) as e:
         kind = ("revision" if isinstance(e, hf.RevisionNotFoundError) else
                 "file" if isinstance(e, (hf.EntryNotFoundError, hf.RemoteEntryNotFoundError)) else "repo")
         hint = " (or it is private: give a token)" if kind == "repo" else ""
-        raise HubNotFoundError(f"{what}: no such {kind} on the Hub{hint}", where) from None
+        raise HubNotFoundError(f"{what}: no such {kind} on the Hub{hint}", where, kind) from None
     except hf.HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else None
         if status in (401, 403):
@@ -178,6 +178,22 @@ def _hashed(f: RemoteFile, path: Path) -> tuple[Any, int]:
     except FileNotFoundError:
         pass
     return digest, have
+
+
+def read_tokens(path: Path) -> list[str]:
+    """The tokens in a token file, in order: one a line; blank lines and ``#`` comments are
+    skipped. UsageError if it cannot be read, lists none, or a token has a space or a control
+    character in it."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read the token file {path}: {getattr(e, 'strerror', None) or e}") from None
+    tokens = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    if not tokens:
+        raise UsageError(f"the token file {path} lists no token")
+    if any(any(c.isspace() or not c.isprintable() for c in t) for t in tokens):
+        raise UsageError(f"the token file {path} has a token with a space or a control character in it")
+    return tokens
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

@@ -251,7 +251,7 @@ def snapshot(store: Store, repo_type: str, repo_id: str, commit: str) -> Snapsho
     name = model_name(repo_type, repo_id, commit)
     where = store.storage.where(manifest_at(name))
     if not store.storage.exists(manifest_at(name)):
-        raise HubNotFoundError(f"the mirror holds no commit {commit} of {repo_id!r}", store.path)
+        raise HubNotFoundError(f"the mirror holds no commit {commit} of {repo_id!r}", store.path, "revision")
     man = manifest(store.storage, name)
     origin = man.get("origin")
     try:

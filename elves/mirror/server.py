@@ -68,6 +68,7 @@ from starlette.routing import Route
 from ..errors import ElvesError, HubAccessError, HubError, HubNotFoundError, UsageError
 from ..parallel import default_threads
 from ..store import Store
+from .hub import read_tokens
 from .pull import PullResult, pull
 from .records import RemoteFile, RepoRecord, Snapshot, check_repo_id, check_revision, read_repo, snapshot
 
@@ -322,12 +323,11 @@ class _Mirror:
         try:
             future.result()
         except HubNotFoundError as e:
-            # the mirror's own Hub errors name the missing kind (hub._hub_errors)
-            if "no such revision" in e.message:
+            if e.kind == "revision":
                 raise _Refusal(404, "RevisionNotFound", f"Invalid rev id: {revision or 'main'}") from None
             raise _Refusal(404, "RepoNotFound", f"Repository not found: {repo_id}") from None
         except HubAccessError as e:
-            if "gated" in e.message:
+            if e.gated:
                 raise _Refusal(401, "GatedRepo", f"Access to {repo_id} is restricted upstream") from None
             raise _Refusal(403, None, f"the upstream refused access to {repo_id}") from None
         except HubError as e:
@@ -458,28 +458,13 @@ def app(store: Store, *, upstream: str | None = None, upstream_token: str | None
                      lifespan=lifespan)
 
 
-def read_tokens(path: Path) -> frozenset[str]:
-    """The bearer tokens listed in ``path``: one a line; blank lines and ``#`` comments are
-    skipped. UsageError if it cannot be read or lists none."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read the token file {path}: {getattr(e, 'strerror', None) or e}") from None
-    tokens = frozenset(line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#"))
-    if not tokens:
-        raise UsageError(f"the token file {path} lists no token")
-    if any(any(c.isspace() or not c.isprintable() for c in t) for t in tokens):
-        raise UsageError(f"the token file {path} has a token with a space or a control character in it")
-    return tokens
-
-
 def serve(store: Store, *, host: str = "127.0.0.1", port: int = 8080, upstream: str | None = None,
           upstream_token: str | None = None, token_file: Path | None = None, jobs: int = 4,
           log_level: str = "warning") -> None:
     """Serve :func:`app` over ``store`` with uvicorn on ``host:port`` until interrupted.
-    ``token_file``: the bearer tokens clients must give (:func:`read_tokens`)."""
+    ``token_file``: the bearer tokens clients must give (:func:`~elves.mirror.hub.read_tokens`)."""
     import uvicorn
-    tokens = read_tokens(token_file) if token_file is not None else None
+    tokens = frozenset(read_tokens(token_file)) if token_file is not None else None
     application = app(store, upstream=upstream, upstream_token=upstream_token, tokens=tokens, jobs=jobs)
     uvicorn.Server(uvicorn.Config(application, host=host, port=port, log_level=log_level,
                                   timeout_graceful_shutdown=5)).run()
