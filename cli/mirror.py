@@ -207,8 +207,9 @@ def update(store_path: Path, repos: tuple[str, ...], endpoint: str | None, token
 def ls(store_path: Path, as_json: bool) -> None:
     """List the mirrored repos: their revisions and commits, logical and stored bytes.
 
-    A commit's stored bytes are those of the objects it names (a fine-tune stored as a delta
-    counts its deltas); "new" is what adding it cost the store.
+    For each commit: its logical size -> what adding it cost the store (objects no model added
+    before it names; a fine-tune stored as a delta costs its deltas), and what it shares with
+    models added before it.
 
     \b
     Examples:
@@ -224,9 +225,9 @@ def ls(store_path: Path, as_json: bool) -> None:
                          + (" (gated)" if r.gated else "") + (" (private)" if r.private else ""))
             for c in r.commits:
                 lines.append(f"  {c.commit[:12]}  {', '.join(c.revisions) or '-':<16} {c.files:>4} files  "
-                             f"{human(c.logical_bytes):>9} -> {human(c.stored_bytes):>9} ({c.ratio:.2f}x), "
-                             f"new {human(c.new_bytes)}" + (f", base {c.base}" if c.base else "")
-                             + f", pulled {c.pulled}")
+                             f"{human(c.logical_bytes):>9} -> {human(c.new_bytes):>9} ({c.ratio:.2f}x)"
+                             + (f" + {human(c.stored_bytes - c.new_bytes)} shared" if c.stored_bytes > c.new_bytes
+                                else "") + (f", base {c.base}" if c.base else "") + f", pulled {c.pulled}")
         lines.append(f"store: {totals.models} models, {human(totals.logical_bytes)} as full copies, "
                      f"{human(totals.file_dedup_bytes)} with file dedup, {human(totals.stored_bytes)} stored "
                      f"({totals.logical_bytes / max(totals.stored_bytes, 1):.2f}x)")

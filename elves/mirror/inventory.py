@@ -33,7 +33,8 @@ class CommitSummary:
 
     @property
     def ratio(self) -> float:
-        return self.logical_bytes / max(self.stored_bytes, 1)
+        """Logical bytes over what adding the commit cost the store (``new_bytes``)."""
+        return self.logical_bytes / max(self.new_bytes, 1)
 
 
 @dataclass
