@@ -30,7 +30,7 @@ _QUIET = "elves.quiet"  # the key of -q in click's context meta, which every nes
 
 def epilog(note: str = "") -> str:
     """The help's closing paragraph: every exit code and what it means (``note`` follows it)."""
-    rows = [f"  {code}  {'; '.join(meanings)}" for code, meanings in {0: ["ok"], **exit_codes()}.items()]
+    rows = [f"  {code:>2}  {'; '.join(meanings)}" for code, meanings in {0: ["ok"], **exit_codes()}.items()]
     return "\b\nExit codes:\n" + "\n".join(rows) + ("\n\n" + note if note else "") + "\n"
 
 

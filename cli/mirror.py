@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import click
 
@@ -24,8 +24,16 @@ endpoint_option = click.option("--endpoint", default=None, metavar="URL",
                                help="The Hub to pull from (default: HF_ENDPOINT, else huggingface.co).")
 token_option = click.option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                             default=None, help="A file holding the Hub token (default: HF_TOKEN, or the stored login).")
+F = TypeVar("F", bound=Callable[..., Any])
 jobs_option = click.option("--jobs", "-j", type=click.IntRange(min=1, max=64), default=4, show_default=True,
                            help="Files downloaded at once.")
+
+
+def upstream_options(f: F) -> F:
+    """What every command that downloads from the Hub takes."""
+    for option in reversed((endpoint_option, token_option, jobs_option, threads_option, json_option, quiet_option)):
+        f = option(f)
+    return f
 
 
 class _Progress:
@@ -99,12 +107,7 @@ def mirror() -> None:
               help="A file of repos to pull, one REPO_ID[@REVISION] a line (# comments).")
 @click.option("--include", multiple=True, metavar="GLOB", help="Take only the files matching (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out the files matching (repeatable).")
-@endpoint_option
-@token_option
-@jobs_option
-@threads_option
-@json_option
-@quiet_option
+@upstream_options
 def pull(specs: tuple[str, ...], store_path: Path, repo_type: str, list_file: Path | None, include: tuple[str, ...],
          exclude: tuple[str, ...], endpoint: str | None, token_file: Path | None, jobs: int, threads: int | None,
          as_json: bool) -> None:
@@ -167,12 +170,7 @@ def _failed(what: str, e: ElvesError) -> dict[str, Any]:
 @mirror.command(epilog=EPILOG)
 @store_option
 @click.argument("repos", nargs=-1, metavar="[REPO_ID]...")
-@endpoint_option
-@token_option
-@jobs_option
-@threads_option
-@json_option
-@quiet_option
+@upstream_options
 def update(store_path: Path, repos: tuple[str, ...], endpoint: str | None, token_file: Path | None, jobs: int,
            threads: int | None, as_json: bool) -> None:
     """Resolve every tracked branch and tag again (of the given repos, or all) and pull the
