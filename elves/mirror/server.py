@@ -68,6 +68,7 @@ from starlette.routing import Route
 from ..errors import ElvesError, HubAccessError, HubError, HubNotFoundError, UsageError
 from ..parallel import default_threads
 from ..store import Store
+from . import pages
 from .hub import read_tokens
 from .pull import PullResult, pull
 from .records import RemoteFile, RepoRecord, Snapshot, check_repo_id, check_revision, read_repo, snapshot
@@ -259,7 +260,8 @@ class _Mirror:
         for n in (1, 2):
             if len(parts) > n + 2 and parts[n] == "resolve" and request.method in ("GET", "HEAD"):
                 return self.resolve(request, repo_type, "/".join(parts[:n]), parts[n + 1], "/".join(parts[n + 2:]))
-        return Response("Not Found", status_code=404, media_type="text/plain")
+        # What the Hub API does not answer goes to the web page (a plain 404 for any other path).
+        return pages.answer(self.store, request, self.authorized(request))
 
     def api(self, request: Request, body: bytes, repo_type: str, rest: list[str]) -> Response:
         n = 1 if len(rest) >= 2 and rest[1] in API_ACTIONS else 2
