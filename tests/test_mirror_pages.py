@@ -6,6 +6,7 @@ agrees with the inventory, and the Hub API's own paths answer as before. A real 
 the family graph. The store is filled by pulling from the Hub stand-in."""
 from __future__ import annotations
 
+import base64
 import json
 import re
 from pathlib import Path
@@ -151,6 +152,15 @@ def test_gated_and_private_repos_need_a_token(mirror):
     for token in (None, "wrong"):                                         # a token list: as the Hub API
         assert get(mirror.token_url, "/", token)[0] == 401
         assert get(mirror.token_url, "/api/elves/repos", token)[0] == 401
+    status, headers, _ = get(mirror.token_url, "/")
+    assert headers["www-authenticate"].startswith("Basic")                # a browser asks for the token...
+    basic = base64.b64encode(f"anyone:{TOKEN}".encode()).decode()
+    for password in (TOKEN, "wrong"):                                      # ...and sends it as the password
+        auth = {"Authorization": "Basic " + base64.b64encode(f"anyone:{password}".encode()).decode()}
+        assert raw(mirror.token_url, "GET", "/", auth)[0] == (200 if password == TOKEN else 401)
+    assert raw(mirror.token_url, "GET", "/", {"Authorization": "Basic !!notbase64"})[0] == 401
+    html = raw(mirror.token_url, "GET", "/", {"Authorization": f"Basic {basic}"})[2].decode()
+    assert table_repos(html) == ["me/ft", "org/gated", "org/private", "org/small", MINILM]
     html = page(mirror.token_url, "/", TOKEN)
     assert table_repos(html) == ["me/ft", "org/gated", "org/private", "org/small", MINILM]
     assert 'class="tag warn">gated<' in html and 'class="tag warn">private<' in html

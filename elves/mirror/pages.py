@@ -15,7 +15,7 @@ mirror holds, what it costs against full copies, and which repos are stored as d
 
 The server hands these pages only the paths its Hub API does not answer, so they never shadow
 it. Access is the Hub API's: with a token list, a request without a listed token was already
-refused (401). Gated and private repos are shown only to a request with a listed token; without
+refused (401, asking a browser for the token as the password of a Basic login). Gated and private repos are shown only to a request with a listed token; without
 a token list, no request has one, so they are never shown. The totals are those of the whole
 store. Whatever comes from a repo (ids, paths, revisions) is escaped by the templates
 (autoescape, in the inline SVG too).

@@ -45,6 +45,7 @@ tracked branches to their new commits.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -239,7 +240,8 @@ class _Mirror:
     def answer(self, request: Request, body: bytes) -> Response:
         try:
             if self.tokens is not None and not self.authorized(request):
-                raise _Refusal(401, None, _BAD_CREDENTIALS)
+                # a browser cannot send a bearer token: it asks for one as a Basic password
+                raise _Refusal(401, None, _BAD_CREDENTIALS, {"WWW-Authenticate": 'Basic realm="elves mirror"'})
             return self.route(request, body)
         except _Refusal as r:
             return r.response
@@ -283,11 +285,18 @@ class _Mirror:
     # -- access -------------------------------------------------------------------------------
 
     def authorized(self, request: Request) -> bool:
-        """Whether the request carries one of the listed bearer tokens."""
+        """Whether the request carries one of the listed tokens: as a bearer token (the Hub's
+        clients), or as the password of Basic credentials (a browser on the web page)."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         given = token.strip().encode()
-        return (self.tokens is not None and scheme.lower() == "bearer"
-                and any(hmac.compare_digest(given, t) for t in self.tokens))
+        if scheme.lower() == "basic":
+            try:
+                given = base64.b64decode(given, validate=True).partition(b":")[2]
+            except ValueError:
+                return False
+        elif scheme.lower() != "bearer":
+            return False
+        return self.tokens is not None and any(hmac.compare_digest(given, t) for t in self.tokens)
 
     def locate(self, request: Request, repo_type: str, repo_id: str, revision: str | None) -> tuple[RepoRecord, Snapshot]:
         """The repo's record and its snapshot at ``revision`` (None: main), pulled from upstream
