@@ -4,6 +4,8 @@
     python bench/mirror_bench.py storage                      # every family, a table on stdout
     python bench/mirror_bench.py storage --json out.json      # and the numbers as JSON
     python bench/mirror_bench.py storage --family openff      # one family
+    python bench/mirror_bench.py pull [--json out.json]       # pull against snapshot_download; a 3 GB file
+    python bench/mirror_bench.py serve [--json out.json]      # the server: 1 and 8 clients, against restore
 
 ``storage`` compares, per family of real repos (datasets.md), the bytes kept by:
 
@@ -21,9 +23,24 @@
   with the fine-tunes added before the base (the store re-codes them as deltas when the base
   arrives). Its size is ``Store.stats().stored_bytes``.
 
-Each method runs in a fresh process (spawned), so that its peak RSS (``ru_maxrss``) is its own; the
+Each method runs in a fresh process (spawned), so that its peak RSS (VmHWM) is its own; the
 interpreter with numpy, numba and elves imported is counted in it (``start_rss`` in the JSON).
 Wall time excludes that start and the chunker's compilation (cached by numba).
+
+``pull`` puts the families on the tests' Hub stand-in (``tests/hub_standin.py``, uvicorn on
+127.0.0.1 in this process): a repo per minilm model, and one openff repo with a commit and a tag
+per version. It times ``elves.mirror.pull`` of them all into a fresh store against plain
+``huggingface_hub.snapshot_download`` into a fresh cache, each in its own process, rounds
+alternating which goes first. Then it writes a safetensors file of BF16 weights drawn from seeded
+normal distributions (7 layers of an 8B-class decoder, 3.05 GB), commits it, and pulls it with
+elves in a process of its own: its peak RSS, and the peak size of the store's ``tmp/``, where the
+pull stages its downloads.
+
+``serve`` pulls the minilm family and astra-st (a 235 MB file) into a store, times
+``Store.restore`` of each model, then runs ``elves.mirror.server.serve`` in a process of its own
+and fetches each repo's weight file with one client and then eight at once (threads), by a plain
+streaming GET and by ``hf_hub_download`` into a fresh cache each, every copy checked by sha256. The
+server's peak RSS is its VmHWM. Clients, server and (for ``pull``) the stand-in share the cores.
 
 Families: ``minilm`` (the base, then every variant folder ``bench/make_family.py`` has made under
 ``minilm-family/``; the ones not made are named in the output) and ``openff`` (five released
@@ -32,16 +49,22 @@ versions of one checkpoint, each a model, oldest first).
 from __future__ import annotations
 
 import argparse
+import filecmp
+import hashlib
 import json
 import os
 import platform
-import resource
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -54,7 +77,18 @@ from datasets import DATA_ROOT, sha256_file  # bench/datasets.py, beside this sc
 from make_family import RECIPES
 from numba import njit
 
+from elves.mirror.pull import pull
 from elves.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # for the tests' Hub stand-in
+from tests.hub_standin import HubStandin, folder_files
+
+# Read by huggingface_hub when imported, here and in the processes spawned: no progress bars on
+# stdout, no telemetry requests to the stand-in.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+from huggingface_hub import hf_hub_download, snapshot_download
 
 MODELS = DATA_ROOT / "models"
 
@@ -211,12 +245,14 @@ def families() -> dict[str, Family]:
 class Measured:
     result: dict[str, Any]
     seconds: float
-    peak_rss: int            # bytes: the process's peak resident set (ru_maxrss)
+    peak_rss: int            # bytes: the process's peak resident set (VmHWM)
     start_rss: int           # bytes: its peak before the method ran (interpreter and imports)
 
 
 def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # KiB on Linux
+    """This process's peak resident set, in bytes. Not ``ru_maxrss``: a spawned child's starts at
+    its parent's peak, which exec folds into it."""
+    return vm(os.getpid())["VmHWM"]
 
 
 def _run_measured(fn: Callable[..., dict[str, Any]], args: tuple[Any, ...]) -> Measured:
@@ -354,7 +390,7 @@ def marginal_table(fam: Family, rows: list[Row]) -> str:
 
 def machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "when": time.strftime("%Y-%m-%d %H:%M:%S"), "load": os.getloadavg()}
 
 
 def cmd_storage(args: argparse.Namespace) -> None:
@@ -380,6 +416,384 @@ def cmd_storage(args: argparse.Namespace) -> None:
         print(f"wrote {args.json}")
 
 
+# ============================================================================ pull and serve
+
+@dataclass(frozen=True)
+class Target:
+    """One repo at one revision on the stand-in, and the files it holds there."""
+    repo_id: str
+    revision: str | None           # None: main
+    files: dict[str, Path]         # by repo path
+
+    @property
+    def bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files.values())
+
+    def largest(self) -> str:
+        return max(self.files, key=lambda path: self.files[path].stat().st_size)
+
+
+def publish(hub: HubStandin, *, openff: bool, astra: bool) -> list[Target]:
+    """Commit the minilm family to the stand-in, a repo per model; with ``openff``, its five
+    versions as one repo, a commit and a tag each, oldest first; with ``astra``, astra-st."""
+    fams = families()
+    if "minilm" not in fams or (openff and "openff" not in fams):
+        sys.exit("no dataset: run `python bench/datasets.py minilm openff`")
+    targets = []
+    for name, src in fams["minilm"].models:
+        repo = "org/" + (name if name == "minilm" else f"minilm-{name}")
+        files = folder_files(src)
+        hub.commit(repo, {**files})
+        targets.append(Target(repo, None, files))
+    if openff:
+        for version, src in fams["openff"].models:
+            files = {"model.pt": src}
+            hub.tag("openff/nagl-am1bcc", version,
+                    hub.commit("openff/nagl-am1bcc", {**files}, parent_files=False, message=version))
+            targets.append(Target("openff/nagl-am1bcc", version, files))
+    if astra:
+        if not (MODELS / "astra-st").is_dir():
+            sys.exit("no astra-st: run `python bench/datasets.py astra-st`, or pass --no-astra")
+        files = folder_files(MODELS / "astra-st")
+        hub.commit("org/astra-st", {**files})
+        targets.append(Target("org/astra-st", None, files))
+    return targets
+
+
+class FolderPeak:
+    """The largest total size the files under ``folder`` reach while the block runs, sampled
+    every 20 ms by a thread: the pull's staging, which lives under the store's ``tmp/``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def size(self) -> int:
+        total = 0
+        for dirpath, _, names in os.walk(self.folder):
+            for name in names:
+                try:
+                    total += os.lstat(os.path.join(dirpath, name)).st_size
+                except FileNotFoundError:   # moved into the store meanwhile
+                    pass
+        return total
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.size())
+
+    def __enter__(self) -> None:
+        self._thread.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def elves_pull(endpoint: str, targets: list[Target], tmp_root: str | None, jobs: int) -> dict[str, Any]:
+    """``elves.mirror.pull`` of every target into a fresh store. The pull checks each file's
+    sha256 (or git blob id) before storing it."""
+    tmp = Path(tempfile.mkdtemp(prefix="mirror_bench-", dir=tmp_root))
+    try:
+        store = Store.init(tmp / "store")
+        staging = FolderPeak(tmp / "store" / "tmp")
+        with staging:
+            t0 = time.perf_counter()
+            done = [pull(store, t.repo_id, t.revision, endpoint=endpoint, jobs=jobs) for t in targets]
+            seconds = time.perf_counter() - t0
+        return {"seconds": seconds, "bytes": sum(r.bytes for r in done), "files": sum(r.files for r in done),
+                "downloaded_bytes": sum(r.downloaded_bytes for r in done),
+                "stored_bytes": store.stats().stored_bytes, "staging_peak": staging.peak,
+                "bases": [r.base for r in done]}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def hf_snapshot(endpoint: str, targets: list[Target], tmp_root: str | None) -> dict[str, Any]:
+    """Plain ``snapshot_download`` of every target into a fresh cache (its defaults: 8 workers),
+    then, untimed, every file compared with its source."""
+    tmp = Path(tempfile.mkdtemp(prefix="mirror_bench-", dir=tmp_root))
+    try:
+        t0 = time.perf_counter()
+        folders = [Path(snapshot_download(t.repo_id, revision=t.revision, cache_dir=tmp / "hf",
+                                          endpoint=endpoint, token=False)) for t in targets]
+        seconds = time.perf_counter() - t0
+        for folder, t in zip(folders, targets):
+            got = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+            assert got == set(t.files), (t.repo_id, got ^ set(t.files))
+            for path, src in t.files.items():
+                assert filecmp.cmp(folder / path, src, shallow=False), (t.repo_id, path)
+        return {"seconds": seconds, "bytes": sum(t.bytes for t in targets), "downloaded_bytes": sum(t.bytes for t in targets),
+                "files": sum(len(t.files) for t in targets)}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# A few layers of an 8B-class decoder (hidden 4096, MLP 14336, 8 KV heads of 128): name, shape,
+# mean and standard deviation of its values.
+def big_tensors(layers: int) -> list[tuple[str, tuple[int, ...], float, float]]:
+    out = []
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        out += [(f"{p}.input_layernorm.weight", (4096,), 1.0, 0.05),
+                (f"{p}.self_attn.q_proj.weight", (4096, 4096), 0.0, 0.020),
+                (f"{p}.self_attn.k_proj.weight", (1024, 4096), 0.0, 0.025),
+                (f"{p}.self_attn.v_proj.weight", (1024, 4096), 0.0, 0.010),
+                (f"{p}.self_attn.o_proj.weight", (4096, 4096), 0.0, 0.012),
+                (f"{p}.post_attention_layernorm.weight", (4096,), 1.0, 0.05),
+                (f"{p}.mlp.gate_proj.weight", (14336, 4096), 0.0, 0.016),
+                (f"{p}.mlp.up_proj.weight", (14336, 4096), 0.0, 0.014),
+                (f"{p}.mlp.down_proj.weight", (4096, 14336), 0.0, 0.010)]
+    return out
+
+
+def write_big_safetensors(path: Path, layers: int, seed: int) -> int:
+    """A safetensors file of BF16 tensors drawn from seeded normal distributions, written 16 Mi
+    values at a time (memory stays at a few hundred MB); its size."""
+    import ml_dtypes
+    specs = big_tensors(layers)
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, shape, _, _ in specs:
+        n = 2 * int(np.prod(shape))
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    rng = np.random.default_rng(seed)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for _, shape, mean, std in specs:
+            left = int(np.prod(shape))
+            while left:
+                n = min(left, 1 << 24)
+                values = rng.standard_normal(n, dtype=np.float32) * np.float32(std) + np.float32(mean)
+                f.write(values.astype(ml_dtypes.bfloat16).view(np.uint16).data)
+                left -= n
+    size = path.stat().st_size
+    assert size == 8 + len(raw) + offset, size
+    return size
+
+
+def big_pull(args: argparse.Namespace, hub: HubStandin) -> dict[str, Any] | None:
+    """Pull one large generated file with elves, in its own process: its peak RSS and staging."""
+    tmp_dir = Path(args.tmp or tempfile.gettempdir())
+    size_estimate = sum(2 * int(np.prod(s)) for _, s, _, _ in big_tensors(args.big_layers))
+    # the file, its staged download and the store's objects (compressed, at most its size)
+    need = 3 * size_estimate + (1 << 30)
+    free = shutil.disk_usage(tmp_dir).free
+    if free < need:
+        print(f"large-file check skipped: {free / 1e9:.1f} GB free under {tmp_dir}, {need / 1e9:.1f} GB needed")
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="mirror_bench-big-", dir=tmp_dir))
+    try:
+        src = folder / "model.safetensors"
+        t0 = time.perf_counter()
+        size = write_big_safetensors(src, args.big_layers, seed=12)
+        made = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        config = json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
+                             "num_hidden_layers": args.big_layers, "torch_dtype": "bfloat16"}).encode()
+        hub.commit("big/bf16", {"config.json": config, "model.safetensors": src})
+        hashed = time.perf_counter() - t0
+        print(f"large file: {size:,} bytes of BF16 written in {made:.0f} s, hashed by the stand-in in "
+              f"{hashed:.0f} s; pulling", flush=True)
+        target = Target("big/bf16", None, {"model.safetensors": src})
+        m = isolated(elves_pull, hub.url, [target], str(folder), args.jobs)
+        return {"size": size, "layers": args.big_layers, "seconds": m.seconds, "peak_rss": m.peak_rss,
+                "start_rss": m.start_rss, **m.result}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def pull_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| method | files | MB | MB downloaded | wall s, each round | best MB/s | peak RSS MB (at start) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        best = min(r["seconds"])
+        lines.append(f"| {r['method']} | {r['files']} | {r['bytes'] / 1e6:.1f} | {r['downloaded_bytes'] / 1e6:.1f} | "
+                     f"{', '.join(f'{s:.1f}' for s in r['seconds'])} | {r['bytes'] / best / 1e6:.0f} | "
+                     f"{max(r['peak_rss']) / 1e6:.0f} ({max(r['start_rss']) / 1e6:.0f}) |")
+    return "\n".join(lines)
+
+
+def big_table(big: dict[str, Any]) -> str:
+    return "\n".join([
+        "| file | wall s | MB/s | peak RSS MB (at start) | peak staging MB (store tmp/) | stored MB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        (f"| {big['layers']} layers of BF16, {big['size'] / 1e9:.2f} GB | {big['seconds']:.0f} | "
+         f"{big['size'] / big['seconds'] / 1e6:.0f} | {big['peak_rss'] / 1e6:.0f} ({big['start_rss'] / 1e6:.0f}) | "
+         f"{big['staging_peak'] / 1e6:,.0f} | {big['stored_bytes'] / 1e6:,.0f} |")])
+
+
+def cmd_pull(args: argparse.Namespace) -> None:
+    report: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv), "jobs": args.jobs}
+    with HubStandin() as hub:
+        targets = publish(hub, openff=True, astra=False)
+        print("repos:", ", ".join(t.repo_id + (f"@{t.revision}" if t.revision else "") for t in targets),
+              flush=True)
+        methods: dict[str, dict[str, Any]] = {}
+        for i in range(args.rounds):
+            order = ["elves", "hf"] if i % 2 == 0 else ["hf", "elves"]
+            for method in order:
+                if method == "elves":
+                    label = f"elves.mirror.pull, jobs={args.jobs}, into a fresh store"
+                    m = isolated(elves_pull, hub.url, targets, args.tmp, args.jobs)
+                else:
+                    label = "huggingface_hub.snapshot_download, fresh cache_dir"
+                    m = isolated(hf_snapshot, hub.url, targets, args.tmp)
+                row = methods.setdefault(method, {"method": label, "seconds": [], "peak_rss": [],
+                                                  "start_rss": [], **m.result})
+                row["seconds"].append(m.seconds)
+                row["peak_rss"].append(m.peak_rss)
+                row["start_rss"].append(m.start_rss)
+                print(f"round {i + 1}: {method} {m.seconds:.1f} s, peak RSS {m.peak_rss / 1e6:.0f} MB", flush=True)
+        if methods:
+            report["rows"] = [methods["elves"], methods["hf"]]
+            print(pull_table(report["rows"]), end="\n\n", flush=True)
+        if not args.no_big:
+            big = big_pull(args, hub)
+            if big is not None:
+                print(big_table(big), flush=True)
+                report["big"] = big
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.json}")
+
+
+@contextmanager
+def running_server(store_path: Path, probe: str) -> Iterator[tuple[str, int]]:
+    """``elves.mirror.server.serve`` over the store in a process of its own: its URL and pid."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = ("from elves.store import Store; from elves.mirror.server import serve; "
+            f"serve(Store({str(store_path)!r}), port={port})")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with _OPENER.open(f"{url}/api/models/{probe}"):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the mirror's server did not start") from None
+                time.sleep(0.1)
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def vm(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of process ``pid``, in bytes."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
+
+
+def get_sha256(url: str) -> str:
+    """A plain streaming GET, hashed as it arrives."""
+    h = hashlib.sha256()
+    with _OPENER.open(url) as resp:
+        while piece := resp.read(1 << 20):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def at_once(n: int, fn: Callable[[int], Any]) -> tuple[float, list[Any]]:
+    """``fn(0..n-1)``, each in its own thread, all started together: the wall time and results."""
+    with ThreadPoolExecutor(n) as pool:
+        t0 = time.perf_counter()
+        results = list(pool.map(fn, range(n)))
+        return time.perf_counter() - t0, results
+
+
+def serve_row(url: str, pid: int, t: Target, model: str, store: Store, tmp: Path, rounds: int) -> dict[str, Any]:
+    path = t.largest()
+    size = t.files[path].stat().st_size
+    want = sha256_file(t.files[path])
+    restore = []
+    for i in range(rounds):
+        dst = tmp / f"restore-{i}"
+        t0 = time.perf_counter()
+        store.restore(model, dst)
+        restore.append(time.perf_counter() - t0)
+        shutil.rmtree(dst)
+    file_url = f"{url}/{t.repo_id}/resolve/main/{path}"
+
+    def hf(cache: Path) -> str:
+        return hf_hub_download(t.repo_id, path, cache_dir=cache, endpoint=url, token=False)
+
+    get1, hf1 = [], []
+    for i in range(rounds):
+        t0 = time.perf_counter()
+        assert get_sha256(file_url) == want
+        get1.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        got = hf(tmp / f"hf-{i}")
+        hf1.append(time.perf_counter() - t0)
+        assert sha256_file(Path(got)) == want
+        shutil.rmtree(tmp / f"hf-{i}")
+    get8, shas = at_once(8, lambda i: get_sha256(file_url))
+    assert shas == [want] * 8, shas
+    hf8, files = at_once(8, lambda i: hf(tmp / f"hf8-{i}"))
+    assert [sha256_file(Path(f)) for f in files] == [want] * 8
+    for i in range(8):
+        shutil.rmtree(tmp / f"hf8-{i}")
+    return {"repo": t.repo_id, "path": path, "size": size, "model_bytes": t.bytes, "restore": restore,
+            "get1": get1, "hf1": hf1, "get8": get8, "hf8": hf8, "server": vm(pid)}
+
+
+def serve_table(rows: list[dict[str, Any]]) -> str:
+    lines = [("| repo: file | MB | restore MB/s | 1 client GET MB/s (of restore) | 1 client hf_hub_download MB/s | "
+              "8 clients GET, MB/s in all | 8 clients hf_hub_download, MB/s in all | server peak RSS MB, so far |"),
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        restore = r["model_bytes"] / min(r["restore"]) / 1e6
+        get1 = r["size"] / min(r["get1"]) / 1e6
+        lines.append(f"| {r['repo']}: {r['path']} | {r['size'] / 1e6:.1f} | {restore:.0f} | "
+                     f"{get1:.0f} ({get1 / restore:.0%}) | {r['size'] / min(r['hf1']) / 1e6:.0f} | "
+                     f"{8 * r['size'] / r['get8'] / 1e6:.0f} | {8 * r['size'] / r['hf8'] / 1e6:.0f} | "
+                     f"{r['server']['VmHWM'] / 1e6:.0f} |")
+    return "\n".join(lines)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    report: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv)}
+    tmp = Path(tempfile.mkdtemp(prefix="mirror_bench-", dir=args.tmp))
+    try:
+        store = Store.init(tmp / "store")
+        with HubStandin() as hub:
+            targets = publish(hub, openff=False, astra=not args.no_astra)
+            models = [pull(store, t.repo_id, endpoint=hub.url).model for t in targets]
+        print(f"store: {', '.join(t.repo_id for t in targets)}, {store.stats().stored_bytes:,} bytes", flush=True)
+        rows = []
+        with running_server(tmp / "store", targets[0].repo_id) as (url, pid):
+            report["server_idle"] = vm(pid)
+            # one request first, untimed: the server's first answer loads its decoders
+            first = targets[0]
+            get_sha256(f"{url}/{first.repo_id}/resolve/main/{first.largest()}")
+            for t, model in zip(targets, models):
+                rows.append(serve_row(url, pid, t, model, store, tmp, args.rounds))
+                print(f"{t.repo_id}: done, server {rows[-1]['server']['VmHWM'] / 1e6:.0f} MB peak", flush=True)
+        print(f"server at rest: {report['server_idle']['VmRSS'] / 1e6:.0f} MB; load {os.getloadavg()}",
+              serve_table(rows), sep="\n\n")
+        report["rows"] = rows
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.json}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -390,6 +804,20 @@ def main() -> None:
     st.add_argument("--tmp", metavar="DIR", help="where the stores are made (default: the system's temp folder)")
     st.add_argument("--no-reverse", action="store_true", help="skip the store with the fine-tunes first")
     st.set_defaults(run=cmd_storage)
+    pl = sub.add_parser("pull", help="elves.mirror.pull against snapshot_download, and a large file's memory")
+    pl.add_argument("--rounds", type=int, default=2, help="runs of each method, alternating which goes first (0: the large file only)")
+    pl.add_argument("--jobs", type=int, default=4, help="elves' parallel downloads")
+    pl.add_argument("--big-layers", type=int, default=7, help="decoder layers in the large file (435 MB each)")
+    pl.add_argument("--no-big", action="store_true", help="skip the large-file check")
+    pl.add_argument("--json", metavar="PATH", help="also write the numbers here")
+    pl.add_argument("--tmp", metavar="DIR", help="where stores, caches and the large file go")
+    pl.set_defaults(run=cmd_pull)
+    sv = sub.add_parser("serve", help="the mirror's server: MB/s for 1 and 8 clients, peak RSS, against restore")
+    sv.add_argument("--rounds", type=int, default=3, help="runs of each single-client measurement (the best counts)")
+    sv.add_argument("--no-astra", action="store_true", help="the minilm family only")
+    sv.add_argument("--json", metavar="PATH", help="also write the numbers here")
+    sv.add_argument("--tmp", metavar="DIR", help="where the store and the clients' caches go")
+    sv.set_defaults(run=cmd_serve)
     args = ap.parse_args()
     args.run(args)
 
