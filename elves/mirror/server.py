@@ -41,7 +41,10 @@ are always refused). A private repo is ``RepoNotFound`` (404) without a listed t
 lacks is pulled from there (:func:`~elves.mirror.pull.pull`) before it is answered; concurrent
 requests for it wait for the one pull. A revision the store tracks is answered from the store
 without asking upstream: ``elves mirror update`` (:func:`~elves.mirror.pull.update`) moves the
-tracked branches to their new commits.
+tracked branches to their new commits. The request that finds a repo missing waits for its whole
+pull; huggingface_hub gives up on a metadata request after 10 s (``HF_HUB_ETAG_TIMEOUT``), so a
+client's first request for a large repo may fail while its pull goes on, and the next one,
+after the pull, succeeds. Pulling large repos ahead (``elves mirror pull``) avoids the wait.
 """
 from __future__ import annotations
 
