@@ -68,7 +68,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xxhash
@@ -80,15 +80,15 @@ from numba import njit
 from elves.mirror.pull import pull
 from elves.store import Store
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))   # for the tests' Hub stand-in
-from tests.hub_standin import HubStandin, folder_files
+if TYPE_CHECKING:
+    from tests.hub_standin import HubStandin
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # for the tests' Hub stand-in
 # Read by huggingface_hub when imported, here and in the processes spawned: no progress bars on
-# stdout, no telemetry requests to the stand-in.
+# stdout, no telemetry requests to the stand-in. It, the stand-in and its server are imported
+# where they are used: every spawned process imports this script, and its peak RSS counts them.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-from huggingface_hub import hf_hub_download, snapshot_download
 
 MODELS = DATA_ROOT / "models"
 
@@ -436,6 +436,7 @@ class Target:
 def publish(hub: HubStandin, *, openff: bool, astra: bool) -> list[Target]:
     """Commit the minilm family to the stand-in, a repo per model; with ``openff``, its five
     versions as one repo, a commit and a tag each, oldest first; with ``astra``, astra-st."""
+    from tests.hub_standin import folder_files
     fams = families()
     if "minilm" not in fams or (openff and "openff" not in fams):
         sys.exit("no dataset: run `python bench/datasets.py minilm openff`")
@@ -514,6 +515,7 @@ def elves_pull(endpoint: str, targets: list[Target], tmp_root: str | None, jobs:
 def hf_snapshot(endpoint: str, targets: list[Target], tmp_root: str | None) -> dict[str, Any]:
     """Plain ``snapshot_download`` of every target into a fresh cache (its defaults: 8 workers),
     then, untimed, every file compared with its source."""
+    from huggingface_hub import snapshot_download
     tmp = Path(tempfile.mkdtemp(prefix="mirror_bench-", dir=tmp_root))
     try:
         t0 = time.perf_counter()
@@ -630,6 +632,7 @@ def big_table(big: dict[str, Any]) -> str:
 
 
 def cmd_pull(args: argparse.Namespace) -> None:
+    from tests.hub_standin import HubStandin
     report: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv), "jobs": args.jobs}
     with HubStandin() as hub:
         targets = publish(hub, openff=True, astra=False)
@@ -717,6 +720,7 @@ def at_once(n: int, fn: Callable[[int], Any]) -> tuple[float, list[Any]]:
 
 
 def serve_row(url: str, pid: int, t: Target, model: str, store: Store, tmp: Path, rounds: int) -> dict[str, Any]:
+    from huggingface_hub import hf_hub_download
     path = t.largest()
     size = t.files[path].stat().st_size
     want = sha256_file(t.files[path])
@@ -767,6 +771,7 @@ def serve_table(rows: list[dict[str, Any]]) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from tests.hub_standin import HubStandin
     report: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv)}
     tmp = Path(tempfile.mkdtemp(prefix="mirror_bench-", dir=args.tmp))
     try:
