@@ -34,7 +34,8 @@ per version. It times ``elves.mirror.pull`` of them all into a fresh store again
 alternating which goes first. Then it writes a safetensors file of BF16 weights drawn from seeded
 normal distributions (7 layers of an 8B-class decoder, 3.05 GB), commits it, and pulls it with
 elves in a process of its own: its peak RSS, and the peak size of the store's ``tmp/``, where the
-pull stages its downloads.
+pull stages its downloads. Then the same again with the layers in a file each, as the Hub's
+sharded checkpoints come, where ``jobs`` downloads run ahead of the file being stored.
 
 ``serve`` pulls the minilm family and astra-st (a 235 MB file) into a store, times
 ``Store.restore`` of each model, then runs ``elves.mirror.server.serve`` in a process of its own
@@ -535,9 +536,9 @@ def hf_snapshot(endpoint: str, targets: list[Target], tmp_root: str | None) -> d
 
 # A few layers of an 8B-class decoder (hidden 4096, MLP 14336, 8 KV heads of 128): name, shape,
 # mean and standard deviation of its values.
-def big_tensors(layers: int) -> list[tuple[str, tuple[int, ...], float, float]]:
+def big_tensors(layers: range) -> list[tuple[str, tuple[int, ...], float, float]]:
     out = []
-    for i in range(layers):
+    for i in layers:
         p = f"model.layers.{i}"
         out += [(f"{p}.input_layernorm.weight", (4096,), 1.0, 0.05),
                 (f"{p}.self_attn.q_proj.weight", (4096, 4096), 0.0, 0.020),
@@ -551,7 +552,7 @@ def big_tensors(layers: int) -> list[tuple[str, tuple[int, ...], float, float]]:
     return out
 
 
-def write_big_safetensors(path: Path, layers: int, seed: int) -> int:
+def write_big_safetensors(path: Path, layers: range, seed: int) -> int:
     """A safetensors file of BF16 tensors drawn from seeded normal distributions, written 16 Mi
     values at a time (memory stays at a few hundred MB); its size."""
     import ml_dtypes
@@ -580,33 +581,40 @@ def write_big_safetensors(path: Path, layers: int, seed: int) -> int:
     return size
 
 
-def big_pull(args: argparse.Namespace, hub: HubStandin) -> dict[str, Any] | None:
-    """Pull one large generated file with elves, in its own process: its peak RSS and staging."""
+def big_pull(args: argparse.Namespace, hub: HubStandin, files: int) -> dict[str, Any] | None:
+    """Generate ``args.big_layers`` decoder layers of BF16 as a repo of ``files`` safetensors
+    files, commit it and pull it with elves in a process of its own: its peak RSS and the peak
+    size of its staging. The files are deleted after."""
     tmp_dir = Path(args.tmp or tempfile.gettempdir())
-    size_estimate = sum(2 * int(np.prod(s)) for _, s, _, _ in big_tensors(args.big_layers))
-    # the file, its staged download and the store's objects (compressed, at most its size)
-    need = 3 * size_estimate + (1 << 30)
+    total = sum(2 * int(np.prod(s)) for _, s, _, _ in big_tensors(range(args.big_layers)))
+    # the files, their staged downloads and the store's objects (compressed: less than the files)
+    need = 3 * total + (1 << 30)
     free = shutil.disk_usage(tmp_dir).free
     if free < need:
         print(f"large-file check skipped: {free / 1e9:.1f} GB free under {tmp_dir}, {need / 1e9:.1f} GB needed")
         return None
+    per = -(-args.big_layers // files)
+    groups = [range(i, min(i + per, args.big_layers)) for i in range(0, args.big_layers, per)]
+    names = (["model.safetensors"] if len(groups) == 1 else
+             [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))])
     folder = Path(tempfile.mkdtemp(prefix="mirror_bench-big-", dir=tmp_dir))
     try:
-        src = folder / "model.safetensors"
         t0 = time.perf_counter()
-        size = write_big_safetensors(src, args.big_layers, seed=12)
+        sources = {name: folder / name for name in names}
+        sizes = [write_big_safetensors(sources[name], layers, seed=12 + k)
+                 for k, (name, layers) in enumerate(zip(names, groups))]
         made = time.perf_counter() - t0
         t0 = time.perf_counter()
         config = json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
                              "num_hidden_layers": args.big_layers, "torch_dtype": "bfloat16"}).encode()
-        hub.commit("big/bf16", {"config.json": config, "model.safetensors": src})
+        repo = f"big/bf16-{len(names)}-files"
+        hub.commit(repo, {"config.json": config, **sources})
         hashed = time.perf_counter() - t0
-        print(f"large file: {size:,} bytes of BF16 written in {made:.0f} s, hashed by the stand-in in "
-              f"{hashed:.0f} s; pulling", flush=True)
-        target = Target("big/bf16", None, {"model.safetensors": src})
-        m = isolated(elves_pull, hub.url, [target], str(folder), args.jobs)
-        return {"size": size, "layers": args.big_layers, "seconds": m.seconds, "peak_rss": m.peak_rss,
-                "start_rss": m.start_rss, **m.result}
+        print(f"{repo}: {sum(sizes):,} bytes of BF16 in {len(names)} file(s) written in {made:.0f} s, hashed by "
+              f"the stand-in in {hashed:.0f} s; pulling", flush=True)
+        m = isolated(elves_pull, hub.url, [Target(repo, None, sources)], str(folder), args.jobs)
+        return {"repo": repo, "files_made": len(names), "largest": max(sizes), "size": sum(sizes),
+                "seconds": m.seconds, "peak_rss": m.peak_rss, "start_rss": m.start_rss, **m.result}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -622,13 +630,16 @@ def pull_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def big_table(big: dict[str, Any]) -> str:
-    return "\n".join([
-        "| file | wall s | MB/s | peak RSS MB (at start) | peak staging MB (store tmp/) | stored MB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-        (f"| {big['layers']} layers of BF16, {big['size'] / 1e9:.2f} GB | {big['seconds']:.0f} | "
-         f"{big['size'] / big['seconds'] / 1e6:.0f} | {big['peak_rss'] / 1e6:.0f} ({big['start_rss'] / 1e6:.0f}) | "
-         f"{big['staging_peak'] / 1e6:,.0f} | {big['stored_bytes'] / 1e6:,.0f} |")])
+def big_table(bigs: list[dict[str, Any]]) -> str:
+    lines = ["| repo | wall s | MB/s | peak RSS MB (at start) | peak staging MB (store tmp/) | stored MB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for b in bigs:
+        what = (f"{b['files_made']} file" if b["files_made"] == 1 else
+                f"{b['files_made']} files of {b['largest'] / 1e9:.2f} GB")
+        lines.append(f"| {what}, {b['size'] / 1e9:.2f} GB of BF16 | {b['seconds']:.0f} | "
+                     f"{b['size'] / b['seconds'] / 1e6:.0f} | {b['peak_rss'] / 1e6:.0f} ({b['start_rss'] / 1e6:.0f}) | "
+                     f"{b['staging_peak'] / 1e6:,.0f} | {b['stored_bytes'] / 1e6:,.0f} |")
+    return "\n".join(lines)
 
 
 def cmd_pull(args: argparse.Namespace) -> None:
@@ -658,10 +669,9 @@ def cmd_pull(args: argparse.Namespace) -> None:
             report["rows"] = [methods["elves"], methods["hf"]]
             print(pull_table(report["rows"]), end="\n\n", flush=True)
         if not args.no_big:
-            big = big_pull(args, hub)
-            if big is not None:
-                print(big_table(big), flush=True)
-                report["big"] = big
+            bigs = [b for b in (big_pull(args, hub, n) for n in (1, args.big_layers)) if b is not None]
+            print(big_table(bigs), flush=True)
+            report["big"] = bigs
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.json}")
@@ -812,7 +822,7 @@ def main() -> None:
     pl = sub.add_parser("pull", help="elves.mirror.pull against snapshot_download, and a large file's memory")
     pl.add_argument("--rounds", type=int, default=2, help="runs of each method, alternating which goes first (0: the large file only)")
     pl.add_argument("--jobs", type=int, default=4, help="elves' parallel downloads")
-    pl.add_argument("--big-layers", type=int, default=7, help="decoder layers in the large file (435 MB each)")
+    pl.add_argument("--big-layers", type=int, default=7, help="decoder layers of the large repo (436 MB each), in one file and then one file each")
     pl.add_argument("--no-big", action="store_true", help="skip the large-file check")
     pl.add_argument("--json", metavar="PATH", help="also write the numbers here")
     pl.add_argument("--tmp", metavar="DIR", help="where stores, caches and the large file go")
