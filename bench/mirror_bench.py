@@ -1,4 +1,4 @@
-"""Issue 12's benchmark: what a Hub mirror costs to keep a family of models (a benchmark, not a test).
+"""Issue 12's benchmark: what a Hub mirror costs to keep a family of models, to pull it and to serve it.
 
     python bench/mirror_bench.py selfcheck                    # the chunker's own checks (asserts)
     python bench/mirror_bench.py storage                      # every family, a table on stdout
