@@ -24,21 +24,32 @@ def default_threads(threads: int | None) -> int:
 
 
 def ordered_map(pool: Executor, fn: Callable[[T], R], items: Iterable[T], window: int,
-                inline: Callable[[T], bool] | None = None) -> Iterator[R]:
-    """``map(fn, items)`` on ``pool``, in order, with at most ``window`` items in flight.
+                inline: Callable[[T], bool] | None = None,
+                size: Callable[[T], int] | None = None, max_size: int = 0) -> Iterator[R]:
+    """``map(fn, items)`` on ``pool``, in order, with at most ``window`` items in flight; with
+    ``size``, also at most ``max_size`` of their sizes (but always one, whatever its size).
 
     Items for which ``inline(item)`` holds run in the calling thread: for a few kilobytes of
     work, handing it to another thread costs more than doing it.
     """
-    pending: deque[Future[R]] = deque()
+    pending: deque[tuple[Future[R], int]] = deque()
+    held = 0
     for item in items:
+        weight = size(item) if size is not None else 0
+        while pending and held + weight > max_size:  # room for it first (never with no size)
+            future, w = pending.popleft()
+            held -= w
+            yield future.result()
         if inline is not None and inline(item):
             done: Future[R] = Future()
             done.set_result(fn(item))
-            pending.append(done)
+            pending.append((done, weight))
         else:
-            pending.append(pool.submit(fn, item))
+            pending.append((pool.submit(fn, item), weight))
+        held += weight
         if len(pending) >= window:
-            yield pending.popleft().result()
+            future, w = pending.popleft()
+            held -= w
+            yield future.result()
     while pending:
-        yield pending.popleft().result()
+        yield pending.popleft()[0].result()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import signal
@@ -242,3 +243,21 @@ def test_pull_list_and_cli_summary(hub: HubStandin, store: Store, tmp_path: Path
     assert out.returncode == 0 and "acme/a" in out.stdout and "v1" in out.stdout
     out = elves_cli("mirror", "rm", "acme/a", "--store", str(store.path), "--json")
     assert out.returncode == 0 and json.loads(out.stdout)["removed"] == [f"acme/a@{a}"]
+
+
+def test_staging_is_bounded_by_bytes(hub: HubStandin, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    pull_module = importlib.import_module("elves.mirror.pull")   # the package's `pull` is the function
+    files = small_repo(6, size=400_000)
+    hub.commit("acme/big", files)
+    monkeypatch.setattr(pull_module, "STAGING_BYTES", 500_000)
+    hub.rate = 20e6
+    peak = 0
+    scratch = store.path / "tmp" / "staged"
+
+    def watch(_: mirror.PullProgress) -> None:
+        nonlocal peak
+        peak = max(peak, sum(p.stat().st_size for p in scratch.rglob("*") if p.is_file() and "journal" not in p.name))
+    r = mirror.pull(store, "acme/big", endpoint=hub.url, jobs=4, progress=watch)
+    assert r.downloaded == 8
+    # never two of the 400 KB files staged at once (jobs=4 alone would allow five), and one always may be
+    assert 400_000 <= peak < 800_000

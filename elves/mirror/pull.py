@@ -46,6 +46,11 @@ from .records import (
 )
 
 
+STAGING_BYTES = 2 << 30
+"""Files are downloaded ahead of the one being stored up to this many bytes (but always one, of any
+size): disk use beyond the store stays near the largest file, never a second copy of the repo."""
+
+
 @dataclass
 class PullProgress:
     """What a pull has done so far, handed to the progress callback after every piece."""
@@ -183,7 +188,8 @@ def _fill(store: Store, staged: StagedAdd, hub: Hub, repo_type: str, repo_id: st
 
     with ThreadPoolExecutor(jobs) as pool:
         try:
-            for f, path, fetched in ordered_map(pool, fetch, todo, jobs + 1):
+            for f, path, fetched in ordered_map(pool, fetch, todo, jobs + 1, size=lambda f: f.size,
+                                                max_size=STAGING_BYTES):
                 staged.add(path, f.path)
                 path.unlink()
                 result.downloaded += fetched
