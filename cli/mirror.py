@@ -12,19 +12,26 @@ from elves import mirror as hubmirror
 from elves.errors import ElvesError, UsageError
 from elves.mirror.hub import read_tokens
 from elves.mirror.records import parse_spec
-from elves.store import Store
 
 from ._common import EPILOG, emit, fail, force_option, human, json_option, quiet, quiet_option, reported, threads_option
+from .store import open_store, storage_option, store_location
 
-store_option = click.option("--store", "-s", "store_path", envvar="ELVES_STORE", required=True,
-                            type=click.Path(path_type=Path), help="The store (or set ELVES_STORE).")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def store_option(f: F) -> F:
+    """--store (a folder or a URL such as s3://bucket/prefix) and its --storage-option."""
+    f = storage_option(f)
+    return click.option("--store", "-s", "store_path", envvar="ELVES_STORE", required=True, callback=store_location,
+                        help="The store: a folder or a URL such as s3://bucket/prefix (or set ELVES_STORE).")(f)
+
+
 type_option = click.option("--type", "repo_type", type=click.Choice(["model", "dataset"]), default="model",
                            show_default=True, help="The repos' type on the Hub.")
 endpoint_option = click.option("--endpoint", default=None, metavar="URL",
                                help="The Hub to pull from (default: HF_ENDPOINT, else huggingface.co).")
 token_option = click.option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                             default=None, help="A file holding the Hub token (default: HF_TOKEN, or the stored login).")
-F = TypeVar("F", bound=Callable[..., Any])
 jobs_option = click.option("--jobs", "-j", type=click.IntRange(min=1, max=64), default=4, show_default=True,
                            help="Files downloaded at once.")
 
@@ -108,9 +115,9 @@ def mirror() -> None:
 @click.option("--include", multiple=True, metavar="GLOB", help="Take only the files matching (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out the files matching (repeatable).")
 @upstream_options
-def pull(specs: tuple[str, ...], store_path: Path, repo_type: str, list_file: Path | None, include: tuple[str, ...],
-         exclude: tuple[str, ...], endpoint: str | None, token_file: Path | None, jobs: int, threads: int | None,
-         as_json: bool) -> None:
+def pull(specs: tuple[str, ...], store_path: Path | str, storage_options: tuple[str, ...], repo_type: str,
+         list_file: Path | None, include: tuple[str, ...], exclude: tuple[str, ...], endpoint: str | None,
+         token_file: Path | None, jobs: int, threads: int | None, as_json: bool) -> None:
     """Pull repos from the Hub into the store: one file at a time, each checked against its
     sha256 (or git blob id) before it is stored. A commit already stored downloads nothing; an
     interrupted pull, run again, downloads only what is missing. A repo that fails is reported
@@ -130,7 +137,7 @@ def pull(specs: tuple[str, ...], store_path: Path, repo_type: str, list_file: Pa
         parsed = [parse_spec(s) for s in items if s]
         if not parsed:
             raise UsageError("no repo to pull: give REPO_ID[@REVISION] or --list FILE")
-        store = Store(store_path)
+        store = open_store(store_path, storage_options)
         token = read_tokens(token_file)[0] if token_file else None
     results: list[hubmirror.PullResult] = []
     failures: list[tuple[str, ElvesError]] = []
@@ -171,8 +178,8 @@ def _failed(what: str, e: ElvesError) -> dict[str, Any]:
 @store_option
 @click.argument("repos", nargs=-1, metavar="[REPO_ID]...")
 @upstream_options
-def update(store_path: Path, repos: tuple[str, ...], endpoint: str | None, token_file: Path | None, jobs: int,
-           threads: int | None, as_json: bool) -> None:
+def update(store_path: Path | str, storage_options: tuple[str, ...], repos: tuple[str, ...], endpoint: str | None,
+           token_file: Path | None, jobs: int, threads: int | None, as_json: bool) -> None:
     """Resolve every tracked branch and tag again (of the given repos, or all) and pull the
     commits they moved to: only changed files are downloaded. Old commits stay until
     `elves mirror rm`.
@@ -183,7 +190,7 @@ def update(store_path: Path, repos: tuple[str, ...], endpoint: str | None, token
       elves mirror update sentence-transformers/all-MiniLM-L6-v2 --store hub.store --json
     """
     with reported(as_json):
-        store = Store(store_path)
+        store = open_store(store_path, storage_options)
         token = read_tokens(token_file)[0] if token_file else None
         u = hubmirror.update(store, endpoint=endpoint, token=token, jobs=jobs, threads=threads,
                              progress=_Progress(not as_json), only=list(repos) or None)
@@ -202,7 +209,7 @@ def update(store_path: Path, repos: tuple[str, ...], endpoint: str | None, token
 @store_option
 @json_option
 @quiet_option
-def ls(store_path: Path, as_json: bool) -> None:
+def ls(store_path: Path | str, storage_options: tuple[str, ...], as_json: bool) -> None:
     """List the mirrored repos: their revisions and commits, logical and stored bytes.
 
     For each commit: its logical size -> what adding it cost the store (objects no model added
@@ -216,7 +223,7 @@ def ls(store_path: Path, as_json: bool) -> None:
     """
     from elves.mirror.inventory import inventory
     with reported(as_json):
-        repos, totals = inventory(Store(store_path))
+        repos, totals = inventory(open_store(store_path, storage_options))
         lines = []
         for r in repos:
             lines.append(f"{'dataset ' if r.repo_type == 'dataset' else ''}{r.repo_id}"
@@ -239,7 +246,7 @@ def ls(store_path: Path, as_json: bool) -> None:
 @type_option
 @json_option
 @quiet_option
-def rm(spec: str, store_path: Path, repo_type: str, as_json: bool) -> None:
+def rm(spec: str, store_path: Path | str, storage_options: tuple[str, ...], repo_type: str, as_json: bool) -> None:
     """Forget a repo's revision (or commit sha), or the whole repo without one. Its data goes
     with the next `elves store gc`, but for what other commits share.
 
@@ -250,7 +257,7 @@ def rm(spec: str, store_path: Path, repo_type: str, as_json: bool) -> None:
     """
     with reported(as_json):
         repo_id, revision = parse_spec(spec)
-        removed = hubmirror.remove(Store(store_path), repo_id, revision, repo_type=repo_type)
+        removed = hubmirror.remove(open_store(store_path, storage_options), repo_id, revision, repo_type=repo_type)
         emit(as_json, {"ok": True, "removed": removed},
              f"removed {len(removed)} commit(s) of {repo_id}; run `elves store gc` to free their bytes", summary=True)
 
@@ -266,8 +273,8 @@ def rm(spec: str, store_path: Path, repo_type: str, as_json: bool) -> None:
 @threads_option
 @json_option
 @quiet_option
-def export(spec: str, store_path: Path, repo_type: str, to: Path | None, hf_cache: Path | None, force: bool,
-           threads: int | None, as_json: bool) -> None:
+def export(spec: str, store_path: Path | str, storage_options: tuple[str, ...], repo_type: str, to: Path | None,
+           hf_cache: Path | None, force: bool, threads: int | None, as_json: bool) -> None:
     """Write a mirrored repo out, bit-exact: as a plain folder, or into the huggingface_hub cache
     so that HF_HUB_OFFLINE=1 loads it (blobs already there are reused).
 
@@ -281,7 +288,7 @@ def export(spec: str, store_path: Path, repo_type: str, to: Path | None, hf_cach
         if (to is None) == (hf_cache is None):
             raise UsageError("give one of --to DIR and --hf-cache DIR")
         repo_id, revision = parse_spec(spec)
-        r = run_export(Store(store_path), repo_id, revision, repo_type=repo_type, to=to, hf_cache=hf_cache,
+        r = run_export(open_store(store_path, storage_options), repo_id, revision, repo_type=repo_type, to=to, hf_cache=hf_cache,
                        force=force, threads=threads)
         emit(as_json, {"ok": True, "repo": r.repo_id, "type": r.repo_type, "revision": r.revision,
                        "commit": r.commit, "files": r.files, "bytes": r.bytes, "bytes_written": r.bytes_written,
@@ -301,8 +308,8 @@ def export(spec: str, store_path: Path, repo_type: str, to: Path | None, hf_cach
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Bearer tokens clients must present, one a line; gated repos need one.")
 @jobs_option
-def serve(store_path: Path, host: str, port: int, upstream: str | None, upstream_token_file: Path | None,
-          token_file: Path | None, jobs: int) -> None:
+def serve(store_path: Path | str, storage_options: tuple[str, ...], host: str, port: int, upstream: str | None,
+          upstream_token_file: Path | None, token_file: Path | None, jobs: int) -> None:
     """Serve the store through the Hub's API: clients set HF_ENDPOINT to this server and change
     nothing else. Files are decoded as they stream; a Range decodes only what it covers.
 
@@ -314,7 +321,7 @@ def serve(store_path: Path, host: str, port: int, upstream: str | None, upstream
     """
     from elves.mirror.server import serve as run_server
     with reported(False):
-        store = Store(store_path)
+        store = open_store(store_path, storage_options)
         upstream_token = read_tokens(upstream_token_file)[0] if upstream_token_file else None
         run_server(store, host=host, port=port, upstream=upstream, upstream_token=upstream_token,
                    token_file=token_file, jobs=jobs)

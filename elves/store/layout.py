@@ -1,7 +1,8 @@
 """Where things lie in a store, by key: '/'-separated names relative to the store's root.
 
     elves-store.json        what this store is, and the store version
-    lock                    writers (add, rm, gc, repack, verify) take turns on it
+    lock                    writers (add, rm, gc, repack, verify) take turns on it: a flock on a
+                            local disk, a lease object on object storage (elves.store.remote)
     objects/ab/<key>        one object per unique segment; <key> = xxh3-128 of its raw bytes + dtype
     models/<name>.json      a model's manifest: its files, each a list of object slices tiling it
     profiles/<name>.json    its family profile (elves.families), to match later models against
@@ -16,6 +17,7 @@ from ..index import Fields
 
 STORE_VERSION = (1, 0)
 MARKER = "elves-store.json"
+LOCK = "lock"
 FOLDERS = ("objects/", "models/", "profiles/", "tmp/")
 OBJECTS, MODELS, PROFILES, TMP = FOLDERS
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@-]*(/[A-Za-z0-9][A-Za-z0-9._+@-]*)?")

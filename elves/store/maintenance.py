@@ -2,6 +2,7 @@
 their own as deltas of a base that arrived after them (repack)."""
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from pathlib import Path
@@ -64,26 +65,47 @@ def is_object(entry: Entry, keys: Iterable[str]) -> bool:
     return name in keys and entry.key == object_at(name)
 
 
-def gc(storage: Storage) -> GcReport:
+def walk(storage: Storage, prefix: str) -> Iterator[Entry]:
+    """The files under folder ``prefix``, at any depth."""
+    for e in storage.list(prefix):
+        if e.key.endswith("/"):
+            yield from walk(storage, e.key)
+        else:
+            yield e
+
+
+def gc(storage: Storage, grace: float = 0.0) -> GcReport:
     """Delete the objects nothing references, files left in ``tmp/`` by killed writers, and
-    profiles of removed models. Never deletes an object a manifest or a live delta uses."""
+    profiles of removed models. Never deletes an object a manifest or a live delta uses.
+
+    With a ``grace`` (seconds), unreferenced objects and files in ``tmp/`` written less than
+    that long ago are kept: a writer that lost the lock unknown to it (an expired lease) may
+    still name them in the manifest it is about to write."""
     with storage.locked():
         keep = live(storage)
-        removed = freed = 0
+        young_after = time.time() - grace
+        removed = freed = young = 0
         for e in list(all_objects(storage)):
-            if not is_object(e, keep):
-                freed += e.size
-                storage.delete(e.key)
-                removed += 1
+            if is_object(e, keep):
+                continue
+            if grace and e.mtime > young_after:
+                young += 1
+                continue
+            freed += e.size
+            storage.delete(e.key)
+            removed += 1
         temp = 0
-        for e in list(storage.list(TMP)):
+        for e in list(walk(storage, TMP) if grace else storage.list(TMP)):
+            if grace and e.mtime > young_after:
+                young += 1
+                continue
             storage.delete(e.key)
             temp += 1
         wanted = {profile_at(n) for n in names(storage)}
         for e in list(storage.list(PROFILES)):
             if e.key.endswith(".json") and not e.key[len(PROFILES):].startswith(".") and e.key not in wanted:
                 storage.delete(e.key)
-        return GcReport(removed, freed, len(keep), temp)
+        return GcReport(removed, freed, len(keep), temp, young)
 
 
 def stats(storage: Storage) -> StoreStats:

@@ -64,6 +64,7 @@ class GcReport:
     bytes_freed: int
     objects_kept: int
     temp_removed: int
+    kept_young: int = 0           # unreferenced objects and temporary files kept for the grace period
 
 
 @dataclass

@@ -138,11 +138,11 @@ class StagedAdd:
         return self.entries.get(relpath)
 
     def scratch(self) -> Path:
-        """A local folder for the caller's files in flight (the mirror's downloads), under the
-        store's ``tmp/``: kept with the journal for a resumed add, removed with it by commit."""
-        key = f"{staging_at(self.name)}files/"
-        self.storage.put(f"{key}.keep", b"")  # makes its folders, refusing links
-        return Path(self.storage.where(key))
+        """A local folder for the caller's files in flight (the mirror's downloads): under the
+        store's ``tmp/`` on a local disk, in a staging folder on this machine for a store on
+        object storage (``Storage.scratch``). Kept with the journal for a resumed add, removed
+        with it by commit."""
+        return self.storage.scratch(f"{staging_at(self.name)}files/")
 
     def add(self, path: Path, relpath: str) -> dict[str, Any]:
         """Store the file at ``path`` as ``relpath`` of the model; its manifest entry. The file

@@ -1,5 +1,5 @@
 """The store's I/O, behind one small interface: :class:`Storage`, and :class:`LocalStorage`, a
-folder on a local disk.
+folder on a local disk (object storage is :class:`elves.store.remote.FsspecStorage`).
 
 Keys are '/'-separated names relative to the store's root (``objects/ab/<key>``,
 ``models/x.json``); a key ending in '/' is a folder (a prefix). What the store needs from its
@@ -22,13 +22,16 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from ..errors import CorruptArchiveError, OutputError, StoreError
+from .layout import LOCK
 
 
 class Entry(NamedTuple):
-    """One entry of a listing: a file (and its size) or a folder (its key ends in '/')."""
+    """One entry of a listing: a file (its size, and when it was written, in seconds since the
+    epoch) or a folder (its key ends in '/'; 0 and 0)."""
 
     key: str
     size: int
+    mtime: float = 0.0
 
 
 class Blob(Protocol):
@@ -66,6 +69,10 @@ class Storage(Protocol):
     """Where a store's files live. Failures are ElvesErrors naming :meth:`where` the key is: a
     read that finds something that is not a plain file is a CorruptArchiveError, a write that
     fails an OutputError; a missing key is FileNotFoundError."""
+
+    #: How long (seconds) ``gc`` keeps an object nothing references yet: a writer that lost the
+    #: lock without knowing it may still be about to name it (0 where the lock cannot be lost).
+    gc_grace: float
 
     def where(self, key: str) -> str:
         """How messages name ``key`` (``""``: the store itself)."""
@@ -114,6 +121,11 @@ class Storage(Protocol):
         """The writers' lock: one writer at a time, across processes."""
         ...
 
+    def scratch(self, folder: str) -> Path:
+        """A folder on the local disk standing for ``folder`` (a key ending in '/'), for a
+        writer's files in flight; :meth:`delete` of ``folder`` removes it too."""
+        ...
+
 
 @contextmanager
 def _writing(where: str) -> Iterator[None]:
@@ -133,7 +145,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class _LocalBlob:
+class FileBlob:
+    """A local file opened for ranged reads (``fd`` is closed with it)."""
+
     def __init__(self, fd: int):
         self.fd = fd
         self.size = os.fstat(fd).st_size
@@ -175,7 +189,10 @@ class _LocalUpload:
 class LocalStorage:
     """A store in a local folder. Reads follow no link below the root (a link planted in a store
     shared with others must not make elves read, or later delete, what lies outside it), refuse
-    FIFOs and devices, and take no lock; writers hold an exclusive flock on ``lock``."""
+    FIFOs and devices, and take no lock; writers hold an exclusive flock on ``lock``, which the
+    kernel releases when its holder dies: nothing can still be writing once another writer has it."""
+
+    gc_grace = 0.0
 
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root)
@@ -190,7 +207,7 @@ class LocalStorage:
             p.mkdir(parents=True, exist_ok=True)
             for sub in folders:
                 (p / sub).mkdir(exist_ok=True)
-            (p / "lock").touch()
+            (p / LOCK).touch()
         except OSError as e:
             raise OutputError(f"cannot create the store: {e.strerror}", p) from None
         return cls(p)
@@ -233,7 +250,7 @@ class LocalStorage:
         return fd
 
     def open(self, key: str, what: str) -> Blob:
-        return _LocalBlob(self._open_fd(key, what))
+        return FileBlob(self._open_fd(key, what))
 
     def read_small(self, key: str, what: str, limit: int) -> bytes:
         with os.fdopen(self._open_fd(key, what), "rb") as f:
@@ -251,7 +268,8 @@ class LocalStorage:
                 if d.is_dir(follow_symlinks=False):
                     yield Entry(f"{prefix}{d.name}/", 0)
                 else:
-                    yield Entry(f"{prefix}{d.name}", d.stat(follow_symlinks=False).st_size)
+                    st = d.stat(follow_symlinks=False)
+                    yield Entry(f"{prefix}{d.name}", st.st_size, st.st_mtime)
 
     def upload(self, key: str) -> Upload:
         return _LocalUpload(self, key, "obj.")
@@ -310,11 +328,15 @@ class LocalStorage:
     @contextmanager
     def locked(self) -> Iterator[None]:
         try:
-            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as e:
-            raise StoreError(f"cannot open the store's lock: {e.strerror}", self.root / "lock") from None
+            raise StoreError(f"cannot open the store's lock: {e.strerror}", self.root / LOCK) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)  # releases the lock
+
+    def scratch(self, folder: str) -> Path:
+        self.put(f"{folder}.keep", b"")  # makes its folders, refusing links
+        return self.root / folder

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 from .. import families
 from ..decoder import RestoreSummary, write_files
@@ -19,12 +20,13 @@ from ..readers import read_model
 from . import maintenance, verify
 from .ingest import ProgressFn
 from .layout import FOLDERS, MARKER, MODELS, STORE_VERSION, manifest_at, profile_at
+from .location import create_storage, open_storage, parse_location
 from .manifests import manifest, manifests, profiles, read_json, write_json
 from .model_view import StoredModel
 from .reading import file_parts, file_range, restore_file
 from .reports import AddResult, GcReport, ModelEntry, RepackReport, StoreStats, StoreVerifyReport
 from .staging import StagedAdd, check_name
-from .storage import LocalStorage, Storage
+from .storage import Storage
 
 
 def default_name(src: str | os.PathLike[str]) -> str:
@@ -33,11 +35,16 @@ def default_name(src: str | os.PathLike[str]) -> str:
 
 
 class Store:
-    """A model store. ``Store(path)`` opens one; :meth:`Store.init` creates one."""
+    """A model store. ``Store(path)`` opens one; :meth:`Store.init` creates one.
 
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
-        self.storage: Storage = LocalStorage(self.path)
+    ``path`` is a local folder (``path`` is then a Path) or an fsspec URL such as
+    ``s3://bucket/prefix`` (kept as a str); ``storage_options`` go to fsspec for a URL
+    (endpoint, credentials...: by default the standard variables, AWS_ENDPOINT_URL and so on).
+    Opening a store reads its marker, so a wrong endpoint or credentials fail here, clearly."""
+
+    def __init__(self, path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None):
+        self.path: Path | str = parse_location(path)
+        self.storage: Storage = open_storage(self.path, storage_options)
         try:
             info = read_json(self.storage, MARKER, MARKER)
             version = tuple(info["version"])
@@ -56,11 +63,12 @@ class Store:
         self.storage.check(FOLDERS)
 
     @classmethod
-    def init(cls, path: str | os.PathLike[str]) -> Store:
-        """Create an empty store at ``path`` (a new or empty folder)."""
-        storage = LocalStorage.create(path, FOLDERS)
+    def init(cls, path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Store:
+        """Create an empty store at ``path``: a new or empty folder, or a URL under which
+        nothing lies yet (an S3 bucket must exist)."""
+        storage = create_storage(path, FOLDERS, storage_options)
         write_json(storage, MARKER, {"format": "elves-store", "version": list(STORE_VERSION)})
-        return cls(path)
+        return cls(path, storage_options)
 
     def add(self, src: str | os.PathLike[str], name: str | None = None, *, base: str | None = "auto",
             threads: int | None = None, progress: ProgressFn | None = None,
@@ -175,10 +183,14 @@ class Store:
             self.storage.sync([MODELS])
             self.storage.delete(profile_at(name))
 
-    def gc(self) -> GcReport:
+    def gc(self, grace: float | None = None) -> GcReport:
         """Delete the objects nothing references, files left in ``tmp/`` by killed writers, and
-        profiles of removed models. Never deletes an object a manifest or a live delta uses."""
-        return maintenance.gc(self.storage)
+        profiles of removed models. Never deletes an object a manifest or a live delta uses.
+
+        Objects and files in ``tmp/`` younger than ``grace`` seconds are kept: a writer whose
+        lease expired unknown to it may still be about to name them (by default an hour on
+        object storage, none on a local disk, whose flock cannot be lost)."""
+        return maintenance.gc(self.storage, self.storage.gc_grace if grace is None else grace)
 
     def stats(self) -> StoreStats:
         """Model count, logical and stored bytes, objects and garbage."""
