@@ -22,7 +22,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 def store_option(f: F) -> F:
     """--store (a folder or a URL such as s3://bucket/prefix) and its --storage-option."""
     f = storage_option(f)
-    return click.option("--store", "-s", "store_path", envvar="ELVES_STORE", required=True, callback=store_location,
+    return click.option("--store", "-s", "store_path", envvar="ELVES_STORE", required=True, metavar="STORE",
+                        callback=store_location,
                         help="The store: a folder or a URL such as s3://bucket/prefix (or set ELVES_STORE).")(f)
 
 
