@@ -309,6 +309,7 @@ def export(spec: str, store_path: Path | str, storage_options: tuple[str, ...], 
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Bearer tokens clients must present, one a line; gated repos need one.")
 @jobs_option
+@quiet_option
 def serve(store_path: Path | str, storage_options: tuple[str, ...], host: str, port: int, upstream: str | None,
           upstream_token_file: Path | None, token_file: Path | None, jobs: int) -> None:
     """Serve the store through the Hub's API: clients set HF_ENDPOINT to this server and change
@@ -317,7 +318,7 @@ def serve(store_path: Path | str, storage_options: tuple[str, ...], host: str, p
     \b
     Examples:
       elves mirror serve --store hub.store --port 8080
-      HF_ENDPOINT=http://127.0.0.1:8080 huggingface-cli download sentence-transformers/all-MiniLM-L6-v2
+      HF_ENDPOINT=http://127.0.0.1:8080 hf download sentence-transformers/all-MiniLM-L6-v2
       elves mirror serve --store hub.store --upstream https://huggingface.co --token-file tokens.txt
     """
     from elves.mirror.server import serve as run_server
@@ -325,4 +326,4 @@ def serve(store_path: Path | str, storage_options: tuple[str, ...], host: str, p
         store = open_store(store_path, storage_options)
         upstream_token = read_tokens(upstream_token_file)[0] if upstream_token_file else None
         run_server(store, host=host, port=port, upstream=upstream, upstream_token=upstream_token,
-                   token_file=token_file, jobs=jobs)
+                   token_file=token_file, jobs=jobs, log_level="error" if quiet() else "warning")
