@@ -22,7 +22,7 @@ from urllib.parse import quote
 from ..errors import CorruptArchiveError, ElvesError, HubNotFoundError, UsageError
 from ..store import Store
 from ..store.layout import manifest_at
-from ..store.manifests import manifest, read_json, write_json
+from ..store.manifests import read_json, write_json
 
 RECORD_VERSION = 1
 REPO_TYPES = ("model", "dataset")
@@ -252,7 +252,7 @@ def snapshot(store: Store, repo_type: str, repo_id: str, commit: str) -> Snapsho
     where = store.storage.where(manifest_at(name))
     if not store.storage.exists(manifest_at(name)):
         raise HubNotFoundError(f"the mirror holds no commit {commit} of {repo_id!r}", store.path, "revision")
-    man = manifest(store.storage, name)
+    man = store.manifest(name)
     origin = man.get("origin")
     try:
         if not isinstance(origin, dict) or origin.get("hub") != RECORD_VERSION:

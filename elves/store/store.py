@@ -3,6 +3,7 @@ removing models, and the maintenance commands."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -29,6 +30,9 @@ from .staging import StagedAdd, check_name
 from .storage import Storage
 
 
+MANIFESTS_KEPT = 64
+
+
 def default_name(src: str | os.PathLike[str]) -> str:
     """The name a model gets when none is given: its folder's or file's name."""
     return Path(src).resolve().name
@@ -43,6 +47,8 @@ class Store:
     Opening a store reads its marker, so a wrong endpoint or credentials fail here, clearly."""
 
     def __init__(self, path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None):
+        self._manifests: dict[str, tuple[int, dict[str, Any]]] = {}   # name -> (file size, manifest)
+        self._lock = threading.Lock()
         self.path: Path | str = parse_location(path)
         self.storage: Storage = open_storage(self.path, storage_options)
         try:
@@ -146,13 +152,37 @@ class Store:
                                lambda i, target: restore_file(self.storage, name, files[i], target, pool, window,
                                                               progress))
 
+    def manifest(self, name: str) -> dict[str, Any]:
+        """Model ``name``'s manifest, checked (StoreError naming the stored models if there is
+        none). Kept for the next call while the file keeps its size, since checking a large
+        model's manifest takes milliseconds, and a server asks for one on every request: the dict
+        is shared, not to be changed."""
+        try:
+            blob = self.storage.open(manifest_at(name), "the manifest")
+        except FileNotFoundError:
+            return manifest(self.storage, name)
+        try:
+            size = blob.size
+        finally:
+            blob.close()
+        with self._lock:
+            held = self._manifests.get(name)
+        if held is not None and held[0] == size:
+            return held[1]
+        man = manifest(self.storage, name)
+        with self._lock:
+            self._manifests[name] = (size, man)
+            while len(self._manifests) > MANIFESTS_KEPT:
+                self._manifests.pop(next(iter(self._manifests)))
+        return man
+
     def read_file(self, name: str, path: str, start: int = 0, stop: int | None = None, *,
                   pool: Executor | None = None) -> Iterator[bytes]:
         """The bytes of file ``path`` of model ``name``, decoded as they are needed: all of it,
         checked against its sha256 at the end; or ``[start, stop)`` of it, decoding only the
         chunks that overlap (each checked by its checksum). Memory stays at a few chunks.
         ``pool`` decodes chunks beside each other (a server shares one among its requests)."""
-        man = manifest(self.storage, name)
+        man = self.manifest(name)
         entry = next((f for f in man["files"] if f["path"] == path and f.get("link") is None), None)
         if entry is None:
             raise StoreError(f"model {name!r} has no file {path!r}", self.storage.where(manifest_at(name)))
