@@ -261,3 +261,51 @@ def test_staging_is_bounded_by_bytes(hub: HubStandin, store: Store, monkeypatch:
     assert r.downloaded == 8
     # never two of the 400 KB files staged at once (jobs=4 alone would allow five), and one always may be
     assert 400_000 <= peak < 800_000
+
+
+def test_hostile_records_and_journals_are_refused_or_ignored(hub: HubStandin, store: Store) -> None:
+    from elves.errors import CorruptArchiveError
+    from elves.mirror.records import record_at
+    from elves.store.layout import manifest_at
+
+    c = hub.commit("acme/h", small_repo(1))
+    r = mirror.pull(store, "acme/h", endpoint=hub.url)
+    rec_path = store.path / record_at("model", "acme/h")
+    good = rec_path.read_text()
+    for bad in ('{"format": "elves-mirror-repo", "version": 1, "type": "model", "repo": "../../etc", '
+                '"refs": {}, "commits": []}',
+                good.replace('"main"', '"../main"'), good.replace(c, "not-a-sha"), "[]", "{", "x" * 100):
+        rec_path.write_text(bad)
+        with pytest.raises(CorruptArchiveError, match="mirror record"):
+            read_repo(store, "model", "acme/h")
+        out = elves_cli("mirror", "ls", "--store", str(store.path), "--json")
+        assert out.returncode == 0 and "acme/h" not in out.stdout  # a damaged record is skipped, not a traceback
+    rec_path.write_text(good)
+    # a manifest whose origin lies about its files is not served as that commit
+    man_path = store.path / manifest_at(r.model)
+    good_man = man_path.read_text()
+    man = json.loads(good_man)
+    man["origin"]["files"][0]["size"] += 1
+    man_path.write_text(json.dumps(man))
+    with pytest.raises(CorruptArchiveError, match="not a mirrored commit"):
+        snapshot(store, "model", "acme/h", c)
+    man["origin"] = "no"
+    man_path.write_text(json.dumps(man))
+    with pytest.raises(CorruptArchiveError):
+        snapshot(store, "model", "acme/h", c)
+    man["origin"] = json.loads(good_man)["origin"]
+    man_path.write_text(json.dumps(man))
+    # a forged journal of a staged add (naming objects that are not there) is set aside: the pull starts afresh
+    c2 = hub.commit("acme/h", {"extra.bin": b"\x01" * 9000})
+    journal = store.path / staging_at(f"acme/h@{c2}") / "journal.json"
+    journal.parent.mkdir(parents=True)
+    journal.write_text(json.dumps({"version": 1, "name": f"acme/h@{c2}", "base_arg": "auto", "base": None,
+                                   "reasons": [], "decided": True, "profiler": {"profile": {}, "candidates": []},
+                                   "files": {"extra.bin": {"path": "../../x", "size": 1, "sha256": "0" * 64,
+                                                           "format": "opaque", "segments": [["0" * 32 + ".bytes", 1]],
+                                                           "tensors": []}}}))
+    r2 = mirror.pull(store, "acme/h", endpoint=hub.url)
+    assert r2.commit == c2 and r2.files == 4 and r2.downloaded == 1
+    out = store.path.parent / "h2"
+    store.restore(r2.model, out)
+    assert (out / "extra.bin").read_bytes() == b"\x01" * 9000

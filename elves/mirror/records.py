@@ -181,7 +181,7 @@ class RepoRecord:
                 raise ValueError(f"unknown version {d.get('version')!r}")
             repo_type, repo_id = check_type(d["type"]), check_repo_id(d["repo"])
             refs, commits = d["refs"], d["commits"]
-            if not (isinstance(refs, dict) and all(isinstance(k, str) and REVISION_RE.fullmatch(k)
+            if not (isinstance(refs, dict) and all(isinstance(k, str) and check_revision(k)
                                                    and isinstance(v, str) and COMMIT_RE.fullmatch(v)
                                                    for k, v in refs.items())):
                 raise ValueError("malformed refs")
