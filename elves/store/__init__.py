@@ -11,7 +11,8 @@ The package, one concept a module: ``layout`` (where things lie, by key), ``stor
 interface and the local folder), ``objects`` (the object container), ``manifests`` (manifests
 and profiles), ``planner`` (which base, which direction; BitX over store objects), ``ingest``
 (coding segments into objects), ``reading`` (decoding them), ``maintenance`` (gc, stats,
-repack), ``verify`` and ``store`` (the :class:`Store` that ties them together).
+repack), ``verify``, ``store`` (the :class:`Store` that ties them together) and ``batch``
+(:func:`add_many`: many models at once, on a process pool or a Ray cluster).
 
 Crash safety: objects and manifests are written under ``tmp/``, made durable and moved into
 place, the manifest last; a writer killed at any point leaves only orphans, which :meth:`Store.gc`
@@ -27,7 +28,8 @@ from .reports import (
            StoreStats,
            StoreVerifyReport,
 )
+from .batch import add_many
 from .store import Store, default_name
 
 __all__ = ["STORE_VERSION", "AddResult", "GcReport", "ModelEntry", "RepackReport", "Store", "StoreProblem",
-           "StoreStats", "StoreVerifyReport", "default_name"]
+           "StoreStats", "StoreVerifyReport", "add_many", "default_name"]
