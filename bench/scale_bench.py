@@ -87,13 +87,14 @@ class Requests(logging.Handler):
     """Counts the S3 requests moto's server answers, by kind, from werkzeug's request log."""
 
     LINE = re.compile(r'"([A-Z]+) (\S+) HTTP/')
+    COLOUR = re.compile(r"\x1b\[[0-9;]*m")      # werkzeug colours a line by its status
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.counts: Counter[str] = Counter()
 
     def emit(self, record: logging.LogRecord) -> None:
-        m = self.LINE.search(record.getMessage())
+        m = self.LINE.search(self.COLOUR.sub("", record.getMessage()))
         if m:
             method, target = m.groups()
             path, _, query = target.partition("?")
