@@ -219,7 +219,7 @@ def _join(ray: Any, address: str) -> None:
 
     def connect() -> None:
         try:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
         except BaseException as e:
             failure.append(e)
 
@@ -263,7 +263,7 @@ def runner(executor: str = "local", workers: int | None = None, ray_address: str
             _join(ray, ray_address)
         elif owned:
             ray.init(address="local", num_cpus=default_threads(workers), include_dashboard=False,
-                     logging_level=logging.WARNING, log_to_driver=False)
+                     logging_level=logging.ERROR, log_to_driver=False)
         slots = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         yield _RayRunner(ray, slots)
     finally:
