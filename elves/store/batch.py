@@ -54,14 +54,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .. import families
-from ..codecs import Pipeline
 from ..errors import ElvesError, InputError, StoreError, UsageError
 from ..families import ModelProfile, model_key
 from ..families.naming import names_as_base
 from ..model import SourceFile
 from ..parallel import default_threads
 from ..readers import read_model
-from .ingest import Added, NewObject, ProgressFn, add_files
+from .ingest import Added, ProgressFn, add_files
 from .layout import object_at
 from .location import open_storage
 from .manifests import PACK_BELOW, manifests, profiles
@@ -315,7 +314,7 @@ def _encode(location: Location, base: str | None, files: list[SourceFile], threa
                     add_files(storage, [sf], None if plan is None else plan[0], pool, threads, None, added)
                 finally:
                     created += added.created
-                out.append(_FileDone(added.entries[0], [(o.key, o.meta) for o in added.written], added.created,
+                out.append(_FileDone(added.entries[0], list(added.written), added.created,
                                      added.reused, sum(s.length for s in sf.segments)))
     except BaseException:
         for at in created:
@@ -328,11 +327,6 @@ def _encode(location: Location, base: str | None, files: list[SourceFile], threa
         if plan is not None:
             plan[1].close()
     return out
-
-
-def _spent() -> Iterator[bytes]:
-    """The chunks of an object a worker wrote: no longer at hand, and not needed again."""
-    return iter(())
 
 
 # -- planning --------------------------------------------------------------------------------
@@ -466,7 +460,6 @@ def _adopt(staged: StagedAdd, sf: SourceFile, done: _FileDone, claimed: set[str]
     """Record in ``staged`` a file a task stored, counting its objects as a sequential add
     would have: one that a file before it (in commit order: ``claimed``) also wrote was reused;
     one that it found written by a task of a later model, which ran first, is its own."""
-    out = staged.out
     reused = done.reused
     mine: list[tuple[str, ObjectMeta]] = []
     by_task = {key for key, _ in done.written}
@@ -480,18 +473,9 @@ def _adopt(staged: StagedAdd, sf: SourceFile, done: _FileDone, claimed: set[str]
             mine.append((key, written[key]))
             reused -= 1
     created = set(done.created)
-    for key, meta in mine:
-        claimed.add(key)
-        out.written.append(NewObject(key, meta, Pipeline.from_config(meta.pipeline), _spent))
-        if key not in by_task or object_at(key) in created:
-            out.created.append(object_at(key))
-        out.new += 1
-        out.delta += bool(meta.refs)
-        out.tensors += meta.kind == "tensor"
-    out.reused += reused
-    out.entries.append(done.entry)
-    staged.entries[sf.relpath] = done.entry
-    staged.bytes_in += sf.size
+    claimed.update(key for key, _ in mine)
+    staged.adopt(sf.relpath, sf.size, done.entry, mine,
+                 [object_at(key) for key, _ in mine if key not in by_task or object_at(key) in created], reused)
 
 
 def add_many(store: Store, sources: Sequence[tuple[str | os.PathLike[str], str | None]], *, executor: str = "local",
@@ -526,7 +510,7 @@ def add_many(store: Store, sources: Sequence[tuple[str | os.PathLike[str], str |
         seen.add(name)
     if str(store.path).startswith("memory://"):
         raise UsageError("a memory:// store lives in this process alone: its workers could not reach it")
-    location: Location = (store.path, None)
+    location: Location = (store.path, store.storage_options)
     with runner(executor, workers, ray_address) as run:
         if threads is None:
             threads = 1 if executor == "ray" and ray_address is not None else \

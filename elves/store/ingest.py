@@ -122,7 +122,7 @@ class Added:
     (``created``: those that were not there before), and counts."""
 
     entries: list[dict[str, Any]]
-    written: list[NewObject]
+    written: list[tuple[str, ObjectMeta]]   # (key, trailer) of each object put in place
     created: list[str]
     new: int = 0
     reused: int = 0                  # segments already stored (this model's own duplicates too)
@@ -205,7 +205,7 @@ def add_files(storage: Storage, files: list[SourceFile], planner: DeltaPlanner |
                 objs.append(new_object(key, "bytes", None, len(blob), digest, pipeline, chunk_elems, whole))
             fresh = {o.key for o in objs if not storage.exists(object_at(o.key))}
             for obj, at in write_objects(storage, objs, pool, nthreads, progress):
-                out.written.append(obj)
+                out.written.append((obj.key, obj.meta))
                 if obj.key in fresh:
                     out.created.append(at)
                 out.new += 1

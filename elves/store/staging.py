@@ -28,6 +28,7 @@ from ..model import SourceFile
 from ..readers import read_file
 from . import maintenance
 from .ingest import Added, ProgressFn, add_files
+from .objects import ObjectMeta
 from .layout import NAME_RE, OBJECTS, STORE_VERSION, TMP, manifest_at, object_at, profile_at
 from .manifests import check_manifest, manifest, manifests, profiles, read_json, write_json
 from .planner import StoreBase, check_fits, choose_base, derived, planner
@@ -179,6 +180,24 @@ class StagedAdd:
         if plan is not None and self.base_arg not in (None, "auto"):
             check_fits(plan, files, self.base_arg, self.storage.where(""))
 
+    def adopt(self, relpath: str, size: int, entry: dict[str, Any], objects: list[tuple[str, ObjectMeta]],
+              created: list[str], reused: int) -> None:
+        """Record a file whose objects someone else stored (a worker of ``add_many``): its
+        manifest entry, the objects that count as this add's (and of those, the ``created`` keys'
+        places, which a failed add removes), and how many of its segments were already stored."""
+        if relpath in self.entries:
+            raise StoreError(f"{relpath} was added twice to model {self.name!r}", self.storage.where(""))
+        for key, meta in objects:
+            self.out.written.append((key, meta))
+            self.out.new += 1
+            self.out.delta += bool(meta.refs)
+            self.out.tensors += meta.kind == "tensor"
+        self.out.created += created
+        self.out.reused += reused
+        self.out.entries.append(entry)
+        self.entries[relpath] = entry
+        self.bytes_in += size
+
     def _decide(self, prof: ModelProfile) -> None:
         self.decided = True
         if self.base_arg is None:
@@ -223,8 +242,8 @@ class StagedAdd:
         stored = self._others()
         mans = [m for m, _ in stored]
         below = derived(prof, stored)
-        st.sync({f"{OBJECTS}{o.key[:2]}/" for o in self.out.written} | {OBJECTS})
-        added = sum(o.meta.size for o in self.out.written)
+        st.sync({f"{OBJECTS}{key[:2]}/" for key, _ in self.out.written} | {OBJECTS})
+        added = sum(meta.size for _, meta in self.out.written)
         added += write_json(st, profile_at(self.name), prof.to_json())
         added += write_json(st, manifest_at(self.name), {
             "format": "elves-store-model", "version": list(STORE_VERSION), "name": self.name,

@@ -50,6 +50,7 @@ class Store:
         self._manifests: dict[str, tuple[int, dict[str, Any]]] = {}   # name -> (file size, manifest)
         self._lock = threading.Lock()
         self.path: Path | str = parse_location(path)
+        self.storage_options = storage_options   # what workers that open the store themselves need
         self.storage: Storage = open_storage(self.path, storage_options)
         try:
             info = read_json(self.storage, MARKER, MARKER)
