@@ -40,7 +40,6 @@ import re
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from elves import dtypes
 from elves.codecs.base import U8, ArrayArrayCodec, Config, Expected, as_u8, int_in

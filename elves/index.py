@@ -20,7 +20,7 @@ import os
 import re
 import reprlib
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any, NamedTuple, NoReturn
 
 from . import casts, dtypes
