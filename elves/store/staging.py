@@ -84,6 +84,7 @@ class StagedAdd:
         self.bytes_in = 0
         self._plan: tuple[Any, StoreBase] | None = None
         self._committed = False
+        self._stored: list[tuple[dict[str, Any], ModelProfile]] | None = None
         self.resumed = False
         if storage.exists(manifest_at(name)) and not replace:
             raise StoreError(f"a model named {name!r} is already in the store: `rm` it first or add under "
@@ -209,9 +210,12 @@ class StagedAdd:
         self.base, self.reasons = choose_base(prof, stored, [n for n, _ in derived(prof, stored)])
 
     def _others(self) -> list[tuple[dict[str, Any], ModelProfile]]:
-        """The stored models with their profiles, but for the one this add replaces."""
-        mans = [m for m in manifests(self.storage) if m["name"] != self.name]
-        return list(zip(mans, profiles(self.storage, mans)))
+        """The stored models with their profiles, but for the one this add replaces: read once,
+        since no other writer changes them while this add holds the lock."""
+        if self._stored is None:
+            mans = [m for m in manifests(self.storage) if m["name"] != self.name]
+            self._stored = list(zip(mans, profiles(self.storage, mans)))
+        return self._stored
 
     def _planner(self) -> Any:
         if self.base is None:
