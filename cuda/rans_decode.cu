@@ -1,5 +1,6 @@
 // GPU decoder for `planes` + `rans` chunks (docs/FORMAT.md), the CUDA twin of the numba reference
-// in elves/kernels/planes_rans.py. elves/gpu.py compiles this file at run time with NVRTC (through
+// in elves/kernels/planes_rans.py, with BitX's `xor` filter in front of them fused in (a word is
+// XORed with its reference in registers, on its way to the store: bitx/codec.py). elves/gpu compiles this file at run time with NVRTC (through
 // cupy.RawModule), so it includes no headers and its entry points are extern "C".
 //
 // One launch decodes many chunks, possibly of many tensors: a block per chunk, described by a
@@ -36,6 +37,10 @@
 // * Descriptors carry absolute device addresses, so one launch can write into many separately
 //   allocated tensors. Payloads must start on a 16-byte boundary (u16 lane words are read as
 //   aligned words), decoded bytes on a multiple of min(W, 8).
+// * BitX: the chunk's reference (the base model's tensor uploaded, or a gather of an earlier
+//   stream already decoded on the device) is read once, word for word beside the store, so XOR
+//   costs one coalesced load per element and no pass of its own. A chunk XOR left without a
+//   payload is the filter applied to zeros.
 
 namespace {
 
@@ -60,10 +65,13 @@ constexpr unsigned int kModeConst = 1;
 constexpr unsigned int kModeRans = 2;
 
 constexpr unsigned int kFlagRotate = 1;
+constexpr unsigned int kFlagXor = 2;    // XOR each decoded word with its reference (BitX)
+constexpr unsigned int kFlagRemap = 4;  // and decode the byte below the sign bit through the table
 
 }  // namespace
 
-// The host builds these with a numpy structured dtype of the same layout (elves/gpu.py, DESC).
+// The host builds these with a numpy structured dtype of the same layout (elves/gpu/launcher.py,
+// DESC). Every kernel of cuda/ reads this one record.
 struct ChunkDesc {
     unsigned long long src;      // device address of the payload, a multiple of 16
     unsigned long long src_len;  // payload bytes
@@ -71,8 +79,13 @@ struct ChunkDesc {
     unsigned long long dst_len;  // capacity at dst: the chunk's decoded bytes, n * width
     unsigned int width;          // element bytes; must be the kernel's W
     unsigned int flags;          // kFlagRotate: rotate each word right by one bit (float dtypes)
+    // The `xor` filter (BitX), applied to each decoded word before it is stored (kFlagXor):
+    unsigned long long ref;      // device address of the chunk's reference bytes, W-aligned
+    unsigned long long ref_len;  // reference bytes; words past them pass unchanged
+    unsigned long long mask;     // out = word ^ (ref & mask)
+    unsigned long long table;    // kFlagRemap: the inverse rank table, 256 x 256 bytes
 };
-static_assert(sizeof(ChunkDesc) == 40, "ChunkDesc must match the host's 40-byte record");
+static_assert(sizeof(ChunkDesc) == 72, "ChunkDesc must match the host's 72-byte record");
 
 namespace {
 
@@ -141,11 +154,51 @@ __device__ unsigned int build_tables(const unsigned char* b, unsigned int sym_po
     return base == m ? kOk : kErrTable;
 }
 
-// Stores one decoded element: W <= 8 in a single word (rotated back when asked), W == 16
-// (complex128, never rotated, as in the reference) as two 8-byte halves.
+// The word of a float dtype rotated back (the sign returns to the top bit); W <= 8.
+template <int W>
+__device__ __forceinline__ unsigned long long unrotate(unsigned long long v) {
+    if constexpr (W == 8) {
+        return (v >> 1) | (v << 63);
+    } else {
+        return (v >> 1) | ((v & 1u) << (8 * W - 1));
+    }
+}
+
+// BitX's `xor` filter on decoded word i (W <= 8), as bitx.codec.Xor._apply: word ^ (ref & mask)
+// where the chunk's reference has a whole word i, the word unchanged past it; with a remap table,
+// the byte just below the sign bit is table[that byte of ref, that byte of word] instead
+// (bitx.kernels.xor_ranked; the mask has that byte clear).
+template <int W>
+__device__ __forceinline__ unsigned long long xor_word(const ChunkDesc& d, unsigned int i, unsigned long long v) {
+    if (static_cast<unsigned long long>(i + 1) * W > d.ref_len) return v;
+    unsigned long long r;
+    if constexpr (W == 8) {
+        r = __ldg(reinterpret_cast<const unsigned long long*>(d.ref) + i);
+    } else if constexpr (W == 4) {
+        r = __ldg(reinterpret_cast<const unsigned int*>(d.ref) + i);
+    } else if constexpr (W == 2) {
+        r = __ldg(reinterpret_cast<const unsigned short*>(d.ref) + i);
+    } else {
+        r = __ldg(reinterpret_cast<const unsigned char*>(d.ref) + i);
+    }
+    unsigned long long o = v ^ (r & d.mask);
+    if constexpr (W >= 2) {
+        if (d.flags & kFlagRemap) {
+            constexpr unsigned int shift = 8 * W - 9;
+            const unsigned int e = static_cast<unsigned int>(r >> shift) & 0xFFu;
+            const unsigned int k = static_cast<unsigned int>(v >> shift) & 0xFFu;
+            const unsigned long long code = __ldg(reinterpret_cast<const unsigned char*>(d.table) + e * 256u + k);
+            o = (o & ~(0xFFull << shift)) | (code << shift);
+        }
+    }
+    return o;
+}
+
+// Stores one decoded element: W <= 8 as a single word, W == 16 (complex128, never rotated or
+// XORed) as two 8-byte halves.
 template <int W>
 __device__ __forceinline__ void store_word(unsigned char* dst, unsigned int i, unsigned long long lo,
-                                           unsigned long long hi, bool rotate) {
+                                           unsigned long long hi) {
     // Streaming stores: the output is written once and not read back by this launch, so it
     // should not push the payloads out of L2.
     if constexpr (W == 16) {
@@ -153,19 +206,23 @@ __device__ __forceinline__ void store_word(unsigned char* dst, unsigned int i, u
         __stcs(out, lo);
         __stcs(out + 1, hi);
     } else if constexpr (W == 8) {
-        if (rotate) lo = (lo >> 1) | (lo << 63);
         __stcs(reinterpret_cast<unsigned long long*>(dst) + i, lo);
+    } else if constexpr (W == 4) {
+        __stcs(reinterpret_cast<unsigned int*>(dst) + i, static_cast<unsigned int>(lo));
+    } else if constexpr (W == 2) {
+        __stcs(reinterpret_cast<unsigned short*>(dst) + i, static_cast<unsigned short>(lo));
     } else {
-        unsigned int v = static_cast<unsigned int>(lo);
-        if (rotate) v = (v >> 1) | ((v & 1u) << (8 * W - 1));
-        if constexpr (W == 4) {
-            __stcs(reinterpret_cast<unsigned int*>(dst) + i, v);
-        } else if constexpr (W == 2) {
-            __stcs(reinterpret_cast<unsigned short*>(dst) + i, static_cast<unsigned short>(v));
-        } else {
-            __stcs(dst + i, static_cast<unsigned char>(v));
-        }
+        __stcs(dst + i, static_cast<unsigned char>(lo));
     }
+}
+
+// A chunk the `xor` filter left without a payload (every XORed word was zero): each word is the
+// filter applied to zero.
+template <int W>
+__device__ void xor_zeros(const ChunkDesc& d) {
+    unsigned char* const dst = reinterpret_cast<unsigned char*>(d.dst);
+    const unsigned int n = static_cast<unsigned int>(d.dst_len / W);
+    for (unsigned int i = threadIdx.x; i < n; i += kWarp) store_word<W>(dst, i, xor_word<W>(d, i, 0), 0);
 }
 
 template <int W>
@@ -181,11 +238,21 @@ __device__ __forceinline__ void decode_chunk(const ChunkDesc* __restrict__ descs
     const unsigned short* const words = reinterpret_cast<const unsigned short*>(d.src);
     unsigned char* const dst = reinterpret_cast<unsigned char*>(d.dst);
     const bool rotate = (d.flags & kFlagRotate) != 0;
+    const bool xored = (d.flags & kFlagXor) != 0;
     constexpr unsigned int kDstAlign = W < 8 ? W : 8;
 
     // Everything up to the lane loop is computed identically by all 32 threads, so every branch
     // on it is uniform and no state needs sharing.
     unsigned int err = kOk;
+    if (xored && (W == 16 || (d.ref % kDstAlign) || d.ref_len > d.dst_len || ((d.flags & kFlagRemap) && !d.table))) {
+        if (t == 0) status[blockIdx.x] = kErrHeader;
+        return;
+    }
+    if (xored && d.src_len == 0 && d.width == W && d.dst_len % W == 0 && d.dst_len / W <= 0xFFFFFFFFull &&
+        d.dst % kDstAlign == 0) {
+        if constexpr (W <= 8) xor_zeros<W>(d);
+        return;
+    }
     if (d.width != W || (d.src & 15) || (d.dst % kDstAlign) || d.src_len > kMaxPayload ||
         d.src_len < 8 + 4 * W) {
         err = kErrHeader;
@@ -327,7 +394,11 @@ __device__ __forceinline__ void decode_chunk(const ChunkDesc* __restrict__ descs
                     hi |= static_cast<unsigned long long>(s) << (8 * (byte - 8));
                 }
             }
-            store_word<W>(dst, i, lo, hi, rotate);
+            if constexpr (W <= 8) {
+                if (rotate) lo = unrotate<W>(lo);
+                if (xored) lo = xor_word<W>(d, i, lo);
+            }
+            store_word<W>(dst, i, lo, hi);
         }
 
         if (lane_ok && !err) {

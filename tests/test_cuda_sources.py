@@ -4,8 +4,8 @@
 elves/gpu/launcher.py compiles cuda/*.cu at run time with NVRTC, which has no host headers: the sources
 must include none. NVRTC (libnvrtc, when found) and nvcc (when on PATH) compile them here, so
 errors show on machines without a GPU. The host run compiles the decoder as C++ with a small shim
-(CUDA threads are std::threads, warp shuffles and __syncwarp are barriers), so the kernel's logic
-is tested against the numba decoder on every machine, not only on those with a GPU.
+(tests/cuda_host.py), so the kernel's logic is tested against the numba decoder on every machine,
+not only on those with a GPU; tests/test_gpu_emulation.py runs whole archives through it.
 """
 from __future__ import annotations
 
@@ -27,11 +27,12 @@ from elves.codecs import Pipeline
 from elves.codecs.planes import Planes
 from elves.codecs.rans import Rans
 
+from elves.gpu.launcher import DESC
+
+from .cuda_host import CUDA_DIR, DECODER, HostKernels, aligned, compile_source
 from .test_codecs import cpu_decode, weights_like
 
-CUDA_DIR = Path(__file__).resolve().parent.parent / "cuda"
 SOURCES = sorted(CUDA_DIR.glob("*.cu"))
-DECODER = CUDA_DIR / "rans_decode.cu"
 
 
 def test_the_decoder_source_is_there() -> None:
@@ -101,130 +102,31 @@ def test_compiles_with_nvrtc(src: Path) -> None:
 
 # ============================================================================ the kernel on the host
 
-SHIM = r"""
-#include <version>
-#if !defined(__cpp_lib_barrier)
-#error ELVES_NO_BARRIER
-#endif
-#include <barrier>
-#include <cstdint>
-#include <cstring>
-#include <mutex>
-#include <thread>
-#include <vector>
-
-struct dim3 { unsigned x = 1, y = 1, z = 1; };
-thread_local dim3 threadIdx;
-dim3 blockIdx, blockDim, gridDim;
-struct uint4 { unsigned x, y, z, w; };
-static std::barrier<>* g_bar = nullptr;
-static uint64_t g_xch[1024];
-static std::mutex g_atomic;
-
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __restrict__
-#define __launch_bounds__(...)
-#define __shared__
-
-// Blocks run one at a time, so a global array is the block's shared memory.
-namespace { alignas(16) unsigned int smem[16 * 5120 / 4]; }
-
-template <class T> T __ldg(const T* p) { return *p; }
-template <class T> void __stcs(T* p, T v) { *p = v; }
-inline void __syncwarp() { g_bar->arrive_and_wait(); }
-template <class T> T exchange(T v, unsigned src) {
-    g_xch[threadIdx.x] = (uint64_t)v; g_bar->arrive_and_wait();
-    uint64_t r = g_xch[src]; g_bar->arrive_and_wait();
-    return (T)r;
-}
-template <class T> T __shfl_up_sync(unsigned, T v, unsigned d) {
-    return exchange(v, threadIdx.x >= d ? threadIdx.x - d : threadIdx.x);
-}
-template <class T> T __shfl_sync(unsigned, T v, int src) { return exchange(v, (unsigned)src); }
-inline bool __any_sync(unsigned, bool p) {
-    g_xch[threadIdx.x] = p; g_bar->arrive_and_wait();
-    bool any = false;
-    for (unsigned i = 0; i < blockDim.x; ++i) any |= g_xch[i] != 0;
-    g_bar->arrive_and_wait();
-    return any;
-}
-inline unsigned atomicMax(unsigned* p, unsigned v) {
-    std::lock_guard<std::mutex> lock(g_atomic);
-    unsigned old = *p;
-    if (v > old) *p = v;
-    return old;
-}
-
-#include KERNEL_SOURCE
-
-using Kernel = void (*)(const ChunkDesc*, unsigned int*);
-
-extern "C" int run(int width, const void* descs, unsigned count, unsigned* status) {
-    Kernel k = width == 1 ? elves_rans_decode_w1 : width == 2 ? elves_rans_decode_w2
-             : width == 4 ? elves_rans_decode_w4 : width == 8 ? elves_rans_decode_w8
-             : width == 16 ? elves_rans_decode_w16 : width == 0 ? elves_copy_chunks : nullptr;
-    if (!k) return -1;
-    blockDim.x = width == 0 ? 64 : 32;
-    gridDim.x = count;
-    for (unsigned b = 0; b < count; ++b) {
-        blockIdx.x = b;
-        std::memset(smem, 0xCD, sizeof smem);  // stale, as a GPU's shared memory is
-        std::barrier<> bar(blockDim.x);
-        g_bar = &bar;
-        std::vector<std::thread> threads;
-        for (unsigned t = 0; t < blockDim.x; ++t)
-            threads.emplace_back([=] { threadIdx.x = t; k((const ChunkDesc*)descs, status); });
-        for (auto& th : threads) th.join();
-    }
-    return 0;
-}
-"""
-
-DESC = np.dtype([("src", "<u8"), ("src_len", "<u8"), ("dst", "<u8"), ("dst_len", "<u8"),
-                 ("width", "<u4"), ("flags", "<u4")])
-
-
 @pytest.fixture(scope="module")
-def host_kernels(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ is not on PATH")
-    tmp = tmp_path_factory.mktemp("host_kernels")
-    (tmp / "shim.cpp").write_text(SHIM)
-    cmd = [gxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-Wno-unknown-pragmas",
-           f'-DKERNEL_SOURCE="{DECODER}"', "-o", str(tmp / "kernels.so"), str(tmp / "shim.cpp")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if "ELVES_NO_BARRIER" in proc.stderr:
-        pytest.skip("this g++ has no C++20 <barrier>")
-    assert proc.returncode == 0, proc.stderr
-    return ctypes.CDLL(str(tmp / "kernels.so"))
+def host_kernels(tmp_path_factory: pytest.TempPathFactory) -> HostKernels:
+    return compile_source(DECODER, tmp_path_factory.mktemp("host_kernels"))
 
 
-def host_decode(lib: ctypes.CDLL, width: int, payloads: list[bytes], sizes: list[int], rotate: bool
+def host_decode(lib: HostKernels, width: int, payloads: list[bytes], sizes: list[int], rotate: bool
                 ) -> tuple[bytes, np.ndarray]:
     """Run the kernel over the chunks: (decoded bytes, status per chunk). Each payload sits in
     its own 16-byte-aligned buffer, as on the device."""
     keep, descs = [], np.zeros(len(payloads), DESC)
-    out = np.full(sum(sizes) + 16, 0xA5, dtype=np.uint8)
-    dst = out[-out.ctypes.data % 16:][:sum(sizes)]
+    dst = aligned(sum(sizes), 0xA5)
     pos = 0
     for k, (p, n) in enumerate(zip(payloads, sizes)):
-        buf = np.zeros(len(p) + 32, dtype=np.uint8)
-        src = buf[-buf.ctypes.data % 16:][:len(p)]
+        src = aligned(len(p))
         src[:] = np.frombuffer(p, dtype=np.uint8)
-        keep.append(buf)
-        descs[k] = (src.ctypes.data, len(p), dst.ctypes.data + pos, n, width, 1 if rotate else 0)
+        keep.append(src)
+        descs[k] = (src.ctypes.data, len(p), dst.ctypes.data + pos, n, width, 1 if rotate else 0, 0, 0, 0, 0)
         pos += n
     status = np.zeros(len(payloads), dtype=np.uint32)
-    assert lib.run(width, descs.ctypes.data_as(ctypes.c_void_p), len(payloads),
-                   status.ctypes.data_as(ctypes.c_void_p)) == 0
+    lib.launch(descs.ctypes.data, status.ctypes.data, [(width, 0, len(payloads))])
     return dst.tobytes(), status
 
 
 @pytest.mark.parametrize("dt", ["BOOL", "F8_E4M3", "BF16", "F16", "F32", "I32", "F64", "I64", "C128"])
-def test_kernel_matches_the_numba_decoder(host_kernels: ctypes.CDLL, dt: str) -> None:
+def test_kernel_matches_the_numba_decoder(host_kernels: HostKernels, dt: str) -> None:
     w = dtypes.get(dt).itemsize
     rng = np.random.default_rng(w)
     for lanes, prob_bits in [(32, 12), (1, 12), (33, 9), (100, 10)]:
@@ -236,7 +138,7 @@ def test_kernel_matches_the_numba_decoder(host_kernels: ctypes.CDLL, dt: str) ->
         assert got == b"".join(r.tobytes() for r in raws), (lanes, prob_bits)
 
 
-def test_kernel_refuses_what_the_numba_decoder_refuses(host_kernels: ctypes.CDLL) -> None:
+def test_kernel_refuses_what_the_numba_decoder_refuses(host_kernels: HostKernels) -> None:
     """Flipped bits, cut-short and padded payloads: the kernel flags a chunk exactly when the
     numba decoder refuses it, and otherwise decodes the same bytes."""
     rng = np.random.default_rng(0)
@@ -260,7 +162,7 @@ def test_kernel_refuses_what_the_numba_decoder_refuses(host_kernels: ctypes.CDLL
             assert got == want, trial
 
 
-def test_copy_kernel(host_kernels: ctypes.CDLL) -> None:
+def test_copy_kernel(host_kernels: HostKernels) -> None:
     """Chunks stored as they are (an empty pipeline) are copied; a length mismatch is flagged."""
     rng = np.random.default_rng(1)
     payloads = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in (1, 15, 16, 17, 5000)]

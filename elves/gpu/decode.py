@@ -3,8 +3,15 @@
 Each batch of chunks (:mod:`.plan`) is read into a pinned staging buffer on a worker thread,
 copied to the device on a copy stream while the previous batch decodes on the target's stream,
 and decoded by the kernels straight into the streams' own buffers. Streams the kernels cannot
-decode go through the CPU instead: :meth:`StreamDecoder.decode_on_cpu` is the one place where
-that happens.
+decode (zstd bytes, sparse BitX, ELF) go through the CPU instead, on a thread of their own while
+the GPU decodes the others: :meth:`StreamDecoder.decode_on_cpu` is the one place where that
+happens.
+
+BitX deltas decode in the same launches, the ``xor`` filter fused into the kernel: each stream's
+reference is put on the device first, either the base model's tensor the CPU reads (a cast or a
+grown shape of one: whatever :mod:`elves.references` builds) uploaded, or gathered on the device
+from an earlier stream of the archive, block map and all. Streams gathered from are decoded in a
+first round, the streams that need them in a second.
 """
 from __future__ import annotations
 
@@ -14,12 +21,14 @@ from typing import Any, Generator, Iterator
 
 import numpy as np
 
+from bitx.codec import rank_tables
+
 from ..archive import ArchiveReader
 from ..decoder import read_stream, stream_label
 from ..parallel import default_threads
 from . import plan
 from .device import Staging, Target
-from .launcher import kernels, raise_status
+from .launcher import STORED, kernels, raise_status
 
 STAGING_BYTES = 64 << 20   # one staging buffer (pinned on the host, and on the device)
 STAGING_BUFFERS = 3        # read, copy and decode overlap: one buffer each
@@ -44,20 +53,82 @@ class StreamDecoder:
         self.status_chunks: list[plan.Chunk] = []
         self._threads = default_threads(None)
         self._cpu_pool: ThreadPoolExecutor | None = None
+        self.kept: dict[int, Any] = {}        # decoded streams that references are gathered from
+        self.refs: dict[int, list[Any]] = {}  # device references (and what makes them) by stream
 
     def run(self, streams: list[int]) -> Generator[tuple[int, Any], None, None]:
-        gpu = {s for s in streams if plan.gpu_width(self.reader.streams[s]) is not None}
-        for s in streams:
-            if s not in gpu:
-                yield s, self.decode_on_cpu(s)
-        yield from self._run_gpu(sorted(gpu, key=self._first_offset))
+        reader = self.reader
+        wanted = set(streams)
+        on_gpu = {s for s in streams if plan.gpu_width(reader.streams[s]) is not None}
+        # Streams gathered from (an earlier stream a delta references) decode in the first round
+        # and stay until the second has used them.
+        gathered = {s: src for s in on_gpu if (src := plan.gathered_from(reader.streams[s])) is not None}
+        sources = set(gathered.values())
+        first = (on_gpu - set(gathered)) | {src for src in sources if plan.gpu_width(reader.streams[src]) is not None}
+        on_cpu = [s for s in dict.fromkeys([*streams, *sorted(sources)]) if s not in on_gpu and s not in first]
+        # The CPU decodes its streams while the GPU decodes the others.
+        cpu_pool = ThreadPoolExecutor(1)
+        pending = {s: cpu_pool.submit(self.decode_on_cpu, s) for s in on_cpu}
+        self.kept = {}
+        # One status word per chunk of both rounds, checked by finish().
+        total = sum(len(reader.streams[s].chunks) for s in on_gpu | first)
+        if total:
+            self.status, self.status_ptr = self.target.empty(4 * total)
+            self.cp.cuda.runtime.memsetAsync(self.status_ptr, 0, 4 * total, self.target.stream.ptr)
+        try:
+            for s, buf in self._run_gpu(sorted(first, key=self._first_offset)):
+                if s in sources:
+                    self.kept[s] = buf
+                if s in wanted:
+                    yield s, buf
+            for s, future in pending.items():
+                buf = self.target.upload(future.result())
+                if s in sources:
+                    self.kept[s] = buf
+                if s in wanted:
+                    yield s, buf
+            yield from self._run_gpu(sorted(gathered, key=self._first_offset))
+        finally:
+            cpu_pool.shutdown(wait=True, cancel_futures=True)
+            self.kept = {}
 
-    def decode_on_cpu(self, s: int) -> Any:
-        """Stream ``s`` decoded by the CPU decoder (every check of it applied) and uploaded: for
-        streams no kernel decodes (zstd bytes, codecs the kernels do not know)."""
+    def decode_on_cpu(self, s: int) -> np.ndarray:
+        """Stream ``s`` decoded by the CPU decoder (every check of it applied), to be uploaded:
+        for streams no kernel decodes (zstd bytes, sparse BitX, ELF, codecs the kernels do not
+        know)."""
         if self._cpu_pool is None:
             self._cpu_pool = ThreadPoolExecutor(self._threads)
-        return self.target.upload(read_stream(self.reader, s, self._cpu_pool, 2 * self._threads + 2))
+        return read_stream(self.reader, s, self._cpu_pool, 2 * self._threads + 2)
+
+    def _reference(self, s: int) -> plan.DeviceRef:
+        """Stream ``s``'s reference put on the device (enqueued on the decode stream), with its
+        remap table; the buffers are kept in ``self.refs`` while the stream decodes."""
+        target, cp = self.target, self.cp
+        rp = plan.reference_plan(self.reader, s)
+        if rp is None:
+            raise ValueError(f"stream {s} has an xor filter but no reference")
+        keep: list[Any] = []
+        if rp.host is not None:
+            buf = target.upload(rp.host) if rp.host.nbytes else target.empty(0)[0]
+            nbytes = rp.host.nbytes
+        else:
+            assert rp.stream is not None
+            buf, ptr = target.empty(rp.nbytes)
+            cp.cuda.runtime.memsetAsync(ptr, 0, rp.nbytes, target.stream.ptr)
+            if rp.copies:
+                descs = target.upload(plan.gather_descs(rp, target.address(self.kept[rp.stream]), ptr).view(np.uint8))
+                status, status_ptr = target.empty(4 * len(rp.copies))
+                self.kernels.launch(target.address(descs), status_ptr, [(STORED, 0, len(rp.copies))])
+                keep += [descs, status]
+            nbytes = rp.nbytes
+        table = 0
+        xor = plan.xor_of(self.reader.streams[s])
+        if xor is not None and xor.remap is not None:
+            tab = target.upload(np.ascontiguousarray(rank_tables(xor.remap)[1]))
+            keep.append(tab)
+            table = target.address(tab)
+        self.refs[s] = [buf, *keep]
+        return plan.DeviceRef(target.address(buf), nbytes, table)
 
     def _first_offset(self, s: int) -> int:
         chunks = self.reader.streams[s].chunks
@@ -77,9 +148,6 @@ class StreamDecoder:
                 yield s, target.empty(0)[0]
         if not batches:
             return
-        total = sum(len(b.chunks) for b in batches)
-        self.status, self.status_ptr = target.empty(4 * total)
-        cp.cuda.runtime.memsetAsync(self.status_ptr, 0, 4 * total, target.stream.ptr)
 
         staging = [Staging(cp, target, self.staging_bytes) for _ in range(min(STAGING_BUFFERS, len(batches)))]
         copy_stream = cp.cuda.Stream(non_blocking=True)
@@ -89,6 +157,7 @@ class StreamDecoder:
         allocated.record(target.stream)
         copy_stream.wait_event(allocated)
         buffers: dict[int, tuple[Any, int]] = {}
+        refs: dict[int, plan.DeviceRef] = {}
         layouts: dict[int, plan.Layout] = {}
         reads: deque[Future[None]] = deque()
         pool = ThreadPoolExecutor(len(staging))
@@ -99,8 +168,10 @@ class StreamDecoder:
             for c in batch.chunks:
                 if c.stream not in buffers:
                     buffers[c.stream] = target.empty(self.reader.streams[c.stream].nbytes)
+                if c.xor is not None and c.stream not in refs:
+                    refs[c.stream] = self._reference(c.stream)
             layout = layouts[k] = plan.lay_out(batch, slot.dev_ptr, {s: ptr for s, (_, ptr) in buffers.items()},
-                                               len(self.status_chunks))
+                                               len(self.status_chunks), refs)
             self.status_chunks += [batch.chunks[i] for i in layout.order]
             reads.append(pool.submit(self._fill, slot, batch, layout))
 
@@ -121,6 +192,9 @@ class StreamDecoder:
                 if k + len(staging) < len(batches):
                     submit(k + len(staging))
                 for s in done.get(k, []):
+                    # freed in stream order: the decode just enqueued still reads the reference
+                    self.refs.pop(s, None)
+                    refs.pop(s, None)
                     yield s, buffers.pop(s)[0]
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -149,3 +223,4 @@ class StreamDecoder:
             return f"{stream_label(self.reader, c.stream)}: chunk {c.index}"
 
         raise_status(status, name, self.reader.path)
+

@@ -74,6 +74,10 @@ class Target:
     def upload(self, data: np.ndarray) -> Any:
         raise NotImplementedError
 
+    def address(self, buf: Any) -> int:
+        """The device address of a buffer :meth:`empty` or :meth:`upload` gave."""
+        raise NotImplementedError
+
     def dtype(self, name: str) -> Any:
         raise NotImplementedError
 
@@ -134,7 +138,10 @@ class TorchTarget(Target):
         return buf, buf.data_ptr()
 
     def upload(self, data: np.ndarray) -> Any:
-        return self.torch.from_numpy(data).to(self.torch_device)
+        return self.torch.from_numpy(data if data.flags.writeable else data.copy()).to(self.torch_device)
+
+    def address(self, buf: Any) -> int:
+        return int(buf.data_ptr())
 
     def dtype(self, name: str) -> Any:
         if name not in dtypes.DTYPES:
@@ -167,6 +174,9 @@ class CupyTarget(Target):
 
     def upload(self, data: np.ndarray) -> Any:
         return self.cp.asarray(data)
+
+    def address(self, buf: Any) -> int:
+        return int(buf.data.ptr)
 
     def dtype(self, name: str) -> Any:
         if name not in dtypes.DTYPES:

@@ -3,7 +3,8 @@ descriptors they read.
 
 A descriptor (:data:`DESC`, the kernel's ``ChunkDesc`` field for field) gives one chunk's payload
 address and length, where its decoded bytes go and how many they must be, its element width
-(:data:`STORED`: a plain copy) and flags. A launch decodes a run of descriptors of one width; each
+(:data:`STORED`: a plain copy, also the gather of a block-mapped reference) and flags, and for
+BitX's ``xor`` filter (fused into the decode) the chunk's reference, mask and remap table. A launch decodes a run of descriptors of one width; each
 chunk leaves a status word, nonzero when it failed (codes as in :data:`elves.codecs.rans.STATUS`).
 """
 from __future__ import annotations
@@ -28,8 +29,11 @@ COPY_THREADS = 256
 KERNEL_FILE = "rans_decode.cu"
 
 DESC = np.dtype([("src", "<u8"), ("src_len", "<u8"), ("dst", "<u8"), ("dst_len", "<u8"),
-                 ("width", "<u4"), ("flags", "<u4")])
+                 ("width", "<u4"), ("flags", "<u4"), ("ref", "<u8"), ("ref_len", "<u8"), ("mask", "<u8"),
+                 ("table", "<u8")])
 FLAG_ROTATE = 1
+FLAG_XOR = 2    # BitX: each word XORed with the reference at ``ref`` through ``mask``
+FLAG_REMAP = 4  # ...and its byte below the sign bit decoded through the table at ``table``
 
 Group = tuple[int, int, int]  # (width, first descriptor, count): one launch
 
@@ -126,7 +130,7 @@ class ChunkDecoder:
             if offset % PAYLOAD_ALIGN or offset + length > payload.nbytes:
                 raise ValueError(f"chunk {k}: payload offsets must be multiples of 16 inside the buffer")
             descs[k] = (payload.data.ptr + offset, length, out.data.ptr + pos, decoded, width,
-                        FLAG_ROTATE if rotate else 0)
+                        FLAG_ROTATE if rotate else 0, 0, 0, 0, 0)
             pos += decoded
         self._keep = (payload, out)
         with cp.cuda.Device(self.kernels.device):

@@ -1,15 +1,20 @@
 """Which kernel decodes each chunk, how chunks are cut into batches that fit a staging buffer,
 and how a batch is laid out in one: descriptors first, then the payloads, read from the archive
-and checked. Host side only (no cupy): it runs, and is tested, on any machine.
+and checked; and where each stream's reference comes from (a BitX delta's base tensor, or a
+gather of an earlier stream already on the device). Host side only (no cupy): it runs, and is
+tested, on any machine.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import xxhash
+
+from bitx.codec import Xor
 
 from ..archive import ArchiveReader
 from ..codecs.planes import Planes
@@ -17,23 +22,92 @@ from ..codecs.rans import Rans
 from ..decoder import stream_label
 from ..errors import CodecError, CorruptArchiveError, TruncatedArchiveError
 from ..index import Stream
-from .launcher import DESC, FLAG_ROTATE, STORED, WIDTHS, Group, align, groups
+from ..references import Reference
+from .launcher import DESC, FLAG_REMAP, FLAG_ROTATE, FLAG_XOR, STORED, WIDTHS, Group, align, groups
 
 IOV_MAX = 1024  # buffers per preadv call (Linux's IOV_MAX)
+XOR_WIDTHS = (1, 2, 4, 8)
 
 
 def gpu_width(stream: Stream) -> int | None:
     """The kernel that decodes ``stream``'s chunks (an element width, or STORED), or None when
-    only the CPU can decode it."""
+    only the CPU can decode it: ``planes`` + ``rans``, behind a dense ``xor`` filter or not."""
     if not stream.pipeline:
         return STORED
     try:
         codecs = stream.decoder().codecs
     except CodecError:
         return None
-    if len(codecs) == 2 and type(codecs[0]) is Planes and type(codecs[1]) is Rans and codecs[0].width in WIDTHS:
+    xor = codecs[0] if codecs and type(codecs[0]) is Xor else None
+    if xor is not None:
+        if xor.sparse or xor.width not in XOR_WIDTHS:  # the sparse form needs a scan: the CPU decodes it
+            return None
+        codecs = codecs[1:]
+    if len(codecs) == 2 and type(codecs[0]) is Planes and type(codecs[1]) is Rans and codecs[0].width in WIDTHS \
+            and (xor is None or xor.width == codecs[0].width):
         return codecs[0].width
     return None
+
+
+def xor_of(stream: Stream) -> Xor | None:
+    """The ``xor`` filter of a stream the kernels decode, if it has one."""
+    codecs = stream.decoder().codecs
+    return codecs[0] if codecs and type(codecs[0]) is Xor else None
+
+
+class RefPlan(NamedTuple):
+    """Where the device copy of a stream's reference (all of it, ``nbytes``) comes from: the
+    bytes ``host`` the CPU reads (a base model's tensor; a cast, or a grown shape, of one), or
+    ``copies`` (dst, src, length) out of stream ``stream`` decoded on the device, zeros elsewhere
+    (an earlier stream of the archive, block-mapped or not: a gather)."""
+
+    nbytes: int
+    host: np.ndarray | None = None
+    stream: int | None = None
+    copies: tuple[tuple[int, int, int], ...] = ()
+
+
+def gathered_from(stream: Stream) -> int | None:
+    """The earlier stream of the archive that ``stream``'s reference is gathered from on the
+    device (its bytes, block-mapped or not), if any; a cast of one is built on the CPU."""
+    ref = Reference.of(stream)
+    return ref.stream if ref is not None and ref.stream is not None and ref.cast is None else None
+
+
+def reference_plan(reader: ArchiveReader, s: int) -> RefPlan | None:
+    """The reference of stream ``s`` (a stream the kernels decode), None when it has none. A base
+    model must be attached (``elves.decoder.attach_base``) for references by content."""
+    stream = reader.streams[s]
+    ref = Reference.of(stream)
+    if ref is None:
+        return None
+    if ref.stream is not None and ref.cast is None:
+        source = reader.streams[ref.stream].nbytes
+        pieces = ref.map if ref.map is not None else [[0, 0, min(stream.nbytes, source)]]
+        # index.check_ref keeps every piece inside both streams
+        return RefPlan(stream.nbytes, stream=ref.stream, copies=tuple((d, r, n) for d, r, n in pieces))
+    # Bytes the CPU builds (elves.references), cut short where a base tensor is shorter.
+    host = reader.references.reader(ref, stream.dtype, stream.nbytes)(0, stream.nbytes)
+    return RefPlan(stream.nbytes, host=np.ascontiguousarray(host, dtype=np.uint8))
+
+
+def gather_descs(plan: RefPlan, src_ptr: int, dst_ptr: int) -> np.ndarray:
+    """Descriptors of the copy kernel that gathers ``plan``'s pieces from the source stream at
+    device address ``src_ptr`` into the reference at ``dst_ptr`` (zeroed beforehand)."""
+    descs = np.zeros(len(plan.copies), DESC)
+    for k, (d, r, n) in enumerate(plan.copies):
+        descs[k]["src"], descs[k]["src_len"], descs[k]["dst"], descs[k]["dst_len"] = src_ptr + r, n, dst_ptr + d, n
+        descs[k]["width"] = STORED
+    return descs
+
+
+class DeviceRef(NamedTuple):
+    """A stream's reference on the device: its address and length, and the ``xor`` filter's
+    remap table (0: none)."""
+
+    ptr: int
+    nbytes: int
+    table: int = 0
 
 
 @dataclass
@@ -47,6 +121,7 @@ class Chunk:
     width: int        # an element width, or STORED
     rotate: bool
     dst_offset: int   # where its decoded bytes go in the stream's buffer
+    xor: Xor | None = None  # the BitX filter fused into the decode
 
 
 @dataclass
@@ -80,14 +155,15 @@ def stream_chunks(reader: ArchiveReader, s: int) -> list[Chunk]:
     width = gpu_width(stream)
     if width is None:
         raise ValueError(f"stream {s} has no GPU decoder")
-    codec = stream.decoder().codecs[0] if width != STORED else None
+    xor = xor_of(stream) if width != STORED else None
+    codec = stream.decoder().codecs[1 if xor else 0] if width != STORED else None
     rotate = isinstance(codec, Planes) and codec.rotate
     out, pos = [], 0
     for i, (offset, length, decoded, checksum) in enumerate(stream.chunks):
         if width != STORED and decoded % width:
             raise CorruptArchiveError(f"{stream_label(reader, s)}: chunk {i} is not a whole number "
                                       "of elements", reader.path)
-        out.append(Chunk(s, i, offset, length, decoded, checksum, width, rotate, pos))
+        out.append(Chunk(s, i, offset, length, decoded, checksum, width, rotate, pos, xor))
         pos += decoded
     if pos != stream.nbytes:
         raise CorruptArchiveError(f"{stream_label(reader, s)}: its chunks do not add up to its size", reader.path)
@@ -111,9 +187,11 @@ def batches(reader: ArchiveReader, streams: list[int], staging_bytes: int) -> tu
     return [b for b in out if b.chunks], staging_bytes
 
 
-def lay_out(batch: Batch, staging_ptr: int, outputs: Mapping[int, int], status_base: int) -> Layout:
+def lay_out(batch: Batch, staging_ptr: int, outputs: Mapping[int, int], status_base: int,
+            refs: Mapping[int, DeviceRef] | None = None) -> Layout:
     """Descriptors for ``batch`` in a staging buffer at device address ``staging_ptr``, decoding
-    into the stream buffers at ``outputs[stream]``; its statuses start at ``status_base``."""
+    into the stream buffers at ``outputs[stream]``; its statuses start at ``status_base``.
+    ``refs[stream]``: the reference of each stream with an ``xor`` filter."""
     offsets, pos = [], batch.desc_bytes()
     for c in batch.chunks:
         offsets.append(pos)
@@ -122,8 +200,17 @@ def lay_out(batch: Batch, staging_ptr: int, outputs: Mapping[int, int], status_b
     descs = np.zeros(len(order), DESC)
     for d, i in enumerate(order):
         c = batch.chunks[i]
+        flags = FLAG_ROTATE if c.rotate else 0
+        ref = mask = table = ref_len = 0
+        if c.xor is not None:
+            if refs is None or c.stream not in refs:
+                raise ValueError(f"stream {c.stream} has no reference on the device")
+            r = refs[c.stream]
+            flags |= FLAG_XOR | (FLAG_REMAP if c.xor.remap is not None else 0)
+            ref, ref_len = r.ptr + c.dst_offset, max(0, min(c.decoded, r.nbytes - c.dst_offset))
+            mask, table = c.xor.mask, r.table
         descs[d] = (staging_ptr + offsets[i], c.length, outputs[c.stream] + c.dst_offset, c.decoded,
-                    c.width, FLAG_ROTATE if c.rotate else 0)
+                    c.width, flags, ref, ref_len, mask, table)
     return Layout(descs, groups(descs["width"]), offsets, order, status_base)
 
 
