@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..model import SourceFile, open_source
-from . import ctranslate2, float_runs, gguf, onnx, safetensors, torch
+from . import ctranslate2, gguf, onnx, safetensors, torch
+from .float_runs import segments as float_run_segments
 
 
 def read_model(src: str | os.PathLike[str], follow_symlinks: bool = False) -> tuple[list[SourceFile], bool]:
@@ -114,5 +115,5 @@ def read_file(path: Path, relpath: str) -> SourceFile:
 def _opaque(path: Path, relpath: str) -> SourceFile:
     with open_source(path) as fh:
         size = os.fstat(fh.fileno()).st_size
-        segments = float_runs.segments(fh.fileno(), size, path)
+        segments = float_run_segments(fh.fileno(), size, path)
     return SourceFile(path, relpath, "opaque", size, segments)
