@@ -14,7 +14,7 @@ from elves.mirror.hub import read_tokens
 from elves.mirror.records import parse_spec
 
 from ._common import EPILOG, emit, fail, force_option, human, json_option, quiet, quiet_option, reported, threads_option
-from .store import open_store, storage_option, store_location
+from .store import executor_options, open_store, storage_option, store_location
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -115,14 +115,20 @@ def mirror() -> None:
               help="A file of repos to pull, one REPO_ID[@REVISION] a line (# comments).")
 @click.option("--include", multiple=True, metavar="GLOB", help="Take only the files matching (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out the files matching (repeatable).")
+@executor_options
 @upstream_options
 def pull(specs: tuple[str, ...], store_path: Path | str, storage_options: tuple[str, ...], repo_type: str,
-         list_file: Path | None, include: tuple[str, ...], exclude: tuple[str, ...], endpoint: str | None,
-         token_file: Path | None, jobs: int, threads: int | None, as_json: bool) -> None:
+         list_file: Path | None, include: tuple[str, ...], exclude: tuple[str, ...], executor: str,
+         workers: int | None, ray_address: str | None, endpoint: str | None, token_file: Path | None, jobs: int,
+         threads: int | None, as_json: bool) -> None:
     """Pull repos from the Hub into the store: one file at a time, each checked against its
     sha256 (or git blob id) before it is stored. A commit already stored downloads nothing; an
     interrupted pull, run again, downloads only what is missing. A repo that fails is reported
     and the others go on; the exit code is then the first failure's.
+
+    Several repos are pulled on --workers (local processes, or Ray): each worker downloads and
+    reads a repo, bases are coded before the fine-tunes that delta against them, and this
+    machine commits them; downloads do not hold the store's writer lock.
 
     \b
     Examples:
@@ -130,6 +136,7 @@ def pull(specs: tuple[str, ...], store_path: Path | str, storage_options: tuple[
       elves mirror pull org/model@v1.0 org/model@refs/pr/3 --store hub.store
       elves mirror pull meta-llama/Llama-3.2-1B --token-file ~/.hf-token --store hub.store
       elves mirror pull squad --type dataset --include '*.json' --store hub.store
+      elves mirror pull --list repos.txt --store s3://models/hub --executor ray --ray-address 10.0.0.1:6379
     """
     with reported(as_json):
         items = list(specs)
@@ -140,8 +147,21 @@ def pull(specs: tuple[str, ...], store_path: Path | str, storage_options: tuple[
             raise UsageError("no repo to pull: give REPO_ID[@REVISION] or --list FILE")
         store = open_store(store_path, storage_options)
         token = read_tokens(token_file)[0] if token_file else None
-    results: list[hubmirror.PullResult] = []
-    failures: list[tuple[str, ElvesError]] = []
+    if len(parsed) > 1 or executor != "local" or workers is not None or ray_address is not None:
+        with reported(as_json):
+            results, failures = hubmirror.pull_many(
+                store, parsed, executor=executor, workers=workers, ray_address=ray_address, repo_type=repo_type,
+                endpoint=endpoint, token=token, include=list(include) or None, exclude=list(exclude) or None,
+                jobs=jobs, threads=threads)
+        if not as_json:
+            for what, e in failures:
+                click.echo(f"elves: error: {what}: {e}", err=True)
+            for r in results:
+                emit(False, {}, _pulled_text(r), summary=True)
+        _pulled_report(results, failures, as_json)
+        return
+    results = []
+    failures = []
     for repo_id, revision in parsed:
         bar = _Progress(not as_json)
         try:
@@ -164,6 +184,11 @@ def pull(specs: tuple[str, ...], store_path: Path | str, storage_options: tuple[
         results.append(r)
         if not as_json:
             emit(False, {}, _pulled_text(r), summary=True)
+    _pulled_report(results, failures, as_json)
+
+
+def _pulled_report(results: list[hubmirror.PullResult], failures: list[tuple[str, ElvesError]], as_json: bool) -> None:
+    """The JSON report of a pull, and its exit code: the first failure's."""
     if as_json:
         emit(True, {"ok": not failures, "pulled": [_pulled(r) for r in results],
                     "failed": [_failed(s, e) for s, e in failures]}, "")

@@ -53,6 +53,21 @@ def store_arg(f: F) -> F:
     return click.argument("store_path", metavar="STORE", callback=store_location)(storage_option(f))
 
 
+def executor_options(f: F) -> F:
+    """--executor, --workers and --ray-address: where the work on several models runs."""
+    for option in reversed((
+        click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="Where several models are hashed and encoded: local processes, or a Ray cluster "
+                          "(pip install 'elves[ray]'). Bases go in before the fine-tunes coded against them."),
+        click.option("--workers", type=click.IntRange(min=1), default=None,
+                     help="Models worked on at once (default: one per CPU core, or the cluster's)."),
+        click.option("--ray-address", default=None, metavar="ADDR",
+                     help="The Ray cluster to join (default: start a local one); fails fast if it cannot be joined."),
+    )):
+        f = option(f)
+    return f
+
+
 def parse_storage_options(items: tuple[str, ...]) -> dict[str, Any] | None:
     """``--storage-option KEY=VALUE`` values as fsspec's storage options."""
     out: dict[str, Any] = {}
@@ -122,13 +137,7 @@ def init(store_path: Path | str, storage_options: tuple[str, ...], as_json: bool
                    "weights themselves) or 'none'.")
 @click.option("--follow-symlinks", is_flag=True,
               help="Store the content of links that point outside the model folder (refused otherwise).")
-@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="Where several models are hashed and encoded: local processes, or a Ray cluster "
-                   "(pip install 'elves[ray]'). Bases go in before the fine-tunes coded against them.")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Models encoded at once (default: one per CPU core, or the cluster's).")
-@click.option("--ray-address", default=None, metavar="ADDR",
-              help="The Ray cluster to join (default: start a local one); fails fast if it cannot be joined.")
+@executor_options
 @threads_option
 @json_option
 @quiet_option

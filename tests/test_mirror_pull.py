@@ -10,7 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -309,3 +311,77 @@ def test_hostile_records_and_journals_are_refused_or_ignored(hub: HubStandin, st
     out = store.path.parent / "h2"
     store.restore(r2.model, out)
     assert (out / "extra.bin").read_bytes() == b"\x01" * 9000
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[Any]:
+    """One local Ray cluster (2 CPUs) for the module, as in test_store_batch.py."""
+    ray = pytest.importorskip("ray")
+    import logging
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def mirrored(s: Store) -> dict[str, Any]:
+    """What a store holds, but for the times of its commits: objects and profiles byte for byte,
+    manifests less "added" and their origin's "pulled", the repos' revisions and commits."""
+    root = Path(s.path)
+    out: dict[str, Any] = {}
+    for p in sorted(root.rglob("*")):
+        key = p.relative_to(root).as_posix()
+        if not p.is_file() or key.startswith("tmp/"):
+            continue
+        if key.startswith("models/"):
+            man = json.loads(p.read_bytes())
+            assert man.pop("added") and man["origin"].pop("pulled")
+            out[key] = man
+        elif key.startswith("mirror/"):
+            rec = json.loads(p.read_bytes())
+            out[key] = (rec["refs"], rec["commits"])
+        else:
+            out[key] = p.read_bytes()
+    return out
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_pull_list_on_workers_is_the_sequential_pull(executor: str, request: pytest.FixtureRequest, hub: HubStandin,
+                                                     dataset, tmp_path: Path) -> None:
+    base_dir, ft_dir = dataset("minilm"), dataset("minilm-family/last-layers")
+    c1 = hub.commit(BASE, folder_files(base_dir))
+    c2 = hub.commit("acme/minilm-ft", folder_files(ft_dir))
+    c3 = hub.commit("acme/toy", small_repo(3))
+    seq = Store.init(tmp_path / "seq")
+    for repo in (BASE, "acme/minilm-ft", "acme/toy"):
+        mirror.pull(seq, repo, endpoint=hub.url)
+    par = Store.init(tmp_path / "par")
+    # the fine-tune before its base: the base is still coded first, and the fine-tune against it
+    if executor == "local":
+        lst = tmp_path / "repos.txt"
+        lst.write_text(f"acme/minilm-ft\n{BASE}  # its base\nacme/toy\nacme/missing\n")
+        out = elves_cli("mirror", "pull", "--list", str(lst), "--store", str(par.path), "--endpoint", hub.url,
+                        "--executor", "local", "--workers", "2", "--json")
+        assert out.returncode == HubNotFoundError.exit_code, out.stderr
+        res = json.loads(out.stdout)
+        pulled = [(p["repo"], p["commit"], p["base"]) for p in res["pulled"]]
+        assert [f["repo"] for f in res["failed"]] == ["acme/missing@main"]
+    else:
+        request.getfixturevalue("ray_cluster")
+        results, failures = mirror.pull_many(par, [("acme/minilm-ft", None), (BASE, None), ("acme/toy", None)],
+                                             executor="ray", workers=2, endpoint=hub.url)
+        assert not failures
+        pulled = [(r.repo_id, r.commit, r.base) for r in results]
+    assert pulled == [("acme/minilm-ft", c2, f"{BASE}@{c1}"), (BASE, c1, None), ("acme/toy", c3, None)]
+    assert [m.name for m in par.models()] == [m.name for m in seq.models()]   # bases first
+    assert mirrored(par) == mirrored(seq)
+    for repo, commit, src in ((BASE, c1, base_dir), ("acme/minilm-ft", c2, ft_dir)):
+        par.restore(f"{repo}@{commit}", tmp_path / commit)
+        assert tree(tmp_path / commit) == tree(src)
+    assert not list((tmp_path / "par/tmp").rglob("*.safetensors"))   # the downloads went with the commits
+    # pulled again: nothing is downloaded
+    before = hub.downloads()
+    results, failures = mirror.pull_many(par, [(BASE, None), ("acme/toy", None)], executor="local", workers=1,
+                                         endpoint=hub.url)
+    assert not failures and all(r.already for r in results) and hub.downloads() == before

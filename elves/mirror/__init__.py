@@ -13,11 +13,11 @@ Modules, one concept each: ``records`` (what the mirror keeps of each repo, in t
 cache) and ``server`` (the Hub's download API; needs the ``hub`` extra's starlette and uvicorn).
 """
 from .export import ExportResult, export
-from .pull import PullProgress, PullResult, UpdateResult, pull, remove, update
+from .pull import PullProgress, PullResult, UpdateResult, pull, pull_many, remove, update
 from .records import RemoteFile, RepoRecord, Snapshot, repos, snapshot
 
 __all__ = ["ExportResult", "PullProgress", "PullResult", "RemoteFile", "RepoRecord", "Snapshot", "UpdateResult", "export", "pull",
-           "remove", "repos", "snapshot", "update"]
+           "pull_many", "remove", "repos", "snapshot", "update"]
 
 
 def __getattr__(name: str) -> object:

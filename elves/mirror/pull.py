@@ -15,19 +15,23 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from ..errors import ElvesError, HubError, OutputError, UsageError
+from ..families import Profiler
 from ..parallel import ordered_map
-from ..readers import walk_key
+from ..readers import read_file, walk_key
 from ..store import Store
+from ..store.batch import Location, Scanned, add_scanned, runner, task_location, task_threads
 from ..store.layout import manifest_at
 from ..store.manifests import manifests
-from ..store.staging import StagedAdd
+from ..store.reports import AddResult
+from ..store.staging import StagedAdd, staging_at
 from .hub import Hub
 from .records import (
     RemoteFile,
@@ -118,42 +122,202 @@ def pull(store: Store, repo_id: str, revision: str | None = None, *, repo_type: 
     ``jobs`` files download at once; ``threads`` code them. Re-running after an interruption
     (kill -9 included) downloads only what is missing."""
     t0 = time.perf_counter()
+    if jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    hub = hub or Hub(endpoint, token)
+    want = _want(store, hub, repo_id, revision, repo_type, include, exclude)
+    result = want.result
+    if result.already:
+        _track(store, want)
+        result.seconds = time.perf_counter() - t0
+        return result
+    with store.stage(result.model, threads=threads, resumable=True, replace=True) as staged:
+        _fill(store, staged, hub, repo_type, repo_id, result.commit, want.files, jobs, progress, result)
+        added = staged.commit(order=[f.path for f in want.files], origin=want.origin())
+        result.base, result.stored_bytes = added.base, added.bytes_added
+        _record(store, want)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+@dataclass
+class _Wanted:
+    """A repo at a revision, resolved: its commit's files to store, and what its record says."""
+
+    result: PullResult
+    files: list[RemoteFile]
+    gated: bool
+    private: bool
+    include: list[str] | None
+    exclude: list[str] | None
+
+    def origin(self) -> dict[str, Any]:
+        r = self.result
+        return Snapshot(r.repo_type, r.repo_id, r.commit, r.model, self.files, r.revision, utcnow(), self.gated).origin()
+
+
+def _want(store: Store, hub: Hub, repo_id: str, revision: str | None, repo_type: str, include: list[str] | None,
+          exclude: list[str] | None) -> _Wanted:
+    """Resolve ``repo_id`` at ``revision`` and list the files of its commit to store (``already``
+    when the store holds them all)."""
     check_type(repo_type)
     check_repo_id(repo_id)
     if revision is not None:
         check_revision(revision)
-    if jobs < 1:
-        raise UsageError("--jobs must be at least 1")
-    hub = hub or Hub(endpoint, token)
     commit, gated, private = hub.resolve(repo_type, repo_id, revision)
     files = sorted(hub.files(repo_type, repo_id, commit, include, exclude), key=lambda f: walk_key(f.path))
     if not files:
         raise HubError(f"{repo_id}@{commit[:12]}: no file to pull"
                        f"{' (--include/--exclude leave none)' if include or exclude else ''}", hub.endpoint)
     name = model_name(repo_type, repo_id, commit)
-    rev = revision or "main"
-    result = PullResult(repo_type, repo_id, rev, commit, name, len(files), sum(f.size for f in files))
+    result = PullResult(repo_type, repo_id, revision or "main", commit, name, len(files), sum(f.size for f in files))
     wanted = {f.path for f in files}
     if store.storage.exists(manifest_at(name)):
         held = snapshot(store, repo_type, repo_id, commit)
         if wanted <= {f.path for f in held.files}:
             result.already = True
-            _track(store, repo_type, repo_id, rev, commit, gated, private, include, exclude)
-            result.seconds = time.perf_counter() - t0
-            return result
-        # a pull with other --include patterns: the commit is stored again with all its files
-        files = sorted({f.path: f for f in held.files + files}.values(), key=lambda f: walk_key(f.path))
-        result.files, result.bytes = len(files), sum(f.size for f in files)
-    with store.stage(name, threads=threads, resumable=True, replace=True) as staged:
-        _fill(store, staged, hub, repo_type, repo_id, commit, files, jobs, progress, result)
-        snap = Snapshot(repo_type, repo_id, commit, name, files, rev, utcnow(), gated)
-        added = staged.commit(order=[f.path for f in files], origin=snap.origin())
-        result.base, result.stored_bytes = added.base, added.bytes_added
-        rec = read_repo(store, repo_type, repo_id) or RepoRecord(repo_type, repo_id)
-        _set(rec, rev, commit, gated, private, include, exclude)
-        write_repo(store, rec)
-    result.seconds = time.perf_counter() - t0
-    return result
+        else:  # a pull with other --include patterns: the commit is stored again with all its files
+            files = sorted({f.path: f for f in held.files + files}.values(), key=lambda f: walk_key(f.path))
+            result.files, result.bytes = len(files), sum(f.size for f in files)
+    return _Wanted(result, files, gated, private, include, exclude)
+
+
+def _record(store: Store, want: _Wanted) -> None:
+    """Point the pulled revision at its commit in the repo's record (the caller holds the lock)."""
+    r = want.result
+    rec = read_repo(store, r.repo_type, r.repo_id) or RepoRecord(r.repo_type, r.repo_id)
+    _set(rec, r.revision, r.commit, want.gated, want.private, want.include, want.exclude)
+    write_repo(store, rec)
+
+
+def pull_many(store: Store, specs: Sequence[tuple[str, str | None]], *, executor: str = "local",
+              workers: int | None = None, ray_address: str | None = None, repo_type: str = "model",
+              endpoint: str | None = None, token: str | None = None, include: list[str] | None = None,
+              exclude: list[str] | None = None, jobs: int = 4,
+              threads: int | None = None) -> tuple[list[PullResult], list[tuple[str, ElvesError]]]:
+    """Pull the repos of ``specs`` ((repo id, revision or None)) on an executor (as
+    :func:`elves.store.batch.add_many`: ``"local"``, a process pool of ``workers``, or ``"ray"``).
+
+    The driver resolves each revision and lists its commit. Each worker then downloads one
+    repo's files (``jobs`` at once; a blob the mirror holds is decoded from the store instead),
+    into a folder on its machine, and reads and profiles them as a sequential pull would,
+    without the store's writer lock: parallel pulls do not wait for each other's downloads.
+    Coding and committing go as in ``add_many``, under the lock: bases before the fine-tunes
+    that delta against them, each file coded by a task, the driver committing the manifests and
+    the repos' records. On a cluster, the download folders (ELVES_STAGING for a store on object
+    storage) must be where every node reaches them, as ``add_many``'s sources must.
+
+    A repo that fails to resolve or download is reported and the others go on; a failure in
+    coding stops the models not yet committed. Returns the results (in the order of ``specs``)
+    and the failures ("repo@revision", error). A pull cut short resumes its downloads."""
+    if jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    hub = Hub(endpoint, token)
+    results: list[PullResult] = []
+    failures: list[tuple[str, ElvesError]] = []
+    todo: dict[str, list[_Wanted]] = {}     # store model -> the revisions pointing at it
+    for repo_id, revision in specs:
+        try:
+            want = _want(store, hub, repo_id, revision, repo_type, include, exclude)
+        except ElvesError as e:
+            failures.append((f"{repo_id}@{revision or 'main'}", e))
+            continue
+        results.append(want.result)
+        if want.result.already:
+            _track(store, want)
+        else:
+            todo.setdefault(want.result.model, []).append(want)
+    if not todo:
+        return results, failures
+    location = task_location(store)
+    t0 = time.perf_counter()
+    with runner(executor, workers, ray_address) as run:
+        handles = {name: run.submit(_fetch, location, hub.endpoint, token, wants[0].result, wants[0].files, jobs)
+                   for name, wants in todo.items()}
+        scanned: list[tuple[str, Scanned]] = []
+        for name, h in handles.items():
+            wants = todo[name]
+            try:
+                fetched: _Fetched = run.result(h)
+            except ElvesError as e:
+                failures += [(f"{w.result.repo_id}@{w.result.revision}", e) for w in wants]
+                results = [r for r in results if r.model != name]
+                continue
+            for w in wants:
+                w.result.downloaded, w.result.downloaded_bytes = fetched.downloaded, fetched.downloaded_bytes
+                w.result.reused = fetched.reused
+            fetched.scanned.origin = wants[0].origin()
+            scanned.append((name, fetched.scanned))
+
+        done: set[str] = set()
+
+        def committed(name: str, added: AddResult) -> None:
+            done.add(name)
+            for w in todo[name]:
+                w.result.base, w.result.stored_bytes = added.base, added.bytes_added
+                w.result.seconds = time.perf_counter() - t0
+                _record(store, w)
+            store.storage.delete(staging_at(name))  # its downloads, and any journal a pull cut short left
+
+        try:
+            add_scanned(store, run, scanned, location, base="auto", replace=True, committed=committed,
+                        threads=task_threads(run, executor, ray_address, threads))
+        except ElvesError as e:
+            lost = {name for name, _ in scanned if name not in done}
+            failures += [(f"{w.result.repo_id}@{w.result.revision}", e) for n in lost for w in todo[n]]
+            results = [r for r in results if r.model not in lost]
+    return results, failures
+
+
+def _pulling_at(name: str) -> str:
+    """Where a pull task downloads model ``name``'s files: on the task's machine, beside a staged
+    add's journal (a sequential pull of the same commit cut short resumes from them, and gc
+    removes an abandoned one with the rest of ``tmp/``)."""
+    return f"{staging_at(name)}files/"
+
+
+@dataclass
+class _Fetched:
+    """What a pull task did with one repo: the files read and profiled, and its counts."""
+
+    scanned: Scanned
+    downloaded: int
+    downloaded_bytes: int
+    reused: int
+
+
+def _fetch(location: Location, endpoint: str, token: str | None, want: PullResult, files: list[RemoteFile],
+           jobs: int) -> _Fetched:
+    """A pull task: download ``files`` of a commit (or decode those whose blob the mirror holds)
+    into a folder on this machine, ``jobs`` at once, then read and profile them in the order a
+    sequential pull adds them (small files first), so that the base is chosen from the same profile."""
+    store = Store(*location)
+    hub = Hub(endpoint, token)
+    held = _blobs(store)
+    folder = store.storage.scratch(_pulling_at(want.model))
+    order = [f for f in files if f.lfs_sha256 is None] + [f for f in files if f.lfs_sha256 is not None]
+
+    def fetch(f: RemoteFile) -> bool:
+        dst = folder / quote(f.path, safe="")
+        if f.blob_id in held:  # the mirror has these bytes: no download
+            if not dst.exists():  # one there is whole: _copy_out renames it into place when checked
+                _copy_out(store, *held[f.blob_id], dst)
+            return False
+        hub.download(want.repo_type, want.repo_id, want.commit, f, dst)  # resumes what an earlier run left
+        return True
+
+    with ThreadPoolExecutor(jobs) as pool:
+        fetched = list(pool.map(fetch, order))
+    profiler = Profiler(want.model)
+    read = {}
+    for f in order:
+        path = folder / quote(f.path, safe="")
+        read[f.path] = sf = read_file(path, f.path)
+        profiler.metadata(f.path, path)
+        profiler.add(sf)
+    got = [f for f, was in zip(order, fetched) if was]
+    return _Fetched(Scanned([read[f.path] for f in files], False, profiler.result(), by_file=True), len(got),
+                    sum(f.size for f in got), len(order) - len(got))
 
 
 def _fill(store: Store, staged: StagedAdd, hub: Hub, repo_type: str, repo_id: str, commit: str,
@@ -236,13 +400,10 @@ def _set(rec: RepoRecord, revision: str, commit: str, gated: bool, private: bool
         rec.filters.pop(revision, None)
 
 
-def _track(store: Store, repo_type: str, repo_id: str, revision: str, commit: str, gated: bool,
-           private: bool, include: list[str] | None, exclude: list[str] | None) -> None:
-    """Point ``revision`` of a repo at a commit the store holds."""
+def _track(store: Store, want: _Wanted) -> None:
+    """Point a revision of a repo at a commit the store holds."""
     with store.locked():
-        rec = read_repo(store, repo_type, repo_id) or RepoRecord(repo_type, repo_id)
-        _set(rec, revision, commit, gated, private, include, exclude)
-        write_repo(store, rec)
+        _record(store, want)
 
 
 @dataclass

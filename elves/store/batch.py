@@ -273,18 +273,26 @@ def runner(executor: str = "local", workers: int | None = None, ray_address: str
 # -- tasks -----------------------------------------------------------------------------------
 
 @dataclass
-class _Scanned:
+class Scanned:
+    """A model read and profiled by a task, ready to be planned and coded: its files (in the
+    order its manifest lists them), whether it is one file, its profile, and what its manifest
+    records of where it came from (``origin``, the mirror's). ``by_file``: stored as a staged
+    add without the whole profile stores it (the mirror's pull), whose base is chosen only once
+    a file with tensors comes: a model without tensors records no reason for having none."""
+
     files: list[SourceFile]
     single: bool
     profile: ModelProfile
+    origin: dict[str, Any] | None = None
+    by_file: bool = False
 
 
-def _scan(src: Path, name: str, follow_symlinks: bool) -> _Scanned:
+def _scan(src: Path, name: str, follow_symlinks: bool) -> Scanned:
     """Read and profile a source, as :meth:`Store.add` does first."""
     files, single = read_model(src, follow_symlinks)
     if not files:  # a manifest of no files would be refused by every later read
         raise InputError("the folder holds no files to add", src)
-    return _Scanned(files, single, families.profile(src, name))
+    return Scanned(files, single, families.profile(src, name))
 
 
 @dataclass
@@ -338,6 +346,8 @@ class _Model:
     files: list[SourceFile]
     single: bool
     profile: ModelProfile
+    origin: dict[str, Any] | None = None
+    by_file: bool = False
 
 
 @dataclass
@@ -390,6 +400,8 @@ def _plan(storage: Storage, todo: list[_Model], base: str | None) -> tuple[list[
     wait for, and its tasks; and the objects the stored models reference."""
     mans = manifests(storage)
     before = {seg[0] for m in mans for f in m["files"] for seg in f["segments"]}
+    replaced = {m.name for m in todo}   # as StagedAdd, a model it replaces is no base candidate
+    mans = [m for m in mans if m["name"] not in replaced]
     stored = list(zip(mans, profiles(storage, mans)))
     held = {d for _, p in stored for d in _tensor_digests(p)}   # objects its tasks find stored
     steps: list[_Step] = []
@@ -508,24 +520,44 @@ def add_many(store: Store, sources: Sequence[tuple[str | os.PathLike[str], str |
         if name in seen:
             raise StoreError(f"model {name!r} is named twice in one add", store.storage.where(""))
         seen.add(name)
+    location = task_location(store)
+    with runner(executor, workers, ray_address) as run:
+        scans = [run.submit(_scan, src, name, follow_symlinks) for src, name in named]
+        scanned = [(name, run.result(h)) for (_, name), h in zip(named, scans)]
+        return add_scanned(store, run, scanned, location, base=base, progress=progress,
+                           threads=task_threads(run, executor, ray_address, threads))
+
+
+def task_location(store: Store) -> Location:
+    """What a task opens ``store`` with (a memory:// store is refused: its tasks could not reach it)."""
     if str(store.path).startswith("memory://"):
         raise UsageError("a memory:// store lives in this process alone: its workers could not reach it")
-    location: Location = (store.path, store.storage_options)
-    with runner(executor, workers, ray_address) as run:
-        if threads is None:
-            threads = 1 if executor == "ray" and ray_address is not None else \
-                max(1, default_threads(None) // run.slots)
-        scans = [run.submit(_scan, src, name, follow_symlinks) for src, name in named]
-        models = []
-        for i, h in enumerate(scans):
-            res: _Scanned = run.result(h)
-            models.append(_Model(i, named[i][1], res.files, res.single, res.profile))
-        with store.locked():
-            return _run(store, models, run, location, base, threads, progress)
+    return store.path, store.storage_options
+
+
+def task_threads(run: Runner, executor: str, ray_address: str | None, threads: int | None) -> int:
+    """Each task's coding threads: ``threads``, else the CPUs shared among the workers (1 on a cluster)."""
+    if threads is not None:
+        return threads
+    return 1 if executor == "ray" and ray_address is not None else max(1, default_threads(None) // run.slots)
+
+
+def add_scanned(store: Store, run: Runner, scanned: Sequence[tuple[str, Scanned]], location: Location, *,
+                base: str | None = "auto", threads: int = 1, progress: ProgressFn | None = None,
+                replace: bool = False, committed: Callable[[str, AddResult], None] | None = None) -> list[AddResult]:
+    """The second half of :func:`add_many`, for models its caller's tasks read (the mirror's
+    downloads): plan, code on ``run`` and commit the (name, :class:`Scanned`) of ``scanned``,
+    holding the writer lock. ``replace``: a stored model of the same name is replaced.
+    ``committed(name, result)`` is called, still under the lock, after each model's commit."""
+    models = [_Model(i, name, sc.files, sc.single, sc.profile, sc.origin, sc.by_file)
+              for i, (name, sc) in enumerate(scanned)]
+    with store.locked():
+        return _run(store, models, run, location, base, threads, progress, replace, committed)
 
 
 def _run(store: Store, models: list[_Model], run: Runner, location: Location, base: str | None,
-         threads: int, progress: ProgressFn | None) -> list[AddResult]:
+         threads: int, progress: ProgressFn | None, replace: bool,
+         committed: Callable[[str, AddResult], None] | None) -> list[AddResult]:
     """Plan and add ``models``, holding the writer lock (the caller does)."""
     storage = store.storage
     nthreads = default_threads(None)
@@ -535,7 +567,8 @@ def _run(store: Store, models: list[_Model], run: Runner, location: Location, ba
     written: dict[str, ObjectMeta] = {}
     created: list[str] = []            # paths of objects tasks created
     with ThreadPoolExecutor(nthreads) as pool, ExitStack() as stack:
-        staged = {m.name: stack.enter_context(StagedAdd(storage, m.name, base, pool, nthreads, progress, m.profile))
+        staged = {m.name: stack.enter_context(StagedAdd(storage, m.name, base, pool, nthreads, progress, m.profile,
+                                                               replace=replace))
                   for m in models}
         if base not in (None, "auto"):  # refused before anything is written, as Store.add does
             fits, opened = planner(storage, base)
@@ -553,16 +586,20 @@ def _run(store: Store, models: list[_Model], run: Runner, location: Location, ba
                                      lambda s: all(k in claimed or k in written or k in before for k in _found(s))):
                     m = step.model
                     st = staged[m.name]
-                    st.check_fits(m.files)  # decides the base from the store as it is now
+                    if not m.by_file or any(seg.dtype is not None for sf in m.files for seg in sf.segments):
+                        st.check_fits(m.files)  # decides the base from the store as it is now
                     if st.base != step.base:
                         raise StoreError(f"model {m.name!r}: the plan chose {step.base!r} as its base, the store "
                                          f"{st.base!r} (a bug: add it on its own)", storage.where(""))
                     for i, sf in enumerate(m.files):
                         _adopt(st, sf, step.done[i], claimed, written)
-                    res = st.commit([sf.relpath for sf in m.files], source="file" if m.single else "folder")
+                    res = st.commit([sf.relpath for sf in m.files], source="file" if m.single else "folder",
+                                    origin=m.origin)
                     res.seconds = time.perf_counter() - step.started
                     results[m.index] = res
                     kept.update(seg[0] for d in step.done.values() for seg in d.entry["segments"])
+                    if committed is not None:
+                        committed(m.name, res)
         except BaseException:
             run.cancel()
             for at in created:
