@@ -8,13 +8,27 @@ gives, whether it needs the chunk's reference chunk, whether it may leave nothin
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from ..errors import CodecError, CorruptArchiveError
 from .base import U8, Codec, Config, Expected, Form
 from .registry import codec_from_config
+
+
+@runtime_checkable
+class DecodesThrough(Protocol):
+    """A codec that decodes straight from the payload of the codec after it, in one step, when it
+    knows that codec (``planes`` from ``rans``: no plane buffer between the two, one kernel call)."""
+
+    def decodes_through(self, inner: Codec) -> bool:
+        """Whether :meth:`decode_through` can decode ``inner``'s payloads."""
+        ...
+
+    def decode_through(self, inner: Codec, data: Any, out: U8 | None, expected: Expected) -> Any:
+        """``self.decode(inner.decode(data, ...), out, expected=expected)``, with every check of the two."""
+        ...
 
 
 class Pipeline:
@@ -37,6 +51,10 @@ class Pipeline:
             raise CodecError(f"codecs {[codecs[i].codec_id for i in optional]} may each leave a chunk "
                              "without a payload: a pipeline takes one of them at most")
         self.codecs = codecs
+        # codecs[i + 1]'s payloads decode in one step through codecs[i] (neither needs a reference)
+        self._through: dict[int, DecodesThrough] = {
+            i + 1: c for i, c in enumerate(codecs[:-1]) if isinstance(c, DecodesThrough)
+            and not c.needs_ref and not codecs[i + 1].needs_ref and c.decodes_through(codecs[i + 1])}
         self._optional = optional[0] if optional else None
         self._expected: dict[int, list[Expected]] = {}  # a stream's chunks have one or two sizes
 
@@ -100,7 +118,14 @@ class Pipeline:
         if len(payload) == 0 and self._optional is not None:  # a chunk its codec left without a payload
             last, data = self._optional, None
         sizes = self._expected.get(out.shape[0]) or self.expected(out.shape[0])
-        for i in range(last, -1, -1):
+        i = last
+        while i >= 0:
             codec = self.codecs[i]
-            data = codec.decode(data, out if i == 0 else None, self._ref(codec, ref), expected=sizes[i])
+            outer = self._through.get(i) if data is not None else None
+            if outer is not None:
+                data = outer.decode_through(codec, data, out if i == 1 else None, sizes[i - 1])
+                i -= 2
+            else:
+                data = codec.decode(data, out if i == 0 else None, self._ref(codec, ref), expected=sizes[i])
+                i -= 1
         return out

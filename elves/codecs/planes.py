@@ -10,7 +10,8 @@ import numpy as np
 
 from .. import dtypes
 from ..errors import CodecError, CorruptArchiveError
-from .base import U8, ArrayPlanesCodec, Config, Expected, expected_of
+from .base import U8, ArrayPlanesCodec, Codec, Config, Expected, as_u8, expected_of
+from .rans import STATUS, Rans
 
 
 class Planes(ArrayPlanesCodec):
@@ -58,4 +59,33 @@ class Planes(ArrayPlanesCodec):
             out = np.empty(n * self.width, dtype=np.uint8)
         if k.merge(data, n, self.width, self.rotate, out):
             raise CorruptArchiveError(f"planes: {n} elements do not fit a {out.shape[0]}-byte chunk")
+        return out
+
+    def decodes_through(self, inner: Codec) -> bool:
+        return isinstance(inner, Rans)
+
+    def decode_through(self, inner: Codec, data: U8 | bytes, out: U8 | None, expected: Expected) -> U8:
+        """Decode a ``rans`` payload straight into elements, with one kernel call: the checks and
+        errors of ``rans`` then ``planes``, without the plane buffer between them."""
+        from ..kernels import planes_rans as k
+
+        buf = as_u8(data)
+        if out is not None:  # the common case, checked by the kernel: a container of out's shape
+            status = k.decode_words(buf, self.width, out.shape[0] // self.width, self.rotate, out)
+            if status == k.OK:
+                return out
+            if status != k.ERR_SIZE and status != k.ERR_HEADER:
+                raise CorruptArchiveError(STATUS.get(status, f"decode failed ({status})"))
+        # Say what in the header is wrong, as rans would.
+        w, n = k.container_shape(buf)
+        if w < 1:
+            raise CorruptArchiveError(STATUS[k.ERR_HEADER])
+        if w != self.width:
+            raise CorruptArchiveError(f"rans container holds {w} byte planes, expected {self.width}")
+        self.encoded_size(expected).check(w * n, "rans container")  # before anything is allocated
+        if out is None:
+            out = np.empty(n * w, dtype=np.uint8)
+        status = k.decode_words(buf, w, n, self.rotate, out)
+        if status:
+            raise CorruptArchiveError(STATUS.get(status, f"decode failed ({status})"))
         return out

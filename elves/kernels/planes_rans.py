@@ -19,7 +19,7 @@ a kernel refuse, never write past a buffer.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from ..jit import kernel
 from numpy.typing import NDArray
 
 # Array types the kernels take (numba compiles from the arguments' types; these are for mypy).
@@ -45,7 +45,7 @@ ERR_SIZE = 5
 RANS_L = 1 << 16
 
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint8[::1]), int64, int64, boolean, uint8[:, ::1])")
 def split(src: U8, n: int, w: int, rotate: bool, planes: U8) -> int:
     """Byte planes of ``n`` little-endian ``w``-byte words; plane 0 is the top byte. Returns a status."""
     if n < 0 or w < 1 or src.shape[0] < n * w or planes.shape[0] < w or planes.shape[1] < n:
@@ -89,26 +89,45 @@ def split(src: U8, n: int, w: int, rotate: bool, planes: U8) -> int:
     return OK
 
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint8[::1]), ro(uint8[::1]), int64, boolean, uint8[::1])")
+def _merge2(r0: U8, r1: U8, n: int, rotate: bool, dst: U8) -> None:
+    """16-bit words from their two planes into ``dst`` (sized by the caller); a loop per
+    rotation, which LLVM vectorises."""
+    u16 = dst[:2 * n].view(np.uint16)
+    if rotate:
+        for i in range(n):
+            v = (np.uint16(r0[i]) << np.uint16(8)) | np.uint16(r1[i])
+            u16[i] = (v >> np.uint16(1)) | (v << np.uint16(15))
+    else:
+        for i in range(n):
+            u16[i] = (np.uint16(r0[i]) << np.uint16(8)) | np.uint16(r1[i])
+
+
+@kernel("(ro(uint8[::1]), ro(uint8[::1]), ro(uint8[::1]), ro(uint8[::1]), int64, boolean, uint8[::1])")
+def _merge4(r0: U8, r1: U8, r2: U8, r3: U8, n: int, rotate: bool, dst: U8) -> None:
+    """32-bit words from their four planes into ``dst`` (sized by the caller), as :func:`_merge2`."""
+    u32 = dst[:4 * n].view(np.uint32)
+    if rotate:
+        for i in range(n):
+            v = ((np.uint32(r0[i]) << np.uint32(24)) | (np.uint32(r1[i]) << np.uint32(16))
+                 | (np.uint32(r2[i]) << np.uint32(8)) | np.uint32(r3[i]))
+            u32[i] = (v >> np.uint32(1)) | (v << np.uint32(31))
+    else:
+        for i in range(n):
+            u32[i] = ((np.uint32(r0[i]) << np.uint32(24)) | (np.uint32(r1[i]) << np.uint32(16))
+                      | (np.uint32(r2[i]) << np.uint32(8)) | np.uint32(r3[i]))
+
+
+@kernel("(ro(uint8[:, ::1]), int64, int64, boolean, uint8[::1])")
 def merge(planes: U8, n: int, w: int, rotate: bool, dst: U8) -> int:
     """Inverse of ``split``: words from planes, rotated back, into ``dst`` bytes. Returns a status."""
     if n < 0 or w < 1 or dst.shape[0] < n * w or planes.shape[0] < w or planes.shape[1] < n:
         return ERR_SIZE
-    r = 1 if rotate else 0
     if w == 2:
-        u16 = dst[:2 * n].view(np.uint16)
-        for i in range(n):
-            v = (np.uint32(planes[0, i]) << 8) | np.uint32(planes[1, i])
-            u16[i] = ((v >> 1) | (v << 15)) & 0xFFFF if r else v
+        _merge2(planes[0], planes[1], n, rotate, dst)
         return OK
     if w == 4:
-        u32 = dst[:4 * n].view(np.uint32)
-        for i in range(n):
-            v = ((np.uint64(planes[0, i]) << np.uint64(24)) | (np.uint64(planes[1, i]) << np.uint64(16))
-                 | (np.uint64(planes[2, i]) << np.uint64(8)) | np.uint64(planes[3, i]))
-            if r:
-                v = ((v >> np.uint64(1)) | (v << np.uint64(31))) & np.uint64(0xFFFFFFFF)
-            u32[i] = v
+        _merge4(planes[0], planes[1], planes[2], planes[3], n, rotate, dst)
         return OK
     if rotate and w <= 8:
         nbits = 8 * w
@@ -129,7 +148,7 @@ def merge(planes: U8, n: int, w: int, rotate: bool, dst: U8) -> int:
     return OK
 
 
-@njit(cache=True, nogil=True)
+@kernel("(int64[::1], int64, int64, int64[::1])")
 def _normalize(counts: I64, n: int, prob_bits: int, freq: I64) -> None:
     """Frequencies summing to 2**prob_bits, each present symbol at least 1, close to counts/n."""
     total = 1 << prob_bits
@@ -158,7 +177,7 @@ def _normalize(counts: I64, n: int, prob_bits: int, freq: I64) -> None:
         diff += 1
 
 
-@njit(cache=True, nogil=True)
+@kernel("(int64[::1], int64[::1], int64)")
 def _rans_bits(counts: I64, freq: I64, prob_bits: int) -> float:
     """Exact-entropy estimate of the rANS payload in bits, for choosing the plane's mode."""
     bits = 0.0
@@ -168,7 +187,7 @@ def _rans_bits(counts: I64, freq: I64, prob_bits: int) -> float:
     return bits
 
 
-@njit(cache=True, nogil=True)
+@kernel("(uint8[::1], int64, ro(uint8[::1]), int64, int64)")
 def _copy(dst: U8, dpos: int, src: U8, spos: int, n: int) -> None:
     """``dst[dpos:dpos + n] = src[spos:spos + n]`` as a loop: numba compiles the loop to a
     vectorised copy, and the slice assignment to a much slower element-wise one."""
@@ -178,29 +197,29 @@ def _copy(dst: U8, dpos: int, src: U8, spos: int, n: int) -> None:
         d[i] = s[i]
 
 
-@njit(cache=True, nogil=True)
+@kernel("(uint8[::1], int64, int64)")
 def _put_u16(out: U8, pos: int, v: int) -> None:
     out[pos] = v & 0xFF
     out[pos + 1] = (v >> 8) & 0xFF
 
 
-@njit(cache=True, nogil=True)
+@kernel("(uint8[::1], int64, int64)")
 def _put_u32(out: U8, pos: int, v: int) -> None:
     for b in range(4):
         out[pos + b] = (v >> (8 * b)) & 0xFF
 
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint8[::1]), int64)")
 def _get_u16(buf: U8, pos: int) -> np.uint64:
     return np.uint64(buf[pos]) | (np.uint64(buf[pos + 1]) << np.uint64(8))
 
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint8[::1]), int64)")
 def _get_u32(buf: U8, pos: int) -> np.uint64:
     return _get_u16(buf, pos) | (_get_u16(buf, pos + 2) << np.uint64(16))
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _encode_one(x: np.uint64, w: np.uint64, s: np.uint8, tab: U64, rcp: F64, sh: np.uint64,
                 pb: np.uint64, words: U16) -> tuple[np.uint64, np.uint64]:
     """One rANS encode step of a lane: code symbol ``s`` into state ``x``, writing the
@@ -219,7 +238,7 @@ def _encode_one(x: np.uint64, w: np.uint64, s: np.uint8, tab: U64, rcp: F64, sh:
     return (q << pb) + (x - q * f) + (e >> _U(16)), w + _U(need)
 
 
-@njit(cache=True, nogil=True)
+@kernel("(int64[::1], int64[::1])")
 def _encode_tables(freq: I64, cum: I64) -> tuple[U64, F64]:
     """Per symbol: ``freq | cum << 16``, and 1/freq rounded up by 2**-40 relative.
 
@@ -235,7 +254,7 @@ def _encode_tables(freq: I64, cum: I64) -> tuple[U64, F64]:
     return tab, rcp
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _encode_group(x: U64, w: U64, g: int, sym: U8, steps: int, ul: np.uint64, tab: U64, rcp: F64,
                   sh: np.uint64, pb: np.uint64, words: U16) -> None:
     """Encode lanes ``g .. g + 7`` over all full steps, last first, as eight chains the CPU
@@ -261,7 +280,7 @@ def _encode_group(x: U64, w: U64, g: int, sym: U8, steps: int, ul: np.uint64, ta
     w[g + 4], w[g + 5], w[g + 6], w[g + 7] = w4, w5, w6, w7
 
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint8[::1]), int64, int64, int64[::1], int64[::1], int64, uint8[::1], int64)")
 def _rans_encode_plane(sym: U8, n: int, lanes: int, freq: I64, cum: I64, prob_bits: int, out: U8,
                        pos: int) -> int:
     """Write the lane-length table and lane streams at ``out[pos:]``; return the end offset.
@@ -313,7 +332,7 @@ def _rans_encode_plane(sym: U8, n: int, lanes: int, freq: I64, cum: I64, prob_bi
     return pos
 
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint8[::1]), int64)")
 def _histogram(sym: U8, n: int) -> I64:
     """Symbol counts of ``sym[:n]``. Four tables take turns, so runs of one symbol (the
     exponent plane is full of them) do not wait on their own previous increment."""
@@ -329,7 +348,7 @@ def _histogram(sym: U8, n: int) -> I64:
     return c[0] + c[1] + c[2] + c[3]
 
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint8[::1]), int64, int64, int64, uint8[::1], int64)")
 def _encode_plane(sym: U8, n: int, lanes: int, prob_bits: int, out: U8, pos: int) -> int:
     """Write one plane section (mode byte first) at ``out[pos:]``; return the end offset."""
     counts = _histogram(sym, n)
@@ -390,7 +409,7 @@ def _encode_plane(sym: U8, n: int, lanes: int, prob_bits: int, out: U8, pos: int
     return end
 
 
-@njit(cache=True, nogil=True)
+@kernel("(int64, int64)")
 def max_encoded_size(n: int, w: int) -> int:
     """An upper bound on :func:`encode_planes`' output for ``w`` planes of ``n`` symbols.
 
@@ -400,7 +419,7 @@ def max_encoded_size(n: int, w: int) -> int:
     return 8 + 4 * w + w * (2 * n + 8 * min(max(n, 1), 4096) + 1100)
 
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint8[:, ::1]), int64, int64, uint8[::1])")
 def encode_planes(planes: U8, lanes: int, prob_bits: int, out: U8) -> int:
     """Encode a (n_planes, n) uint8 array as a ``rans`` container in ``out``; return its length,
     or -1 unless ``out`` holds :func:`max_encoded_size` bytes and the header can say it all."""
@@ -425,7 +444,7 @@ def encode_planes(planes: U8, lanes: int, prob_bits: int, out: U8) -> int:
 _U = np.uint64
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _decode_one(x: np.uint64, p: np.uint64, q: np.uint64, dec: U32, words: U16, mask: np.uint64,
                 pb: np.uint64, out: U8, o: np.uint64 | int) -> tuple[np.uint64, np.uint64]:
     """One rANS decode step of one lane at word position ``p``, reading the word at ``q`` (``p``,
@@ -446,7 +465,7 @@ def _decode_one(x: np.uint64, p: np.uint64, q: np.uint64, dec: U32, words: U16, 
     return x, p + _U(need)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _decode_group(x: U32, ptr: U32, g: int, dec: U32, words: U16, out: U8, steps: int, ul: np.uint64,
                   mask: np.uint64, pb: np.uint64) -> None:
     """Decode lanes ``g .. g + 7`` of a plane, all steps, without clamping their reads: eight
@@ -472,7 +491,7 @@ def _decode_group(x: U32, ptr: U32, g: int, dec: U32, words: U16, out: U8, steps
     ptr[g + 4], ptr[g + 5], ptr[g + 6], ptr[g + 7] = p4, p5, p6, p7
 
 
-@njit(cache=True, nogil=True)
+@kernel("(uint32[::1], uint32[::1], uint32[::1], uint32[::1], ro(uint16[::1]), uint8[::1], int64, int64, int64)")
 def _decode_lanes(x: U32, ptr: U32, lim: U32, dec: U32, words: U16, out: U8, n: int, lanes: int,
                   prob_bits: int) -> None:
     """Decode all lanes of a plane.
@@ -506,7 +525,7 @@ def _decode_lanes(x: U32, ptr: U32, lim: U32, dec: U32, words: U16, out: U8, n: 
         x[j], ptr[j] = xj, pj
 
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint8[::1]), int64, int64, int64, int64, uint8[::1])")
 def _rans_decode_plane(buf: U8, pos: int, end: int, n: int, lanes: int, out: U8) -> int:
     """Decode one rANS plane section's body (after the mode byte) into ``out``; return a status."""
     if pos + 4 > end:
@@ -564,7 +583,7 @@ def _rans_decode_plane(buf: U8, pos: int, end: int, n: int, lanes: int, out: U8)
     return OK
 
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint8[::1]),)")
 def container_shape(buf: U8) -> tuple[int, int]:
     """(n_planes, n) of a ``rans`` container, or (-1, -1) if its header is cut short."""
     if buf.shape[0] < 8:
@@ -572,40 +591,115 @@ def container_shape(buf: U8) -> tuple[int, int]:
     return np.int64(buf[6]), np.int64(_get_u32(buf, 0))
 
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint8[::1]), int64, int64)")
+def _container_lanes(buf: U8, w: int, n: int) -> int:
+    """The lane count of a ``rans`` container of ``w`` planes of ``n`` symbols, or minus a status
+    if its header is cut short or says another shape."""
+    if buf.shape[0] < 8 + 4 * w:
+        return -ERR_HEADER
+    if buf[6] != w or np.int64(_get_u32(buf, 0)) != n:
+        return -ERR_SIZE
+    lanes = np.int64(_get_u16(buf, 4))
+    if lanes < 1 or lanes > 4096:
+        return -ERR_HEADER
+    return lanes
+
+
+@kernel("(ro(uint8[::1]), int64, int64)")
+def _section(buf: U8, w: int, p: int) -> tuple[int, int]:
+    """Start and end of plane ``p``'s section, or (-1, -1) if the offset table is malformed."""
+    size = buf.shape[0]
+    pos = np.int64(_get_u32(buf, 8 + 4 * p))
+    end = np.int64(_get_u32(buf, 12 + 4 * p)) if p + 1 < w else size
+    if pos < 8 + 4 * w or pos >= end or end > size:
+        return -1, -1
+    return pos, end
+
+
+@kernel("(ro(uint8[::1]), int64, int64, int64, int64, uint8[::1])")
+def _decode_plane(buf: U8, w: int, p: int, n: int, lanes: int, row: U8) -> int:
+    """Decode plane ``p`` of a container into ``row``, except a raw plane, whose symbols stay
+    where they are: return the offset of a raw plane's symbols in ``buf``, else 0 once ``row``
+    holds them, or minus a status."""
+    pos, end = _section(buf, w, p)
+    if pos < 0:
+        return -ERR_HEADER
+    mode = buf[pos]
+    if mode == MODE_RAW:
+        if pos + 1 + n > end:
+            return -ERR_OVERRUN
+        return pos + 1
+    if mode == MODE_CONST:
+        if pos + 2 > end:
+            return -ERR_OVERRUN
+        v = buf[pos + 1]
+        for i in range(n):
+            row[i] = v
+        return 0
+    if mode == MODE_RANS:
+        return -_rans_decode_plane(buf, pos + 1, end, n, lanes, row)
+    return -ERR_HEADER
+
+
+@kernel("(ro(uint8[::1]), uint8[:, ::1])")
 def decode_planes(buf: U8, planes: U8) -> int:
     """Decode a ``rans`` container into ``planes``; return a status. The shape of ``planes`` is
     the capacity: a container whose header says another shape is refused (``ERR_SIZE``)."""
-    size = buf.shape[0]
     w, n = planes.shape
-    if size < 8 + 4 * w:
-        return ERR_HEADER
-    if buf[6] != w or np.int64(_get_u32(buf, 0)) != n:
-        return ERR_SIZE
-    lanes = np.int64(_get_u16(buf, 4))
-    if lanes < 1 or lanes > 4096:
-        return ERR_HEADER
+    lanes = _container_lanes(buf, w, n)
+    if lanes < 0:
+        return -lanes
     for p in range(w):
-        pos = np.int64(_get_u32(buf, 8 + 4 * p))
-        end = np.int64(_get_u32(buf, 12 + 4 * p)) if p + 1 < w else size
-        if pos < 8 + 4 * w or pos >= end or end > size:
+        at = _decode_plane(buf, w, p, n, lanes, planes[p])
+        if at < 0:
+            return -at
+        if at > 0:
+            _copy(planes[p], 0, buf, at, n)
+    return OK
+
+
+@kernel("(ro(uint8[::1]), int64, int64, boolean, uint8[::1])")
+def decode_words(buf: U8, w: int, n: int, rotate: bool, dst: U8) -> int:
+    """``decode_planes`` then ``merge`` in one call, for ``w`` planes of ``n`` symbols: raw planes
+    are merged from ``buf`` where they lie, and only the coded planes pass through a plane
+    buffer. Returns a status (``ERR_SIZE`` unless ``dst`` holds ``n * w`` bytes)."""
+    if n < 0 or w < 1 or dst.shape[0] < n * w:
+        return ERR_SIZE
+    if w != 2 and w != 4:
+        planes = np.empty((w, n), dtype=np.uint8)
+        st = decode_planes(buf, planes)
+        return st if st != OK else merge(planes, n, w, rotate, dst)
+    lanes = _container_lanes(buf, w, n)
+    if lanes < 0:
+        return -lanes
+    coded = 0
+    for p in range(w):
+        pos, _ = _section(buf, w, p)
+        if pos < 0:
             return ERR_HEADER
-        mode = buf[pos]
-        if mode == MODE_RAW:
-            if pos + 1 + n > end:
-                return ERR_OVERRUN
-            _copy(planes[p], 0, buf, pos + 1, n)
-        elif mode == MODE_CONST:
-            if pos + 2 > end:
-                return ERR_OVERRUN
-            row = planes[p]
-            v = buf[pos + 1]
-            for i in range(n):
-                row[i] = v
-        elif mode == MODE_RANS:
-            st = _rans_decode_plane(buf, pos + 1, end, n, lanes, planes[p])
-            if st != OK:
-                return st
+        coded += buf[pos] != MODE_RAW
+    scratch = np.empty((max(coded, 1), n if coded else 0), dtype=np.uint8)
+    r0 = r1 = r2 = r3 = buf[:0]
+    c = 0
+    for p in range(w):
+        at = _decode_plane(buf, w, p, n, lanes, scratch[min(c, scratch.shape[0] - 1)])
+        if at < 0:
+            return -at
+        if at > 0:
+            row = buf[at:at + n]
         else:
-            return ERR_HEADER
+            row = scratch[c]
+            c += 1
+        if p == 0:
+            r0 = row
+        elif p == 1:
+            r1 = row
+        elif p == 2:
+            r2 = row
+        else:
+            r3 = row
+    if w == 2:
+        _merge2(r0, r1, n, rotate, dst)
+    else:
+        _merge4(r0, r1, r2, r3, n, rotate, dst)
     return OK
