@@ -20,8 +20,10 @@ from elves.errors import OutputExistsError, UsageError
 from elves.listing import FileInfo, TensorInfo
 from elves.store import Store
 from elves.store.layout import MARKER
+from elves.store.location import open_storage, parse_location
 
 from ._common import EPILOG, emit, force_option, human, json_option, quiet_option, reported, threads_option, warn
+from .store import parse_storage_options, storage_option
 
 
 class Listing(Protocol):
@@ -45,6 +47,21 @@ def split_store_path(path: Path) -> tuple[Path, str]:
     raise UsageError(f"neither an archive nor STORE/MODEL (no folder above it holds {MARKER})", path)
 
 
+def split_store_url(url: str, storage_options: dict[str, Any] | None) -> tuple[str, str]:
+    """:func:`split_store_path` for a store at a URL (``s3://bucket/hub/acme/llama-ft``): the
+    longest prefix that holds the marker, asked of the storage of the URL's first part (its bucket)."""
+    scheme, _, rest = url.partition("://")
+    parts = rest.split("/")
+    top = f"{scheme}://{parts[0]}"
+    storage = open_storage(top, storage_options)
+    if storage.exists("/".join([*parts[1:], MARKER])):
+        raise UsageError(f"is a store: name one of its models, STORE/MODEL (`elves store ls {url}` lists them)", url)
+    for i in range(len(parts) - 1, 0, -1):
+        if storage.exists("/".join([*parts[1:i], MARKER])):
+            return "/".join([top, *parts[1:i]]), "/".join(parts[i:])
+    raise UsageError(f"no STORE/MODEL (no prefix of it holds {MARKER})", url)
+
+
 def _table(header: Sequence[str], rows: list[list[str]], right: set[int]) -> list[str]:
     widths = [max(len(r[i]) for r in [list(header), *rows]) for i in range(len(header))]
     return ["  ".join((c.rjust(w) if i in right else c.ljust(w)) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
@@ -56,18 +73,19 @@ def _record(info: FileInfo | TensorInfo) -> dict[str, Any]:
 
 
 @click.command("ls", epilog=EPILOG)
-@click.argument("target", metavar="ARCHIVE|STORE/MODEL", type=click.Path(path_type=Path))
+@click.argument("target", metavar="ARCHIVE|STORE/MODEL")
 @click.argument("glob", required=False)
 @click.option("--files", "files_only", is_flag=True, help="List the files only, not the tensors.")
+@storage_option
 @json_option
 @quiet_option
-def ls(target: Path, glob: str | None, files_only: bool, as_json: bool) -> None:
+def ls(target: str, glob: str | None, files_only: bool, storage_options: tuple[str, ...], as_json: bool) -> None:
     """List the files and tensors of an archive, or of a model in a store, without decoding:
     name, dtype, shape, codec, what a tensor is coded against, stored bytes and ratio.
 
     GLOB keeps the files whose path and the tensors whose name (or FILE:NAME) match it; quote
     it for the shell. A stored model is named STORE/MODEL, the store being the longest folder
-    of the path that holds elves-store.json.
+    of the path that holds elves-store.json; a store may be at a URL (s3://bucket/hub/MODEL).
 
     \b
     Examples:
@@ -75,14 +93,20 @@ def ls(target: Path, glob: str | None, files_only: bool, as_json: bool) -> None:
       elves ls minilm.elves 'encoder.layer.0.*'
       elves ls minilm.elves --files --json
       elves ls hub.store/acme/llama-ft 'model.layers.1.*'
+      elves ls s3://models/hub/acme/llama-ft --files
     """
     with reported(as_json):
-        if target.is_file():
-            with elves.open(target) as archive:
-                _list(str(target), archive, glob, files_only, as_json)
+        where = parse_location(target)
+        options = parse_storage_options(storage_options)
+        if isinstance(where, str):
+            url, model = split_store_url(where, options)
+            _list(target, Store(url, options).model(model), glob, files_only, as_json)
+        elif where.is_file():
+            with elves.open(where) as archive:
+                _list(target, archive, glob, files_only, as_json)
         else:
-            root, model = split_store_path(target)
-            _list(str(target), Store(root).model(model), glob, files_only, as_json)
+            root, model = split_store_path(where)
+            _list(target, Store(root, options).model(model), glob, files_only, as_json)
 
 
 def _list(source: str, listing: Listing, glob: str | None, files_only: bool, as_json: bool) -> None:

@@ -25,9 +25,10 @@ pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
 from elves import mirror  # noqa: E402
-from elves.errors import StoreError  # noqa: E402
+from elves.errors import CorruptArchiveError, StoreError, UsageError  # noqa: E402
 from elves.readers import read_model  # noqa: E402
 from elves.store import Store  # noqa: E402
+from elves.store.layout import manifest_at  # noqa: E402
 from elves.store.remote import FsspecStorage  # noqa: E402
 
 from .conftest import tree_hashes, write_safetensors  # noqa: E402
@@ -267,6 +268,29 @@ def test_mirror_pull_into_an_s3_store(url: str, tmp_path: Path) -> None:
         assert mirror.pull(Store(url), "acme/toy", endpoint=hub.url).already
     store.restore(r.model, tmp_path / "out")
     assert {p: (tmp_path / "out" / p).read_bytes() for p in files} == files
+
+
+def test_errors_and_ls_name_the_url(url: str, s3: S3, tmp_path: Path) -> None:
+    import boto3
+    store = Store.init(url)
+    store.add(toy(tmp_path / "m", 1), "acme/toy")
+    listing = ok("ls", f"{url}/acme/toy", "--files")
+    assert listing["source"] == f"{url}/acme/toy" and [f["path"] for f in listing["files"]] == [
+        "config.json", "model.safetensors"]
+    r = cli("ls", url)
+    assert r.returncode == UsageError.exit_code and f"{url}: is a store" in r.stderr
+    # an object gone: the error names it by its URL, not a path with one '/' after "s3:"
+    prefix = url.split("/", 3)[3]
+    client = boto3.client("s3")
+    key = next(k for k in s3.keys(f"{prefix}/objects/") if k.endswith(".f32"))
+    client.delete_object(Bucket=BUCKET, Key=key)
+    with pytest.raises(CorruptArchiveError) as e:
+        store.restore("acme/toy", tmp_path / "out")
+    assert str(e.value).startswith(f"s3://{BUCKET}/{key}: model 'acme/toy'") and "is missing" in str(e.value)
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/{manifest_at('acme/toy')}", Body=b'{"format": "x"}')
+    with pytest.raises(CorruptArchiveError) as e:
+        Store(url).manifest("acme/toy")
+    assert str(e.value).startswith(f"{url}/{manifest_at('acme/toy')}: ")
 
 
 def _closed_port() -> int:

@@ -4,13 +4,12 @@ read, checked as untrusted input, and written."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from .. import dtypes
 from ..errors import CorruptArchiveError, ElvesError, StoreError
 from ..families import ModelProfile
-from ..index import FileEntry, Stream, check_paths, ints, parse_file
+from ..index import FileEntry, Stream, Where, check_paths, ints, parse_file
 from .layout import (
     KEY_RE,
     MAX_JSON_BYTES,
@@ -45,10 +44,10 @@ def write_json(storage: Storage, key: str, data: Any) -> int:
 
 def load_manifest(storage: Storage, key: str) -> dict[str, Any]:
     """The manifest at ``key``, every field typed and checked (FileNotFoundError if absent)."""
-    return check_manifest(read_json(storage, key, "the manifest"), key, Path(storage.where(key)))
+    return check_manifest(read_json(storage, key, "the manifest"), key, storage.where(key))
 
 
-def check_manifest(raw: Any, key: str, path: Path) -> dict[str, Any]:
+def check_manifest(raw: Any, key: str, path: Where) -> dict[str, Any]:
     """A manifest is untrusted like an archive's index: its name must be the one its file is
     named after; its files' paths stay inside the model and are unique; their segments are
     object keys (pack slices inside a pack) that add up to each file's size; their tensors lie
@@ -80,7 +79,7 @@ def check_manifest(raw: Any, key: str, path: Path) -> dict[str, Any]:
     return dict(raw)
 
 
-def _check_file(raw: Any, path: Path) -> FileEntry:
+def _check_file(raw: Any, path: Where) -> FileEntry:
     """One file entry of a manifest: its segments are checked here, the rest as an archive's file
     entry, each segment standing for a stream of its key's dtype and its length. A pack slice
     has no dtype of its own: it stands for one of the dtype of the tensor it holds, if any."""

@@ -96,7 +96,7 @@ class StoreBase(BaseModel):
         obj, pipeline, starts = self.objects[key], self._pipelines[key], self._starts[key]
         if offset < 0 or length < 0 or offset + length > obj.meta.nbytes:  # a delta's reference read
             raise CorruptArchiveError(f"object {key}: a delta reads bytes {offset}..{offset + length} of its "
-                                      f"{obj.meta.nbytes}", obj.path)
+                                      f"{obj.meta.nbytes}", obj.where)
         first = int(np.searchsorted(starts, offset, side="right")) - 1
         end = int(np.searchsorted(starts, offset + length, side="left"))
         decoded = np.empty(int(starts[end] - starts[first]), dtype=np.uint8)

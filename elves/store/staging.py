@@ -114,7 +114,7 @@ class StagedAdd:
             check_manifest({"format": "elves-store-model", "version": list(STORE_VERSION), "name": self.name,
                             "seq": 0, "added": "", "source": "folder", "base": raw.get("base"), "reasons": [],
                             "files": list(files.values()) or [{}]}, manifest_at(self.name),
-                           Path(self.storage.where(self.journal)))
+                           self.storage.where(self.journal))
             profiler = Profiler.from_json(raw["profiler"])
         except (ElvesError, KeyError, TypeError, ValueError):
             return
