@@ -198,8 +198,8 @@ def main() -> None:
     ab = ["| dataset | dtype | MB | before enc MB/s | after enc MB/s | enc change | before dec MB/s "
           "| after dec MB/s | dec change |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     lines = ["| dataset | dtype | MB | elves ratio | ZipNN ratio | elves enc MB/s | ZipNN enc MB/s "
-             "| elves dec MB/s | ZipNN dec MB/s | dec speed-up |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| elves dec MB/s | ZipNN dec MB/s | enc speed-up | dec speed-up |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     print("\n".join(lines))
     for name in names:
         for dtype, segments in sorted(tensor_bytes(ds.model_dir(name)).items()):
@@ -217,9 +217,9 @@ def main() -> None:
                 print(ab[-1], flush=True)
             rows.append({"dataset": name, "dtype": dtype, "mb": mb, "elves": e, "zipnn": z, "before": b})
             zr = ("n/a",) * 3 if z is None else (f"{z['ratio']:.4f}", f"{z['enc']:.0f}", f"{z['dec']:.0f}")
-            up = "n/a" if z is None else f"{e['dec'] / z['dec']:.2f}x"
+            up = ("n/a",) * 2 if z is None else (f"{e['enc'] / z['enc']:.2f}x", f"{e['dec'] / z['dec']:.2f}x")
             lines.append(f"| {name} | {dtype} | {mb:.1f} | {e['ratio']:.4f} | {zr[0]} | {e['enc']:.0f} | {zr[1]} "
-                         f"| {e['dec']:.0f} | {zr[2]} | {up} |")
+                         f"| {e['dec']:.0f} | {zr[2]} | {up[0]} | {up[1]} |")
             print(lines[-1], flush=True)
     if baseline is not None:
         print("\n" + "\n".join(ab))
