@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import njit
+from elves.jit import kernel
 from numpy.typing import NDArray
 
 # Types the kernels take (numba compiles from the arguments' types; these are for mypy).
@@ -25,7 +25,7 @@ U8 = NDArray[np.uint8]
 I64 = NDArray[np.int64]
 
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(W[::1]), ro(W[::1]), W, W, ro(uint8[:, ::1]), W[::1])", words=("uint16", "uint32", "uint64"))
 def xor_ranked(a: Words, r: Words, mask: Word, shift: Word, table: U8, out: Words) -> bool:
     """``out[i] = a[i] ^ (r[i] & mask)``, with the byte at ``shift`` replaced by
     ``table[that byte of r[i], that byte of a[i]]`` (``mask`` has that byte clear)."""
@@ -47,7 +47,8 @@ def xor_ranked(a: Words, r: Words, mask: Word, shift: Word, table: U8, out: Word
     return True
 
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(W[::1]), ro(W[::1]), int64, boolean, int64[:, ::1], int64[:, ::1], int64[:, ::1], int64[:, ::1], int64[::1])",
+        words=("uint8", "uint16", "uint32", "uint64"))
 def sample_stats(a: Words, r: Words, w: int, rotate: bool, std: I64, xor: I64, bitmap: I64, joint: I64,
                  tail: I64) -> int:
     """Byte histograms of one sample window, for the planner to estimate coded sizes without
@@ -99,7 +100,7 @@ def sample_stats(a: Words, r: Words, w: int, rotate: bool, std: I64, xor: I64, b
     return n - zeros
 
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(int64[:, ::1]), ro(uint8[:, ::1]), int64, uint8[:, ::1], int64[::1], int64[::1])")
 def rank_counts(joint: I64, near: U8, min_count: int, order: U8, listed: I64, codes: I64) -> None:
     """The ranking behind ``remap`` (``bitx.delta.ranking``), from the counts ``joint[base value,
     fine-tune value]``. For each base value ``e`` that has counts: ``order[e, :listed[e]]`` are
@@ -144,7 +145,7 @@ def rank_counts(joint: I64, near: U8, min_count: int, order: U8, listed: I64, co
             codes[j] += row[order[e, j]]
 
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(W[::1]), ro(W[::1]), W, uint8[::1], W[::1])", words=("uint8", "uint16", "uint32", "uint64"))
 def xor_sparse(a: Words, r: Words, mask: Word, bitmap: U8, vals: Words) -> int:
     """The ``sparse`` form of ``a ^ (r & mask)`` (the words past ``r`` unchanged), in one pass:
     bit ``i`` of ``bitmap`` (least significant first; it must come zeroed) is set where XORed
@@ -164,7 +165,7 @@ def xor_sparse(a: Words, r: Words, mask: Word, bitmap: U8, vals: Words) -> int:
     return k
 
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint8[::1]), ro(W[::1]), ro(W[::1]), W, W[::1])", words=("uint8", "uint16", "uint32", "uint64"))
 def xor_unsparse(bitmap: U8, vals: Words, r: Words, mask: Word, out: Words) -> int:
     """Inverse of :func:`xor_sparse` into the words ``out``. Returns how many values the bitmap
     asks for; the caller checks that against ``vals``, which is never read past its end. -1

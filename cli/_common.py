@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Sequence
@@ -16,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Sequence
 import click
 
 from elves.errors import CorruptArchiveError, ElvesError, UsageError, exit_codes
+from elves.jit import compiling
 
 if TYPE_CHECKING:
     from click._termui_impl import ProgressBar
@@ -45,16 +49,79 @@ def human(n: float) -> str:
     raise AssertionError
 
 
+COMPILING = "compiling kernels (first run only)"
+
+
+class Eta:
+    """A progress bar's time left, from the rate since the last :meth:`restart` (the start, or
+    the end of a compile stage, whose seconds say nothing about the work's rate). None until the
+    rate is known: ``after`` seconds and ``fraction`` of the work since then."""
+
+    def __init__(self, total: int, now: float, after: float = 2.0, fraction: float = 0.01):
+        self.total, self.after, self.fraction = total, after, fraction
+        self.pos = 0
+        self.restart(now)
+
+    def restart(self, now: float) -> None:
+        self._t0, self._p0 = now, self.pos
+
+    def text(self, now: float) -> str | None:
+        seconds, done = now - self._t0, self.pos - self._p0
+        if seconds < self.after or done <= 0 or done < self.fraction * self.total or self.pos >= self.total:
+            return None
+        left = int((self.total - self.pos) * seconds / done)
+        days, left = divmod(left, 86400)
+        clock = f"{left // 3600:02}:{left // 60 % 60:02}:{left % 60:02}"
+        return f"eta {days}d {clock}" if days else f"eta {clock}"
+
+
+def _compile_in_background(label: str) -> None:
+    """Numba is compiling (a first run): compile the rest of the lossless kernels in another
+    process, the direction this command does not run first (elves/kernels/warm.py)."""
+    if _BACKGROUND:
+        return
+    first = "encode" if label in ("restore", "verify") else "decode"
+    _BACKGROUND.append(subprocess.Popen(
+        [sys.executable, "-m", "elves.kernels.warm", first], stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+
+
+_BACKGROUND: list[subprocess.Popen[bytes]] = []
+
+
 @contextmanager
 def progress(total: int, label: str, enabled: bool) -> Iterator[Callable[[int], None] | None]:
-    """A progress bar on stderr for long work; nothing under -q, for scripts, or off a tty."""
+    """A progress bar on stderr for long work; nothing under -q, for scripts, or off a tty.
+
+    While numba compiles kernels (a first run) the bar says so and another process compiles the
+    rest; the ETA shows once a rate is known, measured after any compile stage."""
     if not enabled or quiet() or not sys.stderr.isatty():
-        yield None
+        with compiling(lambda: _compile_in_background(label), lambda: None):
+            yield None
         return
+    eta = Eta(total, time.monotonic())
+    lock = threading.Lock()  # compile events come from the worker threads
     bar: ProgressBar[int]
-    with click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True,
-                           item_show_func=lambda _: None) as bar:
-        yield bar.update
+    with click.progressbar(length=total, label=label, file=sys.stderr,
+                           item_show_func=lambda _: eta.text(time.monotonic())) as bar:
+
+        def stage(name: str) -> None:
+            with lock:
+                bar.label = name
+                eta.restart(time.monotonic())
+                bar.render_progress()
+
+        def start() -> None:
+            _compile_in_background(label)
+            stage(COMPILING)
+
+        def update(n: int) -> None:
+            with lock:
+                eta.pos += n
+                bar.update(n)
+
+        with compiling(start, lambda: stage(label)):
+            yield update
 
 
 def emit(as_json: bool, data: dict[str, Any], text: str, *, summary: bool = False) -> None:

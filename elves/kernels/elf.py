@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
-from numba import njit
+from ..jit import kernel
 from numpy.typing import NDArray
 
 # Array types the kernels take (numba compiles from the arguments' types; these are for mypy).
@@ -53,7 +53,7 @@ _U0 = np.uint64(0)
 # float64 <-> narrow float formats, on bit patterns (magnitudes: sign handled by the caller)
 # ---------------------------------------------------------------------------------------------
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _round_bits(b: np.uint64, ebits: int, mbits: int) -> np.uint64:
     """Magnitude bits of the ``(ebits, mbits)`` float nearest to the non-negative finite float64
     whose bits are ``b`` (round to nearest, ties to even; too large -> infinity)."""
@@ -85,7 +85,7 @@ def _round_bits(b: np.uint64, ebits: int, mbits: int) -> np.uint64:
     return min(mag, inf)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _mag_to_f64bits(mag: np.uint64, ebits: int, mbits: int) -> np.uint64:
     """float64 bits of the ``(ebits, mbits)`` magnitude ``mag`` (exact; inf/NaN map to inf/NaN)."""
     if ebits == 11:
@@ -108,7 +108,7 @@ def _mag_to_f64bits(mag: np.uint64, ebits: int, mbits: int) -> np.uint64:
     return (np.uint64(ef - bias + 1023) << np.uint64(52)) | (mant << np.uint64(52 - mbits))
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _round_value(v: float, ebits: int, mbits: int, tb: U64, tf: F64) -> float:
     """``v`` (non-negative float64) rounded to the dtype, as a float64 (exact)."""
     if ebits == 11:
@@ -120,13 +120,13 @@ def _round_value(v: float, ebits: int, mbits: int, tb: U64, tf: F64) -> float:
     return tf[0]
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _pow2(k: int) -> float:
     """2.0 ** k for an integer k (exact; 0 or inf beyond float64's range)."""
     return math.ldexp(1.0, k)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _to_f64(words: Words, w: int, ebits: int, mbits: int, out: F64) -> bool:
     """The values of ``words`` (elements as unsigned ints) as float64, exactly, into ``out``."""
     if out.shape[0] < words.shape[0]:
@@ -144,7 +144,7 @@ def _to_f64(words: Words, w: int, ebits: int, mbits: int, out: F64) -> bool:
 # the bound, checked exactly
 # ---------------------------------------------------------------------------------------------
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _le_exact(y: float, x: float, lim: float) -> bool:
     """True only if the exact |y - x| <= lim (finite float64s; ``lim`` taken as exact).
 
@@ -163,7 +163,7 @@ def _le_exact(y: float, x: float, lim: float) -> bool:
     return t == 0.0 or (t > 0.0) != (d > 0.0)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _within(y: float, x: float, mode: int, bound: float, rel_exact: bool) -> bool:
     """The guarantee for one element: |y - x| <= bound (absolute) or <= bound*|x| (relative),
     in exact arithmetic. ``rel_exact``: bound is a power of two, so bound*|x| is exact when normal."""
@@ -179,7 +179,7 @@ def _within(y: float, x: float, mode: int, bound: float, rel_exact: bool) -> boo
 # decoding arithmetic (shared by encoder and decoder)
 # ---------------------------------------------------------------------------------------------
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _uniform_mag(a: np.uint64, step: float, M: np.uint64, B: np.uint64, ebits: int, mbits: int, tb: U64,
                  tf: F64) -> np.uint64:
     """Magnitude bits for code magnitude ``a`` of a uniform grid: round(float64(a) * step) below
@@ -190,7 +190,7 @@ def _uniform_mag(a: np.uint64, step: float, M: np.uint64, B: np.uint64, ebits: i
     return _round_bits(tb[0], ebits, mbits)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _binade_value(a: np.uint64, e0: int, S: int, L: I64, cum: I64, lsum: np.uint64) -> float:
     """float64 value of binade-grid code magnitude ``a >= 1``: binade b, sub-binade i, level j;
     ((S + i) * L[i] + j) / (S * L[i]) * 2^(e0 + b)."""
@@ -212,7 +212,8 @@ def _binade_value(a: np.uint64, e0: int, S: int, L: I64, cum: I64, lsum: np.uint
     return (num / den) * _pow2(e0 + np.int64(b))
 
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint16[::1]), int64, int64, W[::1])", "(ro(uint32[::1]), int64, int64, W[::1])",
+        "(ro(uint64[::1]), int64, int64, W[::1])", words=("uint16", "uint32", "uint64"))
 def dequant_exact(codes: U64, n: int, w: int, out: Words) -> bool:
     """Exact kind: the code is the element rotated left by one bit (sign at bit 0)."""
     if n > codes.shape[0] or n > out.shape[0]:
@@ -224,7 +225,7 @@ def dequant_exact(codes: U64, n: int, w: int, out: Words) -> bool:
     return True
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _dequant_uniform(codes: U64, n: int, w: int, ebits: int, mbits: int, step: float, M: np.uint64,
                      B: np.uint64, out: Words) -> bool:
     """Uniform kind: magnitude ``round(float64(a) * step)`` for ``a < M``, else bits ``B + a - M``;
@@ -265,7 +266,7 @@ def _dequant_uniform(codes: U64, n: int, w: int, ebits: int, mbits: int, step: f
     return True
 
 
-@njit(cache=True, nogil=True)
+@kernel("(int64, ro(int64[::1]), ro(int64[::1]), uint64)")
 def binade_table(S: int, L: I64, cum: I64, lsum: np.uint64) -> F64:
     """The in-binade values of codes ``t mod lsum``: ((S + i) * L[i] + j) / (S * L[i])."""
     tab = np.empty(lsum, dtype=np.float64)
@@ -277,7 +278,7 @@ def binade_table(S: int, L: I64, cum: I64, lsum: np.uint64) -> F64:
     return tab
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _dequant_binade(codes: U64, n: int, w: int, ebits: int, mbits: int, e0: int, S: int, L: I64, cum: I64,
                     lsum: np.uint64, out: Words) -> bool:
     """Binade kind: magnitude 0 for ``a = 0``; else with t = a - 1, b = t div lsum,
@@ -377,7 +378,7 @@ def _dequant_binade(codes: U64, n: int, w: int, ebits: int, mbits: int, e0: int,
     return True
 
 
-@njit(cache=True, nogil=True)
+@kernel("(W[::1], ro(int64[::1]), ro(W[::1]))", words=("uint16", "uint32", "uint64"))
 def scatter(out: Words, pos: I64, vals: Words) -> bool:
     """Put the exceptions' original bits back; False if a position is out of order or range."""
     n = out.shape[0]
@@ -397,7 +398,7 @@ def scatter(out: Words, pos: I64, vals: Words) -> bool:
 # encoding: one grid candidate -> codes (uint64) and exception flags
 # ---------------------------------------------------------------------------------------------
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _quant_uniform(words: Words, xs: F64, w: int, ebits: int, mbits: int, step: float, M: np.uint64,
                    B: np.uint64, mode: int, bound: float, rel_exact: bool, codes: U64, exc: U8) -> int:
     """Codes of the uniform grid; ``exc[i] = 1`` where element i must be an exception. Returns the
@@ -455,7 +456,7 @@ def _quant_uniform(words: Words, xs: F64, w: int, ebits: int, mbits: int, step: 
     return nexc
 
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(float64[::1]),)")
 def exponent_range(xs: F64) -> tuple[int, int]:
     """(min, max) float64 exponent of the nonzero finite normal-in-float64 values; (1, 0) if none."""
     lo = 1 << 20
@@ -475,7 +476,7 @@ def exponent_range(xs: F64) -> tuple[int, int]:
     return lo, hi
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _quant_binade(words: Words, xs: F64, w: int, ebits: int, mbits: int, e0: int, S: int, L: I64, cum: I64,
                   lsum: np.uint64, mode: int, bound: float, rel_exact: bool, codes: U64, exc: U8) -> int:
     """Codes of the binade grid (see :func:`dequant_binade`); returns the number of exceptions
@@ -560,7 +561,7 @@ def _quant_binade(words: Words, xs: F64, w: int, ebits: int, mbits: int, e0: int
     return nexc
 
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(W[::1]), int64, uint64[::1])", words=("uint16", "uint32", "uint64"))
 def quant_exact(words: Words, w: int, codes: U64) -> bool:
     """The exact kind's codes (see :func:`dequant_exact`); False unless ``codes`` holds them."""
     if codes.shape[0] < words.shape[0]:
@@ -578,7 +579,7 @@ def quant_exact(words: Words, w: int, codes: U64) -> bool:
 # choosing: byte-plane histograms and the rans coder's size, estimated
 # ---------------------------------------------------------------------------------------------
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint64[::1]), int64, int64[:, ::1])")
 def plane_hist(codes: U64, w: int, hist: I64) -> None:
     """hist[p, s]: how often byte plane p (0 = most significant) holds s (``codes``: uint64).
 
@@ -603,7 +604,7 @@ def plane_hist(codes: U64, w: int, hist: I64) -> None:
             hist[p, c] = sub[0, c] + sub[1, c] + sub[2, c] + sub[3, c]
 
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(int64[::1]), int64, int64)", "(ro(float64[::1]), int64, int64)")
 def est_plane(h: I64, n: int, lanes: int) -> float:
     """Bytes the ``rans`` codec will spend on a plane with histogram ``h`` (a close estimate)."""
     k = 0
@@ -622,7 +623,7 @@ def est_plane(h: I64, n: int, lanes: int) -> float:
     return min(est, raw)
 
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(int64[:, ::1]), int64, int64, int64)", "(ro(float64[:, ::1]), int64, int64, int64)")
 def est_size(hist: I64, n: int, w: int, lanes: int) -> float:
     total = 8.0 + 4 * w
     for p in range(w):
@@ -630,7 +631,7 @@ def est_size(hist: I64, n: int, w: int, lanes: int) -> float:
     return total
 
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint64[::1]), int64)")
 def probe_distinct(codes: U64, stride: int) -> tuple[int, int, np.uint64, np.uint64]:
     """(probed, distinct, smallest, largest) over every ``stride``-th code (uint64), counted
     with an open-addressing hash set: a sort (np.unique) would cost more than the answer saves."""
@@ -657,7 +658,7 @@ def probe_distinct(codes: U64, stride: int) -> tuple[int, int, np.uint64, np.uin
     return m, distinct, lo, hi
 
 
-@njit(cache=True, nogil=True)
+@kernel("(uint64[::1], uint8[::1], int64, int64, float64)")
 def demote_top(codes: U64, exc: U8, w: int, lanes: int, exc_cost: float) -> int:
     """Turn elements whose code uses the top byte into exceptions when that is cheaper.
 
@@ -702,7 +703,7 @@ def demote_top(codes: U64, exc: U8, w: int, lanes: int, exc_cost: float) -> int:
 # differences of either sign in the low bits. The arithmetic is modulo 2^(8w), so every code
 # pair maps to a w-byte delta and back, whatever the codes hold (exact-zone bits included).
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _signed(v: np.int64, w: int) -> np.int64:
     """The 8w-bit two's complement value of ``v`` (an int64 holding 64 bits), sign-extended."""
     if w == 8:
@@ -713,18 +714,18 @@ def _signed(v: np.int64, w: int) -> np.int64:
     return (v ^ sb) - sb
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _unzig(c: np.int64) -> np.int64:
     return ((c >> np.int64(1)) & np.int64(0x7FFFFFFFFFFFFFFF)) ^ -(c & np.int64(1))  # a logical shift
 
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _zig(t: np.int64, w: int) -> np.int64:
     z = (t << np.int64(1)) ^ (t >> np.int64(63))
     return z if w == 8 else z & ((np.int64(1) << (8 * w)) - 1)
 
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(W[::1]), ro(float64[::1]), int64, float64, uint64, uint64, uint64[::1])", words=("uint16", "uint32", "uint64"))
 def nearest_uniform(words: Words, xs: F64, w: int, step: float, M: np.uint64, B: np.uint64, codes: U64) -> bool:
     """A reference chunk's codes on a uniform grid: the nearest grid code of each element, with
     no bound check (the reference only has to be quantised the same way on both sides, and its
@@ -748,7 +749,7 @@ def nearest_uniform(words: Words, xs: F64, w: int, step: float, M: np.uint64, B:
     return True
 
 
-@njit(cache=True, nogil=True)
+@kernel("(uint64[::1], ro(uint64[::1]), int64)")
 def delta_codes(codes: U64, ref: U64, w: int) -> None:
     """``codes[i] <- zig(unzig(codes[i]) - unzig(ref[i]))`` in 8w-bit arithmetic, in place."""
     for i in range(codes.shape[0]):
@@ -757,7 +758,7 @@ def delta_codes(codes: U64, ref: U64, w: int) -> None:
         codes[i] = np.uint64(_zig(_signed(_unzig(c) - _unzig(r), w), w))
 
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(W[::1]), ro(uint64[::1]), int64, W[::1])", words=("uint16", "uint32", "uint64"))
 def undelta_codes(deltas: U64, ref: U64, w: int, out: U64) -> bool:
     """The inverse of :func:`delta_codes`: ``out[i]`` (a code) from ``deltas[i]`` and ``ref[i]``."""
     if ref.shape[0] < deltas.shape[0] or out.shape[0] < deltas.shape[0]:
@@ -773,7 +774,7 @@ def undelta_codes(deltas: U64, ref: U64, w: int, out: U64) -> bool:
 # checking a decoded chunk against its source (encoder safety net, ``verify --against``)
 # ---------------------------------------------------------------------------------------------
 
-@njit(cache=True, nogil=True, inline="always")
+@kernel(inline="always")
 def _error_stats(src: Words, dec: Words, w: int, ebits: int, mbits: int, mode: int, bound: float,
                  rel_exact: bool) -> tuple[float, float, int]:
     """(max absolute error, max relative error, elements over the bound) of ``dec`` against
@@ -820,114 +821,126 @@ def _error_stats(src: Words, dec: Words, w: int, ebits: int, mbits: int, mode: i
 # and only for the word type it meets. ``kernels(dtype)`` hands out a dtype's set.
 # ---------------------------------------------------------------------------------------------
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint16[::1]), int64, float64[::1])")
 def to_f64_f16(words: Words, w: int, out: F64) -> bool:
     return _to_f64(words, w, 5, 10, out)
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint16[::1]), int64, float64[::1])")
 def to_f64_bf16(words: Words, w: int, out: F64) -> bool:
     return _to_f64(words, w, 8, 7, out)
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint32[::1]), int64, float64[::1])")
 def to_f64_f32(words: Words, w: int, out: F64) -> bool:
     return _to_f64(words, w, 8, 23, out)
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint64[::1]), int64, float64[::1])")
 def to_f64_f64(words: Words, w: int, out: F64) -> bool:
     return _to_f64(words, w, 11, 52, out)
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(W[::1]), int64, int64, float64, uint64, uint64, uint16[::1])", words=("uint16", "uint32", "uint64"))
 def dequant_uniform_f16(codes: U64, n: int, w: int, step: float, M: np.uint64, B: np.uint64, out: Words) -> bool:
     return _dequant_uniform(codes, n, w, 5, 10, step, M, B, out)
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(W[::1]), int64, int64, float64, uint64, uint64, uint16[::1])", words=("uint16", "uint32", "uint64"))
 def dequant_uniform_bf16(codes: U64, n: int, w: int, step: float, M: np.uint64, B: np.uint64, out: Words) -> bool:
     return _dequant_uniform(codes, n, w, 8, 7, step, M, B, out)
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(W[::1]), int64, int64, float64, uint64, uint64, uint32[::1])", words=("uint16", "uint32", "uint64"))
 def dequant_uniform_f32(codes: U64, n: int, w: int, step: float, M: np.uint64, B: np.uint64, out: Words) -> bool:
     return _dequant_uniform(codes, n, w, 8, 23, step, M, B, out)
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(W[::1]), int64, int64, float64, uint64, uint64, uint64[::1])", words=("uint16", "uint32", "uint64"))
 def dequant_uniform_f64(codes: U64, n: int, w: int, step: float, M: np.uint64, B: np.uint64, out: Words) -> bool:
     return _dequant_uniform(codes, n, w, 11, 52, step, M, B, out)
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(W[::1]), int64, int64, int64, int64, ro(int64[::1]), ro(int64[::1]), uint64, uint16[::1])",
+        words=("uint16", "uint32", "uint64"))
 def dequant_binade_f16(codes: U64, n: int, w: int, e0: int, S: int, L: I64, cum: I64, lsum: np.uint64,
                        out: Words) -> bool:
     return _dequant_binade(codes, n, w, 5, 10, e0, S, L, cum, lsum, out)
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(W[::1]), int64, int64, int64, int64, ro(int64[::1]), ro(int64[::1]), uint64, uint16[::1])",
+        words=("uint16", "uint32", "uint64"))
 def dequant_binade_bf16(codes: U64, n: int, w: int, e0: int, S: int, L: I64, cum: I64, lsum: np.uint64,
                         out: Words) -> bool:
     return _dequant_binade(codes, n, w, 8, 7, e0, S, L, cum, lsum, out)
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(W[::1]), int64, int64, int64, int64, ro(int64[::1]), ro(int64[::1]), uint64, uint32[::1])",
+        words=("uint16", "uint32", "uint64"))
 def dequant_binade_f32(codes: U64, n: int, w: int, e0: int, S: int, L: I64, cum: I64, lsum: np.uint64,
                        out: Words) -> bool:
     return _dequant_binade(codes, n, w, 8, 23, e0, S, L, cum, lsum, out)
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(W[::1]), int64, int64, int64, int64, ro(int64[::1]), ro(int64[::1]), uint64, uint64[::1])",
+        words=("uint16", "uint32", "uint64"))
 def dequant_binade_f64(codes: U64, n: int, w: int, e0: int, S: int, L: I64, cum: I64, lsum: np.uint64,
                        out: Words) -> bool:
     return _dequant_binade(codes, n, w, 11, 52, e0, S, L, cum, lsum, out)
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint16[::1]), ro(float64[::1]), int64, float64, uint64, uint64, int64, float64, boolean, uint64[::1], "
+        "uint8[::1])")
 def quant_uniform_f16(words: Words, xs: F64, w: int, step: float, M: np.uint64, B: np.uint64, mode: int,
                       bound: float, rel_exact: bool, codes: U64, exc: U8) -> int:
     return _quant_uniform(words, xs, w, 5, 10, step, M, B, mode, bound, rel_exact, codes, exc)
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint16[::1]), ro(float64[::1]), int64, float64, uint64, uint64, int64, float64, boolean, uint64[::1], "
+        "uint8[::1])")
 def quant_uniform_bf16(words: Words, xs: F64, w: int, step: float, M: np.uint64, B: np.uint64, mode: int,
                        bound: float, rel_exact: bool, codes: U64, exc: U8) -> int:
     return _quant_uniform(words, xs, w, 8, 7, step, M, B, mode, bound, rel_exact, codes, exc)
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint32[::1]), ro(float64[::1]), int64, float64, uint64, uint64, int64, float64, boolean, uint64[::1], "
+        "uint8[::1])")
 def quant_uniform_f32(words: Words, xs: F64, w: int, step: float, M: np.uint64, B: np.uint64, mode: int,
                       bound: float, rel_exact: bool, codes: U64, exc: U8) -> int:
     return _quant_uniform(words, xs, w, 8, 23, step, M, B, mode, bound, rel_exact, codes, exc)
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint64[::1]), ro(float64[::1]), int64, float64, uint64, uint64, int64, float64, boolean, uint64[::1], "
+        "uint8[::1])")
 def quant_uniform_f64(words: Words, xs: F64, w: int, step: float, M: np.uint64, B: np.uint64, mode: int,
                       bound: float, rel_exact: bool, codes: U64, exc: U8) -> int:
     return _quant_uniform(words, xs, w, 11, 52, step, M, B, mode, bound, rel_exact, codes, exc)
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint16[::1]), ro(float64[::1]), int64, int64, int64, ro(int64[::1]), ro(int64[::1]), uint64, int64, "
+        "float64, boolean, uint64[::1], uint8[::1])")
 def quant_binade_f16(words: Words, xs: F64, w: int, e0: int, S: int, L: I64, cum: I64, lsum: np.uint64,
                      mode: int, bound: float, rel_exact: bool, codes: U64, exc: U8) -> int:
     return _quant_binade(words, xs, w, 5, 10, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc)
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint16[::1]), ro(float64[::1]), int64, int64, int64, ro(int64[::1]), ro(int64[::1]), uint64, int64, "
+        "float64, boolean, uint64[::1], uint8[::1])")
 def quant_binade_bf16(words: Words, xs: F64, w: int, e0: int, S: int, L: I64, cum: I64, lsum: np.uint64,
                       mode: int, bound: float, rel_exact: bool, codes: U64, exc: U8) -> int:
     return _quant_binade(words, xs, w, 8, 7, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc)
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint32[::1]), ro(float64[::1]), int64, int64, int64, ro(int64[::1]), ro(int64[::1]), uint64, int64, "
+        "float64, boolean, uint64[::1], uint8[::1])")
 def quant_binade_f32(words: Words, xs: F64, w: int, e0: int, S: int, L: I64, cum: I64, lsum: np.uint64,
                      mode: int, bound: float, rel_exact: bool, codes: U64, exc: U8) -> int:
     return _quant_binade(words, xs, w, 8, 23, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc)
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint64[::1]), ro(float64[::1]), int64, int64, int64, ro(int64[::1]), ro(int64[::1]), uint64, int64, "
+        "float64, boolean, uint64[::1], uint8[::1])")
 def quant_binade_f64(words: Words, xs: F64, w: int, e0: int, S: int, L: I64, cum: I64, lsum: np.uint64,
                      mode: int, bound: float, rel_exact: bool, codes: U64, exc: U8) -> int:
     return _quant_binade(words, xs, w, 11, 52, e0, S, L, cum, lsum, mode, bound, rel_exact, codes, exc)
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint16[::1]), ro(uint16[::1]), int64, int64, float64, boolean)")
 def error_stats_f16(src: Words, dec: Words, w: int, mode: int, bound: float,
                     rel_exact: bool) -> tuple[float, float, int]:
     return _error_stats(src, dec, w, 5, 10, mode, bound, rel_exact)
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint16[::1]), ro(uint16[::1]), int64, int64, float64, boolean)")
 def error_stats_bf16(src: Words, dec: Words, w: int, mode: int, bound: float,
                      rel_exact: bool) -> tuple[float, float, int]:
     return _error_stats(src, dec, w, 8, 7, mode, bound, rel_exact)
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint32[::1]), ro(uint32[::1]), int64, int64, float64, boolean)")
 def error_stats_f32(src: Words, dec: Words, w: int, mode: int, bound: float,
                     rel_exact: bool) -> tuple[float, float, int]:
     return _error_stats(src, dec, w, 8, 23, mode, bound, rel_exact)
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint64[::1]), ro(uint64[::1]), int64, int64, float64, boolean)")
 def error_stats_f64(src: Words, dec: Words, w: int, mode: int, bound: float,
                     rel_exact: bool) -> tuple[float, float, int]:
     return _error_stats(src, dec, w, 11, 52, mode, bound, rel_exact)

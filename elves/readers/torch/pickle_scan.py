@@ -5,7 +5,7 @@ import pickle
 from typing import Any
 
 import numpy as np
-from numba import njit
+from ...jit import kernel
 
 # Unpickling builds Python objects several times the pickle's size, so a pickle is read whole
 # only up to this size (a 70B model's data.pkl is a few MB).
@@ -50,7 +50,7 @@ _LAYOUT = _opcode_layout()
 _SCAN_OK, _SCAN_TRUNCATED, _SCAN_UNKNOWN, _SCAN_MEMO, _SCAN_OPS = range(5)
 
 
-@njit(cache=True, nogil=True)
+@kernel("(ro(uint8[::1]), int64, int64, ro(int64[::1]), ro(boolean[::1]), int64)")
 def _scan_pickle(buf: np.ndarray, pos: int, end: int, layout: np.ndarray, puts: np.ndarray,
                  max_ops: int) -> tuple[int, int]:
     """(status, position): the end of the pickle starting at ``pos`` (just past STOP), or what is

@@ -1,0 +1,191 @@
+"""Lazily compiled numba kernels: ``@kernel("(uint8[::1], int64)")`` in place of ``@njit``.
+
+Importing numba costs a quarter of a second and compiling a kernel up to seconds, so neither may
+happen before a kernel is called: ``elves --help`` or ``elves ls`` never import numba, and a
+compress compiles only the kernels its data reaches. A signature is the tuple of argument types
+(numba's type names; ``ro(t)`` is the read-only array ``t``, which takes writable arrays too; the
+return type is inferred). Each kernel compiles for its declared signatures only, once (``cache=True``
+keeps the machine code on disk): arguments are converted to a declared signature, as a C call's
+are, instead of compiling a specialisation per argument type. A kernel whose arguments come in
+several word types lists one signature per type, and compiles each the first time it meets it.
+
+Kernels that call each other refer to each other by module global, as numba requires: when a
+kernel is first built, the kernels it names are built first and its module's globals are pointed
+at their numba dispatchers, so the compiled caller links them with their own signatures.
+``inline="always"`` kernels are never compiled alone; numba inlines them into their callers.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar, cast
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# numba's compiler is single-threaded anyway (it holds a global lock); one re-entrant lock makes
+# building a kernel and its callees atomic for the pipeline's worker threads.
+_LOCK = threading.RLock()
+_OPTIONS = {"cache": True, "nogil": True}
+
+
+class Kernel:
+    """A numba kernel not yet compiled; calling it compiles it (or loads it from the cache)."""
+
+    def __init__(self, py_func: Callable[..., Any], sigs: tuple[str, ...], options: dict[str, Any]):
+        self.py_func = py_func
+        self.sigs = sigs
+        self.options = {**_OPTIONS, **options}
+        self.inline = options.get("inline") == "always"
+        self.__name__ = py_func.__name__
+        self.__qualname__ = py_func.__qualname__
+        self.__doc__ = py_func.__doc__
+        self.__wrapped__ = py_func
+        self._dispatcher: Any = None
+        self._parsed: list[tuple[Any, ...]] = []
+        self._chosen: set[tuple[Any, ...]] = set()
+
+    def __repr__(self) -> str:
+        return f"<kernel {self.py_func.__module__}.{self.__qualname__}>"
+
+    def __call__(self, *args: Any) -> Any:
+        d = self.dispatcher()
+        if len(self._parsed) > 1:
+            self._compile_for(args)
+        return d(*args)
+
+    def dispatcher(self) -> Any:
+        """The numba dispatcher, built on first use with the single signature compiled (every
+        signature for a kernel called from compiled code, which cannot pick one at run time)."""
+        if self._dispatcher is None:
+            with _LOCK:
+                if self._dispatcher is None:
+                    self._dispatcher = self._build()
+        return self._dispatcher
+
+    def compiled(self) -> Any:
+        """The dispatcher with every declared signature compiled."""
+        d = self.dispatcher()
+        with _LOCK:
+            for sig in self._parsed:
+                _compile(d, sig)
+        return d
+
+    def _build(self) -> Any:
+        from numba import njit
+
+        _listen()
+        glb = self.py_func.__globals__
+        for name in self.py_func.__code__.co_names:
+            callee = glb.get(name)
+            if isinstance(callee, Kernel):
+                glb[name] = callee.dispatcher() if callee.inline else callee.compiled()
+        d = njit(**self.options)(self.py_func)
+        if self.inline:
+            return d
+        self._parsed = [_parse(sig) for sig in self.sigs]
+        if len(self._parsed) == 1:
+            _compile(d, self._parsed[0])
+            glb[self.__name__] = d  # from here on callers reach numba directly
+        return d
+
+    def _compile_for(self, args: tuple[Any, ...]) -> None:
+        import numba
+
+        typeof: Callable[[Any], Any] = numba.typeof  # untyped in numba
+        types = tuple(typeof(a) for a in args)
+        if types in self._chosen:
+            return
+        d = self._dispatcher
+        convert = d.typingctx.can_convert
+        for sig in self._parsed:
+            if len(sig) == len(types) and all(convert(t, p) is not None for t, p in zip(types, sig)):
+                with _LOCK:
+                    _compile(d, sig)
+                    self._chosen.add(types)
+                return
+        raise TypeError(f"{self!r} has no signature for the argument types {types}")
+
+
+def warm(fn: Callable[..., Any]) -> None:
+    """Compile every signature of the kernel ``fn`` now, or load them from numba's cache."""
+    if not isinstance(fn, Kernel):
+        raise TypeError(f"{fn!r} is not a kernel")
+    fn.compiled()
+
+
+def _compile(d: Any, sig: tuple[Any, ...]) -> None:
+    if sig in d.overloads:
+        return
+    d.disable_compile(False)
+    try:
+        d.compile(sig)
+    finally:
+        d.disable_compile()
+
+
+def _parse(sig: str) -> tuple[Any, ...]:
+    from numba import types
+
+    names: dict[str, Any] = dict(vars(types))
+    names["ro"] = lambda t: t.copy(readonly=True)
+    parsed = eval(sig, {"__builtins__": {}}, names)  # noqa: S307 - our own literal signatures
+    return tuple(parsed)
+
+
+def kernel(*sigs: str, words: tuple[str, ...] = (), **options: Any) -> Callable[[F], F]:
+    """Decorate a numba kernel: ``sigs`` are its argument-type tuples (none for an
+    ``inline="always"`` kernel); where ``words`` is given, ``W`` in them stands for each of those
+    types in turn. ``options`` go to ``numba.njit`` (``cache`` and ``nogil`` are on)."""
+    if words:
+        sigs = tuple(s.replace("W", w) for s in sigs for w in words)
+    if not sigs and options.get("inline") != "always":
+        raise TypeError("a kernel needs its signatures")
+
+    def wrap(fn: F) -> F:
+        return cast(F, Kernel(fn, sigs, options))
+    return wrap
+
+
+@contextmanager
+def compiling(on_start: Callable[[], None], on_end: Callable[[], None]) -> Iterator[None]:
+    """Within the block, ``on_start()`` when numba starts compiling kernels (a cache miss: the
+    first run after an install or an upgrade) and ``on_end()`` when it is done with them all.
+    Imports nothing: numba is loaded, and listened to, only once a kernel is built."""
+    watcher = (on_start, on_end)
+    _WATCHERS.append(watcher)
+    try:
+        yield
+    finally:
+        _WATCHERS.remove(watcher)
+
+
+_WATCHERS: list[tuple[Callable[[], None], Callable[[], None]]] = []
+_LISTENING: list[bool] = []
+
+
+def _listen() -> None:
+    """Relay numba's compile events to the watchers (numba compiles under one global lock, so
+    the events of nested compiles come in order and a count tells the outermost)."""
+    if _LISTENING:
+        return
+    from numba.core import event
+
+    depth = [0]
+
+    class Listener(event.Listener):
+        def on_start(self, ev: event.Event) -> None:
+            depth[0] += 1
+            if depth[0] == 1:
+                for start, _ in list(_WATCHERS):
+                    start()
+
+        def on_end(self, ev: event.Event) -> None:
+            depth[0] -= 1
+            if depth[0] == 0:
+                for _, end in list(_WATCHERS):
+                    end()
+
+    register: Callable[[str, event.Listener], None] = event.register  # untyped in numba
+    register("numba:compile", Listener())
+    _LISTENING.append(True)
