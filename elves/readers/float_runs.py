@@ -42,36 +42,42 @@ MARGIN = 0.97
 TIE = 0.005
 # The chunk each run is checked with: the encoder's tensor chunk.
 CHECK_BYTES = 256 << 10
+# Shorter runs (the end of an array that fills a window only in part) stay opaque.
+MIN_RUN = 64 << 10
 ZSTD_LEVEL = 3   # what the encoder gives opaque bytes past 1 MiB
-# (element width, offset of the first element in the window) for every candidate layout.
-LAYOUTS = [(4, p) for p in range(4)] + [(2, p) for p in range(2)]
+# How a window may be read: (dtype, offset of its first element in the window).
+READINGS = [("F32", p) for p in range(4)] + [(half, p) for half in ("F16", "BF16") for p in range(2)]
+# The magnitudes weights have: a float array read at the wrong alignment has few values in it.
+PLAUSIBLE = (1e-5, 1e4)
+BF16_EDGE = 0.02
 
 
 def segments(fd: int, size: int, path: Path) -> list[Segment]:
     """The file's segments: its float runs as tensor segments, the rest opaque."""
     if size < MIN_FILE:
         return opaque_segments(size)
-    labels = np.concatenate([_label(fd, path, size, first, min(first + BATCH, size // WINDOW))
-                             for first in range(0, size // WINDOW, BATCH)])
+    windows = -(-size // WINDOW)
+    labels = np.concatenate([_label(fd, path, size, first, min(first + BATCH, windows))
+                             for first in range(0, windows, BATCH)])
     runs = []
     end = 0
-    for first, last, layout in _runs(labels):
-        width, phase = LAYOUTS[layout]
+    for first, last, label in _runs(labels):
+        dtype, phase = READINGS[label]
+        width = dtypes.get(dtype).itemsize
         start = max(first * WINDOW, end)
         start += (phase - start) % width
         stop = min((last + 1) * WINDOW, size)
         stop -= (stop - start) % width
-        if stop - start < CHECK_BYTES:
+        if stop - start < MIN_RUN:
             continue
-        dtype = _check(fd, path, start, stop, width)
-        if dtype is not None:
+        if _pays(fd, path, start, stop, dtype):
             runs.append(Segment(start, stop - start, dtype))
             end = stop
     return fill_gaps(size, runs) if runs else opaque_segments(size)
 
 
 def _runs(labels: npt.NDArray[np.int64]) -> list[tuple[int, int, int]]:
-    """(first window, last window, layout) of each stretch of windows with one layout."""
+    """(first window, last window, label) of each stretch of windows with one label."""
     edges = np.flatnonzero(np.diff(labels)) + 1
     starts = np.concatenate(([0], edges))
     stops = np.concatenate((edges, [labels.shape[0]])) - 1
@@ -79,30 +85,49 @@ def _runs(labels: npt.NDArray[np.int64]) -> list[tuple[int, int, int]]:
 
 
 def _label(fd: int, path: Path, size: int, first: int, stop: int) -> npt.NDArray[np.int64]:
-    """For windows ``first`` to ``stop`` (exclusive): the layout whose estimate beats zstd most,
-    or -1 where none does."""
+    """For windows ``first`` to ``stop`` (exclusive): the reading (an index of READINGS) that
+    codes best, where its estimate beats zstd; -1 where none does."""
     n = stop - first
     if n <= 0:
         return np.zeros(0, np.int64)
-    # Each window's sample is taken from its middle, away from the edges a run may not fill.
-    at = (np.arange(first, stop) * WINDOW + (WINDOW - SAMPLE) // 2).tolist()
+    # Each window's sample is taken from its middle, away from the edges a run may not fill
+    # (the last window's, which the file may end inside, as near its middle as fits).
+    at = np.minimum(np.arange(first, stop) * WINDOW + (WINDOW - SAMPLE) // 2, size - SAMPLE).tolist()
     samples = np.frombuffer(b"".join(read_exact(fd, a, SAMPLE, path) for a in at), np.uint8).reshape(n, SAMPLE)
     zstd = Zstd(ZSTD_LEVEL)
     by_zstd = np.array([len(zstd.encode(s)) for s in samples], np.float64) / SAMPLE
-    estimates = [_estimate(samples, width, phase) for width, phase in LAYOUTS]
-    scores = np.stack([total for total, _ in estimates])
-    top = np.stack([exponent for _, exponent in estimates])
-    # Planes are coded apart, so shifting the elements by a byte moves the exponent to another
-    # plane without changing the total much: the width is chosen by the total, and within it
-    # the alignment by the top plane, which holds the exponent alone only where it is right.
-    wide = np.array([w == 4 for w, _ in LAYOUTS])
-    best4 = np.where(wide[:, None], top, np.inf).argmin(axis=0)
-    best2 = np.where(wide[:, None], np.inf, top).argmin(axis=0)
-    cols = np.arange(n)
-    # Ties go to the narrower width: a float16 array also reads as pairs, a float32 one does not.
-    best = np.where(scores[best4, cols] < scores[best2, cols] - TIE, best4, best2)
-    beats = scores[best, cols] < MARGIN * by_zstd
+    layouts = {(dtypes.get(dt).itemsize, phase) for dt, phase in READINGS}
+    estimates = {layout: _estimate(samples, *layout) for layout in sorted(layouts)}
+    totals = np.stack([estimates[dtypes.get(dt).itemsize, phase][0] for dt, phase in READINGS])
+    tops = np.stack([estimates[dtypes.get(dt).itemsize, phase][1] for dt, phase in READINGS])
+    plausible = np.stack([_plausible(samples, dt, phase) for dt, phase in READINGS])
+    wide = np.array([dtypes.get(dt).itemsize == 4 for dt, _ in READINGS])[:, None]
+    # The width by the estimate; ties go to the narrower, since a float16 array also reads as
+    # pairs and a float32 one does not.
+    four = np.where(wide, totals, np.inf).min(axis=0)
+    two = np.where(wide, np.inf, totals).min(axis=0)
+    use_four = four < two - TIE
+    # Within the width, the alignment (and F16 or BF16) by how many values read plausibly: byte
+    # planes are coded apart, so shifting the elements by a byte barely changes the estimate.
+    # Then by the top plane, which holds the exponent alone where the alignment is right.
+    # BF16 read as F16 still looks plausible (F16 read as BF16 does not): near ties go to BF16.
+    fit = plausible - 1e-3 * tops + np.array([BF16_EDGE * (dt == "BF16") for dt, _ in READINGS])[:, None]
+    best = np.where(use_four, np.where(wide, fit, -np.inf).argmax(axis=0), np.where(wide, -np.inf, fit).argmax(axis=0))
+    beats = totals[best, np.arange(n)] < MARGIN * by_zstd
     return np.where(beats, best, -1).astype(np.int64)
+
+
+def _plausible(samples: npt.NDArray[np.uint8], dtype: str, phase: int) -> npt.NDArray[np.float64]:
+    """Per window, the fraction of its sample's elements that, read as ``dtype`` from ``phase``
+    bytes in, are zero or of a size weights have."""
+    width = dtypes.get(dtype).itemsize
+    k = (SAMPLE - 4) // width
+    x = np.abs(np.ascontiguousarray(samples[:, phase:phase + k * width]).view(dtypes.numpy_dtype(dtype))
+               .astype(np.float32))
+    with np.errstate(invalid="ignore"):
+        ok = (x == 0) | ((x > PLAUSIBLE[0]) & (x < PLAUSIBLE[1]))
+    fraction: npt.NDArray[np.float64] = ok.mean(axis=1)
+    return fraction
 
 
 def _estimate(samples: npt.NDArray[np.uint8], width: int,
@@ -130,23 +155,10 @@ def _estimate(samples: npt.NDArray[np.uint8], width: int,
     return fraction, h
 
 
-def _check(fd: int, path: Path, start: int, stop: int, width: int) -> str | None:
-    """The run's dtype if a chunk from its middle codes smaller as floats than through zstd."""
-    length = CHECK_BYTES // width * width
+def _pays(fd: int, path: Path, start: int, stop: int, dtype: str) -> bool:
+    """Whether a chunk from the run's middle codes smaller as ``dtype`` than through zstd."""
+    width = dtypes.get(dtype).itemsize
+    length = min(CHECK_BYTES, stop - start) // width * width
     at = start + (stop - start - length) // 2 // width * width
     raw = np.frombuffer(read_exact(fd, at, length, path), np.uint8)
-    dtype = "F32" if width == 4 else _half(raw)
-    floats = len(Pipeline([Planes(dtype), Rans()]).encode(raw))
-    return dtype if floats < len(Zstd(ZSTD_LEVEL).encode(raw)) else None
-
-
-def _half(raw: npt.NDArray[np.uint8]) -> str:
-    """F16 or BF16, whichever reads the chunk as values of a plausible size (the two code the
-    same: ``planes`` rotates both alike). BF16 read as F16 still looks plausible, F16 read as
-    BF16 does not; so BF16 wins ties."""
-    def plausible(name: str) -> float:
-        x = np.abs(raw.view(dtypes.numpy_dtype(name)).astype(np.float32))
-        ok = (x == 0) | ((x > 1e-6) & (x < 1e4))
-        return float(ok.mean())
-
-    return "BF16" if plausible("BF16") >= plausible("F16") else "F16"
+    return len(Pipeline([Planes(dtype), Rans()]).encode(raw)) < len(Zstd(ZSTD_LEVEL).encode(raw))
