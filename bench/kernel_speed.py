@@ -6,6 +6,7 @@
     python bench/kernel_speed.py --repeat 5 --json speed.json
     git worktree add --detach /tmp/before REV
     python bench/kernel_speed.py --no-zipnn --baseline /tmp/before   # A/B against revision REV
+    python bench/kernel_speed.py silero --parts     # microseconds per chunk of each stage
 
 For each dataset and float dtype (F32, BF16, F16) it gathers the tensor bytes the readers find,
 cuts each tensor into chunks as the encoder does (256 KiB), and times one thread running
@@ -182,6 +183,39 @@ def measure_ab(before: Elves, after: Elves, nbytes: int, repeat: int) -> dict[st
     return {c.name: {k: nbytes / v.sum() / 1e6 for k, v in best[c.name].items()} for c in pair}
 
 
+def parts(e: Elves, repeat: int) -> dict[str, float]:
+    """Mean microseconds per chunk of each stage of a chunk's decode and encode (per-chunk best of
+    ``repeat``, thread CPU time): the pipeline's call against the kernel calls inside it, which
+    tells the Python per chunk from the kernels' time."""
+    from elves.kernels import planes_rans as k
+
+    w, rotate = e.pipeline.codecs[0].width, e.pipeline.codecs[0].rotate
+    e.encode()
+    bufs = [np.frombuffer(p, np.uint8) for p in e.payloads]
+    planes = [np.empty((w, len(c) // w), np.uint8) for c in e.chunks]
+    out = np.empty(k.max_encoded_size(max(p.shape[1] for p in planes), w), np.uint8)
+    stages = {
+        "pipeline.decode": lambda i: e.decode_chunk(i),
+        "kernel decode_words": lambda i: k.decode_words(bufs[i], w, planes[i].shape[1], rotate, e.outs[i]),
+        "kernel decode_planes": lambda i: k.decode_planes(bufs[i], planes[i]),
+        "kernel merge": lambda i: k.merge(planes[i], planes[i].shape[1], w, rotate, e.outs[i]),
+        "pipeline.encode": lambda i: e.encode_chunk(i),
+        "kernel split": lambda i: k.split(e.chunks[i], planes[i].shape[1], w, rotate, planes[i]),
+        "kernel encode_planes": lambda i: k.encode_planes(planes[i], 32, 12, out),
+    }
+    got = {}
+    for name, step in stages.items():
+        best = np.full(len(e.chunks), np.inf)
+        for _ in range(repeat):
+            for i in range(len(e.chunks)):
+                t = time.thread_time()
+                step(i)
+                best[i] = min(best[i], time.thread_time() - t)
+        got[name] = best.mean() * 1e6
+    e.check()
+    return got
+
+
 def main() -> None:
     ds = load_datasets_module()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -191,8 +225,18 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="an earlier checkout to time against (A/B)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--write", action="store_true", help="replace the kernel section of bench/RESULTS.md")
+    parser.add_argument("--parts", action="store_true", help="time each stage of a chunk instead (us per chunk)")
     args = parser.parse_args()
     names = args.datasets or [d for d in ds.DATASETS if ds.is_prepared(d)]
+    if args.parts:
+        for name in names:
+            for dtype, segments in sorted(tensor_bytes(ds.model_dir(name)).items()):
+                e = Elves(dtype, segments)
+                size = max(len(c) for c in e.chunks)
+                full = sum(len(c) == size for c in e.chunks)
+                print(f"{name} {dtype}: {len(e.chunks)} chunks ({full} of {size} bytes), us per chunk: "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in parts(e, args.repeat).items()), flush=True)
+        return
     rows = []
     baseline = load_package("elves_before", args.baseline) if args.baseline else None
     ab = ["| dataset | dtype | MB | before enc MB/s | after enc MB/s | enc change | before dec MB/s "
