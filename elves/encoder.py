@@ -37,6 +37,9 @@ from .references import Reference
 
 TENSOR_CHUNK_BYTES = 256 << 10
 BYTES_CHUNK_BYTES = 4 << 20
+# Float tensors of this size or more try their planes unrotated too, on a sample of this size.
+ROTATION_MIN_BYTES = 1 << 20
+ROTATION_SAMPLE_BYTES = 64 << 10
 
 ProgressFn = Callable[[int], None]
 
@@ -81,7 +84,24 @@ def pipeline_for(segment: Segment, lossy: ErrorBound | None = None,
         middle = max(0, min(segment.length - chunk, segment.length // 2 // width * width))
         if read is None or elf_pays(segment.dtype, lossy, read(middle, min(chunk, segment.length))):
             return elf_pipeline(segment.dtype, lossy), TENSOR_CHUNK_BYTES // width
-    return Pipeline([Planes(segment.dtype), Rans()]), TENSOR_CHUNK_BYTES // width
+    return Pipeline([_planes(segment, read), Rans()]), TENSOR_CHUNK_BYTES // width
+
+
+def _planes(segment: Segment, read: Callable[[int, int], bytes] | None) -> Planes:
+    """The float planes rotated (the sign beside the mantissa, the exponent in a plane of its
+    own), unless a sample from the middle of a large tensor codes smaller unrotated (Whisper's
+    FP16 embedding: the sign and the exponent's top bits share a plane better than a mantissa
+    bit does there)."""
+    assert segment.dtype is not None
+    planes = Planes(segment.dtype)
+    if not planes.rotate or read is None or segment.length < ROTATION_MIN_BYTES:
+        return planes
+    width = planes.width
+    at = segment.length // 2 // width * width
+    raw = np.frombuffer(read(at, ROTATION_SAMPLE_BYTES // width * width), np.uint8)
+    plain = Planes(segment.dtype, rotate=False)
+    rotated_size = len(Pipeline([planes, Rans()]).encode(raw))
+    return plain if len(Pipeline([plain, Rans()]).encode(raw)) < rotated_size else planes
 
 
 def _read_in(fd: int, seg: Segment, path: Path, offset: int, length: int) -> bytes:

@@ -29,8 +29,9 @@ import math
 import mmap
 import os
 from pathlib import Path
+from typing import BinaryIO
 
-from ..model import MAX_RANK, Segment, SourceFile, TensorView, fill_gaps, open_source
+from ..model import MAX_RANK, Segment, SourceFile, TensorView, fill_gaps, opened
 from .binary import Cursor, Short
 
 CURRENT_VERSION = 6
@@ -45,10 +46,10 @@ def looks_like(path: Path) -> bool:
     return path.suffix == ".bin"
 
 
-def parse(path: Path, relpath: str) -> SourceFile | None:
+def parse(path: Path, relpath: str, source: BinaryIO | None = None) -> SourceFile | None:
     """The model's variables as tensor segments; None when the file is not a CTranslate2 model
-    this reader parses whole."""
-    with open_source(path) as f:
+    this reader parses whole. ``source``: the file already open (see :func:`elves.model.opened`)."""
+    with opened(path, source) as f:
         size = os.fstat(f.fileno()).st_size
         if size < 8:
             return None

@@ -27,14 +27,16 @@ import math
 import mmap
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import InputError
-from ..model import MAX_NAME, MAX_RANK, Segment, SourceFile, TensorView, fill_gaps, open_source
+from ..model import MAX_NAME, MAX_RANK, Segment, SourceFile, TensorView, fill_gaps, open_source, opened
 from .binary import Cursor, Short
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
+HEADER_BYTES = 24   # magic, version, tensor count, metadata count
 # Metadata values: type id -> bytes per value, for the fixed-size ones.
 _FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _STRING, _ARRAY, _UINT32 = 8, 9, 4
@@ -65,11 +67,14 @@ def looks_like(path: Path) -> bool:
         return f.read(4) == MAGIC
 
 
-def parse(path: Path, relpath: str) -> SourceFile | None:
+def parse(path: Path, relpath: str, source: BinaryIO | None = None) -> SourceFile | None:
     """The file's segments and tensors; None for a GGUF this reader keeps opaque (see the module
-    docstring); :class:`InputError` for a malformed one."""
-    with open_source(path) as f:
+    docstring); :class:`InputError` for a malformed one. ``source``: the file already open (see
+    :func:`elves.model.opened`)."""
+    with opened(path, source) as f:
         size = os.fstat(f.fileno()).st_size
+        if size < HEADER_BYTES:
+            raise InputError(f"malformed GGUF file: {size} bytes, shorter than its {HEADER_BYTES}-byte header", path)
         # mmap: the walk reads the header's fields where they lie, never the tensors' data.
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             buf = memoryview(mm)
