@@ -5,10 +5,12 @@ Keys map to ``<url>/<key>``. A file is written to a local temporary file, then P
 one request (a multipart upload for a large one), which S3 makes visible whole or not at all;
 reads are ranged GETs, through an optional local read-through cache. Object storage has no
 flock: writers take turns on a lease object (:class:`Lease`) instead, taken and renewed with
-S3's conditional writes. docs/FORMAT.md ("Object storage") says why that is safe.
+the backend's conditional writes (:data:`CONDITIONAL`: S3's and Azure's If-None-Match and
+If-Match, GCS's generation match). docs/FORMAT.md ("Object storage") says why that is safe.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
@@ -17,11 +19,11 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import xxhash
 
@@ -35,9 +37,6 @@ ENV_LEASE_TTL = "ELVES_LEASE_TTL"  # seconds a lease lasts unrenewed (tests shor
 LEASE_TTL = 60.0
 GC_GRACE = 3600.0
 S3 = ("s3", "s3a")
-
-_memory_locks: dict[str, threading.Lock] = {}
-_memory_locks_guard = threading.Lock()
 
 
 def _why(e: BaseException) -> str:
@@ -61,12 +60,149 @@ def _s3_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _conflict(e: BaseException) -> bool:
-    """Whether a conditional write failed on its condition (the object is there, or changed)."""
+    """Whether a conditional write failed on its condition (the object is there, or changed):
+    botocore's error codes, azure-core's and google-api-core's HTTP statuses, or FileExistsError
+    (what s3fs, gcsfs and adlfs make of some)."""
     if isinstance(e, FileExistsError):
         return True
     response = getattr(e.__cause__, "response", None) or getattr(e, "response", None) or {}
     code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
-    return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+    status = getattr(e, "status_code", None) or getattr(e, "code", None)
+    return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409") or status in (409, 412)
+
+
+class Conditional(Protocol):
+    """Conditional writes of one small object (the lease), as a backend offers them: each write
+    lands only if the object is as the writer last saw it, atomically on the server. ``tag`` is
+    what tells versions apart (S3's and Azure's ETag, GCS's generation). A write whose condition
+    fails raises an exception that :func:`_conflict` recognises."""
+
+    def create(self, data: bytes) -> str:
+        """Write ``data`` if there is no object yet; the new tag."""
+        ...
+
+    def replace(self, data: bytes, tag: str) -> str:
+        """Write ``data`` if the object's tag is still ``tag``; the new tag."""
+        ...
+
+    def current(self) -> tuple[str, bytes]:
+        """The object's tag and content as they are now (FileNotFoundError if there is none)."""
+        ...
+
+
+class _S3Conditional:
+    """S3's conditional PUTs: ``If-None-Match: *`` and ``If-Match: <ETag>``, through s3fs."""
+
+    def __init__(self, fs: Any, path: str):
+        self.fs, self.path = fs, path
+
+    def create(self, data: bytes) -> str:
+        return str(self.fs.pipe_file(self.path, data, IfNoneMatch="*")["ETag"])
+
+    def replace(self, data: bytes, tag: str) -> str:
+        return str(self.fs.pipe_file(self.path, data, IfMatch=tag)["ETag"])
+
+    def current(self) -> tuple[str, bytes]:
+        tag = str(self.fs.info(self.path)["ETag"])
+        return tag, bytes(self.fs.cat_file(self.path))
+
+
+class _AzureConditional:
+    """Azure Blob's conditional PUTs (``If-None-Match: *``, ``If-Match: <ETag>``): adlfs hands
+    ``overwrite``, ``etag`` and ``match_condition`` to azure-storage-blob's ``upload_blob``."""
+
+    def __init__(self, fs: Any, path: str):
+        self.fs, self.path = fs, path
+        self.if_not_modified = importlib.import_module("azure.core").MatchConditions.IfNotModified
+
+    def create(self, data: bytes) -> str:
+        return _etag(self.fs.pipe_file(self.path, data, overwrite=False)["etag"])
+
+    def replace(self, data: bytes, tag: str) -> str:
+        out = self.fs.pipe_file(self.path, data, overwrite=True, etag=tag, match_condition=self.if_not_modified)
+        return _etag(out["etag"])
+
+    def current(self) -> tuple[str, bytes]:
+        tag = _etag(self.fs.info(self.path)["etag"])
+        return tag, bytes(self.fs.cat_file(self.path))
+
+
+def _etag(value: Any) -> str:
+    """An Azure ETag as its requests want it: quoted (adlfs's listings quote it, uploads may not)."""
+    return f'"{str(value).strip(chr(34))}"'
+
+
+class _GcsConditional:
+    """GCS's generation preconditions (``ifGenerationMatch``: 0 for "none yet", else the
+    generation last seen), through google-cloud-storage, which gcsfs depends on; gcsfs's own
+    writes offer only the first. It uses gcsfs's project and credentials (and honours
+    STORAGE_EMULATOR_HOST, as gcsfs does)."""
+
+    def __init__(self, fs: Any, path: str):
+        storage = importlib.import_module("google.cloud.storage")
+        self.not_found = importlib.import_module("google.api_core.exceptions").NotFound
+        bucket, key = path.split("/", 1)
+        creds = getattr(getattr(fs, "credentials", None), "credentials", None)
+        client = storage.Client(project=getattr(fs, "project", None) or None, credentials=creds)
+        self.blob = client.bucket(bucket).blob(key)
+
+    def _write(self, data: bytes, generation: int) -> str:
+        self.blob.upload_from_string(data, content_type="application/json", if_generation_match=generation)
+        return str(self.blob.generation)
+
+    def create(self, data: bytes) -> str:
+        return self._write(data, 0)
+
+    def replace(self, data: bytes, tag: str) -> str:
+        return self._write(data, int(tag))
+
+    def current(self) -> tuple[str, bytes]:
+        try:
+            self.blob.reload()
+            data: bytes = self.blob.download_as_bytes(if_generation_match=self.blob.generation)
+        except self.not_found:
+            raise FileNotFoundError(self.blob.name) from None
+        return str(self.blob.generation), data
+
+
+class _MemoryConditional:
+    """memory:// lives in this process: its conditional writes are compare-and-set under a lock
+    (what a server does atomically), with a counter for a tag. With it, the lease protocol
+    itself runs, and is tested, on memory://."""
+
+    _guard = threading.Lock()
+    _tags: dict[str, int] = {}
+
+    def __init__(self, fs: Any, path: str):
+        self.fs, self.path = fs, path
+
+    def _write(self, data: bytes, expect: str | None) -> str:
+        with self._guard:
+            now = self._tags.get(self.path) if self.fs.exists(self.path) else None
+            if (None if now is None else str(now)) != expect:
+                raise FileExistsError(self.path)
+            self.fs.pipe_file(self.path, data)
+            tag = self._tags[self.path] = (now or 0) + 1
+        return str(tag)
+
+    def create(self, data: bytes) -> str:
+        return self._write(data, None)
+
+    def replace(self, data: bytes, tag: str) -> str:
+        return self._write(data, tag)
+
+    def current(self) -> tuple[str, bytes]:
+        with self._guard:
+            if not self.fs.exists(self.path):
+                raise FileNotFoundError(self.path)
+            return str(self._tags.get(self.path, 0)), bytes(self.fs.cat_file(self.path))
+
+
+CONDITIONAL: dict[str, Callable[[Any, str], Conditional]] = {
+    "s3": _S3Conditional, "s3a": _S3Conditional, "gs": _GcsConditional, "gcs": _GcsConditional,
+    "az": _AzureConditional, "abfs": _AzureConditional, "abfss": _AzureConditional, "memory": _MemoryConditional,
+}
+"""The backends whose writers take turns on the lease, by URL scheme: those with conditional writes."""
 
 
 def _mtime(info: dict[str, Any]) -> float:
@@ -189,7 +325,7 @@ class FsspecStorage:
         cache = cache_dir if cache_dir is not None else os.environ.get(ENV_CACHE)
         self.cache = Path(cache) / tag if cache else None
         self.ttl = lease_ttl or float(os.environ.get(ENV_LEASE_TTL) or LEASE_TTL)
-        # memory:// lives in this process, where a threading lock cannot be lost
+        # memory:// lives in this process: a writer cannot stall unknown to the gc beside it
         self.gc_grace = 0.0 if self.protocol == "memory" else GC_GRACE
         self.pending: dict[str, Path] = {}   # uploads not yet committed, by their temp key
         self.lease: Lease | None = None
@@ -344,15 +480,10 @@ class FsspecStorage:
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        if self.protocol == "memory":
-            with _memory_locks_guard:
-                lock = _memory_locks.setdefault(self.url, threading.Lock())
-            with lock:
-                yield
-            return
-        if self.protocol not in S3:
-            raise StoreError(f"cannot write to a {self.protocol}:// store: writers take turns through S3's "
-                             "conditional writes (If-None-Match, If-Match), used on s3:// only", self.url)
+        if self.protocol not in CONDITIONAL:
+            raise StoreError(f"cannot write to a {self.protocol}:// store: writers take turns on a lease written "
+                             "with conditional writes, which elves has for "
+                             f"{', '.join(p + '://' for p in sorted(CONDITIONAL))} only", self.url)
         lease = Lease(self)
         lease.acquire()
         self.lease = lease
@@ -364,18 +495,24 @@ class FsspecStorage:
 
 
 class Lease:
-    """The writers' lock of a store on S3: the object ``lock``, a JSON record of who holds it.
+    """The writers' lock of a store on object storage: the object ``lock``, a JSON record of who
+    holds it, written only with the backend's conditional writes (:class:`Conditional`).
 
-    Taken with a conditional PUT (``If-None-Match: *`` when there is none; ``If-Match`` its ETag
-    when it is released, or expired), renewed every ``ttl/4`` by a heartbeat (``If-Match`` our
-    own ETag), released by overwriting it with a released record. Expiry needs no synchronised
-    clocks: a waiter takes a lease over only after it has seen the same ETag for ``ttl`` seconds
-    of its own clock, while the holder stops writing once ``ttl/2`` has passed since it sent the
-    last renewal that succeeded (:meth:`check`)."""
+    Taken by creating it (``If-None-Match: *``, a generation of 0) when there is none, or by
+    replacing it under its tag (``If-Match``, a generation match) when it is released, or
+    expired; renewed every ``ttl/4`` by a heartbeat (replaced under our own tag), released by
+    replacing it with a released record. Expiry needs no synchronised clocks: a waiter takes a
+    lease over only after it has seen the same tag for ``ttl`` seconds of its own clock, while
+    the holder stops writing once ``ttl/2`` has passed since it sent the last renewal that
+    succeeded (:meth:`check`)."""
 
     def __init__(self, storage: FsspecStorage):
         self.storage = storage
         self.path, self.where, self.ttl = storage.path_of(LOCK), storage.where(LOCK), storage.ttl
+        try:
+            self.cond = CONDITIONAL[storage.protocol](storage.fs, self.path)
+        except ImportError as e:
+            raise StoreError(f"writing to a {storage.protocol}:// store needs {e.name}", storage.url) from None
         self.etag = ""
         self.confirmed = 0.0     # monotonic time at which the last renewal that succeeded was sent
         self.lost: str | None = None
@@ -387,21 +524,15 @@ class Lease:
                            "host": socket.gethostname(), "pid": os.getpid(), "ttl": self.ttl,
                            "expires": time.time() + self.ttl}).encode()
 
-    def put(self, state: str, **condition: str) -> str:
-        """Write the lease under ``condition``; its new ETag."""
-        out = self.storage.fs.pipe_file(self.path, self.record(state), **condition)
-        return str(out["ETag"])
-
     def current(self) -> tuple[str, dict[str, Any]]:
-        """The lease's ETag and record, as they are now (a record that does not parse: held)."""
-        fs = self.storage.fs
+        """The lease's tag and record, as they are now (a record that does not parse: held)."""
         with self.storage.reading(LOCK, "the store's lease"):
-            etag = str(fs.info(self.path)["ETag"])
-            try:
-                raw = json.loads(fs.cat_file(self.path))
-            except ValueError:
-                raw = {}
-        return etag, raw if isinstance(raw, dict) else {}
+            tag, data = self.cond.current()
+        try:
+            raw = json.loads(data)
+        except ValueError:
+            raw = {}
+        return tag, raw if isinstance(raw, dict) else {}
 
     def acquire(self) -> None:
         seen, since, delay = "", 0.0, 0.05
@@ -410,7 +541,7 @@ class Lease:
             try:
                 with self.storage.writing(LOCK):
                     try:
-                        self.etag = self.put("held", IfNoneMatch="*")
+                        self.etag = self.cond.create(self.record("held"))
                         break
                     except Exception as e:  # noqa: BLE001 (a failed condition is one of many kinds)
                         if not _conflict(e):
@@ -424,7 +555,7 @@ class Lease:
                     if raw.get("state") == "released" or time.monotonic() - since >= self.ttl:
                         sent = time.monotonic()
                         try:
-                            self.etag = self.put("held", IfMatch=etag)
+                            self.etag = self.cond.replace(self.record("held"), etag)
                             break
                         except Exception as e:  # noqa: BLE001
                             if not _conflict(e):
@@ -441,7 +572,7 @@ class Lease:
         while not self.stop.wait(self.ttl / 4):
             sent = time.monotonic()
             try:
-                self.etag = self.put("held", IfMatch=self.etag)
+                self.etag = self.cond.replace(self.record("held"), self.etag)
                 self.confirmed = sent
             except Exception as e:  # noqa: BLE001 (a renewal that fails is retried until check gives up)
                 if _conflict(e):
@@ -461,6 +592,6 @@ class Lease:
             self.thread.join()
         if self.lost is None:
             try:
-                self.put("released", IfMatch=self.etag)
+                self.cond.replace(self.record("released"), self.etag)
             except Exception:  # noqa: BLE001 (unreleased, it expires after ttl)
                 pass
