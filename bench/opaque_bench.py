@@ -36,8 +36,8 @@ import numpy as np
 import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import elves  # noqa: E402
-from bench.datasets import DATA_ROOT  # noqa: E402
+import elves
+from bench.datasets import DATA_ROOT
 
 PIECE = 64 << 20
 ZIPNN = {"float32": 4, "float16": 2, "bfloat16": 2}

@@ -1,22 +1,23 @@
 """Float runs: the stretches of an opaque file that code better as float32, float16 or bfloat16.
 
 A file elves does not parse (an unknown container, a format whose header changed) may still be
-mostly float arrays. Its bytes are cut into windows of WINDOW bytes; a sample of each is scored,
-for every element width (4 bytes: float32; 2: float16 or bfloat16) and every alignment of the
-elements to the window, by the order-0 entropy of the byte planes the ``planes`` codec would make
-(floats rotated so the exponent fills one plane), against what zstd makes of the same sample.
-Neighbouring windows with the same width and alignment make a run; a run is kept only when a
-real chunk of it, coded with ``planes`` + ``rans``, is smaller than the same chunk through
-zstd at the level opaque bytes get. Kept runs become tensor segments (without a named tensor)
-and get the float codecs and dedup; the rest stays opaque. Restore writes the segments back one
-after the other, so the file comes back byte for byte whatever was found.
+mostly float arrays. Its bytes are cut into windows of WINDOW bytes and a sample of each is read
+as float32 (at each of 4 alignments), float16 and bfloat16 (2 each). The element width is chosen
+by the order-0 entropy of the byte planes the ``planes`` codec would make (floats rotated so the
+exponent fills one plane); the alignment, and float16 or bfloat16, by how many values have the
+magnitudes weights have (planes are coded apart, so a misaligned reading estimates about the
+same size, but reads as nonsense). A window whose estimate beats what zstd makes of the same
+sample is a candidate; neighbouring windows read alike make a run, kept only when a real chunk
+of it, coded with ``planes`` + ``rans``, is smaller than the same chunk through zstd at the level
+opaque bytes get. Kept runs become tensor segments (without a named tensor) and get the float
+codecs and dedup; the rest stays opaque. Restore writes the segments back one after the other,
+so the file comes back byte for byte whatever was found.
 
 The cost is a sample of 1/32 of the file's bytes (read with ``pread``, in batches of bounded
 size) and one chunk per run, coded twice.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,9 @@ WINDOW = 256 << 10
 SAMPLE = 8 << 10
 # Files below this are configs, tokenizers, vocabularies: zstd at a strong level suits them.
 MIN_FILE = 1 << 20
-# Windows scored together: their samples take BATCH * SAMPLE bytes (4 MiB).
-BATCH = 512
+# Windows scored together: their samples take BATCH * SAMPLE bytes (1 MiB), and what is made of
+# them a few times that.
+BATCH = 128
 # A window is a float candidate when its estimate is under this fraction of zstd's sample: the
 # estimate leaves out the coder's tables and a plane's worst case, which the chunk check sees.
 MARGIN = 0.97
