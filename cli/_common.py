@@ -102,7 +102,7 @@ def progress(total: int, label: str, enabled: bool) -> Iterator[Callable[[int], 
     eta = Eta(total, time.monotonic())
     lock = threading.Lock()  # compile events come from the worker threads
     bar: ProgressBar[int]
-    with click.progressbar(length=total, label=label, file=sys.stderr,
+    with click.progressbar(length=total, label=label, file=sys.stderr, show_eta=False,
                            item_show_func=lambda _: eta.text(time.monotonic())) as bar:
 
         def stage(name: str) -> None:

@@ -24,7 +24,7 @@ from typing import Any, TypeVar, cast
 F = TypeVar("F", bound=Callable[..., Any])
 
 # numba's compiler is single-threaded anyway (it holds a global lock); one re-entrant lock makes
-# building a kernel and its callees atomic for the pipeline's worker threads.
+# building a kernel and its callees atomic for the pipeline's worker threads (see _building).
 _LOCK = threading.RLock()
 _OPTIONS = {"cache": True, "nogil": True}
 
@@ -58,15 +58,15 @@ class Kernel:
         """The numba dispatcher, built on first use with the single signature compiled (every
         signature for a kernel called from compiled code, which cannot pick one at run time)."""
         if self._dispatcher is None:
-            with _LOCK:
+            with _building():
                 if self._dispatcher is None:
                     self._dispatcher = self._build()
         return self._dispatcher
 
     def compiled(self) -> Any:
         """The dispatcher with every declared signature compiled."""
-        d = self.dispatcher()
-        with _LOCK:
+        with _building():
+            d = self.dispatcher()
             for sig in self._parsed:
                 _compile(d, sig)
         return d
@@ -100,7 +100,7 @@ class Kernel:
         convert = d.typingctx.can_convert
         for sig in self._parsed:
             if len(sig) == len(types) and all(convert(t, p) is not None for t, p in zip(types, sig)):
-                with _LOCK:
+                with _building():
                     _compile(d, sig)
                     self._chosen.add(types)
                 return
@@ -162,29 +162,43 @@ def compiling(on_start: Callable[[], None], on_end: Callable[[], None]) -> Itera
 
 _WATCHERS: list[tuple[Callable[[], None], Callable[[], None]]] = []
 _LISTENING: list[bool] = []
+_DEPTH = [0]  # nested builds of kernels in progress (under _LOCK)
+_COMPILING = [False]  # whether the watchers were told that numba compiles
+
+
+@contextmanager
+def _building() -> Iterator[None]:
+    """Hold the lock while kernels are built; the watchers hear of a compile stage once per
+    outermost build, which compiles a kernel's callees one by one before the kernel."""
+    with _LOCK:
+        _DEPTH[0] += 1
+        try:
+            yield
+        finally:
+            _DEPTH[0] -= 1
+            if _DEPTH[0] == 0:
+                _stage(False)
+
+
+def _stage(on: bool) -> None:
+    if _COMPILING[0] != on:
+        _COMPILING[0] = on
+        for start, end in list(_WATCHERS):
+            (start if on else end)()
 
 
 def _listen() -> None:
-    """Relay numba's compile events to the watchers (numba compiles under one global lock, so
-    the events of nested compiles come in order and a count tells the outermost)."""
+    """Relay numba's compile events (cache misses) to the watchers."""
     if _LISTENING:
         return
     from numba.core import event
 
-    depth = [0]
-
     class Listener(event.Listener):
         def on_start(self, ev: event.Event) -> None:
-            depth[0] += 1
-            if depth[0] == 1:
-                for start, _ in list(_WATCHERS):
-                    start()
+            _stage(True)
 
         def on_end(self, ev: event.Event) -> None:
-            depth[0] -= 1
-            if depth[0] == 0:
-                for _, end in list(_WATCHERS):
-                    end()
+            pass  # the stage ends with the outermost build
 
     register: Callable[[str, event.Listener], None] = event.register  # untyped in numba
     register("numba:compile", Listener())
