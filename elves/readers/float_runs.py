@@ -98,22 +98,18 @@ def _label(fd: int, path: Path, size: int, first: int, stop: int) -> npt.NDArray
     samples = np.frombuffer(b"".join(read_exact(fd, a, SAMPLE, path) for a in at), np.uint8).reshape(n, SAMPLE)
     zstd = Zstd(ZSTD_LEVEL)
     by_zstd = np.array([len(zstd.encode(s)) for s in samples], np.float64) / SAMPLE
-    layouts = {(dtypes.get(dt).itemsize, phase) for dt, phase in READINGS}
-    estimates = {layout: _estimate(samples, *layout) for layout in sorted(layouts)}
-    totals = np.stack([estimates[dtypes.get(dt).itemsize, phase][0] for dt, phase in READINGS])
-    tops = np.stack([estimates[dtypes.get(dt).itemsize, phase][1] for dt, phase in READINGS])
-    plausible = np.stack([_plausible(samples, dt, phase) for dt, phase in READINGS])
-    wide = np.array([dtypes.get(dt).itemsize == 4 for dt, _ in READINGS])[:, None]
     # The width by the estimate; ties go to the narrower, since a float16 array also reads as
-    # pairs and a float32 one does not.
-    four = np.where(wide, totals, np.inf).min(axis=0)
-    two = np.where(wide, np.inf, totals).min(axis=0)
-    use_four = four < two - TIE
-    # Within the width, the alignment (and F16 or BF16) by how many values read plausibly: byte
-    # planes are coded apart, so shifting the elements by a byte barely changes the estimate.
-    # Then by the top plane, which holds the exponent alone where the alignment is right.
-    # BF16 read as F16 still looks plausible (F16 read as BF16 does not): near ties go to BF16.
-    fit = plausible - 1e-3 * tops + np.array([BF16_EDGE * (dt == "BF16") for dt, _ in READINGS])[:, None]
+    # pairs and a float32 one does not. Byte planes are coded apart, so the alignment barely
+    # changes the estimate: it is made at one alignment per width.
+    estimate = {width: _estimate(samples, width) for width in (2, 4)}
+    totals = np.stack([estimate[dtypes.get(dt).itemsize] for dt, _ in READINGS])
+    wide = np.array([dtypes.get(dt).itemsize == 4 for dt, _ in READINGS])[:, None]
+    use_four = estimate[4] < estimate[2] - TIE
+    # Within the width, the alignment (and F16 or BF16) by how many values read plausibly: a
+    # misaligned reading is mostly nonsense. BF16 read as F16 still looks plausible (F16 read as
+    # BF16 does not): near ties go to BF16.
+    plausible = np.stack([_plausible(samples, dt, phase) for dt, phase in READINGS])
+    fit = plausible + np.array([BF16_EDGE * (dt == "BF16") for dt, _ in READINGS])[:, None]
     best = np.where(use_four, np.where(wide, fit, -np.inf).argmax(axis=0), np.where(wide, -np.inf, fit).argmax(axis=0))
     beats = totals[best, np.arange(n)] < MARGIN * by_zstd
     return np.where(beats, best, -1).astype(np.int64)
@@ -132,17 +128,14 @@ def _plausible(samples: npt.NDArray[np.uint8], dtype: str, phase: int) -> npt.ND
     return fraction
 
 
-def _estimate(samples: npt.NDArray[np.uint8], width: int,
-              phase: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """Per window, the estimated coded size, as a fraction, of its sample's elements of ``width``
-    bytes starting ``phase`` bytes in (the order-0 entropy of each rotated byte plane, with the
-    Miller-Madow correction for the sample's size), and the entropy of the top plane alone."""
+def _estimate(samples: npt.NDArray[np.uint8], width: int) -> npt.NDArray[np.float64]:
+    """Per window, the estimated coded size, as a fraction, of its sample read as elements of
+    ``width`` bytes: the order-0 entropy of each rotated byte plane, with the Miller-Madow
+    correction for the sample's size."""
     n = samples.shape[0]
-    k = (SAMPLE - 4) // width
-    words = np.ascontiguousarray(samples[:, phase:phase + k * width]).view(f"<u{width}")
-    bits = np.uint64(8 * width - 1)
-    wide = words.astype(np.uint64)
-    rotated = (((wide << np.uint64(1)) | (wide >> bits)) & np.uint64((1 << (8 * width)) - 1)).astype(words.dtype)
+    k = SAMPLE // width
+    words = samples.view(f"<u{width}")
+    rotated = (words << words.dtype.type(1)) | (words >> words.dtype.type(8 * width - 1))
     planes = rotated.view(np.uint8).reshape(n, k, width)
     rows = (np.arange(n, dtype=np.intp) * 256)[:, None]
     total = np.zeros(n, np.float64)
@@ -154,7 +147,7 @@ def _estimate(samples: npt.NDArray[np.uint8], width: int,
         h += ((counts > 0).sum(axis=1) - 1) / (2 * k * np.log(2))
         total += np.minimum(h, 8.0)
     fraction: npt.NDArray[np.float64] = total / (8 * width)
-    return fraction, h
+    return fraction
 
 
 def _pays(fd: int, path: Path, start: int, stop: int, dtype: str) -> bool:
