@@ -293,6 +293,24 @@ def test_errors_and_ls_name_the_url(url: str, s3: S3, tmp_path: Path) -> None:
     assert str(e.value).startswith(f"{url}/{manifest_at('acme/toy')}: ")
 
 
+def test_a_missing_key_costs_one_request(url: str) -> None:
+    storage = Store.init(url).storage
+    assert isinstance(storage, FsspecStorage)
+    calls: list[str] = []
+    send = storage.fs._call_s3
+
+    async def counted(method: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(method)
+        return await send(method, *args, **kwargs)
+
+    storage.fs._call_s3 = counted
+    assert not storage.exists("models/none.json") and calls == ["head_object"]   # no LIST after the miss
+    with pytest.raises(FileNotFoundError):
+        storage.read_small("profiles/none.json", "a profile", 100)
+    assert calls == ["head_object"] * 2
+    assert storage.exists("elves-store.json") and calls == ["head_object"] * 3
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

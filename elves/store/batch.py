@@ -394,15 +394,15 @@ def _tensor_digests(prof: ModelProfile) -> list[str]:
     return [t.digest for t in prof.tensors if t.nbytes >= PACK_BELOW]
 
 
-def _plan(storage: Storage, todo: list[_Model], base: str | None) -> tuple[list[_Step], set[str]]:
+def _plan(now: list[tuple[dict[str, Any], ModelProfile]], todo: list[_Model],
+          base: str | None) -> tuple[list[_Step], set[str]]:
     """The next round: the models of ``todo`` (in order) up to the first whose commit may
     re-code stored models, each with the base a sequential add would choose, what its tasks
-    wait for, and its tasks; and the objects the stored models reference."""
-    mans = manifests(storage)
-    before = {seg[0] for m in mans for f in m["files"] for seg in f["segments"]}
+    wait for, and its tasks; and the objects the stored models (``now``: manifest, profile)
+    reference."""
+    before = {seg[0] for m, _ in now for f in m["files"] for seg in f["segments"]}
     replaced = {m.name for m in todo}   # as StagedAdd, a model it replaces is no base candidate
-    mans = [m for m in mans if m["name"] not in replaced]
-    stored = list(zip(mans, profiles(storage, mans)))
+    stored = [(m, p) for m, p in now if m["name"] not in replaced]
     held = {d for _, p in stored for d in _tensor_digests(p)}   # objects its tasks find stored
     steps: list[_Step] = []
     at: dict[str, int] = {}
@@ -566,9 +566,13 @@ def _run(store: Store, models: list[_Model], run: Runner, location: Location, ba
     kept: set[str] = set()             # objects the committed models reference
     written: dict[str, ObjectMeta] = {}
     created: list[str] = []            # paths of objects tasks created
+    mans = manifests(storage)
+    # the stored models and their profiles, read once: no other writer changes them while the
+    # batch holds the lock, and each commit adds its own (re-read only after a commit re-coded some)
+    stored = list(zip(mans, profiles(storage, mans)))
     with ThreadPoolExecutor(nthreads) as pool, ExitStack() as stack:
         staged = {m.name: stack.enter_context(StagedAdd(storage, m.name, base, pool, nthreads, progress, m.profile,
-                                                               replace=replace))
+                                                               replace=replace, stored=stored))
                   for m in models}
         if base not in (None, "auto"):  # refused before anything is written, as Store.add does
             fits, opened = planner(storage, base)
@@ -577,17 +581,17 @@ def _run(store: Store, models: list[_Model], run: Runner, location: Location, ba
                     check_fits(fits, m.files, base, storage.where(""))
             finally:
                 opened.close()
-        todo = _order(profiles(storage, manifests(storage)), models) if base == "auto" else models
+        todo = _order([p for _, p in stored], models) if base == "auto" else models
         try:
             while todo:
-                steps, before = _plan(storage, todo, base)
+                steps, before = _plan(stored, todo, base)
                 todo = todo[len(steps):]
                 for step in _execute(steps, run, location, threads, progress, written, created,
                                      lambda s: all(k in claimed or k in written or k in before for k in _found(s))):
                     m = step.model
                     st = staged[m.name]
                     if not m.by_file or any(seg.dtype is not None for sf in m.files for seg in sf.segments):
-                        st.check_fits(m.files)  # decides the base from the store as it is now
+                        st.decide()  # from the store as it is now (a base given by hand was checked above)
                     if st.base != step.base:
                         raise StoreError(f"model {m.name!r}: the plan chose {step.base!r} as its base, the store "
                                          f"{st.base!r} (a bug: add it on its own)", storage.where(""))
@@ -598,6 +602,13 @@ def _run(store: Store, models: list[_Model], run: Runner, location: Location, ba
                     res.seconds = time.perf_counter() - step.started
                     results[m.index] = res
                     kept.update(seg[0] for d in step.done.values() for seg in d.entry["segments"])
+                    if res.repacked or res.notes:  # re-coded models: their manifests changed
+                        mans = manifests(storage)
+                        stored[:] = zip(mans, profiles(storage, mans))
+                    else:
+                        assert st.manifest is not None
+                        stored[:] = [x for x in stored if x[0]["name"] != m.name] + [
+                            (st.manifest, ModelProfile.from_json(m.profile.to_json()))]
                     if committed is not None:
                         committed(m.name, res)
         except BaseException:

@@ -6,10 +6,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from pathlib import Path
+from typing import Any
 
 from ..encoder import pipeline_for
 from ..errors import ElvesError
-from ..families import BaseMatch, cluster
+from ..families import BaseMatch, ModelProfile, cluster
 from ..model import Segment, SourceFile, TensorView
 from .ingest import new_object, write_objects
 from .layout import (
@@ -128,17 +129,21 @@ def stats(storage: Storage) -> StoreStats:
 
 
 def repack(storage: Storage, pool: Executor, nthreads: int, only_base: str | None = None,
-           below: Iterable[tuple[str, BaseMatch]] = (), progress: ProgressFn | None = None) -> RepackReport:
+           below: Iterable[tuple[str, BaseMatch]] = (), progress: ProgressFn | None = None,
+           stored: list[tuple[dict[str, Any], ModelProfile]] | None = None) -> RepackReport:
     """Re-code models stored on their own as deltas of the base :func:`elves.families.cluster`
     finds them (only those of ``only_base``, if given), and those in ``below`` (model, its base)
-    as deltas of theirs. A model is never re-coded against one of its own derivatives."""
+    as deltas of theirs. A model is never re-coded against one of its own derivatives.
+    ``stored``: every stored model's (manifest, profile), if the caller has them (a commit)."""
     report = RepackReport()
-    mans = manifests(storage)
-    alone = {m["name"] for m in mans if m.get("base") is None}
-    if not alone or len(mans) < 2:
+    if stored is None:
+        mans = manifests(storage)
+        stored = list(zip(mans, profiles(storage, mans)))
+    alone = {m["name"] for m, _ in stored if m.get("base") is None}
+    if not alone or len(stored) < 2:
         return report
     todo: dict[str, BaseMatch] = {}
-    for fam in cluster(profiles(storage, mans)):
+    for fam in cluster([p for _, p in stored]):
         for name, match in fam.members:
             if only_base is None or match.base == only_base:
                 todo.setdefault(name, match)

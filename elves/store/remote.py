@@ -378,12 +378,24 @@ class FsspecStorage:
     def check(self, folders: Iterable[str]) -> None:
         """Nothing to check: folders are key prefixes, and an object store has no links."""
 
+    def _info(self, key: str) -> dict[str, Any]:
+        """A file's type, size and ETag (FileNotFoundError if it is missing). On S3 that is one
+        HEAD: s3fs's ``info`` LISTs after a miss, to find a folder of that name, which no key of
+        a store is."""
+        path = self.path_of(key)
+        if self.protocol not in S3:
+            return dict(self.fs.info(path))
+        from fsspec.asyn import sync
+        bucket, name, _ = self.fs.split_path(path)
+        out = sync(self.fs.loop, self.fs._call_s3, "head_object", Bucket=bucket, Key=name)
+        return {"type": "file", "size": int(out["ContentLength"]), "ETag": str(out.get("ETag", ""))}
+
     def open(self, key: str, what: str) -> Blob:
         local = self.pending.get(key)
         if local is not None:
             return FileBlob(os.open(local, os.O_RDONLY))
         with self.reading(key, what):
-            info = self.fs.info(self.path_of(key))
+            info = self._info(key)
         if info.get("type") != "file":
             raise CorruptArchiveError(f"{what} is not a file", self.where(key))
         return _RemoteBlob(self, key, what, int(info["size"]), str(info.get("ETag") or info.get("etag") or ""))
@@ -391,7 +403,7 @@ class FsspecStorage:
     def read_small(self, key: str, what: str, limit: int) -> bytes:
         path = self.path_of(key)
         with self.reading(key, what):
-            info = self.fs.info(path)
+            info = self._info(key)
             if info.get("type") != "file":
                 raise CorruptArchiveError(f"{what} is not a file", self.where(key))
             size = int(info["size"])
@@ -404,7 +416,13 @@ class FsspecStorage:
         if key in self.pending:
             return True
         with self.reading(key, key):
-            return bool(self.fs.exists(self.path_of(key)))
+            if key.endswith("/"):
+                return bool(self.fs.exists(self.path_of(key)))
+            try:
+                self._info(key)
+            except FileNotFoundError:
+                return False
+            return True
 
     def list(self, prefix: str) -> Iterator[Entry]:
         base = self.path_of(prefix.rstrip("/"))

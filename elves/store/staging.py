@@ -64,11 +64,13 @@ class StagedAdd:
     from all of it. With ``resumable``, what is added is journaled and stays when the add fails
     (a later add of the same name resumes it); without, a failure removes what it wrote. With
     ``replace``, a model of that name already stored is replaced by this one when it commits.
+    ``stored``: the stored models' (manifest, profile), if the caller has them.
     """
 
     def __init__(self, storage: Storage, name: str, base: str | None, pool: Executor, nthreads: int,
                  progress: ProgressFn | None = None, profile: ModelProfile | None = None,
-                 resumable: bool = False, replace: bool = False):
+                 resumable: bool = False, replace: bool = False,
+                 stored: list[tuple[dict[str, Any], ModelProfile]] | None = None):
         check_name(name)
         self.storage, self.name, self.pool, self.nthreads, self.progress = storage, name, pool, nthreads, progress
         self.resumable = resumable
@@ -84,7 +86,10 @@ class StagedAdd:
         self.bytes_in = 0
         self._plan: tuple[Any, StoreBase] | None = None
         self._committed = False
-        self._stored: list[tuple[dict[str, Any], ModelProfile]] | None = None
+        # the stored models with their profiles: given by a caller that commits several models
+        # under one lock (add_many), which keeps it up to date; else read when first needed
+        self._stored = stored
+        self.manifest: dict[str, Any] | None = None   # the one commit wrote
         self.resumed = False
         if storage.exists(manifest_at(name)) and not replace:
             raise StoreError(f"a model named {name!r} is already in the store: `rm` it first or add under "
@@ -172,11 +177,16 @@ class StagedAdd:
             self._save_journal()
         return entry
 
+    def decide(self) -> None:
+        """Choose the base now, from the whole profile (``add_many``'s driver, whose workers code
+        the files, decides so without opening the base's planner)."""
+        if self.whole is not None and not self.decided:
+            self._decide(self.whole)
+
     def check_fits(self, files: list[SourceFile]) -> None:
         """Refuse a base given by hand that none of ``files``' tensors can be coded against,
         before anything is written."""
-        if self.whole is not None and not self.decided:
-            self._decide(self.whole)
+        self.decide()
         plan = self._planner()
         if plan is not None and self.base_arg not in (None, "auto"):
             check_fits(plan, files, self.base_arg, self.storage.where(""))
@@ -213,9 +223,9 @@ class StagedAdd:
         """The stored models with their profiles, but for the one this add replaces: read once,
         since no other writer changes them while this add holds the lock."""
         if self._stored is None:
-            mans = [m for m in manifests(self.storage) if m["name"] != self.name]
+            mans = manifests(self.storage)
             self._stored = list(zip(mans, profiles(self.storage, mans)))
-        return self._stored
+        return [(m, p) for m, p in self._stored if m["name"] != self.name]
 
     def _planner(self) -> Any:
         if self.base is None:
@@ -249,20 +259,22 @@ class StagedAdd:
         st.sync({f"{OBJECTS}{key[:2]}/" for key, _ in self.out.written} | {OBJECTS})
         added = sum(meta.size for _, meta in self.out.written)
         added += write_json(st, profile_at(self.name), prof.to_json())
-        added += write_json(st, manifest_at(self.name), {
+        self.manifest = {
             "format": "elves-store-model", "version": list(STORE_VERSION), "name": self.name,
             "seq": max((m["seq"] for m in mans), default=0) + 1, "added": _utcnow(),
             "source": source, "base": self.base, "reasons": self.reasons,
             "files": [self.entries[p] for p in paths],
             **({} if origin is None else {"origin": origin}),
-        })
+        }
+        added += write_json(st, manifest_at(self.name), self.manifest)
         self._committed = True
         if self.resumable:
             st.delete(staging_at(self.name))
         result = AddResult(self.name, self.base, self.reasons, self.bytes_in, added, self.out.new,
                            self.out.reused, self.out.delta)
         try:
-            report = maintenance.repack(st, self.pool, self.nthreads, only_base=self.name, below=below)
+            report = maintenance.repack(st, self.pool, self.nthreads, only_base=self.name, below=below,
+                                        stored=stored + [(self.manifest, ModelProfile.from_json(prof.to_json()))])
         except OutputError as e:  # the model is in; re-coding others can wait for `repack`
             report = RepackReport(skipped=[f"re-coding models stored before it as its deltas stopped: {e}"])
         result.repacked = [m for m, _ in report.models]
