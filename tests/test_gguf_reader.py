@@ -150,6 +150,9 @@ def hostile_cases(weights: dict[str, np.ndarray]) -> dict[str, tuple[dict, str]]
     return {
         "huge tensor count": (dict(tensors=t, n_tensors=1 << 62), "do not fit"),
         "huge metadata count": (dict(tensors=t, n_kv=1 << 62), "do not fit"),
+        "more tensors than elves reads": (dict(tensors=[("x", (1,), 0, b"\0" * 4)] * 3, n_tensors=(1 << 20) + 1,
+                                               kvs=[gstr("k") + struct.pack("<I", 8) + gstr("v" * (25 << 20))]),
+                                          "at most"),
         "key past the end": (dict(tensors=t, kvs=[gstr("k", 1 << 40)]), "past the end"),
         "string value past the end": (dict(tensors=t, kvs=[gstr("k") + struct.pack("<I", 8) + gstr("v", 1 << 50)]),
                                       "past the end"),

@@ -38,6 +38,9 @@ CURRENT_VERSION = 6
 DTYPE_IDS = {0: "F32", 1: "I8", 2: "I16", 3: "I32", 4: "F16", 5: "BF16"}
 _OLD_ITEM_SIZES = {4: "F32", 2: "I16", 1: "I8"}   # versions 1 to 3: the dtype from the item size
 _ITEMSIZE = {"F32": 4, "I8": 1, "I16": 2, "I32": 4, "F16": 2, "BF16": 2}
+# Variables a model may have (Whisper large has about 1,300); a forged count of many tiny ones
+# must not fill memory with their headers.
+MAX_VARIABLES = 1 << 20
 # A variable's header takes at least 9 bytes: name length, NUL, rank, dtype, byte count.
 _MIN_VARIABLE = 9
 
@@ -86,7 +89,7 @@ def _walk(c: Cursor, size: int) -> list[tuple[str, tuple[int, ...], Segment]] | 
         _string(c)   # the spec's name
         c.u32()      # its revision
     n = c.u32()
-    if n > (size - c.pos) // _MIN_VARIABLE:
+    if n > (size - c.pos) // _MIN_VARIABLE or n > MAX_VARIABLES:
         return None
     found = []
     for _ in range(n):

@@ -40,6 +40,9 @@ HEADER_BYTES = 24   # magic, version, tensor count, metadata count
 # Metadata values: type id -> bytes per value, for the fixed-size ones.
 _FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _STRING, _ARRAY, _UINT32 = 8, 9, 4
+# Tensors and metadata entries a file may have: models have thousands; the tensor infos are
+# held in memory, so a forged header of many tiny ones must not make them gigabytes.
+MAX_ENTRIES = 1 << 20
 # Arrays of arrays nest at most this deep (ggml's writer never nests).
 MAX_NESTING = 8
 # ggml types kept as elements: type id -> safetensors spelling.
@@ -103,6 +106,8 @@ def _walk(c: Cursor, size: int) -> list[_Info]:
     # length, n_dims, type, offset): counts the file cannot hold fail before any loop.
     if n_kv > size // 12 or n_tensors > size // 24:
         raise Short(f"{n_tensors} tensors and {n_kv} metadata entries do not fit in {size} bytes")
+    if n_kv > MAX_ENTRIES or n_tensors > MAX_ENTRIES:
+        raise Short(f"{n_tensors} tensors and {n_kv} metadata entries: elves reads at most {MAX_ENTRIES} of each")
     alignment = DEFAULT_ALIGNMENT
     for _ in range(n_kv):
         key = _string(c, "metadata key")
