@@ -104,23 +104,29 @@ def progress(total: int, label: str, enabled: bool) -> Iterator[Callable[[int], 
     bar: ProgressBar[int]
     with click.progressbar(length=total, label=label, file=sys.stderr, show_eta=False,
                            item_show_func=lambda _: eta.text(time.monotonic())) as bar:
-
-        def stage(name: str) -> None:
-            with lock:
-                bar.label = name
-                eta.restart(time.monotonic())
-                bar.render_progress()
+        compiled = [False]  # a compile stage ended: the label goes back with the next step
 
         def start() -> None:
             _compile_in_background(label)
-            stage(COMPILING)
+            with lock:
+                compiled[0] = False
+                bar.label = COMPILING
+                bar.render_progress()
+
+        def end() -> None:
+            with lock:
+                compiled[0] = True
 
         def update(n: int) -> None:
             with lock:
                 eta.pos += n
+                if compiled[0]:  # the chunks that waited for the compile say nothing of the rate
+                    compiled[0] = False
+                    bar.label = label
+                    eta.restart(time.monotonic())
                 bar.update(n)
 
-        with compiling(start, lambda: stage(label)):
+        with compiling(start, end):
             yield update
 
 
