@@ -5,6 +5,7 @@ s3:// store on moto's server (the real S3 protocol over HTTP on 127.0.0.1).
     python bench/scale_bench.py                       # local store (and s3:// if moto and s3fs are here)
     python bench/scale_bench.py --rounds 3 --json out.json
     python bench/scale_bench.py --stores local        # or s3, or local,s3
+    python bench/scale_bench.py --stores s3 --executors local --workers 1 --rounds 1   # S3 requests of a batch
 
 The models: minilm, every variant folder ``bench/make_family.py`` made under ``minilm-family/``,
 and the five openff versions (each file a model), listed bases first, oldest first, so that the
@@ -198,7 +199,8 @@ def best_of(rounds: int, stores: Any, run: Callable[[Store], object]) -> tuple[f
     return best, s
 
 
-def bench(stores: Any, srcs: list[tuple[Path, str]], rounds: int, workers: list[int]) -> list[dict[str, Any]]:
+def bench(stores: Any, srcs: list[tuple[Path, str]], rounds: int, workers: list[int],
+          executors: list[str]) -> list[dict[str, Any]]:
     sec, s = best_of(rounds, stores, lambda s: [s.add(p, n) for p, n in srcs])
     want = stores.files(s)
     rows: list[dict[str, Any]] = []
@@ -211,10 +213,10 @@ def bench(stores: Any, srcs: list[tuple[Path, str]], rounds: int, workers: list[
 
     row("one by one (Store.add)", 1, sec, s)
 
-    for w in workers:
+    for w in workers if "local" in executors else []:
         row("local", w, *best_of(rounds, stores, lambda s: add_many(s, srcs, executor="local", workers=w)),
             pool_start(w))
-    for w in workers:
+    for w in workers if "ray" in executors else []:
         with ray_cluster(w) as start:
             row("ray", w, *best_of(rounds, stores, lambda s: add_many(s, srcs, executor="ray")), start)
     return rows
@@ -225,15 +227,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--stores", default="local,s3")
+    ap.add_argument("--executors", default="local,ray")
     ap.add_argument("--json")
     args = ap.parse_args()
     srcs = sources()
     total = sum(size_of(p) for p, _ in srcs)
     workers = [int(w) for w in args.workers.split(",")]
+    executors = args.executors.split(",")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="scale-bench.") as tmp:
         if "local" in args.stores:
-            rows += bench(LocalStores(Path(tmp) / "local"), srcs, args.rounds, workers)
+            rows += bench(LocalStores(Path(tmp) / "local"), srcs, args.rounds, workers, executors)
         if "s3" in args.stores:
             try:
                 import moto.server  # noqa: F401
@@ -243,7 +247,7 @@ def main() -> None:
             else:
                 s3 = S3Stores(Path(tmp) / "staging")
                 try:
-                    rows += bench(s3, srcs, args.rounds, workers)
+                    rows += bench(s3, srcs, args.rounds, workers, executors)
                 finally:
                     s3.close()
         shutil.rmtree(tmp, ignore_errors=True)
