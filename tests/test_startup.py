@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from elves.cli._common import Eta
-from elves.jit import kernel
+from elves.jit import compiling, kernel
+from elves.kernels import warm
 
 
 def run_child(code: str) -> str:
@@ -82,6 +83,32 @@ def test_a_kernel_with_several_word_types_compiles_only_those_it_meets() -> None
     assert len(top.dispatcher().signatures) == 2
     with pytest.raises(TypeError, match="no signature"):
         top(np.array([1], dtype=np.uint64))
+
+
+@kernel("(int64,)", cache=False)  # never cached: every run compiles it
+def _twice(v: int) -> int:
+    return 2 * v
+
+
+@kernel("(int64,)", cache=False)
+def _twice_plus_one(v: int) -> int:
+    return _twice(v) + 1
+
+
+def test_one_compile_stage_for_a_kernel_and_its_callees() -> None:
+    events: list[str] = []
+    with compiling(lambda: events.append("start"), lambda: events.append("end")):
+        assert _twice_plus_one(20) == 41  # compiles _twice, then _twice_plus_one
+        assert events == ["start", "end"]
+        assert _twice_plus_one(1) == 3  # compiled: no stage
+    assert events == ["start", "end"]
+
+
+def test_the_background_compile_covers_the_lossless_entry_points() -> None:
+    proc = subprocess.run([sys.executable, "-m", "elves.kernels.warm", "decode"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert warm.main(["both"]) == 2
 
 
 def test_no_eta_until_a_rate_is_known() -> None:
