@@ -37,7 +37,7 @@ from .errors import (
 from .index import FileEntry, Stream
 from .model import SourceFile
 from .parallel import INLINE_BYTES, default_threads, ordered_map
-from .readers import onnx, safetensors, torch
+from .readers import ctranslate2, gguf, onnx, safetensors, torch
 from .references import Sources
 
 ProgressFn = Callable[[int], None]
@@ -198,7 +198,7 @@ def _skeleton_structure(reader: ArchiveReader, entry: FileEntry, pool: Executor,
                     pos += chunk.shape[0]
             else:
                 pos += reader.streams[i].nbytes
-        parse = torch.parse if entry.format.startswith("torch") else onnx.parse
+        parse = torch.parse if entry.format.startswith("torch") else _SKELETON_PARSERS[entry.format]
         sf = parse(Path(entry.path), entry.path, f)
     if sf is None or sf.format != entry.format:
         raise CorruptArchiveError(f"{entry.path}: its restored structure is no {entry.format} file", reader.path)
@@ -207,7 +207,11 @@ def _skeleton_structure(reader: ArchiveReader, entry: FileEntry, pool: Executor,
 
 _PARSERS: dict[str, Callable[[ArchiveReader, FileEntry, Executor, int], SourceFile | None]] = {
     "safetensors": _safetensors_structure, "torch-zip": _skeleton_structure,
-    "torch-legacy": _skeleton_structure, "onnx": _skeleton_structure,
+    "torch-legacy": _skeleton_structure, "onnx": _skeleton_structure, "gguf": _skeleton_structure,
+    "ctranslate2": _skeleton_structure,
+}
+_SKELETON_PARSERS: dict[str, Callable[[Path, str, BinaryIO | None], SourceFile | None]] = {
+    "onnx": onnx.parse, "gguf": gguf.parse, "ctranslate2": ctranslate2.parse,
 }
 
 
