@@ -128,9 +128,11 @@ class ArchiveWriter:
 
     def format_version(self) -> tuple[int, int]:
         """The oldest format that holds what was written, so that older readers read it: 1.4 only
-        for references that 1.3 does not have (a cast, ``xor`` against a stream of the archive)."""
+        for what 1.3 does not have (a cast, ``xor`` against a stream of the archive, a file's mode,
+        the gguf and ctranslate2 file formats)."""
         if any(s.ref_cast is not None or (s.ref is not None and s.pipeline and s.pipeline[0]["id"] == "xor")
-               for s in self.streams) or any(f.mode is not None for f in self.files):
+               for s in self.streams) or any(f.mode is not None or f.format in ("gguf", "ctranslate2")
+                                             for f in self.files):
             return FORMAT_VERSION
         return (1, 3)
 
