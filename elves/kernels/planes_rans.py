@@ -283,18 +283,177 @@ def _encode_group(x: U64, w: U64, g: int, sym: U8, steps: int, ul: np.uint64, ta
     w[g + 4], w[g + 5], w[g + 6], w[g + 7] = w4, w5, w6, w7
 
 
+class _Intrinsic(Kernel):
+    """A kernel written in LLVM IR: ``build()`` returns the numba intrinsic, and runs (importing
+    numba and llvmlite) only when a kernel that calls it is built."""
+
+    def __init__(self, build: Callable[[], Any]):
+        super().__init__(build, (), {"inline": "always"})
+
+    def dispatcher(self) -> Any:
+        if self._dispatcher is None:
+            self._dispatcher = self.py_func()
+        return self._dispatcher
+
+
+def _vector_ir() -> Any:
+    """What the vector intrinsics are built from (imports numba and llvmlite): 16-lane i32
+    vectors, gathers and scatters through a vector of addresses, a prefetch loop."""
+    from types import SimpleNamespace
+
+    from llvmlite import ir  # type: ignore[import-untyped]
+
+    i1, i32, i64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
+    v32 = ir.VectorType(i32, 16)
+    vptr = ir.VectorType(ir.PointerType(), 16)
+    every = ir.Constant(ir.VectorType(i1, 16), [1] * 16)
+
+    class VectorGEP(ir.instructions.Instruction):  # type: ignore[misc]
+        """``getelementptr`` with a vector of indices, which llvmlite's builder refuses: x86
+        lowers a gather through it to one ``vpgatherdd`` (base + index * scale)."""
+
+        def __init__(self, block: Any, base: Any, index: Any, element: Any):
+            super().__init__(block, vptr, "getelementptr", [base, index])
+            self.element = element
+
+        def descr(self, buf: list[str]) -> None:
+            base, index = self.operands
+            buf.append(f"getelementptr {self.element}, {base.type} {base.get_reference()}, "
+                       f"{index.type} {index.get_reference()}\n")
+
+    def const(v: int) -> Any:
+        return ir.Constant(v32, [v] * 16)
+
+    def function(builder: Any, name: str, ret: Any, args: list[Any]) -> Any:
+        return builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(ret, args), name)
+
+    def addresses(builder: Any, base: Any, index: Any, element: Any) -> Any:
+        ptrs = VectorGEP(builder.block, base, index, element)
+        builder._insert(ptrs)
+        return ptrs
+
+    def gather(builder: Any, base: Any, index: Any, element: Any, value: Any = v32) -> Any:
+        """``base[index]`` for 16 indices, read as ``value`` elements (i32 unless told)."""
+        name = "llvm.masked.gather.v16i32.v16p0" if value is v32 else "llvm.masked.gather.v16f64.v16p0"
+        fn = function(builder, name, value, [vptr, i32, every.type, value])
+        return builder.call(fn, [addresses(builder, base, index, element), ir.Constant(i32, 1), every,
+                                 ir.Constant(value, None)])
+
+    def scatter(builder: Any, base: Any, index: Any, element: Any, v: Any, mask: Any) -> None:
+        """``base[index] = v`` (i32 values) where ``mask`` is set."""
+        fn = function(builder, "llvm.masked.scatter.v16i32.v16p0", ir.VoidType(), [v32, vptr, i32, every.type])
+        builder.call(fn, [v, addresses(builder, base, index, element), ir.Constant(i32, 1), mask])
+
+    def loop(builder: Any, start: Any, stop: Any, step: int, carried: list[Any], body: Any) -> list[Any]:
+        """``for q in range(start, stop, step)`` (``stop`` exclusive; a negative ``step`` counts
+        down to it), with ``carried`` values through ``body(q, carried) -> carried``; returns
+        the carried values at the end."""
+        pre = builder.block
+        cond = builder.append_basic_block("loop.cond")
+        inner = builder.append_basic_block("loop.body")
+        done = builder.append_basic_block("loop.done")
+        builder.branch(cond)
+        builder.position_at_end(cond)
+        q = builder.phi(i64)
+        q.add_incoming(start, pre)
+        phis = [builder.phi(c.type) for c in carried]
+        for ph, c in zip(phis, carried):
+            ph.add_incoming(c, pre)
+        builder.cbranch(builder.icmp_signed("<" if step > 0 else ">", q, stop), inner, done)
+        builder.position_at_end(inner)
+        new = body(q, phis)
+        end = builder.block
+        q.add_incoming(builder.add(q, ir.Constant(i64, step)), end)
+        for ph, c in zip(phis, new):
+            ph.add_incoming(c, end)
+        builder.branch(cond)
+        builder.position_at_end(done)
+        return phis
+
+    def prefetch(builder: Any, base: Any, first: Any, last: Any, per_line: int) -> None:
+        """Ask for ``base[first:last]``, ``per_line`` elements a cache line: the lanes read 32 streams at
+        once, more than the hardware prefetcher follows, and a payload not yet in cache would
+        otherwise cost a miss per line per lane (50% more time on a cold 256 KiB chunk)."""
+        fn = function(builder, "llvm.prefetch.p0", ir.VoidType(), [ir.PointerType(), i32, i32, i32])
+
+        def touch(q: Any, carried: list[Any]) -> list[Any]:
+            line = builder.bitcast(builder.gep(base, [q]), ir.PointerType())
+            builder.call(fn, [line, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            return carried
+        loop(builder, first, last, per_line, [], touch)
+
+    return SimpleNamespace(ir=ir, i32=i32, i64=i64, v32=v32, const=const, gather=gather, scatter=scatter,
+                           loop=loop, prefetch=prefetch)
+
+
+def _build_enc32() -> Any:
+    """``_enc32(x, w, g, sym, tab, rcp, words, steps, lanes)``: :func:`_encode_group` for lanes
+    ``g .. g + 31`` and all ``steps`` full steps, 16 lanes a vector, bit for bit: ``tab`` and
+    ``rcp`` are :func:`_encode_tables`' (``tab`` as uint32), read by gathers; the renormalisation
+    words go out by a scatter masked to the lanes that shrink, two bytes more than the word each
+    (so a lane's ``words`` room holds one more). States and word positions stay in registers."""
+    from numba.core import types
+    from numba.extending import intrinsic
+
+    t = _vector_ir()
+    ir, i64, v32, const = t.ir, t.i64, t.v32, t.const
+    i8, i16, i32 = ir.IntType(8), ir.IntType(16), t.i32
+    f64 = ir.VectorType(ir.DoubleType(), 16)
+
+    def step(builder: Any, x: Any, w: Any, sym: Any, tab: Any, rcp: Any, words: Any, o: Any) -> tuple[Any, Any]:
+        at = builder.bitcast(builder.gep(sym, [o]), ir.VectorType(i8, 16).as_pointer())
+        s = builder.zext(builder.load(at, align=1), v32)
+        e = t.gather(builder, tab, s, i32)
+        f = builder.and_(e, const(0xFFFF))
+        need = builder.icmp_unsigned(">=", builder.lshr(x, const(20)), f)
+        t.scatter(builder, words, w, i16, x, need)
+        x = builder.select(need, builder.lshr(x, const(16)), x)
+        q = builder.fptoui(builder.fmul(builder.uitofp(x, f64), t.gather(builder, rcp, s, ir.DoubleType(), f64)), v32)
+        x = builder.add(builder.add(builder.shl(q, const(12)), builder.sub(x, builder.mul(q, f))),
+                        builder.lshr(e, const(16)))
+        return x, builder.add(w, builder.zext(need, v32))
+
+    @intrinsic
+    def enc32(typingctx: Any, x: Any, w: Any, g: Any, sym: Any, tab: Any, rcp: Any, words: Any, steps: Any,
+              lanes: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            g, steps, lanes = args[2], args[7], args[8]
+            xs, ws, sym, tab, rcp, words = (context.make_array(sig.args[i])(context, builder, args[i]).data
+                                            for i in (0, 1, 3, 4, 5, 6))
+            at = [builder.bitcast(builder.gep(a, [builder.add(g, ir.Constant(i64, h))]), v32.as_pointer())
+                  for a in (xs, ws) for h in (0, 16)]
+            start = [builder.load(a, align=4) for a in at]
+
+            def body(k: Any, state: list[Any]) -> list[Any]:
+                o = builder.add(g, builder.mul(k, lanes))
+                x0, w0 = step(builder, state[0], state[2], sym, tab, rcp, words, o)
+                x1, w1 = step(builder, state[1], state[3], sym, tab, rcp, words, builder.add(o, ir.Constant(i64, 16)))
+                return [x0, x1, w0, w1]
+            last = builder.sub(steps, ir.Constant(i64, 1))
+            for a, v in zip(at, t.loop(builder, last, ir.Constant(i64, -1), -1, start, body)):
+                builder.store(v, a, align=4)
+            return context.get_dummy_value()
+        return types.void(x, w, g, sym, tab, rcp, words, steps, lanes), codegen
+    return enc32
+
+
+_enc32 = _Intrinsic(_build_enc32)
+
+
 @kernel("(ro(uint8[::1]), int64, int64, int64[::1], int64[::1], int64, uint8[::1], int64)")
 def _rans_encode_plane(sym: U8, n: int, lanes: int, freq: I64, cum: I64, prob_bits: int, out: U8,
                        pos: int) -> int:
     """Write the lane-length table and lane streams at ``out[pos:]``; return the end offset.
 
-    Lanes are encoded from the last symbol back, in groups of eight (:func:`_encode_group`). Lane
-    ``j`` writes its words, last first, at ``words[j * (steps + 1):]``.
+    Lanes are encoded from the last symbol back, 32 at a time (:func:`_enc32`) for the writer's
+    default, else in groups of eight (:func:`_encode_group`). Lane ``j`` writes its words, last
+    first, at ``words[j * (steps + 2):]`` (a word's room more than it can write: the vector
+    encoder stores two bytes beyond the word).
     """
     steps = n // lanes
     rem = n - steps * lanes
-    room = _U(steps + 1)
-    words = np.empty(lanes * (steps + 1), dtype=np.uint16)
+    room = _U(steps + 2)
+    words = np.empty(lanes * (steps + 2), dtype=np.uint16)
     sh = _U(32 - prob_bits)
     pb = _U(prob_bits)
     tab, rcp = _encode_tables(freq, cum)
@@ -305,6 +464,14 @@ def _rans_encode_plane(sym: U8, n: int, lanes: int, freq: I64, cum: I64, prob_bi
         x[j], w[j] = _encode_one(x[j], w[j], sym[steps * lanes + j], tab, rcp, sh, pb, words)
     ul = _U(lanes)
     g = 0
+    if prob_bits == 12 and lanes % 32 == 0:
+        x32, w32 = x.astype(np.uint32), w.astype(np.uint32)
+        tab32 = tab.astype(np.uint32)
+        for h in range(0, lanes, 32):
+            _enc32(x32, w32, h, sym, tab32, rcp, words, steps, lanes)
+        x[:] = x32
+        w[:] = w32
+        g = lanes
     while g + 8 <= lanes:
         if prob_bits == 12:  # the writer's default, with the shifts as constants
             _encode_group(x, w, g, sym, steps, ul, tab, rcp, _U(20), _U(12), words)
@@ -324,7 +491,7 @@ def _rans_encode_plane(sym: U8, n: int, lanes: int, freq: I64, cum: I64, prob_bi
         start = pos
         _put_u32(out, pos, x[j])
         pos += 4
-        first = j * (steps + 1)
+        first = j * (steps + 2)
         nw = np.int64(w[j]) - first
         dst = out16[pos >> 1:(pos >> 1) + nw]
         src = words[first:first + nw]
@@ -494,130 +661,53 @@ def _decode_group(x: U32, ptr: U32, g: int, dec: U32, words: U16, out: U8, steps
     ptr[g + 4], ptr[g + 5], ptr[g + 6], ptr[g + 7] = p4, p5, p6, p7
 
 
-class _Intrinsic(Kernel):
-    """A kernel written in LLVM IR: ``build()`` returns the numba intrinsic, and runs (importing
-    numba and llvmlite) only when a kernel that calls it is built."""
-
-    def __init__(self, build: Callable[[], Any]):
-        super().__init__(build, (), {"inline": "always"})
-
-    def dispatcher(self) -> Any:
-        if self._dispatcher is None:
-            self._dispatcher = self.py_func()
-        return self._dispatcher
-
-
 def _build_run32() -> Any:
-    """``_run32(x, ptr, g, dec, words, out, steps, lanes, first, last)``: lanes ``g .. g + 31`` of a plane, all
-    ``steps`` steps (symbol ``k`` of lane ``j`` at ``out[k * lanes + j]``), as :func:`_decode_one`
-    without clamping, 16 lanes a vector: a step's two table loads (the slot's entry, the lane's
-    next word) are gathers, its 16 symbols one store. The two vectors' states stay in registers
-    over the steps, two chains the CPU overlaps.
+    """``_run32(x, ptr, g, dec, words, out, steps, lanes, first, last)``: lanes ``g .. g + 31`` of
+    a plane, all ``steps`` steps (symbol ``k`` of lane ``j`` at ``out[k * lanes + j]``), as
+    :func:`_decode_one` without clamping, 16 lanes a vector: a step's two table loads (the slot's
+    entry, the lane's next word) are gathers, its 16 symbols one store. The two vectors' states
+    stay in registers over the steps, two chains the CPU overlaps. ``words[first:last]`` (the
+    lanes' streams) are prefetched first.
 
     numba cannot vectorise the lane loop itself: LLVM cannot prove that the state arrays do not
     alias the table, so it keeps it scalar. The caller guarantees what numba would not check:
     32 lanes at ``g``, the output's length, and a 4-byte read at every ``words[ptr[j] + k]``.
     """
-    from llvmlite import ir  # type: ignore[import-untyped]
     from numba.core import types
     from numba.extending import intrinsic
 
-    i1, i8, i16, i32, i64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
-    v32 = ir.VectorType(i32, 16)
-
-    class VectorGEP(ir.instructions.Instruction):  # type: ignore[misc]
-        """``getelementptr`` with a vector of indices, which llvmlite's builder refuses: x86
-        lowers a gather through it to one ``vpgatherdd`` (base + index * scale)."""
-
-        def __init__(self, block: Any, base: Any, index: Any, element: Any):
-            super().__init__(block, ir.VectorType(ir.PointerType(), 16), "getelementptr", [base, index])
-            self.element = element
-
-        def descr(self, buf: list[str]) -> None:
-            base, index = self.operands
-            buf.append(f"getelementptr {self.element}, {base.type} {base.get_reference()}, "
-                       f"{index.type} {index.get_reference()}\n")
-
-    def const(v: int) -> Any:
-        return ir.Constant(v32, [v] * 16)
-
-    def gather(builder: Any, base: Any, index: Any, element: Any) -> Any:
-        name = "llvm.masked.gather.v16i32.v16p0"
-        fn = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(
-            v32, [ir.VectorType(ir.PointerType(), 16), i32, ir.VectorType(i1, 16), v32]), name)
-        ptrs = VectorGEP(builder.block, base, index, element)
-        builder._insert(ptrs)
-        return builder.call(fn, [ptrs, ir.Constant(i32, 1), ir.Constant(ir.VectorType(i1, 16), [1] * 16),
-                                 ir.Constant(v32, None)])
+    t = _vector_ir()
+    ir, i64, v32, const = t.ir, t.i64, t.v32, t.const
+    i8, i16, i32 = ir.IntType(8), ir.IntType(16), t.i32
 
     def step(builder: Any, x: Any, p: Any, dec: Any, words: Any, out: Any, o: Any) -> tuple[Any, Any]:
-        e = gather(builder, dec, builder.and_(x, const(0xFFF)), i32)
+        e = t.gather(builder, dec, builder.and_(x, const(0xFFF)), i32)
         f = builder.and_(builder.lshr(e, const(8)), const(0xFFF))
         x = builder.add(builder.mul(f, builder.lshr(x, const(12))), builder.lshr(e, const(20)))
         at = builder.bitcast(builder.gep(out, [o]), ir.VectorType(i8, 16).as_pointer())
         builder.store(builder.trunc(e, ir.VectorType(i8, 16)), at, align=1)
-        word = builder.and_(gather(builder, words, p, i16), const(0xFFFF))
+        word = builder.and_(t.gather(builder, words, p, i16), const(0xFFFF))
         need = builder.icmp_unsigned("<", x, const(RANS_L))
         return builder.select(need, builder.or_(builder.shl(x, const(16)), word), x), builder.add(p, builder.zext(need, v32))
-
-    def prefetch(builder: Any, words: Any, first: Any, last: Any) -> None:
-        """Ask for ``words[first:last]`` a cache line at a time: the lanes read 32 streams at
-        once, more than the hardware prefetcher follows, and a payload not yet in cache would
-        otherwise cost a miss per line per lane (50% more time on a cold 256 KiB chunk)."""
-        name = "llvm.prefetch.p0"
-        fn = builder.module.globals.get(name) or ir.Function(
-            builder.module, ir.FunctionType(ir.VoidType(), [ir.PointerType(), i32, i32, i32]), name)
-        pre = builder.block
-        cond = builder.append_basic_block("prefetch.cond")
-        body = builder.append_basic_block("prefetch.body")
-        done = builder.append_basic_block("prefetch.done")
-        builder.branch(cond)
-        builder.position_at_end(cond)
-        q = builder.phi(i64)
-        q.add_incoming(first, pre)
-        builder.cbranch(builder.icmp_signed("<", q, last), body, done)
-        builder.position_at_end(body)
-        line = builder.bitcast(builder.gep(words, [q]), ir.PointerType())
-        builder.call(fn, [line, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        q.add_incoming(builder.add(q, ir.Constant(i64, 32)), builder.block)
-        builder.branch(cond)
-        builder.position_at_end(done)
 
     @intrinsic
     def run32(typingctx: Any, x: Any, ptr: Any, g: Any, dec: Any, words: Any, out: Any, steps: Any, lanes: Any,
               first: Any, last: Any) -> Any:
         def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
             g, steps, lanes, first, last = args[2], args[6], args[7], args[8], args[9]
-            data = [context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 1, 3, 4, 5)]
-            xs, ps, dec, words, out = data
+            xs, ps, dec, words, out = (context.make_array(sig.args[i])(context, builder, args[i]).data
+                                       for i in (0, 1, 3, 4, 5))
             at = [builder.bitcast(builder.gep(a, [builder.add(g, ir.Constant(i64, h))]), v32.as_pointer())
                   for a in (xs, ps) for h in (0, 16)]
             start = [builder.load(a, align=4) for a in at]
-            prefetch(builder, words, first, last)
-            pre = builder.block
-            cond = builder.append_basic_block("rans.cond")
-            body = builder.append_basic_block("rans.body")
-            done = builder.append_basic_block("rans.done")
-            builder.branch(cond)
-            builder.position_at_end(cond)
-            k, o = builder.phi(i64), builder.phi(i64)
-            state = [builder.phi(v32) for _ in start]
-            k.add_incoming(ir.Constant(i64, 0), pre)
-            o.add_incoming(g, pre)
-            for ph, v in zip(state, start):
-                ph.add_incoming(v, pre)
-            builder.cbranch(builder.icmp_signed("<", k, steps), body, done)
-            builder.position_at_end(body)
-            x0, p0 = step(builder, state[0], state[2], dec, words, out, o)
-            x1, p1 = step(builder, state[1], state[3], dec, words, out, builder.add(o, ir.Constant(i64, 16)))
-            end = builder.block
-            k.add_incoming(builder.add(k, ir.Constant(i64, 1)), end)
-            o.add_incoming(builder.add(o, lanes), end)
-            for ph, v in zip(state, (x0, x1, p0, p1)):
-                ph.add_incoming(v, end)
-            builder.branch(cond)
-            builder.position_at_end(done)
-            for a, v in zip(at, state):
+            t.prefetch(builder, words, first, last, 32)
+
+            def body(k: Any, state: list[Any]) -> list[Any]:
+                o = builder.add(g, builder.mul(k, lanes))
+                x0, p0 = step(builder, state[0], state[2], dec, words, out, o)
+                x1, p1 = step(builder, state[1], state[3], dec, words, out, builder.add(o, ir.Constant(i64, 16)))
+                return [x0, x1, p0, p1]
+            for a, v in zip(at, t.loop(builder, ir.Constant(i64, 0), steps, 1, start, body)):
                 builder.store(v, a, align=4)
             return context.get_dummy_value()
         return types.void(x, ptr, g, dec, words, out, steps, lanes, first, last), codegen
