@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,6 +133,32 @@ def test_an_error_in_a_task_is_its_elves_error(executor: str, dataset, tmp_path:
     report = s.gc()
     assert report.objects_removed == 0 and report.objects_kept == 15, report
     assert s.verify().ok
+
+
+@pytest.mark.realdata
+def test_another_writer_commits_while_the_batch_codes(dataset, tmp_path: Path) -> None:
+    """The tasks code without the writer lock: an add by another writer, made as the batch's first
+    file is coded, commits at once; the batch reads the store again at its next commit and
+    commits its models after it."""
+    openff = dataset("openff")
+    s = Store.init(tmp_path / "s")
+    other: list[AddResult] = []
+
+    def add_beside(_: int) -> None:
+        if other:
+            return
+        th = threading.Thread(target=lambda: other.append(Store(s.path).add(dataset("minilm"), "other")), daemon=True)
+        th.start()
+        th.join(120)
+        assert other, "the other writer waited for the batch's lock"
+
+    srcs = [(openff / f"{OPENFF[1]}.pt", OPENFF[1]), (openff / f"{OPENFF[2]}.pt", OPENFF[2])]
+    results = add_many(s, srcs, executor="local", workers=1, progress=add_beside)
+    assert [m.name for m in s.models()] == ["other", OPENFF[1], OPENFF[2]]
+    assert results[1].base == OPENFF[1] and results[1].delta_objects > 0 and s.verify().ok
+    for path, name in srcs:
+        s.restore(name, tmp_path / f"{name}.pt")
+        assert (tmp_path / f"{name}.pt").read_bytes() == path.read_bytes()
 
 
 @pytest.mark.realdata

@@ -11,8 +11,16 @@ base as a sequential add in that order would (:func:`~elves.store.planner.choose
 stored models and the new ones before it). The workers code the files into objects, a task per
 file with tensors (small files together), each opening the store itself and running the code
 of the sequential add (:func:`~elves.store.ingest.add_files` with the planner of the chosen
-base). The driver commits each model, in that order, through :class:`StagedAdd` like any add,
-holding the writer lock from the plan to the last commit.
+base). The driver commits each model, in that order, through :class:`StagedAdd` like any add.
+
+Only the commits take the writer lock (the lease on object storage), one at a time: objects are
+named by their content and written once, so the tasks write them without it, and another writer
+may commit between two of the batch's commits. Under the lock a commit first reads the store
+again if its manifests changed since (another writer's models are then candidates for the
+base; a base that changes from the plan's stops the batch with a clear error: run it again), and
+checks that every object its tasks stored or found is still there (a gc, or another writer's
+failed add, may have removed one meanwhile). A failed batch removes the objects its tasks
+created under the lock too, but for those another writer's manifest names by then.
 
 What a file's coding reads of the store orders the tasks (a DAG):
 
@@ -45,7 +53,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -61,7 +69,7 @@ from ..model import SourceFile
 from ..parallel import default_threads
 from ..readers import read_model
 from .ingest import Added, ProgressFn, add_files
-from .layout import object_at
+from .layout import MODELS, object_at
 from .location import open_storage
 from .manifests import PACK_BELOW, manifests, profiles
 from .objects import ObjectMeta
@@ -73,6 +81,7 @@ from .store import Store, default_name
 
 EXECUTORS = ("local", "ray")
 RAY_CONNECT_SECONDS = 10.0        # a Ray client that cannot join retries forever (a missing token)
+CHECKS = 32                       # existence checks at a commit run side by side (HEADs on object storage)
 SMALL_FILES_BYTES = 64 << 20      # files without tensors are coded together, up to this much a task
 
 Location = tuple[str | Path, dict[str, Any] | None]   # what a task opens the store with
@@ -309,7 +318,8 @@ class _FileDone:
 
 def _encode(location: Location, base: str | None, files: list[SourceFile], threads: int) -> list[_FileDone]:
     """Store ``files`` (one model's) into the store at ``location``, coded against ``base`` as
-    a sequential add codes them; on a failure, remove the objects this task created."""
+    a sequential add codes them, without the writer lock; on a failure, remove the objects this
+    task created (under the lock, but for any another writer committed meanwhile)."""
     storage = open_storage(*location)
     plan = planner(storage, base) if base is not None else None
     out: list[_FileDone] = []
@@ -325,11 +335,7 @@ def _encode(location: Location, base: str | None, files: list[SourceFile], threa
                 out.append(_FileDone(added.entries[0], list(added.written), added.created,
                                      added.reused, sum(s.length for s in sf.segments)))
     except BaseException:
-        for at in created:
-            try:
-                storage.delete(at)
-            except ElvesError:  # gc does the rest
-                pass
+        _remove_unused(storage, created)
         raise
     finally:
         if plan is not None:
@@ -484,10 +490,8 @@ def _adopt(staged: StagedAdd, sf: SourceFile, done: _FileDone, claimed: set[str]
         if key not in by_task and key in written and key not in claimed:
             mine.append((key, written[key]))
             reused -= 1
-    created = set(done.created)
     claimed.update(key for key, _ in mine)
-    staged.adopt(sf.relpath, sf.size, done.entry, mine,
-                 [object_at(key) for key, _ in mine if key not in by_task or object_at(key) in created], reused)
+    staged.adopt(sf.relpath, sf.size, done.entry, mine, reused)
 
 
 def add_many(store: Store, sources: Sequence[tuple[str | os.PathLike[str], str | None]], *, executor: str = "local",
@@ -547,18 +551,18 @@ def add_scanned(store: Store, run: Runner, scanned: Sequence[tuple[str, Scanned]
                 replace: bool = False, committed: Callable[[str, AddResult], None] | None = None) -> list[AddResult]:
     """The second half of :func:`add_many`, for models its caller's tasks read (the mirror's
     downloads): plan, code on ``run`` and commit the (name, :class:`Scanned`) of ``scanned``,
-    holding the writer lock. ``replace``: a stored model of the same name is replaced.
-    ``committed(name, result)`` is called, still under the lock, after each model's commit."""
+    taking the writer lock for each commit. ``replace``: a stored model of the same name is
+    replaced. ``committed(name, result)`` is called, still under the lock, after each commit."""
     models = [_Model(i, name, sc.files, sc.single, sc.profile, sc.origin, sc.by_file)
               for i, (name, sc) in enumerate(scanned)]
-    with store.locked():
-        return _run(store, models, run, location, base, threads, progress, replace, committed)
+    return _run(store, models, run, location, base, threads, progress, replace, committed)
 
 
 def _run(store: Store, models: list[_Model], run: Runner, location: Location, base: str | None,
          threads: int, progress: ProgressFn | None, replace: bool,
          committed: Callable[[str, AddResult], None] | None) -> list[AddResult]:
-    """Plan and add ``models``, holding the writer lock (the caller does)."""
+    """Plan and add ``models``: the tasks code without the writer lock (objects are named by
+    their content and written once), each commit takes it."""
     storage = store.storage
     nthreads = default_threads(None)
     results: dict[int, AddResult] = {}
@@ -566,11 +570,12 @@ def _run(store: Store, models: list[_Model], run: Runner, location: Location, ba
     kept: set[str] = set()             # objects the committed models reference
     written: dict[str, ObjectMeta] = {}
     created: list[str] = []            # paths of objects tasks created
+    seen = _listing(storage)
     mans = manifests(storage)
-    # the stored models and their profiles, read once: no other writer changes them while the
-    # batch holds the lock, and each commit adds its own (re-read only after a commit re-coded some)
+    # the stored models and their profiles, read once, and kept up to date by each commit: read
+    # again only when another writer changed the manifests meanwhile, or a commit re-coded models
     stored = list(zip(mans, profiles(storage, mans)))
-    with ThreadPoolExecutor(nthreads) as pool, ExitStack() as stack:
+    with ThreadPoolExecutor(nthreads) as pool, ThreadPoolExecutor(CHECKS) as checks, ExitStack() as stack:
         staged = {m.name: stack.enter_context(StagedAdd(storage, m.name, base, pool, nthreads, progress, m.profile,
                                                                replace=replace, stored=stored))
                   for m in models}
@@ -590,37 +595,73 @@ def _run(store: Store, models: list[_Model], run: Runner, location: Location, ba
                                      lambda s: all(k in claimed or k in written or k in before for k in _found(s))):
                     m = step.model
                     st = staged[m.name]
-                    if not m.by_file or any(seg.dtype is not None for sf in m.files for seg in sf.segments):
-                        st.decide()  # from the store as it is now (a base given by hand was checked above)
-                    if st.base != step.base:
-                        raise StoreError(f"model {m.name!r}: the plan chose {step.base!r} as its base, the store "
-                                         f"{st.base!r} (a bug: add it on its own)", storage.where(""))
-                    for i, sf in enumerate(m.files):
-                        _adopt(st, sf, step.done[i], claimed, written)
-                    res = st.commit([sf.relpath for sf in m.files], source="file" if m.single else "folder",
-                                    origin=m.origin)
-                    res.seconds = time.perf_counter() - step.started
-                    results[m.index] = res
-                    kept.update(seg[0] for d in step.done.values() for seg in d.entry["segments"])
-                    if res.repacked or res.notes:  # re-coded models: their manifests changed
-                        mans = manifests(storage)
-                        stored[:] = zip(mans, profiles(storage, mans))
-                    else:
-                        assert st.manifest is not None
-                        stored[:] = [x for x in stored if x[0]["name"] != m.name] + [
-                            (st.manifest, ModelProfile.from_json(m.profile.to_json()))]
-                    if committed is not None:
-                        committed(m.name, res)
+                    with storage.locked():
+                        changed = _listing(storage) != seen
+                        if changed:  # another writer committed, removed or re-coded models
+                            mans = manifests(storage)
+                            stored[:] = zip(mans, profiles(storage, mans))
+                        _check_present(storage, step, checks)
+                        if not m.by_file or any(seg.dtype is not None for sf in m.files for seg in sf.segments):
+                            st.decide()  # from the store as it is now (a base given by hand was checked above)
+                        if st.base != step.base:
+                            raise StoreError(f"model {m.name!r}: the plan chose {step.base!r} as its base, the store "
+                                             f"now {st.base!r}" + (": another writer changed the store while the "
+                                                                   "batch ran; run it again (what is committed stays)"
+                                                                   if changed else " (a bug: add it on its own)"),
+                                             storage.where(""))
+                        for i, sf in enumerate(m.files):
+                            _adopt(st, sf, step.done[i], claimed, written)
+                        res = st.commit([sf.relpath for sf in m.files], source="file" if m.single else "folder",
+                                        origin=m.origin)
+                        res.seconds = time.perf_counter() - step.started
+                        results[m.index] = res
+                        kept.update(seg[0] for d in step.done.values() for seg in d.entry["segments"])
+                        if res.repacked or res.notes:  # re-coded models: their manifests changed
+                            mans = manifests(storage)
+                            stored[:] = zip(mans, profiles(storage, mans))
+                        else:
+                            assert st.manifest is not None
+                            stored[:] = [x for x in stored if x[0]["name"] != m.name] + [
+                                (st.manifest, ModelProfile.from_json(m.profile.to_json()))]
+                        if committed is not None:
+                            committed(m.name, res)
+                        seen = _listing(storage)
         except BaseException:
             run.cancel()
-            for at in created:
-                if at.rsplit("/", 1)[-1] not in kept:
-                    try:
-                        storage.delete(at)
-                    except ElvesError:  # gc does the rest
-                        pass
+            _remove_unused(storage, [at for at in created if at.rsplit("/", 1)[-1] not in kept])
             raise
     return [results[m.index] for m in sorted(models, key=lambda m: m.index)]
+
+
+def _listing(storage: Storage) -> dict[str, int]:
+    """The manifests' keys and sizes: what tells a batch that another writer changed them."""
+    return {e.key: e.size for e in storage.list(MODELS)}
+
+
+def _check_present(storage: Storage, step: _Step, pool: Executor) -> None:
+    """Refuse to commit a model whose tasks' objects are gone: a gc, or another writer's failed
+    add that created an object the tasks found, may have deleted one before the lock was taken."""
+    keys = list(dict.fromkeys(seg[0] for d in step.done.values() for seg in d.entry["segments"]))
+    for key, there in zip(keys, pool.map(lambda k: storage.exists(object_at(k)), keys)):
+        if not there:
+            raise StoreError(f"model {step.model.name!r}: object {key}, which its tasks stored or found, is gone "
+                             "(a gc or another writer's failed add beside the batch): run the batch again",
+                             storage.where(object_at(key)))
+
+
+def _remove_unused(storage: Storage, places: list[str]) -> None:
+    """Remove the objects a failed batch's tasks created, under the writer lock, but for those a
+    manifest names by now (another writer that found one there may have committed it)."""
+    if not places:
+        return
+    try:
+        with storage.locked():
+            named = {seg[0] for m in manifests(storage) for f in m["files"] for seg in f["segments"]}
+            for at in places:
+                if at.rsplit("/", 1)[-1] not in named:
+                    storage.delete(at)
+    except ElvesError:  # the lock or a delete failed: gc does the rest
+        pass
 
 
 def _execute(steps: list[_Step], run: Runner, location: Location, threads: int, progress: ProgressFn | None,

@@ -192,10 +192,10 @@ class StagedAdd:
             check_fits(plan, files, self.base_arg, self.storage.where(""))
 
     def adopt(self, relpath: str, size: int, entry: dict[str, Any], objects: list[tuple[str, ObjectMeta]],
-              created: list[str], reused: int) -> None:
-        """Record a file whose objects someone else stored (a worker of ``add_many``): its
-        manifest entry, the objects that count as this add's (and of those, the ``created`` keys'
-        places, which a failed add removes), and how many of its segments were already stored."""
+              reused: int) -> None:
+        """Record a file whose objects someone else stored (a worker of ``add_many``, which
+        removes them itself if the batch fails): its manifest entry, the objects that count as
+        this add's, and how many of its segments were already stored."""
         if relpath in self.entries:
             raise StoreError(f"{relpath} was added twice to model {self.name!r}", self.storage.where(""))
         for key, meta in objects:
@@ -203,7 +203,6 @@ class StagedAdd:
             self.out.new += 1
             self.out.delta += bool(meta.refs)
             self.out.tensors += meta.kind == "tensor"
-        self.out.created += created
         self.out.reused += reused
         self.out.entries.append(entry)
         self.entries[relpath] = entry
