@@ -266,8 +266,16 @@ def test_mirror_pull_into_an_s3_store(url: str, tmp_path: Path) -> None:
         r = mirror.pull(store, "acme/toy", endpoint=hub.url)
         assert r.commit == commit and r.files == 3
         assert mirror.pull(Store(url), "acme/toy", endpoint=hub.url).already
+        # several repos on workers: each downloads into this machine's staging, the driver commits
+        more = {"config.json": b'{"model_type": "toy"}', "data/w.bin": files["data/w.bin"][::-1]}
+        c2 = hub.commit("acme/toy2", more)
+        pulled, failed = mirror.pull_many(store, [("acme/toy2", None), ("acme/toy", None)], workers=1,
+                                          endpoint=hub.url)
+        assert not failed and [(p.commit, p.already) for p in pulled] == [(c2, False), (commit, True)]
     store.restore(r.model, tmp_path / "out")
     assert {p: (tmp_path / "out" / p).read_bytes() for p in files} == files
+    store.restore(pulled[0].model, tmp_path / "out2")
+    assert {p: (tmp_path / "out2" / p).read_bytes() for p in more} == more
 
 
 def test_errors_and_ls_name_the_url(url: str, s3: S3, tmp_path: Path) -> None:
