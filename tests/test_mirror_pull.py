@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from urllib.parse import quote
 from pathlib import Path
 from typing import Any
 
@@ -385,3 +386,30 @@ def test_pull_list_on_workers_is_the_sequential_pull(executor: str, request: pyt
     results, failures = mirror.pull_many(par, [(BASE, None), ("acme/toy", None)], executor="local", workers=1,
                                          endpoint=hub.url)
     assert not failures and all(r.already for r in results) and hub.downloads() == before
+
+
+def test_pull_list_goes_in_waves(hub: HubStandin, store: Store, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A list larger than a wave: each wave is downloaded, coded and committed before the next
+    is downloaded (one repo a wave here), and its downloads are gone once it is committed."""
+    pulling = importlib.import_module("elves.mirror.pull")   # the module: the package names its function pull
+
+    repos = {f"acme/w{i}": small_repo(2, seed=10 + i) for i in range(3)}
+    commits = {r: hub.commit(r, files) for r, files in repos.items()}
+    monkeypatch.setattr(pulling, "WAVE_BYTES", 1)
+    staged: list[list[str]] = []
+    add = pulling.add_scanned
+
+    def watched(st: Store, run: Any, scanned: Any, *args: Any, **kwargs: Any) -> Any:
+        # as each wave's models are coded: the downloads on disk are this wave's only
+        staged.append(sorted(p.name for p in (Path(st.path) / "tmp/staged").glob("*")))
+        return add(st, run, scanned, *args, **kwargs)
+
+    monkeypatch.setattr(pulling, "add_scanned", watched)
+    results, failures = mirror.pull_many(store, [(r, None) for r in repos], workers=1, endpoint=hub.url)
+    assert not failures and [(r.repo_id, r.commit) for r in results] == list(commits.items())
+    assert staged == [[quote(f"{r}@{c}", safe="")] for r, c in commits.items()]
+    assert not list((Path(store.path) / "tmp/staged").glob("*"))
+    for r in results:
+        store.restore(r.model, tmp_path / r.commit)
+        assert {p: (tmp_path / r.commit / p).read_bytes() for p in repos[r.repo_id]} == repos[r.repo_id]

@@ -54,6 +54,12 @@ STAGING_BYTES = 2 << 30
 """Files are downloaded ahead of the one being stored up to this many bytes (but always one, of any
 size): disk use beyond the store stays near the largest file, never a second copy of the repo."""
 
+WAVE_BYTES = 64 << 30
+""":func:`pull_many` downloads the repos of a list in waves of up to this many bytes (at least one
+repo), each committed before the next is downloaded. Within a wave bases are coded before the
+fine-tunes that delta against them; a fine-tune whose base comes in a later wave is stored first
+and re-coded as the base's delta when it arrives, as pulling them one by one in that order does."""
+
 
 @dataclass
 class PullProgress:
@@ -205,7 +211,8 @@ def pull_many(store: Store, specs: Sequence[tuple[str, str | None]], *, executor
     Coding and committing go as in ``add_many``, under the lock: bases before the fine-tunes
     that delta against them, each file coded by a task, the driver committing the manifests and
     the repos' records. On a cluster, the download folders (ELVES_STAGING for a store on object
-    storage) must be where every node reaches them, as ``add_many``'s sources must.
+    storage) must be where every node reaches them, as ``add_many``'s sources must. A long list
+    goes in waves of :data:`WAVE_BYTES`, so that its downloads never need its whole size on disk.
 
     A repo that fails to resolve or download is reported and the others go on; a failure in
     coding stops the models not yet committed. Returns the results (in the order of ``specs``)
@@ -231,42 +238,61 @@ def pull_many(store: Store, specs: Sequence[tuple[str, str | None]], *, executor
         return results, failures
     location = task_location(store)
     t0 = time.perf_counter()
+    done: set[str] = set()
+
+    def committed(name: str, added: AddResult) -> None:
+        done.add(name)
+        for w in todo[name]:
+            w.result.base, w.result.stored_bytes = added.base, added.bytes_added
+            w.result.seconds = time.perf_counter() - t0
+            _record(store, w)
+        store.storage.delete(staging_at(name))  # its downloads, and any journal a pull cut short left
+
     with runner(executor, workers, ray_address) as run:
-        handles = {name: run.submit(_fetch, location, hub.endpoint, token, wants[0].result, wants[0].files, jobs)
-                   for name, wants in todo.items()}
-        scanned: list[tuple[str, Scanned]] = []
-        for name, h in handles.items():
-            wants = todo[name]
+        threads = task_threads(run, executor, ray_address, threads)
+        waves = _waves(todo)
+        for i, wave in enumerate(waves):
+            handles = {name: run.submit(_fetch, location, hub.endpoint, token, todo[name][0].result,
+                                        todo[name][0].files, jobs) for name in wave}
+            scanned: list[tuple[str, Scanned]] = []
+            for name, h in handles.items():
+                wants = todo[name]
+                try:
+                    fetched: _Fetched = run.result(h)
+                except ElvesError as e:
+                    failures += [(f"{w.result.repo_id}@{w.result.revision}", e) for w in wants]
+                    results = [r for r in results if r.model != name]
+                    continue
+                for w in wants:
+                    w.result.downloaded, w.result.downloaded_bytes = fetched.downloaded, fetched.downloaded_bytes
+                    w.result.reused = fetched.reused
+                fetched.scanned.origin = wants[0].origin()
+                scanned.append((name, fetched.scanned))
             try:
-                fetched: _Fetched = run.result(h)
-            except ElvesError as e:
-                failures += [(f"{w.result.repo_id}@{w.result.revision}", e) for w in wants]
-                results = [r for r in results if r.model != name]
-                continue
-            for w in wants:
-                w.result.downloaded, w.result.downloaded_bytes = fetched.downloaded, fetched.downloaded_bytes
-                w.result.reused = fetched.reused
-            fetched.scanned.origin = wants[0].origin()
-            scanned.append((name, fetched.scanned))
-
-        done: set[str] = set()
-
-        def committed(name: str, added: AddResult) -> None:
-            done.add(name)
-            for w in todo[name]:
-                w.result.base, w.result.stored_bytes = added.base, added.bytes_added
-                w.result.seconds = time.perf_counter() - t0
-                _record(store, w)
-            store.storage.delete(staging_at(name))  # its downloads, and any journal a pull cut short left
-
-        try:
-            add_scanned(store, run, scanned, location, base="auto", replace=True, committed=committed,
-                        threads=task_threads(run, executor, ray_address, threads))
-        except ElvesError as e:
-            lost = {name for name, _ in scanned if name not in done}
-            failures += [(f"{w.result.repo_id}@{w.result.revision}", e) for n in lost for w in todo[n]]
-            results = [r for r in results if r.model not in lost]
+                add_scanned(store, run, scanned, location, base="auto", replace=True, committed=committed,
+                            threads=threads)
+            except ElvesError as e:  # the models not committed yet, and the waves after, fail with it
+                lost = {name for name, _ in scanned if name not in done} | {n for later in waves[i + 1:] for n in later}
+                failures += [(f"{w.result.repo_id}@{w.result.revision}", e) for n in lost for w in todo[n]]
+                results = [r for r in results if r.model not in lost]
+                break
     return results, failures
+
+
+def _waves(todo: dict[str, list[_Wanted]]) -> list[list[str]]:
+    """The models of ``todo`` in the order given, cut into waves of up to :data:`WAVE_BYTES` of
+    files (at least one model each): a wave's downloads lie on the workers' disks until its models
+    are committed, so a long list never needs its whole size on disk."""
+    waves: list[list[str]] = []
+    size = 0
+    for name, wants in todo.items():
+        n = wants[0].result.bytes
+        if not waves or size + n > WAVE_BYTES:
+            waves.append([])
+            size = 0
+        waves[-1].append(name)
+        size += n
+    return waves
 
 
 def _pulling_at(name: str) -> str:
