@@ -661,17 +661,18 @@ def _decode_group(x: U32, ptr: U32, g: int, dec: U32, words: U16, out: U8, steps
     ptr[g + 4], ptr[g + 5], ptr[g + 6], ptr[g + 7] = p4, p5, p6, p7
 
 
-def _build_run32() -> Any:
-    """``_run32(x, ptr, g, dec, words, out, steps, lanes, first, last)``: lanes ``g .. g + 31`` of
-    a plane, all ``steps`` steps (symbol ``k`` of lane ``j`` at ``out[k * lanes + j]``), as
-    :func:`_decode_one` without clamping, 16 lanes a vector: a step's two table loads (the slot's
-    entry, the lane's next word) are gathers, its 16 symbols one store. The two vectors' states
-    stay in registers over the steps, two chains the CPU overlaps. ``words[first:last]`` (the
-    lanes' streams) are prefetched first.
+def _build_run(vectors: int) -> Any:
+    """``run(x, ptr, g, dec, words, out, steps, lanes, first, last)``: lanes ``g .. g + 16 *
+    vectors - 1`` of a plane, all ``steps`` steps (symbol ``k`` of lane ``j`` at ``out[k * lanes +
+    j]``), as :func:`_decode_one` without clamping, 16 lanes a vector: a step's two table loads
+    (the slot's entry, the lane's next word) are gathers, its 16 symbols one store. The vectors'
+    states stay in registers over the steps, chains the CPU overlaps. ``words[first:last]`` (the
+    lanes' streams) are prefetched first. The writer's 32 lanes are two vectors (``_run32``);
+    bench/rans_lanes.py builds wider ones to time containers with more lanes.
 
     numba cannot vectorise the lane loop itself: LLVM cannot prove that the state arrays do not
     alias the table, so it keeps it scalar. The caller guarantees what numba would not check:
-    32 lanes at ``g``, the output's length, and a 4-byte read at every ``words[ptr[j] + k]``.
+    the lanes at ``g``, the output's length, and a 4-byte read at every ``words[ptr[j] + k]``.
     """
     from numba.core import types
     from numba.extending import intrinsic
@@ -691,30 +692,30 @@ def _build_run32() -> Any:
         return builder.select(need, builder.or_(builder.shl(x, const(16)), word), x), builder.add(p, builder.zext(need, v32))
 
     @intrinsic
-    def run32(typingctx: Any, x: Any, ptr: Any, g: Any, dec: Any, words: Any, out: Any, steps: Any, lanes: Any,
+    def run(typingctx: Any, x: Any, ptr: Any, g: Any, dec: Any, words: Any, out: Any, steps: Any, lanes: Any,
               first: Any, last: Any) -> Any:
         def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
             g, steps, lanes, first, last = args[2], args[6], args[7], args[8], args[9]
             xs, ps, dec, words, out = (context.make_array(sig.args[i])(context, builder, args[i]).data
                                        for i in (0, 1, 3, 4, 5))
             at = [builder.bitcast(builder.gep(a, [builder.add(g, ir.Constant(i64, h))]), v32.as_pointer())
-                  for a in (xs, ps) for h in (0, 16)]
+                  for a in (xs, ps) for h in range(0, 16 * vectors, 16)]
             start = [builder.load(a, align=4) for a in at]
             t.prefetch(builder, words, first, last, 32)
 
             def body(k: Any, state: list[Any]) -> list[Any]:
                 o = builder.add(g, builder.mul(k, lanes))
-                x0, p0 = step(builder, state[0], state[2], dec, words, out, o)
-                x1, p1 = step(builder, state[1], state[3], dec, words, out, builder.add(o, ir.Constant(i64, 16)))
-                return [x0, x1, p0, p1]
+                stepped = [step(builder, state[h], state[vectors + h], dec, words, out,
+                                builder.add(o, ir.Constant(i64, 16 * h))) for h in range(vectors)]
+                return [x for x, _ in stepped] + [p for _, p in stepped]
             for a, v in zip(at, t.loop(builder, ir.Constant(i64, 0), steps, 1, start, body)):
                 builder.store(v, a, align=4)
             return context.get_dummy_value()
         return types.void(x, ptr, g, dec, words, out, steps, lanes, first, last), codegen
-    return run32
+    return run
 
 
-_run32 = _Intrinsic(_build_run32)
+_run32 = _Intrinsic(lambda: _build_run(2))
 
 
 @kernel("(uint32[::1], uint32[::1], uint32[::1], uint32[::1], ro(uint16[::1]), uint8[::1], int64, int64, int64)")
