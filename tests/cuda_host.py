@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from elves.gpu.launcher import COPY_THREADS, DESC, STORED
+from elves.gpu import launcher
+from elves.gpu.launcher import DESC
 
 CUDA_DIR = Path(__file__).resolve().parent.parent / "cuda"
 DECODER = CUDA_DIR / "rans_decode.cu"
+KERNELS = [CUDA_DIR / name for name in launcher.KERNEL_FILES]  # every source elves.gpu compiles
 
 SHIM = r"""
 #include <version>
@@ -53,6 +55,15 @@ namespace { alignas(16) unsigned int smem[16 * 5120 / 4]; }
 template <class T> T __ldg(const T* p) { return *p; }
 template <class T> void __stcs(T* p, T v) { *p = v; }
 inline void __syncwarp() { g_bar->arrive_and_wait(); }
+inline void __syncthreads() { g_bar->arrive_and_wait(); }
+// float64 operations are IEEE on the host (SSE2, no contraction in ISO C++ mode), as the
+// intrinsics are on the device.
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+inline float __double2float_rn(double a) { return static_cast<float>(a); }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline long long __double_as_longlong(double d) { long long v; std::memcpy(&v, &d, 8); return v; }
+inline double __longlong_as_double(long long v) { double d; std::memcpy(&d, &v, 8); return d; }
 template <class T> T exchange(T v, unsigned src) {
     g_xch[threadIdx.x] = (uint64_t)v; g_bar->arrive_and_wait();
     uint64_t r = g_xch[src]; g_bar->arrive_and_wait();
@@ -101,41 +112,46 @@ extern "C" int run_kernel(Kernel k, unsigned threads, const void* descs, unsigne
 
 
 class HostKernels:
-    """The entry points of one compiled source, by name, launched on the host."""
+    """The entry points of compiled sources (one library each), by name, launched on the host."""
 
-    def __init__(self, lib: ctypes.CDLL):
-        self.lib = lib
-        lib.run_kernel.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_void_p, ctypes.c_uint, ctypes.c_void_p]
-        lib.run_kernel.restype = ctypes.c_int
+    def __init__(self, libs: list[ctypes.CDLL]):
+        self.libs = libs
+        for lib in libs:
+            lib.run_kernel.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_void_p, ctypes.c_uint, ctypes.c_void_p]
+            lib.run_kernel.restype = ctypes.c_int
 
     def run(self, name: str, threads: int, descs: int, count: int, status: int) -> None:
         """Launch ``name`` over ``count`` descriptors at address ``descs``, statuses to ``status``."""
         if count:
-            fn = ctypes.cast(getattr(self.lib, name), ctypes.c_void_p).value
-            assert self.lib.run_kernel(fn, threads, descs, count, status) == 0
+            lib = next(lib for lib in self.libs if hasattr(lib, name))
+            fn = ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+            assert lib.run_kernel(fn, threads, descs, count, status) == 0
 
     def launch(self, descs: int, status: int, runs: list[tuple[int, int, int]]) -> None:
-        """What elves.gpu.launcher.Kernels.launch does: one launch per (width, first, count) run."""
-        for width, first, count in runs:
-            name, threads = ("elves_copy_chunks", COPY_THREADS) if width == STORED else (f"elves_rans_decode_w{width}", 32)
+        """What elves.gpu.launcher.Kernels.launch does: one launch per (kernel, first, count) run."""
+        for kernel, first, count in runs:
+            name, threads = launcher.kernel_launch(kernel)
             self.run(name, threads, descs + first * DESC.itemsize, count, status + 4 * first)
 
 
-def compile_source(source: Path, out: Path) -> HostKernels:
-    """``source`` compiled with the shim into a shared library under ``out``; skips the test
-    where g++ (with C++20 <barrier>) is missing."""
+def compile_source(sources: Path | list[Path], out: Path) -> HostKernels:
+    """The sources, each compiled with the shim into a shared library under ``out``; skips the
+    test where g++ (with C++20 <barrier>) is missing."""
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ is not on PATH")
     (out / "shim.cpp").write_text(SHIM)
-    lib = out / f"{source.stem}.so"
-    cmd = [gxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-Wno-unknown-pragmas",
-           f'-DKERNEL_SOURCE="{source}"', "-o", str(lib), str(out / "shim.cpp")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if "ELVES_NO_BARRIER" in proc.stderr:
-        pytest.skip("this g++ has no C++20 <barrier>")
-    assert proc.returncode == 0, proc.stderr
-    return HostKernels(ctypes.CDLL(str(lib)))
+    libs = []
+    for source in [sources] if isinstance(sources, Path) else sources:
+        lib = out / f"{source.stem}.so"
+        cmd = [gxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-Wno-unknown-pragmas",
+               f'-DKERNEL_SOURCE="{source}"', "-o", str(lib), str(out / "shim.cpp")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if "ELVES_NO_BARRIER" in proc.stderr:
+            pytest.skip("this g++ has no C++20 <barrier>")
+        assert proc.returncode == 0, proc.stderr
+        libs.append(ctypes.CDLL(str(lib)))
+    return HostKernels(libs)
 
 
 def aligned(nbytes: int, fill: int = 0) -> np.ndarray:

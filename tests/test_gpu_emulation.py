@@ -27,7 +27,7 @@ from elves.gpu import plan
 from elves.gpu.launcher import DESC, STORED, raise_status
 from tests.conftest import write_safetensors
 
-from .cuda_host import DECODER, HostKernels, aligned, compile_source
+from .cuda_host import KERNELS, HostKernels, aligned, compile_source
 from .test_codecs import weights_like
 
 STAGING = 1 << 20  # small: several batches per archive
@@ -36,7 +36,7 @@ POOL = ThreadPoolExecutor(1)  # the CPU decoder's
 
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory: pytest.TempPathFactory) -> HostKernels:
-    return compile_source(DECODER, tmp_path_factory.mktemp("emulation"))
+    return compile_source(KERNELS, tmp_path_factory.mktemp("emulation"))
 
 
 class HostDecoder:
@@ -108,7 +108,12 @@ class HostDecoder:
             host = aligned(staging_bytes)
             layout = plan.lay_out(batch, host.ctypes.data, {s: b.ctypes.data for s, b in outputs.items()}, 0, refs)
             plan.fill(host, reader, batch, layout)
-            status = np.zeros(len(batch.chunks), np.uint32)
+            if layout.links:
+                sizes = plan.scratch_sizes(host, batch, layout)
+                scratch = aligned(plan.scratch_bytes(sizes))
+                plan.link(host, layout, scratch.ctypes.data, sizes)
+                self._count("elf")
+            status = np.zeros(len(layout.order), np.uint32)
             self.kernels.launch(host.ctypes.data, status.ctypes.data, layout.groups)
             chunks = [batch.chunks[i] for i in layout.order]
             raise_status(status, lambda i: f"{stream_label(reader, chunks[i].stream)}: chunk {chunks[i].index}",
@@ -135,11 +140,11 @@ def model(rng: np.random.Generator, shapes: dict[str, tuple[str, tuple[int, ...]
 
 def fine_tune(dt: str, raw: bytes, rng: np.random.Generator, scale: float) -> bytes:
     """Small updates of a float tensor, as continued training makes (about half of them zero)."""
-    a = np.frombuffer(raw, dtype=elves.dtypes.get(dt).numpy).astype(np.float32)
+    a = np.frombuffer(raw, dtype=elves.dtypes.numpy_dtype(dt)).astype(np.float32)
     with np.errstate(all="ignore"):  # the weights hold NaN and infinity too
         step = rng.standard_normal(a.shape[0]).astype(np.float32) * np.float32(scale) * np.abs(a)
         step[rng.random(a.shape[0]) < 0.5] = 0
-        return (a + step).astype(elves.dtypes.get(dt).numpy).tobytes()
+        return (a + step).astype(elves.dtypes.numpy_dtype(dt)).tobytes()
 
 
 def test_planes_rans_every_dtype(kernels: HostKernels, tmp_path: Path) -> None:
@@ -237,6 +242,21 @@ def test_a_sparse_or_ranked_delta_decodes_where_it_can(kernels: HostKernels, tmp
         status = np.zeros(1, np.uint32)
         kernels.launch(descs.ctypes.data, status.ctypes.data, [(2, 0, 1)])
         assert status[0] == 0 and dst.tobytes() == ft.tobytes()
+
+
+@pytest.mark.parametrize("spec", ["2^-24", "1e-3", "rel:1e-2"])
+def test_elf_archives(kernels: HostKernels, tmp_path: Path, spec: str) -> None:
+    """Lossy archives: planes + rANS decode each chunk's codes into scratch memory, the elf kernel
+    dequantises them (every dtype it takes); deltas against an earlier version go to the CPU."""
+    rng = np.random.default_rng(9)
+    src = tmp_path / "src"
+    src.mkdir()
+    tensors = model(rng, {f"w.{dt}": (dt, (300, 200)) for dt in ("F16", "BF16", "F32", "F64")})
+    tensors["table"] = ("F32", (64, 100), np.repeat(np.linspace(-1, 1, 16, dtype=np.float32), 400).tobytes())
+    write_safetensors(src / "m.safetensors", tensors)
+    elves.compress(src, tmp_path / "m.elves", lossy="elf", error_bound=spec)
+    emu, _ = decode_both(tmp_path / "m.elves", kernels)
+    assert emu.kinds.get("elf", 0) >= 1, emu.kinds
 
 
 def rank_inverse(xor: Any) -> np.ndarray:

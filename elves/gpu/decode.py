@@ -71,7 +71,8 @@ class StreamDecoder:
         pending = {s: cpu_pool.submit(self.decode_on_cpu, s) for s in on_cpu}
         self.kept = {}
         # One status word per chunk of both rounds, checked by finish().
-        total = sum(len(reader.streams[s].chunks) for s in on_gpu | first)
+        total = sum(len(reader.streams[s].chunks) * (2 if plan.elf_of(reader.streams[s]) else 1)
+                    for s in on_gpu | first)
         if total:
             self.status, self.status_ptr = self.target.empty(4 * total)
             self.cp.cuda.runtime.memsetAsync(self.status_ptr, 0, 4 * total, self.target.stream.ptr)
@@ -182,6 +183,10 @@ class StreamDecoder:
                 slot = staging[k % len(staging)]
                 layout = layouts.pop(k)
                 reads.popleft().result()  # read and checksummed, or raises
+                if layout.links:  # elf chunks: planes + rANS decode into scratch, the elf kernel from there
+                    sizes = plan.scratch_sizes(slot.host, batch, layout)
+                    slot.scratch, scratch_ptr = target.empty(plan.scratch_bytes(sizes))
+                    plan.link(slot.host, layout, scratch_ptr, sizes)
                 copy_stream.wait_event(slot.decoded)
                 cp.cuda.runtime.memcpyAsync(slot.dev_ptr, slot.host_mem.ptr, batch.size(),
                                             cp.cuda.runtime.memcpyHostToDevice, copy_stream.ptr)

@@ -1,11 +1,14 @@
-"""The CUDA kernels (``cuda/rans_decode.cu``): their source, compilation, launch, and the chunk
-descriptors they read.
+"""The CUDA kernels (``cuda/rans_decode.cu``, ``cuda/elf_decode.cu``): their sources, compilation,
+launch, and the chunk descriptors they read.
 
 A descriptor (:data:`DESC`, the kernel's ``ChunkDesc`` field for field) gives one chunk's payload
 address and length, where its decoded bytes go and how many they must be, its element width
 (:data:`STORED`: a plain copy, also the gather of a block-mapped reference) and flags, and for
 BitX's ``xor`` filter (fused into the decode) the chunk's reference, mask and remap table. A launch decodes a run of descriptors of one width; each
-chunk leaves a status word, nonzero when it failed (codes as in :data:`elves.codecs.rans.STATUS`).
+chunk leaves a status word, nonzero when it failed (codes as in :data:`elves.codecs.rans.STATUS`
+and :data:`ELF_STATUS`). Which kernel a run of descriptors goes to is its *kernel key*: an element
+width (planes + rANS, BitX fused in), :data:`STORED`, or :data:`ELF` | width (the ``elf`` filter,
+run on what planes + rANS decoded into scratch memory).
 """
 from __future__ import annotations
 
@@ -26,7 +29,28 @@ STORED = 0                 # "width" of a chunk stored as it is (empty pipeline)
 PLANE_SMEM = 256 * 4 + 4096  # shared memory per plane: symbol info words + slot -> symbol bytes
 DEFAULT_SMEM = 48 << 10    # dynamic shared memory a kernel gets without opting in
 COPY_THREADS = 256
-KERNEL_FILE = "rans_decode.cu"
+ELF = 0x100                # kernel key of the elf dequantiser: ELF | element width
+ELF_THREADS = 256
+KERNEL_FILES = ("rans_decode.cu", "elf_decode.cu")
+
+# The elf kernel's status codes, with the CPU decoder's messages (elves/codecs/elf.py).
+ELF_STATUS = {
+    16: "elf chunk is cut short or not whole words",
+    17: "elf chunk: unknown flags",
+    18: "elf chunk: bad sub-binade count",
+    19: "elf chunk: unknown grid kind",
+    20: "elf chunk: bad exception position width",
+    21: "elf chunk: the exception section runs past the chunk",
+    22: "elf chunk: malformed section",
+    23: "elf chunk: bad palette size",
+    24: "elf chunk holds another number of bytes than the chunk decodes to",
+    25: "elf chunk: malformed binade grid",
+    26: "elf chunk: malformed uniform grid",
+    27: "elf chunk: malformed palette",
+    28: "elf chunk: a palette index is out of range",
+    29: "elf chunk: exception positions out of order or range",
+    30: "elf chunk: its descriptor is malformed",
+}
 
 DESC = np.dtype([("src", "<u8"), ("src_len", "<u8"), ("dst", "<u8"), ("dst_len", "<u8"),
                  ("width", "<u4"), ("flags", "<u4"), ("ref", "<u8"), ("ref_len", "<u8"), ("mask", "<u8"),
@@ -35,7 +59,7 @@ FLAG_ROTATE = 1
 FLAG_XOR = 2    # BitX: each word XORed with the reference at ``ref`` through ``mask``
 FLAG_REMAP = 4  # ...and its byte below the sign bit decoded through the table at ``table``
 
-Group = tuple[int, int, int]  # (width, first descriptor, count): one launch
+Group = tuple[int, int, int]  # (kernel key, first descriptor, count): one launch
 
 
 def align(n: int) -> int:
@@ -48,19 +72,28 @@ def groups(widths: np.ndarray) -> list[Group]:
     return [(int(k), int(f), int(c)) for k, f, c in zip(kinds, first, counts)]
 
 
-def kernel_source() -> str:
-    """The CUDA source: package data ``elves.cuda`` when installed, else the checkout's cuda/."""
+def kernel_source(name: str = KERNEL_FILES[0]) -> str:
+    """A CUDA source: package data ``elves.cuda`` when installed, else the checkout's cuda/."""
     try:
-        resource = importlib.resources.files("elves.cuda").joinpath(KERNEL_FILE)
+        resource = importlib.resources.files("elves.cuda").joinpath(name)
         if resource.is_file():
             return resource.read_text()
     except (ModuleNotFoundError, TypeError):
         pass
-    path = Path(__file__).resolve().parents[2] / "cuda" / KERNEL_FILE
+    path = Path(__file__).resolve().parents[2] / "cuda" / name
     try:
         return path.read_text()
     except OSError:
-        raise GpuUnavailableError(f"the CUDA source {KERNEL_FILE} is missing from this install", path) from None
+        raise GpuUnavailableError(f"the CUDA source {name} is missing from this install", path) from None
+
+
+def kernel_launch(kernel: int) -> tuple[str, int]:
+    """The entry point and threads per block of a kernel key."""
+    if kernel == STORED:
+        return "elves_copy_chunks", COPY_THREADS
+    if kernel & ELF:
+        return "elves_elf_decode", ELF_THREADS
+    return f"elves_rans_decode_w{kernel}", 32
 
 
 class Kernels:
@@ -71,23 +104,23 @@ class Kernels:
         self.cp = cp
         self.device = device
         with cp.cuda.Device(device):
-            module = cp.RawModule(code=kernel_source(), options=("-std=c++17",))
-            self.decode = {w: module.get_function(f"elves_rans_decode_w{w}") for w in WIDTHS}
-            self.copy = module.get_function("elves_copy_chunks")
-            for w, kernel in self.decode.items():
+            modules = [cp.RawModule(code=kernel_source(name), options=("-std=c++17",)) for name in KERNEL_FILES]
+            self.functions = {name: modules[0].get_function(name) for name in
+                              [*(f"elves_rans_decode_w{w}" for w in WIDTHS), "elves_copy_chunks"]}
+            self.functions["elves_elf_decode"] = modules[1].get_function("elves_elf_decode")
+            for w in WIDTHS:
                 if w * PLANE_SMEM > DEFAULT_SMEM:
-                    kernel.max_dynamic_shared_size_bytes = w * PLANE_SMEM
+                    self.functions[f"elves_rans_decode_w{w}"].max_dynamic_shared_size_bytes = w * PLANE_SMEM
 
     def launch(self, descs: int, status: int, runs: list[Group]) -> None:
-        """Enqueue, on the current stream, one launch per group ``(width, first, count)`` of
+        """Enqueue, on the current stream, one launch per group ``(kernel key, first, count)`` of
         consecutive descriptors at device address ``descs``; statuses go to ``status`` + 4 * i."""
         ptr = np.uint64
-        for width, first, count in runs:
+        for kernel, first, count in runs:
             args = (ptr(descs + first * DESC.itemsize), ptr(status + 4 * first))
-            if width == STORED:
-                self.copy((count,), (COPY_THREADS,), args)
-            else:
-                self.decode[width]((count,), (32,), args, shared_mem=width * PLANE_SMEM)
+            name, threads = kernel_launch(kernel)
+            smem = kernel * PLANE_SMEM if kernel in WIDTHS else 0
+            self.functions[name]((count,), (threads,), args, shared_mem=smem)
 
 
 @functools.cache
@@ -101,7 +134,8 @@ def raise_status(status: np.ndarray, name: Callable[[int], str], path: Path | No
     if bad.size:
         i = int(bad[0])
         code = int(status[i])
-        raise CorruptArchiveError(f"{name(i)}: {STATUS.get(code, f'GPU decode failed ({code})')}", path)
+        message = STATUS.get(code) or ELF_STATUS.get(code) or f"GPU decode failed ({code})"
+        raise CorruptArchiveError(f"{name(i)}: {message}", path)
 
 
 class ChunkDecoder:

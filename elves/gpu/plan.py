@@ -17,13 +17,15 @@ import xxhash
 from bitx.codec import Xor
 
 from ..archive import ArchiveReader
+from ..codecs.base import Expected
+from ..codecs.elf import ELF_DTYPES, Elf
 from ..codecs.planes import Planes
 from ..codecs.rans import Rans
 from ..decoder import stream_label
 from ..errors import CodecError, CorruptArchiveError, TruncatedArchiveError
 from ..index import Stream
 from ..references import Reference
-from .launcher import DESC, FLAG_REMAP, FLAG_ROTATE, FLAG_XOR, STORED, WIDTHS, Group, align, groups
+from .launcher import DESC, ELF, FLAG_REMAP, FLAG_ROTATE, FLAG_XOR, STORED, WIDTHS, Group, align, groups
 
 IOV_MAX = 1024  # buffers per preadv call (Linux's IOV_MAX)
 XOR_WIDTHS = (1, 2, 4, 8)
@@ -43,16 +45,33 @@ def gpu_width(stream: Stream) -> int | None:
         if xor.sparse or xor.width not in XOR_WIDTHS:  # the sparse form needs a scan: the CPU decodes it
             return None
         codecs = codecs[1:]
+    elf = codecs[0] if codecs and type(codecs[0]) is Elf else None
+    if elf is not None:
+        if elf.delta:  # the reference's codes need the encoder's quantisers: the CPU decodes it
+            return None
+        codecs = codecs[1:]
     if len(codecs) == 2 and type(codecs[0]) is Planes and type(codecs[1]) is Rans and codecs[0].width in WIDTHS \
-            and (xor is None or xor.width == codecs[0].width):
+            and (xor is None or xor.width == codecs[0].width) and (elf is None or elf.width == codecs[0].width):
         return codecs[0].width
     return None
 
 
+def elf_flags(dtype: str) -> int:
+    """The elf kernel's descriptor flags for a dtype: exponent bits | mantissa bits << 8."""
+    _, ebits, mbits = ELF_DTYPES[dtype]
+    return ebits | mbits << 8
+
+
 def xor_of(stream: Stream) -> Xor | None:
-    """The ``xor`` filter of a stream the kernels decode, if it has one."""
+    """The ``xor`` filter of a stream, if it has one."""
     codecs = stream.decoder().codecs
     return codecs[0] if codecs and type(codecs[0]) is Xor else None
+
+
+def elf_of(stream: Stream) -> Elf | None:
+    """The ``elf`` filter of a stream, if it has one."""
+    codecs = stream.decoder().codecs
+    return codecs[0] if codecs and type(codecs[0]) is Elf else None
 
 
 class RefPlan(NamedTuple):
@@ -122,6 +141,8 @@ class Chunk:
     rotate: bool
     dst_offset: int   # where its decoded bytes go in the stream's buffer
     xor: Xor | None = None  # the BitX filter fused into the decode
+    elf: Elf | None = None  # the elf filter: a second kernel, from scratch memory
+    scratch: Expected | None = None  # elf: what planes + rANS must decode to (the CPU's range)
 
 
 @dataclass
@@ -130,9 +151,10 @@ class Batch:
 
     chunks: list[Chunk] = field(default_factory=list)
     payload_bytes: int = 0
+    descs: int = 0  # descriptors: one per chunk, two for an elf chunk
 
     def desc_bytes(self, extra: int = 0) -> int:
-        return align((len(self.chunks) + extra) * DESC.itemsize)
+        return align((self.descs + extra) * DESC.itemsize)
 
     def size(self) -> int:
         return self.desc_bytes() + self.payload_bytes
@@ -142,11 +164,12 @@ class Batch:
 class Layout:
     """A batch laid out in its staging buffer."""
 
-    descs: np.ndarray    # sorted by width: each kernel gets a contiguous run
-    groups: list[Group]  # (width, first descriptor, count) per launch
+    descs: np.ndarray    # sorted by kernel key: each kernel gets a contiguous run
+    groups: list[Group]  # (kernel key, first descriptor, count) per launch
     offsets: list[int]   # payload offset of each chunk, in batch order
     order: list[int]     # the chunk (batch order) of each descriptor
     status_base: int     # the batch's first index in the status array
+    links: list[tuple[int, int, int]] = field(default_factory=list)  # elf: (chunk, its two descriptors)
 
 
 def stream_chunks(reader: ArchiveReader, s: int) -> list[Chunk]:
@@ -156,14 +179,16 @@ def stream_chunks(reader: ArchiveReader, s: int) -> list[Chunk]:
     if width is None:
         raise ValueError(f"stream {s} has no GPU decoder")
     xor = xor_of(stream) if width != STORED else None
-    codec = stream.decoder().codecs[1 if xor else 0] if width != STORED else None
+    elf = elf_of(stream) if width != STORED else None
+    codec = stream.decoder().codecs[1 if xor or elf else 0] if width != STORED else None
     rotate = isinstance(codec, Planes) and codec.rotate
     out, pos = [], 0
     for i, (offset, length, decoded, checksum) in enumerate(stream.chunks):
         if width != STORED and decoded % width:
             raise CorruptArchiveError(f"{stream_label(reader, s)}: chunk {i} is not a whole number "
                                       "of elements", reader.path)
-        out.append(Chunk(s, i, offset, length, decoded, checksum, width, rotate, pos, xor))
+        scratch = stream.decoder().expected(decoded)[-1] if elf is not None else None
+        out.append(Chunk(s, i, offset, length, decoded, checksum, width, rotate, pos, xor, elf, scratch))
         pos += decoded
     if pos != stream.nbytes:
         raise CorruptArchiveError(f"{stream_label(reader, s)}: its chunks do not add up to its size", reader.path)
@@ -177,12 +202,14 @@ def batches(reader: ArchiveReader, streams: list[int], staging_bytes: int) -> tu
     out = [Batch()]
     for s in streams:
         for c in stream_chunks(reader, s):
-            staging_bytes = max(staging_bytes, align(DESC.itemsize) + align(c.length))
+            n = 2 if c.elf is not None else 1
+            staging_bytes = max(staging_bytes, align(n * DESC.itemsize) + align(c.length))
             b = out[-1]
-            if b.chunks and b.desc_bytes(1) + b.payload_bytes + align(c.length) > staging_bytes:
+            if b.chunks and b.desc_bytes(n) + b.payload_bytes + align(c.length) > staging_bytes:
                 b = Batch()
                 out.append(b)
             b.chunks.append(c)
+            b.descs += n
             b.payload_bytes += align(c.length)
     return [b for b in out if b.chunks], staging_bytes
 
@@ -196,10 +223,26 @@ def lay_out(batch: Batch, staging_ptr: int, outputs: Mapping[int, int], status_b
     for c in batch.chunks:
         offsets.append(pos)
         pos += align(c.length)
-    order = sorted(range(len(batch.chunks)), key=lambda i: batch.chunks[i].width)
-    descs = np.zeros(len(order), DESC)
-    for d, i in enumerate(order):
+    # (kernel key, chunk): an elf chunk is decoded by planes + rANS into scratch memory (linked
+    # once its payload is read: see link), then by the elf kernel from there.
+    runs = [(c.width, i) for i, c in enumerate(batch.chunks)]
+    runs += [(ELF | c.elf.width, i) for i, c in enumerate(batch.chunks) if c.elf is not None]
+    runs.sort(key=lambda r: r[0])
+    descs = np.zeros(len(runs), DESC)
+    first: dict[int, int] = {}
+    links = []
+    for d, (key, i) in enumerate(runs):
         c = batch.chunks[i]
+        dst = outputs[c.stream] + c.dst_offset
+        if c.elf is not None and not key & ELF:
+            first[i] = d
+            descs[d] = (staging_ptr + offsets[i], c.length, 0, 0, c.width, 0, 0, 0, 0, 0)
+            continue
+        if key & ELF:
+            assert c.elf is not None
+            links.append((i, first[i], d))
+            descs[d] = (0, 0, dst, c.decoded, c.elf.width, elf_flags(c.elf.dtype), 0, 0, 0, 0)
+            continue
         flags = FLAG_ROTATE if c.rotate else 0
         ref = mask = table = ref_len = 0
         if c.xor is not None:
@@ -209,9 +252,47 @@ def lay_out(batch: Batch, staging_ptr: int, outputs: Mapping[int, int], status_b
             flags |= FLAG_XOR | (FLAG_REMAP if c.xor.remap is not None else 0)
             ref, ref_len = r.ptr + c.dst_offset, max(0, min(c.decoded, r.nbytes - c.dst_offset))
             mask, table = c.xor.mask, r.table
-        descs[d] = (staging_ptr + offsets[i], c.length, outputs[c.stream] + c.dst_offset, c.decoded,
-                    c.width, flags, ref, ref_len, mask, table)
-    return Layout(descs, groups(descs["width"]), offsets, order, status_base)
+        descs[d] = (staging_ptr + offsets[i], c.length, dst, c.decoded, c.width, flags, ref, ref_len, mask, table)
+    return Layout(descs, groups(np.array([key for key, _ in runs], dtype=np.int64)), offsets,
+                  [i for _, i in runs], status_base, links)
+
+
+def scratch_sizes(host: np.ndarray, batch: Batch, layout: Layout) -> list[int]:
+    """For each elf chunk of a filled staging buffer (``layout.links``): the bytes planes + rANS
+    decode it to, as its payload's header says, or -1 where that is not what the CPU decoder
+    accepts (the kernel then refuses the chunk, as the CPU does)."""
+    sizes = []
+    for i, _, _ in layout.links:
+        c, at = batch.chunks[i], layout.offsets[i]
+        if c.length < 8:
+            sizes.append(0)  # the kernel refuses the header
+            continue
+        n = int(host[at:at + 4].view("<u4")[0])
+        w = int(host[at + 6])
+        want = c.scratch
+        sizes.append(n * w if want is not None and w == c.width and want.lo <= n * w <= want.hi else -1)
+    return sizes
+
+
+def link(host: np.ndarray, layout: Layout, scratch_ptr: int, sizes: list[int]) -> None:
+    """Point each elf chunk's two descriptors at its piece of the scratch memory at
+    ``scratch_ptr`` (``sizes`` from :func:`scratch_sizes`, each piece aligned), in the staging
+    buffer ``host`` and in ``layout``."""
+    pos = 0
+    descs = layout.descs
+    for (_, one, two), size in zip(layout.links, sizes):
+        descs[one]["dst"] = descs[two]["src"] = scratch_ptr + pos
+        # a size the CPU refuses: a capacity no header can match
+        descs[one]["dst_len"] = size if size >= 0 else np.iinfo(np.uint64).max
+        descs[two]["src_len"] = max(size, 0)
+        pos += align(max(size, 0))
+    host[:descs.nbytes] = descs.view(np.uint8)
+
+
+def scratch_bytes(sizes: list[int]) -> int:
+    return sum(align(max(size, 0)) for size in sizes)
+
+
 
 
 def fill(host: np.ndarray, reader: ArchiveReader, batch: Batch, layout: Layout) -> None:
