@@ -37,7 +37,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from compare import load_datasets_module, proc_field  # bench/compare.py, beside this script
+from compare import (  # bench/compare.py, beside this script
+    load_datasets_module,
+    proc_field,
+)
 from results import write_section  # bench/results.py, beside this script
 
 HERE = Path(__file__).resolve().parent
@@ -262,10 +265,10 @@ def main() -> None:
         return
     rows = []
     baseline = load_package("elves_before", args.baseline) if args.baseline else None
-    ab = ["| dataset | dtype | MB | before enc MB/s | after enc MB/s | enc change | before dec MB/s "
-          "| after dec MB/s | dec change |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    lines = ["| dataset | dtype | MB | elves ratio | ZipNN ratio | elves enc MB/s | ZipNN enc MB/s "
-             "| elves dec MB/s | ZipNN dec MB/s | enc speed-up | dec speed-up |",
+    ab = [("| dataset | dtype | MB | before enc MB/s | after enc MB/s | enc change | before dec MB/s "
+           "| after dec MB/s | dec change |"), "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [("| dataset | dtype | MB | elves ratio | ZipNN ratio | elves enc MB/s | ZipNN enc MB/s "
+              "| elves dec MB/s | ZipNN dec MB/s | enc speed-up | dec speed-up |"),
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     print("\n".join(lines))
     for name in names:
@@ -290,8 +293,8 @@ def main() -> None:
             print(lines[-1], flush=True)
     if baseline is not None:
         print("\n" + "\n".join(ab))
-        lines += ["", f"A/B against `{args.baseline}` (before): the sums of per-chunk best CPU times, the two "
-                  "taking turns chunk by chunk:", ""] + ab
+        lines += ["", (f"A/B against `{args.baseline}` (before): the sums of per-chunk best CPU times, the two "
+                       "taking turns chunk by chunk:"), ""] + ab
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     if args.write:

@@ -22,8 +22,8 @@ from kernel_speed import tensor_bytes  # bench/kernel_speed.py, beside this scri
 def lane_states(buf: np.ndarray, n: int, lanes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Decode table, lane states and word positions of plane 0 of a container (docs/FORMAT.md),
     or None if plane 0 is not rANS-coded."""
-    u16 = lambda at: int(buf[at]) | int(buf[at + 1]) << 8  # noqa: E731
-    u32 = lambda at: u16(at) | u16(at + 2) << 16  # noqa: E731
+    u16 = lambda at: int(buf[at]) | int(buf[at + 1]) << 8
+    u32 = lambda at: u16(at) | u16(at + 2) << 16
     start = u32(8)
     if buf[start] != 2:
         return None
