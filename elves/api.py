@@ -304,6 +304,49 @@ def load_file(path: PathLike, framework: Framework | None = None, *, threads: in
     return {k: to_torch(v) for k, v in arrays.items()}
 
 
+def load_into(module: torch.nn.Module, src: PathLike, *, name: str | None = None, device: Any = "cpu",
+              base: PathLike | None = None, strict: bool = True) -> torch.nn.Module:
+    """Load the weights of archive ``src`` (or, with ``name``, of model ``name`` of the store at
+    ``src``) into the torch module ``module`` (a ``transformers`` model, say) on ``device``, and
+    return it.
+
+    On a GPU (``device="cuda:0"``) an archive is decoded there (:mod:`elves.gpu`, ``base`` for a
+    delta against a base model) and the decoded tensors *become* the module's parameters
+    (``load_state_dict(..., assign=True)``): no second copy on the device; the module's buffers
+    follow them there. A store's models are decoded on the CPU (:meth:`elves.store.Store.load`)
+    and moved to ``device``. Tensor names may carry the module's ``base_model_prefix``
+    ("bert.") or not; ``strict`` refuses a checkpoint that leaves a parameter of the module
+    unset. Build the module on the CPU (``from_config``), not on the ``meta`` device: the
+    values of its non-persistent buffers (position ids) are in no checkpoint.
+    """
+    if name is not None:
+        from .store import Store
+
+        state = Store(src).load(name, device=device)
+    else:
+        state = load_file(src, "pt", base=base, device=device if _on_gpu(device) else None)
+        if not _on_gpu(device):
+            state = {k: v.to(device) for k, v in state.items()}
+    own = set(module.state_dict())
+    prefix = getattr(module, "base_model_prefix", "") or ""
+    if prefix and not own & set(state):
+        # transformers saves a base model's weights with or without its prefix ("bert.")
+        plus = {f"{prefix}.{k}": v for k, v in state.items()}
+        minus = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        state = plus if len(own & set(plus)) >= len(own & set(minus)) else minus
+    if not own & set(state):
+        raise UsageError(f"{src}: none of its tensors is a parameter of {type(module).__name__}")
+    missing, _ = module.load_state_dict(state, strict=False, assign=True)
+    if strict and missing:
+        raise UsageError(f"{src}: no tensor for {len(missing)} parameters of {type(module).__name__}, "
+                         f"such as {missing[0]!r}")
+    meta = [n for n, b in module.named_buffers() if b.is_meta]
+    if meta:
+        raise UsageError(f"{type(module).__name__} was built on the meta device: its buffer {meta[0]!r} has no "
+                         "value (build the module on the CPU)")
+    return module.to(device)
+
+
 def to_torch(arr: np.ndarray) -> torch.Tensor:
     """A torch tensor sharing ``arr``'s memory; bfloat16/float8 arrays are reinterpreted bitwise."""
     try:

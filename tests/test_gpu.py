@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import elves
+import elves.api
 from elves import dtypes
 from elves.codecs import Pipeline
 from elves.codecs.planes import Planes
@@ -458,3 +459,70 @@ def test_a_delta_against_its_base_loads_on_the_gpu(gpu: Any, tmp_path: Path) -> 
     assert_same(got, elves.load_file(tmp_path / "ft.elves", base=tmp_path / "base.safetensors"), "cupy")
     with gpu.open(tmp_path / "ft.elves", framework="cupy", base=tmp_path / "base.safetensors") as a:
         assert_same({"w.1": a.get_tensor("w.1")}, {"w.1": got["w.1"].get()}, "cupy")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ["2^-24", "rel:1e-3"])
+def test_elf_archives_decode_on_the_gpu(gpu: Any, tmp_path: Path, spec: str) -> None:
+    """Lossy archives: planes + rANS into scratch memory, then the elf kernel; bit for bit the CPU's."""
+    rng = np.random.default_rng(23)
+    src = tmp_path / "src"
+    src.mkdir()
+    write_safetensors(src / "m.safetensors", {f"w.{dt}": (dt, (256, 300), weights_like(dt, 256 * 300, rng).tobytes())
+                                              for dt in ("F16", "BF16", "F32", "F64")})
+    elves.compress(src, tmp_path / "m.elves", lossy="elf", error_bound=spec)
+    assert_same(gpu.load_file(tmp_path / "m.elves", framework="cupy"), elves.load_file(tmp_path / "m.elves"), "cupy")
+
+
+@pytest.mark.gpu
+def test_versions_gathered_on_the_gpu(gpu: Any, tmp_path: Path) -> None:
+    """A later version coded against an earlier stream of the archive, block-mapped or not: the
+    reference is gathered on the device, the delta decoded in the second round."""
+    from .test_gpu_emulation import versions
+
+    src = versions(tmp_path / "src", np.random.default_rng(6))
+    elves.compress(src, tmp_path / "m.elves")
+    assert_same(gpu.load_file(tmp_path / "m.elves", framework="cupy"), elves.load_file(tmp_path / "m.elves"), "cupy")
+    with gpu.open(tmp_path / "m.elves", framework="cupy") as a:  # one tensor: its source decodes too
+        name = a.keys()[-1]
+        assert_same({name: a.get_tensor(name)}, {name: elves.load_file(tmp_path / "m.elves")[name]}, "cupy")
+
+
+@pytest.mark.gpu
+def test_load_into_a_transformers_model_on_the_gpu(gpu: Any, dataset: Any, tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    framework_or_skip("pt")
+    src = dataset("minilm")
+    elves.compress(src, tmp_path / "m.elves")
+    ref = transformers.AutoModel.from_pretrained(src).eval()
+    model = elves.api.load_into(transformers.AutoModel.from_config(ref.config), tmp_path / "m.elves", device="cuda:0")
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    for k, v in ref.state_dict().items():
+        assert host_bytes(model.state_dict()[k]) == host_bytes(v), k
+
+
+def test_load_into_a_transformers_model(dataset: Any, tmp_path: Path) -> None:
+    """The helper on the CPU (what runs without a GPU): an archive and a store's model put into a
+    freshly built transformers model give the published model's weights and outputs."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from elves.store import Store
+
+    src = dataset("minilm")
+    elves.compress(src, tmp_path / "m.elves")
+    store = Store.init(tmp_path / "store")
+    store.add(src, "minilm")
+    ref = transformers.AutoModel.from_pretrained(src).eval()
+    x = torch.randint(0, ref.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    for model in (elves.api.load_into(transformers.AutoModel.from_config(ref.config), tmp_path / "m.elves"),
+                  elves.api.load_into(transformers.AutoModel.from_config(ref.config), tmp_path / "store",
+                                      name="minilm")):
+        got = model.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in ref.state_dict().items())
+        assert torch.equal(model.eval()(x).last_hidden_state, ref(x).last_hidden_state)
+    with pytest.raises(elves.errors.UsageError, match="none of its tensors"):
+        elves.api.load_into(torch.nn.Linear(3, 3), tmp_path / "m.elves")
+    arrays = store.load("minilm")
+    assert set(ref.state_dict()) <= set(arrays)
+    assert all(np.array_equal(arrays[k], v.numpy()) for k, v in ref.state_dict().items())

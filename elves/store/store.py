@@ -204,6 +204,46 @@ class Store:
             if own:
                 pool.shutdown()
 
+    def load(self, name: str, device: Any = None) -> dict[str, Any]:
+        """Model ``name``'s tensors by name, as ``elves.load_file`` names them: numpy arrays, or
+        torch tensors on ``device`` ("cpu", "cuda:0", ...) when one is given. Each safetensors
+        file is decoded on the CPU (as :meth:`read_file` decodes it, sha256 checked) and parsed
+        with the reader compress used; ``elves.api.load_into`` puts them into a model."""
+        import numpy as np
+
+        from .. import dtypes
+        from ..readers.safetensors import from_header
+
+        found: list[tuple[str, str, np.ndarray]] = []
+        for f in self.manifest(name)["files"]:
+            if f.get("link") is not None or not f["path"].endswith(".safetensors"):
+                continue
+            data = np.frombuffer(b"".join(self.read_file(name, f["path"])), dtype=np.uint8)
+            where = Path(self.storage.where(manifest_at(name))) / f["path"]
+            n = int(data[:8].view("<u8")[0]) if data.shape[0] >= 8 else -1
+            if not 0 <= n <= data.shape[0] - 8:
+                raise InputError("not a safetensors file: its header length does not fit", where)
+            sf = from_header(where, f["path"], data[8:8 + n].tobytes(), data.shape[0])
+            for v in sf.tensors:
+                seg = sf.segments[v.segment] if v.segment >= 0 else None
+                dt = dtypes.numpy_dtype(v.dtype) if v.dtype in dtypes.DTYPES else np.dtype(np.uint8)
+                raw = data[seg.offset + v.offset:seg.offset + seg.length] if seg is not None else data[:0]
+                count = int(np.prod(v.shape, dtype=np.int64))
+                found.append((f["path"], v.name, raw[:count * dt.itemsize].view(dt).reshape(v.shape)))
+        plain = len({t for _, t, _ in found}) == len(found)  # unless two files share a name (tensor_names)
+        out = {(t if plain else f"{path}:{t}"): arr for path, t, arr in found}
+        if device is None:
+            return out
+        import torch
+
+        def to_torch(arr: np.ndarray) -> Any:
+            if arr.dtype.name == "bfloat16" or arr.dtype.name.startswith("float8"):
+                bits = np.int16 if arr.dtype.itemsize == 2 else np.uint8
+                return torch.from_numpy(arr.view(bits).copy()).view(getattr(torch, arr.dtype.name)).to(device)
+            return torch.from_numpy(arr.copy()).to(device)
+
+        return {key: to_torch(arr) for key, arr in out.items()}
+
     def remove(self, name: str, *, locked: bool = False) -> None:
         """Remove model ``name`` from the store. Its data stays until :meth:`gc`, and whatever
         another model's deltas reference stays after that too. ``locked``: the caller holds
