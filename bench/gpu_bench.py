@@ -22,6 +22,18 @@ posix_fadvise(DONTNEED) ("cold"), for
     (what any loader of uncompressed bytes must at least do), and the copy alone.
 GB/s there is original (uncompressed) bytes per second. elves' tensors are checked against
 safetensors' once per model.
+
+Part 3, per codec: one archive each of a synthetic BF16 model coded standalone (planes + rANS),
+a fine-tune of it coded against it (BitX: xor fused into the kernel, the base's tensors on the
+device), the same model lossy (elf, abs 1e-3: planes + rANS into scratch, then the elf kernel),
+and opaque bytes (zstd, decoded on the CPU beside the GPU). Kernel GB/s: every chunk staged on
+the device at once, references uploaded, one launch per kernel (as the loader's batches launch),
+CUDA events, median; zstd has no kernel (nvCOMP is not measured: it was not installable where
+this was written, and stays the option to measure later), so its row is the CPU decode. Then
+elves.gpu.load_file of each archive, warm, in GB/s of decoded bytes. DFloat11 (``--dfloat11
+DIR``: a DFloat11-compressed model and its original beside it) is loaded where it installs.
+
+    python bench/gpu_bench.py --host-only    # no GPU: builds the part-3 archives and plans them
 """
 from __future__ import annotations
 
@@ -49,7 +61,10 @@ from elves import dtypes  # noqa: E402
 from elves.codecs import Pipeline  # noqa: E402
 from elves.codecs.planes import Planes  # noqa: E402
 from elves.codecs.rans import Rans  # noqa: E402
+from elves.archive import ArchiveReader  # noqa: E402
+from elves.decoder import attach_base, read_stream  # noqa: E402
 from elves.encoder import TENSOR_CHUNK_BYTES  # noqa: E402
+from elves.gpu import plan  # noqa: E402
 
 DATA_ROOT = Path(os.environ.get("ELVES_DATA", Path.home() / ".cache" / "elves" / "datasets"))
 MiB = 1 << 20
@@ -314,10 +329,164 @@ def bench_model(cp: Any, torch: Any, name: str, root: Path, files: list[Path], w
     return row
 
 
+# ============================================================================ part 3: per codec
+
+def codec_archives(work: Path, mib: int) -> list[tuple[str, Path, Path | None]]:
+    """(codec, archive, base) for part 3, built once under ``work``."""
+    base_root = synthetic_model(work, mib)
+    base = base_root / "model.safetensors"
+    out: list[tuple[str, Path, Path | None]] = []
+    tuned = work / "codec-finetune"
+    if not tuned.exists():
+        tuned.mkdir()
+        with open(base, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            head = f.read(n)
+            data = np.frombuffer(f.read(), dtype=np.uint8).copy()
+        rng = np.random.default_rng(1)
+        words = data[: data.size // 2 * 2].view(np.uint16)
+        touched = rng.random(words.size) < 0.3   # a light fine-tune: a third of the weights move by an ulp or two
+        words[touched] += rng.integers(-2, 3, int(touched.sum())).astype(np.uint16)
+        (tuned / "model.safetensors").write_bytes(struct.pack("<Q", n) + head + data.tobytes())
+    opaque = work / "codec-opaque"
+    if not opaque.exists():
+        opaque.mkdir()
+        text = b"".join(b"%d: the quick brown fox %x\n" % (i, i * 7919) for i in range(mib * 24_000))
+        (opaque / "data.txt").write_bytes(text)
+    for codec, src, kw in [("planes+rans", base_root, {}), ("xor (BitX)", tuned, {"base": base}),
+                           ("elf 1e-3", base_root, {"lossy": "elf", "error_bound": "1e-3"}),
+                           ("zstd", opaque, {})]:
+        archive = work / f"codec-{codec.split()[0]}.elves"
+        if not archive.exists():
+            elves.compress(src, archive, **kw)
+        out.append((codec, archive, kw.get("base")))
+    return out
+
+
+def host_plan(codec: str, archive: Path, base: Path | None) -> dict:
+    """What the loader's host side makes of an archive: streams per path, batches, and the time
+    to read and check the staged payloads (no GPU)."""
+    with ArchiveReader(archive) as reader:
+        attach_base(reader, base)
+        streams = list(range(len(reader.streams)))
+        on_gpu = [s for s in streams if plan.gpu_width(reader.streams[s]) is not None]
+        batches, staging = plan.batches(reader, on_gpu, elves.gpu.STAGING_BYTES)
+        host = np.zeros(staging, dtype=np.uint8)
+        outputs = dict.fromkeys(streams, 0)
+        refs = {s: plan.DeviceRef(0, reader.streams[s].nbytes) for s in on_gpu}
+        t0 = time.process_time()
+        for b in batches:
+            plan.fill(host, reader, b, plan.lay_out(b, 0, outputs, 0, refs))
+        seconds = time.process_time() - t0
+        decoded = sum(reader.streams[s].nbytes for s in streams)
+    row = {"codec": codec, "bytes": decoded, "archive_bytes": archive.stat().st_size, "streams": len(streams),
+           "gpu_streams": len(on_gpu), "batches": len(batches), "stage_cpu_s": seconds}
+    print(f"  {codec:12} {decoded / MiB:8.1f} MiB -> {row['archive_bytes'] / MiB:7.1f} MiB, {len(on_gpu)}/{len(streams)} "
+          f"streams on the GPU path, {len(batches)} batches, staged in {seconds:.2f} s CPU", file=sys.stderr)
+    return row
+
+
+def kernel_time(cp: Any, archive: Path, base: Path | None, repeat: int) -> float | None:
+    """Seconds of the kernels over every GPU chunk of ``archive``, payloads and references on the
+    device (None when no stream has a kernel)."""
+    from elves.gpu.launcher import kernels
+
+    with ArchiveReader(archive) as reader:
+        attach_base(reader, base)
+        on_gpu = [s for s, st in enumerate(reader.streams) if plan.gpu_width(st) is not None and st.chunks
+                  and plan.gathered_from(st) is None]
+        if not on_gpu:
+            return None
+        batches, staging = plan.batches(reader, on_gpu, 1 << 40)  # one batch: all of it on the device
+        (batch,) = batches
+        dev_stage = cp.empty(staging, dtype=cp.uint8)
+        outputs = {s: cp.empty(reader.streams[s].nbytes, dtype=cp.uint8) for s in on_gpu}
+        keep, refs = [], {}
+        for s in on_gpu:
+            rp = plan.reference_plan(reader, s)
+            if rp is not None and rp.host is not None:
+                buf = cp.asarray(rp.host)
+                keep.append(buf)
+                refs[s] = plan.DeviceRef(buf.data.ptr, rp.host.nbytes)
+        host = np.zeros(staging, dtype=np.uint8)
+        layout = plan.lay_out(batch, dev_stage.data.ptr, {s: b.data.ptr for s, b in outputs.items()}, 0, refs)
+        plan.fill(host, reader, batch, layout)
+        if layout.links:
+            sizes = plan.scratch_sizes(host, batch, layout)
+            scratch = cp.empty(plan.scratch_bytes(sizes), dtype=cp.uint8)
+            plan.link(host, layout, scratch.data.ptr, sizes)
+        dev_stage.set(host)
+        status = cp.zeros(len(layout.order), dtype=cp.uint32)
+        k = kernels(cp.cuda.runtime.getDevice())
+        seconds = gpu_time(cp, lambda: k.launch(dev_stage.data.ptr, status.data.ptr, layout.groups), repeat)
+        if int(status.max()):
+            raise SystemExit(f"*** {archive.name}: a kernel flagged a chunk")
+        for s, buf in outputs.items():
+            if not np.array_equal(buf.get(), read_stream(reader, s, ThreadPoolExecutor(2), 4)):
+                raise SystemExit(f"*** {archive.name}: stream {s} is NOT bit-exact")
+        return seconds
+
+
+def part3(cp: Any, torch: Any, args: argparse.Namespace, work: Path) -> list[dict]:
+    rows = []
+    for codec, archive, base in codec_archives(work, args.codec_mib):
+        row = host_plan(codec, archive, base)
+        if cp is not None:
+            seconds = kernel_time(cp, archive, base, args.repeat)
+            if seconds is None:  # zstd: the CPU decodes it, beside the GPU
+                with ArchiveReader(archive) as reader, ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+                    t0 = time.perf_counter()
+                    for s in range(len(reader.streams)):
+                        read_stream(reader, s, pool, 2 * (os.cpu_count() or 1))
+                    seconds = time.perf_counter() - t0
+                row["decode"] = "CPU"
+            row["decode_gbs"] = row["bytes"] / seconds / 1e9
+            warm_cache([archive])
+            elves.gpu.load_file(archive, base=base)  # compile, context
+            load_s, got = wall(lambda: elves.gpu.load_file(archive, base=base), torch)
+            del got
+            row["load_gbs"] = row["bytes"] / load_s / 1e9
+            torch.cuda.empty_cache()
+            cp.get_default_memory_pool().free_all_blocks()
+            print(f"  {codec:12} decode {row['decode_gbs']:7.1f} GB/s, load_file {row['load_gbs']:6.2f} GB/s",
+                  file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
+
+
+def dfloat11_row(torch: Any, folder: Path) -> dict:
+    """DFloat11's own GPU load of a DFloat11 model, where the package installs."""
+    try:
+        from dfloat11 import DFloat11Model
+    except ImportError as e:
+        return {"model": f"DFloat11 {folder.name}", "error": f"dfloat11 does not import: {e}"}
+    try:
+        seconds, model = wall(lambda: DFloat11Model.from_pretrained(str(folder), device_map="cuda"), torch)
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        del model
+        return {"model": f"DFloat11 {folder.name}", "seconds": seconds, "bytes": size}
+    except Exception as e:  # noqa: BLE001 (a peer's loader: report what it says)
+        return {"model": f"DFloat11 {folder.name}", "error": f"{type(e).__name__}: {e}"}
+
+
 # ============================================================================ report
 
-def markdown(device: str, versions: str, kernel_rows: list[dict], e2e_rows: list[dict]) -> str:
+def markdown(device: str, versions: str, kernel_rows: list[dict], e2e_rows: list[dict],
+             codec_rows: list[dict] | None = None, extra: list[dict] | None = None) -> str:
     out = [f"### GPU decode on {device}", "", versions, ""]
+    if codec_rows:
+        out += ["Per codec: kernel GB/s of decoded bytes (payloads and references on the device; zstd: the CPU "
+                "decode, no kernel), and elves.gpu.load_file from the page cache.", "",
+                "| codec | decoded | archive | GPU streams | decode GB/s | load_file GB/s |",
+                "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in codec_rows:
+            out.append(f"| {r['codec']} | {r['bytes'] / MiB:,.1f} MiB | {r['archive_bytes'] / MiB:,.1f} MiB | "
+                       f"{r['gpu_streams']}/{r['streams']} | {r.get('decode_gbs', float('nan')):,.1f}"
+                       f"{' (CPU)' if r.get('decode') == 'CPU' else ''} | {r.get('load_gbs', float('nan')):,.2f} |")
+        out.append("")
+    for r in extra or []:
+        out.append(f"- {r['model']}: " + (r["error"] if "error" in r else
+                                          f"{r['seconds']:.3f} s ({r['bytes'] / r['seconds'] / 1e9:.1f} GB/s)"))
     if kernel_rows:
         out += ["Kernel: decoded GB/s, payloads on the device, one launch per tensor (median of repeats).", "",
                 "| data | dtype | size | chunks | ratio | decode GB/s | device copy GB/s |",
@@ -355,7 +524,19 @@ def main() -> int:
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--work", type=Path, default=None, help="where archives are written (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
+    parser.add_argument("--codec-mib", type=int, default=256, help="size of the part-3 models (default %(default)s)")
+    parser.add_argument("--skip-codecs", action="store_true")
+    parser.add_argument("--dfloat11", type=Path, default=None, help="a DFloat11 model folder to load as well")
+    parser.add_argument("--host-only", action="store_true", help="no GPU: build and plan the part-3 archives")
     args = parser.parse_args()
+
+    if args.host_only:
+        with tempfile.TemporaryDirectory(prefix="elves-gpu-bench-") as tmp:
+            work = args.work or Path(tmp)
+            work.mkdir(parents=True, exist_ok=True)
+            rows = part3(None, None, args, work)
+        print(markdown("the host (no GPU)", f"elves {elves.__version__}", [], [], rows))
+        return 0
 
     import cupy as cp
     import torch
@@ -376,10 +557,12 @@ def main() -> int:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         e2e_rows = [] if args.skip_e2e else part2(cp, torch, args, work)
-    print(markdown(device, versions, kernel_rows, e2e_rows))
+        codec_rows = [] if args.skip_codecs else part3(cp, torch, args, work)
+    extra = [dfloat11_row(torch, args.dfloat11)] if args.dfloat11 else []
+    print(markdown(device, versions, kernel_rows, e2e_rows, codec_rows, extra))
     if args.json:
         args.json.write_text(json.dumps({"device": device, "versions": versions, "kernel": kernel_rows,
-                                         "end_to_end": e2e_rows}, indent=1))
+                                         "end_to_end": e2e_rows, "codecs": codec_rows, "dfloat11": extra}, indent=1))
     return 0
 
 
