@@ -66,9 +66,12 @@ class StreamDecoder:
         sources = set(gathered.values())
         first = (on_gpu - set(gathered)) | {src for src in sources if plan.gpu_width(reader.streams[src]) is not None}
         on_cpu = [s for s in dict.fromkeys([*streams, *sorted(sources)]) if s not in on_gpu and s not in first]
-        # The CPU decodes its streams while the GPU decodes the others.
+        # The CPU decodes its streams (into pinned memory) while the GPU decodes the others, and
+        # their copies to the device run on a stream of their own, beside the decode.
         cpu_pool = ThreadPoolExecutor(1)
-        pending = {s: cpu_pool.submit(self.decode_on_cpu, s) for s in on_cpu}
+        pending = {s: cpu_pool.submit(self._decode_pinned, s) for s in on_cpu}
+        upload_stream = self.cp.cuda.Stream(non_blocking=True)
+        pinned: list[Any] = []
         self.kept = {}
         # One status word per chunk of both rounds, checked by finish().
         total = sum(len(reader.streams[s].chunks) * (2 if plan.elf_of(reader.streams[s]) else 1)
@@ -83,7 +86,7 @@ class StreamDecoder:
                 if s in wanted:
                     yield s, buf
             for s, future in pending.items():
-                buf = self.target.upload(future.result())
+                buf = self._upload(future.result(), upload_stream, pinned)
                 if s in sources:
                     self.kept[s] = buf
                 if s in wanted:
@@ -91,6 +94,7 @@ class StreamDecoder:
             yield from self._run_gpu(sorted(gathered, key=self._first_offset))
         finally:
             cpu_pool.shutdown(wait=True, cancel_futures=True)
+            upload_stream.synchronize()  # no copy may still read a pinned buffer once it is freed
             self.kept = {}
 
     def decode_on_cpu(self, s: int) -> np.ndarray:
@@ -100,6 +104,33 @@ class StreamDecoder:
         if self._cpu_pool is None:
             self._cpu_pool = ThreadPoolExecutor(self._threads)
         return read_stream(self.reader, s, self._cpu_pool, 2 * self._threads + 2)
+
+    def _decode_pinned(self, s: int) -> tuple[Any, np.ndarray]:
+        """Worker thread: stream ``s`` decoded on the CPU, in pinned memory (the buffer, its view)."""
+        data = self.decode_on_cpu(s)
+        with self.cp.cuda.Device(self.target.device):
+            mem = self.cp.cuda.alloc_pinned_memory(max(data.nbytes, 1))
+        host = np.frombuffer(mem, dtype=np.uint8, count=data.nbytes)
+        host[:] = data
+        return mem, host
+
+    def _upload(self, decoded: tuple[Any, np.ndarray], upload_stream: Any, pinned: list[Any]) -> Any:
+        """A device buffer that a copy of ``decoded`` on ``upload_stream`` fills: work enqueued on
+        the decode stream afterwards waits for it, work enqueued before does not."""
+        cp, target = self.cp, self.target
+        mem, host = decoded
+        buf, ptr = target.empty(host.nbytes)
+        if host.nbytes:
+            allocated = cp.cuda.Event(disable_timing=True)
+            allocated.record(target.stream)  # stream-ordered allocators: the memory is free from here
+            upload_stream.wait_event(allocated)
+            cp.cuda.runtime.memcpyAsync(ptr, host.ctypes.data, host.nbytes, cp.cuda.runtime.memcpyHostToDevice,
+                                        upload_stream.ptr)
+            copied = cp.cuda.Event(disable_timing=True)
+            copied.record(upload_stream)
+            target.stream.wait_event(copied)
+        pinned.append(mem)
+        return buf
 
     def _reference(self, s: int) -> plan.DeviceRef:
         """Stream ``s``'s reference put on the device (enqueued on the decode stream), with its
