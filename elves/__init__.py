@@ -1,6 +1,6 @@
 """elves: lossless (and opt-in error-bounded) compression of model weights.
 
-The public API: :func:`compress`, :func:`restore`, :func:`open`, :func:`load_file`,
+The public API: :func:`compress`, :func:`restore`, :func:`open`, :func:`load_file`, :func:`load_into`,
 :func:`info`, :func:`verify`, the listings :class:`FileInfo` and :class:`TensorInfo`, and the
 errors under :class:`ElvesError`.
 """
@@ -32,14 +32,15 @@ from .errors import (
 from .version import __version__ as __version__
 
 if TYPE_CHECKING:
-    from .api import Archive, ArchiveInfo, VerifyReport, info, load_file, open, verify  # noqa: A004
+    from .api import Archive, ArchiveInfo, VerifyReport, info, load_file, load_into, open, verify  # noqa: A004
     from .decoder import RestoreSummary, restore
     from .encoder import CompressSummary, compress
     from .listing import FileInfo, TensorInfo
 
 # The API loads on first use: importing any submodule runs this file (``elves.dtypes`` from
 # ``bitx.codec``, say), and must not drag in the pipeline, which imports bitx back.
-_LAZY = {name: "api" for name in ("Archive", "ArchiveInfo", "VerifyReport", "info", "load_file", "open", "verify")}
+_LAZY = {name: "api" for name in ("Archive", "ArchiveInfo", "VerifyReport", "info", "load_file", "load_into", "open",
+                                   "verify")}
 _LAZY.update(RestoreSummary="decoder", restore="decoder", CompressSummary="encoder", compress="encoder",
              FileInfo="listing", TensorInfo="listing")
 
@@ -55,7 +56,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Archive", "ArchiveInfo", "CompressSummary", "FileInfo", "RestoreSummary", "TensorInfo", "VerifyReport",
-    "compress", "restore", "open", "load_file", "info", "verify",
+    "compress", "restore", "open", "load_file", "load_into", "info", "verify",
     "ElvesError", "InputError", "UsageError", "UnsafePickleError", "ArchiveError", "TruncatedArchiveError",
     "CorruptArchiveError", "UnsupportedFormatError", "UnsafePathError", "OutputExistsError",
     "OutputError", "CodecError", "BoundError", "BaseModelError", "BaseRequiredError", "BaseMismatchError",
