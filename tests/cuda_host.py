@@ -80,6 +80,7 @@ inline bool __any_sync(unsigned, bool p) {
     g_bar->arrive_and_wait();
     return any;
 }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline unsigned atomicMax(unsigned* p, unsigned v) {
     std::lock_guard<std::mutex> lock(g_atomic);
     unsigned old = *p;

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -271,6 +272,97 @@ def test_elf_kernel_refuses_what_the_numba_decoder_refuses(elf_kernel: HostKerne
             expect = ELF_STATUS[int(status[0])]
             assert message.startswith(expect) or (status[0] == 24 and message.startswith("elf chunk holds")), \
                 (trial, message, expect)
+        else:
+            assert status[0] == 0 and got[0] == want, (trial, status)
+    assert refused >= 20
+
+
+# ============================================================================ sparse xor
+
+@pytest.fixture(scope="module")
+def sparse_kernel(tmp_path_factory: pytest.TempPathFactory) -> HostKernels:
+    return compile_source(CUDA_DIR / "xor_sparse.cu", tmp_path_factory.mktemp("sparse_kernel"))
+
+
+def sparse_run(kernel: HostKernels, w: int, chunks: list[tuple[bytes, bytes, int, int]]) -> tuple[list[bytes], np.ndarray]:
+    """The sparse xor kernel over (sparse form, reference, decoded bytes, mask) chunks, each in
+    its own aligned buffers: decoded bytes and status."""
+    from elves.gpu.launcher import SPARSE
+
+    keep, outs = [], []
+    descs = np.zeros(len(chunks), DESC)
+    for k, (data, ref, n, mask) in enumerate(chunks):
+        src, r, dst = aligned(len(data)), aligned(len(ref)), aligned(n, 0xA5)
+        src[:], r[:] = np.frombuffer(data, np.uint8), np.frombuffer(ref, np.uint8)
+        keep += [src, r]
+        outs.append(dst)
+        descs[k] = (src.ctypes.data, len(data), dst.ctypes.data, n, w, 0, r.ctypes.data, len(ref), mask, 0)
+    status = np.zeros(len(chunks), np.uint32)
+    kernel.launch(descs.ctypes.data, status.ctypes.data, [(SPARSE | w, 0, len(chunks))])
+    return [o.tobytes() for o in outs], status
+
+
+def sparse_chunks(dt: str, rng: np.random.Generator) -> list[tuple[Any, bytes, bytes, int]]:
+    """(codec, sparse form, reference, decoded bytes) of fine-tunes of a base: mostly unchanged,
+    mostly changed, masked, with rows past the reference, more than a tile of the kernel, tiny."""
+    from bitx.codec import Xor
+
+    w = dtypes.get(dt).itemsize
+    out = []
+    for n, changed, mask, short in [(5000, 0.1, None, 0), (3001, 0.9, None, 0), (20000, 0.3, 0xF0 if w == 1 else 0xFF00,
+                                                                                  0), (777, 0.5, None, 100), (1, 1.0, None, 0)]:
+        base = weights_like(dt, n, rng)
+        ft = base.copy()
+        hit = rng.random(n) < changed
+        ft.view(np.uint8).reshape(n, w)[hit, 0] ^= rng.integers(1, 256, int(hit.sum()), dtype=np.uint8)
+        ref = base[:n - short].tobytes()
+        codec = Xor(dt, "0" * 32, len(ref), mask=mask, sparse=True)
+        data = codec.encode(ft.view(np.uint8), np.frombuffer(ref, np.uint8))
+        assert data is not None
+        out.append((codec, data.tobytes(), ref, n * w))
+    return out
+
+
+@pytest.mark.parametrize("dt", ["U8", "BF16", "F32", "F64"])
+def test_sparse_kernel_matches_the_numba_decoder(sparse_kernel: HostKernels, dt: str) -> None:
+    chunks = sparse_chunks(dt, np.random.default_rng(5))
+    got, status = sparse_run(sparse_kernel, dtypes.get(dt).itemsize, [(d, r, n, c.mask) for c, d, r, n in chunks])
+    assert not status.any(), status
+    for (codec, data, ref, n), g in zip(chunks, got):
+        want = codec.decode(np.frombuffer(data, np.uint8), np.empty(n, np.uint8), np.frombuffer(ref, np.uint8))
+        assert g == want.tobytes()
+
+
+def test_sparse_kernel_refuses_what_the_numba_decoder_refuses(sparse_kernel: HostKernels) -> None:
+    """Flipped bitmap bits, cut-short and padded chunks: the kernel flags a chunk exactly when the
+    numba decoder refuses it, with its message, and otherwise decodes the same bytes."""
+    from elves.errors import CorruptArchiveError
+    from elves.gpu.launcher import SPARSE_STATUS
+
+    rng = np.random.default_rng(8)
+    refused = 0
+    for trial in range(60):
+        dt = ["U8", "BF16", "F32", "F64"][trial % 4]
+        w = dtypes.get(dt).itemsize
+        codec, data, ref, n = sparse_chunks(dt, rng)[trial % 4]
+        bad = bytearray(data)
+        nb = codec._bitmap_bytes(n // w)
+        if trial % 3 == 0:
+            bad = bad[:int(rng.integers(0, len(bad) // w)) * w]
+        elif trial % 3 == 1:
+            bad += bytes(w * int(rng.integers(0, 3)))
+        for _ in range(int(rng.integers(0, 3)) if bad else 0):  # the bitmap: where values go, and how many
+            bad[int(rng.integers(0, min(nb, len(bad))))] ^= 1 << int(rng.integers(0, 8))
+        try:
+            want: bytes | None = codec.decode(np.frombuffer(bytes(bad), np.uint8), np.empty(n, np.uint8),
+                                              np.frombuffer(ref, np.uint8)).tobytes()
+            message = ""
+        except CorruptArchiveError as e:
+            want, message = None, e.message
+        got, status = sparse_run(sparse_kernel, w, [(bytes(bad), ref, n, codec.mask)])
+        if want is None:
+            refused += 1
+            assert status[0] != 0 and SPARSE_STATUS[int(status[0])] == message, (trial, message, status)
         else:
             assert status[0] == 0 and got[0] == want, (trial, status)
     assert refused >= 20

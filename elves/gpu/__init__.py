@@ -9,13 +9,14 @@ Chunk payloads travel compressed: they are read from the archive into pinned hos
 chunk's xxh3-64 checked on the host, as the CPU reader does), copied to the device on one CUDA
 stream while the previous batch decodes on another, and decoded by ``cuda/rans_decode.cu``
 straight into the tensors' own memory: planes + rANS, with BitX's ``xor`` against a base model
-(``base=``: its tensors uploaded) or an earlier stream of the archive (gathered on the device)
-fused in; ``elf`` chunks go on through ``cuda/elf_decode.cu``. GPU memory holds the tensors plus a few fixed-size staging
-buffers, whatever the model's size. The stream-level xxh3-128 is not recomputed (that needs the
+(``base=``: its tensors uploaded, or used in place when they are already on the device) or an
+earlier stream of the archive (gathered on the device) fused in; ``elf`` chunks go on through
+``cuda/elf_decode.cu``, sparse BitX chunks through ``cuda/xor_sparse.cu``. GPU memory holds the
+tensors plus a few fixed-size staging buffers, whatever the model's size. The stream-level xxh3-128 is not recomputed (that needs the
 decoded bytes on the host); the kernel instead applies every structural check of the CPU decoder,
 rANS final states included, and any failure raises :class:`~elves.errors.CorruptArchiveError`.
 
-Streams the kernels do not decode (zstd bytes, sparse BitX, elf deltas, codecs added to the
+Streams the kernels do not decode (zstd bytes, elf deltas, codecs added to the
 format later) are decoded on the CPU by :func:`elves.decoder.read_stream`, fully checked, while
 the GPU decodes the others, and uploaded. ``elves.api.load_into`` puts the tensors into a torch
 (transformers) module.

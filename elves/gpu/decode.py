@@ -3,7 +3,7 @@
 Each batch of chunks (:mod:`.plan`) is read into a pinned staging buffer on a worker thread,
 copied to the device on a copy stream while the previous batch decodes on the target's stream,
 and decoded by the kernels straight into the streams' own buffers. Streams the kernels cannot
-decode (zstd bytes, sparse BitX, ELF) go through the CPU instead, on a thread of their own while
+decode (zstd bytes, ELF deltas) go through the CPU instead, on a thread of their own while
 the GPU decodes the others: :meth:`StreamDecoder.decode_on_cpu` is the one place where that
 happens.
 
@@ -74,7 +74,7 @@ class StreamDecoder:
         pinned: list[Any] = []
         self.kept = {}
         # One status word per chunk of both rounds, checked by finish().
-        total = sum(len(reader.streams[s].chunks) * (2 if plan.elf_of(reader.streams[s]) else 1)
+        total = sum(len(reader.streams[s].chunks) * plan.descs_per_chunk(reader.streams[s])
                     for s in on_gpu | first)
         if total:
             self.status, self.status_ptr = self.target.empty(4 * total)
@@ -99,8 +99,7 @@ class StreamDecoder:
 
     def decode_on_cpu(self, s: int) -> np.ndarray:
         """Stream ``s`` decoded by the CPU decoder (every check of it applied), to be uploaded:
-        for streams no kernel decodes (zstd bytes, sparse BitX, ELF, codecs the kernels do not
-        know)."""
+        for streams no kernel decodes (zstd bytes, ELF deltas, codecs the kernels do not know)."""
         if self._cpu_pool is None:
             self._cpu_pool = ThreadPoolExecutor(self._threads)
         return read_stream(self.reader, s, self._cpu_pool, 2 * self._threads + 2)
@@ -214,7 +213,7 @@ class StreamDecoder:
                 slot = staging[k % len(staging)]
                 layout = layouts.pop(k)
                 reads.popleft().result()  # read and checksummed, or raises
-                if layout.links:  # elf chunks: planes + rANS decode into scratch, the elf kernel from there
+                if layout.links:  # elf, sparse xor: planes + rANS decode into scratch, a second kernel from there
                     sizes = plan.scratch_sizes(slot.host, batch, layout)
                     slot.scratch, scratch_ptr = target.empty(plan.scratch_bytes(sizes))
                     plan.link(slot.host, layout, scratch_ptr, sizes)

@@ -218,6 +218,6 @@ class Staging:
         self.host_mem = cp.cuda.alloc_pinned_memory(nbytes)
         self.host = np.frombuffer(self.host_mem, dtype=np.uint8, count=nbytes)
         self.dev, self.dev_ptr = target.empty(nbytes)
-        self.scratch: Any = None  # what planes + rANS decode elf chunks into, for the batch in flight
+        self.scratch: Any = None  # what planes + rANS decode elf and sparse xor chunks into, for the batch in flight
         self.copied = cp.cuda.Event(disable_timing=True)   # upload done: the host side may be refilled
         self.decoded = cp.cuda.Event(disable_timing=True)  # decode done: the device side may be overwritten

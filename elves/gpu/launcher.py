@@ -1,5 +1,5 @@
-"""The CUDA kernels (``cuda/rans_decode.cu``, ``cuda/elf_decode.cu``): their sources, compilation,
-launch, and the chunk descriptors they read.
+"""The CUDA kernels (``cuda/rans_decode.cu``, ``cuda/elf_decode.cu``, ``cuda/xor_sparse.cu``): their
+sources, compilation, launch, and the chunk descriptors they read.
 
 A descriptor (:data:`DESC`, the kernel's ``ChunkDesc`` field for field) gives one chunk's payload
 address and length, where its decoded bytes go and how many they must be, its element width
@@ -7,8 +7,9 @@ address and length, where its decoded bytes go and how many they must be, its el
 BitX's ``xor`` filter (fused into the decode) the chunk's reference, mask and remap table. A launch decodes a run of descriptors of one width; each
 chunk leaves a status word, nonzero when it failed (codes as in :data:`elves.codecs.rans.STATUS`
 and :data:`ELF_STATUS`). Which kernel a run of descriptors goes to is its *kernel key*: an element
-width (planes + rANS, BitX fused in), :data:`STORED`, or :data:`ELF` | width (the ``elf`` filter,
-run on what planes + rANS decoded into scratch memory).
+width (planes + rANS, BitX fused in), :data:`STORED`, :data:`ELF` | width (the ``elf`` filter,
+run on what planes + rANS decoded into scratch memory) or :data:`SPARSE` | width (BitX's sparse
+form, likewise from scratch memory).
 """
 from __future__ import annotations
 
@@ -31,7 +32,10 @@ DEFAULT_SMEM = 48 << 10    # dynamic shared memory a kernel gets without opting 
 COPY_THREADS = 256
 ELF = 0x100                # kernel key of the elf dequantiser: ELF | element width
 ELF_THREADS = 256
-KERNEL_FILES = ("rans_decode.cu", "elf_decode.cu")
+SPARSE = 0x200             # kernel key of the sparse xor decode: SPARSE | element width
+SPARSE_THREADS = 256
+SECOND_STAGE = ELF | SPARSE  # keys of kernels that read what planes + rANS decoded into scratch
+KERNEL_FILES = ("rans_decode.cu", "elf_decode.cu", "xor_sparse.cu")
 
 # The elf kernel's status codes, with the CPU decoder's messages (elves/codecs/elf.py).
 ELF_STATUS = {
@@ -50,6 +54,12 @@ ELF_STATUS = {
     28: "elf chunk: a palette index is out of range",
     29: "elf chunk: exception positions out of order or range",
     30: "elf chunk: its descriptor is malformed",
+}
+# The sparse xor kernel's, with the CPU decoder's messages (bitx/codec.py).
+SPARSE_STATUS = {
+    40: "sparse xor: the chunk is shorter than its bitmap",
+    41: "sparse xor: the bitmap does not match the number of elements",
+    42: "sparse xor: its descriptor is malformed",
 }
 
 DESC = np.dtype([("src", "<u8"), ("src_len", "<u8"), ("dst", "<u8"), ("dst_len", "<u8"),
@@ -93,6 +103,8 @@ def kernel_launch(kernel: int) -> tuple[str, int]:
         return "elves_copy_chunks", COPY_THREADS
     if kernel & ELF:
         return "elves_elf_decode", ELF_THREADS
+    if kernel & SPARSE:
+        return "elves_xor_sparse", SPARSE_THREADS
     return f"elves_rans_decode_w{kernel}", 32
 
 
@@ -108,6 +120,7 @@ class Kernels:
             self.functions = {name: modules[0].get_function(name) for name in
                               [*(f"elves_rans_decode_w{w}" for w in WIDTHS), "elves_copy_chunks"]}
             self.functions["elves_elf_decode"] = modules[1].get_function("elves_elf_decode")
+            self.functions["elves_xor_sparse"] = modules[2].get_function("elves_xor_sparse")
             for w in WIDTHS:
                 if w * PLANE_SMEM > DEFAULT_SMEM:
                     self.functions[f"elves_rans_decode_w{w}"].max_dynamic_shared_size_bytes = w * PLANE_SMEM
@@ -134,7 +147,7 @@ def raise_status(status: np.ndarray, name: Callable[[int], str], path: Path | No
     if bad.size:
         i = int(bad[0])
         code = int(status[i])
-        message = STATUS.get(code) or ELF_STATUS.get(code) or f"GPU decode failed ({code})"
+        message = STATUS.get(code) or ELF_STATUS.get(code) or SPARSE_STATUS.get(code) or f"GPU decode failed ({code})"
         raise CorruptArchiveError(f"{name(i)}: {message}", path)
 
 

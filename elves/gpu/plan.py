@@ -25,7 +25,20 @@ from ..decoder import stream_label
 from ..errors import CodecError, CorruptArchiveError, TruncatedArchiveError
 from ..index import Stream
 from ..references import Reference
-from .launcher import DESC, ELF, FLAG_REMAP, FLAG_ROTATE, FLAG_XOR, STORED, WIDTHS, Group, align, groups
+from .launcher import (
+    DESC,
+    ELF,
+    FLAG_REMAP,
+    FLAG_ROTATE,
+    FLAG_XOR,
+    SECOND_STAGE,
+    SPARSE,
+    STORED,
+    WIDTHS,
+    Group,
+    align,
+    groups,
+)
 
 IOV_MAX = 1024  # buffers per preadv call (Linux's IOV_MAX)
 XOR_WIDTHS = (1, 2, 4, 8)
@@ -33,7 +46,8 @@ XOR_WIDTHS = (1, 2, 4, 8)
 
 def gpu_width(stream: Stream) -> int | None:
     """The kernel that decodes ``stream``'s chunks (an element width, or STORED), or None when
-    only the CPU can decode it: ``planes`` + ``rans``, behind a dense ``xor`` filter or not."""
+    only the CPU can decode it: ``planes`` + ``rans``, behind an ``xor`` filter (dense, fused in;
+    sparse, a second kernel) or an ``elf`` one, or neither."""
     if not stream.pipeline:
         return STORED
     try:
@@ -42,7 +56,7 @@ def gpu_width(stream: Stream) -> int | None:
         return None
     xor = codecs[0] if codecs and type(codecs[0]) is Xor else None
     if xor is not None:
-        if xor.sparse or xor.width not in XOR_WIDTHS:  # the sparse form needs a scan: the CPU decodes it
+        if xor.width not in XOR_WIDTHS:
             return None
         codecs = codecs[1:]
     elf = codecs[0] if codecs and type(codecs[0]) is Elf else None
@@ -60,6 +74,13 @@ def elf_flags(dtype: str) -> int:
     """The elf kernel's descriptor flags for a dtype: exponent bits | mantissa bits << 8."""
     _, ebits, mbits = ELF_DTYPES[dtype]
     return ebits | mbits << 8
+
+
+def descs_per_chunk(stream: Stream) -> int:
+    """Descriptors (and status words) a chunk of ``stream`` takes at most: two where a second
+    kernel decodes what planes + rANS put in scratch memory (``elf``, sparse ``xor``)."""
+    first = stream.decoder().codecs[0] if stream.pipeline else None
+    return 2 if (type(first) is Xor and first.sparse) or type(first) is Elf else 1
 
 
 def xor_of(stream: Stream) -> Xor | None:
@@ -140,9 +161,10 @@ class Chunk:
     width: int        # an element width, or STORED
     rotate: bool
     dst_offset: int   # where its decoded bytes go in the stream's buffer
-    xor: Xor | None = None  # the BitX filter fused into the decode
+    xor: Xor | None = None  # the BitX filter: fused into the decode, or (sparse) a second kernel
     elf: Elf | None = None  # the elf filter: a second kernel, from scratch memory
-    scratch: Expected | None = None  # elf: what planes + rANS must decode to (the CPU's range)
+    second: int = 0         # the second kernel's key (ELF or SPARSE | width), 0 for none
+    scratch: Expected | None = None  # second kernel: what planes + rANS must decode to (the CPU's range)
 
 
 @dataclass
@@ -151,7 +173,7 @@ class Batch:
 
     chunks: list[Chunk] = field(default_factory=list)
     payload_bytes: int = 0
-    descs: int = 0  # descriptors: one per chunk, two for an elf chunk
+    descs: int = 0  # descriptors: one per chunk, two for a chunk with a second kernel
 
     def desc_bytes(self, extra: int = 0) -> int:
         return align((self.descs + extra) * DESC.itemsize)
@@ -169,7 +191,7 @@ class Layout:
     offsets: list[int]   # payload offset of each chunk, in batch order
     order: list[int]     # the chunk (batch order) of each descriptor
     status_base: int     # the batch's first index in the status array
-    links: list[tuple[int, int, int]] = field(default_factory=list)  # elf: (chunk, its two descriptors)
+    links: list[tuple[int, int, int]] = field(default_factory=list)  # second kernel: (chunk, its two descriptors)
 
 
 def stream_chunks(reader: ArchiveReader, s: int) -> list[Chunk]:
@@ -187,8 +209,10 @@ def stream_chunks(reader: ArchiveReader, s: int) -> list[Chunk]:
         if width != STORED and decoded % width:
             raise CorruptArchiveError(f"{stream_label(reader, s)}: chunk {i} is not a whole number "
                                       "of elements", reader.path)
-        scratch = stream.decoder().expected(decoded)[-1] if elf is not None else None
-        out.append(Chunk(s, i, offset, length, decoded, checksum, width, rotate, pos, xor, elf, scratch))
+        # A chunk the sparse filter left without a payload is the dense filter applied to zeros.
+        second = ELF | elf.width if elf is not None else SPARSE | width if xor is not None and xor.sparse and length else 0
+        scratch = stream.decoder().expected(decoded)[-1] if second else None
+        out.append(Chunk(s, i, offset, length, decoded, checksum, width, rotate, pos, xor, elf, second, scratch))
         pos += decoded
     if pos != stream.nbytes:
         raise CorruptArchiveError(f"{stream_label(reader, s)}: its chunks do not add up to its size", reader.path)
@@ -202,7 +226,7 @@ def batches(reader: ArchiveReader, streams: list[int], staging_bytes: int) -> tu
     out = [Batch()]
     for s in streams:
         for c in stream_chunks(reader, s):
-            n = 2 if c.elf is not None else 1
+            n = 2 if c.second else 1
             staging_bytes = max(staging_bytes, align(n * DESC.itemsize) + align(c.length))
             b = out[-1]
             if b.chunks and b.desc_bytes(n) + b.payload_bytes + align(c.length) > staging_bytes:
@@ -219,14 +243,22 @@ def lay_out(batch: Batch, staging_ptr: int, outputs: Mapping[int, int], status_b
     """Descriptors for ``batch`` in a staging buffer at device address ``staging_ptr``, decoding
     into the stream buffers at ``outputs[stream]``; its statuses start at ``status_base``.
     ``refs[stream]``: the reference of each stream with an ``xor`` filter."""
+
+    def reference(c: Chunk) -> tuple[DeviceRef, int]:
+        """The chunk's reference on the device, and its length there (cut short at its end)."""
+        if refs is None or c.stream not in refs:
+            raise ValueError(f"stream {c.stream} has no reference on the device")
+        r = refs[c.stream]
+        return r, max(0, min(c.decoded, r.nbytes - c.dst_offset))
+
     offsets, pos = [], batch.desc_bytes()
     for c in batch.chunks:
         offsets.append(pos)
         pos += align(c.length)
-    # (kernel key, chunk): an elf chunk is decoded by planes + rANS into scratch memory (linked
-    # once its payload is read: see link), then by the elf kernel from there.
+    # (kernel key, chunk): an elf or sparse xor chunk is decoded by planes + rANS into scratch
+    # memory (linked once its payload is read: see link), then by its second kernel from there.
     runs = [(c.width, i) for i, c in enumerate(batch.chunks)]
-    runs += [(ELF | c.elf.width, i) for i, c in enumerate(batch.chunks) if c.elf is not None]
+    runs += [(c.second, i) for i, c in enumerate(batch.chunks) if c.second]
     runs.sort(key=lambda r: r[0])
     descs = np.zeros(len(runs), DESC)
     first: dict[int, int] = {}
@@ -234,32 +266,35 @@ def lay_out(batch: Batch, staging_ptr: int, outputs: Mapping[int, int], status_b
     for d, (key, i) in enumerate(runs):
         c = batch.chunks[i]
         dst = outputs[c.stream] + c.dst_offset
-        if c.elf is not None and not key & ELF:
+        flags = FLAG_ROTATE if c.rotate else 0
+        if c.second and not key & SECOND_STAGE:
             first[i] = d
-            descs[d] = (staging_ptr + offsets[i], c.length, 0, 0, c.width, 0, 0, 0, 0, 0)
+            descs[d] = (staging_ptr + offsets[i], c.length, 0, 0, c.width, flags, 0, 0, 0, 0)
             continue
         if key & ELF:
             assert c.elf is not None
             links.append((i, first[i], d))
             descs[d] = (0, 0, dst, c.decoded, c.elf.width, elf_flags(c.elf.dtype), 0, 0, 0, 0)
             continue
-        flags = FLAG_ROTATE if c.rotate else 0
+        if key & SPARSE:
+            assert c.xor is not None
+            links.append((i, first[i], d))
+            r, ref_len = reference(c)
+            descs[d] = (0, 0, dst, c.decoded, c.width, 0, r.ptr + c.dst_offset, ref_len, c.xor.mask, 0)
+            continue
         ref = mask = table = ref_len = 0
         if c.xor is not None:
-            if refs is None or c.stream not in refs:
-                raise ValueError(f"stream {c.stream} has no reference on the device")
-            r = refs[c.stream]
+            r, ref_len = reference(c)
             flags |= FLAG_XOR | (FLAG_REMAP if c.xor.remap is not None else 0)
-            ref, ref_len = r.ptr + c.dst_offset, max(0, min(c.decoded, r.nbytes - c.dst_offset))
-            mask, table = c.xor.mask, r.table
+            ref, mask, table = r.ptr + c.dst_offset, c.xor.mask, r.table
         descs[d] = (staging_ptr + offsets[i], c.length, dst, c.decoded, c.width, flags, ref, ref_len, mask, table)
     return Layout(descs, groups(np.array([key for key, _ in runs], dtype=np.int64)), offsets,
                   [i for _, i in runs], status_base, links)
 
 
 def scratch_sizes(host: np.ndarray, batch: Batch, layout: Layout) -> list[int]:
-    """For each elf chunk of a filled staging buffer (``layout.links``): the bytes planes + rANS
-    decode it to, as its payload's header says, or -1 where that is not what the CPU decoder
+    """For each chunk of a filled staging buffer with a second kernel (``layout.links``): the
+    bytes planes + rANS decode it to, as its payload's header says, or -1 where that is not what the CPU decoder
     accepts (the kernel then refuses the chunk, as the CPU does)."""
     sizes = []
     for i, _, _ in layout.links:
@@ -275,7 +310,7 @@ def scratch_sizes(host: np.ndarray, batch: Batch, layout: Layout) -> list[int]:
 
 
 def link(host: np.ndarray, layout: Layout, scratch_ptr: int, sizes: list[int]) -> None:
-    """Point each elf chunk's two descriptors at its piece of the scratch memory at
+    """Point the two descriptors of each chunk with a second kernel at its piece of the scratch memory at
     ``scratch_ptr`` (``sizes`` from :func:`scratch_sizes`, each piece aligned), in the staging
     buffer ``host`` and in ``layout``."""
     pos = 0
