@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from urllib.parse import quote
@@ -413,3 +414,64 @@ def test_pull_list_goes_in_waves(hub: HubStandin, store: Store, tmp_path: Path,
     for r in results:
         store.restore(r.model, tmp_path / r.commit)
         assert {p: (tmp_path / r.commit / p).read_bytes() for p in repos[r.repo_id]} == repos[r.repo_id]
+
+
+def meet(barrier: threading.Barrier) -> Any:
+    """A progress callback that waits, at its first call, until every party of ``barrier`` has
+    made progress: the writers it joins must be coding side by side, none waiting for another's
+    lock (a barrier not met in its timeout breaks, and the writer waiting on it fails)."""
+    lock = threading.Lock()
+    met: list[bool] = []
+
+    def once(*_: Any) -> None:
+        with lock:
+            first = not met
+            met.append(True)
+        if first:
+            barrier.wait()
+    return once
+
+
+def run_beside(*jobs: Any) -> list[Any]:
+    """Run ``jobs`` (callables) on threads at once; their results, or the exception each raised."""
+    out: list[Any] = [None] * len(jobs)
+
+    def run(i: int) -> None:
+        try:
+            out[i] = jobs[i]()
+        except BaseException as e:  # reported by the caller's asserts
+            out[i] = e
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    return out
+
+
+def test_two_pulls_and_an_add_into_one_store_run_side_by_side(hub: HubStandin, store: Store, tmp_path: Path) -> None:
+    """A pull takes the store's writer lock only to commit: two pulls of other repos and an
+    ``add`` download and code at once (each waits, mid-way, for the others to have made progress),
+    and every model lands whole."""
+    a, b = small_repo(3, size=300_000, seed=11), small_repo(3, size=300_000, seed=12)
+    hub.commit("acme/a", a)
+    hub.commit("acme/b", b)
+    local = tmp_path / "local"
+    local.mkdir()
+    for p, data in small_repo(2, size=300_000, seed=13).items():
+        (local / p).parent.mkdir(parents=True, exist_ok=True)
+        (local / p).write_bytes(data)
+    barrier = threading.Barrier(3, timeout=120)
+    done = run_beside(
+        lambda: mirror.pull(Store(store.path), "acme/a", endpoint=hub.url, progress=meet(barrier)),
+        lambda: mirror.pull(Store(store.path), "acme/b", endpoint=hub.url, progress=meet(barrier)),
+        lambda: Store(store.path).add(local, "local", progress=meet(barrier)))
+    assert not [d for d in done if isinstance(d, BaseException)], done
+    ra, rb, _ = done
+    assert sorted(m.name for m in store.models()) == sorted([ra.model, rb.model, "local"])
+    for name, files in ((ra.model, a), (rb.model, b), ("local", None)):
+        out = tmp_path / f"out-{name.replace('/', '_')}"
+        store.restore(name, out)
+        assert tree(out) == (tree(local) if files is None else {p: sha(d) for p, d in files.items()})
+    assert read_repo(store, "model", "acme/a") is not None and read_repo(store, "model", "acme/b") is not None
+    assert store.verify().ok and not list((store.path / "tmp" / "staged").iterdir())

@@ -4,10 +4,12 @@ delta (also when it arrives before its base), and damage or a wrong base is a cl
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 
 from elves.errors import CorruptArchiveError, InputError, StoreError
+from elves.readers import read_model
 from elves.store import Store
 from elves.store.layout import manifest_at, object_at, profile_at
 from elves.store.manifests import manifest
@@ -323,6 +326,67 @@ def test_two_concurrent_adds_both_land(family: dict[str, Path], tmp_path: Path) 
         assert p.returncode == 0, err.decode()
     check_store(s, {n: family[n] for n in ("tiny-base", "tiny-ft-a", "tiny-ft-b")}, tmp_path)
     assert all(m.base == "tiny-base" for m in s.models()[1:])
+
+
+def test_gc_waits_for_an_add_under_way_and_a_base_removed_meanwhile_is_refused(family: dict[str, Path],
+                                                                               tmp_path: Path) -> None:
+    """An add codes its files without the writer lock: a gc beside it waits for it on a local
+    disk (whose gc keeps no young object); another writer that removes its base before it
+    commits makes the commit refuse, and the add's objects go with it."""
+    s = Store.init(tmp_path / "s")
+    s.add(family["tiny-base"])
+    files, _ = read_model(family["tiny-ft-a"], False)
+    report: list[object] = []
+    gc = threading.Thread(target=lambda: report.append(Store(s.path).gc()))
+    with s.stage("tiny-ft-a") as staged:
+        for sf in files:
+            staged.add_source(sf)
+        assert staged.base == "tiny-base" and staged.out.delta > 0
+        gc.start()
+        gc.join(timeout=2)
+        assert gc.is_alive()   # it waits for the add, whose objects no manifest names yet
+        staged.commit()
+    gc.join(timeout=120)
+    assert report and report[0].objects_removed == 0   # type: ignore[attr-defined]
+    check_store(s, {n: family[n] for n in ("tiny-base", "tiny-ft-a")}, tmp_path)
+
+    before = {p for p in (s.path / "objects").rglob("*") if p.is_file()}
+    files, _ = read_model(family["tiny-ft-b"], False)
+    with pytest.raises(StoreError, match="its base 'tiny-base' was removed by another writer while this add ran"):
+        with s.stage("tiny-ft-b") as staged:
+            for sf in files:
+                staged.add_source(sf)
+            assert staged.base == "tiny-base" and staged.out.created
+            Store(s.path).remove("tiny-base")
+            staged.commit()
+    assert [m.name for m in s.models()] == ["tiny-ft-a"]
+    assert {p for p in (s.path / "objects").rglob("*") if p.is_file()} == before   # its objects removed
+    check_store(s, {"tiny-ft-a": family["tiny-ft-a"]}, tmp_path)
+
+
+def test_gc_keeps_the_objects_a_young_journal_names(family: dict[str, Path], tmp_path: Path) -> None:
+    """With a grace period (object storage's default), gc keeps the objects a staged add's young
+    journal names however old they are, so a long pull's first files stay; once the journal is
+    as old, they go."""
+    s = Store.init(tmp_path / "s")
+    files, _ = read_model(family["other"], False)
+    with pytest.raises(RuntimeError):
+        with s.stage("other", resumable=True) as staged:
+            for sf in files[:-1]:
+                staged.add_source(sf)
+            raise RuntimeError("cut short")
+    old = time.time() - 7200
+    objects = [p for p in (s.path / "objects").rglob("*") if p.is_file()]
+    assert objects
+    for p in objects:
+        os.utime(p, (old, old))
+    kept = s.gc(grace=3600)
+    assert kept.objects_removed == 0 and all(p.exists() for p in objects)
+    with s.stage("other", resumable=True) as staged:
+        assert staged.resumed and len(staged.entries) == len(files) - 1
+    for p in (s.path / "tmp").rglob("*"):
+        os.utime(p, (old, old))
+    assert s.gc(grace=3600).objects_removed == len(objects) and not any(p.exists() for p in objects)
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -203,32 +203,55 @@ def test_kill_during_add_then_gc_and_a_rerun(url: str, s3: S3, tmp_path: Path) -
     assert tree_hashes(tmp_path / "out") == tree_hashes(src)
 
 
-def test_gc_beside_an_add_whose_lease_lapsed(url: str, tmp_path: Path) -> None:
-    """A writer that stalls past its lease: gc takes the lease but keeps the young objects, the
-    stalled add stops before its manifest, and a re-run then takes up the objects it wrote."""
+def test_gc_beside_an_add_keeps_its_objects(url: str, tmp_path: Path) -> None:
+    """An add codes its files without the lease (it takes it only to commit): a gc between its
+    files and its commit takes the lease, keeps the add's young objects, and the add commits."""
     Store.init(url)
     src = toy(tmp_path / "m", 5)
     files, _ = read_model(src, False)
-    stalled = Store(url)
-    with pytest.raises(StoreError, match="lost the store's lease"):
-        with stalled.stage("m") as staged:
-            for sf in files:
-                staged.add_source(sf)
-            lease = stalled.storage.lease   # type: ignore[attr-defined]
-            lease.stop.set()                 # its heartbeat stops: the machine stalls
-            lease.thread.join()
-            report: list[Any] = []
-            gc = threading.Thread(target=lambda: report.append(Store(url).gc()))
-            gc.start()
-            gc.join(timeout=60)
-            assert report and report[0].objects_removed == 0 and report[0].kept_young >= len(files)
-            staged.commit()
+    adder = Store(url)
+    with adder.stage("m") as staged:
+        for sf in files:
+            staged.add_source(sf)
+        assert adder.storage.lease is None   # type: ignore[attr-defined]
+        report = Store(url).gc()
+        assert report.objects_removed == 0 and report.kept_young >= len(files)
+        staged.commit()
     s = Store(url)
-    assert s.models() == [] and s.stats().garbage_objects >= len(files)
-    again = s.add(src, "m")
-    assert again.objects_new == 0 and again.objects_reused > 0   # nothing the stalled add wrote was lost
+    assert [m.name for m in s.models()] == ["m"] and s.stats().garbage_objects == 0
     s.restore("m", tmp_path / "out")
     assert tree_hashes(tmp_path / "out") == tree_hashes(src)
+
+
+def test_two_pulls_and_an_add_at_once(url: str, tmp_path: Path) -> None:
+    """Two pulls of other repos and an add into one s3:// store at once: each codes without the
+    lease (each waits, mid-way, for the others to have made progress), every model lands whole."""
+    import importlib
+    pulls = importlib.import_module("tests.test_mirror_pull")
+    Store.init(url)
+    a = {"config.json": b'{"model_type": "toy"}',
+         "data/w.bin": np.random.default_rng(21).standard_normal(100_000).astype(np.float32).tobytes()}
+    b = {"config.json": b'{"model_type": "toy"}',
+         "data/w.bin": np.random.default_rng(22).standard_normal(100_000).astype(np.float32).tobytes()}
+    src = toy(tmp_path / "m", 23)
+    barrier = threading.Barrier(3, timeout=120)
+    with HubStandin() as hub:
+        hub.commit("acme/a", a)
+        hub.commit("acme/b", b)
+        done = pulls.run_beside(
+            lambda: mirror.pull(Store(url), "acme/a", endpoint=hub.url, progress=pulls.meet(barrier)),
+            lambda: mirror.pull(Store(url), "acme/b", endpoint=hub.url, progress=pulls.meet(barrier)),
+            lambda: Store(url).add(src, "m", progress=pulls.meet(barrier)))
+    assert not [d for d in done if isinstance(d, BaseException)], done
+    s = Store(url)
+    assert sorted(m.name for m in s.models()) == sorted([done[0].model, done[1].model, "m"])
+    for name, files in ((done[0].model, a), (done[1].model, b)):
+        out = tmp_path / name.replace("/", "_")
+        s.restore(name, out)
+        assert {p: (out / p).read_bytes() for p in files} == files
+    s.restore("m", tmp_path / "out")
+    assert tree_hashes(tmp_path / "out") == tree_hashes(src)
+    assert s.verify().ok
 
 
 def test_lease_taken_over_only_after_it_lapses(url: str) -> None:

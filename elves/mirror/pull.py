@@ -3,7 +3,8 @@ and forgetting commits (:func:`remove`).
 
 A pull resolves the revision to its commit and lists the commit's files. A commit already
 stored costs no download. Otherwise the files stream into the store one at a time, through a
-staged add (``Store.stage``, resumable): ``jobs`` downloads run ahead of the file being stored,
+staged add (``Store.stage``, resumable, which takes the store's writer lock only to commit:
+pulls of other repos, and adds, run beside it): ``jobs`` downloads run ahead of the file being stored,
 each checked against its sha256 or git blob id before it is stored, then deleted. Disk use
 beyond the store is a few files, never a second copy of the repo. A file whose blob the mirror
 already holds (from another commit of this repo, or of any other) is not downloaded: it is
@@ -139,9 +140,9 @@ def pull(store: Store, repo_id: str, revision: str | None = None, *, repo_type: 
         return result
     with store.stage(result.model, threads=threads, resumable=True, replace=True) as staged:
         _fill(store, staged, hub, repo_type, repo_id, result.commit, want.files, jobs, progress, result)
-        added = staged.commit(order=[f.path for f in want.files], origin=want.origin())
+        added = staged.commit(order=[f.path for f in want.files], origin=want.origin(),
+                              then=lambda: _record(store, want))
         result.base, result.stored_bytes = added.base, added.bytes_added
-        _record(store, want)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -248,7 +249,8 @@ def pull_many(store: Store, specs: Sequence[tuple[str, str | None]], *, executor
             _record(store, w)
         store.storage.delete(staging_at(name))  # its downloads, and any journal a pull cut short left
 
-    with runner(executor, workers, ray_address) as run:
+    # the tasks' downloads lie in the store's tmp/ on a local disk: gc waits for them
+    with store.storage.adding(), runner(executor, workers, ray_address) as run:
         threads = task_threads(run, executor, ray_address, threads)
         waves = _waves(todo)
         for i, wave in enumerate(waves):

@@ -53,7 +53,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -69,19 +75,24 @@ from ..model import SourceFile
 from ..parallel import default_threads
 from ..readers import read_model
 from .ingest import Added, ProgressFn, add_files
-from .layout import MODELS, object_at
 from .location import open_storage
 from .manifests import PACK_BELOW, manifests, profiles
 from .objects import ObjectMeta
 from .planner import check_fits, choose_base, derived, planner
 from .reports import AddResult
-from .staging import StagedAdd, check_name
+from .staging import (
+    CHECKS,
+    StagedAdd,
+    check_name,
+    check_present,
+    listing,
+    remove_unused,
+)
 from .storage import Storage
 from .store import Store, default_name
 
 EXECUTORS = ("local", "ray")
 RAY_CONNECT_SECONDS = 10.0        # a Ray client that cannot join retries forever (a missing token)
-CHECKS = 32                       # existence checks at a commit run side by side (HEADs on object storage)
 SMALL_FILES_BYTES = 64 << 20      # files without tensors are coded together, up to this much a task
 
 Location = tuple[str | Path, dict[str, Any] | None]   # what a task opens the store with
@@ -570,12 +581,13 @@ def _run(store: Store, models: list[_Model], run: Runner, location: Location, ba
     kept: set[str] = set()             # objects the committed models reference
     written: dict[str, ObjectMeta] = {}
     created: list[str] = []            # paths of objects tasks created
-    seen = _listing(storage)
+    seen = listing(storage)
     mans = manifests(storage)
     # the stored models and their profiles, read once, and kept up to date by each commit: read
     # again only when another writer changed the manifests meanwhile, or a commit re-coded models
     stored = list(zip(mans, profiles(storage, mans)))
-    with ThreadPoolExecutor(nthreads) as pool, ThreadPoolExecutor(CHECKS) as checks, ExitStack() as stack:
+    with storage.adding(), ThreadPoolExecutor(nthreads) as pool, ThreadPoolExecutor(CHECKS) as checks, \
+            ExitStack() as stack:
         staged = {m.name: stack.enter_context(StagedAdd(storage, m.name, base, pool, nthreads, progress, m.profile,
                                                                replace=replace, stored=stored))
                   for m in models}
@@ -596,11 +608,13 @@ def _run(store: Store, models: list[_Model], run: Runner, location: Location, ba
                     m = step.model
                     st = staged[m.name]
                     with storage.locked():
-                        changed = _listing(storage) != seen
+                        changed = listing(storage) != seen
                         if changed:  # another writer committed, removed or re-coded models
                             mans = manifests(storage)
                             stored[:] = zip(mans, profiles(storage, mans))
-                        _check_present(storage, step, checks)
+                        check_present(storage, m.name, (seg[0] for d in step.done.values()
+                                                        for seg in d.entry["segments"]), checks,
+                                      "a gc or another writer's failed add beside the batch: run the batch again")
                         if not m.by_file or any(seg.dtype is not None for sf in m.files for seg in sf.segments):
                             st.decide()  # from the store as it is now (a base given by hand was checked above)
                         if st.base != step.base:
@@ -625,28 +639,12 @@ def _run(store: Store, models: list[_Model], run: Runner, location: Location, ba
                                 (st.manifest, ModelProfile.from_json(m.profile.to_json()))]
                         if committed is not None:
                             committed(m.name, res)
-                        seen = _listing(storage)
+                        seen = listing(storage)
         except BaseException:
             run.cancel()
             _remove_unused(storage, [at for at in created if at.rsplit("/", 1)[-1] not in kept])
             raise
     return [results[m.index] for m in sorted(models, key=lambda m: m.index)]
-
-
-def _listing(storage: Storage) -> dict[str, int]:
-    """The manifests' keys and sizes: what tells a batch that another writer changed them."""
-    return {e.key: e.size for e in storage.list(MODELS)}
-
-
-def _check_present(storage: Storage, step: _Step, pool: Executor) -> None:
-    """Refuse to commit a model whose tasks' objects are gone: a gc, or another writer's failed
-    add that created an object the tasks found, may have deleted one before the lock was taken."""
-    keys = list(dict.fromkeys(seg[0] for d in step.done.values() for seg in d.entry["segments"]))
-    for key, there in zip(keys, pool.map(lambda k: storage.exists(object_at(k)), keys)):
-        if not there:
-            raise StoreError(f"model {step.model.name!r}: object {key}, which its tasks stored or found, is gone "
-                             "(a gc or another writer's failed add beside the batch): run the batch again",
-                             storage.where(object_at(key)))
 
 
 def _remove_unused(storage: Storage, places: list[str]) -> None:
@@ -656,11 +654,8 @@ def _remove_unused(storage: Storage, places: list[str]) -> None:
         return
     try:
         with storage.locked():
-            named = {seg[0] for m in manifests(storage) for f in m["files"] for seg in f["segments"]}
-            for at in places:
-                if at.rsplit("/", 1)[-1] not in named:
-                    storage.delete(at)
-    except ElvesError:  # the lock or a delete failed: gc does the rest
+            remove_unused(storage, places)
+    except ElvesError:  # the lock cannot be had: gc does the rest
         pass
 
 

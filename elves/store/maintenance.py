@@ -14,15 +14,17 @@ from ..families import BaseMatch, ModelProfile, cluster
 from ..model import Segment, SourceFile, TensorView
 from .ingest import new_object, write_objects
 from .layout import (
+    KEY_RE,
     MODELS,
     OBJECTS,
     PROFILES,
+    STAGED,
     TMP,
     manifest_at,
     object_at,
     profile_at,
 )
-from .manifests import manifest, manifests, names, profiles, write_json
+from .manifests import manifest, manifests, names, profiles, read_json, write_json
 from .objects import ObjectMeta, StoredObject
 from .planner import StoreBase, chain, planner, ref_key
 from .reading import iter_object
@@ -32,10 +34,11 @@ from .storage import Entry, Storage
 ProgressFn = Callable[[int], None]
 
 
-def live(storage: Storage) -> dict[str, ObjectMeta]:
-    """Every object a manifest uses, and every object those reference, with its metadata."""
+def live(storage: Storage, also: Iterable[str] = ()) -> dict[str, ObjectMeta]:
+    """Every object a manifest uses (or ``also`` names), and every object those reference, with
+    its metadata."""
     metas: dict[str, ObjectMeta] = {}
-    todo = [seg[0] for m in manifests(storage) for f in m["files"] for seg in f["segments"]]
+    todo = [seg[0] for m in manifests(storage) for f in m["files"] for seg in f["segments"]] + list(also)
     while todo:
         key = todo.pop()
         if key in metas:
@@ -80,11 +83,15 @@ def gc(storage: Storage, grace: float = 0.0) -> GcReport:
     profiles of removed models. Never deletes an object a manifest or a live delta uses.
 
     With a ``grace`` (seconds), unreferenced objects and files in ``tmp/`` written less than
-    that long ago are kept: a writer that lost the lock unknown to it (an expired lease) may
-    still name them in the manifest it is about to write."""
-    with storage.locked():
-        keep = live(storage)
+    that long ago are kept, and the objects (and their references) a kept journal of a staged
+    add names: an add codes its files before it takes the lock to commit them, and a writer that
+    lost the lock unknown to it (an expired lease) may still name them in its manifest. On a
+    local disk gc first waits for the adds under way (``Storage.adding``)."""
+    with storage.adding(exclusive=True), storage.locked():
         young_after = time.time() - grace
+        temps = list(walk(storage, TMP) if grace else storage.list(TMP))
+        kept = {e.key for e in temps if grace and e.mtime > young_after}
+        keep = live(storage, (seg[0] for key in kept if _is_journal(key) for seg in _journal_segments(storage, key)))
         removed = freed = young = 0
         for e in list(all_objects(storage)):
             if is_object(e, keep):
@@ -96,8 +103,8 @@ def gc(storage: Storage, grace: float = 0.0) -> GcReport:
             storage.delete(e.key)
             removed += 1
         temp = 0
-        for e in list(walk(storage, TMP) if grace else storage.list(TMP)):
-            if grace and e.mtime > young_after:
+        for e in temps:
+            if e.key in kept:
                 young += 1
                 continue
             storage.delete(e.key)
@@ -107,6 +114,23 @@ def gc(storage: Storage, grace: float = 0.0) -> GcReport:
             if e.key.endswith(".json") and not e.key[len(PROFILES):].startswith(".") and e.key not in wanted:
                 storage.delete(e.key)
         return GcReport(removed, freed, len(keep), temp, young)
+
+
+def _is_journal(key: str) -> bool:
+    parts = key.split("/")
+    return len(parts) == 4 and key.startswith(STAGED) and parts[-1] == "journal.json"
+
+
+def _journal_segments(storage: Storage, key: str) -> Iterator[list[Any]]:
+    """The segments a journal's entries name: checked only as far as gc needs (keys it keeps)."""
+    try:
+        files = read_json(storage, key, "the journal of a staged add").get("files")
+    except (FileNotFoundError, ElvesError, AttributeError):
+        return
+    for entry in files.values() if isinstance(files, dict) else ():
+        for seg in entry.get("segments", []) if isinstance(entry, dict) else ():
+            if isinstance(seg, list) and seg and isinstance(seg[0], str) and KEY_RE.fullmatch(seg[0]):
+                yield seg
 
 
 def stats(storage: Storage) -> StoreStats:

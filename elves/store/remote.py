@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -495,6 +495,11 @@ class FsspecStorage:
         """Refuse to write once this writer's lease is lost (another may hold it now)."""
         if self.lease is not None:
             self.lease.check()
+
+    def adding(self, exclusive: bool = False) -> AbstractContextManager[None]:
+        """Nothing: gc keeps objects younger than its grace period, and those named by a young
+        journal of a staged add (``gc_grace``)."""
+        return nullcontext()
 
     @contextmanager
     def locked(self) -> Iterator[None]:

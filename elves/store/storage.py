@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from ..errors import CorruptArchiveError, OutputError, StoreError
-from .layout import LOCK
+from .layout import ADDING, LOCK
 
 
 class Entry(NamedTuple):
@@ -119,6 +119,13 @@ class Storage(Protocol):
 
     def locked(self) -> contextlib.AbstractContextManager[None]:
         """The writers' lock: one writer at a time, across processes."""
+        ...
+
+    def adding(self, exclusive: bool = False) -> contextlib.AbstractContextManager[None]:
+        """Held, shared, by a writer that writes objects before it takes :meth:`locked` to commit
+        them, and ``exclusive`` by gc and verify, which would take those objects for garbage; taken
+        before :meth:`locked`, never inside it. A flock on a local disk, where gc keeps no young
+        object; nothing on object storage, where gc's grace period keeps them (``gc_grace``)."""
         ...
 
     def scratch(self, folder: str) -> Path:
@@ -325,14 +332,20 @@ class LocalStorage:
             else:
                 p.unlink(missing_ok=True)
 
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        return self._flock(LOCK, fcntl.LOCK_EX)
+
+    def adding(self, exclusive: bool = False) -> contextlib.AbstractContextManager[None]:
+        return self._flock(ADDING, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+
     @contextmanager
-    def locked(self) -> Iterator[None]:
+    def _flock(self, name: str, how: int) -> Iterator[None]:
         try:
-            fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            fd = os.open(self.root / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as e:
-            raise StoreError(f"cannot open the store's lock: {e.strerror}", self.root / LOCK) from None
+            raise StoreError(f"cannot open the store's lock: {e.strerror}", self.root / name) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, how)
             yield
         finally:
             os.close(fd)  # releases the lock

@@ -114,13 +114,15 @@ class Store:
     def stage(self, name: str, *, base: str | None = "auto", threads: int | None = None,
               progress: ProgressFn | None = None, profile: ModelProfile | None = None,
               resumable: bool = False, replace: bool = False) -> Iterator[StagedAdd]:
-        """Add model ``name`` file by file (:class:`~elves.store.staging.StagedAdd`), holding
-        the store's writer lock until the block ends: what the mirror's pull does as files
-        arrive. With ``resumable``, an add cut short is taken up by the next one of that name;
-        with ``replace``, a stored model of that name is replaced when the add commits."""
+        """Add model ``name`` file by file (:class:`~elves.store.staging.StagedAdd`): what the
+        mirror's pull does as files arrive. The files are coded without the store's writer lock;
+        the commit takes it (other adds code beside this one). With ``resumable``, an add cut
+        short is taken up by the next one of that name; with ``replace``, a stored model of that
+        name is replaced when the add commits."""
         nthreads = default_threads(threads)
-        with self.storage.locked(), ThreadPoolExecutor(nthreads) as pool:
-            with StagedAdd(self.storage, name, base, pool, nthreads, progress, profile, resumable, replace) as staged:
+        with self.storage.adding(), ThreadPoolExecutor(nthreads) as pool:
+            with StagedAdd(self.storage, name, base, pool, nthreads, progress, profile, resumable, replace,
+                           own_lock=True) as staged:
                 yield staged
 
     def locked(self) -> AbstractContextManager[None]:
@@ -258,9 +260,11 @@ class Store:
         """Delete the objects nothing references, files left in ``tmp/`` by killed writers, and
         profiles of removed models. Never deletes an object a manifest or a live delta uses.
 
-        Objects and files in ``tmp/`` younger than ``grace`` seconds are kept: a writer whose
-        lease expired unknown to it may still be about to name them (by default an hour on
-        object storage, none on a local disk, whose flock cannot be lost)."""
+        Objects and files in ``tmp/`` younger than ``grace`` seconds are kept, and the objects a
+        kept journal of a staged add names: an add codes its files before it takes the lease to
+        commit them, and a writer whose lease expired unknown to it may still be about to name
+        them (by default an hour on object storage; none on a local disk, where gc waits for the
+        adds under way, and whose flock cannot be lost)."""
         return maintenance.gc(self.storage, self.storage.gc_grace if grace is None else grace)
 
     def stats(self) -> StoreStats:
@@ -277,7 +281,8 @@ class Store:
         else may lie in ``objects/`` (orphans, which :meth:`gc` deletes; ``tmp/`` is not looked
         at). With ``full``, every model is decoded and each file's sha256 checked, which finds
         what the checksums cannot (a manifest whose segments were swapped, say). It holds the
-        writers' lock, so that the objects of an add under way are not taken for orphans.
+        writers' lock, and on a local disk waits for the adds under way, so that their objects are
+        not taken for orphans (on object storage, an add's objects not yet committed are listed).
         """
         return verify.verify(self.storage, full, threads, progress)
 

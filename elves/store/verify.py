@@ -24,7 +24,7 @@ def verify(storage: Storage, full: bool = False, threads: int | None = None,
     """Check the whole store; nothing is changed (:meth:`elves.store.Store.verify`)."""
     report = StoreVerifyReport(full=full)
     nthreads = default_threads(threads)
-    with storage.locked(), ThreadPoolExecutor(nthreads) as pool:
+    with storage.adding(exclusive=True), storage.locked(), ThreadPoolExecutor(nthreads) as pool:
         manifests = _manifests(storage, report)
         users: dict[str, str] = {}   # key -> what names it first, for messages
         for _, man in manifests:
