@@ -17,6 +17,7 @@ import math
 import os
 import posixpath
 from collections import defaultdict
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,8 @@ if TYPE_CHECKING:
 
 Framework = Literal["np", "numpy", "pt", "torch", "cupy"]
 PathLike = str | os.PathLike[str]
+# base=: a model, a folder or an archive of one; on a GPU also the base's tensors already there, by name
+BaseLike = PathLike | Mapping[str, Any]
 
 
 # The largest file read_file returns as bytes: a larger one belongs on disk (extract).
@@ -232,28 +235,37 @@ class Archive:
 
 
 @overload
-def open(path: PathLike, *, threads: int | None = None, base: PathLike | None = None,  # noqa: A001
+def open(path: PathLike, *, threads: int | None = None, base: BaseLike | None = None,  # noqa: A001
          device: None = None) -> Archive: ...
 
 
 @overload
-def open(path: PathLike, *, threads: int | None = None, base: PathLike | None = None,  # noqa: A001
+def open(path: PathLike, *, threads: int | None = None, base: BaseLike | None = None,  # noqa: A001
          device: Any = None) -> Archive | GpuArchive: ...
 
 
-def open(path: PathLike, *, threads: int | None = None, base: PathLike | None = None,  # noqa: A001
+def open(path: PathLike, *, threads: int | None = None, base: BaseLike | None = None,  # noqa: A001
          device: Any = None) -> Archive | GpuArchive:
     """Open an archive for lazy, per-tensor reading. ``base``: the base model (file, folder or
     ``.elves`` archive) of an archive compressed against one; it is checked when opened.
 
     With ``device="cuda:0"`` (say), tensors are decoded on that GPU and come back as torch
-    tensors (see :mod:`elves.gpu`); otherwise as numpy arrays.
+    tensors (see :mod:`elves.gpu`); otherwise as numpy arrays. On a GPU, ``base`` may also be
+    the base's tensors already on the device, by name (``base_model.state_dict()``).
     """
     if _on_gpu(device):
         from . import gpu
 
         return gpu.open(path, device, base=base)
-    return Archive(path, threads=threads, base=base)
+    return Archive(path, threads=threads, base=_host_base(base))
+
+
+def _host_base(base: BaseLike | None) -> PathLike | None:
+    """``base`` for a decode on the CPU, which reads a base model from files only."""
+    if isinstance(base, Mapping):
+        raise UsageError("a base given as tensors on the device is for loads onto that device (device='cuda:N'): "
+                         "on the CPU, pass the base model's file, folder or archive")
+    return base
 
 
 def _on_gpu(device: Any) -> bool:
@@ -262,30 +274,31 @@ def _on_gpu(device: Any) -> bool:
 
 @overload
 def load_file(path: PathLike, framework: Literal["np", "numpy"] | None = None, *, threads: int | None = None,
-              base: PathLike | None = None, device: None = None) -> dict[str, np.ndarray]: ...
+              base: BaseLike | None = None, device: None = None) -> dict[str, np.ndarray]: ...
 
 
 @overload
 def load_file(path: PathLike, framework: Literal["pt", "torch"], *, threads: int | None = None,
-              base: PathLike | None = None, device: Any = None) -> dict[str, torch.Tensor]: ...
+              base: BaseLike | None = None, device: Any = None) -> dict[str, torch.Tensor]: ...
 
 
 @overload
 def load_file(path: PathLike, framework: Literal["cupy"], *, threads: int | None = None,
-              base: PathLike | None = None, device: Any = None) -> dict[str, cupy.ndarray]: ...
+              base: BaseLike | None = None, device: Any = None) -> dict[str, cupy.ndarray]: ...
 
 
 @overload
 def load_file(path: PathLike, framework: Framework | None = None, *, threads: int | None = None,
-              base: PathLike | None = None, device: Any = None) -> dict[str, Any]: ...
+              base: BaseLike | None = None, device: Any = None) -> dict[str, Any]: ...
 
 
 def load_file(path: PathLike, framework: Framework | None = None, *, threads: int | None = None,
-              base: PathLike | None = None, device: Any = None) -> dict[str, Any]:
+              base: BaseLike | None = None, device: Any = None) -> dict[str, Any]:
     """Every tensor of the archive, by name: numpy arrays, or torch tensors with ``framework="pt"``.
 
     With ``device="cuda:0"`` (say), the chunks are decoded on that GPU as they stream in, and the
     result is torch tensors there (or cupy arrays with ``framework="cupy"``): see :mod:`elves.gpu`.
+    ``base``: as for :func:`open`.
     """
     if _on_gpu(device):
         from . import gpu
@@ -297,7 +310,7 @@ def load_file(path: PathLike, framework: Framework | None = None, *, threads: in
     framework = framework or "np"
     if framework not in ("np", "numpy", "pt", "torch"):
         raise UsageError(f"framework must be 'np' or 'pt' without a device, not {framework!r}")
-    with Archive(path, threads=threads, base=base) as a:
+    with Archive(path, threads=threads, base=_host_base(base)) as a:
         arrays = {k: a.get_tensor(k) for k in a.keys()}
     if framework in ("np", "numpy"):
         return arrays
@@ -305,7 +318,7 @@ def load_file(path: PathLike, framework: Framework | None = None, *, threads: in
 
 
 def load_into(module: torch.nn.Module, src: PathLike, *, name: str | None = None, device: Any = "cpu",
-              base: PathLike | None = None, strict: bool = True) -> torch.nn.Module:
+              base: BaseLike | None = None, strict: bool = True) -> torch.nn.Module:
     """Load the weights of archive ``src`` (or, with ``name``, of model ``name`` of the store at
     ``src``) into the torch module ``module`` (a ``transformers`` model, say) on ``device``, and
     return it.

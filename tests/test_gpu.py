@@ -462,6 +462,46 @@ def test_a_delta_against_its_base_loads_on_the_gpu(gpu: Any, tmp_path: Path) -> 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_a_base_already_on_the_device(gpu: Any, tmp_path: Path, framework: str) -> None:
+    """``base=`` as the base's tensors on the device (its state_dict there): read in place by the
+    kernels (dense, sparse, grown, rows appended), the same bytes as with the base's file; a
+    tensor on another device, or of another dtype, is refused naming it."""
+    framework_or_skip(framework)
+    rng = np.random.default_rng(22)
+    base = {"embed": ("F32", (300, 64), weights_like("F32", 300 * 64, rng).tobytes()),
+            "wide": ("F32", (64, 48), weights_like("F32", 64 * 48, rng).tobytes()),
+            "sparse": ("F32", (256, 256), weights_like("F32", 256 * 256, rng).tobytes()),
+            "dense": ("F32", (128, 96), weights_like("F32", 128 * 96, rng).tobytes())}
+    write_safetensors(tmp_path / "base.safetensors", base)
+    sparse = np.frombuffer(base["sparse"][2], np.uint8).reshape(-1, 4).copy()
+    sparse[rng.random(sparse.shape[0]) < 0.02] = 7
+    tuned = {"embed": ("F32", (330, 64), base["embed"][2] + weights_like("F32", 30 * 64, rng).tobytes()),
+             "wide": ("F32", (64, 64), np.concatenate([np.frombuffer(base["wide"][2], np.float32).reshape(64, 48),
+                                                       np.zeros((64, 16), np.float32)], 1).tobytes()),
+             "sparse": ("F32", (256, 256), sparse.tobytes()),
+             "dense": ("F32", (128, 96), (np.frombuffer(base["dense"][2], np.float32) * np.float32(1.001)).tobytes())}
+    (tmp_path / "ft").mkdir()
+    write_safetensors(tmp_path / "ft" / "model.safetensors", tuned)
+    elves.compress(tmp_path / "ft", tmp_path / "ft.elves", base=tmp_path / "base.safetensors")
+    host = {k: np.frombuffer(raw, np.float32).reshape(shape) for k, (_, shape, raw) in base.items()}
+    if framework == "pt":
+        import torch
+
+        on_device = {k: torch.from_numpy(v.copy()).to("cuda:0") for k, v in host.items()}
+        wrong = {**on_device, "dense": on_device["dense"].to(torch.float64)}
+    else:
+        import cupy
+
+        on_device = {k: cupy.asarray(v) for k, v in host.items()}
+        wrong = {**on_device, "dense": on_device["dense"].astype(cupy.float64)}
+    got = gpu.load_file(tmp_path / "ft.elves", framework=framework, base=on_device)
+    assert_same(got, elves.load_file(tmp_path / "ft.elves", base=tmp_path / "base.safetensors"), framework)
+    with pytest.raises(elves.errors.BaseMismatchError, match="'dense'"):
+        gpu.load_file(tmp_path / "ft.elves", framework=framework, base=wrong)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("spec", ["2^-24", "rel:1e-3"])
 def test_elf_archives_decode_on_the_gpu(gpu: Any, tmp_path: Path, spec: str) -> None:
     """Lossy archives: planes + rANS into scratch memory, then the elf kernel; bit for bit the CPU's."""

@@ -24,6 +24,9 @@ from elves.archive import ArchiveReader
 from elves.decoder import attach_base, read_stream, stream_label
 from elves.errors import CorruptArchiveError
 from elves.gpu import plan
+from elves.errors import BaseMismatchError, UsageError
+from elves.gpu.base import DeviceBase, attach
+from elves.gpu.device import Target
 from elves.gpu.launcher import DESC, STORED, raise_status
 from tests.conftest import write_safetensors
 
@@ -68,7 +71,10 @@ class HostDecoder:
     def _reference(self, s: int, decoded: dict[int, np.ndarray], keep: list[Any]) -> plan.DeviceRef:
         rp = plan.reference_plan(self.reader, s)
         assert rp is not None
-        if rp.host is not None:
+        if rp.device is not None:  # a base "on the device": CPU torch tensors stand for it
+            buf = rp.device if rp.grown is None else HostTarget().grown(rp.device, *rp.grown)
+            self._count("xor against a base on the device")
+        elif rp.host is not None:
             buf = aligned(rp.host.nbytes)
             buf[:] = rp.host
             self._count("xor against a base")
@@ -91,7 +97,8 @@ class HostDecoder:
             keep.append(tab)
             table = tab.ctypes.data
             self._count("ranked")
-        return plan.DeviceRef(buf.ctypes.data, rp.nbytes if rp.host is None else rp.host.nbytes, table)
+        ptr = buf.data_ptr() if hasattr(buf, "data_ptr") else buf.ctypes.data
+        return plan.DeviceRef(ptr, int(buf.shape[0]), table)
 
     def _decode(self, streams: list[int], decoded: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
         reader = self.reader
@@ -122,11 +129,19 @@ class HostDecoder:
         return outputs
 
 
-def decode_both(path: Path, kernels: HostKernels, base: Path | None = None) -> tuple[HostDecoder, dict[int, np.ndarray]]:
+class HostTarget(Target):
+    """elves.gpu's device buffers, in host memory."""
+
+    def empty(self, nbytes: int) -> tuple[Any, int]:
+        buf = aligned(nbytes)
+        return buf, buf.ctypes.data
+
+
+def decode_both(path: Path, kernels: HostKernels, base: Any = None) -> tuple[HostDecoder, dict[int, np.ndarray]]:
     """The archive's streams through the emulated GPU path; each is checked against the CPU
     decoder's bytes."""
     with ArchiveReader(path) as reader:
-        attach_base(reader, base)
+        attach(reader, base, None)
         emu = HostDecoder(reader, kernels)
         got = emu.run()
         for s in range(len(reader.streams)):
@@ -374,3 +389,60 @@ def test_sparse_xor_archive(kernels: HostKernels, tmp_path: Path) -> None:
         assert sparse and all(plan.gpu_width(s) is not None for s in sparse)
     emu, _ = decode_both(tmp_path / "ft.elves", kernels, tmp_path / "base.safetensors")
     assert emu.kinds.get("sparse xor", 0) >= len(sparse), emu.kinds
+
+
+def base_on_device(path: Path) -> dict[str, Any]:
+    """The base model's tensors as torch tensors, as ``state_dict()`` gives them (on the CPU
+    here: the emulation's "device" is host memory)."""
+    import safetensors.torch
+
+    return safetensors.torch.load_file(str(path))
+
+
+def test_a_base_on_the_device_is_read_in_place(kernels: HostKernels, fine_tuned: tuple[Path, Path]) -> None:
+    """base= as tensors already on the device (names with a wrapper prefix, as a Lightning
+    state_dict has): the kernels read their memory, grown shapes included; the same bytes as
+    the CPU decoder with the base's file."""
+    archive, base = fine_tuned
+    tensors = {f"model.{k}": v for k, v in base_on_device(base).items()}
+    with ArchiveReader(archive) as reader:
+        attach(reader, tensors, None)
+        emu = HostDecoder(reader, kernels)
+        got = emu.run()
+    with ArchiveReader(archive) as reader:
+        attach_base(reader, base)
+        for s in range(len(reader.streams)):
+            assert got[s].tobytes() == read_stream(reader, s, POOL, 2).tobytes(), stream_label(reader, s)
+    assert emu.kinds.get("xor against a base on the device", 0) >= 4 and not emu.kinds.get("xor against a base"), \
+        emu.kinds
+
+
+def test_a_base_on_the_device_is_checked(fine_tuned: tuple[Path, Path]) -> None:
+    """Each tensor the archive's references need must be there by name, of their dtype and byte
+    count, contiguous and on the target device: otherwise a BaseMismatchError naming it, before
+    anything is decoded. On the CPU path such a base is a usage error."""
+    import torch
+
+    archive, base = fine_tuned
+    tensors = base_on_device(base)
+    with ArchiveReader(archive) as reader:
+        needed = reader.base_needed
+        assert needed
+        DeviceBase(tensors, needed, reader.path)  # as given: every check passes
+        with pytest.raises(BaseMismatchError, match="is on cpu, not on cuda:0"):
+            DeviceBase(tensors, needed, reader.path).on(0)
+        name = needed["tensors"][0]["name"]
+        cases = [
+            ({k: v for k, v in tensors.items() if k != name}, f"has no tensor '{name}'"),
+            ({**tensors, name: tensors[name].view(torch.int16 if tensors[name].element_size() == 2 else torch.int32)},
+             "but the archive's references need"),
+            ({**tensors, name: tensors[name].reshape(-1)[:-1]}, "bytes), but the archive's references need"),
+            ({**tensors, name: torch.cat([tensors[name].reshape(-1, 2)] * 2, 1)[:, ::2]}, "is not contiguous"),
+            ({**tensors, name: np.zeros(4)}, "not a torch tensor or cupy array"),
+        ]
+        for given, message in cases:
+            with pytest.raises(BaseMismatchError) as e:
+                DeviceBase(given, needed, reader.path)
+            assert name in e.value.message and message in e.value.message, (message, e.value.message)
+    with pytest.raises(UsageError, match="for loads onto that device"):
+        elves.load_file(archive, base=tensors)

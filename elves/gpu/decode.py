@@ -9,8 +9,9 @@ happens.
 
 BitX deltas decode in the same launches, the ``xor`` filter fused into the kernel: each stream's
 reference is put on the device first, either the base model's tensor the CPU reads (a cast or a
-grown shape of one: whatever :mod:`elves.references` builds) uploaded, or gathered on the device
-from an earlier stream of the archive, block map and all. Streams gathered from are decoded in a
+grown shape of one: whatever :mod:`elves.references` builds) uploaded, or a base tensor already
+on the device (:mod:`.base`) read in place, or gathered on the device from an earlier stream of
+the archive, block map and all. Streams gathered from are decoded in a
 first round, the streams that need them in a second.
 """
 from __future__ import annotations
@@ -139,7 +140,10 @@ class StreamDecoder:
         if rp is None:
             raise ValueError(f"stream {s} has an xor filter but no reference")
         keep: list[Any] = []
-        if rp.host is not None:
+        if rp.device is not None:  # a base tensor on the device: read in place, or placed in a grown shape
+            buf = rp.device if rp.grown is None else target.grown(rp.device, *rp.grown)
+            nbytes = int(buf.shape[0])
+        elif rp.host is not None:
             buf = target.upload(rp.host) if rp.host.nbytes else target.empty(0)[0]
             nbytes = rp.host.nbytes
         else:

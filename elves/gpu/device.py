@@ -6,6 +6,7 @@ cupy is imported only when one of these is used, so that ``elves.gpu`` imports a
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Iterator, Literal
 
 import numpy as np
@@ -111,6 +112,15 @@ class Target:
         if span > base.shape[0] or any(st < 0 for st in t.strides):
             raise CorruptArchiveError(f"tensor {t.name!r} lies past the end of its stream")
         return self.strided_copy(base, shape, t.strides)
+
+    def grown(self, src: Any, ref_shape: tuple[int, ...], shape: tuple[int, ...], width: int) -> Any:
+        """A reference of ``shape`` (elements of ``width`` bytes) with the elements of the 1-D uint8
+        buffer ``src``, of ``ref_shape``, at its origin and zeros elsewhere (a widened layer)."""
+        buf, _ = self.empty(math.prod(shape) * width)
+        buf[:] = 0
+        inside = tuple(slice(0, d) for d in ref_shape)
+        buf.reshape((*shape, width))[inside] = src.reshape((*ref_shape, width))
+        return buf
 
     def empty_of(self, t: TensorEntry) -> Any:
         """The tensor of an entry with no bytes (an empty shape)."""

@@ -8,12 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bitx.base import BaseModel
-
 from ..archive import ArchiveReader
-from ..decoder import attach_base, check_tensors
+from ..decoder import check_tensors
 from ..index import FileEntry, Stream, TensorEntry, tensor_names
 from . import plan
+from .base import BaseArg, attach
 from .decode import STAGING_BYTES, StreamDecoder
 from .device import (
     GpuFramework,
@@ -26,7 +25,7 @@ from .device import (
 
 
 def load_file(path: str | os.PathLike[str], device: Any = "cuda:0", framework: GpuFramework = "pt", *,
-              staging_bytes: int = STAGING_BYTES, base: str | os.PathLike[str] | BaseModel | None = None
+              staging_bytes: int = STAGING_BYTES, base: BaseArg = None
               ) -> dict[str, Any]:
     """Every tensor of the archive at ``path``, by name (as :func:`elves.load_file` names them),
     decoded on ``device``: torch tensors with ``framework="pt"``, cupy arrays with "cupy".
@@ -34,12 +33,15 @@ def load_file(path: str | os.PathLike[str], device: Any = "cuda:0", framework: G
     Each stream is decoded once, straight into the tensor that is all of it; tensors that are
     part of a stream, or strided views of it (PyTorch storages), are copied out on the device.
     The host holds ``STAGING_BUFFERS`` pinned buffers of ``staging_bytes``, and so does the GPU
-    besides the tensors. ``base``: the base model of an archive compressed against one; its
-    references are read as the CPU decoder reads them (``elves.references``).
+    besides the tensors. ``base``: the base model of an archive compressed against one, a
+    model, a folder or an archive of one, whose references are read as the CPU decoder reads
+    them (``elves.references``) and uploaded; or a mapping of tensor name -> device tensor (torch
+    or cupy, on ``device``: the base's ``state_dict()`` already there), read in place
+    (:mod:`elves.gpu.base`).
     """
     target = make_target(framework, device_index(device))
     with ArchiveReader(path) as reader, on(target):
-        attach_base(reader, base)
+        attach(reader, base, target.device)
         _check_tensors(reader, reader.files)
         named = tensor_names(reader.files)
         users: dict[int, list[str]] = {}
@@ -91,14 +93,14 @@ class GpuArchive:
     """An open archive whose tensors are decoded on a GPU one at a time; see :func:`open`."""
 
     def __init__(self, path: str | os.PathLike[str], device: Any = "cuda:0", framework: GpuFramework = "pt", *,
-                 staging_bytes: int = STAGING_BYTES, base: str | os.PathLike[str] | BaseModel | None = None):
+                 staging_bytes: int = STAGING_BYTES, base: BaseArg = None):
         self._device = device_index(device)
         self._framework = framework
         self._staging = staging_bytes
         make_target(framework, self._device)  # fail now, not at the first tensor: no cupy, no device
         self._reader = ArchiveReader(path)
         try:
-            attach_base(self._reader, base)
+            attach(self._reader, base, self._device)
         except BaseException:
             self._reader.close()
             raise
@@ -151,7 +153,7 @@ class GpuArchive:
 
 
 def open(path: str | os.PathLike[str], device: Any = "cuda:0", framework: GpuFramework = "pt", *,  # noqa: A001
-         staging_bytes: int = STAGING_BYTES, base: str | os.PathLike[str] | BaseModel | None = None) -> GpuArchive:
+         staging_bytes: int = STAGING_BYTES, base: BaseArg = None) -> GpuArchive:
     """Open an archive for lazy loading of single tensors onto ``device`` (``base``: as for
     :func:`load_file`)."""
     return GpuArchive(path, device, framework, staging_bytes=staging_bytes, base=base)

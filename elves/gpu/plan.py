@@ -6,25 +6,28 @@ tested, on any machine.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import xxhash
 
 from bitx.codec import Xor
 
+from .. import dtypes
 from ..archive import ArchiveReader
 from ..codecs.base import Expected
 from ..codecs.elf import ELF_DTYPES, Elf
 from ..codecs.planes import Planes
 from ..codecs.rans import Rans
 from ..decoder import stream_label
-from ..errors import CodecError, CorruptArchiveError, TruncatedArchiveError
+from ..errors import BaseMismatchError, CodecError, CorruptArchiveError, TruncatedArchiveError
 from ..index import Stream
 from ..references import Reference
+from .base import DeviceBase
 from .launcher import (
     DESC,
     ELF,
@@ -99,12 +102,16 @@ class RefPlan(NamedTuple):
     """Where the device copy of a stream's reference (all of it, ``nbytes``) comes from: the
     bytes ``host`` the CPU reads (a base model's tensor; a cast, or a grown shape, of one), or
     ``copies`` (dst, src, length) out of stream ``stream`` decoded on the device, zeros elsewhere
-    (an earlier stream of the archive, block-mapped or not: a gather)."""
+    (an earlier stream of the archive, block-mapped or not: a gather), or ``device``, a base
+    tensor already on the device (its uint8 view: used in place, or placed at the origin of
+    a grown shape, ``grown`` = (its shape, the stream's shape, element bytes))."""
 
     nbytes: int
     host: np.ndarray | None = None
     stream: int | None = None
     copies: tuple[tuple[int, int, int], ...] = ()
+    device: Any = None
+    grown: tuple[tuple[int, ...], tuple[int, ...], int] | None = None
 
 
 def gathered_from(stream: Stream) -> int | None:
@@ -126,6 +133,19 @@ def reference_plan(reader: ArchiveReader, s: int) -> RefPlan | None:
         pieces = ref.map if ref.map is not None else [[0, 0, min(stream.nbytes, source)]]
         # index.check_ref keeps every piece inside both streams
         return RefPlan(stream.nbytes, stream=ref.stream, copies=tuple((d, r, n) for d, r, n in pieces))
+    content = reader.references.content
+    if ref.content is not None and ref.cast is None and isinstance(content, DeviceBase):
+        digest, nbytes = ref.content
+        if content.find(digest, nbytes) is None:  # a hash the index's list of base tensors lacks
+            raise BaseMismatchError(f"the base has no tensor with xxh3-128 {digest} ({nbytes} bytes)", content.path)
+        src = content.bytes_of(digest, nbytes)
+        if ref.grown is None:
+            return RefPlan(stream.nbytes, device=src)
+        ref_shape, shape = ref.grown
+        width = dtypes.get(stream.dtype).itemsize if stream.dtype in dtypes.DTYPES else 0
+        if not width or math.prod(shape) * width != stream.nbytes or math.prod(ref_shape) * width != nbytes:
+            raise CorruptArchiveError(f"{stream_label(reader, s)}: xor: its shapes do not hold its bytes", reader.path)
+        return RefPlan(stream.nbytes, device=src, grown=(ref_shape, shape, width))
     # Bytes the CPU builds (elves.references), cut short where a base tensor is shorter.
     host = reader.references.reader(ref, stream.dtype, stream.nbytes)(0, stream.nbytes)
     return RefPlan(stream.nbytes, host=np.ascontiguousarray(host, dtype=np.uint8))
