@@ -25,12 +25,14 @@ safetensors' once per model.
 
 Part 3, per codec: one archive each of a synthetic BF16 model coded standalone (planes + rANS),
 a fine-tune of it coded against it (BitX: xor fused into the kernel, the base's tensors on the
-device), the same model lossy (elf, abs 1e-3: planes + rANS into scratch, then the elf kernel),
+device), a fine-tune that changed 2% of the weights (BitX's sparse form: planes + rANS into
+scratch, then the sparse kernel), the same model lossy (elf, abs 1e-3: planes + rANS into scratch, then the elf kernel),
 and opaque bytes (zstd, decoded on the CPU beside the GPU). Kernel GB/s: every chunk staged on
 the device at once, references uploaded, one launch per kernel (as the loader's batches launch),
 CUDA events, median; zstd has no kernel (nvCOMP is not measured: it was not installable where
 this was written, and stays the option to measure later), so its row is the CPU decode. Then
-elves.gpu.load_file of each archive, warm, in GB/s of decoded bytes. DFloat11 (``--dfloat11
+elves.gpu.load_file of each archive, warm, in GB/s of decoded bytes; for the deltas also with
+``base=`` the base's tensors already on the device (safetensors.torch.load_file(..., device=)). DFloat11 (``--dfloat11
 DIR``: a DFloat11-compressed model and its original beside it) is loaded where it installs.
 
     python bench/gpu_bench.py --host-only    # no GPU: builds the part-3 archives and plans them
@@ -348,12 +350,25 @@ def codec_archives(work: Path, mib: int) -> list[tuple[str, Path, Path | None]]:
         touched = rng.random(words.size) < 0.3   # a light fine-tune: a third of the weights move by an ulp or two
         words[touched] += rng.integers(-2, 3, int(touched.sum())).astype(np.uint16)
         (tuned / "model.safetensors").write_bytes(struct.pack("<Q", n) + head + data.tobytes())
+    sparse = work / "codec-sparse-finetune"
+    if not sparse.exists():
+        sparse.mkdir()
+        with open(base, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            head = f.read(n)
+            data = np.frombuffer(f.read(), dtype=np.uint8).copy()
+        rng = np.random.default_rng(2)
+        words = data[: data.size // 2 * 2].view(np.uint16)
+        touched = rng.random(words.size) < 0.02  # continued training: most weights bit for bit the same
+        words[touched] = rng.integers(0, 1 << 16, int(touched.sum())).astype(np.uint16)
+        (sparse / "model.safetensors").write_bytes(struct.pack("<Q", n) + head + data.tobytes())
     opaque = work / "codec-opaque"
     if not opaque.exists():
         opaque.mkdir()
         text = b"".join(b"%d: the quick brown fox %x\n" % (i, i * 7919) for i in range(mib * 24_000))
         (opaque / "data.txt").write_bytes(text)
     for codec, src, kw in [("planes+rans", base_root, {}), ("xor (BitX)", tuned, {"base": base}),
+                           ("sparse-xor (BitX)", sparse, {"base": base}),
                            ("elf 1e-3", base_root, {"lossy": "elf", "error_bound": "1e-3"}),
                            ("zstd", opaque, {})]:
         archive = work / f"codec-{codec.split()[0]}.elves"
@@ -446,6 +461,13 @@ def part3(cp: Any, torch: Any, args: argparse.Namespace, work: Path) -> list[dic
             load_s, got = wall(lambda: elves.gpu.load_file(archive, base=base), torch)
             del got
             row["load_gbs"] = row["bytes"] / load_s / 1e9
+            if base is not None:  # base= as the base's tensors already on the device, read in place
+                import safetensors.torch
+
+                on_device = safetensors.torch.load_file(str(base), device="cuda:0")
+                load_s, got = wall(lambda: elves.gpu.load_file(archive, base=on_device), torch)
+                del got, on_device
+                row["load_device_base_gbs"] = row["bytes"] / load_s / 1e9
             torch.cuda.empty_cache()
             cp.get_default_memory_pool().free_all_blocks()
             print(f"  {codec:12} decode {row['decode_gbs']:7.1f} GB/s, load_file {row['load_gbs']:6.2f} GB/s",
@@ -476,13 +498,15 @@ def markdown(device: str, versions: str, kernel_rows: list[dict], e2e_rows: list
     out = [f"### GPU decode on {device}", "", versions, ""]
     if codec_rows:
         out += ["Per codec: kernel GB/s of decoded bytes (payloads and references on the device; zstd: the CPU "
-                "decode, no kernel), and elves.gpu.load_file from the page cache.", "",
-                "| codec | decoded | archive | GPU streams | decode GB/s | load_file GB/s |",
-                "| --- | ---: | ---: | ---: | ---: | ---: |"]
+                "decode, no kernel), and elves.gpu.load_file from the page cache (a delta: with base= the "
+                "base's file, and the base's tensors already on the device).", "",
+                "| codec | decoded | archive | GPU streams | decode GB/s | load_file GB/s | base on device GB/s |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in codec_rows:
             out.append(f"| {r['codec']} | {r['bytes'] / MiB:,.1f} MiB | {r['archive_bytes'] / MiB:,.1f} MiB | "
                        f"{r['gpu_streams']}/{r['streams']} | {r.get('decode_gbs', float('nan')):,.1f}"
-                       f"{' (CPU)' if r.get('decode') == 'CPU' else ''} | {r.get('load_gbs', float('nan')):,.2f} |")
+                       f"{' (CPU)' if r.get('decode') == 'CPU' else ''} | {r.get('load_gbs', float('nan')):,.2f} | "
+                       f"{r.get('load_device_base_gbs', float('nan')):,.2f} |")
         out.append("")
     for r in extra or []:
         out.append(f"- {r['model']}: " + (r["error"] if "error" in r else
