@@ -326,8 +326,8 @@ def load_into(module: torch.nn.Module, src: PathLike, *, name: str | None = None
     On a GPU (``device="cuda:0"``) an archive is decoded there (:mod:`elves.gpu`, ``base`` for a
     delta against a base model) and the decoded tensors *become* the module's parameters
     (``load_state_dict(..., assign=True)``): no second copy on the device; the module's buffers
-    follow them there. A store's models are decoded on the CPU (:meth:`elves.store.Store.load`)
-    and moved to ``device``. Tensor names may carry the module's ``base_model_prefix``
+    follow them there. A store's models likewise (:meth:`elves.store.Store.load`: decoded on the
+    GPU, or on the CPU and moved to ``device``). Tensor names may carry the module's ``base_model_prefix``
     ("bert.") or not; ``strict`` refuses a checkpoint that leaves a parameter of the module
     unset. Build the module on the CPU (``from_config``), not on the ``meta`` device: the
     values of its non-persistent buffers (position ids) are in no checkpoint.

@@ -502,6 +502,29 @@ def test_a_base_already_on_the_device(gpu: Any, tmp_path: Path, framework: str) 
 
 
 @pytest.mark.gpu
+def test_store_load_decodes_on_the_gpu(gpu: Any, tmp_path: Path) -> None:
+    """Store.load(name, device="cuda:0"): a fine-tune stored as its base's delta, its objects
+    decoded on the device, the same tensors as the CPU's Store.load."""
+    framework_or_skip("pt")
+    from elves.store import Store
+
+    rng = np.random.default_rng(23)
+    base = {f"w.{i}": ("BF16", (256, 128), weights_like("BF16", 256 * 128, rng).tobytes()) for i in range(3)}
+    for name, tensors in [("base", base), ("ft", {k: (dt, shape, (np.frombuffer(raw, np.uint16) ^ np.uint16(1)).tobytes())
+                                                  for k, (dt, shape, raw) in base.items()})]:
+        (tmp_path / name).mkdir()
+        write_safetensors(tmp_path / name / "model.safetensors", tensors)
+    store = Store.init(tmp_path / "s.store")
+    store.add(tmp_path / "base", "base", base=None)
+    store.add(tmp_path / "ft", "ft", base="base")
+    got = store.load("ft", device="cuda:0")
+    want = store.load("ft")
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k].device.type == "cuda" and host_bytes(got[k]) == v.tobytes(), k
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("spec", ["2^-24", "rel:1e-3"])
 def test_elf_archives_decode_on_the_gpu(gpu: Any, tmp_path: Path, spec: str) -> None:
     """Lossy archives: planes + rANS into scratch memory, then the elf kernel; bit for bit the CPU's."""

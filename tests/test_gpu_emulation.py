@@ -446,3 +446,39 @@ def test_a_base_on_the_device_is_checked(fine_tuned: tuple[Path, Path]) -> None:
             assert name in e.value.message and message in e.value.message, (message, e.value.message)
     with pytest.raises(UsageError, match="for loads onto that device"):
         elves.load_file(archive, base=tensors)
+
+
+def test_a_store_model_decodes_through_the_kernels(kernels: HostKernels, tmp_path: Path) -> None:
+    """Store.load on a GPU: a fine-tune stored as its base's delta (dense and sparse xor against
+    the base's objects, uploaded as the CPU reads them) and small tensors packed together, read
+    as one archive (elves.store.reading.ModelObjects) and decoded by the emulated kernels: each
+    tensor bit for bit what Store.restore writes."""
+    import safetensors.numpy
+
+    from elves.store import Store
+    from elves.store.reading import ModelObjects
+
+    rng = np.random.default_rng(14)
+    base = model(rng, {"a": ("BF16", (512, 256)), "b": ("F32", (300, 200)), "tiny": ("F32", (4,))})
+    (tmp_path / "base").mkdir()
+    write_safetensors(tmp_path / "base" / "model.safetensors", base)
+    tuned = {"a": ("BF16", (512, 256), fine_tune("BF16", base["a"][2], rng, 0.01)),
+             "b": ("F32", (300, 200), base["b"][2][:-400] + weights_like("F32", 100, rng).tobytes()),
+             "tiny": base["tiny"]}
+    (tmp_path / "ft").mkdir()
+    write_safetensors(tmp_path / "ft" / "model.safetensors", tuned)
+    (tmp_path / "ft" / "config.json").write_text('{"model_type": "bert"}')
+    store = Store.init(tmp_path / "s.store")
+    store.add(tmp_path / "base", "base", base=None)
+    assert store.add(tmp_path / "ft", "ft", base="base").base == "base"
+    store.restore("ft", tmp_path / "restored")
+    want = safetensors.numpy.load_file(str(tmp_path / "restored" / "model.safetensors"))
+    with ModelObjects(store.storage, "ft", store.manifest("ft"), lambda f: f["path"].endswith(".safetensors")) as objs:
+        emu = HostDecoder(objs, kernels)
+        got = emu.run()
+        assert emu.kinds.get("xor against a base", 0) >= 1, emu.kinds
+        for entry in objs.files:
+            for t in entry.tensors:
+                raw = want[t.name].tobytes()
+                s = entry.segments[t.segment]
+                assert got[s][t.offset:t.offset + len(raw)].tobytes() == raw, t.name

@@ -36,7 +36,7 @@ from __future__ import annotations
 from .decode import STAGING_BUFFERS, STAGING_BYTES
 from .device import GpuFramework
 from .launcher import ChunkDecoder, decode_chunks
-from .loader import GpuArchive, load_file, open  # noqa: A004
+from .loader import GpuArchive, load_file, load_model, open  # noqa: A004
 
 __all__ = ["STAGING_BUFFERS", "STAGING_BYTES", "ChunkDecoder", "GpuArchive", "GpuFramework", "decode_chunks",
-           "load_file", "open"]
+           "load_file", "load_model", "open"]

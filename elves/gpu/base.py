@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +23,7 @@ from .. import dtypes
 from ..archive import ArchiveReader
 from ..decoder import attach_base
 from ..errors import BaseMismatchError
+from ..index import Where
 
 BaseArg = str | os.PathLike[str] | BaseModel | Mapping[str, Any] | None
 
@@ -63,7 +63,7 @@ class DeviceBase:
     (:class:`elves.references.ContentSource`); :func:`elves.gpu.plan.reference_plan` reads the
     device memory of :meth:`tensor` straight away."""
 
-    def __init__(self, tensors: Mapping[str, Any], needed: dict[str, Any], path: Path):
+    def __init__(self, tensors: Mapping[str, Any], needed: dict[str, Any], path: Where):
         self.path = path
         by_name: dict[str, tuple[str, Any]] = {}
         for key, x in tensors.items():

@@ -24,8 +24,7 @@ import numpy as np
 
 from bitx.codec import rank_tables
 
-from ..archive import ArchiveReader
-from ..decoder import read_stream, stream_label
+from ..decoder import StreamReader, iter_stream, stream_label
 from ..parallel import default_threads
 from . import plan
 from .device import Staging, Target
@@ -43,7 +42,7 @@ class StreamDecoder:
     the decode. :meth:`finish` waits for the GPU and raises CorruptArchiveError if a chunk failed.
     """
 
-    def __init__(self, reader: ArchiveReader, target: Target, staging_bytes: int):
+    def __init__(self, reader: StreamReader, target: Target, staging_bytes: int):
         self.reader = reader
         self.target = target
         self.kernels = kernels(target.device)
@@ -70,7 +69,7 @@ class StreamDecoder:
         # The CPU decodes its streams (into pinned memory) while the GPU decodes the others, and
         # their copies to the device run on a stream of their own, beside the decode.
         cpu_pool = ThreadPoolExecutor(1)
-        pending = {s: cpu_pool.submit(self._decode_pinned, s) for s in on_cpu}
+        pending = {s: cpu_pool.submit(self.decode_on_cpu, s) for s in on_cpu}
         upload_stream = self.cp.cuda.Stream(non_blocking=True)
         pinned: list[Any] = []
         self.kept = {}
@@ -98,20 +97,20 @@ class StreamDecoder:
             upload_stream.synchronize()  # no copy may still read a pinned buffer once it is freed
             self.kept = {}
 
-    def decode_on_cpu(self, s: int) -> np.ndarray:
-        """Stream ``s`` decoded by the CPU decoder (every check of it applied), to be uploaded:
-        for streams no kernel decodes (zstd bytes, ELF deltas, codecs the kernels do not know)."""
+    def decode_on_cpu(self, s: int) -> tuple[Any, np.ndarray]:
+        """Worker thread: stream ``s`` decoded by the CPU decoder (every check of it applied) into
+        pinned memory, to be uploaded (the buffer, its view): for streams no kernel decodes (zstd
+        bytes, ELF deltas, codecs the kernels do not know)."""
         if self._cpu_pool is None:
             self._cpu_pool = ThreadPoolExecutor(self._threads)
-        return read_stream(self.reader, s, self._cpu_pool, 2 * self._threads + 2)
-
-    def _decode_pinned(self, s: int) -> tuple[Any, np.ndarray]:
-        """Worker thread: stream ``s`` decoded on the CPU, in pinned memory (the buffer, its view)."""
-        data = self.decode_on_cpu(s)
+        nbytes = self.reader.streams[s].nbytes
         with self.cp.cuda.Device(self.target.device):
-            mem = self.cp.cuda.alloc_pinned_memory(max(data.nbytes, 1))
-        host = np.frombuffer(mem, dtype=np.uint8, count=data.nbytes)
-        host[:] = data
+            mem = self.cp.cuda.alloc_pinned_memory(max(nbytes, 1))
+        host = np.frombuffer(mem, dtype=np.uint8, count=nbytes)
+        pos = 0
+        for chunk in iter_stream(self.reader, s, self._cpu_pool, 2 * self._threads + 2):  # sizes checked at its end
+            host[pos:pos + chunk.shape[0]] = chunk[:max(0, nbytes - pos)]
+            pos += chunk.shape[0]
         return mem, host
 
     def _upload(self, decoded: tuple[Any, np.ndarray], upload_stream: Any, pinned: list[Any]) -> Any:

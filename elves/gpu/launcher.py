@@ -22,6 +22,7 @@ import numpy as np
 
 from ..codecs.rans import STATUS
 from ..errors import CodecError, CorruptArchiveError, GpuUnavailableError
+from ..index import Where
 from .device import cupy
 
 PAYLOAD_ALIGN = 16         # the kernel reads payloads as aligned words
@@ -141,7 +142,7 @@ def kernels(device: int) -> Kernels:
     return Kernels(device)
 
 
-def raise_status(status: np.ndarray, name: Callable[[int], str], path: Path | None = None) -> None:
+def raise_status(status: np.ndarray, name: Callable[[int], str], path: Where | None = None) -> None:
     """CorruptArchiveError for the first chunk with a nonzero status; ``name(i)`` says which."""
     bad = np.flatnonzero(status)
     if bad.size:

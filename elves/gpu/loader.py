@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from ..archive import ArchiveReader
-from ..decoder import check_tensors
+from ..decoder import StreamReader, check_tensors
 from ..index import FileEntry, Stream, TensorEntry, tensor_names
 from . import plan
 from .base import BaseArg, attach
 from .decode import STAGING_BYTES, StreamDecoder
 from .device import (
     GpuFramework,
+    Target,
     device_index,
     itemsize,
     make_target,
@@ -40,9 +41,22 @@ def load_file(path: str | os.PathLike[str], device: Any = "cuda:0", framework: G
     (:mod:`elves.gpu.base`).
     """
     target = make_target(framework, device_index(device))
-    with ArchiveReader(path) as reader, on(target):
+    with ArchiveReader(path) as reader:
         attach(reader, base, target.device)
         _check_tensors(reader, reader.files)
+        return _load(reader, target, staging_bytes)
+
+
+def load_model(reader: StreamReader, device: Any = "cuda:0", framework: GpuFramework = "pt", *,
+               staging_bytes: int = STAGING_BYTES) -> dict[str, Any]:
+    """Every tensor of the files ``reader`` lists, by name, decoded on ``device`` (as
+    :func:`load_file` does for an archive): from any source of checked chunks with the sources of
+    its references, a store's objects included (``elves.store.Store.load``)."""
+    return _load(reader, make_target(framework, device_index(device)), staging_bytes)
+
+
+def _load(reader: StreamReader, target: Target, staging_bytes: int) -> dict[str, Any]:
+    with on(target):
         named = tensor_names(reader.files)
         users: dict[int, list[str]] = {}
         out: dict[str, Any] = {}
@@ -74,7 +88,7 @@ def _check_tensors(reader: ArchiveReader, entries: list[FileEntry]) -> None:
             check_tensors(reader, entry, pool, 4)
 
 
-def _stream_of(entry: FileEntry, t: TensorEntry, reader: ArchiveReader) -> int | None:
+def _stream_of(entry: FileEntry, t: TensorEntry, reader: StreamReader) -> int | None:
     """The stream holding tensor ``t``'s bytes, or None when it has none (empty tensors)."""
     if t.segment < 0:
         return None

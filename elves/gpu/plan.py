@@ -23,7 +23,7 @@ from ..codecs.base import Expected
 from ..codecs.elf import ELF_DTYPES, Elf
 from ..codecs.planes import Planes
 from ..codecs.rans import Rans
-from ..decoder import stream_label
+from ..decoder import StreamReader, stream_label
 from ..errors import BaseMismatchError, CodecError, CorruptArchiveError, TruncatedArchiveError
 from ..index import Stream
 from ..references import Reference
@@ -121,7 +121,7 @@ def gathered_from(stream: Stream) -> int | None:
     return ref.stream if ref is not None and ref.stream is not None and ref.cast is None else None
 
 
-def reference_plan(reader: ArchiveReader, s: int) -> RefPlan | None:
+def reference_plan(reader: StreamReader, s: int) -> RefPlan | None:
     """The reference of stream ``s`` (a stream the kernels decode), None when it has none. A base
     model must be attached (``elves.decoder.attach_base``) for references by content."""
     stream = reader.streams[s]
@@ -214,7 +214,7 @@ class Layout:
     links: list[tuple[int, int, int]] = field(default_factory=list)  # second kernel: (chunk, its two descriptors)
 
 
-def stream_chunks(reader: ArchiveReader, s: int) -> list[Chunk]:
+def stream_chunks(reader: StreamReader, s: int) -> list[Chunk]:
     """The chunks of stream ``s``, which :func:`gpu_width` found a kernel for."""
     stream = reader.streams[s]
     width = gpu_width(stream)
@@ -239,7 +239,7 @@ def stream_chunks(reader: ArchiveReader, s: int) -> list[Chunk]:
     return out
 
 
-def batches(reader: ArchiveReader, streams: list[int], staging_bytes: int) -> tuple[list[Batch], int]:
+def batches(reader: StreamReader, streams: list[int], staging_bytes: int) -> tuple[list[Batch], int]:
     """The chunks of ``streams``, in that order, cut into batches that fit a staging buffer of
     ``staging_bytes``, and the size the buffers need: more, for an archive written with chunks
     bigger than that."""
@@ -350,13 +350,17 @@ def scratch_bytes(sizes: list[int]) -> int:
 
 
 
-def fill(host: np.ndarray, reader: ArchiveReader, batch: Batch, layout: Layout) -> None:
+def fill(host: np.ndarray, reader: StreamReader, batch: Batch, layout: Layout) -> None:
     """Write ``layout``'s descriptors and ``batch``'s payloads into the staging buffer ``host``,
-    reading the payloads from the archive (one preadv per run of adjacent chunks) and checking
-    their checksums."""
+    reading the payloads and checking their checksums: from an archive, one preadv per run of
+    adjacent chunks; from any other source of chunks (a store's objects), its ``read_payload``."""
     chunks, offsets = batch.chunks, layout.offsets
     host[:layout.descs.nbytes] = layout.descs.view(np.uint8)
     mem = host.data
+    if not isinstance(reader, ArchiveReader):
+        for c, offset in zip(chunks, offsets):
+            mem[offset:offset + c.length] = reader.read_payload(reader.streams[c.stream], c.index)
+        return
     fd = reader.f.fileno()
     i = 0
     while i < len(chunks):

@@ -12,7 +12,9 @@ import numpy as np
 from ..chunks import decode_chunk
 from ..decoder import Sha256Beside, iter_stream, open_new
 from ..errors import ArchiveError, CorruptArchiveError, OutputError
+from ..index import FileEntry, Stream, TensorEntry
 from ..parallel import ordered_map
+from ..references import Sources
 from .layout import manifest_at, object_at
 from .manifests import PACK_MAX
 from .objects import StoredObject
@@ -139,3 +141,69 @@ def restore_file(storage: Storage, name: str, entry: dict[str, Any], target: Pat
         raise OutputError(f"cannot write {entry['path']}: {e.strerror}", target) from None
     size: int = entry["size"]
     return size
+
+
+class ModelObjects:
+    """The objects of a stored model's files, read as one archive is: a stream per object (a pack
+    object once, its slices' tensors placed at their offset in it), the files' entries numbered
+    by them, the references by content (the plain objects its deltas name, ``StoreBase``), and
+    each payload read through its object, checksum checked. What the GPU loader decodes from
+    (``Store.load(name, device=...)``: :func:`elves.gpu.load_model`). ``files`` picks the
+    manifest's file entries to read (links are never read: they name another file's bytes)."""
+
+    def __init__(self, storage: Storage, name: str, man: dict[str, Any],
+                 files: Callable[[dict[str, Any]], bool] = lambda f: True):
+        self.path = Path(storage.where(manifest_at(name)))
+        self.files: list[FileEntry] = []
+        self._objects: list[StoredObject] = []
+        numbers: dict[str, int] = {}
+        try:
+            for f in man["files"]:
+                if f.get("link") is not None or not files(f):
+                    continue
+                segments, starts = [], []
+                for key, length, *at in f["segments"]:
+                    if key not in numbers:
+                        numbers[key] = len(self._objects)
+                        self._objects.append(self._open(storage, key, length, bool(at)))
+                    segments.append(numbers[key])
+                    starts.append(at[0] if at else 0)
+                tensors = [TensorEntry(n, dt, tuple(shape), seg, off + (starts[seg] if seg >= 0 else 0),
+                                       tuple(strides) if strides is not None else None)
+                           for n, dt, shape, seg, off, strides in f["tensors"]]
+                self.files.append(FileEntry(f["path"], f["size"], f["sha256"], f["format"], segments, tensors))
+            self.streams: list[Stream] = [obj.meta for obj in self._objects]
+            self.references = Sources(self, self.streams, self.path)
+            refs = sorted({r for obj in self._objects for r in obj.meta.refs})
+            if refs:
+                self.references.content, self.references.owns_content = StoreBase(storage, keys=refs), True
+        except BaseException:
+            self.close()
+            raise
+        self._by_stream = {id(obj.meta): obj for obj in self._objects}
+
+    @staticmethod
+    def _open(storage: Storage, key: str, nbytes: int, pack: bool) -> StoredObject:
+        """Object ``key``, checked as :func:`iter_object` checks it before decoding."""
+        obj = StoredObject(storage, key)
+        m = obj.meta
+        if (not pack and m.nbytes != nbytes) or (pack and (m.kind != "bytes" or m.nbytes > PACK_MAX)):
+            obj.close()
+            raise CorruptArchiveError(f"object {key} is not what the manifest says ({m.kind}, {m.nbytes} bytes)",
+                                      obj.path)
+        return obj
+
+    def read_payload(self, stream: Stream, chunk: int) -> bytes:
+        return self._by_stream[id(stream)].read_payload(stream, chunk)
+
+    def close(self) -> None:
+        if hasattr(self, "references"):
+            self.references.close()
+        for obj in self._objects:
+            obj.close()
+
+    def __enter__(self) -> ModelObjects:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

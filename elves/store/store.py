@@ -24,7 +24,7 @@ from .layout import FOLDERS, MARKER, MODELS, STORE_VERSION, manifest_at, profile
 from .location import create_storage, open_storage, parse_location
 from .manifests import manifest, manifests, profiles, read_json, write_json
 from .model_view import StoredModel
-from .reading import file_parts, file_range, restore_file
+from .reading import ModelObjects, file_parts, file_range, restore_file
 from .reports import AddResult, GcReport, ModelEntry, RepackReport, StoreStats, StoreVerifyReport
 from .staging import StagedAdd, check_name
 from .storage import Storage
@@ -210,7 +210,16 @@ class Store:
         """Model ``name``'s tensors by name, as ``elves.load_file`` names them: numpy arrays, or
         torch tensors on ``device`` ("cpu", "cuda:0", ...) when one is given. Each safetensors
         file is decoded on the CPU (as :meth:`read_file` decodes it, sha256 checked) and parsed
-        with the reader compress used; ``elves.api.load_into`` puts them into a model."""
+        with the reader compress used; ``elves.api.load_into`` puts them into a model. On a GPU
+        (``device="cuda:0"``, or an index) its objects are decoded there instead, as an
+        archive's streams are (:func:`elves.gpu.load_model`: every chunk checked, and each
+        object's hash checked where the CPU decodes it)."""
+        if isinstance(device, int) or str(device).startswith("cuda"):
+            from ..gpu import load_model
+
+            with ModelObjects(self.storage, name, self.manifest(name),
+                              lambda f: str(f["path"]).endswith(".safetensors")) as objects:
+                return load_model(objects, device)
         import numpy as np
 
         from .. import dtypes
