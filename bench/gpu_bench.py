@@ -32,7 +32,9 @@ the device at once, references uploaded, one launch per kernel (as the loader's 
 CUDA events, median; zstd has no kernel (nvCOMP is not measured: it was not installable where
 this was written, and stays the option to measure later), so its row is the CPU decode. Then
 elves.gpu.load_file of each archive, warm, in GB/s of decoded bytes; for the deltas also with
-``base=`` the base's tensors already on the device (safetensors.torch.load_file(..., device=)). DFloat11 (``--dfloat11
+``base=`` the base's tensors already on the device (safetensors.torch.load_file(..., device=)).
+Last, a store holding the model and the sparse fine-tune as its delta: Store.load(name,
+device="cuda:0") (objects decoded on the GPU) against Store.load on the CPU, moved to the GPU. DFloat11 (``--dfloat11
 DIR``: a DFloat11-compressed model and its original beside it) is loaded where it installs.
 
     python bench/gpu_bench.py --host-only    # no GPU: builds the part-3 archives and plans them
@@ -333,35 +335,39 @@ def bench_model(cp: Any, torch: Any, name: str, root: Path, files: list[Path], w
 
 # ============================================================================ part 3: per codec
 
+def fine_tune(base: Path, folder: Path, seed: int, change: Callable[[np.ndarray, np.random.Generator], None]) -> Path:
+    """``folder`` holding the BF16 safetensors file ``base`` with its weights (as uint16) changed
+    in place by ``change``, made once."""
+    if not folder.exists():
+        folder.mkdir()
+        with open(base, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            head = f.read(n)
+            data = np.frombuffer(f.read(), dtype=np.uint8).copy()
+        change(data[: data.size // 2 * 2].view(np.uint16), np.random.default_rng(seed))
+        (folder / "model.safetensors").write_bytes(struct.pack("<Q", n) + head + data.tobytes())
+    return folder
+
+
+def light_touch(words: np.ndarray, rng: np.random.Generator) -> None:
+    """A light fine-tune: a third of the weights move by an ulp or two (dense xor)."""
+    touched = rng.random(words.size) < 0.3
+    words[touched] += rng.integers(-2, 3, int(touched.sum())).astype(np.uint16)
+
+
+def retrain_few(words: np.ndarray, rng: np.random.Generator) -> None:
+    """Continued training: 2% of the weights retrained, the rest bit for bit the same (sparse xor)."""
+    touched = rng.random(words.size) < 0.02
+    words[touched] = rng.integers(0, 1 << 16, int(touched.sum())).astype(np.uint16)
+
+
 def codec_archives(work: Path, mib: int) -> list[tuple[str, Path, Path | None]]:
     """(codec, archive, base) for part 3, built once under ``work``."""
     base_root = synthetic_model(work, mib)
     base = base_root / "model.safetensors"
     out: list[tuple[str, Path, Path | None]] = []
-    tuned = work / "codec-finetune"
-    if not tuned.exists():
-        tuned.mkdir()
-        with open(base, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            head = f.read(n)
-            data = np.frombuffer(f.read(), dtype=np.uint8).copy()
-        rng = np.random.default_rng(1)
-        words = data[: data.size // 2 * 2].view(np.uint16)
-        touched = rng.random(words.size) < 0.3   # a light fine-tune: a third of the weights move by an ulp or two
-        words[touched] += rng.integers(-2, 3, int(touched.sum())).astype(np.uint16)
-        (tuned / "model.safetensors").write_bytes(struct.pack("<Q", n) + head + data.tobytes())
-    sparse = work / "codec-sparse-finetune"
-    if not sparse.exists():
-        sparse.mkdir()
-        with open(base, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            head = f.read(n)
-            data = np.frombuffer(f.read(), dtype=np.uint8).copy()
-        rng = np.random.default_rng(2)
-        words = data[: data.size // 2 * 2].view(np.uint16)
-        touched = rng.random(words.size) < 0.02  # continued training: most weights bit for bit the same
-        words[touched] = rng.integers(0, 1 << 16, int(touched.sum())).astype(np.uint16)
-        (sparse / "model.safetensors").write_bytes(struct.pack("<Q", n) + head + data.tobytes())
+    tuned = fine_tune(base, work / "codec-finetune", 1, light_touch)
+    sparse = fine_tune(base, work / "codec-sparse-finetune", 2, retrain_few)
     opaque = work / "codec-opaque"
     if not opaque.exists():
         opaque.mkdir()
@@ -442,6 +448,32 @@ def kernel_time(cp: Any, archive: Path, base: Path | None, repeat: int) -> float
         return seconds
 
 
+def store_row(torch: Any | None, work: Path) -> dict:
+    """A store holding the synthetic model and its sparse fine-tune (a delta against it):
+    Store.load of the fine-tune on the GPU (its objects decoded there) against Store.load on the
+    CPU then moved to the device, warm, in GB/s of decoded bytes; host only: the store's size."""
+    from elves.store import Store
+
+    root = work / "codec.store"
+    if not root.exists():
+        store = Store.init(root)
+        store.add(work / "synthetic-model", "base", base=None)
+        store.add(work / "codec-sparse-finetune", "ft", base="base")
+    store = Store(root)
+    size = sum(f["size"] for f in store.manifest("ft")["files"])
+    row: dict = {"codec": "store: sparse fine-tune", "bytes": size}
+    if torch is not None:
+        store.load("ft", device="cuda:0")  # compile, context
+        gpu_s, got = wall(lambda: store.load("ft", device="cuda:0"), torch)
+        del got
+        cpu_s, got = wall(lambda: {k: v.to("cuda:0") for k, v in store.load("ft", device="cpu").items()}, torch)
+        del got
+        row.update(gpu_load_gbs=size / gpu_s / 1e9, cpu_load_gbs=size / cpu_s / 1e9)
+        print(f"  store load: GPU decode {row['gpu_load_gbs']:.2f} GB/s, CPU decode + copy "
+              f"{row['cpu_load_gbs']:.2f} GB/s", file=sys.stderr, flush=True)
+    return row
+
+
 def part3(cp: Any, torch: Any, args: argparse.Namespace, work: Path) -> list[dict]:
     rows = []
     for codec, archive, base in codec_archives(work, args.codec_mib):
@@ -473,6 +505,7 @@ def part3(cp: Any, torch: Any, args: argparse.Namespace, work: Path) -> list[dic
             print(f"  {codec:12} decode {row['decode_gbs']:7.1f} GB/s, load_file {row['load_gbs']:6.2f} GB/s",
                   file=sys.stderr, flush=True)
         rows.append(row)
+    rows.append(store_row(torch if cp is not None else None, work))
     return rows
 
 
@@ -502,12 +535,17 @@ def markdown(device: str, versions: str, kernel_rows: list[dict], e2e_rows: list
                 "base's file, and the base's tensors already on the device).", "",
                 "| codec | decoded | archive | GPU streams | decode GB/s | load_file GB/s | base on device GB/s |",
                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for r in codec_rows:
+        for r in (r for r in codec_rows if "archive_bytes" in r):
             out.append(f"| {r['codec']} | {r['bytes'] / MiB:,.1f} MiB | {r['archive_bytes'] / MiB:,.1f} MiB | "
                        f"{r['gpu_streams']}/{r['streams']} | {r.get('decode_gbs', float('nan')):,.1f}"
                        f"{' (CPU)' if r.get('decode') == 'CPU' else ''} | {r.get('load_gbs', float('nan')):,.2f} | "
                        f"{r.get('load_device_base_gbs', float('nan')):,.2f} |")
         out.append("")
+        for r in (r for r in codec_rows if "archive_bytes" not in r):
+            out.append(f"{r['codec']} ({r['bytes'] / MiB:,.1f} MiB): Store.load on the GPU "
+                       f"{r.get('gpu_load_gbs', float('nan')):,.2f} GB/s, on the CPU then moved there "
+                       f"{r.get('cpu_load_gbs', float('nan')):,.2f} GB/s")
+            out.append("")
     for r in extra or []:
         out.append(f"- {r['model']}: " + (r["error"] if "error" in r else
                                           f"{r['seconds']:.3f} s ({r['bytes'] / r['seconds'] / 1e9:.1f} GB/s)"))

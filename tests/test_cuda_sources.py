@@ -279,13 +279,8 @@ def test_elf_kernel_refuses_what_the_numba_decoder_refuses(elf_kernel: HostKerne
 
 # ============================================================================ sparse xor
 
-@pytest.fixture(scope="module")
-def sparse_kernel(tmp_path_factory: pytest.TempPathFactory) -> HostKernels:
-    return compile_source(CUDA_DIR / "xor_sparse.cu", tmp_path_factory.mktemp("sparse_kernel"))
-
-
 def sparse_run(kernel: HostKernels, w: int, chunks: list[tuple[bytes, bytes, int, int]]) -> tuple[list[bytes], np.ndarray]:
-    """The sparse xor kernel over (sparse form, reference, decoded bytes, mask) chunks, each in
+    """The sparse xor kernel (in the decoder's source) over (sparse form, reference, decoded bytes, mask) chunks, each in
     its own aligned buffers: decoded bytes and status."""
     from elves.gpu.launcher import SPARSE
 
@@ -324,16 +319,16 @@ def sparse_chunks(dt: str, rng: np.random.Generator) -> list[tuple[Any, bytes, b
 
 
 @pytest.mark.parametrize("dt", ["U8", "BF16", "F32", "F64"])
-def test_sparse_kernel_matches_the_numba_decoder(sparse_kernel: HostKernels, dt: str) -> None:
+def test_sparse_kernel_matches_the_numba_decoder(host_kernels: HostKernels, dt: str) -> None:
     chunks = sparse_chunks(dt, np.random.default_rng(5))
-    got, status = sparse_run(sparse_kernel, dtypes.get(dt).itemsize, [(d, r, n, c.mask) for c, d, r, n in chunks])
+    got, status = sparse_run(host_kernels, dtypes.get(dt).itemsize, [(d, r, n, c.mask) for c, d, r, n in chunks])
     assert not status.any(), status
     for (codec, data, ref, n), g in zip(chunks, got):
         want = codec.decode(np.frombuffer(data, np.uint8), np.empty(n, np.uint8), np.frombuffer(ref, np.uint8))
         assert g == want.tobytes()
 
 
-def test_sparse_kernel_refuses_what_the_numba_decoder_refuses(sparse_kernel: HostKernels) -> None:
+def test_sparse_kernel_refuses_what_the_numba_decoder_refuses(host_kernels: HostKernels) -> None:
     """Flipped bitmap bits, cut-short and padded chunks: the kernel flags a chunk exactly when the
     numba decoder refuses it, with its message, and otherwise decodes the same bytes."""
     from elves.errors import CorruptArchiveError
@@ -359,7 +354,7 @@ def test_sparse_kernel_refuses_what_the_numba_decoder_refuses(sparse_kernel: Hos
             message = ""
         except CorruptArchiveError as e:
             want, message = None, e.message
-        got, status = sparse_run(sparse_kernel, w, [(bytes(bad), ref, n, codec.mask)])
+        got, status = sparse_run(host_kernels, w, [(bytes(bad), ref, n, codec.mask)])
         if want is None:
             refused += 1
             assert status[0] != 0 and SPARSE_STATUS[int(status[0])] == message, (trial, message, status)

@@ -11,7 +11,7 @@ stream while the previous batch decodes on another, and decoded by ``cuda/rans_d
 straight into the tensors' own memory: planes + rANS, with BitX's ``xor`` against a base model
 (``base=``: its tensors uploaded, or used in place when they are already on the device) or an
 earlier stream of the archive (gathered on the device) fused in; ``elf`` chunks go on through
-``cuda/elf_decode.cu``, sparse BitX chunks through ``cuda/xor_sparse.cu``. GPU memory holds the
+``cuda/elf_decode.cu``, sparse BitX chunks through a second kernel of the first. GPU memory holds the
 tensors plus a few fixed-size staging buffers, whatever the model's size. The stream-level xxh3-128 is not recomputed (that needs the
 decoded bytes on the host); the kernel instead applies every structural check of the CPU decoder,
 rANS final states included, and any failure raises :class:`~elves.errors.CorruptArchiveError`.

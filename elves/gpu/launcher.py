@@ -1,5 +1,5 @@
-"""The CUDA kernels (``cuda/rans_decode.cu``, ``cuda/elf_decode.cu``, ``cuda/xor_sparse.cu``): their
-sources, compilation, launch, and the chunk descriptors they read.
+"""The CUDA kernels (``cuda/rans_decode.cu``, ``cuda/elf_decode.cu``): their sources, compilation,
+launch, and the chunk descriptors they read.
 
 A descriptor (:data:`DESC`, the kernel's ``ChunkDesc`` field for field) gives one chunk's payload
 address and length, where its decoded bytes go and how many they must be, its element width
@@ -36,7 +36,7 @@ ELF_THREADS = 256
 SPARSE = 0x200             # kernel key of the sparse xor decode: SPARSE | element width
 SPARSE_THREADS = 256
 SECOND_STAGE = ELF | SPARSE  # keys of kernels that read what planes + rANS decoded into scratch
-KERNEL_FILES = ("rans_decode.cu", "elf_decode.cu", "xor_sparse.cu")
+KERNEL_FILES = ("rans_decode.cu", "elf_decode.cu")
 
 # The elf kernel's status codes, with the CPU decoder's messages (elves/codecs/elf.py).
 ELF_STATUS = {
@@ -119,9 +119,8 @@ class Kernels:
         with cp.cuda.Device(device):
             modules = [cp.RawModule(code=kernel_source(name), options=("-std=c++17",)) for name in KERNEL_FILES]
             self.functions = {name: modules[0].get_function(name) for name in
-                              [*(f"elves_rans_decode_w{w}" for w in WIDTHS), "elves_copy_chunks"]}
+                              [*(f"elves_rans_decode_w{w}" for w in WIDTHS), "elves_copy_chunks", "elves_xor_sparse"]}
             self.functions["elves_elf_decode"] = modules[1].get_function("elves_elf_decode")
-            self.functions["elves_xor_sparse"] = modules[2].get_function("elves_xor_sparse")
             for w in WIDTHS:
                 if w * PLANE_SMEM > DEFAULT_SMEM:
                     self.functions[f"elves_rans_decode_w{w}"].max_dynamic_shared_size_bytes = w * PLANE_SMEM
