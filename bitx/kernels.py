@@ -14,8 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from elves.jit import kernel
 from numpy.typing import NDArray
+
+from elves.jit import kernel
 
 # Types the kernels take (numba compiles from the arguments' types; these are for mypy).
 # ``Words``: elements as unsigned integers of their width; ``Word``: a scalar of that type.

@@ -12,7 +12,10 @@ several word types lists one signature per type, and compiles each the first tim
 Kernels that call each other refer to each other by module global, as numba requires: when a
 kernel is first built, the kernels it names are built first and its module's globals are pointed
 at their numba dispatchers, so the compiled caller links them with their own signatures.
-``inline="always"`` kernels are never compiled alone; numba inlines them into their callers.
+``inline="always"`` kernels are never compiled alone; numba inlines them into their callers (at
+the cost of typing their body again in each: a plain kernel, which LLVM inlines, compiles faster).
+A kernel that numba cannot compile from Python, an LLVM-IR intrinsic say, is declared with
+:func:`intrinsic`, and is linked into its callers in the same way.
 """
 from __future__ import annotations
 
@@ -27,6 +30,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 # building a kernel and its callees atomic for the pipeline's worker threads (see _building).
 _LOCK = threading.RLock()
 _OPTIONS = {"cache": True, "nogil": True}
+# A kernel that only kernels call needs no wrappers for Python or C callers: without them a small
+# kernel compiles in half the time.
+_INTERNAL = {"no_cpython_wrapper": True, "no_cfunc_wrapper": True}
 
 
 class Kernel:
@@ -35,7 +41,8 @@ class Kernel:
     def __init__(self, py_func: Callable[..., Any], sigs: tuple[str, ...], options: dict[str, Any]):
         self.py_func = py_func
         self.sigs = sigs
-        self.options = {**_OPTIONS, **options}
+        self.internal = bool(options.pop("internal", False))
+        self.options = {**_OPTIONS, **options, **(_INTERNAL if self.internal else {})}
         self.inline = options.get("inline") == "always"
         self.__name__ = py_func.__name__
         self.__qualname__ = py_func.__qualname__
@@ -49,16 +56,23 @@ class Kernel:
         return f"<kernel {self.py_func.__module__}.{self.__qualname__}>"
 
     def __call__(self, *args: Any) -> Any:
+        if self.internal:
+            raise TypeError(f"{self!r} is internal: only compiled kernels call it")
         d = self.dispatcher()
         if len(self._parsed) > 1:
             self._compile_for(args)
         return d(*args)
 
+    def linked(self) -> Any:
+        """What a compiled kernel that names this one is linked against: the dispatcher, with
+        every signature compiled unless numba inlines it."""
+        return self.dispatcher() if self.inline else self.compiled()
+
     def dispatcher(self) -> Any:
         """The numba dispatcher, built on first use with the single signature compiled (every
         signature for a kernel called from compiled code, which cannot pick one at run time)."""
         if self._dispatcher is None:
-            with _building():
+            with _building(), _claimed(self):
                 if self._dispatcher is None:
                     self._dispatcher = self._build()
         return self._dispatcher
@@ -79,14 +93,15 @@ class Kernel:
         for name in self.py_func.__code__.co_names:
             callee = glb.get(name)
             if isinstance(callee, Kernel):
-                glb[name] = callee.dispatcher() if callee.inline else callee.compiled()
+                glb[name] = callee.linked()
         d = njit(**self.options)(self.py_func)
         if self.inline:
             return d
         self._parsed = [_parse(sig) for sig in self.sigs]
         if len(self._parsed) == 1:
             _compile(d, self._parsed[0])
-            glb[self.__name__] = d  # from here on callers reach numba directly
+            if not self.internal:
+                glb[self.__name__] = d  # from here on callers reach numba directly
         return d
 
     def _compile_for(self, args: tuple[Any, ...]) -> None:
@@ -107,11 +122,65 @@ class Kernel:
         raise TypeError(f"{self!r} has no signature for the argument types {types}")
 
 
+class _Intrinsic(Kernel):
+    """See :func:`intrinsic`."""
+
+    def __init__(self, build: Callable[[], Any]):
+        super().__init__(build, (), {})
+
+    def __call__(self, *args: Any) -> Any:
+        raise TypeError(f"{self!r} is an intrinsic: only compiled kernels call it")
+
+    def dispatcher(self) -> Any:
+        with _building():
+            if self._dispatcher is None:
+                self._dispatcher = self.py_func()
+        return self._dispatcher
+
+    def compiled(self) -> Any:
+        return self.dispatcher()
+
+
+def intrinsic(build: Callable[[], Any]) -> Any:
+    """Decorate ``build()``, which returns a callable that compiled kernels call but numba does
+    not compile from Python (a ``numba.extending.intrinsic`` written in LLVM IR, a ``numba.njit``
+    function made by a factory): the result stands for it under ``build``'s name. ``build`` runs
+    once, when the first kernel that names it is built, so it may import numba and llvmlite; a
+    caller is linked against what it returns. Python cannot call it."""
+    return _Intrinsic(build)
+
+
 def warm(fn: Callable[..., Any]) -> None:
     """Compile every signature of the kernel ``fn`` now, or load them from numba's cache."""
     if not isinstance(fn, Kernel):
         raise TypeError(f"{fn!r} is not a kernel")
     fn.compiled()
+
+
+@contextmanager
+def _claimed(k: Kernel) -> Iterator[None]:
+    """Build ``k`` holding a lock file shared by this user's processes that use the same numba
+    cache: of two processes that need a kernel at once (a command and the background compile of
+    cli/_common.py), one compiles it and the other waits, then loads it from the cache. Callers
+    lock before their callees, so two processes cannot wait on each other."""
+    import fcntl
+    import hashlib
+    import os
+    import tempfile
+
+    key = f"{os.environ.get('NUMBA_CACHE_DIR', '')}|{k.py_func.__module__}.{k.__qualname__}"
+    folder = os.path.join(tempfile.gettempdir(), f"elves-jit-{os.getuid()}")
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(folder, hashlib.sha1(key.encode()).hexdigest()[:20]), os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:  # no shared lock: at worst both processes compile
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _compile(d: Any, sig: tuple[Any, ...]) -> None:
@@ -136,7 +205,9 @@ def _parse(sig: str) -> tuple[Any, ...]:
 def kernel(*sigs: str, words: tuple[str, ...] = (), **options: Any) -> Callable[[F], F]:
     """Decorate a numba kernel: ``sigs`` are its argument-type tuples (none for an
     ``inline="always"`` kernel); where ``words`` is given, ``W`` in them stands for each of those
-    types in turn. ``options`` go to ``numba.njit`` (``cache`` and ``nogil`` are on)."""
+    types in turn. ``internal=True`` says that only other kernels call it: it compiles faster, and
+    calling it from Python raises TypeError. Other ``options`` go to ``numba.njit`` (``cache`` and
+    ``nogil`` are on)."""
     if words:
         sigs = tuple(s.replace("W", w) for s in sigs for w in words)
     if not sigs and options.get("inline") != "always":

@@ -5,12 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import numpy as np
 import pytest
-
 from elves.cli._common import Eta
-from elves.jit import compiling, kernel
+
+from elves.jit import compiling, intrinsic, kernel
 from elves.kernels import warm
 
 
@@ -102,6 +103,42 @@ def test_one_compile_stage_for_a_kernel_and_its_callees() -> None:
         assert events == ["start", "end"]
         assert _twice_plus_one(1) == 3  # compiled: no stage
     assert events == ["start", "end"]
+
+
+_BUILT: list[str] = []
+
+
+@intrinsic
+def _add_one() -> Any:
+    """``v + 1`` for an int64, written in LLVM IR."""
+    from numba.core import types
+    from numba.extending import intrinsic as numba_intrinsic
+
+    _BUILT.append("add_one")
+
+    @numba_intrinsic
+    def add_one(typingctx: Any, v: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            return builder.add(args[0], context.get_constant(types.int64, 1))
+        return types.int64(types.int64), codegen
+    return add_one
+
+
+_ADD_ONE = _add_one  # the module global names numba's intrinsic once a caller is built
+
+
+@kernel("(int64,)", cache=False)
+def _plus_two(v: int) -> int:
+    return _add_one(v) + 1
+
+
+def test_an_intrinsic_is_built_with_its_first_caller_and_python_cannot_call_it() -> None:
+    assert _BUILT == []
+    assert _plus_two(40) == 42
+    assert _plus_two(-1) == 1
+    assert _BUILT == ["add_one"]  # built once
+    with pytest.raises(TypeError, match="intrinsic"):
+        _ADD_ONE(1)
 
 
 def test_the_background_compile_covers_the_lossless_entry_points() -> None:

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
-from ..jit import kernel
 from numpy.typing import NDArray
+
+from ..jit import kernel
 
 # Array types the kernels take (numba compiles from the arguments' types; these are for mypy).
 # ``Words``: a tensor's elements as unsigned integers of its width (uint16, uint32 or uint64).

@@ -18,12 +18,12 @@ a kernel refuse, never write past a buffer.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from ..jit import Kernel, kernel
 from numpy.typing import NDArray
+
+from ..jit import intrinsic, kernel
 
 # Array types the kernels take (numba compiles from the arguments' types; these are for mypy).
 U8 = NDArray[np.uint8]
@@ -92,7 +92,7 @@ def split(src: U8, n: int, w: int, rotate: bool, planes: U8) -> int:
     return OK
 
 
-@kernel("(ro(uint8[::1]), ro(uint8[::1]), int64, boolean, uint8[::1])")
+@kernel("(ro(uint8[::1]), ro(uint8[::1]), int64, boolean, uint8[::1])", internal=True)
 def _merge2(r0: U8, r1: U8, n: int, rotate: bool, dst: U8) -> None:
     """16-bit words from their two planes into ``dst`` (sized by the caller); a loop per
     rotation, which LLVM vectorises."""
@@ -106,7 +106,7 @@ def _merge2(r0: U8, r1: U8, n: int, rotate: bool, dst: U8) -> None:
             u16[i] = (np.uint16(r0[i]) << np.uint16(8)) | np.uint16(r1[i])
 
 
-@kernel("(ro(uint8[::1]), ro(uint8[::1]), ro(uint8[::1]), ro(uint8[::1]), int64, boolean, uint8[::1])")
+@kernel("(ro(uint8[::1]), ro(uint8[::1]), ro(uint8[::1]), ro(uint8[::1]), int64, boolean, uint8[::1])", internal=True)
 def _merge4(r0: U8, r1: U8, r2: U8, r3: U8, n: int, rotate: bool, dst: U8) -> None:
     """32-bit words from their four planes into ``dst`` (sized by the caller), as :func:`_merge2`."""
     u32 = dst[:4 * n].view(np.uint32)
@@ -151,7 +151,7 @@ def merge(planes: U8, n: int, w: int, rotate: bool, dst: U8) -> int:
     return OK
 
 
-@kernel("(int64[::1], int64, int64, int64[::1])")
+@kernel("(int64[::1], int64, int64, int64[::1])", internal=True)
 def _normalize(counts: I64, n: int, prob_bits: int, freq: I64) -> None:
     """Frequencies summing to 2**prob_bits, each present symbol at least 1, close to counts/n."""
     total = 1 << prob_bits
@@ -180,7 +180,7 @@ def _normalize(counts: I64, n: int, prob_bits: int, freq: I64) -> None:
         diff += 1
 
 
-@kernel("(int64[::1], int64[::1], int64)")
+@kernel("(int64[::1], int64[::1], int64)", internal=True)
 def _rans_bits(counts: I64, freq: I64, prob_bits: int) -> float:
     """Exact-entropy estimate of the rANS payload in bits, for choosing the plane's mode."""
     bits = 0.0
@@ -190,7 +190,7 @@ def _rans_bits(counts: I64, freq: I64, prob_bits: int) -> float:
     return bits
 
 
-@kernel("(uint8[::1], int64, ro(uint8[::1]), int64, int64)")
+@kernel("(uint8[::1], int64, ro(uint8[::1]), int64, int64)", internal=True)
 def _copy(dst: U8, dpos: int, src: U8, spos: int, n: int) -> None:
     """``dst[dpos:dpos + n] = src[spos:spos + n]`` as a loop: numba compiles the loop to a
     vectorised copy, and the slice assignment to a much slower element-wise one."""
@@ -200,29 +200,29 @@ def _copy(dst: U8, dpos: int, src: U8, spos: int, n: int) -> None:
         d[i] = s[i]
 
 
-@kernel("(uint8[::1], int64, int64)")
+@kernel("(uint8[::1], int64, int64)", internal=True)
 def _put_u16(out: U8, pos: int, v: int) -> None:
     out[pos] = v & 0xFF
     out[pos + 1] = (v >> 8) & 0xFF
 
 
-@kernel("(uint8[::1], int64, int64)")
+@kernel("(uint8[::1], int64, int64)", internal=True)
 def _put_u32(out: U8, pos: int, v: int) -> None:
     for b in range(4):
         out[pos + b] = (v >> (8 * b)) & 0xFF
 
 
-@kernel("(ro(uint8[::1]), int64)")
+@kernel("(ro(uint8[::1]), int64)", internal=True)
 def _get_u16(buf: U8, pos: int) -> np.uint64:
     return np.uint64(buf[pos]) | (np.uint64(buf[pos + 1]) << np.uint64(8))
 
 
-@kernel("(ro(uint8[::1]), int64)")
+@kernel("(ro(uint8[::1]), int64)", internal=True)
 def _get_u32(buf: U8, pos: int) -> np.uint64:
     return _get_u16(buf, pos) | (_get_u16(buf, pos + 2) << np.uint64(16))
 
 
-@kernel(inline="always")
+@kernel("(uint64, uint64, uint8, uint64[::1], float64[::1], uint64, uint64, uint16[::1])", internal=True)
 def _encode_one(x: np.uint64, w: np.uint64, s: np.uint8, tab: U64, rcp: F64, sh: np.uint64,
                 pb: np.uint64, words: U16) -> tuple[np.uint64, np.uint64]:
     """One rANS encode step of a lane: code symbol ``s`` into state ``x``, writing the
@@ -257,7 +257,8 @@ def _encode_tables(freq: I64, cum: I64) -> tuple[U64, F64]:
     return tab, rcp
 
 
-@kernel(inline="always")
+@kernel("(uint64[::1], uint64[::1], int64, ro(uint8[::1]), int64, uint64, uint64[::1], float64[::1], uint64, uint64, "
+        "uint16[::1])", internal=True)
 def _encode_group(x: U64, w: U64, g: int, sym: U8, steps: int, ul: np.uint64, tab: U64, rcp: F64,
                   sh: np.uint64, pb: np.uint64, words: U16) -> None:
     """Encode lanes ``g .. g + 7`` over all full steps, last first, as eight chains the CPU
@@ -281,19 +282,6 @@ def _encode_group(x: U64, w: U64, g: int, sym: U8, steps: int, ul: np.uint64, ta
     x[g + 4], x[g + 5], x[g + 6], x[g + 7] = x4, x5, x6, x7
     w[g], w[g + 1], w[g + 2], w[g + 3] = w0, w1, w2, w3
     w[g + 4], w[g + 5], w[g + 6], w[g + 7] = w4, w5, w6, w7
-
-
-class _Intrinsic(Kernel):
-    """A kernel written in LLVM IR: ``build()`` returns the numba intrinsic, and runs (importing
-    numba and llvmlite) only when a kernel that calls it is built."""
-
-    def __init__(self, build: Callable[[], Any]):
-        super().__init__(build, (), {"inline": "always"})
-
-    def dispatcher(self) -> Any:
-        if self._dispatcher is None:
-            self._dispatcher = self.py_func()
-        return self._dispatcher
 
 
 def _vector_ir() -> Any:
@@ -386,7 +374,8 @@ def _vector_ir() -> Any:
                            loop=loop, prefetch=prefetch)
 
 
-def _build_enc32() -> Any:
+@intrinsic
+def _enc32() -> Any:
     """``_enc32(x, w, g, sym, tab, rcp, words, steps, lanes)``: :func:`_encode_group` for lanes
     ``g .. g + 31`` and all ``steps`` full steps, 16 lanes a vector, bit for bit: ``tab`` and
     ``rcp`` are :func:`_encode_tables`' (``tab`` as uint32), read by gathers; the renormalisation
@@ -437,10 +426,8 @@ def _build_enc32() -> Any:
     return enc32
 
 
-_enc32 = _Intrinsic(_build_enc32)
 
-
-@kernel("(ro(uint8[::1]), int64, int64, int64[::1], int64[::1], int64, uint8[::1], int64)")
+@kernel("(ro(uint8[::1]), int64, int64, int64[::1], int64[::1], int64, uint8[::1], int64)", internal=True)
 def _rans_encode_plane(sym: U8, n: int, lanes: int, freq: I64, cum: I64, prob_bits: int, out: U8,
                        pos: int) -> int:
     """Write the lane-length table and lane streams at ``out[pos:]``; return the end offset.
@@ -457,20 +444,29 @@ def _rans_encode_plane(sym: U8, n: int, lanes: int, freq: I64, cum: I64, prob_bi
     sh = _U(32 - prob_bits)
     pb = _U(prob_bits)
     tab, rcp = _encode_tables(freq, cum)
-    x = np.full(lanes, RANS_L, dtype=np.uint64)
-    w = np.arange(lanes).astype(np.uint64) * room
+    # Loops, not array expressions: numba compiles each of those to a kernel of its own.
+    x = np.empty(lanes, dtype=np.uint64)
+    w = np.empty(lanes, dtype=np.uint64)
+    for j in range(lanes):
+        x[j] = RANS_L
+        w[j] = _U(j) * room
     # The last, partial step is coded first: lanes below rem hold one more symbol.
     for j in range(rem):
         x[j], w[j] = _encode_one(x[j], w[j], sym[steps * lanes + j], tab, rcp, sh, pb, words)
     ul = _U(lanes)
     g = 0
     if prob_bits == 12 and lanes % 32 == 0:
-        x32, w32 = x.astype(np.uint32), w.astype(np.uint32)
-        tab32 = tab.astype(np.uint32)
+        x32 = np.empty(lanes, dtype=np.uint32)
+        w32 = np.empty(lanes, dtype=np.uint32)
+        for j in range(lanes):
+            x32[j], w32[j] = x[j], w[j]
+        tab32 = np.empty(256, dtype=np.uint32)
+        for c in range(256):
+            tab32[c] = tab[c]
         for h in range(0, lanes, 32):
             _enc32(x32, w32, h, sym, tab32, rcp, words, steps, lanes)
-        x[:] = x32
-        w[:] = w32
+        for j in range(lanes):
+            x[j], w[j] = x32[j], w32[j]
         g = lanes
     while g + 8 <= lanes:
         if prob_bits == 12:  # the writer's default, with the shifts as constants
@@ -502,23 +498,26 @@ def _rans_encode_plane(sym: U8, n: int, lanes: int, freq: I64, cum: I64, prob_bi
     return pos
 
 
-@kernel("(ro(uint8[::1]), int64)")
+@kernel("(ro(uint8[::1]), int64)", internal=True)
 def _histogram(sym: U8, n: int) -> I64:
     """Symbol counts of ``sym[:n]``. Four tables take turns, so runs of one symbol (the
     exponent plane is full of them) do not wait on their own previous increment."""
-    c = np.zeros((4, 256), dtype=np.int64)
+    c = np.zeros(4 * 256, dtype=np.int64)  # flat, and summed by a loop: both compile faster
     m = n & ~3
     for i in range(0, m, 4):
-        c[0, sym[i]] += 1
-        c[1, sym[i + 1]] += 1
-        c[2, sym[i + 2]] += 1
-        c[3, sym[i + 3]] += 1
+        c[sym[i]] += 1
+        c[256 + sym[i + 1]] += 1
+        c[512 + sym[i + 2]] += 1
+        c[768 + sym[i + 3]] += 1
     for i in range(m, n):
-        c[0, sym[i]] += 1
-    return c[0] + c[1] + c[2] + c[3]
+        c[sym[i]] += 1
+    total = np.empty(256, dtype=np.int64)
+    for s in range(256):
+        total[s] = c[s] + c[256 + s] + c[512 + s] + c[768 + s]
+    return total
 
 
-@kernel("(ro(uint8[::1]), int64, int64, int64, uint8[::1], int64)")
+@kernel("(ro(uint8[::1]), int64, int64, int64, uint8[::1], int64)", internal=True)
 def _encode_plane(sym: U8, n: int, lanes: int, prob_bits: int, out: U8, pos: int) -> int:
     """Write one plane section (mode byte first) at ``out[pos:]``; return the end offset."""
     counts = _histogram(sym, n)
@@ -614,9 +613,9 @@ def encode_planes(planes: U8, lanes: int, prob_bits: int, out: U8) -> int:
 _U = np.uint64
 
 
-@kernel(inline="always")
+@kernel("(uint64, uint64, uint64, uint32[::1], ro(uint16[::1]), uint64, uint64, uint8[::1], uint64)", internal=True)
 def _decode_one(x: np.uint64, p: np.uint64, q: np.uint64, dec: U32, words: U16, mask: np.uint64,
-                pb: np.uint64, out: U8, o: np.uint64 | int) -> tuple[np.uint64, np.uint64]:
+                pb: np.uint64, out: U8, o: np.uint64) -> tuple[np.uint64, np.uint64]:
     """One rANS decode step of one lane at word position ``p``, reading the word at ``q`` (``p``,
     or ``p`` clamped to the lane's stream): write its symbol to ``out[o]``; return (state, word
     position).
@@ -635,7 +634,8 @@ def _decode_one(x: np.uint64, p: np.uint64, q: np.uint64, dec: U32, words: U16, 
     return x, p + _U(need)
 
 
-@kernel(inline="always")
+@kernel("(uint32[::1], uint32[::1], int64, uint32[::1], ro(uint16[::1]), uint8[::1], int64, uint64, uint64, "
+        "uint64)", internal=True)
 def _decode_group(x: U32, ptr: U32, g: int, dec: U32, words: U16, out: U8, steps: int, ul: np.uint64,
                   mask: np.uint64, pb: np.uint64) -> None:
     """Decode lanes ``g .. g + 7`` of a plane, all steps, without clamping their reads: eight
@@ -715,10 +715,25 @@ def _build_run(vectors: int) -> Any:
     return run
 
 
-_run32 = _Intrinsic(lambda: _build_run(2))
+@intrinsic
+def _run32() -> Any:
+    """:func:`_build_run` for the writer's 32 lanes."""
+    return _build_run(2)
 
 
-@kernel("(uint32[::1], uint32[::1], uint32[::1], uint32[::1], ro(uint16[::1]), uint8[::1], int64, int64, int64)")
+@kernel("(ro(uint32[::1]), int64, int64)", internal=True)
+def _span(a: U32, lo: int, hi: int) -> tuple[int, int]:
+    """(min, max) of ``a[lo:hi]``, which is not empty."""
+    a_min = a_max = np.int64(a[lo])
+    for i in range(lo + 1, hi):
+        v = np.int64(a[i])
+        a_min = min(a_min, v)
+        a_max = max(a_max, v)
+    return a_min, a_max
+
+
+@kernel("(uint32[::1], uint32[::1], uint32[::1], uint32[::1], ro(uint16[::1]), uint8[::1], int64, int64, int64)",
+        internal=True)
 def _decode_lanes(x: U32, ptr: U32, lim: U32, dec: U32, words: U16, out: U8, n: int, lanes: int,
                   prob_bits: int) -> None:
     """Decode all lanes of a plane.
@@ -734,32 +749,36 @@ def _decode_lanes(x: U32, ptr: U32, lim: U32, dec: U32, words: U16, out: U8, n: 
     steps = n // lanes
     ul = _U(lanes)
     nwords = words.shape[0]
-    done = np.zeros(lanes, dtype=np.bool_)
     # The writer's default (prob_bits 12, lanes a multiple of 32) runs 16 lanes a vector when no
     # lane's 4-byte word reads can pass the end of the chunk.
-    if prob_bits == 12 and lanes % 32 == 0 and ptr.max() + steps + 1 <= nwords:
+    # Loops, not array expressions or reductions (ptr.max(), done[:] = True): numba compiles each
+    # of those to a function of its own, at a cost on the first run.
+    done = np.zeros(lanes, dtype=np.bool_)
+    if prob_bits == 12 and lanes % 32 == 0 and _span(ptr, 0, lanes)[1] + steps + 1 <= nwords:
         for g in range(0, lanes, 32):
-            _run32(x, ptr, g, dec, words, out, steps, lanes, np.int64(ptr[g:g + 32].min()),
-                   np.int64(ptr[g:g + 32].max()) + steps)
-        done[:] = True
+            lo, hi = _span(ptr, g, g + 32)
+            _run32(x, ptr, g, dec, words, out, steps, lanes, lo, hi + steps)
+        for j in range(lanes):
+            done[j] = True
     for g in range(0, lanes - 7, 8):
-        if done[g] or ptr[g:g + 8].max() + steps > nwords:
+        if done[g] or _span(ptr, g, g + 8)[1] + steps > nwords:
             continue
         if prob_bits == 12:  # the writer's default, with the shift and mask as constants
             _decode_group(x, ptr, g, dec, words, out, steps, ul, _U(0xFFF), _U(12))
         else:
             _decode_group(x, ptr, g, dec, words, out, steps, ul, mask, pb)
-        done[g:g + 8] = True
+        for j in range(g, g + 8):
+            done[j] = True
     for j in range(lanes):
         count = steps + (1 if j < n - steps * lanes else 0)
         first = steps if done[j] else 0
         xj, pj, lj = _U(x[j]), _U(ptr[j]), _U(lim[j])
         for k in range(first, count):
-            xj, pj = _decode_one(xj, pj, min(pj, lj), dec, words, mask, pb, out, k * lanes + j)
+            xj, pj = _decode_one(xj, pj, min(pj, lj), dec, words, mask, pb, out, _U(k * lanes + j))
         x[j], ptr[j] = xj, pj
 
 
-@kernel("(ro(uint8[::1]), int64, int64, int64, int64, uint8[::1])")
+@kernel("(ro(uint8[::1]), int64, int64, int64, int64, uint8[::1])", internal=True)
 def _rans_decode_plane(buf: U8, pos: int, end: int, n: int, lanes: int, out: U8) -> int:
     """Decode one rANS plane section's body (after the mode byte) into ``out``; return a status."""
     if pos + 4 > end:
@@ -773,7 +792,9 @@ def _rans_decode_plane(buf: U8, pos: int, end: int, n: int, lanes: int, out: U8)
     pos += 3
     if k < 1 or k > 256 or pos + k + 1 + 2 * k > end:
         return ERR_TABLE
-    syms = buf[pos:pos + k].copy()
+    syms = np.empty(k, dtype=np.uint8)
+    for j in range(k):
+        syms[j] = buf[pos + j]
     pos += k + (k & 1)
     M = 1 << prob_bits
     # One 32-bit entry per slot: symbol | (freq - 0) << 8 | (slot - cum) << 20; prob_bits <= 12
@@ -825,7 +846,7 @@ def container_shape(buf: U8) -> tuple[int, int]:
     return np.int64(buf[6]), np.int64(_get_u32(buf, 0))
 
 
-@kernel("(ro(uint8[::1]), int64, int64)")
+@kernel("(ro(uint8[::1]), int64, int64)", internal=True)
 def _container_lanes(buf: U8, w: int, n: int) -> int:
     """The lane count of a ``rans`` container of ``w`` planes of ``n`` symbols, or minus a status
     if its header is cut short or says another shape."""
@@ -839,7 +860,7 @@ def _container_lanes(buf: U8, w: int, n: int) -> int:
     return lanes
 
 
-@kernel("(ro(uint8[::1]), int64, int64)")
+@kernel("(ro(uint8[::1]), int64, int64)", internal=True)
 def _section(buf: U8, w: int, p: int) -> tuple[int, int]:
     """Start and end of plane ``p``'s section, or (-1, -1) if the offset table is malformed."""
     size = buf.shape[0]
@@ -850,7 +871,7 @@ def _section(buf: U8, w: int, p: int) -> tuple[int, int]:
     return pos, end
 
 
-@kernel("(ro(uint8[::1]), int64, int64, int64, int64, uint8[::1])")
+@kernel("(ro(uint8[::1]), int64, int64, int64, int64, uint8[::1])", internal=True)
 def _decode_plane(buf: U8, w: int, p: int, n: int, lanes: int, row: U8) -> int:
     """Decode plane ``p`` of a container into ``row``, except a raw plane, whose symbols stay
     where they are: return the offset of a raw plane's symbols in ``buf``, else 0 once ``row``

@@ -4,8 +4,9 @@ numba's cache, that direction's first.
 The CLI starts it in the background the first time a command finds a kernel missing from the
 cache (a first run after an install or an upgrade): while the command compiles the kernels it
 needs, this process compiles the other direction's on the other core, so the next ``restore``
-after a first ``compress`` (or the reverse) finds them ready. A kernel that one process has
-cached by the time the other reaches it is loaded, not compiled again.
+after a first ``compress`` (or the reverse) finds them ready. The two processes never compile a
+kernel twice: one that the other is building is waited for, then loaded from the cache
+(elves/jit.py).
 """
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ import pickle
 from typing import Any
 
 import numpy as np
+
 from ...jit import kernel
 
 # Unpickling builds Python objects several times the pickle's size, so a pickle is read whole
