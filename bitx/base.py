@@ -28,6 +28,7 @@ from elves.errors import (
     BaseModelError,
     InputError,
 )
+from elves.index import Where
 from elves.model import SourceFile
 from elves.references import Reference, RefReader
 
@@ -76,8 +77,8 @@ class BaseModel:
 
     kind: str                     # "file", "folder" or "archive"
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Where):
+        self.path = path   # for messages: a file or folder, or a store's URL (StoreBase)
         self._segments: list[BaseSegment] = []
         self._tensors: list[BaseTensor] = []
         self._by_hash: dict[str, BaseSegment] | None = None
@@ -187,6 +188,8 @@ class ModelBase(BaseModel):
     opcodes), so it is done only when needed: to match tensors by name (compress), or when a
     referenced tensor is not found at the offset the archive recorded (:meth:`locate`).
     """
+
+    path: Path
 
     def __init__(self, path: Path):
         super().__init__(path)

@@ -34,7 +34,7 @@ from .errors import (
     OutputExistsError,
     UnsafePathError,
 )
-from .index import FileEntry, Stream
+from .index import FileEntry, Stream, Where
 from .model import SourceFile
 from .parallel import INLINE_BYTES, default_threads, ordered_map
 from .readers import ctranslate2, gguf, onnx, safetensors, torch
@@ -81,7 +81,7 @@ class StreamReader(ChunkSource, Protocol):
     (``elves.store.objects.StoredObject``), each with the sources of its references."""
 
     @property
-    def path(self) -> Path: ...
+    def path(self) -> Where: ...   # for messages: a file, or an object's URL in a store
 
     @property
     def streams(self) -> list[Stream]: ...
@@ -351,8 +351,8 @@ def restore(
                            lambda i, target: restore_file(reader, files[i], target, pool, window, progress, verify))
 
 
-def write_files(dst: Path, files: Sequence[tuple[str, str | None, int | None]], single: bool, force: bool, source: Path,
-                write: Callable[[int, Path], int]) -> RestoreSummary:
+def write_files(dst: Path, files: Sequence[tuple[str, str | None, int | None]], single: bool, force: bool,
+                source: Where, write: Callable[[int, Path], int]) -> RestoreSummary:
     """Put a restored model at ``dst``: ``files`` are the (path, link target or None, recorded
     permission bits or None) of its files, and ``write(i, target)`` writes file ``i`` to the temporary path ``target`` and returns
     its size. Links are made here.

@@ -25,7 +25,6 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol, cast
 
 import numpy as np
@@ -39,7 +38,7 @@ from .errors import (
     CorruptArchiveError,
     ElvesError,
 )
-from .index import Stream
+from .index import Stream, Where
 
 RefMap = list[list[int]]  # [[dst, src, length], ...]: bytes of the reference copied from the source
 RangeFn = Callable[[int, int], np.ndarray]  # (offset, length) in the stream -> its reference bytes there
@@ -87,7 +86,8 @@ class NamesContent(Protocol):
 class ContentSource(Protocol):
     """Bytes known by content hash: a base model (``bitx.base.BaseModel``) or a store's objects."""
 
-    path: Path
+    @property
+    def path(self) -> Where: ...   # for messages: a file or folder, or a store's URL
 
     def find(self, digest: str, nbytes: int) -> object | None:
         """Something (truthy) when bytes of that hash and length are known."""
@@ -236,7 +236,7 @@ class Sources:
     the base model given to restore, the store's objects, None until one is given). ``needed`` is
     the index's ``base`` field, for the error when a reference by content finds no source."""
 
-    def __init__(self, chunks: ChunkSource | None, streams: Sequence[Stream], path: Path,
+    def __init__(self, chunks: ChunkSource | None, streams: Sequence[Stream], path: Where,
                  needed: dict[str, Any] | None = None):
         self.chunks = chunks
         self.streams = streams

@@ -324,6 +324,41 @@ def test_errors_and_ls_name_the_url(url: str, s3: S3, tmp_path: Path) -> None:
     assert str(e.value).startswith(f"{url}/{manifest_at('acme/toy')}: ")
 
 
+def test_restore_errors_name_the_url_unfolded(url: str, s3: S3, tmp_path: Path) -> None:
+    """A damaged object, and a delta whose base object is damaged or gone: each restore error
+    names the object by its URL (``s3://bucket/...``), never folded to ``s3:/bucket/...``."""
+    import boto3
+    rng = np.random.default_rng(31)
+    w = [rng.standard_normal(1 << 16).astype(np.float32) for _ in range(2)]
+    for name, scale in (("base", 0.0), ("ft", 1e-3)):
+        (tmp_path / name).mkdir()
+        write_safetensors(tmp_path / name / "model.safetensors", {
+            f"layer.{i}.weight": ("F32", x.shape, (x * (1 + scale * rng.standard_normal(x.shape))).astype(
+                np.float32).tobytes()) for i, x in enumerate(w)})
+    store = Store.init(url)
+    store.add(tmp_path / "base", "base")
+    assert store.add(tmp_path / "ft", "ft", base="base").delta_objects > 0
+    from elves.store.layout import object_at
+    from elves.store.objects import StoredObject
+    deltas = [seg[0] for f in store.manifest("ft")["files"] for seg in f["segments"] if len(seg) == 2]
+    ref = next(r for k in deltas for r in StoredObject(store.storage, k).meta.refs)
+    client = boto3.client("s3")
+    key = f"{url.split('/', 3)[3]}/{object_at(ref)}"
+    good = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    client.put_object(Bucket=BUCKET, Key=key, Body=good[:10] + bytes([good[10] ^ 1]) + good[11:])
+    folded = f"s3:/{BUCKET}/"
+    for name in ("base", "ft"):   # the object itself, then a delta reading it
+        with pytest.raises(CorruptArchiveError) as e:
+            store.restore(name, tmp_path / f"out-{name}")
+        assert str(e.value).startswith(f"s3://{BUCKET}/{url.split('/', 3)[3]}/objects/"), str(e.value)
+        assert "checksum" in str(e.value) and folded not in str(e.value)
+    client.delete_object(Bucket=BUCKET, Key=key)
+    with pytest.raises(CorruptArchiveError) as e:
+        store.restore("ft", tmp_path / "out-gone")
+    assert str(e.value).startswith(f"s3://{BUCKET}/{key}: ") and "is missing" in str(e.value)
+    assert folded not in str(e.value)
+
+
 def test_a_missing_key_costs_one_request(url: str) -> None:
     storage = Store.init(url).storage
     assert isinstance(storage, FsspecStorage)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -76,13 +75,12 @@ class StoredObject:
     def __init__(self, storage: Storage, key: str, at: str | None = None):
         at = at or checked_at(storage, key)
         self.key = key
-        self.where = storage.where(at)   # how messages name it: a URL stays one (a Path folds its '//')
-        self.path = Path(self.where)     # what the decoder's and references' errors take
+        self.path = storage.where(at)    # how messages name it (a URL as it is)
         self.files: list[FileEntry] = []  # no file entries: errors name the object by its path
         try:
             self.blob = storage.open(at, f"object {key}")
         except FileNotFoundError:
-            raise CorruptArchiveError(f"object {key} is missing: the store is damaged", self.where) from None
+            raise CorruptArchiveError(f"object {key} is missing: the store is damaged", self.path) from None
         try:
             self.meta = self._parse()
         except BaseException:
@@ -94,26 +92,26 @@ class StoredObject:
         size = self.blob.size
         foot = self.blob.read(size - FOOTER.size, FOOTER.size) if size >= FOOTER.size else b""
         if len(foot) != FOOTER.size or foot[-8:] != OBJECT_MAGIC:
-            raise CorruptArchiveError(f"object {self.key} is not a complete object (bad footer)", self.where)
+            raise CorruptArchiveError(f"object {self.key} is not a complete object (bad footer)", self.path)
         tlen, thash, _ = FOOTER.unpack(foot)
         start = size - FOOTER.size - tlen
         trailer = self.blob.read(start, tlen) if 0 <= start else b""
         if len(trailer) != tlen or xxhash.xxh3_64_intdigest(trailer) != thash:
-            raise CorruptArchiveError(f"object {self.key}: its trailer is corrupted (checksum mismatch)", self.where)
+            raise CorruptArchiveError(f"object {self.key}: its trailer is corrupted (checksum mismatch)", self.path)
         try:
             raw = msgpack.unpackb(trailer, raw=False)
         except Exception as e:  # noqa: BLE001 (msgpack's errors for every kind of malformed input)
-            raise CorruptArchiveError(f"object {self.key}: its trailer is not valid msgpack: {e}", self.where) from None
+            raise CorruptArchiveError(f"object {self.key}: its trailer is not valid msgpack: {e}", self.path) from None
         return self._check_trailer(raw, start, size)
 
     def _check_trailer(self, raw: Any, start: int, size: int) -> ObjectMeta:
         label = f"object {self.key}"
-        f = StoreFields(raw, f"the trailer of {label}", self.where)
+        f = StoreFields(raw, f"the trailer of {label}", self.path)
         version = f.list("v")
         if not ints(version, 2):
             f.fail("has no valid 'v' (two integers expected)")
         if version[0] > STORE_VERSION[0]:
-            raise UnsupportedFormatError(f"{label} was written by a newer elves: upgrade elves", self.where)
+            raise UnsupportedFormatError(f"{label} was written by a newer elves: upgrade elves", self.path)
         chunks, refs = f.list("chunks"), f.list("refs")
         if not all(ints(c, 3) for c in chunks):
             f.fail("has a malformed chunk (three non-negative integers expected)")
@@ -125,20 +123,20 @@ class StoredObject:
         for length, decoded, check in chunks:  # payloads lie back to back from offset 0
             placed.append([pos, length, decoded, check])
             pos += length
-        stream = parse_stream({**raw, "chunks": placed}, label, self.where)
-        check_chunks(stream, label, self.where, 0, start)
+        stream = parse_stream({**raw, "chunks": placed}, label, self.path)
+        check_chunks(stream, label, self.path, 0, start)
         if pos != start:
             raise CorruptArchiveError(f"{label}: its payloads end at byte {pos}, but its trailer starts at {start}",
-                                      self.where)
+                                      self.path)
         if object_key(stream.hash, stream.dtype) != self.key:
-            raise CorruptArchiveError(f"{label}: its trailer's hash and dtype do not give its key", self.where)
-        check_ref([stream], 0, self.where)  # a reference by content hash (xor), cast or not, and no other
+            raise CorruptArchiveError(f"{label}: its trailer's hash and dtype do not give its key", self.path)
+        check_ref([stream], 0, self.path)  # a reference by content hash (xor), cast or not, and no other
         ref = Reference.of(stream)
         source_dtype = stream.ref_cast[0] if stream.ref_cast is not None else stream.dtype
         wanted = [object_key(ref.content[0], source_dtype)] if ref is not None and ref.content is not None else []
         if refs != wanted:
             raise CorruptArchiveError(f"{label}: its 'refs' ({', '.join(refs) or 'none'}) are not the objects "
-                                      f"its pipeline reads ({', '.join(wanted) or 'none'})", self.where)
+                                      f"its pipeline reads ({', '.join(wanted) or 'none'})", self.path)
         return ObjectMeta(**{k: getattr(stream, k) for k in Stream.__dataclass_fields__}, refs=refs, size=size)
 
     @property
@@ -149,7 +147,7 @@ class StoredObject:
         offset, length, _, check = stream.chunks[chunk]
         data = self.blob.read(offset, length)
         if len(data) != length or xxhash.xxh3_64_intdigest(data) != check:
-            raise CorruptArchiveError(f"object {self.key}: the payload is corrupted (checksum mismatch)", self.where)
+            raise CorruptArchiveError(f"object {self.key}: the payload is corrupted (checksum mismatch)", self.path)
         return data
 
     def close(self) -> None:

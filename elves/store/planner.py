@@ -4,7 +4,6 @@ store, the families (:mod:`elves.families`: metadata first, then the weights) an
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -33,7 +32,7 @@ class StoreBase(BaseModel):
     kind = "store"
 
     def __init__(self, storage: Storage, models: Iterable[str] = (), keys: Iterable[str] = ()):
-        super().__init__(Path(storage.where("")))
+        super().__init__(storage.where(""))
         self.storage = storage
         self.objects: dict[str, StoredObject] = {}
         self._pipelines: dict[str, Pipeline] = {}
@@ -96,7 +95,7 @@ class StoreBase(BaseModel):
         obj, pipeline, starts = self.objects[key], self._pipelines[key], self._starts[key]
         if offset < 0 or length < 0 or offset + length > obj.meta.nbytes:  # a delta's reference read
             raise CorruptArchiveError(f"object {key}: a delta reads bytes {offset}..{offset + length} of its "
-                                      f"{obj.meta.nbytes}", obj.where)
+                                      f"{obj.meta.nbytes}", obj.path)
         first = int(np.searchsorted(starts, offset, side="right")) - 1
         end = int(np.searchsorted(starts, offset + length, side="left"))
         decoded = np.empty(int(starts[end] - starts[first]), dtype=np.uint8)

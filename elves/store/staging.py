@@ -392,9 +392,10 @@ class StagedAdd:
         if failed and not self._committed and not self.resumable:
             try:
                 with self.storage.locked() if self.own_lock else nullcontext():
+                    remove_unused(self.storage, self.out.created)
                     if not self.storage.exists(manifest_at(self.name)):
-                        remove_unused(self.storage, self.out.created + [profile_at(self.name)])
-            except ElvesError:  # the lock cannot be had: gc does the rest
+                        self.storage.delete(profile_at(self.name))   # a commit cut short wrote it
+            except ElvesError:  # the lock cannot be had, or the storage fails: gc does the rest
                 pass
 
     def __enter__(self) -> StagedAdd:

@@ -151,7 +151,7 @@ class Store:
         with ThreadPoolExecutor(nthreads) as pool:
             files = man["files"]
             return write_files(Path(dst), [(f["path"], f.get("link"), f.get("mode")) for f in files], man["source"] == "file",
-                               force, Path(self.storage.where(manifest_at(name))),
+                               force, self.storage.where(manifest_at(name)),
                                lambda i, target: restore_file(self.storage, name, files[i], target, pool, window,
                                                               progress))
 
@@ -230,11 +230,12 @@ class Store:
             if f.get("link") is not None or not f["path"].endswith(".safetensors"):
                 continue
             data = np.frombuffer(b"".join(self.read_file(name, f["path"])), dtype=np.uint8)
-            where = Path(self.storage.where(manifest_at(name))) / f["path"]
+            where = f"{self.storage.where(manifest_at(name))}/{f['path']}"
             n = int(data[:8].view("<u8")[0]) if data.shape[0] >= 8 else -1
             if not 0 <= n <= data.shape[0] - 8:
                 raise InputError("not a safetensors file: its header length does not fit", where)
-            sf = from_header(where, f["path"], data[8:8 + n].tobytes(), data.shape[0])
+            # a SourceFile's path is a file's (readers open it): this one's names only messages
+            sf = from_header(Path(where), f["path"], data[8:8 + n].tobytes(), data.shape[0])
             for v in sf.tensors:
                 seg = sf.segments[v.segment] if v.segment >= 0 else None
                 dt = dtypes.numpy_dtype(v.dtype) if v.dtype in dtypes.DTYPES else np.dtype(np.uint8)
