@@ -48,31 +48,52 @@ ERR_SIZE = 5
 RANS_L = 1 << 16
 
 
-@kernel("(ro(uint8[::1]), int64, int64, boolean, uint8[:, ::1])")
 def split(src: U8, n: int, w: int, rotate: bool, planes: U8) -> int:
-    """Byte planes of ``n`` little-endian ``w``-byte words; plane 0 is the top byte. Returns a status."""
-    if n < 0 or w < 1 or src.shape[0] < n * w or planes.shape[0] < w or planes.shape[1] < n:
+    """Byte planes of ``n`` little-endian ``w``-byte words; plane 0 is the top byte. Returns a status.
+    A kernel per word size: a model's first compress compiles only those its dtypes need."""
+    return int((_split2 if w == 2 else _split4 if w == 4 else _split_bytes)(src, n, w, rotate, planes))
+
+
+@kernel("(ro(uint8[::1]), int64, int64, uint8[:, ::1])", internal=True)
+def _split_fits(src: U8, n: int, w: int, planes: U8) -> bool:
+    return n >= 0 and w >= 1 and src.shape[0] >= n * w and planes.shape[0] >= w and planes.shape[1] >= n
+
+
+@kernel("(ro(uint8[::1]), int64, int64, boolean, uint8[:, ::1])")
+def _split2(src: U8, n: int, w: int, rotate: bool, planes: U8) -> int:
+    if w != 2 or not _split_fits(src, n, w, planes):
         return ERR_SIZE
     r = 1 if rotate else 0
-    if w == 2:
-        u16 = src[:2 * n].view(np.uint16)
-        for i in range(n):
-            v = np.uint32(u16[i])
-            v = ((v << 1) | (v >> 15)) & 0xFFFF if r else v
-            planes[0, i] = v >> 8
-            planes[1, i] = v & 0xFF
-        return OK
-    if w == 4:
-        u32 = src[:4 * n].view(np.uint32)
-        for i in range(n):
-            v = np.uint64(u32[i])
-            if r:
-                v = ((v << np.uint64(1)) | (v >> np.uint64(31))) & np.uint64(0xFFFFFFFF)
-            planes[0, i] = v >> np.uint64(24)
-            planes[1, i] = (v >> np.uint64(16)) & np.uint64(0xFF)
-            planes[2, i] = (v >> np.uint64(8)) & np.uint64(0xFF)
-            planes[3, i] = v & np.uint64(0xFF)
-        return OK
+    u16 = src[:2 * n].view(np.uint16)
+    for i in range(n):
+        v = np.uint32(u16[i])
+        v = ((v << 1) | (v >> 15)) & 0xFFFF if r else v
+        planes[0, i] = v >> 8
+        planes[1, i] = v & 0xFF
+    return OK
+
+
+@kernel("(ro(uint8[::1]), int64, int64, boolean, uint8[:, ::1])")
+def _split4(src: U8, n: int, w: int, rotate: bool, planes: U8) -> int:
+    if w != 4 or not _split_fits(src, n, w, planes):
+        return ERR_SIZE
+    r = 1 if rotate else 0
+    u32 = src[:4 * n].view(np.uint32)
+    for i in range(n):
+        v = np.uint64(u32[i])
+        if r:
+            v = ((v << np.uint64(1)) | (v >> np.uint64(31))) & np.uint64(0xFFFFFFFF)
+        planes[0, i] = v >> np.uint64(24)
+        planes[1, i] = (v >> np.uint64(16)) & np.uint64(0xFF)
+        planes[2, i] = (v >> np.uint64(8)) & np.uint64(0xFF)
+        planes[3, i] = v & np.uint64(0xFF)
+    return OK
+
+
+@kernel("(ro(uint8[::1]), int64, int64, boolean, uint8[:, ::1])")
+def _split_bytes(src: U8, n: int, w: int, rotate: bool, planes: U8) -> int:
+    if not _split_fits(src, n, w, planes):
+        return ERR_SIZE
     if rotate and w <= 8:
         nbits = 8 * w
         mask = np.uint64(0xFFFFFFFFFFFFFFFF) if w == 8 else np.uint64((1 << nbits) - 1)

@@ -15,7 +15,8 @@ import sys
 from ..jit import warm
 from . import planes_rans as k
 
-ENCODE = (k.split, k.max_encoded_size, k.encode_planes)
+# split() is Python, a kernel per word size under it: those of 16- and 32-bit floats.
+ENCODE = (k._split2, k._split4, k.max_encoded_size, k.encode_planes)
 DECODE = (k.container_shape, k.decode_words, k.decode_planes, k.merge)
 
 
