@@ -26,7 +26,8 @@ safetensors' once per model.
 Part 3, per codec: one archive each of a synthetic BF16 model coded standalone (planes + rANS),
 a fine-tune of it coded against it (BitX: xor fused into the kernel, the base's tensors on the
 device), a fine-tune that changed 2% of the weights (BitX's sparse form: planes + rANS into
-scratch, then the sparse kernel), the same model lossy (elf, abs 1e-3: planes + rANS into scratch, then the elf kernel),
+scratch, then the sparse kernel), two releases lossy in one archive (the second coded as elf
+deltas against the first, gathered on the device), the same model lossy (elf, abs 1e-3: planes + rANS into scratch, then the elf kernel),
 and opaque bytes (zstd, decoded on the CPU beside the GPU). Kernel GB/s: every chunk staged on
 the device at once, references uploaded, one launch per kernel (as the loader's batches launch),
 CUDA events, median; zstd has no kernel (nvCOMP is not measured: it was not installable where
@@ -368,6 +369,11 @@ def codec_archives(work: Path, mib: int) -> list[tuple[str, Path, Path | None]]:
     out: list[tuple[str, Path, Path | None]] = []
     tuned = fine_tune(base, work / "codec-finetune", 1, light_touch)
     sparse = fine_tune(base, work / "codec-sparse-finetune", 2, retrain_few)
+    versions = work / "codec-versions"  # two releases in one archive: the second's elf deltas against the first
+    if not versions.exists():
+        versions.mkdir()
+        os.link(base, versions / "v1.safetensors")
+        os.link(tuned / "model.safetensors", versions / "v2.safetensors")
     opaque = work / "codec-opaque"
     if not opaque.exists():
         opaque.mkdir()
@@ -376,6 +382,7 @@ def codec_archives(work: Path, mib: int) -> list[tuple[str, Path, Path | None]]:
     for codec, src, kw in [("planes+rans", base_root, {}), ("xor (BitX)", tuned, {"base": base}),
                            ("sparse-xor (BitX)", sparse, {"base": base}),
                            ("elf 1e-3", base_root, {"lossy": "elf", "error_bound": "1e-3"}),
+                           ("elf-delta rel:1e-2", versions, {"lossy": "elf", "error_bound": "rel:1e-2"}),
                            ("zstd", opaque, {})]:
         archive = work / f"codec-{codec.split()[0]}.elves"
         if not archive.exists():

@@ -38,12 +38,19 @@ constexpr unsigned int kElfPalette = 27;      // malformed palette
 constexpr unsigned int kElfIndex = 28;        // a palette index is out of range
 constexpr unsigned int kElfScatter = 29;      // exception positions out of order or range
 constexpr unsigned int kElfDesc = 30;         // a descriptor the host should not have made
+constexpr unsigned int kElfDeltaPalette = 31; // a palette in a delta chunk
+constexpr unsigned int kElfRef = 32;          // a delta chunk's reference is not as long as the chunk
 
 constexpr unsigned int kKindExact = 0;
 constexpr unsigned int kKindUniform = 1;
 constexpr unsigned int kKindBinade = 2;
 constexpr unsigned int kFlagPalette = 1;
 constexpr unsigned int kMaxSub = 64;
+// Descriptor flags above the float format's bits: a delta chunk (`elf` with `delta`: the codes
+// are differences from the reference's codes on the chunk's grid), and the bound's kind.
+constexpr unsigned int kFlagDelta = 1u << 16;
+constexpr unsigned int kFlagRelative = 1u << 17;   // relative bound (else absolute)
+constexpr unsigned int kFlagRelExact = 1u << 18;   // ...a power of two: bound * |x| is exact when normal
 constexpr unsigned int kHead = 8;             // kind, pos_bytes, S, flags, exception count
 
 typedef unsigned long long u64;
@@ -53,7 +60,8 @@ typedef long long i64;
 
 // The record every kernel of cuda/ reads (rans_decode.cu has the commented original). For this
 // kernel: src = the chunk's elf bytes (codes and section), dst = its decoded elements, width =
-// the element bytes (2, 4 or 8), flags = exponent bits | mantissa bits << 8.
+// the element bytes (2, 4 or 8), flags = exponent bits | mantissa bits << 8 (| kFlagDelta ...);
+// a delta chunk's reference at ref (ref_len bytes), the bound's float64 bits in mask.
 struct ChunkDesc {
     unsigned long long src, src_len, dst, dst_len;
     unsigned int width, flags;
@@ -156,6 +164,35 @@ struct Grid {
     u64 sec_l;          // section byte where L[] starts
 };
 
+// The binade b (returned in b) and the in-binade value ((S + i) * L[i] + j) / (S * L[i]) of a
+// binade-grid code magnitude t + 1: elves.kernels.elf._binade_value's parts.
+__device__ __forceinline__ double binade_q(const Chunk& c, const Grid& g, u64 t, u64& b) {
+    // t div lsum without a 64-bit division: a float64 estimate, corrected (as the numba decoder)
+    b = g.lsum == 1 ? t : static_cast<u64>(static_cast<i64>(__dmul_rn(static_cast<double>(static_cast<i64>(t)), g.inv)));
+    while (b * g.lsum > t) --b;
+    while ((b + 1) * g.lsum <= t) ++b;
+    const u64 r = t - b * g.lsum;
+    unsigned int lo = 0;
+    u64 cum_lo = 0, cum = 0;
+    for (unsigned int i = 0; i < g.sub; ++i) {  // the last i with cum[i] <= r (S <= 64)
+        if (cum <= r) {
+            lo = i;
+            cum_lo = cum;
+        }
+        cum += sec_le(c, g.sec_l + 4ull * i, 4);
+    }
+    const u64 li = sec_le(c, g.sec_l + 4ull * lo, 4);
+    const u64 j = r - cum_lo;
+    const double q = __ddiv_rn(static_cast<double>((static_cast<u64>(g.sub) + lo) * li + j),
+                               static_cast<double>(static_cast<u64>(g.sub) * li));
+    return q;
+}
+
+// The exponent of 2^(e0 + b) as math.ldexp takes it from numba: a C int (truncated).
+__device__ __forceinline__ i64 ldexp_int(const Grid& g, u64 b) {
+    return static_cast<int>(static_cast<unsigned int>(static_cast<u64>(g.e0) + b));
+}
+
 __device__ __forceinline__ u64 dequant(const Chunk& c, const Grid& g, u64 u, unsigned int ebits, unsigned int mbits) {
     const unsigned int w = c.w;
     const unsigned int sh = 8 * w - 1;
@@ -183,25 +220,9 @@ __device__ __forceinline__ u64 dequant(const Chunk& c, const Grid& g, u64 u, uns
                  | (s << sh);
         }
     }
-    // t div lsum without a 64-bit division: a float64 estimate, corrected (as the numba decoder)
-    u64 b = g.lsum == 1 ? t : static_cast<u64>(static_cast<i64>(__dmul_rn(static_cast<double>(static_cast<i64>(t)), g.inv)));
-    while (b * g.lsum > t) --b;
-    while ((b + 1) * g.lsum <= t) ++b;
-    const u64 r = t - b * g.lsum;
-    unsigned int lo = 0;
-    u64 cum_lo = 0, cum = 0;
-    for (unsigned int i = 0; i < g.sub; ++i) {  // the last i with cum[i] <= r (S <= 64)
-        if (cum <= r) {
-            lo = i;
-            cum_lo = cum;
-        }
-        cum += sec_le(c, g.sec_l + 4ull * i, 4);
-    }
-    const u64 li = sec_le(c, g.sec_l + 4ull * lo, 4);
-    const u64 j = r - cum_lo;
-    const double q = __ddiv_rn(static_cast<double>((static_cast<u64>(g.sub) + lo) * li + j),
-                               static_cast<double>(static_cast<u64>(g.sub) * li));
-    const i64 k = static_cast<int>(static_cast<unsigned int>(static_cast<u64>(g.e0) + b));  // ldexp's int
+    u64 b;
+    const double q = binade_q(c, g, t, b);
+    const i64 k = ldexp_int(g, b);
     if (g.kept_bits < 0 && g.lsum <= 65536 && ebits != 11 && !(ebits == 8 && mbits == 23)) {
         // F16, BF16 with a small grid: the quotient rounded once, the exponent added to its bits
         const i64 e = static_cast<i64>(static_cast<u64>(g.e0) + b + static_cast<u64>(bias));
@@ -217,6 +238,125 @@ __device__ __forceinline__ u64 dequant(const Chunk& c, const Grid& g, u64 u, uns
     if (ebits == 11) return static_cast<u64>(__double_as_longlong(v)) | (s << 63);
     if (g.kept_bits >= 0) return round_bits(static_cast<u64>(__double_as_longlong(v)), ebits, mbits) | (s << sh);
     return to_dtype(v, s, w, ebits, mbits);
+}
+
+// ---------------------------------------------------------------- delta chunks: the reference's codes
+// The reference chunk is quantised on the chunk's own grid as Elf._ref_codes does it (the
+// encoder did the same), then each code is the reference's plus the stored difference.
+
+// elves.kernels.elf._mag_to_f64bits: float64 bits of a (ebits, mbits) magnitude, exactly.
+__device__ __forceinline__ u64 mag_to_f64(u64 mag, unsigned int ebits, unsigned int mbits) {
+    if (ebits == 11) return mag;
+    const i64 bias = (1ll << (ebits - 1)) - 1, maxexp = (1ll << ebits) - 1;
+    const i64 ef = static_cast<i64>(mag >> mbits);
+    const u64 mant = mag & ((1ull << mbits) - 1);
+    if (ef == maxexp) return (0x7FFull << 52) | (mant << (52 - mbits));
+    if (ef == 0) {
+        if (mant == 0) return 0;
+        int p = 0;  // the highest set bit
+        while ((mant >> (p + 1)) != 0) ++p;
+        const i64 e = p + 1 - bias - static_cast<i64>(mbits);
+        return (static_cast<u64>(e + 1023) << 52) | ((mant - (1ull << p)) << (52 - p));
+    }
+    return (static_cast<u64>(ef - bias + 1023) << 52) | (mant << (52 - mbits));
+}
+
+// The element with bits v (w bytes) as a float64, exactly (elves.kernels.elf._to_f64).
+__device__ __forceinline__ double word_f64(u64 v, unsigned int w, unsigned int ebits, unsigned int mbits) {
+    const unsigned int sh = 8 * w - 1;
+    return __longlong_as_double(static_cast<i64>(mag_to_f64(v & ((1ull << sh) - 1), ebits, mbits) | ((v >> sh) << 63)));
+}
+
+// elves.kernels.elf._round_value: v >= 0 rounded to the dtype, as a float64.
+__device__ __forceinline__ double round_value(double v, unsigned int ebits, unsigned int mbits) {
+    if (ebits == 11) return v;
+    if (ebits == 8 && mbits == 23) return static_cast<double>(__double2float_rn(v));
+    return __longlong_as_double(static_cast<i64>(
+        mag_to_f64(round_bits(static_cast<u64>(__double_as_longlong(v)), ebits, mbits), ebits, mbits)));
+}
+
+// elves.kernels.elf._le_exact: the exact |y - x| <= lim (TwoSum on the rounded difference).
+__device__ __forceinline__ bool le_exact(double y, double x, double lim) {
+    const double d = __dsub_rn(y, x);
+    const double ad = fabs(d);
+    if (ad < lim) return true;
+    if (ad > lim || ad != ad) return false;
+    const double bp = __dsub_rn(d, y);
+    const double ap = __dsub_rn(d, bp);
+    const double t = __dadd_rn(__dsub_rn(y, ap), __dsub_rn(-x, bp));
+    return t == 0.0 || (t > 0.0) != (d > 0.0);
+}
+
+// elves.kernels.elf._within: the bound, absolute or relative, in exact arithmetic.
+__device__ __forceinline__ bool within(double y, double x, unsigned int flags, double bound) {
+    if (!(flags & kFlagRelative)) return le_exact(y, x, bound);
+    double lim = __dmul_rn(bound, fabs(x));
+    if (!((flags & kFlagRelExact) && lim >= 2.2250738585072014e-308)) lim = __dmul_rn(lim, 1.0 - 1e-13);
+    return le_exact(y, x, lim);
+}
+
+// The float64 value of binade-grid code magnitude a >= 1 (elves.kernels.elf._binade_value).
+__device__ __forceinline__ double binade_value(const Chunk& c, const Grid& g, u64 a) {
+    u64 b;
+    const double q = binade_q(c, g, a - 1, b);
+    return __dmul_rn(q, pow2(ldexp_int(g, b)));
+}
+
+// The reference element v's code on the chunk's grid: elves.kernels.elf.quant_exact,
+// nearest_uniform, or the binade quantiser (_quant_binade; an element it makes an exception
+// has code 0). On the binade grid the quantiser's table paths give the values of
+// _binade_value rounded once (they are proven equal there), which is what is computed here.
+__device__ u64 ref_code(const Chunk& c, const Grid& g, u64 v, unsigned int flags, double bound) {
+    const unsigned int w = c.w, ebits = flags & 0xFF, mbits = (flags >> 8) & 0xFF;
+    const unsigned int sh = 8 * w - 1;
+    const u64 mask = (w == 8 ? ~0ull : (1ull << (8 * w)) - 1) >> 1;
+    const u64 s = v >> sh, mag = v & mask;
+    if (g.kind == kKindExact) return ((v << 1) | s) & (mask | (1ull << sh));
+    if (g.kind == kKindUniform) {
+        if (mag >= g.b_bits) return mag - g.b_bits > mask - g.m_code ? 0 : ((g.m_code + (mag - g.b_bits)) << 1) | s;
+        const double top = static_cast<double>(g.m_code - 1);
+        const double q = fmin(rint(__dmul_rn(fabs(word_f64(v, w, ebits, mbits)), __ddiv_rn(1.0, g.step))), top);
+        const u64 a = static_cast<u64>(static_cast<i64>(q));
+        return (a << 1) | (a != 0 || mag == 0 ? s : 0);
+    }
+    if (mag == 0) return s;
+    const double x = word_f64(v, w, ebits, mbits);
+    const u64 bx = static_cast<u64>(__double_as_longlong(x)) & ~(1ull << 63);
+    const i64 e64 = static_cast<i64>(bx >> 52), e = e64 - 1023;
+    if (e64 == 0 || e64 == 0x7FF || e < g.e0) return 0;
+    const double ax = fabs(x);
+    const double f = __dmul_rn(__dsub_rn(__dmul_rn(ax, pow2(-e)), 1.0), static_cast<double>(g.sub));
+    i64 ii = static_cast<i64>(f);
+    if (ii > static_cast<i64>(g.sub) - 1) ii = g.sub - 1;
+    u64 cum = 0;
+    for (i64 i = 0; i < ii; ++i) cum += sec_le(c, g.sec_l + 4ull * i, 4);
+    const double li = static_cast<double>(sec_le(c, g.sec_l + 4ull * ii, 4));
+    const u64 j = static_cast<u64>(static_cast<i64>(floor(__dadd_rn(__dmul_rn(__dsub_rn(f, static_cast<double>(ii)), li), 0.5))));
+    const u64 t = static_cast<u64>(e - g.e0) * g.lsum + cum + j;
+    if (t >= mask) return 0;
+    u64 a = t + 1;
+    double y = round_value(binade_value(c, g, a), ebits, mbits);
+    if (within(y, ax, flags, bound)) return (a << 1) | s;
+    if (y > ax && a > 1) {
+        --a;
+    } else if (y < ax && a < mask) {
+        ++a;
+    } else {
+        return 0;
+    }
+    y = round_value(binade_value(c, g, a), ebits, mbits);
+    return within(y, ax, flags, bound) ? (a << 1) | s : 0;
+}
+
+// elves.kernels.elf.undelta_codes: zig(signed(unzig(ref) + unzig(delta))) in 8w-bit arithmetic.
+__device__ __forceinline__ u64 undelta(u64 d, u64 r, unsigned int w) {
+    u64 v = ((r >> 1) ^ (0 - (r & 1))) + ((d >> 1) ^ (0 - (d & 1)));
+    if (w < 8) {
+        const u64 sb = 1ull << (8 * w - 1);
+        v = ((v & ((1ull << (8 * w)) - 1)) ^ sb) - sb;
+    }
+    const u64 z = (v << 1) ^ static_cast<u64>(static_cast<i64>(v) >> 63);
+    return w == 8 ? z : z & ((1ull << (8 * w)) - 1);
 }
 
 __device__ __forceinline__ bool block_failed(unsigned int* status, unsigned int code) {
@@ -310,6 +450,9 @@ extern "C" __global__ void __launch_bounds__(kElfThreads)
         // finite and positive (a NaN fails the comparison)
         if (!(g.step > 0.0 && g.step < __longlong_as_double(0x7FF0000000000000ll))) err = kElfUniform;
     }
+    const bool delta = (d.flags & kFlagDelta) != 0;
+    if (!err && delta && pcount) err = kElfDeltaPalette;
+    if (!err && delta && (d.ref_len != n * w || d.ref % w)) err = kElfRef;
     if (!err && pcount) {
         if (npal < 1) {
             err = kElfPaletteSize;
@@ -348,6 +491,10 @@ extern "C" __global__ void __launch_bounds__(kElfThreads)
                           : reinterpret_cast<const unsigned short*>(body)[k];
         } else {
             code = word_at(body, i, w);
+            if (delta) {
+                const u64 r = word_at(reinterpret_cast<const unsigned char*>(d.ref), i, w);
+                code = undelta(code, ref_code(c, g, r, d.flags, __longlong_as_double(static_cast<i64>(d.mask))), w);
+            }
         }
         put_word(out, i, w, dequant(c, g, code, ebits, mbits));
     }

@@ -28,6 +28,7 @@ SHIM = r"""
 #error ELVES_NO_BARRIER
 #endif
 #include <barrier>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
@@ -60,6 +61,8 @@ inline void __syncthreads() { g_bar->arrive_and_wait(); }
 // intrinsics are on the device.
 inline double __dmul_rn(double a, double b) { return a * b; }
 inline double __ddiv_rn(double a, double b) { return a / b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
 inline float __double2float_rn(double a) { return static_cast<float>(a); }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline long long __double_as_longlong(double d) { long long v; std::memcpy(&v, &d, 8); return v; }

@@ -361,3 +361,39 @@ def test_sparse_kernel_refuses_what_the_numba_decoder_refuses(host_kernels: Host
         else:
             assert status[0] == 0 and got[0] == want, (trial, status)
     assert refused >= 20
+
+
+@pytest.mark.parametrize("dt, mode, bound", ELF_CASES)
+def test_elf_kernel_decodes_deltas_like_the_numba_decoder(elf_kernel: HostKernels, dt: str, mode: str,
+                                                          bound: float) -> None:
+    """``elf`` with ``delta``: the kernel quantises the reference chunk on the chunk's grid (the
+    encoder's quantisers: exact, nearest uniform code, binade with its bound check) and adds the
+    differences back, bit for bit the numba decoder's, exceptions and special values included; a
+    reference of another length is refused with the CPU's message."""
+    from elves.codecs.elf import Elf
+    from elves.gpu.launcher import ELF, ELF_STATUS
+    from elves.gpu.plan import elf_delta
+
+    rng = np.random.default_rng(17)
+    w = dtypes.get(dt).itemsize
+    codec = Elf(dt, mode, bound, delta=True)
+    flags, bits = elf_delta(codec)
+    _, raw = elf_payloads(dt, mode, bound, rng)[0]  # weights with NaN, infinities, zeros, huge values
+    base = np.frombuffer(raw, np.uint8).copy()
+    near = Elf(dt, "rel", 1e-2)
+    ft = near.decode(near.encode(base), np.empty(len(base), np.uint8))  # a nearby version (a lossy restore of it)
+    for ref, data, exact in [(ft, base, False), (base, ft, False), (ft, base, True)]:
+        payload = (Elf(dt, mode, bound, delta=True, exact=exact).encode(data, ref)).tobytes()
+        want = codec.decode(np.frombuffer(payload, np.uint8).copy(), np.empty(len(data), np.uint8), ref)
+        for r, status_want in [(ref, 0), (ref[:-w], 32)]:
+            src, dst, rb = aligned(len(payload)), aligned(len(data), 0xA5), aligned(len(r))
+            src[:], rb[:] = np.frombuffer(payload, np.uint8), r
+            descs = np.zeros(1, DESC)
+            descs[0] = (src.ctypes.data, len(payload), dst.ctypes.data, len(data), w, flags, rb.ctypes.data, len(r), bits, 0)
+            status = np.zeros(1, np.uint32)
+            elf_kernel.launch(descs.ctypes.data, status.ctypes.data, [(ELF | w, 0, 1)])
+            assert status[0] == status_want, (exact, status)
+            if status_want:
+                assert ELF_STATUS[status_want].startswith("elf with delta needs a reference chunk as long")
+            else:
+                assert dst.tobytes() == want.tobytes(), exact

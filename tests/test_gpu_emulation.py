@@ -107,7 +107,7 @@ class HostDecoder:
         refs: dict[int, plan.DeviceRef] = {}
         keep: list[Any] = []
         for s in streams:
-            if plan.xor_of(reader.streams[s]) is not None:
+            if plan.needs_reference(reader.streams[s]):
                 refs[s] = self._reference(s, decoded, keep)
             else:
                 self._count("planes/rans" if reader.streams[s].pipeline else "stored")
@@ -120,7 +120,8 @@ class HostDecoder:
                 scratch = aligned(plan.scratch_bytes(sizes))
                 plan.link(host, layout, scratch.ctypes.data, sizes)
                 for i, _, _ in layout.links:
-                    self._count("elf" if batch.chunks[i].elf is not None else "sparse xor")
+                    elf = batch.chunks[i].elf
+                    self._count("sparse xor" if elf is None else "elf delta" if elf.delta else "elf")
             status = np.zeros(len(layout.order), np.uint32)
             self.kernels.launch(host.ctypes.data, status.ctypes.data, layout.groups)
             chunks = [batch.chunks[i] for i in layout.order]
@@ -264,7 +265,7 @@ def test_a_ranked_delta_decodes_in_the_kernel(kernels: HostKernels, tmp_path: Pa
 @pytest.mark.parametrize("spec", ["2^-24", "1e-3", "rel:1e-2"])
 def test_elf_archives(kernels: HostKernels, tmp_path: Path, spec: str) -> None:
     """Lossy archives: planes + rANS decode each chunk's codes into scratch memory, the elf kernel
-    dequantises them (every dtype it takes); deltas against an earlier version go to the CPU."""
+    dequantises them (every dtype it takes); deltas: see test_elf_deltas."""
     rng = np.random.default_rng(9)
     src = tmp_path / "src"
     src.mkdir()
@@ -482,3 +483,15 @@ def test_a_store_model_decodes_through_the_kernels(kernels: HostKernels, tmp_pat
                 raw = want[t.name].tobytes()
                 s = entry.segments[t.segment]
                 assert got[s][t.offset:t.offset + len(raw)].tobytes() == raw, t.name
+
+
+@pytest.mark.parametrize("spec", ["1e-3", "rel:1e-2", "rel:2^-6", "2^-24"])
+def test_elf_deltas(kernels: HostKernels, tmp_path: Path, spec: str) -> None:
+    """Lossy versions of one model: the second release's tensors are elf deltas against the
+    first's decoded (lossy) bytes, gathered on the device. The elf kernel quantises each
+    reference element on the chunk's grid (uniform, binade with its bound check, exact) and
+    adds the differences back: bit for bit the CPU decoder's."""
+    versions(tmp_path / "src", np.random.default_rng(6))
+    elves.compress(tmp_path / "src", tmp_path / "m.elves", lossy="elf", error_bound=spec)
+    emu, _ = decode_both(tmp_path / "m.elves", kernels)
+    assert emu.kinds.get("elf delta", 0) >= 2 and not emu.kinds.get("cpu", 0) > 1, emu.kinds

@@ -16,7 +16,7 @@ tensors plus a few fixed-size staging buffers, whatever the model's size. The st
 decoded bytes on the host); the kernel instead applies every structural check of the CPU decoder,
 rANS final states included, and any failure raises :class:`~elves.errors.CorruptArchiveError`.
 
-Streams the kernels do not decode (zstd bytes, elf deltas, codecs added to the
+Streams the kernels do not decode (zstd bytes, codecs added to the
 format later) are decoded on the CPU by :func:`elves.decoder.read_stream`, fully checked, while
 the GPU decodes the others, and uploaded. ``elves.api.load_into`` puts the tensors into a torch
 (transformers) module.

@@ -3,7 +3,7 @@
 Each batch of chunks (:mod:`.plan`) is read into a pinned staging buffer on a worker thread,
 copied to the device on a copy stream while the previous batch decodes on the target's stream,
 and decoded by the kernels straight into the streams' own buffers. Streams the kernels cannot
-decode (zstd bytes, ELF deltas) go through the CPU instead, on a thread of their own while
+decode (zstd bytes) go through the CPU instead, on a thread of their own while
 the GPU decodes the others: :meth:`StreamDecoder.decode_on_cpu` is the one place where that
 happens.
 
@@ -100,7 +100,7 @@ class StreamDecoder:
     def decode_on_cpu(self, s: int) -> tuple[Any, np.ndarray]:
         """Worker thread: stream ``s`` decoded by the CPU decoder (every check of it applied) into
         pinned memory, to be uploaded (the buffer, its view): for streams no kernel decodes (zstd
-        bytes, ELF deltas, codecs the kernels do not know)."""
+        bytes, codecs the kernels do not know)."""
         if self._cpu_pool is None:
             self._cpu_pool = ThreadPoolExecutor(self._threads)
         nbytes = self.reader.streams[s].nbytes
@@ -202,7 +202,7 @@ class StreamDecoder:
             for c in batch.chunks:
                 if c.stream not in buffers:
                     buffers[c.stream] = target.empty(self.reader.streams[c.stream].nbytes)
-                if c.xor is not None and c.stream not in refs:
+                if plan.needs_reference(self.reader.streams[c.stream]) and c.stream not in refs:
                     refs[c.stream] = self._reference(c.stream)
             layout = layouts[k] = plan.lay_out(batch, slot.dev_ptr, {s: ptr for s, (_, ptr) in buffers.items()},
                                                len(self.status_chunks), refs)

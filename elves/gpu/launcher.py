@@ -33,6 +33,7 @@ DEFAULT_SMEM = 48 << 10    # dynamic shared memory a kernel gets without opting 
 COPY_THREADS = 256
 ELF = 0x100                # kernel key of the elf dequantiser: ELF | element width
 ELF_THREADS = 256
+ELF_DELTA, ELF_RELATIVE, ELF_REL_EXACT = 1 << 16, 1 << 17, 1 << 18  # elf descriptor flags (elf_decode.cu)
 SPARSE = 0x200             # kernel key of the sparse xor decode: SPARSE | element width
 SPARSE_THREADS = 256
 SECOND_STAGE = ELF | SPARSE  # keys of kernels that read what planes + rANS decoded into scratch
@@ -55,6 +56,8 @@ ELF_STATUS = {
     28: "elf chunk: a palette index is out of range",
     29: "elf chunk: exception positions out of order or range",
     30: "elf chunk: its descriptor is malformed",
+    31: "elf chunk: a palette in a delta chunk",
+    32: "elf with delta needs a reference chunk as long as the chunk",
 }
 # The sparse xor kernel's, with the CPU decoder's messages (bitx/codec.py).
 SPARSE_STATUS = {

@@ -31,6 +31,9 @@ from .base import DeviceBase
 from .launcher import (
     DESC,
     ELF,
+    ELF_DELTA,
+    ELF_REL_EXACT,
+    ELF_RELATIVE,
     FLAG_REMAP,
     FLAG_ROTATE,
     FLAG_XOR,
@@ -64,8 +67,6 @@ def gpu_width(stream: Stream) -> int | None:
         codecs = codecs[1:]
     elf = codecs[0] if codecs and type(codecs[0]) is Elf else None
     if elf is not None:
-        if elf.delta:  # the reference's codes need the encoder's quantisers: the CPU decodes it
-            return None
         codecs = codecs[1:]
     if len(codecs) == 2 and type(codecs[0]) is Planes and type(codecs[1]) is Rans and codecs[0].width in WIDTHS \
             and (xor is None or xor.width == codecs[0].width) and (elf is None or elf.width == codecs[0].width):
@@ -77,6 +78,25 @@ def elf_flags(dtype: str) -> int:
     """The elf kernel's descriptor flags for a dtype: exponent bits | mantissa bits << 8."""
     _, ebits, mbits = ELF_DTYPES[dtype]
     return ebits | mbits << 8
+
+
+def elf_delta(elf: Elf) -> tuple[int, int]:
+    """The elf kernel's descriptor flags and ``mask`` field for ``elf``: a delta chunk's flags
+    (its grid's quantiser needs the bound's kind) and the bound's float64 bits; (flags, 0) else."""
+    if not elf.delta:
+        return elf_flags(elf.dtype), 0
+    relative = elf.mode == "rel"
+    exact = relative and math.frexp(elf.bound)[0] == 0.5  # a power of two
+    flags = elf_flags(elf.dtype) | ELF_DELTA | (ELF_RELATIVE if relative else 0) | (ELF_REL_EXACT if exact else 0)
+    return flags, int(np.float64(elf.bound).view(np.uint64))
+
+
+def needs_reference(stream: Stream) -> bool:
+    """Whether the kernels read a reference for ``stream``'s chunks (``xor``, ``elf`` with delta)."""
+    if not stream.pipeline:
+        return False
+    first = stream.decoder().codecs[0]
+    return type(first) is Xor or (type(first) is Elf and first.delta)
 
 
 def descs_per_chunk(stream: Stream) -> int:
@@ -294,7 +314,10 @@ def lay_out(batch: Batch, staging_ptr: int, outputs: Mapping[int, int], status_b
         if key & ELF:
             assert c.elf is not None
             links.append((i, first[i], d))
-            descs[d] = (0, 0, dst, c.decoded, c.elf.width, elf_flags(c.elf.dtype), 0, 0, 0, 0)
+            flags, bound = elf_delta(c.elf)
+            r, ref_len = reference(c) if c.elf.delta else (DeviceRef(0, 0), 0)
+            descs[d] = (0, 0, dst, c.decoded, c.elf.width, flags, r.ptr + c.dst_offset if ref_len else 0, ref_len,
+                        bound, 0)
             continue
         if key & SPARSE:
             assert c.xor is not None
