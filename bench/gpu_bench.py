@@ -29,7 +29,8 @@ device), a fine-tune that changed 2% of the weights (BitX's sparse form: planes 
 scratch, then the sparse kernel), two releases lossy in one archive (the second coded as elf
 deltas against the first, gathered on the device), the same model lossy (elf, abs 1e-3: planes + rANS into scratch, then the elf kernel),
 and opaque bytes (zstd, decoded on the CPU beside the GPU). Kernel GB/s: every chunk staged on
-the device at once, references uploaded, one launch per kernel (as the loader's batches launch),
+the device at once, references uploaded or gathered, one launch per kernel and round (as the
+loader's batches launch),
 CUDA events, median; zstd has no kernel (nvCOMP is not measured: it was not installable where
 this was written, and stays the option to measure later), so its row is the CPU decode. Then
 elves.gpu.load_file of each archive, warm, in GB/s of decoded bytes; for the deltas also with
@@ -414,41 +415,72 @@ def host_plan(codec: str, archive: Path, base: Path | None) -> dict:
     return row
 
 
+def device_refs(cp: Any, reader: ArchiveReader, streams: list[int], outputs: dict[int, Any], keep: list[Any]
+                ) -> dict[int, plan.DeviceRef]:
+    """The references of ``streams`` on the device, as the loader puts them there: a base's bytes
+    uploaded, or a stream decoded earlier (in ``outputs``) gathered, with ``xor``'s remap table."""
+    from bitx.codec import rank_tables
+
+    refs = {}
+    for s in streams:
+        rp = plan.reference_plan(reader, s)
+        if rp is None:
+            continue
+        if rp.host is not None:
+            buf = cp.asarray(rp.host)
+        else:
+            assert rp.stream is not None
+            buf = cp.zeros(rp.nbytes, dtype=cp.uint8)
+            for d, r, n in rp.copies:
+                buf[d:d + n] = outputs[rp.stream][r:r + n]
+        table = 0
+        xor = plan.xor_of(reader.streams[s])
+        if xor is not None and xor.remap is not None:
+            tab = cp.asarray(np.ascontiguousarray(rank_tables(xor.remap)[1]))
+            keep.append(tab)
+            table = tab.data.ptr
+        keep.append(buf)
+        refs[s] = plan.DeviceRef(buf.data.ptr, int(buf.shape[0]), table)
+    return refs
+
+
 def kernel_time(cp: Any, archive: Path, base: Path | None, repeat: int) -> float | None:
     """Seconds of the kernels over every GPU chunk of ``archive``, payloads and references on the
-    device (None when no stream has a kernel)."""
+    device, in the loader's two rounds (streams whose references are gathered from another
+    second); None when no stream has a kernel."""
     from elves.gpu.launcher import kernels
 
     with ArchiveReader(archive) as reader:
         attach_base(reader, base)
-        on_gpu = [s for s, st in enumerate(reader.streams) if plan.gpu_width(st) is not None and st.chunks
-                  and plan.gathered_from(st) is None]
+        on_gpu = [s for s, st in enumerate(reader.streams) if plan.gpu_width(st) is not None and st.chunks]
         if not on_gpu:
             return None
-        batches, staging = plan.batches(reader, on_gpu, 1 << 40)  # one batch: all of it on the device
-        (batch,) = batches
-        dev_stage = cp.empty(staging, dtype=cp.uint8)
+        gathered = [s for s in on_gpu if plan.gathered_from(reader.streams[s]) is not None]
         outputs = {s: cp.empty(reader.streams[s].nbytes, dtype=cp.uint8) for s in on_gpu}
-        keep, refs = [], {}
-        for s in on_gpu:
-            rp = plan.reference_plan(reader, s)
-            if rp is not None and rp.host is not None:
-                buf = cp.asarray(rp.host)
-                keep.append(buf)
-                refs[s] = plan.DeviceRef(buf.data.ptr, rp.host.nbytes)
-        host = np.zeros(staging, dtype=np.uint8)
-        layout = plan.lay_out(batch, dev_stage.data.ptr, {s: b.data.ptr for s, b in outputs.items()}, 0, refs)
-        plan.fill(host, reader, batch, layout)
-        if layout.links:
-            sizes = plan.scratch_sizes(host, batch, layout)
-            scratch = cp.empty(plan.scratch_bytes(sizes), dtype=cp.uint8)
-            plan.link(host, layout, scratch.data.ptr, sizes)
-        dev_stage.set(host)
-        status = cp.zeros(len(layout.order), dtype=cp.uint32)
         k = kernels(cp.cuda.runtime.getDevice())
-        seconds = gpu_time(cp, lambda: k.launch(dev_stage.data.ptr, status.data.ptr, layout.groups), repeat)
-        if int(status.max()):
-            raise SystemExit(f"*** {archive.name}: a kernel flagged a chunk")
+        seconds, keep = 0.0, []
+        for streams in ([s for s in on_gpu if s not in gathered], gathered):
+            if not streams:
+                continue
+            (batch,), _ = plan.batches(reader, streams, 1 << 40)  # one batch: all of it on the device
+            staging = batch.size()
+            dev_stage = cp.empty(staging, dtype=cp.uint8)
+            refs = device_refs(cp, reader, streams, outputs, keep)
+            host = np.zeros(staging, dtype=np.uint8)
+            layout = plan.lay_out(batch, dev_stage.data.ptr, {s: b.data.ptr for s, b in outputs.items()}, 0, refs)
+            plan.fill(host, reader, batch, layout)
+            if layout.links:
+                sizes = plan.scratch_sizes(host, batch, layout)
+                scratch = cp.empty(plan.scratch_bytes(sizes), dtype=cp.uint8)
+                keep.append(scratch)
+                plan.link(host, layout, scratch.data.ptr, sizes)
+            dev_stage.set(host)
+            keep.append(dev_stage)
+            status = cp.zeros(len(layout.order), dtype=cp.uint32)
+            seconds += gpu_time(cp, lambda stage=dev_stage, st=status, groups=layout.groups:
+                                k.launch(stage.data.ptr, st.data.ptr, groups), repeat)
+            if int(status.max()):
+                raise SystemExit(f"*** {archive.name}: a kernel flagged a chunk")
         for s, buf in outputs.items():
             if not np.array_equal(buf.get(), read_stream(reader, s, ThreadPoolExecutor(2), 4)):
                 raise SystemExit(f"*** {archive.name}: stream {s} is NOT bit-exact")
