@@ -141,6 +141,25 @@ def test_an_intrinsic_is_built_with_its_first_caller_and_python_cannot_call_it()
         _ADD_ONE(1)
 
 
+@kernel("(int64,)", cache=False, internal=True)
+def _square(v: int) -> int:
+    return v * v
+
+
+@kernel("(int64,)", cache=False)
+def _square_plus_one(v: int) -> int:
+    return _square(v) + 1
+
+
+_SQUARE = _square
+
+
+def test_an_internal_kernel_serves_kernels_only() -> None:
+    assert _square_plus_one(7) == 50
+    with pytest.raises(TypeError, match="internal"):
+        _SQUARE(7)
+
+
 def test_the_background_compile_covers_the_lossless_entry_points() -> None:
     proc = subprocess.run([sys.executable, "-m", "elves.kernels.warm", "decode"], capture_output=True, text=True,
                           timeout=600)
