@@ -21,6 +21,7 @@ import xxhash
 import zstandard
 
 from elves import dtypes
+from elves.store.layout import ADDING, LOCK
 
 HEADER = struct.Struct("<8sHHIQQQ")  # docs/FORMAT.md: magic, major, minor, flags, index offset, length, xxh3-64
 FOOTER = struct.Struct("<QQ8s")      # store objects: trailer length, its xxh3-64, magic
@@ -278,8 +279,9 @@ def forge_object(data: bytes, muts: list[tuple]) -> tuple[bytes, list[dict[str, 
 
 def forge_store(store: Path, muts: list[tuple]) -> list[dict[str, Any]]:
     """Forge one file of the store at ``store`` (a copy) in place: an object or a manifest."""
+    # the lock files are empty and read by nobody: a forger gains nothing there
     targets = sorted(p for p in store.rglob("*") if p.is_file() and p.parent.name != "tmp"
-                     and p.name not in ("lock",) and p.parent.name != "profiles")
+                     and p.name not in (LOCK, ADDING) and p.parent.name != "profiles")
     target = targets[muts[0][1] % len(targets)]
     rel = target.relative_to(store).as_posix()
     if target.suffix == ".json":
