@@ -65,3 +65,28 @@ def tree_hashes(root: Path) -> dict[str, str]:
     if root.is_file():
         return {".": sha256(root)}
     return {p.relative_to(root).as_posix(): sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def toy_model(path: Path, seed: int, elements: int) -> Path:
+    """A small model folder: a config and three F32 tensors of ``elements`` each, from ``seed``."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"model_type": f"toy{seed}"}))
+    write_safetensors(path / "model.safetensors", {
+        f"w{i}": ("F32", (elements,), rng.standard_normal(elements).astype(np.float32).tobytes()) for i in range(3)})
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray cluster (2 CPUs) for the module that asks for it."""
+    ray = pytest.importorskip("ray")
+    import logging
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from urllib.parse import quote
 from pathlib import Path
 from typing import Any
@@ -313,17 +312,6 @@ def test_hostile_records_and_journals_are_refused_or_ignored(hub: HubStandin, st
     out = store.path.parent / "h2"
     store.restore(r2.model, out)
     assert (out / "extra.bin").read_bytes() == b"\x01" * 9000
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[Any]:
-    """One local Ray cluster (2 CPUs) for the module, as in test_store_batch.py."""
-    ray = pytest.importorskip("ray")
-    import logging
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 def mirrored(s: Store) -> dict[str, Any]:

@@ -17,7 +17,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 adlfs = pytest.importorskip("adlfs")
@@ -27,7 +26,8 @@ from elves.store import Store  # noqa: E402
 from elves.store.layout import LOCK  # noqa: E402
 from elves.store.remote import FsspecStorage, Lease  # noqa: E402
 
-from .conftest import tree_hashes, write_safetensors  # noqa: E402
+from .conftest import toy_model, tree_hashes  # noqa: E402
+from .test_store_lease import stalled_lease  # noqa: E402
 
 # Azurite's well-known development account (public, in Azure's documentation)
 ACCOUNT = "devstoreaccount1"
@@ -80,12 +80,7 @@ def url() -> str:
 
 
 def toy(path: Path, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"model_type": f"toy{seed}"}))
-    write_safetensors(path / "model.safetensors", {
-        f"w{i}": ("F32", (65536,), rng.standard_normal(65536).astype(np.float32).tobytes()) for i in range(3)})
-    return path
+    return toy_model(path, seed, 65536)
 
 
 def test_store_operations_on_azure(url: str, options: dict[str, str], tmp_path: Path) -> None:
@@ -103,12 +98,7 @@ def test_store_operations_on_azure(url: str, options: dict[str, str], tmp_path: 
 def test_a_stalled_holder_is_taken_over_after_the_lapse(url: str, options: dict[str, str]) -> None:
     Store.init(url, options)
     ttl = 1.0
-    a = FsspecStorage(url, options, lease_ttl=ttl)
-    lease = Lease(a)
-    lease.acquire()
-    lease.stop.set()                 # its heartbeat stops: the holder stalls
-    assert lease.thread is not None
-    lease.thread.join()
+    lease = stalled_lease(url, ttl, options)
     t0 = time.monotonic()
     b = FsspecStorage(url, options, lease_ttl=ttl)
     with b.locked():

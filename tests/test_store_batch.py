@@ -14,9 +14,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -27,16 +25,6 @@ OPENFF = [f"openff-gnn-am1bcc-{v}" for v in ("0.0.1-alpha.1", "0.1.0-rc.1", "0.1
 # the caller's order, but for a model whose base comes later: the family's metadata says minilm
 # is last-layers' base; the openff versions, which have none, go in the order given
 DAG_ORDER = [*OPENFF, "minilm", "last-layers"]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[Any]:
-    ray = pytest.importorskip("ray")
-    import logging
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("fsspec")
@@ -21,7 +20,7 @@ from elves.store import Store  # noqa: E402
 from elves.store.layout import LOCK  # noqa: E402
 from elves.store.remote import FsspecStorage, Lease, _conflict  # noqa: E402
 
-from .conftest import tree_hashes, write_safetensors  # noqa: E402
+from .conftest import toy_model, tree_hashes  # noqa: E402
 
 
 @pytest.fixture()
@@ -30,12 +29,7 @@ def url() -> str:
 
 
 def toy(path: Path, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"model_type": f"toy{seed}"}))
-    write_safetensors(path / "model.safetensors", {
-        f"w{i}": ("F32", (4096,), rng.standard_normal(4096).astype(np.float32).tobytes()) for i in range(3)})
-    return path
+    return toy_model(path, seed, 4096)
 
 
 def record(storage: FsspecStorage) -> dict[str, object]:
@@ -73,14 +67,19 @@ def test_a_writer_waits_for_the_holder(url: str) -> None:
     assert order == ["first", "second"]
 
 
-def test_a_stalled_holder_is_taken_over_only_after_its_lease_lapsed(url: str) -> None:
-    ttl = 0.8
-    a = FsspecStorage(url, lease_ttl=ttl)
-    lease = Lease(a)
+def stalled_lease(url: str, ttl: float, options: dict[str, str] | None = None) -> Lease:
+    """A lease taken on the store at ``url`` whose heartbeat has stopped: its holder stalls."""
+    lease = Lease(FsspecStorage(url, options, lease_ttl=ttl))
     lease.acquire()
-    lease.stop.set()                 # its heartbeat stops: the holder stalls
+    lease.stop.set()
     assert lease.thread is not None
     lease.thread.join()
+    return lease
+
+
+def test_a_stalled_holder_is_taken_over_only_after_its_lease_lapsed(url: str) -> None:
+    ttl = 0.8
+    lease = stalled_lease(url, ttl)
     t0 = time.monotonic()
     b = FsspecStorage(url, lease_ttl=ttl)
     with b.locked():
