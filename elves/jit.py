@@ -166,13 +166,19 @@ def _claimed(k: Kernel) -> Iterator[None]:
     import fcntl
     import hashlib
     import os
+    import stat
     import tempfile
 
     key = f"{os.environ.get('NUMBA_CACHE_DIR', '')}|{k.py_func.__module__}.{k.__qualname__}"
     folder = os.path.join(tempfile.gettempdir(), f"elves-jit-{os.getuid()}")
     try:
         os.makedirs(folder, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(folder, hashlib.sha1(key.encode()).hexdigest()[:20]), os.O_RDWR | os.O_CREAT, 0o600)
+        # the folder is in a shared /tmp: another user may have made it, or a link in its place
+        st = os.lstat(folder)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise OSError("not ours")
+        fd = os.open(os.path.join(folder, hashlib.sha1(key.encode()).hexdigest()[:20]),
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError:  # no shared lock: at worst both processes compile
         yield
         return
