@@ -40,6 +40,7 @@ from ._common import (
     warn,
 )
 from .contents import extract, ls
+from .kernels import kernels
 from .mirror import mirror
 from .store import store
 
@@ -372,6 +373,7 @@ main.add_command(ls)
 main.add_command(extract)
 main.add_command(store)
 main.add_command(mirror)
+main.add_command(kernels)
 
 if __name__ == "__main__":
     main()

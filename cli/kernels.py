@@ -1,0 +1,117 @@
+"""``elves kernels``: the codecs' numba kernels compiled ahead of a first run (at install time).
+
+A command compiles the kernels it needs the first time it needs them, seconds of CPU that a new
+user waits for; ``elves kernels compile`` pays that once, where a container image is built or
+after an upgrade, and the machine code waits in numba's cache for every later command.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from ._common import EPILOG, Eta, emit, epilog, json_option, quiet, quiet_option, reported
+
+if TYPE_CHECKING:
+    from click._termui_impl import ProgressBar
+
+WHERE = ("numba keeps the machine code in the first folder it can write of: $NUMBA_CACHE_DIR, the "
+         "__pycache__ folders beside elves' modules, ~/.cache/numba. It serves every later command "
+         "that sees the same folder, until elves or numba is upgraded.")
+
+
+@click.group(epilog=EPILOG)
+def kernels() -> None:
+    """The codecs' compiled kernels: build them ahead of a first run.
+
+    \b
+    Examples:
+      elves kernels compile                 # once, after pip install or an upgrade
+      elves kernels compile --background    # the same, in a detached process
+    """
+
+
+def _kernels(everything: bool) -> list[Any]:
+    """What a lossless compress, restore or store command can run (the planes and rANS codecs,
+    the torch checkpoint scanner, BitX deltas), and with ``everything`` the ELF lossy codec's."""
+    import bitx.kernels
+    from elves.kernels import elf, warm
+    from elves.readers.torch import pickle_scan
+
+    found = [*warm.ENCODE, *warm.DECODE, *warm.entry_points(pickle_scan), *warm.entry_points(bitx.kernels)]
+    return found + warm.entry_points(elf) if everything else found
+
+
+def _compile(found: list[Any], show: bool) -> int:
+    """Compile (or load from numba's cache) each kernel of ``found``; how many of them numba
+    compiled, whether on their own or as the callee of another."""
+    from numba.core import event
+
+    from elves.jit import warm
+
+    built: set[Any] = set()  # the Python functions of the kernels numba compiled
+
+    class Compiled(event.Listener):
+        def on_start(self, ev: Any) -> None:
+            built.add(ev.data["dispatcher"].py_func)
+
+        def on_end(self, ev: Any) -> None:
+            pass
+
+    eta = Eta(len(found), time.monotonic())
+    bar: ProgressBar[Any]
+    with event.install_listener("numba:compile", Compiled()), click.progressbar(
+            found, label="compiling kernels", file=sys.stderr, show_eta=False, show_pos=True, hidden=not show,
+            item_show_func=lambda fn: fn and "  ".join(filter(None, [fn.__name__, eta.text(time.monotonic())]))
+    ) as bar:
+        for fn in bar:
+            warm(fn)
+            eta.pos += 1
+    return sum(fn.py_func in built for fn in found)
+
+
+@kernels.command("compile", epilog=epilog(WHERE))
+@click.option("--all", "everything", is_flag=True,
+              help="Also the kernels of --lossy elf (several times as long).")
+@click.option("--background", is_flag=True,
+              help="Compile in a detached process and return at once.")
+@json_option
+@quiet_option
+def compile_kernels(everything: bool, background: bool, as_json: bool) -> None:
+    """Compile the kernels that compress, restore and the store run, into numba's cache.
+
+    Without it the first command after an install or an upgrade compiles the kernels it needs
+    (seconds of CPU, "compiling kernels (first run only)"); run it where an image is built, or
+    after pip install. Kernels already in the cache are loaded, not compiled again; a command
+    that needs a kernel this is compiling waits for it instead of compiling it too.
+
+    \b
+    Examples:
+      elves kernels compile
+      elves kernels compile --all --json
+      pip install -U elves && elves kernels compile --background
+      NUMBA_CACHE_DIR=/opt/numba-cache elves kernels compile   # in a Dockerfile
+    """
+    with reported(as_json):
+        if background:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "elves.cli.main", "kernels", "compile", "-q", *(["--all"] * everything)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True)
+            emit(as_json, {"ok": True, "background": True, "pid": proc.pid},
+                 f"compiling kernels in the background (process {proc.pid})", summary=True)
+            return
+        from elves.kernels.warm import cache_folder
+
+        t0 = time.perf_counter()
+        found = _kernels(everything)
+        compiled = _compile(found, not as_json and not quiet() and sys.stderr.isatty())
+        seconds = time.perf_counter() - t0
+        folders = sorted({cache_folder(fn) for fn in found})
+        emit(as_json, {"ok": True, "kernels": len(found), "compiled": compiled, "seconds": round(seconds, 3),
+                       "cache": folders},
+             f"{len(found)} kernels ready ({compiled} compiled, {len(found) - compiled} from the cache) in "
+             f"{seconds:.1f} s; numba's cache:" + "".join(f"\n  {f}" for f in folders), summary=True)
