@@ -18,9 +18,10 @@ from ._common import EPILOG, Eta, emit, epilog, json_option, quiet, quiet_option
 if TYPE_CHECKING:
     from click._termui_impl import ProgressBar
 
-WHERE = ("numba keeps the machine code in the first folder it can write of: $NUMBA_CACHE_DIR, the "
-         "__pycache__ folders beside elves' modules, ~/.cache/numba. It serves every later command "
-         "that sees the same folder, until elves or numba is upgraded.")
+WHERE = ("numba keeps the machine code in the first of these folders that it can write to: "
+         "$NUMBA_CACHE_DIR, the __pycache__ folders beside elves' modules, ~/.cache/numba; every later "
+         "command looks there by the same rule. In an image, compile as the user who runs elves, or give "
+         "both a NUMBA_CACHE_DIR that user can write to. An upgrade of elves or numba compiles again.")
 
 
 @click.group(epilog=EPILOG)
@@ -75,7 +76,7 @@ def _compile(found: list[Any], show: bool) -> int:
 
 @kernels.command("compile", epilog=epilog(WHERE))
 @click.option("--all", "everything", is_flag=True,
-              help="Also the kernels of --lossy elf (several times as long).")
+              help="Also the kernels of --lossy elf (about two minutes of CPU more).")
 @click.option("--background", is_flag=True,
               help="Compile in a detached process and return at once.")
 @json_option
@@ -93,7 +94,7 @@ def compile_kernels(everything: bool, background: bool, as_json: bool) -> None:
       elves kernels compile
       elves kernels compile --all --json
       pip install -U elves && elves kernels compile --background
-      NUMBA_CACHE_DIR=/opt/numba-cache elves kernels compile   # in a Dockerfile
+      NUMBA_CACHE_DIR=/opt/numba elves kernels compile   # an image: set it where elves runs too
     """
     with reported(as_json):
         if background:
