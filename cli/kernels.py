@@ -1,4 +1,4 @@
-"""``elves kernels``: the codecs' numba kernels compiled ahead of a first run (at install time).
+"""``elves kernels``: elves' numba kernels compiled ahead of a first run (at install time).
 
 A command compiles the kernels it needs the first time it needs them, seconds of CPU that a new
 user waits for; ``elves kernels compile`` pays that once, where a container image is built or
@@ -26,7 +26,7 @@ WHERE = ("numba keeps the machine code in the first of these folders that it can
 
 @click.group(epilog=EPILOG)
 def kernels() -> None:
-    """The codecs' compiled kernels: build them ahead of a first run.
+    """elves' numba kernels: build their machine code ahead of a first run.
 
     \b
     Examples:
