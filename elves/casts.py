@@ -4,22 +4,26 @@ A reference may be a cast of its source (docs/FORMAT.md, ``ref_cast``): a Hub re
 one model in several precisions, and a BF16 or F16 tensor is then, element for element, the cast
 of an F32 tensor already stored. Coded against that cast with ``xor``, it costs only the elements
 where it differs. Encoder and decoder must compute the same cast on every machine, so each is
-written out on the bit patterns:
+written out on the bit patterns, in kernels (elves/kernels/casts.py):
 
 - ``rne``: IEEE 754 round to nearest, ties to even (what ``torch.Tensor.to`` and numpy do);
 - ``trunc``: dropping the low mantissa bits (F32 to BF16 only: the top half of each word).
 
-NaN stays NaN (quiet, its payload's top bits kept), infinities and signed zeros stay, and a value
-beyond the target's range becomes an infinity. F16 <-> BF16 goes through F32, which is exact for
+NaN stays NaN (its payload's top bits kept; BF16 sets the quiet bit, F16 does as numpy, docs/
+FORMAT.md), infinities and signed zeros stay, and a value beyond the target's range becomes an
+infinity. F16 <-> BF16 goes through F32, which is exact for
 both. Widening casts (F16 or BF16 to F32) are exact and need no rounding mode.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .kernels import casts as kernels
+
 ROUNDINGS = ("rne", "trunc")
 FLOATS = ("F16", "BF16", "F32")
 WIDTH = {"F16": 2, "BF16": 2, "F32": 4}
+_KIND = {"F16": kernels.F16, "BF16": kernels.BF16, "F32": kernels.F32}
 
 
 def supported(src: str, dst: str, rounding: str) -> bool:
@@ -29,40 +33,22 @@ def supported(src: str, dst: str, rounding: str) -> bool:
     return rounding == "rne" or (src, dst) == ("F32", "BF16")
 
 
-def _to_f32(raw: np.ndarray, src: str) -> np.ndarray:
-    """Little-endian ``src`` elements as F32 words (exact)."""
-    words: np.ndarray
-    if src == "F32":
-        words = raw.view(np.uint32)
-    elif src == "BF16":
-        words = np.left_shift(raw.view(np.uint16).astype(np.uint32), np.uint32(16))
-    else:
-        words = raw.view(np.float16).astype(np.float32).view(np.uint32)
-    return words
-
-
-def _f32_to(words: np.ndarray, dst: str, rounding: str) -> np.ndarray:
-    if dst == "F32":
-        return words
-    out: np.ndarray
-    if dst == "F16":  # numpy's conversion is IEEE round-to-nearest-even, NaN kept quiet
-        out = words.view(np.float32).astype("<f2").view("<u2")
-        return out
-    if rounding == "trunc":
-        out = (words >> np.uint32(16)).astype("<u2")
-        return out
-    nan = (words & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-    lsb = (words >> np.uint32(16)) & np.uint32(1)
-    out = ((words + np.uint32(0x7FFF) + lsb) >> np.uint32(16)).astype("<u2")
-    if nan.any():
-        out[nan] = ((words[nan] >> np.uint32(16)) | np.uint32(0x40)).astype("<u2")
-    return out
-
-
 def cast(raw: np.ndarray, src: str, dst: str, rounding: str) -> np.ndarray:
     """The bytes of ``raw`` (whole little-endian ``src`` elements, uint8) cast to ``dst``."""
     n = raw.shape[0] // WIDTH[src]
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = _f32_to(_to_f32(raw[:n * WIDTH[src]], src), dst, rounding)
-    raw_out: np.ndarray = np.ascontiguousarray(out).view(np.uint8)
-    return raw_out
+    body = _aligned(raw[:n * WIDTH[src]])
+    if src == "F32":
+        words = body.view(np.uint32)
+    else:
+        words = np.empty(n, np.uint32)
+        kernels.to_f32(body.view(np.uint16), _KIND[src], words)
+    if dst == "F32":
+        return words.view(np.uint8)
+    out = np.empty(n, np.uint16)
+    kernels.from_f32(words, _KIND[dst], rounding == "trunc", out)
+    return out.view(np.uint8)
+
+
+def _aligned(a: np.ndarray) -> np.ndarray:
+    """``a``, copied if its start is not aligned for the wider words the kernels read it as."""
+    return a if a.ctypes.data % 4 == 0 else a.copy()

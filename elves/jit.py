@@ -196,7 +196,8 @@ def _compile(d: Any, sig: tuple[Any, ...]) -> None:
     try:
         d.compile(sig)
     finally:
-        d.disable_compile()
+        if d.signatures:  # numba refuses to lock a dispatcher that has none (a failed first compile)
+            d.disable_compile()
 
 
 def _parse(sig: str) -> tuple[Any, ...]:

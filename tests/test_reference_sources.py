@@ -40,6 +40,32 @@ def test_casts_are_those_of_ml_dtypes_and_numpy() -> None:
     assert not casts.supported("F32", "F16", "trunc") and not casts.supported("F32", "F32", "rne")
 
 
+def test_casts_match_numpy_on_every_f16_and_on_every_exponent_and_rounding_case_of_f32() -> None:
+    """The kernels (elves/kernels/casts.py) against numpy's conversions: all 2**16 F16 patterns,
+    and F32 words of every exponent with the mantissas where rounding decides (ties, one either
+    side of them, sticky bits below a subnormal's last bit) and NaN payloads. (Run once over all
+    2**32 F32 words, 2026-12-07: no difference.)"""
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    widened = casts.cast(h.view(np.uint8), "F16", "F32", "rne").view(np.uint32)
+    assert np.array_equal(widened, h.view(np.float16).astype(np.float32).view(np.uint32))
+    rng = np.random.default_rng(7)
+    tails = np.array([0, 1, 0x7FF, 0x800, 0xFFF, 0x1000, 0x1001, 0x1FFF, 0x2000, 0x3000, 0x3001,
+                      0x7FFFFF, 0x7FF000, 0x400000, 0x3FF000, 0x7FE000, 0x7FEFFF], np.uint32)
+    mant = np.concatenate([tails, tails | np.uint32(0x2000), rng.integers(0, 1 << 23, 200, dtype=np.uint32)])
+    exps = np.arange(256, dtype=np.uint32) << np.uint32(23)
+    words = (exps[:, None] | mant[None, :]).ravel()
+    words = np.concatenate([words, words | np.uint32(0x80000000)])
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = words.view(np.float32).astype(np.float16).view(np.uint16)
+    assert np.array_equal(casts.cast(words.view(np.uint8), "F32", "F16", "rne").view(np.uint16), want)
+    bf = casts.cast(words.view(np.uint8), "F32", "BF16", "rne").view(np.uint16)
+    finite = (words & np.uint32(0x7F800000)) != np.uint32(0x7F800000)
+    assert np.array_equal(bf[finite], words[finite].view(np.float32).astype(ml_dtypes.bfloat16).view(np.uint16))
+    unaligned = np.empty(words.nbytes + 1, np.uint8)[1:]
+    unaligned[:] = words.view(np.uint8)
+    assert np.array_equal(casts.cast(unaligned, "F32", "F16", "rne").view(np.uint16), want)
+
+
 def precisions(folder: Path, weights: dict[str, np.ndarray], exceptions: int = 0) -> Path:
     """A model at F32 beside its BF16 and F16 copies (as Hub repos ship them), the BF16 copy with
     ``exceptions`` elements changed after the cast (an exporter that fixed a few values)."""
