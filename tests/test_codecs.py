@@ -113,6 +113,25 @@ def test_exponent_plane_compresses_and_mantissa_does_not_grow() -> None:
     assert 0.62 < len(enc) / raw.size < 0.70
 
 
+def plane_modes(payload: bytes) -> list[int]:
+    """The mode byte of each plane section of a ``rans`` container (docs/FORMAT.md)."""
+    buf = np.frombuffer(payload, np.uint8)
+    offsets = buf[8:8 + 4 * int(buf[6])].view(np.uint32)
+    return [int(buf[o]) for o in offsets]
+
+
+@pytest.mark.parametrize("entropy_bits, mode", [(8.0, 0), (7.75, 2), (7.5, 2)])
+def test_a_long_plane_is_judged_raw_only_when_a_percent_is_out_of_reach(entropy_bits: float, mode: int) -> None:
+    """Long planes are first judged on a sample; bytes that would shrink by over 1% must still
+    be coded (mode 2; 7.75 bits shrink by 2.4% after the table), uniform bytes stored raw (mode 0)."""
+    rng = np.random.default_rng(3)
+    k = int(round(2 ** entropy_bits))  # k equally likely byte values: log2(k) bits each
+    symbols = rng.integers(0, k, 1 << 17).astype(np.uint8)
+    enc, out = roundtrip("U8", symbols)
+    assert np.array_equal(out, symbols)
+    assert plane_modes(enc) == [mode]
+
+
 def test_corrupt_payload_raises_instead_of_crashing() -> None:
     raw = weights_like("F32", 20000, np.random.default_rng(1))
     p = Pipeline([Planes("F32"), Rans()])
