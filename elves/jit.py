@@ -51,6 +51,7 @@ class Kernel:
         self._dispatcher: Any = None
         self._parsed: list[tuple[Any, ...]] = []
         self._chosen: set[tuple[Any, ...]] = set()
+        self._seen: set[tuple[Any, ...]] = set()  # _key()s of argument tuples whose types are chosen
 
     def __repr__(self) -> str:
         return f"<kernel {self.py_func.__module__}.{self.__qualname__}>"
@@ -105,11 +106,17 @@ class Kernel:
         return d
 
     def _compile_for(self, args: tuple[Any, ...]) -> None:
+        # numba.typeof takes microseconds an array, 15 us a call of four: the kernels run per
+        # chunk, so a key of what decides the type stands for it once the types were seen
+        key = tuple(_key(a) for a in args)
+        if key in self._seen:
+            return
         import numba
 
         typeof: Callable[[Any], Any] = numba.typeof  # untyped in numba
         types = tuple(typeof(a) for a in args)
         if types in self._chosen:
+            self._seen.add(key)
             return
         d = self._dispatcher
         convert = d.typingctx.can_convert
@@ -118,6 +125,7 @@ class Kernel:
                 with _building():
                     _compile(d, sig)
                     self._chosen.add(types)
+                    self._seen.add(key)
                 return
         raise TypeError(f"{self!r} has no signature for the argument types {types}")
 
@@ -148,6 +156,15 @@ def intrinsic(build: Callable[[], Any]) -> Any:
     once, when the first kernel that names it is built, so it may import numba and llvmlite; a
     caller is linked against what it returns. Python cannot call it."""
     return _Intrinsic(build)
+
+
+def _key(a: Any) -> Any:
+    """What numba's type of the argument ``a`` depends on, found cheaply: an array's dtype, rank,
+    layout, and whether it is writable and aligned; another value's Python type."""
+    flags = getattr(a, "flags", None)
+    if flags is None:
+        return type(a)
+    return (type(a), a.dtype.str, a.ndim, flags.c_contiguous, flags.f_contiguous, flags.writeable, flags.aligned)
 
 
 def warm(fn: Callable[..., Any]) -> None:
