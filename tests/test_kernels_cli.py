@@ -58,7 +58,8 @@ def test_quiet_prints_nothing(compiled: tuple[dict[str, str], dict[str, Any]]) -
 
 def real_model(dataset: Any, path: Path, scale: float = 0.0) -> Path:
     """A model folder of real tensors: minilm's (F32, and its I64 position ids) and astra's (BF16),
-    about 2.5 MB; ``scale`` > 0 makes a fine-tune of it (small updates of half the elements)."""
+    about 2.5 MB, and an F16 copy of the F32 ones (coded against their cast); ``scale`` > 0 makes
+    a fine-tune of it (small updates of half the elements)."""
     rng = np.random.default_rng(5)
     tensors: dict[str, tuple[str, list[int], bytes]] = {}
     for name, budget in (("minilm", 1_500_000), ("astra-st", 1_000_000)):
@@ -81,6 +82,9 @@ def real_model(dataset: Any, path: Path, scale: float = 0.0) -> Path:
     assert {dt for dt, _, _ in tensors.values()} == {"F32", "BF16", "I64"}
     path.mkdir()
     write_safetensors(path / "model.safetensors", tensors)
+    write_safetensors(path / "model.fp16.safetensors", {
+        key: ("F16", shape, np.frombuffer(data, dtype=np.float32).astype(np.float16).tobytes())
+        for key, (dt, shape, data) in tensors.items() if dt == "F32"})
     (path / "config.json").write_text('{"model_type": "bert"}')
     return path
 
@@ -102,13 +106,15 @@ def test_a_first_compress_restore_and_delta_compile_nothing(
             elves.restore(tmp / "base.elves", tmp / "out-base")
             elves.compress(ft, tmp / "ft.elves", base=base, threads=2)
             elves.restore(tmp / "ft.elves", tmp / "out-ft", base=base)
-        print(json.dumps({{"compiles": len(compiles), "codecs": list(elves.info(tmp / "ft.elves").codecs)}}))
+        print(json.dumps({{"compiles": len(compiles), "codecs": list(elves.info(tmp / "ft.elves").codecs),
+                          "casts": elves.info(tmp / "base.elves").ref_streams}}))
     """
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=compiled[0], capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     seen = json.loads(r.stdout.splitlines()[-1])
     assert any("xor" in c for c in seen["codecs"]), seen  # the delta ran BitX's kernels
+    assert seen["casts"] > 0  # the F16 copy was coded against the cast of the F32 tensors
     assert seen["compiles"] == 0
     assert tree_hashes(tmp_path / "out-base") == tree_hashes(base)
     assert tree_hashes(tmp_path / "out-ft") == tree_hashes(ft)
