@@ -82,8 +82,11 @@ class Kernel:
         """The dispatcher with every declared signature compiled."""
         with _building():
             d = self.dispatcher()
-            for sig in self._parsed:
-                _compile(d, sig)
+            missing = [sig for sig in self._parsed if sig not in d.overloads]
+            if missing:
+                with _claimed(self):  # the other signatures too: another process may build them
+                    for sig in missing:
+                        _compile(d, sig)
         return d
 
     def _build(self) -> Any:
@@ -122,7 +125,7 @@ class Kernel:
         convert = d.typingctx.can_convert
         for sig in self._parsed:
             if len(sig) == len(types) and all(convert(t, p) is not None for t, p in zip(types, sig)):
-                with _building():
+                with _building(), _claimed(self):
                     _compile(d, sig)
                     self._chosen.add(types)
                     self._seen.add(key)
