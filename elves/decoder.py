@@ -7,14 +7,12 @@ place only when complete and verified.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil
 import stat
 import tempfile
-from collections import deque
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Protocol, Sequence
@@ -36,7 +34,7 @@ from .errors import (
 )
 from .index import FileEntry, Stream, Where
 from .model import SourceFile
-from .parallel import INLINE_BYTES, default_threads, ordered_map
+from .parallel import INLINE_BYTES, Sha256Beside, default_threads, ordered_map
 from .readers import ctranslate2, gguf, onnx, safetensors, torch
 from .references import Sources
 
@@ -228,50 +226,6 @@ def read_stream(reader: ArchiveReader, index: int, pool: Executor, window: int) 
         out[pos:pos + chunk.shape[0]] = chunk
         pos += chunk.shape[0]
     return out
-
-
-class Sha256Beside:
-    """The sha256 of a file's chunks, computed on a thread of its own. hashlib releases the GIL
-    on large buffers, so the hash (about 1.8 GB/s) runs beside the decode instead of after it.
-    Chunks go to the thread in batches of at least ``HANDOFF`` bytes (a hand-off per small chunk
-    costs more than hashing it), and at most ``window`` batches wait for it."""
-
-    HANDOFF = 1 << 20
-
-    def __init__(self, window: int):
-        self._sha = hashlib.sha256()
-        self._pool = ThreadPoolExecutor(1)
-        self._pending: deque[Future[None]] = deque()
-        self._window = window
-        self._batch: list[np.ndarray] = []
-        self._batched = 0
-
-    def update(self, chunk: np.ndarray) -> None:
-        self._batch.append(chunk)
-        self._batched += chunk.shape[0]
-        if self._batched >= self.HANDOFF:
-            self._hand_off()
-
-    def _hand_off(self) -> None:
-        self._pending.append(self._pool.submit(self._hash, self._batch))
-        self._batch, self._batched = [], 0
-        if len(self._pending) > self._window:
-            self._pending.popleft().result()
-
-    def _hash(self, chunks: list[np.ndarray]) -> None:
-        for chunk in chunks:
-            self._sha.update(chunk.data)
-
-    def hexdigest(self) -> str:
-        self.close()
-        return self._sha.hexdigest()
-
-    def close(self) -> None:
-        while self._pending:
-            self._pending.popleft().result()
-        self._pool.shutdown()
-        self._hash(self._batch)  # the small rest: nothing is left to overlap with
-        self._batch, self._batched = [], 0
 
 
 def file_chunks(reader: ArchiveReader, entry: FileEntry, pool: Executor, window: int,

@@ -30,7 +30,7 @@ from .errors import InputError
 from .index import FileEntry, TensorEntry
 from .lossy import elf_pays, elf_pipeline, encode_checked
 from .model import Segment, SourceFile, hash_segment, kept_mode, open_source, read_exact
-from .parallel import INLINE_BYTES, default_threads, ordered_map
+from .parallel import INLINE_BYTES, Sha256Beside, default_threads, ordered_map
 from .planner import ReferencePlanner, block_hashes, segment_names, widest_first
 from .readers import read_model
 from .references import Reference
@@ -232,8 +232,7 @@ def _lossy_bound(lossy: str | None, error_bound: str | float | ErrorBound | None
 def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthreads: int,
                    seen: dict[tuple[str | None, str], int], progress: ProgressFn | None,
                    planner: ReferencePlanner, lossy: ErrorBound | None = None) -> None:
-    sha = hashlib.sha256()
-    with open_source(sf.path) as fh:
+    with open_source(sf.path) as fh, Sha256Beside() as sha:
         fd = fh.fileno()
         mode = kept_mode(fd)
         stream_ids: list[int] = []

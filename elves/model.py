@@ -13,14 +13,11 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable, ContextManager
+from typing import BinaryIO, Callable, ContextManager, Protocol
 
 import xxhash
 
 from .errors import InputError
-
-if TYPE_CHECKING:
-    import hashlib
 
 # The most dimensions a named tensor may have; the archive index holds no more.
 MAX_RANK = 64
@@ -168,7 +165,14 @@ def read_exact(fd: int, offset: int, length: int, path: Path) -> bytes:
     return data
 
 
-def hash_segment(fd: int, seg: Segment, path: Path, sha: "hashlib._Hash",
+class HashSink(Protocol):
+    """Where :func:`hash_segment` feeds a file's bytes: a hashlib hash, or a hash on a thread of
+    its own (:class:`elves.parallel.Sha256Beside`)."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+
+def hash_segment(fd: int, seg: Segment, path: Path, sha: HashSink,
                  on_piece: Callable[[bytes], None] | None = None) -> str:
     """The segment's xxh3-128, its bytes fed to ``sha`` on the way, and to ``on_piece`` in pieces
     of READ_PIECE bytes (all whole but the last)."""

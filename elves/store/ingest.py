@@ -19,7 +19,7 @@ from ..codecs import Pipeline
 from ..encoder import pipeline_for
 from ..errors import ElvesError
 from ..model import Segment, SourceFile, hash_segment, kept_mode, open_source, read_exact
-from ..parallel import INLINE_BYTES, ordered_map
+from ..parallel import INLINE_BYTES, Sha256Beside, ordered_map
 from .layout import object_at, object_key
 from .manifests import PACK_BELOW, PACK_MAX
 from .objects import ObjectMeta, ObjectWriter, StoredObject
@@ -136,12 +136,11 @@ def add_files(storage: Storage, files: list[SourceFile], planner: DeltaPlanner |
     goes, so that a failure can remove them) and their manifest entries."""
     known: set[str] = set()      # keys written or checked during this add
     for sf in files:
-        sha = hashlib.sha256()
         if sf.link is not None:
-            out.entries.append({"path": sf.relpath, "size": 0, "sha256": sha.hexdigest(), "format": sf.format,
-                                "segments": [], "tensors": [], "link": sf.link})
+            out.entries.append({"path": sf.relpath, "size": 0, "sha256": hashlib.sha256().hexdigest(),
+                                "format": sf.format, "segments": [], "tensors": [], "link": sf.link})
             continue
-        with open_source(sf.path) as fh:
+        with open_source(sf.path) as fh, Sha256Beside() as sha:
             fd = fh.fileno()
             mode = kept_mode(fd)
             segments: list[list[Any]] = []

@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 
 from ..chunks import decode_chunk
-from ..decoder import Sha256Beside, iter_stream, open_new
+from ..decoder import iter_stream, open_new
 from ..errors import ArchiveError, CorruptArchiveError, OutputError
 from ..index import FileEntry, Stream, TensorEntry
-from ..parallel import ordered_map
+from ..parallel import Sha256Beside, ordered_map
 from ..references import Sources
 from .layout import manifest_at, object_at
 from .manifests import PACK_MAX
