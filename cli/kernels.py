@@ -6,6 +6,8 @@ after an upgrade, and the machine code waits in numba's cache for every later co
 """
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import time
@@ -49,8 +51,8 @@ def _kernels(everything: bool) -> list[Any]:
 
 
 def _compile(found: list[Any], show: bool) -> int:
-    """Compile (or load from numba's cache) each kernel of ``found``; how many of them numba
-    compiled, whether on their own or as the callee of another."""
+    """Compile (or load from numba's cache) each kernel of ``found``, in order; how many of them
+    numba compiled, whether on their own or as the callee of another."""
     from numba.core import event
 
     from elves.jit import warm
@@ -76,20 +78,47 @@ def _compile(found: list[Any], show: bool) -> int:
     return sum(fn.py_func in built for fn in found)
 
 
+def _second_process(everything: bool) -> subprocess.Popen[str] | None:
+    """Another process that compiles the same kernels from the other end of the list, on another
+    core: each kernel is built under a lock file (elves/jit.py), so the two never compile one
+    twice, and the one that finds a kernel taken waits for it and loads it from the cache. Its
+    report (``--json``) says how many it compiled."""
+    if (os.cpu_count() or 1) < 2:
+        return None
+    return subprocess.Popen(
+        [sys.executable, "-m", "elves.cli.main", "kernels", "compile", "--json", "--from-end", "--alone",
+         *(["--all"] * everything)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def _compiled_by(other: subprocess.Popen[str]) -> int:
+    """How many kernels the second process compiled; 0 if it failed (this process then built or
+    loaded every kernel itself, so the cache is whole either way)."""
+    out, _ = other.communicate()
+    try:
+        return int(json.loads(out)["compiled"]) if other.returncode == 0 else 0
+    except (ValueError, KeyError, TypeError):
+        return 0
+
+
 @kernels.command("compile", epilog=epilog(WHERE))
 @click.option("--all", "everything", is_flag=True,
               help="Also the kernels of --lossy elf (about two minutes of CPU more).")
 @click.option("--background", is_flag=True,
               help="Compile in a detached process and return at once.")
+@click.option("--from-end", "from_end", is_flag=True, hidden=True,
+              help="Walk the kernels from the last (the second process of a compile).")
+@click.option("--alone", is_flag=True, hidden=True, help="Start no second process.")
 @json_option
 @quiet_option
-def compile_kernels(everything: bool, background: bool, as_json: bool) -> None:
+def compile_kernels(everything: bool, background: bool, from_end: bool, alone: bool, as_json: bool) -> None:
     """Compile the kernels that compress, restore and the store run, into numba's cache.
 
     Without it the first command after an install or an upgrade compiles the kernels it needs
     (seconds of CPU, "compiling kernels (first run only)"); run it where an image is built, or
     after pip install. Kernels already in the cache are loaded, not compiled again; a command
-    that needs a kernel this is compiling waits for it instead of compiling it too.
+    that needs a kernel this is compiling waits for it instead of compiling it too. With two
+    cores or more, a second process compiles the list from its other end.
 
     \b
     Examples:
@@ -111,7 +140,17 @@ def compile_kernels(everything: bool, background: bool, as_json: bool) -> None:
 
         t0 = time.perf_counter()
         found = _kernels(everything)
-        compiled = _compile(found, not as_json and not quiet() and sys.stderr.isatty())
+        other = None if alone else _second_process(everything)
+        try:
+            compiled = _compile(found[::-1] if from_end else found,
+                                not as_json and not quiet() and sys.stderr.isatty())
+        except BaseException:
+            if other is not None:
+                other.kill()
+                other.wait()
+            raise
+        if other is not None:
+            compiled += _compiled_by(other)
         seconds = time.perf_counter() - t0
         folders = sorted({cache_folder(fn) for fn in found})
         emit(as_json, {"ok": True, "kernels": len(found), "compiled": compiled, "seconds": round(seconds, 3),
