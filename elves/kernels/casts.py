@@ -32,20 +32,20 @@ def _f32_to_f16(f: np.uint32) -> np.uint32:
     sgn = (f >> _U(16)) & _U(0x8000)
     fe = f & _U(0x7F800000)
     fs = f & _U(0x007FFFFF)
-    # normal: the exponent rebased, the significand rounded (a carry moves into the exponent)
-    rounded = fs + _U(0x1000) * _U((fs & _U(0x3FFF)) != _U(0x1000))
-    normal = ((fe - _U(0x38000000)) >> _U(13)) + (rounded >> _U(13))
-    # subnormal: |f| * 2**24 is exact in F32, and rint rounds it to nearest even as the F16
-    # significand (at most 2**-25 rounds to zero)
-    magnitude = np.uint32(f & _U(0x7FFFFFFF)).view(np.float32)
-    sub = _U(np.rint(magnitude * np.float32(2.0 ** 24))) if fe <= _U(0x38000000) else _U(0)
-    nan = _U(0x7C00) + (fs >> _U(13))
-    nan += _U(nan == _U(0x7C00))
-    big = _U(0x7C00) + (nan - _U(0x7C00)) * _U((fe == _U(0x7F800000)) & (fs != _U(0)))
-    over = _U(0) - _U(fe >= _U(0x47800000))  # all ones where true
-    regular = _U(0) - _U(fe > _U(0x38000000))
-    h = (big & over) | (normal & regular & ~over) | (sub & ~regular)
-    return sgn | h
+    if fe >= _U(0x47800000):  # too large, infinite or NaN
+        if fe == _U(0x7F800000) and fs != _U(0):
+            nan = _U(0x7C00) + (fs >> _U(13))
+            return sgn | (nan + _U(nan == _U(0x7C00)))
+        return sgn | _U(0x7C00)
+    if fe <= _U(0x38000000):
+        # subnormal or zero: |f| * 2**24 is exact in F32, and rint rounds it to nearest even as
+        # the F16 significand (at most 2**-25 rounds to zero)
+        magnitude = np.uint32(f & _U(0x7FFFFFFF)).view(np.float32)
+        return sgn | _U(np.rint(magnitude * np.float32(2.0 ** 24)))
+    # normal: the exponent rebased, the significand rounded (a carry moves into the exponent,
+    # up to infinity)
+    rounded = fs + (_U(0x1000) if (fs & _U(0x3FFF)) != _U(0x1000) else _U(0))
+    return sgn | (((fe - _U(0x38000000)) >> _U(13)) + (rounded >> _U(13)))
 
 
 @kernel("(uint32,)", internal=True)
