@@ -50,8 +50,7 @@ class Kernel:
         self.__wrapped__ = py_func
         self._dispatcher: Any = None
         self._parsed: list[tuple[Any, ...]] = []
-        self._chosen: set[tuple[Any, ...]] = set()
-        self._seen: set[tuple[Any, ...]] = set()  # _key()s of argument tuples whose types are chosen
+        self._seen: set[tuple[Any, ...]] = set()  # _key()s of argument tuples whose signature is compiled
 
     def __repr__(self) -> str:
         return f"<kernel {self.py_func.__module__}.{self.__qualname__}>"
@@ -118,17 +117,14 @@ class Kernel:
 
         typeof: Callable[[Any], Any] = numba.typeof  # untyped in numba
         types = tuple(typeof(a) for a in args)
-        if types in self._chosen:
-            self._seen.add(key)
-            return
         d = self._dispatcher
         convert = d.typingctx.can_convert
         for sig in self._parsed:
             if len(sig) == len(types) and all(convert(t, p) is not None for t, p in zip(types, sig)):
-                with _building(), _claimed(self):
-                    _compile(d, sig)
-                    self._chosen.add(types)
-                    self._seen.add(key)
+                if sig not in d.overloads:
+                    with _building(), _claimed(self):
+                        _compile(d, sig)
+                self._seen.add(key)
                 return
         raise TypeError(f"{self!r} has no signature for the argument types {types}")
 
