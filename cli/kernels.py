@@ -78,6 +78,11 @@ def _compile(found: list[Any], show: bool) -> int:
     return sum(fn.py_func in built for fn in found)
 
 
+def _this_command(everything: bool, *flags: str) -> list[str]:
+    """``elves kernels compile`` run as another process, with ``flags`` (and ``--all``)."""
+    return [sys.executable, "-m", "elves.cli.main", "kernels", "compile", *flags, *(["--all"] * everything)]
+
+
 def _second_process(everything: bool) -> subprocess.Popen[str] | None:
     """Another process that compiles the same kernels from the other end of the list, on another
     core: each kernel is built under a lock file (elves/jit.py), so the two never compile one
@@ -85,10 +90,8 @@ def _second_process(everything: bool) -> subprocess.Popen[str] | None:
     report (``--json``) says how many it compiled."""
     if (os.cpu_count() or 1) < 2:
         return None
-    return subprocess.Popen(
-        [sys.executable, "-m", "elves.cli.main", "kernels", "compile", "--json", "--from-end", "--alone",
-         *(["--all"] * everything)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    return subprocess.Popen(_this_command(everything, "--json", "--from-end", "--alone"),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 
 def _compiled_by(other: subprocess.Popen[str]) -> int:
@@ -129,10 +132,8 @@ def compile_kernels(everything: bool, background: bool, from_end: bool, alone: b
     """
     with reported(as_json):
         if background:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "elves.cli.main", "kernels", "compile", "-q", *(["--all"] * everything)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                start_new_session=True)
+            proc = subprocess.Popen(_this_command(everything, "-q"), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
             emit(as_json, {"ok": True, "background": True, "pid": proc.pid},
                  f"compiling kernels in the background (process {proc.pid})", summary=True)
             return

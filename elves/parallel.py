@@ -16,8 +16,8 @@ if TYPE_CHECKING:
     import numpy as np
 
 T = TypeVar("T")
-Piece = Union[bytes, "np.ndarray"]  # a run of bytes to hash: a read, or a decoded chunk (uint8)
 R = TypeVar("R")
+Piece = Union[bytes, "np.ndarray"]  # a run of bytes to hash: a read, or a decoded chunk (uint8)
 
 INLINE_BYTES = 64 << 10
 """Chunks smaller than this are coded in the calling thread: a hand-off costs more than the work."""
