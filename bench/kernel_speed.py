@@ -234,7 +234,11 @@ def keep_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 62))
+        # mallopt takes a C int: a larger value wraps (1 << 62 became 0, "trim on every free",
+        # which faulted every large block in again: before 2026-12-07 03:00 both sides of the
+        # table paid that on each allocation of 128 KiB or more).
+        most = ctypes.c_int(2**31 - 1)
+        return bool(libc.mallopt(m_mmap_threshold, most) and libc.mallopt(m_trim_threshold, most))
     except (OSError, AttributeError):
         return False
 
