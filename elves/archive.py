@@ -25,7 +25,8 @@ from .errors import (
     TruncatedArchiveError,
     UnsupportedFormatError,
 )
-from .index import Chunk, FileEntry, Index, Stream, parse_index, safe_relpath
+from .index import Chunk, FileEntry, Index, Stream, checksum, parse_index, safe_relpath
+from .parallel import SyncBehind
 from .references import Sources
 from .version import __version__
 
@@ -87,6 +88,7 @@ class ArchiveWriter:
             raise OutputError("the folder to write into does not exist", self.path.parent)
         self.tmp = temp_sibling(self.path)
         self.f = open(self.tmp, "r+b")
+        self.sync = SyncBehind(self.f)
         self.f.write(b"\0" * DATA_START)
         self.pos = DATA_START
         self.streams: list[Stream] = []
@@ -102,10 +104,11 @@ class ArchiveWriter:
             pad = ALIGN - self.pos % ALIGN
             self._write(b"\0" * pad)
 
-    def write_chunk(self, payload: bytes, decoded_length: int) -> Chunk:
+    def write_chunk(self, payload: bytes, decoded_length: int, check: int | None = None) -> Chunk:
+        """Append a chunk's payload; ``check`` is its :func:`checksum` when the caller has it."""
         offset = self.pos
         self._write(payload)
-        return Chunk(offset, len(payload), decoded_length, xxhash.xxh3_64_intdigest(payload))
+        return Chunk(offset, len(payload), decoded_length, checksum(payload) if check is None else check)
 
     def read_payload(self, stream: Stream, chunk: int) -> bytes:
         """A chunk payload written earlier, read back (to serve as a reference); call
@@ -139,6 +142,7 @@ class ArchiveWriter:
     def _write(self, data: bytes) -> None:
         try:
             self.f.write(data)
+            self.sync.wrote(len(data))
         except OSError as e:
             raise OutputError(f"cannot write the archive: {e.strerror}", self.path) from None
         self.pos += len(data)
@@ -166,8 +170,7 @@ class ArchiveWriter:
         try:
             self.f.seek(0)
             self.f.write(head)
-            self.f.flush()
-            os.fsync(self.f.fileno())
+            self.sync.finish()
             os.fchmod(self.f.fileno(), public_mode(0o666))
             self.f.close()
             os.replace(self.tmp, self.path)
@@ -176,6 +179,7 @@ class ArchiveWriter:
             raise OutputError(f"cannot finish the archive: {e.strerror}", self.path) from None
 
     def abort(self) -> None:
+        self.sync.close()
         self.f.close()
         self.tmp.unlink(missing_ok=True)
 
@@ -257,14 +261,14 @@ class ArchiveReader:
 
     def read_payload(self, stream: Stream, chunk: int) -> bytes:
         """The payload of ``chunk`` of ``stream``, its checksum checked."""
-        offset, length, _, checksum = stream.chunks[chunk]
+        offset, length, _, check = stream.chunks[chunk]
         try:
             data = os.pread(self.f.fileno(), length, offset)
         except OSError as e:
             raise ArchiveError(f"cannot read the archive: {e.strerror}", self.path) from None
         if len(data) != length:
             raise TruncatedArchiveError("the payload is cut short", self.path)
-        if xxhash.xxh3_64_intdigest(data) != checksum:
+        if checksum(data) != check:
             raise CorruptArchiveError("the payload is corrupted (checksum mismatch)", self.path)
         return data
 

@@ -27,9 +27,9 @@ from .codecs.planes import Planes
 from .codecs.rans import Rans
 from .codecs.zstd import Zstd
 from .errors import InputError
-from .index import FileEntry, TensorEntry
+from .index import FileEntry, TensorEntry, checksum
 from .lossy import elf_pays, elf_pipeline, encode_checked
-from .model import Segment, SourceFile, hash_segment, kept_mode, open_source, read_exact
+from .model import Segment, SourceFile, hash_segment, kept_mode, open_source, read_exact, read_pieces
 from .parallel import INLINE_BYTES, Sha256Beside, default_threads, ordered_map
 from .planner import ReferencePlanner, block_hashes, segment_names, widest_first
 from .readers import read_model
@@ -241,10 +241,23 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
         slot: dict[int, int] = {}  # their segment number -> their place in ``new``
         names = segment_names(sf)
         blocks_of: dict[int, np.ndarray] = {}
-        for index, seg in enumerate(sf.segments):
+
+        def content(seg: Segment, *sinks: Callable[[bytes], None]) -> tuple[str, list[np.ndarray] | None]:
             blocks: list[np.ndarray] | None = [] if planner.blocks and seg.dtype in ELF_DTYPES else None
-            key = (seg.dtype, hash_segment(fd, seg, sf.path, sha,
-                                          None if blocks is None else functools.partial(_add_blocks, blocks)))
+            if blocks is not None:
+                sinks += (functools.partial(_add_blocks, blocks),)
+            return hash_segment(fd, seg, sf.path, *sinks), blocks
+
+        # The content hashes of large segments are computed on the pool, ahead of the loop below,
+        # and their sha256 reads its own bytes on its thread: the loop reads none of them.
+        large = ordered_map(pool, content, [seg for seg in sf.segments if seg.length >= INLINE_BYTES], 2 * nthreads + 2)
+        for index, seg in enumerate(sf.segments):
+            if seg.length < INLINE_BYTES:  # read once, here, for both hashes: a hand-off costs more
+                digest, blocks = content(seg, sha.update)
+            else:
+                digest, blocks = next(large)
+                sha.update_read(functools.partial(read_pieces, fd, seg, sf.path), seg.length)
+            key = (seg.dtype, digest)
             if key not in seen:
                 read = functools.partial(_read_in, fd, seg, sf.path)
                 pipeline, chunk_elems = pipeline_for(seg, lossy, read)
@@ -276,38 +289,44 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
         # Every chunk's reference, whatever its source, as restore will read it.
         refs = {id(stream): planner.sources.chunk_refs(stream) for _, stream, _ in new}
 
-        def jobs() -> Iterator[tuple[Stream, Pipeline, bytes, bool, int]]:
+        def jobs() -> Iterator[tuple[Stream, Pipeline, int, int, int]]:
             for seg, stream, pipeline in new:
                 step = stream.chunk_elems * (dtypes.get(seg.dtype).itemsize if seg.dtype else 1)
                 for i, off in enumerate(range(seg.offset, seg.offset + seg.length, step)):
-                    raw = read_exact(fd, off, min(step, seg.offset + seg.length - off), sf.path)
-                    yield stream, pipeline, raw, i == 0, i
+                    yield stream, pipeline, off, min(step, seg.offset + seg.length - off), i
 
         raw_of: dict[int, bytes] = {}
 
-        def encode(job: tuple[Stream, Pipeline, bytes, bool, int]) -> tuple[Stream, bytes, int, bool, "np.ndarray | None"]:
-            stream, pipeline, raw, first, i = job
-            if len(raw) == stream.nbytes:
+        def encode(job: tuple[Stream, Pipeline, int, int, int]
+                   ) -> tuple[Stream, bytes, int, int, bool, "np.ndarray | None"]:
+            # The read and the payload's checksum happen here, on the pool: the calling thread
+            # orders and writes the chunks, and with many cores it is what bounds the speed.
+            stream, pipeline, off, nraw, i = job
+            raw = read_exact(fd, off, nraw, sf.path)
+            if nraw == stream.nbytes:
                 raw_of[id(stream)] = raw
             ref_of = refs[id(stream)]
             ref = ref_of(i) if ref_of is not None else None
             arr = np.frombuffer(raw, dtype=np.uint8)
+            decoded = None
             if lossy is not None and pipeline.codecs and pipeline.codecs[0].codec_id == "elf":
                 # Also what restore will produce, checked against the bound once more: the
                 # stream's decoded hash is of these bytes.
                 payload, decoded = encode_checked(pipeline, arr, ref)
-                return stream, payload, len(raw), first, decoded
-            return stream, pipeline.encode(arr, ref=ref), len(raw), first, None
+            else:
+                payload = pipeline.encode(arr, ref=ref)
+            return stream, payload, checksum(payload), nraw, i == 0, decoded
 
         decoded_of: dict[int, tuple["xxhash.xxh3_128", int]] = {}  # lossy streams: hash so far, bytes so far
-        for stream, payload, nraw, first, decoded in ordered_map(pool, encode, jobs(), 2 * nthreads + 2,
-                                                                 inline=lambda job: len(job[2]) < INLINE_BYTES):
+        for stream, payload, check, nraw, first, decoded in ordered_map(pool, encode, jobs(), 2 * nthreads + 2,
+                                                                        inline=lambda job: job[3] < INLINE_BYTES):
             if first:
                 writer.begin_stream(stream.nbytes)
             if nraw == stream.nbytes and len(payload) >= nraw:
                 # A one-chunk stream that coding would not shrink (a tiny tensor, a zip record)
                 # is stored as it is: an empty pipeline.
                 payload, stream.pipeline = raw_of[id(stream)], []
+                check = checksum(payload)
                 stream.ref, stream.ref_map, stream.ref_cast = None, None, None
                 decoded = None
             if decoded is not None:
@@ -316,7 +335,7 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
                 decoded_of[id(stream)] = h, done + nraw
                 if done + nraw == stream.nbytes and h.hexdigest() != stream.hash:
                     stream.decoded_hash = h.hexdigest()
-            stream.chunks.append(writer.write_chunk(payload, nraw))
+            stream.chunks.append(writer.write_chunk(payload, nraw, check))
             if progress:
                 progress(nraw)
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, NamedTuple, NoReturn
 
+import xxhash
+
 from . import casts, dtypes
 from .codecs import Pipeline
 from .errors import CorruptArchiveError, ElvesError, UnsafePathError
@@ -51,7 +53,12 @@ class Chunk(NamedTuple):
     offset: int
     length: int
     decoded_length: int
-    checksum: int          # xxh3-64 of the payload
+    checksum: int          # xxh3-64 of the payload: :func:`checksum`
+
+
+def checksum(payload: bytes | memoryview) -> int:
+    """What :attr:`Chunk.checksum` holds for ``payload``: its xxh3-64."""
+    return xxhash.xxh3_64_intdigest(payload)
 
 
 @dataclass

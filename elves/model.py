@@ -13,7 +13,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, ContextManager, Protocol
+from typing import BinaryIO, Callable, ContextManager, Iterator
 
 import xxhash
 
@@ -165,22 +165,18 @@ def read_exact(fd: int, offset: int, length: int, path: Path) -> bytes:
     return data
 
 
-class HashSink(Protocol):
-    """Where :func:`hash_segment` feeds a file's bytes: a hashlib hash, or a hash on a thread of
-    its own (:class:`elves.parallel.Sha256Beside`)."""
-
-    def update(self, data: bytes, /) -> None: ...
-
-
-def hash_segment(fd: int, seg: Segment, path: Path, sha: HashSink,
-                 on_piece: Callable[[bytes], None] | None = None) -> str:
-    """The segment's xxh3-128, its bytes fed to ``sha`` on the way, and to ``on_piece`` in pieces
-    of READ_PIECE bytes (all whole but the last)."""
-    h = xxhash.xxh3_128()
+def read_pieces(fd: int, seg: Segment, path: Path) -> Iterator[bytes]:
+    """The segment's bytes in pieces of READ_PIECE bytes (all whole but the last)."""
     for off in range(seg.offset, seg.offset + seg.length, READ_PIECE):
-        piece = read_exact(fd, off, min(READ_PIECE, seg.offset + seg.length - off), path)
+        yield read_exact(fd, off, min(READ_PIECE, seg.offset + seg.length - off), path)
+
+
+def hash_segment(fd: int, seg: Segment, path: Path, *sinks: Callable[[bytes], None]) -> str:
+    """The segment's xxh3-128, its bytes fed to each of ``sinks`` on the way (:func:`read_pieces`).
+    Safe to call from several threads: it reads with ``pread``."""
+    h = xxhash.xxh3_128()
+    for piece in read_pieces(fd, seg, path):
         h.update(piece)
-        sha.update(piece)
-        if on_piece is not None:
-            on_piece(piece)
+        for sink in sinks:
+            sink(piece)
     return h.hexdigest()

@@ -1,4 +1,4 @@
-"""Work on a thread pool, in order and with bounded memory.
+"""Work on a thread pool, in order and with bounded memory; hashing and syncing beside it.
 
 The kernels release the GIL, so chunks are encoded and decoded on threads. Results must come out
 in the order the chunks go into a file, and only a bounded number may be in flight, so that
@@ -10,7 +10,7 @@ import hashlib
 import os
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar, Union
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, TypeVar, Union
 
 if TYPE_CHECKING:
     import numpy as np
@@ -63,50 +63,128 @@ def ordered_map(pool: Executor, fn: Callable[[T], R], items: Iterable[T], window
 class Sha256Beside:
     """The sha256 of a file's pieces (bytes or uint8 arrays), computed on a thread of its own.
     hashlib releases the GIL on large buffers, so the hash (about 1.8 GB/s) runs beside the
-    decode, or beside the reads and content hashes of a compress, instead of after them. Pieces
-    go to the thread in batches of at least ``HANDOFF`` bytes (a hand-off per small piece costs
-    more than hashing it), and at most ``window`` batches wait for it. As a context manager it
-    closes (waits for its thread) on the way out; :meth:`hexdigest` still answers after that."""
+    decode, or beside the reads and content hashes of a compress, instead of after them. A piece
+    may also be a read for the thread to do (:meth:`update_read`), so that the caller need not
+    read those bytes at all. Pieces go to the thread in batches of at least ``HANDOFF`` bytes (a
+    hand-off per small piece costs more than hashing it), and at most ``window`` batches wait for
+    it. As a context manager it closes (waits for its thread) on the way out; :meth:`hexdigest`
+    still answers after that, or raises what a read raised."""
 
     HANDOFF = 1 << 20
 
     def __init__(self, window: int = 4):
         self._sha = hashlib.sha256()
         self._pool = ThreadPoolExecutor(1)
-        self._pending: deque[Future[None]] = deque()
+        self._pending: deque[tuple[Future[None], bool]] = deque()  # a batch, and whether it holds bytes
+        self._holding = 0  # how many of them do
         self._window = window
-        self._batch: list[Piece] = []
+        self._batch: list[Piece | Callable[[], Iterable[Piece]]] = []
         self._batched = 0
+        self._failed: Exception | None = None
 
     def __enter__(self) -> Sha256Beside:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # the error under way is the one to report, not a read's that it may have caused
+            self.close()
+        except Exception:
+            pass
 
     def update(self, piece: Piece) -> None:
+        self._add(piece, len(piece))
+
+    def update_read(self, read: Callable[[], Iterable[Piece]], nbytes: int) -> None:
+        """Hash the pieces ``read()`` yields, ``nbytes`` in all, reading them on the hash's thread."""
+        self._add(read, nbytes)
+
+    def _add(self, piece: Piece | Callable[[], Iterable[Piece]], nbytes: int) -> None:
         self._batch.append(piece)
-        self._batched += len(piece)
+        self._batched += nbytes
         if self._batched >= self.HANDOFF:
             self._hand_off()
 
     def _hand_off(self) -> None:
-        self._pending.append(self._pool.submit(self._hash, self._batch))
+        # Only batches that hold bytes count against the window: a read to do holds none, and
+        # waiting for it would keep the caller from what it could do meanwhile.
+        holds = any(not callable(p) for p in self._batch)
+        self._pending.append((self._pool.submit(self._hash, self._batch), holds))
         self._batch, self._batched = [], 0
-        if len(self._pending) > self._window:
-            self._pending.popleft().result()
+        self._holding += holds
+        while self._pending and (self._holding > self._window or self._pending[0][0].done()):
+            future, held = self._pending.popleft()
+            self._holding -= held
+            future.result()
 
-    def _hash(self, pieces: list[Piece]) -> None:
+    def _hash(self, pieces: list[Piece | Callable[[], Iterable[Piece]]]) -> None:
         for piece in pieces:
-            self._sha.update(piece if isinstance(piece, bytes) else piece.data)
+            for p in piece() if callable(piece) else (piece,):
+                self._sha.update(p if isinstance(p, bytes) else p.data)
 
     def hexdigest(self) -> str:
         self.close()
+        if self._failed is not None:  # the hash missed what that read should have given it
+            raise self._failed
         return self._sha.hexdigest()
 
     def close(self) -> None:
-        while self._pending:
-            self._pending.popleft().result()
-        self._pool.shutdown()
-        self._hash(self._batch)  # the small rest: nothing is left to overlap with
-        self._batch, self._batched = [], 0
+        try:
+            while self._pending:
+                self._pending.popleft()[0].result()
+            self._holding = 0
+            self._pool.shutdown()
+            batch, self._batch, self._batched = self._batch, [], 0
+            self._hash(batch)  # the small rest: nothing is left to overlap with
+        except Exception as e:
+            self._failed = e
+            raise
+
+
+class SyncBehind:
+    """Makes a file being written durable as it grows: every ``EVERY`` bytes written, the data so
+    far goes to disk on a thread of its own (``fdatasync``), while the writer goes on. An archive
+    or a store object is synced before it is renamed into place, and without this the whole file
+    would wait for the disk at the end (gigabytes, for a large model), with nothing else to do.
+    Call :meth:`wrote` after each write, :meth:`finish` for the final sync, and :meth:`close`
+    before the file is closed another way (a sync must not outlive its descriptor)."""
+
+    EVERY = 16 << 20
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
+        self._since = 0
+
+    def wrote(self, n: int) -> None:
+        self._since += n
+        if self._since < self.EVERY or (self._pending is not None and not self._pending.done()):
+            return
+        if self._pending is not None:
+            self._pending.result()  # a failed sync (the disk) is the writer's error
+        self._f.flush()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1)
+        self._pending = self._pool.submit(os.fdatasync, self._f.fileno())
+        self._since = 0
+
+    def finish(self) -> None:
+        """Flush and fsync the file (OSError if the disk refuses); what is left is at most
+        what was written since the last sync began."""
+        try:
+            if self._pending is not None:
+                self._pending.result()
+        finally:
+            self.close()
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        """Wait for the sync under way, if any, ignoring its outcome."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        self._pending = None

@@ -181,3 +181,18 @@ class BytesBytesCodec(Codec):
 
     decodes_to = Form.BYTES
     encodes_to = Form.BYTES
+
+
+class DecodesThrough(ABC):
+    """A codec that decodes straight from the payload of the codec after it, in one step, when it
+    knows that codec (``planes`` from ``rans``: no plane buffer between the two, one kernel call).
+    A base class rather than a runtime-checked protocol: a pipeline is built per stream, and
+    ``isinstance`` against a protocol costs microseconds."""
+
+    @abstractmethod
+    def decodes_through(self, inner: Codec) -> bool:
+        """Whether :meth:`decode_through` can decode ``inner``'s payloads."""
+
+    @abstractmethod
+    def decode_through(self, inner: Codec, data: Any, out: U8 | None, expected: Expected) -> Any:
+        """``self.decode(inner.decode(data, ...), out, expected=expected)``, with every check of the two."""

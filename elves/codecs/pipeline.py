@@ -8,27 +8,13 @@ gives, whether it needs the chunk's reference chunk, whether it may leave nothin
 """
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
 from ..errors import CodecError, CorruptArchiveError
-from .base import U8, Codec, Config, Expected, Form
+from .base import U8, Codec, Config, DecodesThrough, Expected, Form
 from .registry import codec_from_config
-
-
-@runtime_checkable
-class DecodesThrough(Protocol):
-    """A codec that decodes straight from the payload of the codec after it, in one step, when it
-    knows that codec (``planes`` from ``rans``: no plane buffer between the two, one kernel call)."""
-
-    def decodes_through(self, inner: Codec) -> bool:
-        """Whether :meth:`decode_through` can decode ``inner``'s payloads."""
-        ...
-
-    def decode_through(self, inner: Codec, data: Any, out: U8 | None, expected: Expected) -> Any:
-        """``self.decode(inner.decode(data, ...), out, expected=expected)``, with every check of the two."""
-        ...
 
 
 class Pipeline:
@@ -60,9 +46,18 @@ class Pipeline:
 
     @classmethod
     def from_config(cls, configs: list[Config]) -> Pipeline:
+        """The pipeline ``configs`` describe. Codecs keep no state between chunks, so streams
+        with the same configs share one: building it costs more than coding a small chunk."""
         if not isinstance(configs, list):
             raise CodecError(f"a pipeline must be a list of codec configs, not {type(configs).__name__}")
-        return cls([codec_from_config(c) for c in configs])
+        key = repr(configs)  # configs hold JSON's types, which repr tells apart (1, 1.0, True)
+        pipeline = _BUILT.get(key)
+        if pipeline is None:
+            pipeline = cls([codec_from_config(c) for c in configs])
+            if len(_BUILT) >= _MAX_BUILT:  # a forged index can name any number of configs
+                _BUILT.clear()
+            _BUILT[key] = pipeline
+        return pipeline
 
     def get_config(self) -> list[Config]:
         return [c.get_config() for c in self.codecs]
@@ -129,3 +124,7 @@ class Pipeline:
                 data = codec.decode(data, out if i == 0 else None, self._ref(codec, ref), expected=sizes[i])
                 i -= 1
         return out
+
+
+_BUILT: dict[str, Pipeline] = {}
+_MAX_BUILT = 256

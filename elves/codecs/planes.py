@@ -10,11 +10,11 @@ import numpy as np
 
 from .. import dtypes
 from ..errors import CodecError, CorruptArchiveError
-from .base import U8, ArrayPlanesCodec, Codec, Config, Expected, as_u8, expected_of
+from .base import U8, ArrayPlanesCodec, Codec, Config, DecodesThrough, Expected, as_u8, expected_of
 from .rans import STATUS, Rans
 
 
-class Planes(ArrayPlanesCodec):
+class Planes(ArrayPlanesCodec, DecodesThrough):
     codec_id = "planes"
 
     def __init__(self, dtype: str, rotate: bool | None = None):

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
-import xxhash
 
 from bitx.codec import Xor
 
@@ -25,7 +24,7 @@ from ..codecs.planes import Planes
 from ..codecs.rans import Rans
 from ..decoder import StreamReader, stream_label
 from ..errors import BaseMismatchError, CodecError, CorruptArchiveError, TruncatedArchiveError
-from ..index import Stream
+from ..index import Stream, checksum
 from ..references import Reference
 from .base import DeviceBase
 from .launcher import (
@@ -245,14 +244,14 @@ def stream_chunks(reader: StreamReader, s: int) -> list[Chunk]:
     codec = stream.decoder().codecs[1 if xor or elf else 0] if width != STORED else None
     rotate = isinstance(codec, Planes) and codec.rotate
     out, pos = [], 0
-    for i, (offset, length, decoded, checksum) in enumerate(stream.chunks):
+    for i, (offset, length, decoded, check) in enumerate(stream.chunks):
         if width != STORED and decoded % width:
             raise CorruptArchiveError(f"{stream_label(reader, s)}: chunk {i} is not a whole number "
                                       "of elements", reader.path)
         # A chunk the sparse filter left without a payload is the dense filter applied to zeros.
         second = ELF | elf.width if elf is not None else SPARSE | width if xor is not None and xor.sparse and length else 0
         scratch = stream.decoder().expected(decoded)[-1] if second else None
-        out.append(Chunk(s, i, offset, length, decoded, checksum, width, rotate, pos, xor, elf, second, scratch))
+        out.append(Chunk(s, i, offset, length, decoded, check, width, rotate, pos, xor, elf, second, scratch))
         pos += decoded
     if pos != stream.nbytes:
         raise CorruptArchiveError(f"{stream_label(reader, s)}: its chunks do not add up to its size", reader.path)
@@ -397,7 +396,7 @@ def fill(host: np.ndarray, reader: StreamReader, batch: Batch, layout: Layout) -
                                         f"{chunks[i].index}: the payload is cut short", reader.path)
         i = j
     for c, offset in zip(chunks, offsets):
-        if xxhash.xxh3_64_intdigest(mem[offset:offset + c.length]) != c.checksum:
+        if checksum(mem[offset:offset + c.length]) != c.checksum:
             raise CorruptArchiveError(f"{stream_label(reader, c.stream)}: chunk {c.index}: "
                                       "the payload is corrupted (checksum mismatch)", reader.path)
 

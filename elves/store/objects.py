@@ -22,6 +22,7 @@ from ..index import (
     Stream,
     check_chunks,
     check_ref,
+    checksum,
     ints,
     parse_stream,
 )
@@ -146,7 +147,7 @@ class StoredObject:
     def read_payload(self, stream: Stream, chunk: int) -> bytes:
         offset, length, _, check = stream.chunks[chunk]
         data = self.blob.read(offset, length)
-        if len(data) != length or xxhash.xxh3_64_intdigest(data) != check:
+        if len(data) != length or checksum(data) != check:
             raise CorruptArchiveError(f"object {self.key}: the payload is corrupted (checksum mismatch)", self.path)
         return data
 
@@ -174,9 +175,10 @@ class ObjectWriter:
         self.meta = meta
         self.pos = 0
 
-    def write_chunk(self, payload: bytes, decoded: int) -> None:
+    def write_chunk(self, payload: bytes, decoded: int, check: int | None = None) -> None:
+        """Append a chunk's payload; ``check`` is its :func:`~elves.index.checksum` when the caller has it."""
         self.upload.write(payload)
-        self.meta.chunks.append(Chunk(self.pos, len(payload), decoded, xxhash.xxh3_64_intdigest(payload)))
+        self.meta.chunks.append(Chunk(self.pos, len(payload), decoded, checksum(payload) if check is None else check))
         self.pos += len(payload)
 
     def finish(self) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from ..errors import CorruptArchiveError, OutputError, StoreError
+from ..parallel import SyncBehind
 from .layout import ADDING, LOCK
 
 
@@ -172,20 +173,22 @@ class _LocalUpload:
         with _writing(self.where):
             fd, name = tempfile.mkstemp(prefix=prefix, dir=storage.root / "tmp")
         self.f = os.fdopen(fd, "wb")
+        self.sync = SyncBehind(self.f)
         self.path = Path(name)
         self.temp = f"tmp/{self.path.name}"
 
     def write(self, data: bytes) -> None:
         with _writing(self.where):
             self.f.write(data)
+            self.sync.wrote(len(data))
 
     def finish(self) -> None:
         with _writing(self.where):
-            self.f.flush()
-            os.fsync(self.f.fileno())
+            self.sync.finish()
             self.f.close()
 
     def abort(self) -> None:
+        self.sync.close()
         try:
             self.f.close()
         except OSError:  # the buffered rest cannot be written (a full disk): it is not wanted
