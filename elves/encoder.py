@@ -29,7 +29,7 @@ from .codecs.zstd import Zstd
 from .errors import InputError
 from .index import FileEntry, TensorEntry, checksum
 from .lossy import elf_pays, elf_pipeline, encode_checked
-from .model import Segment, SourceFile, hash_segment, kept_mode, open_source, read_exact, read_pieces
+from .model import Segment, SourceFile, hash_segment, kept_mode, open_source, read_exact
 from .parallel import INLINE_BYTES, Sha256Beside, default_threads, ordered_map
 from .planner import ReferencePlanner, block_hashes, segment_names, widest_first
 from .readers import read_model
@@ -241,23 +241,10 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
         slot: dict[int, int] = {}  # their segment number -> their place in ``new``
         names = segment_names(sf)
         blocks_of: dict[int, np.ndarray] = {}
-
-        def content(seg: Segment, *sinks: Callable[[bytes], None]) -> tuple[str, list[np.ndarray] | None]:
-            blocks: list[np.ndarray] | None = [] if planner.blocks and seg.dtype in ELF_DTYPES else None
-            if blocks is not None:
-                sinks += (functools.partial(_add_blocks, blocks),)
-            return hash_segment(fd, seg, sf.path, *sinks), blocks
-
-        # The content hashes of large segments are computed on the pool, ahead of the loop below,
-        # and their sha256 reads its own bytes on its thread: the loop reads none of them.
-        large = ordered_map(pool, content, [seg for seg in sf.segments if seg.length >= INLINE_BYTES], 2 * nthreads + 2)
         for index, seg in enumerate(sf.segments):
-            if seg.length < INLINE_BYTES:  # read once, here, for both hashes: a hand-off costs more
-                digest, blocks = content(seg, sha.update)
-            else:
-                digest, blocks = next(large)
-                sha.update_read(functools.partial(read_pieces, fd, seg, sf.path), seg.length)
-            key = (seg.dtype, digest)
+            blocks: list[np.ndarray] | None = [] if planner.blocks and seg.dtype in ELF_DTYPES else None
+            sinks = [sha.update] if blocks is None else [sha.update, functools.partial(_add_blocks, blocks)]
+            key = (seg.dtype, hash_segment(fd, seg, sf.path, *sinks))
             if key not in seen:
                 read = functools.partial(_read_in, fd, seg, sf.path)
                 pipeline, chunk_elems = pipeline_for(seg, lossy, read)

@@ -13,7 +13,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, ContextManager, Iterator
+from typing import BinaryIO, Callable, ContextManager
 
 import xxhash
 
@@ -165,17 +165,12 @@ def read_exact(fd: int, offset: int, length: int, path: Path) -> bytes:
     return data
 
 
-def read_pieces(fd: int, seg: Segment, path: Path) -> Iterator[bytes]:
-    """The segment's bytes in pieces of READ_PIECE bytes (all whole but the last)."""
-    for off in range(seg.offset, seg.offset + seg.length, READ_PIECE):
-        yield read_exact(fd, off, min(READ_PIECE, seg.offset + seg.length - off), path)
-
-
 def hash_segment(fd: int, seg: Segment, path: Path, *sinks: Callable[[bytes], None]) -> str:
-    """The segment's xxh3-128, its bytes fed to each of ``sinks`` on the way (:func:`read_pieces`).
-    Safe to call from several threads: it reads with ``pread``."""
+    """The segment's xxh3-128, its bytes fed to each of ``sinks`` on the way, in pieces of
+    READ_PIECE bytes (all whole but the last)."""
     h = xxhash.xxh3_128()
-    for piece in read_pieces(fd, seg, path):
+    for off in range(seg.offset, seg.offset + seg.length, READ_PIECE):
+        piece = read_exact(fd, off, min(READ_PIECE, seg.offset + seg.length - off), path)
         h.update(piece)
         for sink in sinks:
             sink(piece)

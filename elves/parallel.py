@@ -63,84 +63,53 @@ def ordered_map(pool: Executor, fn: Callable[[T], R], items: Iterable[T], window
 class Sha256Beside:
     """The sha256 of a file's pieces (bytes or uint8 arrays), computed on a thread of its own.
     hashlib releases the GIL on large buffers, so the hash (about 1.8 GB/s) runs beside the
-    decode, or beside the reads and content hashes of a compress, instead of after them. A piece
-    may also be a read for the thread to do (:meth:`update_read`), so that the caller need not
-    read those bytes at all. Pieces go to the thread in batches of at least ``HANDOFF`` bytes (a
-    hand-off per small piece costs more than hashing it), and at most ``window`` batches wait for
-    it. As a context manager it closes (waits for its thread) on the way out; :meth:`hexdigest`
-    still answers after that, or raises what a read raised."""
+    decode, or beside the reads and content hashes of a compress, instead of after them. Pieces
+    go to the thread in batches of at least ``HANDOFF`` bytes (a hand-off per small piece costs
+    more than hashing it), and at most ``window`` batches wait for it. As a context manager it
+    closes (waits for its thread) on the way out; :meth:`hexdigest` still answers after that."""
 
     HANDOFF = 1 << 20
 
     def __init__(self, window: int = 4):
         self._sha = hashlib.sha256()
         self._pool = ThreadPoolExecutor(1)
-        self._pending: deque[tuple[Future[None], bool]] = deque()  # a batch, and whether it holds bytes
-        self._holding = 0  # how many of them do
+        self._pending: deque[Future[None]] = deque()
         self._window = window
-        self._batch: list[Piece | Callable[[], Iterable[Piece]]] = []
+        self._batch: list[Piece] = []
         self._batched = 0
-        self._failed: Exception | None = None
 
     def __enter__(self) -> Sha256Beside:
         return self
 
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is None:
-            self.close()
-            return
-        try:  # the error under way is the one to report, not a read's that it may have caused
-            self.close()
-        except Exception:
-            pass
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def update(self, piece: Piece) -> None:
-        self._add(piece, len(piece))
-
-    def update_read(self, read: Callable[[], Iterable[Piece]], nbytes: int) -> None:
-        """Hash the pieces ``read()`` yields, ``nbytes`` in all, reading them on the hash's thread."""
-        self._add(read, nbytes)
-
-    def _add(self, piece: Piece | Callable[[], Iterable[Piece]], nbytes: int) -> None:
         self._batch.append(piece)
-        self._batched += nbytes
+        self._batched += len(piece)
         if self._batched >= self.HANDOFF:
             self._hand_off()
 
     def _hand_off(self) -> None:
-        # Only batches that hold bytes count against the window: a read to do holds none, and
-        # waiting for it would keep the caller from what it could do meanwhile.
-        holds = any(not callable(p) for p in self._batch)
-        self._pending.append((self._pool.submit(self._hash, self._batch), holds))
+        self._pending.append(self._pool.submit(self._hash, self._batch))
         self._batch, self._batched = [], 0
-        self._holding += holds
-        while self._pending and (self._holding > self._window or self._pending[0][0].done()):
-            future, held = self._pending.popleft()
-            self._holding -= held
-            future.result()
+        if len(self._pending) > self._window:
+            self._pending.popleft().result()
 
-    def _hash(self, pieces: list[Piece | Callable[[], Iterable[Piece]]]) -> None:
+    def _hash(self, pieces: list[Piece]) -> None:
         for piece in pieces:
-            for p in piece() if callable(piece) else (piece,):
-                self._sha.update(p if isinstance(p, bytes) else p.data)
+            self._sha.update(piece if isinstance(piece, bytes) else piece.data)
 
     def hexdigest(self) -> str:
         self.close()
-        if self._failed is not None:  # the hash missed what that read should have given it
-            raise self._failed
         return self._sha.hexdigest()
 
     def close(self) -> None:
-        try:
-            while self._pending:
-                self._pending.popleft()[0].result()
-            self._holding = 0
-            self._pool.shutdown()
-            batch, self._batch, self._batched = self._batch, [], 0
-            self._hash(batch)  # the small rest: nothing is left to overlap with
-        except Exception as e:
-            self._failed = e
-            raise
+        while self._pending:
+            self._pending.popleft().result()
+        self._pool.shutdown()
+        self._hash(self._batch)  # the small rest: nothing is left to overlap with
+        self._batch, self._batched = [], 0
 
 
 class SyncBehind:

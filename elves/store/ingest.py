@@ -2,7 +2,6 @@
 and the objects written chunk by chunk on a thread pool."""
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
@@ -19,7 +18,7 @@ from .. import dtypes
 from ..codecs import Pipeline
 from ..encoder import pipeline_for
 from ..errors import ElvesError
-from ..model import Segment, SourceFile, hash_segment, kept_mode, open_source, read_exact, read_pieces
+from ..model import Segment, SourceFile, hash_segment, kept_mode, open_source, read_exact
 from ..parallel import INLINE_BYTES, Sha256Beside, ordered_map
 from .layout import object_at, object_key
 from .manifests import PACK_BELOW, PACK_MAX
@@ -147,10 +146,6 @@ def add_files(storage: Storage, files: list[SourceFile], planner: DeltaPlanner |
             segments: list[list[Any]] = []
             new: list[tuple[int, Segment, str, str, Pipeline, int]] = []
             packs: list[tuple[bytearray, list[int]]] = []   # packed bytes, the entries pointing in
-            # The content hashes of large segments are computed on the pool, ahead of the loop
-            # below, and their sha256 reads its own bytes on its thread (as compress does).
-            large = ordered_map(pool, functools.partial(hash_segment, fd, path=sf.path),
-                                [seg for seg in sf.segments if seg.length >= INLINE_BYTES], 2 * nthreads + 2)
             for index, seg in enumerate(sf.segments):
                 if seg.length < PACK_BELOW:
                     data = read_exact(fd, seg.offset, seg.length, sf.path)
@@ -161,11 +156,7 @@ def add_files(storage: Storage, files: list[SourceFile], planner: DeltaPlanner |
                     segments.append(["", seg.length, len(packs[-1][0])])
                     packs[-1][0].extend(data)
                     continue
-                if seg.length < INLINE_BYTES:
-                    digest = hash_segment(fd, seg, sf.path, sha.update)
-                else:
-                    digest = next(large)
-                    sha.update_read(functools.partial(read_pieces, fd, seg, sf.path), seg.length)
+                digest = hash_segment(fd, seg, sf.path, sha.update)
                 key = object_key(digest, seg.dtype)
                 segments.append([key, seg.length])
                 if key in known or reusable(storage, key):
