@@ -18,6 +18,7 @@ from .. import dtypes
 from ..codecs import Pipeline
 from ..encoder import pipeline_for
 from ..errors import ElvesError
+from ..index import checksum
 from ..model import Segment, SourceFile, hash_segment, kept_mode, open_source, read_exact
 from ..parallel import INLINE_BYTES, Sha256Beside, ordered_map
 from .layout import object_at, object_key
@@ -82,21 +83,23 @@ def write_objects(storage: Storage, objects: Iterable[NewObject], pool: Executor
                 yield obj, raw, pos, pos + len(raw) == obj.meta.nbytes
                 pos += len(raw)
 
-    def encode(job: tuple[NewObject, bytes, int, bool]) -> tuple[NewObject, bytes, bytes, bool]:
+    def encode(job: tuple[NewObject, bytes, int, bool]) -> tuple[NewObject, bytes, bytes, int, bool]:
         obj, raw, pos, last = job
         ref = obj.ref(pos, len(raw)) if obj.ref is not None else None
-        return obj, raw, obj.pipeline.encode(np.frombuffer(raw, dtype=np.uint8), ref=ref), last
+        payload = obj.pipeline.encode(np.frombuffer(raw, dtype=np.uint8), ref=ref)
+        return obj, raw, payload, checksum(payload), last  # the checksum too, on the pool
 
     writer: ObjectWriter | None = None
     try:
-        for obj, raw, payload, last in ordered_map(pool, encode, jobs(), 2 * nthreads + 2,
-                                                   inline=lambda job: len(job[1]) < INLINE_BYTES):
+        for obj, raw, payload, check, last in ordered_map(pool, encode, jobs(), 2 * nthreads + 2,
+                                                          inline=lambda job: len(job[1]) < INLINE_BYTES):
             if writer is None:
                 writer = ObjectWriter(storage, obj.key, obj.meta)
             if last and not obj.meta.chunks and len(payload) >= len(raw):
                 # one chunk that coding would not shrink: stored as it is, like in an archive
                 payload, obj.meta.pipeline, obj.meta.refs = raw, [], []
-            writer.write_chunk(payload, len(raw))
+                check = checksum(payload)
+            writer.write_chunk(payload, len(raw), check)
             if progress:
                 progress(len(raw))
             if last:
