@@ -141,6 +141,11 @@ class ChunkCache:
             while self.size > self.budget:
                 self.size -= self._chunks.popitem(last=False)[1].nbytes
 
+    def clear(self) -> None:
+        with self._lock:
+            self._chunks.clear()
+            self.size = 0
+
 
 class RefReader:
     """Reads the decoded bytes of stream ``index`` at any offset, decoding the chunks it needs
@@ -334,6 +339,12 @@ class Sources:
         return lambda i: read(i * step, min(step, nbytes - i * step))
 
     def close(self) -> None:
+        # The readers point back at the archive that holds these sources: a cycle that only the
+        # cyclic collector would free, with up to CACHE_BYTES of chunks in it, once per archive
+        # read (a server's memory grew by that much per restore). So it is broken here.
+        with self._lock:
+            self._readers.clear()
+        self.cache.clear()
         if self.content is not None and self.owns_content:
             self.content.close()
         self.content = None

@@ -3,6 +3,7 @@
 forged reference is a clean error."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,33 @@ def test_lossless_versions_code_against_each_other_with_xor(tmp_path: Path) -> N
     out = elves.restore(s.archive, tmp_path / "out").output
     assert tree_hashes(out) == tree_hashes(src)
     assert elves.verify(s.archive, against=src).ok
+
+
+def test_a_closed_archive_frees_the_chunks_its_references_kept(tmp_path: Path) -> None:
+    """The chunks kept for later streams' references sit in a cycle (the archive's sources, their
+    readers, the archive): closing the archive breaks it, so a process that reads archive after
+    archive (a server) does not hold a cache of each until the cyclic collector runs."""
+    import gc
+    import weakref
+
+    from elves.decoder import file_chunks
+
+    src = versions(tmp_path / "src", np.random.default_rng(6))
+    s = elves.compress(src, tmp_path / "m.elves")
+    assert s.ref_streams >= 4
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with ArchiveReader(s.archive) as r, ThreadPoolExecutor(2) as pool:
+            for entry in r.files:
+                for _ in file_chunks(r, entry, pool, 4):
+                    pass
+            kept = [weakref.ref(c) for c in r.references.cache._chunks.values()]
+            assert kept and r.references._readers  # the later versions read the earlier ones
+        assert all(k() is None for k in kept)  # freed by reference counting alone
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @pytest.mark.parametrize("forge, message", [
