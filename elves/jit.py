@@ -50,7 +50,8 @@ class Kernel:
         self.__wrapped__ = py_func
         self._dispatcher: Any = None
         self._parsed: list[tuple[Any, ...]] = []
-        self._seen: set[tuple[Any, ...]] = set()  # _key()s of argument tuples whose signature is compiled
+        # _key() of an argument tuple -> the compiled entry point of the signature it converts to
+        self._entries: dict[tuple[Any, ...], Callable[..., Any]] = {}
 
     def __repr__(self) -> str:
         return f"<kernel {self.py_func.__module__}.{self.__qualname__}>"
@@ -60,7 +61,12 @@ class Kernel:
             raise TypeError(f"{self!r} is internal: only compiled kernels call it")
         d = self.dispatcher()
         if len(self._parsed) > 1:
-            self._compile_for(args)
+            # The signature's own entry point, not the dispatcher: while another thread compiles
+            # a further signature, the dispatcher accepts only exact argument types, and a call
+            # that needs a conversion (a writable array for a read-only one) tries to compile.
+            key = tuple(_key(a) for a in args)
+            entry = self._entries.get(key) or self._compile_for(args, key)
+            return entry(*args)
         return d(*args)
 
     def linked(self) -> Any:
@@ -107,12 +113,10 @@ class Kernel:
                 glb[self.__name__] = d  # from here on callers reach numba directly
         return d
 
-    def _compile_for(self, args: tuple[Any, ...]) -> None:
-        # numba.typeof takes microseconds an array, 15 us a call of four: the kernels run per
-        # chunk, so a key of what decides the type stands for it once the types were seen
-        key = tuple(_key(a) for a in args)
-        if key in self._seen:
-            return
+    def _compile_for(self, args: tuple[Any, ...], key: tuple[Any, ...]) -> Callable[..., Any]:
+        """The entry point of the declared signature that ``args`` convert to (compiled now, or
+        loaded from the cache, if it is not yet), remembered under ``key``: numba.typeof takes
+        microseconds an array, 15 us a call of four, and the kernels run per chunk."""
         import numba
 
         typeof: Callable[[Any], Any] = numba.typeof  # untyped in numba
@@ -124,8 +128,9 @@ class Kernel:
                 if sig not in d.overloads:
                     with _building(), _claimed(self):
                         _compile(d, sig)
-                self._seen.add(key)
-                return
+                entry: Callable[..., Any] = d.overloads[sig].entry_point
+                self._entries[key] = entry
+                return entry
         raise TypeError(f"{self!r} has no signature for the argument types {types}")
 
 

@@ -86,6 +86,25 @@ def test_a_kernel_with_several_word_types_compiles_only_those_it_meets() -> None
         top(np.array([1], dtype=np.uint64))
 
 
+def test_a_kernel_of_several_signatures_converts_while_another_compiles() -> None:
+    """While a thread compiles a further signature, numba's dispatcher takes only exact argument
+    types and would compile a specialisation for the rest (or fail, "compilation disabled", once
+    that thread is done): a read-only signature called with a writable array, meanwhile, must
+    run the compiled signature as it is."""
+    top = _top
+    ro = np.array([4, 8, 1], dtype=np.uint16)
+    ro.flags.writeable = False
+    assert top(ro) == 8
+    d = top.dispatcher()
+    compiled = set(d.overloads)
+    d.disable_compile(False)  # what another thread's compile does for its duration
+    try:
+        assert top(np.array([5, 11], dtype=np.uint16)) == 11  # writable: converted, as before
+    finally:
+        d.disable_compile()
+    assert set(d.overloads) == compiled
+
+
 @kernel("(int64,)", cache=False)  # never cached: every run compiles it
 def _twice(v: int) -> int:
     return 2 * v
