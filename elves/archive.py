@@ -104,11 +104,11 @@ class ArchiveWriter:
             pad = ALIGN - self.pos % ALIGN
             self._write(b"\0" * pad)
 
-    def write_chunk(self, payload: bytes, decoded_length: int, check: int | None = None) -> Chunk:
-        """Append a chunk's payload; ``check`` is its :func:`checksum` when the caller has it."""
+    def write_chunk(self, payload: bytes, decoded_length: int, check: int) -> Chunk:
+        """Append a chunk's payload; ``check`` is its :func:`checksum`, which the coding thread computed."""
         offset = self.pos
         self._write(payload)
-        return Chunk(offset, len(payload), decoded_length, checksum(payload) if check is None else check)
+        return Chunk(offset, len(payload), decoded_length, check)
 
     def read_payload(self, stream: Stream, chunk: int) -> bytes:
         """A chunk payload written earlier, read back (to serve as a reference); call

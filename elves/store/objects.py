@@ -175,10 +175,11 @@ class ObjectWriter:
         self.meta = meta
         self.pos = 0
 
-    def write_chunk(self, payload: bytes, decoded: int, check: int | None = None) -> None:
-        """Append a chunk's payload; ``check`` is its :func:`~elves.index.checksum` when the caller has it."""
+    def write_chunk(self, payload: bytes, decoded: int, check: int) -> None:
+        """Append a chunk's payload; ``check`` is its :func:`~elves.index.checksum`, which the coding
+        thread computed."""
         self.upload.write(payload)
-        self.meta.chunks.append(Chunk(self.pos, len(payload), decoded, checksum(payload) if check is None else check))
+        self.meta.chunks.append(Chunk(self.pos, len(payload), decoded, check))
         self.pos += len(payload)
 
     def finish(self) -> str:
