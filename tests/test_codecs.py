@@ -191,3 +191,40 @@ def test_unknown_codec_and_dtype_are_clear_errors() -> None:
         codec_from_config({"id": "lz77"})
     with pytest.raises(CodecError, match="unknown dtype 'F12'"):
         Planes("F12")
+
+
+def test_zstd_contexts_kept_between_chunks_write_and_read_as_new_ones():
+    """Each thread reuses its zstd contexts; a reused one must write the frame a new one writes,
+    and a frame that failed to decode must leave nothing behind for the next."""
+    import threading
+
+    import zstandard
+
+    from elves.codecs.base import Expected
+    from elves.codecs.zstd import Zstd
+
+    rng = np.random.default_rng(7)
+    pieces = [rng.integers(0, 4, n, dtype=np.uint8) for n in (1, 300, 70_000, 2_000_000)]
+    frames: dict[tuple[int, int, int], bytes] = {}
+
+    def work(tid: int) -> None:
+        for level in (3, 9, 3):
+            for k, raw in enumerate(pieces if tid % 2 else pieces[::-1]):
+                frames[(tid, level, k if tid % 2 else len(pieces) - 1 - k)] = Zstd(level).encode(raw)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (tid, level, k), frame in frames.items():
+        assert frame == zstandard.ZstdCompressor(level=level).compress(pieces[k].tobytes())
+
+    codec = Zstd(3)
+    frame = codec.encode(pieces[2])
+    want = Expected(pieces[2].shape[0], pieces[2].shape[0])
+    with pytest.raises(CorruptArchiveError):
+        codec.decode(frame[: len(frame) // 2], expected=want)
+    with pytest.raises(CorruptArchiveError):
+        codec.decode(b"\x28\xb5\x2f\xfd" + frame[4:40], expected=want)
+    assert np.array_equal(codec.decode(frame, expected=want), pieces[2])
