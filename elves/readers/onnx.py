@@ -59,17 +59,29 @@ def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, A
     Any: which of the two it is follows from the wire type, which every caller checks."""
     pos = start
     while pos < end:
-        key, pos = _varint(buf, pos, end)
+        # Keys and lengths are mostly one byte: read those here, not through _varint (a model's
+        # graph has tens of thousands of fields).
+        key = buf[pos]
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = _varint(buf, pos, end)
         field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos, end)
-            yield field, wire, value
-        elif wire == 2:
-            length, pos = _varint(buf, pos, end)
+        if wire == 2:
+            if pos >= end:
+                raise _Malformed
+            length = buf[pos]
+            if length < 0x80:
+                pos += 1
+            else:
+                length, pos = _varint(buf, pos, end)
             if pos + length > end:
                 raise _Malformed
             yield field, wire, (pos, pos + length)
             pos += length
+        elif wire == 0:
+            value, pos = _varint(buf, pos, end)
+            yield field, wire, value
         elif wire in (1, 5):
             pos += 8 if wire == 1 else 4
             if pos > end:
