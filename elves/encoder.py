@@ -29,7 +29,7 @@ from .codecs.zstd import Zstd
 from .errors import InputError
 from .index import FileEntry, TensorEntry, checksum
 from .lossy import elf_pays, elf_pipeline, encode_checked
-from .model import Segment, SourceFile, hash_segment, kept_mode, open_source, read_exact
+from .model import READ_PIECE, Segment, SourceFile, hash_segment, kept_mode, open_source, read_exact
 from .parallel import INLINE_BYTES, Sha256Beside, default_threads, ordered_map
 from .planner import ReferencePlanner, block_hashes, segment_names, widest_first
 from .readers import read_model
@@ -234,6 +234,7 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
                    planner: ReferencePlanner, lossy: ErrorBound | None = None) -> None:
     with open_source(sf.path) as fh, Sha256Beside() as sha:
         fd = fh.fileno()
+        sha.read(fd, sf.size, sf.path, READ_PIECE)
         mode = kept_mode(fd)
         stream_ids: list[int] = []
         new: list[tuple[Segment, Stream, Pipeline]] = []
@@ -243,7 +244,7 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
         blocks_of: dict[int, np.ndarray] = {}
         for index, seg in enumerate(sf.segments):
             blocks: list[np.ndarray] | None = [] if planner.blocks and seg.dtype in ELF_DTYPES else None
-            sinks = [sha.update] if blocks is None else [sha.update, functools.partial(_add_blocks, blocks)]
+            sinks = [] if blocks is None else [functools.partial(_add_blocks, blocks)]
             key = (seg.dtype, hash_segment(fd, seg, sf.path, *sinks))
             if key not in seen:
                 read = functools.partial(_read_in, fd, seg, sf.path)

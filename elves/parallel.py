@@ -10,7 +10,10 @@ import hashlib
 import os
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, TypeVar, Union
+
+from .errors import InputError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -61,9 +64,11 @@ def ordered_map(pool: Executor, fn: Callable[[T], R], items: Iterable[T], window
 
 
 class Sha256Beside:
-    """The sha256 of a file's pieces (bytes or uint8 arrays), computed on a thread of its own.
-    hashlib releases the GIL on large buffers, so the hash (about 1.8 GB/s) runs beside the
-    decode, or beside the reads and content hashes of a compress, instead of after them. Pieces
+    """The sha256 of a file, computed on a thread of its own: of the pieces handed to
+    :meth:`update` (bytes or uint8 arrays: a restore's decoded chunks), or of the file read by
+    that thread (:meth:`read`: a compress, whose content hashes, planning and coding then all
+    run beside it). hashlib releases the GIL on large buffers, so the hash (about 1.8 GB/s)
+    does not wait for the rest, nor the rest for it. Pieces
     go to the thread in batches of at least ``HANDOFF`` bytes (a hand-off per small piece costs
     more than hashing it), and at most ``window`` batches wait for it. As a context manager it
     closes (waits for its thread) on the way out; :meth:`hexdigest` still answers after that."""
@@ -77,12 +82,21 @@ class Sha256Beside:
         self._window = window
         self._batch: list[Piece] = []
         self._batched = 0
+        self._stopped = False
 
     def __enter__(self) -> Sha256Beside:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: object, *exc: object) -> None:
+        if kind is None:
+            self.close()
+            return
+        # Leaving on an error: stop a read under way, and let nothing it raises hide the error.
+        self._stopped = True
+        for future in self._pending:
+            future.exception()
+        self._pending.clear()
+        self._pool.shutdown()
 
     def update(self, piece: Piece) -> None:
         self._batch.append(piece)
@@ -95,6 +109,21 @@ class Sha256Beside:
         self._batch, self._batched = [], 0
         if len(self._pending) > self._window:
             self._pending.popleft().result()
+
+    def read(self, fd: int, size: int, path: Path, piece: int) -> None:
+        """Hash the first ``size`` bytes of the open file ``fd`` (``path``, for errors), read
+        ``piece`` bytes at a time by the thread itself: the hash then runs beside all the caller does, not only beside
+        its reads. An :class:`InputError` if the file is shorter comes out of :meth:`close`."""
+        self._pending.append(self._pool.submit(self._read, fd, size, path, piece))
+
+    def _read(self, fd: int, size: int, path: Path, piece: int) -> None:
+        for off in range(0, size, piece):
+            if self._stopped:
+                return
+            data = os.pread(fd, min(piece, size - off), off)
+            if len(data) != min(piece, size - off):
+                raise InputError("the file changed or shrank while it was being read", path)
+            self._sha.update(data)
 
     def _hash(self, pieces: list[Piece]) -> None:
         for piece in pieces:

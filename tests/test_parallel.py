@@ -9,7 +9,7 @@ import pytest
 
 import elves
 from elves.errors import InputError, OutputError
-from elves.parallel import SyncBehind
+from elves.parallel import Sha256Beside, SyncBehind
 from tests.conftest import toy_model
 
 
@@ -66,3 +66,31 @@ def test_a_file_cut_short_during_compress_is_an_input_error(tmp_path: Path, thre
     assert (got.value.path, got.value.message) == (str(victim), "the file changed or shrank while it was being read")
     assert not (tmp_path / "m.elves").exists()
 
+
+
+def test_sha256_beside_reads_the_file_itself(tmp_path: Path) -> None:
+    """The thread reads and hashes the file beside the caller; a short file is an InputError
+    when the digest is asked for; leaving on another error stops the read and keeps that error."""
+    import hashlib
+
+    path = tmp_path / "f.bin"
+    data = os.urandom(3 * 4096 + 17)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with Sha256Beside() as sha:
+            sha.read(fd, len(data), path, 4096)
+        assert sha.hexdigest() == hashlib.sha256(data).hexdigest()
+
+        short = Sha256Beside()
+        short.read(fd, len(data) + 1, path, 4096)
+        with pytest.raises(InputError) as got:
+            short.hexdigest()
+        assert got.value.path == str(path)
+
+        with pytest.raises(KeyError):  # not the read's InputError
+            with Sha256Beside() as sha:
+                sha.read(fd, len(data) + 1, path, 4096)
+                raise KeyError("the caller's own error")
+    finally:
+        os.close(fd)

@@ -19,7 +19,7 @@ from ..codecs import Pipeline
 from ..encoder import pipeline_for
 from ..errors import ElvesError
 from ..index import checksum
-from ..model import Segment, SourceFile, hash_segment, kept_mode, open_source, read_exact
+from ..model import READ_PIECE, Segment, SourceFile, hash_segment, kept_mode, open_source, read_exact
 from ..parallel import INLINE_BYTES, Sha256Beside, ordered_map
 from .layout import object_at, object_key
 from .manifests import PACK_BELOW, PACK_MAX
@@ -145,6 +145,7 @@ def add_files(storage: Storage, files: list[SourceFile], planner: DeltaPlanner |
             continue
         with open_source(sf.path) as fh, Sha256Beside() as sha:
             fd = fh.fileno()
+            sha.read(fd, sf.size, sf.path, READ_PIECE)
             mode = kept_mode(fd)
             segments: list[list[Any]] = []
             new: list[tuple[int, Segment, str, str, Pipeline, int]] = []
@@ -152,14 +153,13 @@ def add_files(storage: Storage, files: list[SourceFile], planner: DeltaPlanner |
             for index, seg in enumerate(sf.segments):
                 if seg.length < PACK_BELOW:
                     data = read_exact(fd, seg.offset, seg.length, sf.path)
-                    sha.update(data)
                     if not packs or len(packs[-1][0]) + len(data) > PACK_MAX:
                         packs.append((bytearray(), []))
                     packs[-1][1].append(len(segments))
                     segments.append(["", seg.length, len(packs[-1][0])])
                     packs[-1][0].extend(data)
                     continue
-                digest = hash_segment(fd, seg, sf.path, sha.update)
+                digest = hash_segment(fd, seg, sf.path)
                 key = object_key(digest, seg.dtype)
                 segments.append([key, seg.length])
                 if key in known or reusable(storage, key):
