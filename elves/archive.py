@@ -7,6 +7,7 @@ reads, and names the stream (tensor or file) in any error.
 """
 from __future__ import annotations
 
+import collections
 import os
 import struct
 import tempfile
@@ -255,7 +256,9 @@ class ArchiveReader:
         # The base model the archive was compressed against (BitX), if any: decoder.attach_base
         # checks a given base against it and makes it the content source of ``references``.
         self.base_needed = index.base
-        self.references = Sources(self, self.streams, self.path, index.base)
+        used = [i for f in index.files for i in f.segments]
+        self.references = Sources(self, self.streams, self.path, index.base,
+                                  again={i for i, n in collections.Counter(used).items() if n > 1})
         self.flags = flags
         self.version = (major, minor)
 

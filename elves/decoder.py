@@ -108,8 +108,12 @@ def iter_stream(reader: StreamReader, index: int, pool: Executor, window: int) -
     pipeline = stream.decoder()
     ref_of = reader.references.chunk_refs(stream)  # the reference's bytes of each chunk, if it has one
     keep = reader.references.keep(index)  # a stream that later ones reference: its chunks serve them
+    cache = reader.references.cache if index in reader.references.again else None
 
     def decode(i: int) -> np.ndarray:
+        got = cache.get((index, i)) if cache is not None else None
+        if got is not None:  # decoded and checked at the stream's first use
+            return got
         try:
             ref = ref_of(i) if ref_of is not None else None  # the reference's bytes here
             out = decode_chunk(reader, stream, pipeline, i, ref)

@@ -242,7 +242,7 @@ class Sources:
     the index's ``base`` field, for the error when a reference by content finds no source."""
 
     def __init__(self, chunks: ChunkSource | None, streams: Sequence[Stream], path: Where,
-                 needed: dict[str, Any] | None = None):
+                 needed: dict[str, Any] | None = None, again: Iterable[int] = ()):
         self.chunks = chunks
         self.streams = streams
         self.path = path
@@ -250,6 +250,10 @@ class Sources:
         self.content: ContentSource | None = None
         self.owns_content = False   # close ``content`` with these sources
         self.cache = ChunkCache(CACHE_BYTES)
+        # Streams that are read again after their first use (a tensor that several files of
+        # the model hold): their chunks are kept as the references' are, and served from there.
+        # Not one that would push most of the cache out before its own end.
+        self.again = frozenset(i for i in again if streams[i].nbytes <= CACHE_BYTES // 4)
         self._referenced: set[int] | None = None
         self._readers: OrderedDict[int, RefReader] = OrderedDict()
         self._lock = threading.Lock()
@@ -276,9 +280,9 @@ class Sources:
 
     def keep(self, index: int) -> Callable[[int, np.ndarray], None] | None:
         """For a decoder of stream ``index``: where to put its decoded chunks when later streams
-        reference it (None when none does)."""
+        reference it or it is read again (None when neither)."""
         if self._referenced is None:
-            self._referenced = {s.ref for s in self.streams if s.ref is not None}
+            self._referenced = {s.ref for s in self.streams if s.ref is not None} | self.again
         if index not in self._referenced:
             return None
         # a copy: the decoder hands its chunks on (to a file, or to the caller as a tensor)

@@ -189,6 +189,39 @@ def test_a_closed_archive_frees_the_chunks_its_references_kept(tmp_path: Path) -
             gc.enable()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_tensor_several_files_hold_is_decoded_once(tmp_path: Path, monkeypatch, threads: int) -> None:
+    """Files that share a stream (the same tensor in two checkpoints, a copied file) restore it
+    from the chunks its first use decoded and checked: each chunk is decoded once, and every
+    file comes back byte-exact."""
+    import elves.decoder
+
+    rng = np.random.default_rng(8)
+    shared = rng.standard_normal(300_000).astype(np.float32).tobytes()
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(3):
+        write_safetensors(src / f"m{k}.safetensors", {
+            "shared": ("F32", (300_000,), shared),
+            "own": ("F32", (70_000,), rng.standard_normal(70_000).astype(np.float32).tobytes())})
+    s = elves.compress(src, tmp_path / "m.elves")
+    with ArchiveReader(s.archive) as r:
+        chunks = sum(len(st.chunks) for st in r.streams)
+        uses = sum(len(r.streams[i].chunks) for e in r.files for i in e.segments)
+    assert uses > chunks + 4  # the shared tensor's chunks are used three times
+    decoded = []
+    real = elves.decoder.decode_chunk
+
+    def counting(reader, stream, pipeline, i, ref):
+        decoded.append((id(stream), i))
+        return real(reader, stream, pipeline, i, ref)
+
+    monkeypatch.setattr(elves.decoder, "decode_chunk", counting)
+    elves.restore(s.archive, tmp_path / "out", threads=threads)
+    assert sorted(decoded) == sorted(set(decoded)) and len(decoded) == chunks
+    assert tree_hashes(tmp_path / "out") == tree_hashes(src)
+
+
 @pytest.mark.parametrize("forge, message", [
     (lambda streams, i: i, "references stream .*, which does not come before it"),
     (lambda streams, i: len(streams), "which does not come before it"),
