@@ -18,6 +18,7 @@ import msgpack
 import xxhash
 import zstandard
 
+from . import dtypes
 from .errors import (
     ArchiveError,
     CorruptArchiveError,
@@ -34,7 +35,7 @@ from .version import __version__
 __all__ = ["ArchiveReader", "ArchiveWriter", "Chunk", "FileEntry", "Stream", "safe_relpath", "temp_sibling"]
 
 MAGIC = b"ELVES\x00\r\n"
-FORMAT_VERSION = (1, 4)
+FORMAT_VERSION = (1, 5)
 HEADER = struct.Struct("<8sHHIQQQ")  # magic, major, minor, flags, index offset, length, xxh3-64
 HEADER_SIZE = 64
 DATA_START = 4096
@@ -131,13 +132,17 @@ class ArchiveWriter:
         self.files.append(entry)
 
     def format_version(self) -> tuple[int, int]:
-        """The oldest format that holds what was written, so that older readers read it: 1.4 only
-        for what 1.3 does not have (a cast, ``xor`` against a stream of the archive, a file's mode,
-        the gguf and ctranslate2 file formats)."""
+        """The oldest format that holds what was written, so that older readers read it: 1.5 only
+        for tensors packed into a bytes stream with others; 1.4 only for what 1.3 does not have
+        (a cast, ``xor`` against a stream of the archive, a file's mode, the gguf and ctranslate2
+        file formats)."""
+        if any(t.segment >= 0 and t.dtype not in dtypes.PACKED and self.streams[f.segments[t.segment]].kind == "bytes"
+               for f in self.files for t in f.tensors):
+            return FORMAT_VERSION
         if any(s.ref_cast is not None or (s.ref is not None and s.pipeline and s.pipeline[0]["id"] == "xor")
                for s in self.streams) or any(f.mode is not None or f.format in ("gguf", "ctranslate2")
                                              for f in self.files):
-            return FORMAT_VERSION
+            return (1, 4)
         return (1, 3)
 
     def _write(self, data: bytes) -> None:

@@ -12,6 +12,7 @@ import os
 import shutil
 import stat
 import tempfile
+from collections import Counter
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,15 +158,17 @@ def check_tensors(reader: ArchiveReader, entry: FileEntry, pool: Executor, windo
     if sf is None:
         return
     starts = np.concatenate(([0], np.cumsum([reader.streams[i].nbytes for i in entry.segments])))
-    from_file = {v.name: _placed(v.dtype, v.shape, v.strides, sf.segments[v.segment].offset + v.offset
-                                 if v.segment >= 0 else -1) for v in sf.tensors}
-    from_index = {t.name: _placed(t.dtype, t.shape, t.strides, int(starts[t.segment]) + t.offset
-                                  if t.segment >= 0 else -1) for t in entry.tensors}
+    # Counted, not keyed by name: one name may stand for several tensors (an ONNX file's If
+    # branches each hold an initializer of the same name).
+    from_file = Counter((v.name, _placed(v.dtype, v.shape, v.strides, sf.segments[v.segment].offset + v.offset
+                                         if v.segment >= 0 else -1)) for v in sf.tensors)
+    from_index = Counter((t.name, _placed(t.dtype, t.shape, t.strides, int(starts[t.segment]) + t.offset
+                                          if t.segment >= 0 else -1)) for t in entry.tensors)
     # The index may name fewer tensors than today's reader finds (an archive from an elves that
     # named fewer); every one it names must be the file's.
-    wrong = sorted(name for name, placed in from_index.items() if from_file.get(name) != placed)
-    if wrong or len(from_index) != len(entry.tensors):
-        raise CorruptArchiveError(f"{entry.path}: tensor {(wrong or ['?'])[0]!r} in the index is not the one its "
+    wrong = sorted(name for (name, placed), n in from_index.items() if from_file[(name, placed)] < n)
+    if wrong:
+        raise CorruptArchiveError(f"{entry.path}: tensor {wrong[0]!r} in the index is not the one its "
                                   f"{entry.format} structure describes", reader.path)
 
 

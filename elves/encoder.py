@@ -33,6 +33,7 @@ from .model import READ_PIECE, Segment, SourceFile, hash_segment, kept_mode, ope
 from .parallel import INLINE_BYTES, Sha256Beside, default_threads, ordered_map
 from .planner import ReferencePlanner, block_hashes, segment_names, widest_first
 from .readers import read_model
+from .readers.packing import pack_small
 from .references import Reference
 
 TENSOR_CHUNK_BYTES = 256 << 10
@@ -162,6 +163,7 @@ def compress(
     """
     bound = _lossy_bound(lossy, error_bound)
     files, single = read_model(src, follow_symlinks=follow_symlinks)
+    files = [pack_small(f) for f in files]
     if not files:
         raise InputError("the folder holds no files to compress", src)
     nthreads = default_threads(threads)

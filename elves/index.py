@@ -4,10 +4,11 @@ The index is untrusted: whoever forged an archive also recomputed its checksums.
 checked here, before any byte is decoded, against the archive's own structure: offsets and lengths
 lie inside the data region and chunks do not overlap; decoded lengths follow the chunk plan of each
 stream's dtype and ``chunk_elems``; codec ids are known and their parameters in range; the segments
-of each file add up to its size; tensors lie inside their segments, in their segment's dtype;
-references point backwards, one level deep. Past :func:`parse_index`, code reads fields by name
-and may trust their types and these invariants; what it cannot know before decoding (the bytes a
-codec produces) the codecs and kernels check, and the content hashes check last.
+of each file add up to its size; tensors lie inside their segments, in their segment's dtype
+(anywhere in a bytes segment they are packed into); references point backwards, one level deep.
+Past :func:`parse_index`, code reads fields by name and may trust their types and these
+invariants; what it cannot know before decoding (the bytes a codec produces) the codecs and
+kernels check, and the content hashes check last.
 
 A violation raises :class:`~elves.errors.CorruptArchiveError` naming the archive and the field
 (:class:`~elves.errors.CodecError` for a codec or dtype this elves does not know).
@@ -460,8 +461,11 @@ def _parse_tensor(t: Any, entry: FileEntry, streams: list[Stream], f: Fields) ->
         if stream.kind != "bytes" or offset or strides is not None:
             f.fail(f"has {what} of packed dtype {dt} that is not a whole bytes segment")
         return te
-    if stream.kind != "tensor" or stream.dtype != dt:
-        f.fail(f"has {what} of dtype {dt} in a stream of {stream.dtype or 'bytes'}")
+    # A tensor packed with others into a bytes stream (1.5) lies where the file put it, aligned
+    # or not; in a tensor stream it is elements of the stream's dtype.
+    in_bytes = stream.kind == "bytes"
+    if not in_bytes and stream.dtype != dt:
+        f.fail(f"has {what} of dtype {dt} in a stream of {stream.dtype}")
     item = dtypes.get(dt).itemsize
     if count == 0:
         extent = 0
@@ -469,9 +473,9 @@ def _parse_tensor(t: Any, entry: FileEntry, streams: list[Stream], f: Fields) ->
         extent = count * item
     else:
         extent = (sum((d - 1) * s for d, s in zip(shape, strides)) + 1) * item
-    if offset % item or offset + extent > stream.nbytes:
+    if (offset % item and not in_bytes) or offset + extent > stream.nbytes:
         f.fail(f"has {what} that lies outside its segment ({offset} + {extent} > {stream.nbytes} bytes)")
-    if entry.format == "safetensors" and (offset or strides is not None or extent != stream.nbytes):
+    if entry.format == "safetensors" and not in_bytes and (offset or strides is not None or extent != stream.nbytes):
         f.fail(f"has {what} whose shape does not cover its segment ({extent} of {stream.nbytes} bytes)")
     return te
 

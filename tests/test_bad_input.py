@@ -199,7 +199,7 @@ def test_disk_full_while_compressing_leaves_nothing(model: Path, tmp_path: Path,
 def test_restore_failure_leaves_no_partial_file(archive: Path, tmp_path: Path) -> None:
     """A damaged second file: the first is not left behind under its final name either."""
     with elves.open(archive) as a:
-        stream = a._reader.streams[a._reader.files[1].segments[1]]
+        stream = a._reader.streams[a._reader.files[1].segments[-1]]
     data = bytearray(archive.read_bytes())
     data[stream.chunks[0][0] + 10] ^= 0xFF
     archive.write_bytes(bytes(data))

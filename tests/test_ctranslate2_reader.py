@@ -15,6 +15,7 @@ import pytest
 import elves
 from elves.readers import ctranslate2 as ct2_reader
 from elves.readers import read_file
+from elves.readers.packing import pack_small
 
 
 def sha(path: Path) -> str:
@@ -123,7 +124,7 @@ def test_identical_variables_share_a_stream(variables, tmp_path: Path) -> None:
     assert [(t.dtype, t.shape) for t in sf.tensors] == [
         ("F32", (96, 64)), ("F16", (96,)), ("F32", (96, 64)), ("I8", (96, 64)), ("F32", (96,)), ("I8", ())]
     summary = roundtrip(src, tmp_path / "x")
-    assert summary.unique_streams == len(sf.segments) - 1
+    assert summary.unique_streams == len(pack_small(sf).segments) - 1  # the archive packs small segments
 
 
 @pytest.mark.parametrize("version", [1, 2, 3, 4, 5])

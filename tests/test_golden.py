@@ -17,6 +17,7 @@ import zstandard
 
 import elves
 from tests.conftest import tree_hashes
+from tests.golden.gen import packed_tensors
 
 GOLDEN = Path(__file__).parent / "golden"
 MANIFEST = json.loads((GOLDEN / "manifest.json").read_text())
@@ -33,7 +34,7 @@ def index_of(path: Path) -> tuple[list[int], dict]:
 
 def test_every_format_version_has_fixtures() -> None:
     versions = {tuple(e["header_version"]) for e in MANIFEST.values()}
-    assert versions == {(1, 0), (1, 1), (1, 2), (1, 3), (1, 4)}
+    assert versions == {(1, 0), (1, 1), (1, 2), (1, 3), (1, 4), (1, 5)}
     assert sum(p.stat().st_size for p in GOLDEN.glob("*.elves")) < 150_000
     assert sorted(p.name for p in GOLDEN.glob("*.elves")) == sorted(e["archive"] for e in MANIFEST.values())
 
@@ -46,6 +47,7 @@ def test_fixture_still_holds_what_it_was_made_to_cover(name: str) -> None:
     assert sorted({c["id"] for s in index["streams"] for c in s["pipeline"]}) == entry["codecs"]
     assert sum(1 for s in index["streams"] if s.get("ref") is not None) == entry["refs"]
     assert sum(len(f["segments"]) for f in index["files"]) - len(index["streams"]) == entry["deduped"]
+    assert packed_tensors(index) == entry.get("packed", 0)  # 1.5: tensors packed into bytes streams
 
 
 @pytest.mark.parametrize("name", sorted(MANIFEST))

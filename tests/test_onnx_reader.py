@@ -62,6 +62,21 @@ def test_finds_initializers_constants_and_subgraphs(tmp_path: Path) -> None:
     assert tree_hashes(tmp_path / "r.onnx") == tree_hashes(path)
 
 
+def test_a_name_several_branches_share_reads_back(tmp_path: Path) -> None:
+    """An If node's branches each hold an initializer of the same name (silero's export does):
+    the index lists both, and reading tensors checks them against the file as two, not one."""
+    rng = np.random.default_rng(1)
+    a, b = (rng.standard_normal((16, 16)).astype(np.float32) for _ in range(2))
+    node_if = field(1, b"If") + field(5, field(1, b"then_branch") + field(6, field(5, tensor("w", a, 1)))) + \
+        field(5, field(1, b"else_branch") + field(6, field(5, tensor("w", b, 1))))
+    path = tmp_path / "m.onnx"
+    path.write_bytes(field(1, 8) + field(7, field(1, node_if)))
+    assert [t.name for t in onnx.parse(path, "m.onnx").tensors] == ["w", "w"]
+    elves.compress(path, tmp_path / "m.elves")
+    with elves.open(tmp_path / "m.elves") as got:
+        assert got.get_tensor("m.onnx:w").tobytes() in (a.tobytes(), b.tobytes())
+
+
 @pytest.mark.parametrize("cut", [1, 7, 100, -3])
 def test_malformed_files_stay_opaque(tmp_path: Path, cut: int) -> None:
     data, _ = model_bytes(np.random.default_rng(1))

@@ -26,6 +26,9 @@ Versions and their commits (``elves/archive.py``'s FORMAT_VERSION):
 - ``1.4``  the first 1.4 writer (issue 11): a lossless folder of an F32 model, its BF16 copy (a few
   elements changed after the cast) and a fine-tuned second version (``ref_cast``, ``xor`` with
   ``ref``); and a BF16 release coded against the cast of its F32 base (``ref_cast`` by content).
+- ``1.5``  the first 1.5 writer (issue 14): small tensors packed into bytes streams with the
+  structure between them (a safetensors file of tensors of under 1,024 elements between large
+  ones, a checkpoint with small storages and a strided view of one).
 
 Every model is synthetic (numpy's PCG64 with fixed seeds) and small: all fixtures together stay
 under 150 KB. The manifest (manifest.json, one entry per archive) records, per restored file, the
@@ -108,7 +111,14 @@ def index_features(archive: Path) -> dict[str, object]:
     codecs = sorted({c["id"] for s in index["streams"] for c in s["pipeline"]})
     return {"header_version": [major, minor], "codecs": codecs,
             "refs": sum(1 for s in index["streams"] if s.get("ref") is not None),
-            "deduped": sum(len(f["segments"]) for f in index["files"]) - len(index["streams"])}
+            "deduped": sum(len(f["segments"]) for f in index["files"]) - len(index["streams"]),
+            "packed": packed_tensors(index)}
+
+
+def packed_tensors(index: dict) -> int:
+    """Tensor entries that point into a bytes stream (1.5: packed with other small segments)."""
+    return sum(1 for f in index["files"] for t in f["tensors"]
+               if t[3] >= 0 and index["streams"][f["segments"][t[3]]]["kind"] == "bytes")
 
 
 class Writer:
@@ -220,16 +230,40 @@ def v1_4(w: Writer, rng: np.random.Generator) -> None:
                                                                       for k, a in f32.items()}}), base="base")
 
 
+def v1_5(w: Writer, rng: np.random.Generator) -> None:
+    import torch
+
+    # Small tensors between large ones: the header and each run of small ones packed into one
+    # bytes stream, their entries pointing into it; a checkpoint's small storages with the
+    # zip records between them likewise, one of them a strided view.
+    w.archive("packed", w.model("packed.safetensors", {".": {
+        "embed.weight": weights("F32", (32, 64), rng),
+        "layer.0.bias": weights("F32", (64,), rng),
+        "layer.0.norm": weights("BF16", (64,), rng, scale=1.0),
+        "layer.0.weight": weights("F16", (64, 32), rng),
+        "position_ids": weights("I64", (1, 7), rng),
+        "scale": weights("F32", (), rng),
+        "layer.1.weight": weights("BF16", (32, 64), rng),
+    }}))
+    ck = w.work / "small-checkpoint"
+    ck.mkdir()
+    g = torch.Generator().manual_seed(15)
+    m = torch.randn(12, 8, generator=g) * 0.02
+    torch.save({"w": torch.randn(64, 32, generator=g), "small": m, "small_t": m.T, "b": torch.ones(8),
+                "ids": torch.arange(5)}, ck / "pytorch_model.bin")
+    w.archive("packed-checkpoint", ck)
+
+
 def main() -> None:
     version, out = sys.argv[1], Path(sys.argv[2]).resolve()
-    want = {"1.0": (1, 0), "1.1a": (1, 1), "1.1": (1, 1), "1.2": (1, 2), "1.3": (1, 3), "1.4": (1, 4)}[version]
+    want = {"1.0": (1, 0), "1.1a": (1, 1), "1.1": (1, 1), "1.2": (1, 2), "1.3": (1, 3), "1.4": (1, 4), "1.5": (1, 5)}[version]
     assert tuple(FORMAT_VERSION) == want, f"this elves ({elves.__file__}) writes {FORMAT_VERSION}, not {want}"
     rng = np.random.default_rng(10 + list(want)[1] * 100 + len(version))
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         w = Writer(version, out, Path(tmp))
-        {"1.0": v1_0, "1.1a": v1_1, "1.1": v1_1, "1.2": v1_2, "1.3": v1_3, "1.4": v1_4}[version](w, rng)
+        {"1.0": v1_0, "1.1a": v1_1, "1.1": v1_1, "1.2": v1_2, "1.3": v1_3, "1.4": v1_4, "1.5": v1_5}[version](w, rng)
     for name, entry in w.entries.items():
         manifest[f"v{version}-{name}"] = entry
     manifest_path.write_text(json.dumps(dict(sorted(manifest.items())), indent=1) + "\n")
