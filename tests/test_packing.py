@@ -83,6 +83,10 @@ def test_packed_tensors_are_read_by_name_and_files_restore_bit_exactly(tmp_path:
         for name, (dtype, shape, raw) in tensors.items():
             got = a.get_tensor(f"model.safetensors:{name}")
             assert got.shape == shape and got.tobytes() == raw, name
+        # listed with the packed stream's codec, and a share of its stored bytes
+        info = {t.name: t for t in a.tensors("model.safetensors:*")}
+        assert info["layer.0.ids"].codec == "zstd" and info["layer.0.ids"].nbytes == 56
+        assert 0 < info["layer.0.ids"].stored_bytes < info["layer.0.bias"].stored_bytes
     elves.restore(s.archive, tmp_path / "out", threads=threads)
     assert tree_hashes(tmp_path / "out") == tree_hashes(src)
     assert elves.verify(s.archive).ok

@@ -27,7 +27,7 @@ Versions and their commits (``elves/archive.py``'s FORMAT_VERSION):
   elements changed after the cast) and a fine-tuned second version (``ref_cast``, ``xor`` with
   ``ref``); and a BF16 release coded against the cast of its F32 base (``ref_cast`` by content).
 - ``1.5``  the first 1.5 writer (issue 14): small tensors packed into bytes streams with the
-  structure between them (a safetensors file of tensors of under 1,024 elements between large
+  structure between them (a safetensors file of small tensors between large
   ones, a checkpoint with small storages and a strided view of one).
 
 Every model is synthetic (numpy's PCG64 with fixed seeds) and small: all fixtures together stay
