@@ -72,11 +72,12 @@ _MULTIPLIERS = np.random.default_rng(0x1E5).integers(1, 1 << 62, BLOCK // 8, dty
 
 
 def segment_names(sf: SourceFile) -> dict[int, list[str]]:
-    """Segment number -> the names of the tensors it holds, each as written and without wrapper
-    prefixes, for matching a tensor to the same tensor of another file."""
+    """Tensor segment number -> the names of the tensors it holds, each as written and without
+    wrapper prefixes, for matching a tensor to the same tensor of another file. (A bytes segment
+    of packed small tensors is matched by content only.)"""
     names: dict[int, list[str]] = {}
     for t in sf.tensors:
-        if t.segment >= 0:
+        if t.segment >= 0 and sf.segments[t.segment].dtype is not None:
             got = names.setdefault(t.segment, [])
             got += [n for n in (t.name, normalize(t.name)) if n not in got]
     return names
