@@ -163,7 +163,8 @@ def compress(
     """
     bound = _lossy_bound(lossy, error_bound)
     files, single = read_model(src, follow_symlinks=follow_symlinks)
-    files = [pack_small(f) for f in files]
+    if bound is None:  # a lossy file's tensors stay in streams of their dtype (docs/FORMAT.md)
+        files = [pack_small(f) for f in files]
     if not files:
         raise InputError("the folder holds no files to compress", src)
     nthreads = default_threads(threads)

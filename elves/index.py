@@ -462,10 +462,13 @@ def _parse_tensor(t: Any, entry: FileEntry, streams: list[Stream], f: Fields) ->
             f.fail(f"has {what} of packed dtype {dt} that is not a whole bytes segment")
         return te
     # A tensor packed with others into a bytes stream (1.5) lies where the file put it, aligned
-    # or not; in a tensor stream it is elements of the stream's dtype.
-    in_bytes = stream.kind == "bytes"
+    # or not; in a tensor stream it is elements of the stream's dtype. Only in a lossless file:
+    # there the file's sha256 shows streams swapped in a forged index, which a lossy file, whose
+    # bytes are not the original's, cannot; its tensors keep the dtype of their streams to bind
+    # them.
+    in_bytes = stream.kind == "bytes" and not entry.lossy
     if not in_bytes and stream.dtype != dt:
-        f.fail(f"has {what} of dtype {dt} in a stream of {stream.dtype}")
+        f.fail(f"has {what} of dtype {dt} in a stream of {stream.dtype or 'bytes'}")
     item = dtypes.get(dt).itemsize
     if count == 0:
         extent = 0

@@ -147,3 +147,25 @@ def test_an_onnx_file_of_small_tensors_packs_and_reads_back(dataset, tmp_path: P
             assert got.shape == t.shape and got.tobytes() == data[at:at + got.nbytes], key
     elves.restore(s.archive, tmp_path / "out.onnx")
     assert hashlib.sha256((tmp_path / "out.onnx").read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_a_lossy_file_keeps_its_tensors_in_streams_of_their_dtype(tmp_path: Path) -> None:
+    """A lossy file's bytes are not the original's, so no sha256 shows two of its streams swapped
+    in a forged index: its tensors are not packed, and one said to lie in a bytes stream (the
+    header's, swapped with a small tensor's of another size) is refused."""
+    rng = np.random.default_rng(6)
+    write_safetensors(tmp_path / "m.safetensors", small_and_large(rng))
+    s = elves.compress(tmp_path / "m.safetensors", tmp_path / "m.elves", lossy="elf", error_bound="2^-12")
+    with ArchiveReader(s.archive) as r:
+        entry = r.files[0]
+        assert entry.lossy and all(r.streams[entry.segments[t.segment]].kind == "tensor" for t in entry.tensors)
+        ids = next(t for t in entry.tensors if t.name == "layer.0.ids")
+        swap = (entry.segments[0], entry.segments[ids.segment])
+
+    def forge(index: dict) -> None:
+        streams = index["streams"]
+        streams[swap[0]], streams[swap[1]] = streams[swap[1]], streams[swap[0]]
+
+    rewrite_index(s.archive, forge)
+    with pytest.raises(elves.CorruptArchiveError, match="in a stream of bytes"):
+        elves.restore(s.archive, tmp_path / "out")
