@@ -261,7 +261,11 @@ class ArchiveReader:
         # The base model the archive was compressed against (BitX), if any: decoder.attach_base
         # checks a given base against it and makes it the content source of ``references``.
         self.base_needed = index.base
-        used = [i for f in index.files for i in f.segments]
+        # A stream is read again when several files hold it, or when it holds several packed
+        # tensors (each read by name decodes its stream).
+        used = [i for f in index.files for i in f.segments] + \
+               [f.segments[t.segment] for f in index.files for t in f.tensors
+                if t.segment >= 0 and self.streams[f.segments[t.segment]].kind == "bytes"]
         self.references = Sources(self, self.streams, self.path, index.base,
                                   again={i for i, n in collections.Counter(used).items() if n > 1})
         self.flags = flags

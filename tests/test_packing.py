@@ -169,3 +169,25 @@ def test_a_lossy_file_keeps_its_tensors_in_streams_of_their_dtype(tmp_path: Path
     rewrite_index(s.archive, forge)
     with pytest.raises(elves.CorruptArchiveError, match="in a stream of bytes"):
         elves.restore(s.archive, tmp_path / "out")
+
+
+def test_the_tensors_of_a_packed_stream_decode_it_once(tmp_path: Path, monkeypatch) -> None:
+    import elves.decoder
+
+    rng = np.random.default_rng(7)
+    tensors = small_and_large(rng)
+    write_safetensors(tmp_path / "m.safetensors", tensors)
+    s = elves.compress(tmp_path / "m.safetensors", tmp_path / "m.elves")
+    with ArchiveReader(s.archive) as r:
+        entry = r.files[0]
+        # the streams holding tensors, and the header's, which the structure check reads
+        held = {entry.segments[t.segment] for t in entry.tensors} | {entry.segments[0]}
+        chunks = sum(len(r.streams[i].chunks) for i in held)
+        assert any(r.streams[i].kind == "bytes" for i in held)
+    decoded = []
+    real = elves.decoder.decode_chunk
+    monkeypatch.setattr(elves.decoder, "decode_chunk", lambda *a: decoded.append(a[3]) or real(*a))
+    with elves.open(s.archive) as a:
+        got = {name: a.get_tensor(name).tobytes() for name in tensors}
+    assert got == {name: raw for name, (_, _, raw) in tensors.items()}
+    assert len(decoded) == chunks
