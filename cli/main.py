@@ -83,7 +83,8 @@ def _bound_text(bound: dict[str, Any] | None) -> str:
 
 VERSION = ("%(prog)s %(version)s\n"
            f"archive format: reads 1.0 to {FORMAT_VERSION[0]}.{FORMAT_VERSION[1]}, writes the oldest that "
-           f"holds the archive (1.3, or {FORMAT_VERSION[0]}.{FORMAT_VERSION[1]} for references 1.3 lacks)\n"
+           "holds the archive (1.3; 1.4 for casts, references and file formats 1.3 lacks; "
+           f"{FORMAT_VERSION[0]}.{FORMAT_VERSION[1]} for small tensors packed together)\n"
            f"store format: reads and writes {STORE_VERSION[0]}.x ({STORE_VERSION[0]}.{STORE_VERSION[1]})")
 COMPLETION = ("\b\nShell completion (bash, zsh, fish):\n"
               "  eval \"$(elves completion bash)\"             # in ~/.bashrc\n"

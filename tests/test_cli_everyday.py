@@ -94,7 +94,8 @@ def test_version_names_the_formats_it_reads_and_writes() -> None:
     assert r.stdout.splitlines() == [
         f"elves {elves.__version__}",
         f"archive format: reads 1.0 to {major}.{minor}, writes the oldest that holds the archive "
-        f"(1.3, or {major}.{minor} for references 1.3 lacks)",
+        f"(1.3; 1.4 for casts, references and file formats 1.3 lacks; {major}.{minor} for small tensors "
+        "packed together)",
         f"store format: reads and writes {STORE_VERSION[0]}.x ({STORE_VERSION[0]}.{STORE_VERSION[1]})",
     ]
 
