@@ -445,21 +445,20 @@ def _parse_tensor(t: Any, entry: FileEntry, streams: list[Stream], f: Fields) ->
         f.fail(f"has a malformed tensor entry {str(t)[:80]}")
     name, dt, shape, segment, offset, strides = t
     te = TensorEntry(name, dt, tuple(shape), segment, offset, tuple(strides) if strides is not None else None)
-    what = f"tensor {_short(name)}"
     packed = dt in dtypes.PACKED
     if dt not in dtypes.DTYPES and not packed:  # dt is a str: checked with the entry's shape
-        f.fail(f"has {what} of unknown dtype {_short(dt)}")
+        f.fail(f"has tensor {_short(name)} of unknown dtype {_short(dt)}")
     count = te.count
     if segment == -1:
         if count and not packed:
-            f.fail(f"has {what} of {count} elements and no bytes")
+            f.fail(f"has tensor {_short(name)} of {count} elements and no bytes")
         return te
     if not 0 <= segment < len(entry.segments):
-        f.fail(f"has {what} in segment {segment}, which it does not have")
+        f.fail(f"has tensor {_short(name)} in segment {segment}, which it does not have")
     stream = streams[entry.segments[segment]]
     if packed:  # sub-byte elements: the tensor is its segment's bytes
         if stream.kind != "bytes" or offset or strides is not None:
-            f.fail(f"has {what} of packed dtype {dt} that is not a whole bytes segment")
+            f.fail(f"has tensor {_short(name)} of packed dtype {dt} that is not a whole bytes segment")
         return te
     # A tensor packed with others into a bytes stream (1.5) lies where the file put it, aligned
     # or not; in a tensor stream it is elements of the stream's dtype. Only in a lossless file:
@@ -468,7 +467,7 @@ def _parse_tensor(t: Any, entry: FileEntry, streams: list[Stream], f: Fields) ->
     # them.
     in_bytes = stream.kind == "bytes" and not entry.lossy
     if not in_bytes and stream.dtype != dt:
-        f.fail(f"has {what} of dtype {dt} in a stream of {stream.dtype or 'bytes'}")
+        f.fail(f"has tensor {_short(name)} of dtype {dt} in a stream of {stream.dtype or 'bytes'}")
     item = dtypes.get(dt).itemsize
     if count == 0:
         extent = 0
@@ -477,9 +476,9 @@ def _parse_tensor(t: Any, entry: FileEntry, streams: list[Stream], f: Fields) ->
     else:
         extent = (sum((d - 1) * s for d, s in zip(shape, strides)) + 1) * item
     if (offset % item and not in_bytes) or offset + extent > stream.nbytes:
-        f.fail(f"has {what} that lies outside its segment ({offset} + {extent} > {stream.nbytes} bytes)")
+        f.fail(f"has tensor {_short(name)} that lies outside its segment ({offset} + {extent} > {stream.nbytes} bytes)")
     if entry.format == "safetensors" and not in_bytes and (offset or strides is not None or extent != stream.nbytes):
-        f.fail(f"has {what} whose shape does not cover its segment ({extent} of {stream.nbytes} bytes)")
+        f.fail(f"has tensor {_short(name)} whose shape does not cover its segment ({extent} of {stream.nbytes} bytes)")
     return te
 
 
