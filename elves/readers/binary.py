@@ -34,6 +34,19 @@ class Cursor:
         self.pos += n
         return start
 
+    def skip_strings(self, count: int) -> None:
+        """Step over ``count`` strings, each a u64 length and its bytes: in one loop, as a
+        tokenizer's vocabulary in a GGUF header is tens of thousands of them."""
+        buf, pos, end, length = self.buf, self.pos, self.end, _U64.unpack_from
+        for _ in range(count):
+            if end - pos < 8:
+                raise Short(f"a string length at offset {pos} runs past the end of the file ({end} bytes)")
+            n = length(buf, pos)[0]
+            if n > end - pos - 8:
+                raise Short(f"{n} bytes at offset {pos + 8} run past the end of the file ({end} bytes)")
+            pos += 8 + n
+        self.pos = pos
+
     def _int(self, s: struct.Struct) -> int:
         value: int = s.unpack_from(self.buf, self.skip(s.size))[0]
         return value

@@ -164,8 +164,11 @@ def _value(c: Cursor, kind: int, depth: int) -> None:
             # Each element takes at least 8 bytes (a string's length, an array's type and count).
             if count > (c.end - c.pos) // 8:
                 raise Short(f"an array of {count} values runs past the end of the file")
-            for _ in range(count):
-                _value(c, item, depth + 1)
+            if item == _STRING:
+                c.skip_strings(count)
+            else:
+                for _ in range(count):
+                    _value(c, item, depth + 1)
         else:
             raise Short(f"an array of unknown value type {item}")
     else:
