@@ -157,6 +157,8 @@ def hostile_cases(weights: dict[str, np.ndarray]) -> dict[str, tuple[dict, str]]
         "string value past the end": (dict(tensors=t, kvs=[gstr("k") + struct.pack("<I", 8) + gstr("v", 1 << 50)]),
                                       "past the end"),
         "array past the end": (dict(tensors=t, kvs=[gstr("k") + struct.pack("<IIQ", 9, 4, 1 << 60)]), "array of"),
+        "string of an array past the end": (dict(tensors=t, kvs=[gstr("k") + struct.pack("<IIQ", 9, 8, 3) + gstr("a")
+                                                                 + gstr("b", 1 << 40) + gstr("c")]), "past the end"),
         "unknown value type": (dict(tensors=t, kvs=[gstr("k") + struct.pack("<I", 77)]), "unknown type"),
         "nested arrays": (dict(tensors=t, kvs=[gstr("k") + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 20]),
                           "nest deeper"),
