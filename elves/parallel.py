@@ -112,8 +112,9 @@ class Sha256Beside:
 
     def read(self, fd: int, size: int, path: Path, piece: int) -> None:
         """Hash the first ``size`` bytes of the open file ``fd`` (``path``, for errors), read
-        ``piece`` bytes at a time by the thread itself: the hash then runs beside all the caller does, not only beside
-        its reads. An :class:`InputError` if the file is shorter comes out of :meth:`close`."""
+        ``piece`` bytes at a time by the thread itself: the hash then runs beside all the caller
+        does, not only beside its reads. An :class:`InputError` if the file is shorter comes out
+        of :meth:`close`."""
         self._pending.append(self._pool.submit(self._read, fd, size, path, piece))
 
     def _read(self, fd: int, size: int, path: Path, piece: int) -> None:

@@ -252,8 +252,8 @@ class Sources:
         self.cache = ChunkCache(CACHE_BYTES)
         # Streams that are read again after their first use (a tensor that several files of
         # the model hold, a stream of packed tensors read one by one): their chunks are kept as
-        # the references' are, and served from there.
-        # Not one that would push most of the cache out before its own end.
+        # the references' are, and served from there; not a stream so large that it would push
+        # most of the cache out before its own end.
         self.again = frozenset(i for i in again if streams[i].nbytes <= CACHE_BYTES // 4)
         self._referenced: set[int] | None = None
         self._readers: OrderedDict[int, RefReader] = OrderedDict()
