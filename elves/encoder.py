@@ -237,7 +237,7 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
                    planner: ReferencePlanner, lossy: ErrorBound | None = None) -> None:
     with open_source(sf.path) as fh, Sha256Beside() as sha:
         fd = fh.fileno()
-        sha.read(fd, sf.size, sf.path, READ_PIECE)
+        sha.read(functools.partial(read_exact, fd, path=sf.path), sf.size, READ_PIECE)
         mode = kept_mode(fd)
         stream_ids: list[int] = []
         new: list[tuple[Segment, Stream, Pipeline]] = []

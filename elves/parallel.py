@@ -10,10 +10,7 @@ import hashlib
 import os
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, TypeVar, Union
-
-from .errors import InputError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -110,21 +107,18 @@ class Sha256Beside:
         if len(self._pending) > self._window:
             self._pending.popleft().result()
 
-    def read(self, fd: int, size: int, path: Path, piece: int) -> None:
-        """Hash the first ``size`` bytes of the open file ``fd`` (``path``, for errors), read
-        ``piece`` bytes at a time by the thread itself: the hash then runs beside all the caller
-        does, not only beside its reads. An :class:`InputError` if the file is shorter comes out
-        of :meth:`close`."""
-        self._pending.append(self._pool.submit(self._read, fd, size, path, piece))
+    def read(self, read: Callable[[int, int], bytes], size: int, piece: int) -> None:
+        """Hash the first ``size`` bytes of a file, fetched ``piece`` bytes at a time with
+        ``read(offset, length)`` by the thread itself: the hash then runs beside all the caller
+        does, not only beside its reads. What ``read`` raises (a file cut short) comes out of
+        :meth:`close`."""
+        self._pending.append(self._pool.submit(self._read, read, size, piece))
 
-    def _read(self, fd: int, size: int, path: Path, piece: int) -> None:
+    def _read(self, read: Callable[[int, int], bytes], size: int, piece: int) -> None:
         for off in range(0, size, piece):
             if self._stopped:
                 return
-            data = os.pread(fd, min(piece, size - off), off)
-            if len(data) != min(piece, size - off):
-                raise InputError("the file changed or shrank while it was being read", path)
-            self._sha.update(data)
+            self._sha.update(read(off, min(piece, size - off)))
 
     def _hash(self, pieces: list[Piece]) -> None:
         for piece in pieces:

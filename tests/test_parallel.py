@@ -71,26 +71,30 @@ def test_a_file_cut_short_during_compress_is_an_input_error(tmp_path: Path, thre
 def test_sha256_beside_reads_the_file_itself(tmp_path: Path) -> None:
     """The thread reads and hashes the file beside the caller; a short file is an InputError
     when the digest is asked for; leaving on another error stops the read and keeps that error."""
+    import functools
     import hashlib
+
+    from elves.model import read_exact
 
     path = tmp_path / "f.bin"
     data = os.urandom(3 * 4096 + 17)
     path.write_bytes(data)
     fd = os.open(path, os.O_RDONLY)
+    read = functools.partial(read_exact, fd, path=path)
     try:
         with Sha256Beside() as sha:
-            sha.read(fd, len(data), path, 4096)
+            sha.read(read, len(data), 4096)
         assert sha.hexdigest() == hashlib.sha256(data).hexdigest()
 
         short = Sha256Beside()
-        short.read(fd, len(data) + 1, path, 4096)
+        short.read(read, len(data) + 1, 4096)
         with pytest.raises(InputError) as got:
             short.hexdigest()
         assert got.value.path == str(path)
 
         with pytest.raises(KeyError):  # not the read's InputError
             with Sha256Beside() as sha:
-                sha.read(fd, len(data) + 1, path, 4096)
+                sha.read(read, len(data) + 1, 4096)
                 raise KeyError("the caller's own error")
     finally:
         os.close(fd)

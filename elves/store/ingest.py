@@ -2,6 +2,7 @@
 and the objects written chunk by chunk on a thread pool."""
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
@@ -145,7 +146,7 @@ def add_files(storage: Storage, files: list[SourceFile], planner: DeltaPlanner |
             continue
         with open_source(sf.path) as fh, Sha256Beside() as sha:
             fd = fh.fileno()
-            sha.read(fd, sf.size, sf.path, READ_PIECE)
+            sha.read(functools.partial(read_exact, fd, path=sf.path), sf.size, READ_PIECE)
             mode = kept_mode(fd)
             segments: list[list[Any]] = []
             new: list[tuple[int, Segment, str, str, Pipeline, int]] = []
