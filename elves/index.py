@@ -434,7 +434,13 @@ def parse_file(raw: Any, streams: list[Stream], path: Where) -> FileEntry:
         f.fail("is a malformed symbolic link (a relative target inside the model, and no content)")
     if entry.lossy != any(streams[s].decoded_hash is not None for s in segments):
         f.fail("says it is lossy, and its streams disagree" if entry.lossy else "has lossy streams, unmarked")
-    entry.tensors = [_parse_tensor(t, entry, streams, f) for t in f.list("tensors")]
+    tensors = f.list("tensors")
+    # Tensor entries are claims that readers check against the file's own structure
+    # (decoder.check_tensors); an opaque file or a link has none to check them against, and no
+    # writer gives it any.
+    if tensors and fmt in ("opaque", "symlink"):
+        f.fail(f"names tensors, which a file of format {fmt!r} does not have")
+    entry.tensors = [_parse_tensor(t, entry, streams, f) for t in tensors]
     return entry
 
 

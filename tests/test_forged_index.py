@@ -117,6 +117,16 @@ def test_tensor_entry_must_lie_inside_its_segment(archive: Path, tmp_path: Path,
     _refused(archive, tmp_path, "tensor|malformed")
 
 
+def test_a_file_forged_into_a_format_without_structure_keeps_no_tensors(archive: Path, tmp_path: Path) -> None:
+    """Tensor entries are checked against the file's own structure; a file relabelled opaque
+    (which has none) would let a forged shape through unchecked (fuzz: a dimension removed)."""
+    def forge(index: dict) -> None:
+        _file(index, "a.safetensors")["format"] = "opaque"
+        _tensor(index, "big")[2] = [300]
+    rewrite_index(archive, forge)
+    _refused(archive, tmp_path, "names tensors, which a file of format")
+
+
 def _checkpoint(tmp_path: Path) -> tuple[Path, dict]:
     """A real PyTorch checkpoint holding strided views: a transpose and a column slice of one
     storage."""
