@@ -105,35 +105,53 @@ def stream_label(reader: StreamReader, index: int) -> str:
 
 def iter_stream(reader: StreamReader, index: int, pool: Executor, window: int) -> Iterator[np.ndarray]:
     """The decoded chunks of stream ``index``, in order, each checked; then the stream's hash."""
-    stream = reader.streams[index]
-    pipeline = stream.decoder()
-    ref_of = reader.references.chunk_refs(stream)  # the reference's bytes of each chunk, if it has one
-    keep = reader.references.keep(index)  # a stream that later ones reference: its chunks serve them
-    cache = reader.references.cache if index in reader.references.again else None
+    return iter_streams(reader, [index], pool, window)
 
-    def decode(i: int) -> np.ndarray:
-        got = cache.get((index, i)) if cache is not None else None
-        if got is not None:  # decoded and checked at the stream's first use
-            return got
-        try:
-            ref = ref_of(i) if ref_of is not None else None  # the reference's bytes here
-            out = decode_chunk(reader, stream, pipeline, i, ref)
-        except ArchiveError as e:  # name the tensor only when something is wrong: it costs a scan
-            raise type(e)(f"{stream_label(reader, index)}: chunk {i}: {e.message}", reader.path) from None
-        if keep is not None:
-            keep(i, out)
-        return out
 
-    h = xxhash.xxh3_128()
-    total = 0
-    for chunk in ordered_map(pool, decode, range(len(stream.chunks)), window,
-                             inline=lambda i: stream.chunks[i][2] < INLINE_BYTES):
-        h.update(chunk.data)
-        total += chunk.shape[0]
-        yield chunk
-    if total != stream.nbytes or h.hexdigest() != stream.expected_hash:  # lossy: the decoded bytes' hash
-        raise CorruptArchiveError(f"{stream_label(reader, index)}: decoded bytes do not match the stored hash",
-                                  reader.path)
+def iter_streams(reader: StreamReader, indices: Sequence[int], pool: Executor, window: int) -> Iterator[np.ndarray]:
+    """The decoded chunks of the streams ``indices`` (a file's segments), in order, each checked;
+    each stream's hash at its end. One decode window spans them all: a file of many small
+    tensors (a stream of one or two chunks each) keeps every thread busy, where a window per
+    stream would wait for each stream's last chunk before starting the next."""
+    streams = [reader.streams[index] for index in indices]
+
+    def decoder(index: int) -> Callable[[int], np.ndarray]:
+        stream = reader.streams[index]
+        pipeline = stream.decoder()
+        ref_of = reader.references.chunk_refs(stream)  # the reference's bytes of each chunk, if it has one
+        # A stream that later ones reference, or that is read again: its chunks are kept for them
+        # (and one being decoded is waited for, not decoded twice).
+        kept = reader.references.kept(index)
+
+        def decode(i: int) -> np.ndarray:
+            try:
+                ref = ref_of(i) if ref_of is not None else None  # the reference's bytes here
+                return decode_chunk(reader, stream, pipeline, i, ref)
+            except ArchiveError as e:  # name the tensor only when something is wrong: it costs a scan
+                raise type(e)(f"{stream_label(reader, index)}: chunk {i}: {e.message}", reader.path) from None
+
+        if kept is None:
+            return decode
+        return lambda i: kept(i, decode)
+
+    def jobs() -> Iterator[tuple[Callable[[int], np.ndarray], int, int]]:
+        for index, stream in zip(indices, streams):
+            decode = decoder(index)  # made as the window reaches the stream: a reference opens then
+            for i in range(len(stream.chunks)):
+                yield decode, i, stream.chunks[i][2]
+
+    chunks = ordered_map(pool, lambda job: job[0](job[1]), jobs(), window, inline=lambda job: job[2] < INLINE_BYTES)
+    for index, stream in zip(indices, streams):
+        h = xxhash.xxh3_128()
+        total = 0
+        for _ in range(len(stream.chunks)):
+            chunk = next(chunks)
+            h.update(chunk.data)
+            total += chunk.shape[0]
+            yield chunk
+        if total != stream.nbytes or h.hexdigest() != stream.expected_hash:  # lossy: the decoded bytes' hash
+            raise CorruptArchiveError(f"{stream_label(reader, index)}: decoded bytes do not match the stored hash",
+                                      reader.path)
 
 
 # Structure that check_tensors rebuilds in memory to parse; a file with more opaque bytes than
@@ -247,12 +265,11 @@ def file_chunks(reader: ArchiveReader, entry: FileEntry, pool: Executor, window:
     sha = Sha256Beside(window) if check_sha256 and not entry.lossy and entry.link is None else None
     size = 0
     try:
-        for index in entry.segments:
-            for chunk in iter_stream(reader, index, pool, window):
-                if sha is not None:
-                    sha.update(chunk)
-                size += chunk.shape[0]
-                yield chunk
+        for chunk in iter_streams(reader, entry.segments, pool, window):
+            if sha is not None:
+                sha.update(chunk)
+            size += chunk.shape[0]
+            yield chunk
     finally:
         if sha is not None:
             sha.close()

@@ -121,6 +121,7 @@ class ChunkCache:
         self.budget = budget
         self.size = 0
         self._chunks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._making: dict[tuple[int, int], threading.Event] = {}
         self._lock = threading.Lock()
 
     def get(self, key: tuple[int, int]) -> np.ndarray | None:
@@ -129,6 +130,32 @@ class ChunkCache:
             if got is not None:
                 self._chunks.move_to_end(key)
             return got
+
+    def obtain(self, key: tuple[int, int], make: Callable[[], np.ndarray], copy: bool = False) -> np.ndarray:
+        """The chunk at ``key``, kept or made by ``make`` and put. One thread makes it; others that
+        ask meanwhile wait for it rather than decode it again (a decode window spans a file's
+        streams, so a chunk and the chunk coded against it can be in flight together). With
+        ``copy``, the maker gets its own array and the cache a copy: a decoder hands its chunks on."""
+        while True:
+            with self._lock:
+                got = self._chunks.get(key)
+                if got is not None:
+                    self._chunks.move_to_end(key)
+                    return got
+                making = self._making.get(key)
+                if making is None:
+                    making = self._making[key] = threading.Event()
+                    break
+            # Then look again: a maker that failed, or a chunk too large to keep, leaves it to this thread.
+            making.wait()
+        try:
+            chunk = make()
+            self.put(key, chunk.copy() if copy else chunk)
+            return chunk
+        finally:
+            with self._lock:
+                del self._making[key]
+            making.set()
 
     def put(self, key: tuple[int, int], chunk: np.ndarray) -> None:
         """Keep ``chunk`` (read-only from now on: the caller hands it to no one else)."""
@@ -164,14 +191,13 @@ class RefReader:
         self.starts = np.concatenate(([0], np.cumsum([c[2] for c in stream.chunks], dtype=np.int64)))
 
     def _chunk(self, i: int) -> np.ndarray:
-        got = self.cache.get((self.index, i))
-        if got is None:
-            try:
-                got = decode_chunk(self.source, self.stream, self.pipeline, i, self.refs(i) if self.refs else None)
-            except ArchiveError as e:  # say which chunk of which stream: the caller names only its own
-                raise type(e)(f"chunk {i} of stream {self.index}: {e.message}", e.path) from None
-            self.cache.put((self.index, i), got)
-        return got
+        return self.cache.obtain((self.index, i), lambda: self._decode(i))
+
+    def _decode(self, i: int) -> np.ndarray:
+        try:
+            return decode_chunk(self.source, self.stream, self.pipeline, i, self.refs(i) if self.refs else None)
+        except ArchiveError as e:  # say which chunk of which stream: the caller names only its own
+            raise type(e)(f"chunk {i} of stream {self.index}: {e.message}", e.path) from None
 
     def read(self, offset: int, out: np.ndarray) -> None:
         """Fill ``out`` with the stream's decoded bytes from ``offset``."""
@@ -279,15 +305,16 @@ class Sources:
                 self._readers.move_to_end(index)
             return got
 
-    def keep(self, index: int) -> Callable[[int, np.ndarray], None] | None:
-        """For a decoder of stream ``index``: where to put its decoded chunks when later streams
-        reference it or it is read again (None when neither)."""
+    def kept(self, index: int) -> Callable[[int, Callable[[int], np.ndarray]], np.ndarray] | None:
+        """For a decoder of stream ``index`` whose chunks later streams reference, or that is read
+        again: ``(i, decode) -> chunk i``, from the cache or decoded and kept (None for any other
+        stream). The decoder gets its own array: it hands its chunks on (to a file, or to the
+        caller as a tensor)."""
         if self._referenced is None:
             self._referenced = {s.ref for s in self.streams if s.ref is not None} | self.again
         if index not in self._referenced:
             return None
-        # a copy: the decoder hands its chunks on (to a file, or to the caller as a tensor)
-        return lambda i, chunk: self.cache.put((index, i), chunk.copy())
+        return lambda i, decode: self.cache.obtain((index, i), lambda: decode(i), copy=True)
 
     def missing(self) -> ElvesError:
         """The error for a reference by content with no content source given."""

@@ -3,6 +3,8 @@
 forged reference is a clean error."""
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -220,6 +222,87 @@ def test_a_tensor_several_files_hold_is_decoded_once(tmp_path: Path, monkeypatch
     elves.restore(s.archive, tmp_path / "out", threads=threads)
     assert sorted(decoded) == sorted(set(decoded)) and len(decoded) == chunks
     assert tree_hashes(tmp_path / "out") == tree_hashes(src)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_tensor_one_file_holds_twice_is_decoded_once(tmp_path: Path, monkeypatch, threads: int) -> None:
+    """A file's decode window spans its streams, so both copies of a tensor the file holds twice
+    (one stream, listed twice) can be in flight at once: the second waits for the chunks the first
+    is decoding instead of decoding them again, and the file comes back byte-exact."""
+    import elves.decoder
+
+    rng = np.random.default_rng(9)
+    tied = rng.standard_normal(200_000).astype(np.float32).tobytes()  # several chunks
+    src = tmp_path / "src"
+    src.mkdir()
+    write_safetensors(src / "m.safetensors", {
+        "embed": ("F32", (200_000,), tied),
+        "head": ("F32", (200_000,), tied),
+        "small": ("F32", (3_000,), rng.standard_normal(3_000).astype(np.float32).tobytes())})
+    s = elves.compress(src, tmp_path / "m.elves")
+    with ArchiveReader(s.archive) as r:
+        (entry,) = r.files
+        chunks = sum(len(r.streams[i].chunks) for i in set(entry.segments))
+        assert len(entry.segments) > len(set(entry.segments))
+        assert sum(len(r.streams[i].chunks) for i in entry.segments) >= chunks + 3
+    decoded = []
+    real = elves.decoder.decode_chunk
+
+    def slow(reader, stream, pipeline, i, ref):  # a first chunk slow enough for the second copy to catch up
+        decoded.append((id(stream), i))
+        time.sleep(0.1 if i == 0 else 0.005)
+        return real(reader, stream, pipeline, i, ref)
+
+    monkeypatch.setattr(elves.decoder, "decode_chunk", slow)
+    elves.restore(s.archive, tmp_path / "out", threads=threads)
+    assert sorted(decoded) == sorted(set(decoded)) and len(decoded) == chunks
+    assert tree_hashes(tmp_path / "out") == tree_hashes(src)
+
+
+def test_the_chunk_cache_makes_a_chunk_once_for_all_who_ask() -> None:
+    """Threads asking for a chunk that one of them is making wait for it; a maker that fails, or a
+    chunk too large to keep, leaves the next one to make it itself."""
+    from elves.references import ChunkCache
+
+    cache = ChunkCache(10_000)
+    made = []
+    started = threading.Event()
+
+    def make() -> np.ndarray:
+        made.append(1)
+        started.set()
+        time.sleep(0.05)
+        return np.arange(100, dtype=np.uint8)
+
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(cache.obtain, (0, 0), make, True)
+        started.wait()
+        others = [pool.submit(cache.obtain, (0, 0), make) for _ in range(3)]
+        got = [first.result(), *(f.result() for f in others)]
+    assert len(made) == 1 and all(np.array_equal(g, np.arange(100, dtype=np.uint8)) for g in got)
+    assert got[0].flags.writeable and not got[1].flags.writeable  # the maker's own array; the rest, the kept copy
+
+    def fail() -> np.ndarray:
+        started.set()
+        time.sleep(0.05)
+        raise ValueError("damaged")
+
+    started.clear()
+    with ThreadPoolExecutor(2) as pool:
+        failing = pool.submit(cache.obtain, (0, 1), fail)
+        started.wait()
+        waiting = pool.submit(cache.obtain, (0, 1), lambda: np.ones(10, np.uint8))
+        with pytest.raises(ValueError):
+            failing.result()
+        assert waiting.result().tolist() == [1] * 10
+    huge = [0]
+
+    def too_large() -> np.ndarray:
+        huge[0] += 1
+        return np.zeros(20_000, np.uint8)
+
+    assert cache.obtain((1, 0), too_large).shape == (20_000,) and cache.obtain((1, 0), too_large).shape == (20_000,)
+    assert huge[0] == 2 and cache.get((1, 0)) is None
 
 
 @pytest.mark.parametrize("forge, message", [
