@@ -232,12 +232,12 @@ def test_a_tensor_one_file_holds_twice_is_decoded_once(tmp_path: Path, monkeypat
     import elves.decoder
 
     rng = np.random.default_rng(9)
-    tied = rng.standard_normal(200_000).astype(np.float32).tobytes()  # several chunks
+    tied = rng.standard_normal(300_000).astype(np.float32).tobytes()  # more chunks than a batch
     src = tmp_path / "src"
     src.mkdir()
     write_safetensors(src / "m.safetensors", {
-        "embed": ("F32", (200_000,), tied),
-        "head": ("F32", (200_000,), tied),
+        "embed": ("F32", (300_000,), tied),
+        "head": ("F32", (300_000,), tied),
         "small": ("F32", (3_000,), rng.standard_normal(3_000).astype(np.float32).tobytes())})
     s = elves.compress(src, tmp_path / "m.elves")
     with ArchiveReader(s.archive) as r:
