@@ -35,7 +35,7 @@ from .errors import (
 )
 from .index import FileEntry, Stream, Where
 from .model import SourceFile
-from .parallel import INLINE_BYTES, Sha256Beside, default_threads, ordered_map
+from .parallel import Sha256Beside, batched_map, default_threads
 from .readers import ctranslate2, gguf, onnx, safetensors, torch
 from .references import Sources
 
@@ -134,25 +134,13 @@ def iter_streams(reader: StreamReader, indices: Sequence[int], pool: Executor, w
             return decode
         return lambda i: kept(i, decode)
 
-    def jobs() -> Iterator[tuple[list[tuple[Callable[[int], np.ndarray], int]], int]]:
-        # Consecutive chunks go to a thread together, until they hold BATCH_BYTES: a hand-off per chunk
-        # (a future, two thread wake-ups) cost about a fifth of a 256 KiB chunk's decode.
-        batch: list[tuple[Callable[[int], np.ndarray], int]] = []
-        nbytes = 0
+    def jobs() -> Iterator[tuple[Callable[[int], np.ndarray], int, int]]:
         for index, stream in zip(indices, streams):
             decode = decoder(index)  # made as the window reaches the stream: a reference opens then
             for i in range(len(stream.chunks)):
-                batch.append((decode, i))
-                nbytes += stream.chunks[i][2]
-                if nbytes >= BATCH_BYTES:
-                    yield batch, nbytes
-                    batch, nbytes = [], 0
-        if batch:
-            yield batch, nbytes
+                yield decode, i, stream.chunks[i][2]
 
-    batches = ordered_map(pool, lambda job: [decode(i) for decode, i in job[0]], jobs(), window,
-                          inline=lambda job: job[1] < INLINE_BYTES)
-    chunks = (chunk for batch in batches for chunk in batch)
+    chunks = batched_map(pool, lambda job: job[0](job[1]), jobs(), window, nbytes=lambda job: job[2])
     for index, stream in zip(indices, streams):
         h = xxhash.xxh3_128()
         total = 0
@@ -165,9 +153,6 @@ def iter_streams(reader: StreamReader, indices: Sequence[int], pool: Executor, w
             raise CorruptArchiveError(f"{stream_label(reader, index)}: decoded bytes do not match the stored hash",
                                       reader.path)
 
-
-# Decoded bytes a batch of chunks reaches before it goes to a thread (the window counts batches).
-BATCH_BYTES = 1 << 20
 
 # Structure that check_tensors rebuilds in memory to parse; a file with more opaque bytes than
 # this (a checkpoint of storages elves keeps as bytes) is served unchecked.

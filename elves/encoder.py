@@ -30,7 +30,7 @@ from .errors import InputError
 from .index import FileEntry, TensorEntry, checksum
 from .lossy import elf_pays, elf_pipeline, encode_checked
 from .model import READ_PIECE, Segment, SourceFile, hash_segment, kept_mode, open_source, read_exact
-from .parallel import INLINE_BYTES, Sha256Beside, default_threads, ordered_map
+from .parallel import Sha256Beside, batched_map, default_threads
 from .planner import ReferencePlanner, block_hashes, segment_names, widest_first
 from .readers import read_model
 from .readers.packing import pack_small
@@ -309,8 +309,8 @@ def _compress_file(sf: SourceFile, writer: ArchiveWriter, pool: Executor, nthrea
             return stream, payload, checksum(payload), nraw, i == 0, decoded
 
         decoded_of: dict[int, tuple["xxhash.xxh3_128", int]] = {}  # lossy streams: hash so far, bytes so far
-        for stream, payload, check, nraw, first, decoded in ordered_map(pool, encode, jobs(), 2 * nthreads + 2,
-                                                                        inline=lambda job: job[3] < INLINE_BYTES):
+        for stream, payload, check, nraw, first, decoded in batched_map(pool, encode, jobs(), 2 * nthreads + 2,
+                                                                        nbytes=lambda job: job[3]):
             if first:
                 writer.begin_stream(stream.nbytes)
             if nraw == stream.nbytes and len(payload) >= nraw:

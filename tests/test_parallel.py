@@ -98,3 +98,54 @@ def test_sha256_beside_reads_the_file_itself(tmp_path: Path) -> None:
                 raise KeyError("the caller's own error")
     finally:
         os.close(fd)
+
+
+def test_batched_map_keeps_order_and_hands_threads_batches_of_about_batch_bytes() -> None:
+    """Results come out in the order of the items, each item run once; consecutive items share a
+    thread until their bytes reach BATCH_BYTES, so a batch holds them up to one item past it; a
+    batch too small to be worth a hand-off runs in the calling thread; at most ``window``
+    batches are in flight."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from elves.parallel import BATCH_BYTES, INLINE_BYTES, batched_map
+
+    sizes = [300_000, 5_000, 900_000, 4 << 20, 10_000, 20_000, 700_000, 600_000, 1_000]
+    ran: list[tuple[int, int]] = []
+    calling = threading.get_ident()
+    in_flight = 0
+    most = 0
+    lock = threading.Lock()
+
+    def work(i: int) -> int:
+        with lock:
+            ran.append((i, threading.get_ident()))
+        return i * i
+
+    with ThreadPoolExecutor(2) as pool:
+        submit = pool.submit
+
+        def counting(fn, *args):  # batches handed to the pool at once
+            nonlocal in_flight, most
+            with lock:
+                in_flight += 1
+                most = max(most, in_flight)
+            future = submit(fn, *args)
+
+            def done(_):
+                nonlocal in_flight
+                with lock:
+                    in_flight -= 1
+            future.add_done_callback(done)
+            return future
+
+        pool.submit = counting  # type: ignore[method-assign]
+        out = list(batched_map(pool, work, range(len(sizes)), 2, nbytes=lambda i: sizes[i]))
+    assert out == [i * i for i in range(len(sizes))]
+    assert sorted(i for i, _ in ran) == list(range(len(sizes)))
+    # the batches: [0, 1, 2] (past 1 MiB at item 2), [3], [4, 5, 6, 7], [8] (the rest: inline)
+    thread_of = dict(ran)
+    assert thread_of[0] == thread_of[1] == thread_of[2] != calling
+    assert thread_of[4] == thread_of[5] == thread_of[6] == thread_of[7]
+    assert thread_of[8] == calling and sizes[8] < INLINE_BYTES <= BATCH_BYTES
+    assert most <= 2

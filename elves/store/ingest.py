@@ -21,7 +21,7 @@ from ..encoder import pipeline_for
 from ..errors import ElvesError
 from ..index import checksum
 from ..model import READ_PIECE, Segment, SourceFile, hash_segment, kept_mode, open_source, read_exact
-from ..parallel import INLINE_BYTES, Sha256Beside, ordered_map
+from ..parallel import Sha256Beside, batched_map
 from .layout import object_at, object_key
 from .manifests import PACK_BELOW, PACK_MAX
 from .objects import ObjectMeta, ObjectWriter, StoredObject
@@ -92,8 +92,8 @@ def write_objects(storage: Storage, objects: Iterable[NewObject], pool: Executor
 
     writer: ObjectWriter | None = None
     try:
-        for obj, raw, payload, check, last in ordered_map(pool, encode, jobs(), 2 * nthreads + 2,
-                                                          inline=lambda job: len(job[1]) < INLINE_BYTES):
+        for obj, raw, payload, check, last in batched_map(pool, encode, jobs(), 2 * nthreads + 2,
+                                                          nbytes=lambda job: len(job[1])):
             if writer is None:
                 writer = ObjectWriter(storage, obj.key, obj.meta)
             if last and not obj.meta.chunks and len(payload) >= len(raw):
