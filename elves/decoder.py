@@ -12,7 +12,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,36 +253,66 @@ def read_stream(reader: ArchiveReader, index: int, pool: Executor, window: int) 
     return out
 
 
+class FileCheck:
+    """The end of one file's checks: its size, and the sha256 that a thread computes beside the
+    decode (none for a lossy file or with the check off: its decoded streams' hashes are the
+    check). :meth:`result` waits for the hash and raises unless the file is the one the index
+    describes; restore takes it once the next file has started, so that the hash's tail runs
+    beside the next file's decode."""
+
+    def __init__(self, reader: ArchiveReader, entry: FileEntry, window: int, sha256: bool):
+        self.reader, self.entry = reader, entry
+        self.sha = Sha256Beside(window) if sha256 and not entry.lossy and entry.link is None else None
+        self.size = 0
+
+    def update(self, chunk: np.ndarray) -> None:
+        if self.sha is not None:
+            self.sha.update(chunk)
+        self.size += chunk.shape[0]
+
+    def close(self) -> None:
+        """Stop the hash (a file left behind by an error)."""
+        if self.sha is not None:
+            self.sha.close()
+
+    def result(self) -> None:
+        self.close()
+        if self.size != self.entry.size or (self.sha is not None and self.sha.hexdigest() != self.entry.sha256):
+            raise CorruptArchiveError(f"{self.entry.path}: restored bytes do not match the stored sha256",
+                                      self.reader.path)
+
+
 def file_chunks(reader: ArchiveReader, entry: FileEntry, pool: Executor, window: int,
-                check_sha256: bool = True) -> Iterator[np.ndarray]:
-    """The decoded bytes of one file, chunk by chunk; raises once the end shows a wrong sha256.
+                check_sha256: bool = True, later: deque[FileCheck] | None = None) -> Iterator[np.ndarray]:
+    """The decoded bytes of one file, chunk by chunk; raises once the end shows a wrong sha256
+    (or, with ``later``, appends that last check there for the caller to take).
 
     Every stream's xxh3-128 is checked either way, and the streams tile the file. The sha256
     (on a thread beside the decode) adds the check that the file is what was hashed at compress
     time, whatever the index says of its streams. A lossy file (``elf``) decodes to other bytes
     than the original the sha256 is of: its decoded streams' hashes are the check.
     """
-    sha = Sha256Beside(window) if check_sha256 and not entry.lossy and entry.link is None else None
-    size = 0
+    check = FileCheck(reader, entry, window, check_sha256)
     try:
         for chunk in iter_streams(reader, entry.segments, pool, window):
-            if sha is not None:
-                sha.update(chunk)
-            size += chunk.shape[0]
+            check.update(chunk)
             yield chunk
-    finally:
-        if sha is not None:
-            sha.close()
-    if size != entry.size or (sha is not None and sha.hexdigest() != entry.sha256):
-        raise CorruptArchiveError(f"{entry.path}: restored bytes do not match the stored sha256", reader.path)
+    except BaseException:
+        check.close()
+        raise
+    if later is None:
+        check.result()
+    else:
+        later.append(check)
 
 
 def restore_file(reader: ArchiveReader, entry: FileEntry, target: Path, pool: Executor, window: int,
-                progress: ProgressFn | None, check_sha256: bool) -> int:
-    """Write one file's bytes to ``target`` (a temporary name); return the byte count."""
+                 progress: ProgressFn | None, check_sha256: bool, later: deque[FileCheck] | None = None) -> int:
+    """Write one file's bytes to ``target`` (a temporary name); return the byte count. With
+    ``later``, the file's last check (its sha256) is left there (:func:`file_chunks`)."""
     try:
         with open_new(target) as out:
-            for chunk in file_chunks(reader, entry, pool, window, check_sha256):
+            for chunk in file_chunks(reader, entry, pool, window, check_sha256, later):
                 out.write(chunk.data)
                 if progress:
                     progress(chunk.shape[0])
@@ -325,8 +355,23 @@ def restore(
     with ArchiveReader(archive) as reader, ThreadPoolExecutor(nthreads) as pool:
         attach_base(reader, base)  # before anything is written: a missing or wrong base is an error
         files = reader.files
-        return write_files(dst, [(e.path, e.link, e.mode) for e in files], reader.source_kind == "file", force, reader.path,
-                           lambda i, target: restore_file(reader, files[i], target, pool, window, progress, verify))
+        last = max((i for i, e in enumerate(files) if e.link is None), default=-1)
+        later: deque[FileCheck] = deque()
+
+        def write(i: int, target: Path) -> int:
+            n = restore_file(reader, files[i], target, pool, window, progress, verify, later)
+            # A file's sha256 finishes beside the next file's decode; every one, before the
+            # model moves into place.
+            while len(later) > (1 if i < last else 0):
+                later.popleft().result()
+            return n
+
+        try:
+            return write_files(dst, [(e.path, e.link, e.mode) for e in files], reader.source_kind == "file", force,
+                               reader.path, write)
+        finally:
+            for check in later:
+                check.close()
 
 
 def write_files(dst: Path, files: Sequence[tuple[str, str | None, int | None]], single: bool, force: bool,

@@ -87,6 +87,29 @@ def test_swapped_equal_size_segments_fail_restore(archive: Path, tmp_path: Path)
     assert (out / "a.safetensors").stat().st_size == (tmp_path / "src" / "a.safetensors").stat().st_size
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("forged", ["a.safetensors", "b.bin", "config.json"])
+def test_a_wrong_sha256_of_any_file_fails_restore(model: Path, tmp_path: Path, forged: str, threads: int) -> None:
+    """A file's sha256 finishes beside the next file's decode: a mismatch in a file that is not
+    the last still fails the restore before anything moves into place, and no hashing thread
+    outlives it."""
+    import threading
+
+    (model / "b.bin").write_bytes((model / "a.safetensors").read_bytes()[::-1])  # opaque bytes
+    archive = tmp_path / "three.elves"
+    elves.compress(model, archive)
+    rewrite_index(archive, lambda index: _file(index, forged).__setitem__("sha256", "0" * 64))
+    before = threading.active_count()
+    out = tmp_path / "out"
+    with pytest.raises(CorruptArchiveError, match=f"{forged}: restored bytes do not match the stored sha256"):
+        elves.restore(archive, out, threads=threads)
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+    assert threading.active_count() == before
+    rewrite_index(archive, lambda index: None)  # unchanged otherwise: the other files restore
+    elves.restore(archive, out, verify=False, threads=threads)
+    assert tree_hashes(out).keys() == tree_hashes(model).keys()
+
+
 def test_index_without_files(archive: Path, tmp_path: Path) -> None:
     rewrite_index(archive, lambda index: index.update(files=[]))
     _refused(archive, tmp_path, "lists no files")
