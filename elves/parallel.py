@@ -65,25 +65,28 @@ BATCH_BYTES = 1 << 20
 two thread wake-ups) cost about a fifth of the chunk's decode."""
 
 
+def runs(items: Iterable[T], size: Callable[[T], int], limit: int) -> Iterator[tuple[list[T], int]]:
+    """Consecutive ``items`` grouped into runs whose ``size`` reaches ``limit`` (the last may fall
+    short), each with its total."""
+    run: list[T] = []
+    total = 0
+    for item in items:
+        run.append(item)
+        total += size(item)
+        if total >= limit:
+            yield run, total
+            run, total = [], 0
+    if run:
+        yield run, total
+
+
 def batched_map(pool: Executor, fn: Callable[[T], R], items: Iterable[T], window: int,
                 nbytes: Callable[[T], int]) -> Iterator[R]:
     """:func:`ordered_map` with consecutive items handed to a thread together, until their
     ``nbytes`` reach :data:`BATCH_BYTES`. ``window`` counts batches; a batch of less than
     :data:`INLINE_BYTES` runs in the calling thread."""
-    def batches() -> Iterator[tuple[list[T], int]]:
-        batch: list[T] = []
-        total = 0
-        for item in items:
-            batch.append(item)
-            total += nbytes(item)
-            if total >= BATCH_BYTES:
-                yield batch, total
-                batch, total = [], 0
-        if batch:
-            yield batch, total
-
-    for results in ordered_map(pool, lambda b: [fn(item) for item in b[0]], batches(), window,
-                               inline=lambda b: b[1] < INLINE_BYTES):
+    for results in ordered_map(pool, lambda b: [fn(item) for item in b[0]], runs(items, nbytes, BATCH_BYTES),
+                               window, inline=lambda b: b[1] < INLINE_BYTES):
         yield from results
 
 

@@ -70,7 +70,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import ElvesError, HubAccessError, HubError, HubNotFoundError, UsageError
-from ..parallel import default_threads
+from ..parallel import default_threads, runs
 from ..store import Store
 from . import pages
 from .hub import read_tokens
@@ -145,16 +145,7 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 def _batched(pieces: Iterator[bytes]) -> Iterator[bytes]:
     """``pieces`` joined into runs of about :data:`SEND_BYTES`."""
-    run: list[bytes] = []
-    size = 0
-    for piece in pieces:
-        run.append(piece)
-        size += len(piece)
-        if size >= SEND_BYTES:
-            yield b"".join(run)
-            run, size = [], 0
-    if run:
-        yield b"".join(run)
+    return (b"".join(run) for run, _ in runs(pieces, len, SEND_BYTES))
 
 
 @dataclass(frozen=True)
