@@ -271,7 +271,7 @@ class FileCheck:
         self.size += chunk.shape[0]
 
     def close(self) -> None:
-        """Stop the hash (a file left behind by an error)."""
+        """Let the hash's thread finish and end (also for a check that an error left untaken)."""
         if self.sha is not None:
             self.sha.close()
 

@@ -307,9 +307,9 @@ class Sources:
 
     def kept(self, index: int) -> Callable[[int, Callable[[int], np.ndarray]], np.ndarray] | None:
         """For a decoder of stream ``index`` whose chunks later streams reference, or that is read
-        again: ``(i, decode) -> chunk i``, from the cache or decoded and kept (None for any other
-        stream). The decoder gets its own array: it hands its chunks on (to a file, or to the
-        caller as a tensor)."""
+        again: ``(i, decode) -> chunk i``, from the cache (read-only) or decoded and kept (None for
+        any other stream). A chunk it decodes is the decoder's own array, the cache keeping a copy:
+        it hands its chunks on (to a file, or to the caller as a tensor)."""
         if self._referenced is None:
             self._referenced = {s.ref for s in self.streams if s.ref is not None} | self.again
         if index not in self._referenced:
