@@ -14,6 +14,7 @@ import stat
 import tempfile
 from collections import Counter, deque
 from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Protocol, Sequence
@@ -355,23 +356,32 @@ def restore(
     with ArchiveReader(archive) as reader, ThreadPoolExecutor(nthreads) as pool:
         attach_base(reader, base)  # before anything is written: a missing or wrong base is an error
         files = reader.files
-        last = max((i for i, e in enumerate(files) if e.link is None), default=-1)
-        later: deque[FileCheck] = deque()
-
-        def write(i: int, target: Path) -> int:
-            n = restore_file(reader, files[i], target, pool, window, progress, verify, later)
-            # A file's sha256 finishes beside the next file's decode; every one, before the
-            # model moves into place.
-            while len(later) > (1 if i < last else 0):
-                later.popleft().result()
-            return n
-
-        try:
+        with file_writer(reader, files, pool, window, progress, verify) as write:
             return write_files(dst, [(e.path, e.link, e.mode) for e in files], reader.source_kind == "file", force,
                                reader.path, write)
-        finally:
-            for check in later:
-                check.close()
+
+
+@contextmanager
+def file_writer(reader: ArchiveReader, entries: Sequence[FileEntry], pool: Executor, window: int,
+                progress: ProgressFn | None, verify: bool) -> Iterator[Callable[[int, Path], int]]:
+    """``write(i, target)`` for :func:`write_files`: file ``entries[i]`` restored to ``target``.
+    A file's sha256 check is taken once the next file has been written, so the tail of its hash
+    runs beside that file's decode; the last file's at its end, so every one before the model
+    moves into place."""
+    last = max((i for i, e in enumerate(entries) if e.link is None), default=-1)
+    later: deque[FileCheck] = deque()
+
+    def write(i: int, target: Path) -> int:
+        n = restore_file(reader, entries[i], target, pool, window, progress, verify, later)
+        while len(later) > (1 if i < last else 0):
+            later.popleft().result()
+        return n
+
+    try:
+        yield write
+    finally:
+        for check in later:
+            check.close()
 
 
 def write_files(dst: Path, files: Sequence[tuple[str, str | None, int | None]], single: bool, force: bool,

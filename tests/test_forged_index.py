@@ -91,8 +91,8 @@ def test_swapped_equal_size_segments_fail_restore(archive: Path, tmp_path: Path)
 @pytest.mark.parametrize("forged", ["a.safetensors", "b.bin", "config.json"])
 def test_a_wrong_sha256_of_any_file_fails_restore(model: Path, tmp_path: Path, forged: str, threads: int) -> None:
     """A file's sha256 finishes beside the next file's decode: a mismatch in a file that is not
-    the last still fails the restore before anything moves into place, and no hashing thread
-    outlives it."""
+    the last still fails the restore (and an extract) before anything moves into place, and no
+    hashing thread outlives it."""
     import threading
 
     (model / "b.bin").write_bytes((model / "a.safetensors").read_bytes()[::-1])  # opaque bytes
@@ -105,6 +105,9 @@ def test_a_wrong_sha256_of_any_file_fails_restore(model: Path, tmp_path: Path, f
         elves.restore(archive, out, threads=threads)
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
     assert threading.active_count() == before
+    with elves.open(archive) as a, pytest.raises(CorruptArchiveError, match=f"{forged}: restored bytes"):
+        a.extract(["a.safetensors", "b.bin", "config.json"], tmp_path / "some")
+    assert not any(p.is_file() for p in (tmp_path / "some").rglob("*"))
     rewrite_index(archive, lambda index: None)  # unchanged otherwise: the other files restore
     elves.restore(archive, out, verify=False, threads=threads)
     assert tree_hashes(out).keys() == tree_hashes(model).keys()
