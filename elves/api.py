@@ -28,11 +28,12 @@ import numpy as np
 from . import dtypes
 from .archive import ArchiveReader
 from .decoder import (
+    LaterChecks,
     attach_base,
     check_tensors,
     file_chunks,
-    file_writer,
     read_stream,
+    restore_file,
     write_files,
 )
 from .errors import (
@@ -160,8 +161,9 @@ class Archive:
             raise OutputExistsError("already exists (use --force to overwrite)", dst / there[0])
         pool, window = self._ensure_pool(), 2 * self._threads + 2
         # force: dst may hold other files; the files are moved in one by one, links not followed
-        with file_writer(self._reader, chosen, pool, window, None, True) as write:
-            write_files(dst, [(e.path, e.link, e.mode) for e in chosen], False, True, self.path, write)
+        with LaterChecks([e.link for e in chosen]) as later:
+            write_files(dst, [(e.path, e.link, e.mode) for e in chosen], False, True, self.path, later.after(
+                lambda i, target: restore_file(self._reader, chosen[i], target, pool, window, None, True, later)))
         return [dst / e.path for e in chosen]
 
     def _file(self, name: str) -> FileEntry:

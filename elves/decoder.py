@@ -14,10 +14,9 @@ import stat
 import tempfile
 from collections import Counter, deque
 from concurrent.futures import Executor, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Protocol, Sequence
+from typing import BinaryIO, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import xxhash
@@ -255,15 +254,15 @@ def read_stream(reader: ArchiveReader, index: int, pool: Executor, window: int) 
 
 
 class FileCheck:
-    """The end of one file's checks: its size, and the sha256 that a thread computes beside the
-    decode (none for a lossy file or with the check off: its decoded streams' hashes are the
-    check). :meth:`result` waits for the hash and raises unless the file is the one the index
-    describes; restore takes it once the next file has started, so that the hash's tail runs
-    beside the next file's decode."""
+    """The end of one file's checks: its size, and its sha256 (``sha256``; None: none, for a lossy
+    file or with the check off, whose decoded streams' hashes are the check) computed by a thread
+    beside the decode. :meth:`result` waits for the hash and raises a CorruptArchiveError
+    (``problem``, at ``where``) unless the file is the one its index or manifest describes."""
 
-    def __init__(self, reader: ArchiveReader, entry: FileEntry, window: int, sha256: bool):
-        self.reader, self.entry = reader, entry
-        self.sha = Sha256Beside(window) if sha256 and not entry.lossy and entry.link is None else None
+    def __init__(self, size: int, sha256: str | None, window: int, problem: str, where: Where):
+        self.expected = size, sha256
+        self.problem, self.where = problem, where
+        self.sha = Sha256Beside(window) if sha256 is not None else None
         self.size = 0
 
     def update(self, chunk: np.ndarray) -> None:
@@ -278,13 +277,40 @@ class FileCheck:
 
     def result(self) -> None:
         self.close()
-        if self.size != self.entry.size or (self.sha is not None and self.sha.hexdigest() != self.entry.sha256):
-            raise CorruptArchiveError(f"{self.entry.path}: restored bytes do not match the stored sha256",
-                                      self.reader.path)
+        if (self.size, self.sha.hexdigest() if self.sha is not None else self.expected[1]) != self.expected:
+            raise CorruptArchiveError(self.problem, self.where)
+
+
+class LaterChecks:
+    """Files' last checks (:class:`FileCheck`), each taken once the next file has been written,
+    so that the tail of its hash runs beside that file's decode; the last file's at its end, so
+    every one before the model moves into place. ``links`` are the files' link targets (None for
+    a file with content: links have no check). Leaving the context lets the hashes of checks that
+    an error left untaken finish."""
+
+    def __init__(self, links: Sequence[str | None]):
+        self.last = max((i for i, link in enumerate(links) if link is None), default=-1)
+        self.pending: deque[FileCheck] = deque()
+
+    def after(self, write: Callable[[int, Path], int]) -> Callable[[int, Path], int]:
+        """``write(i, target)`` (for :func:`write_files`), then the checks file ``i`` no longer overlaps."""
+        def written(i: int, target: Path) -> int:
+            n = write(i, target)
+            while len(self.pending) > (1 if i < self.last else 0):
+                self.pending.popleft().result()
+            return n
+        return written
+
+    def __enter__(self) -> LaterChecks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for check in self.pending:
+            check.close()
 
 
 def file_chunks(reader: ArchiveReader, entry: FileEntry, pool: Executor, window: int,
-                check_sha256: bool = True, later: deque[FileCheck] | None = None) -> Iterator[np.ndarray]:
+                check_sha256: bool = True, later: LaterChecks | None = None) -> Iterator[np.ndarray]:
     """The decoded bytes of one file, chunk by chunk; raises once the end shows a wrong sha256
     (or, with ``later``, appends that last check there for the caller to take).
 
@@ -293,9 +319,16 @@ def file_chunks(reader: ArchiveReader, entry: FileEntry, pool: Executor, window:
     time, whatever the index says of its streams. A lossy file (``elf``) decodes to other bytes
     than the original the sha256 is of: its decoded streams' hashes are the check.
     """
-    check = FileCheck(reader, entry, window, check_sha256)
+    check = FileCheck(entry.size, entry.sha256 if check_sha256 and not entry.lossy and entry.link is None else None,
+                      window, f"{entry.path}: restored bytes do not match the stored sha256", reader.path)
+    yield from checked(iter_streams(reader, entry.segments, pool, window), check, later)
+
+
+def checked(chunks: Iterable[np.ndarray], check: FileCheck, later: LaterChecks | None) -> Iterator[np.ndarray]:
+    """``chunks``, each handed to ``check`` on the way; at their end the check is taken, or left
+    to ``later``."""
     try:
-        for chunk in iter_streams(reader, entry.segments, pool, window):
+        for chunk in chunks:
             check.update(chunk)
             yield chunk
     except BaseException:
@@ -304,11 +337,11 @@ def file_chunks(reader: ArchiveReader, entry: FileEntry, pool: Executor, window:
     if later is None:
         check.result()
     else:
-        later.append(check)
+        later.pending.append(check)
 
 
 def restore_file(reader: ArchiveReader, entry: FileEntry, target: Path, pool: Executor, window: int,
-                 progress: ProgressFn | None, check_sha256: bool, later: deque[FileCheck] | None = None) -> int:
+                 progress: ProgressFn | None, check_sha256: bool, later: LaterChecks | None = None) -> int:
     """Write one file's bytes to ``target`` (a temporary name); return the byte count. With
     ``later``, the file's last check (its sha256) is left there (:func:`file_chunks`)."""
     try:
@@ -356,32 +389,10 @@ def restore(
     with ArchiveReader(archive) as reader, ThreadPoolExecutor(nthreads) as pool:
         attach_base(reader, base)  # before anything is written: a missing or wrong base is an error
         files = reader.files
-        with file_writer(reader, files, pool, window, progress, verify) as write:
+        with LaterChecks([e.link for e in files]) as later:
             return write_files(dst, [(e.path, e.link, e.mode) for e in files], reader.source_kind == "file", force,
-                               reader.path, write)
-
-
-@contextmanager
-def file_writer(reader: ArchiveReader, entries: Sequence[FileEntry], pool: Executor, window: int,
-                progress: ProgressFn | None, verify: bool) -> Iterator[Callable[[int, Path], int]]:
-    """``write(i, target)`` for :func:`write_files`: file ``entries[i]`` restored to ``target``.
-    A file's sha256 check is taken once the next file has been written, so the tail of its hash
-    runs beside that file's decode; the last file's at its end, so every one before the model
-    moves into place."""
-    last = max((i for i, e in enumerate(entries) if e.link is None), default=-1)
-    later: deque[FileCheck] = deque()
-
-    def write(i: int, target: Path) -> int:
-        n = restore_file(reader, entries[i], target, pool, window, progress, verify, later)
-        while len(later) > (1 if i < last else 0):
-            later.popleft().result()
-        return n
-
-    try:
-        yield write
-    finally:
-        for check in later:
-            check.close()
+                               reader.path, later.after(lambda i, target: restore_file(
+                                   reader, files[i], target, pool, window, progress, verify, later)))
 
 
 def write_files(dst: Path, files: Sequence[tuple[str, str | None, int | None]], single: bool, force: bool,

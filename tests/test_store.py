@@ -435,3 +435,32 @@ def test_adding_an_empty_folder_is_refused_and_writes_nothing(tmp_path: Path) ->
     with pytest.raises(InputError, match="holds no files"):
         s.add(tmp_path / "empty")
     assert s.models() == [] and s.verify().ok
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_wrong_sha256_of_any_stored_file_fails_restore(tmp_path: Path, threads: int) -> None:
+    """A stored file's sha256 finishes beside the next file's decode, as in an archive's restore:
+    a manifest whose sha256 of any file is wrong fails the restore, naming the model and file,
+    before anything moves into place, and no hashing thread outlives it."""
+    import threading
+
+    src = make_model(tmp_path / "m", 11)
+    s = Store.init(tmp_path / "store")
+    s.add(src, "acme/m", base=None)
+    path = manifest_path(s, "acme/m")
+    good = json.loads(path.read_text())
+    assert len(good["files"]) == 3
+    for k, f in enumerate(good["files"]):
+        forged = json.loads(json.dumps(good))
+        forged["files"][k]["sha256"] = "0" * 64
+        path.write_text(json.dumps(forged))
+        out = tmp_path / f"out{k}"
+        before = threading.active_count()
+        with pytest.raises(CorruptArchiveError,
+                           match=f"model 'acme/m', file {f['path']}: restored bytes do not match the file's sha256"):
+            Store(tmp_path / "store").restore("acme/m", out, threads=threads)
+        assert not out.exists() and not list(tmp_path.glob(f".out{k}.*"))
+        assert threading.active_count() == before
+    path.write_text(json.dumps(good))
+    assert tree_hashes(Store(tmp_path / "store").restore("acme/m", tmp_path / "ok", threads=threads).output) \
+        == tree_hashes(src)

@@ -2,7 +2,7 @@
 model's files, each checked against its sha256."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 
 from ..chunks import decode_chunk
-from ..decoder import iter_stream, open_new
+from ..decoder import FileCheck, LaterChecks, checked, iter_stream, open_new
 from ..errors import ArchiveError, CorruptArchiveError, OutputError
 from ..index import FileEntry, Stream, TensorEntry
-from ..parallel import Sha256Beside, ordered_map
+from ..parallel import ordered_map
 from ..references import Sources
 from .layout import manifest_at, object_at
 from .manifests import PACK_MAX
@@ -96,42 +96,41 @@ def file_range(storage: Storage, name: str, entry: dict[str, Any], start: int, s
 
 
 def file_parts(storage: Storage, name: str, entry: dict[str, Any], pool: Executor,
-               window: int) -> Iterator[np.ndarray]:
+               window: int, later: LaterChecks | None = None) -> Iterator[np.ndarray]:
     """The bytes of one file of model ``name``, in order: each object is checked against the
     length the manifest gives it before it is decoded, so a lie stops at its first segment;
-    the end checks the file's sha256, computed beside the decode."""
-    sha = Sha256Beside(window)
-    size = 0
+    the end checks the file's sha256, computed beside the decode (or, with ``later``, leaves
+    that check there: :class:`~elves.decoder.LaterChecks`)."""
+    # A check taken later is raised outside restore_file, which names the model and file.
+    named = f"model {name!r}, file {entry['path']}: " if later is not None else ""
+    check = FileCheck(entry["size"], entry["sha256"], window,
+                      f"{named}restored bytes do not match the file's sha256", storage.where(manifest_at(name)))
+    yield from checked(_parts(storage, entry, pool, window), check, later)
+
+
+def _parts(storage: Storage, entry: dict[str, Any], pool: Executor, window: int) -> Iterator[np.ndarray]:
     packs: dict[str, np.ndarray] = {}   # the file's packed small segments, decoded once
-    try:
-        for key, length, *at in entry["segments"]:
-            if at:
-                if key not in packs:
-                    packs[key] = np.concatenate([np.empty(0, np.uint8),
-                                                 *iter_object(storage, key, pool, window, pack=True)])
-                part = packs[key][at[0]:at[0] + length]
-                if len(part) != length:
-                    raise CorruptArchiveError(f"a slice of pack object {key} lies outside it",
-                                              storage.where(object_at(key)))
-                parts: Iterable[np.ndarray] = [part]
-            else:
-                parts = iter_object(storage, key, pool, window, nbytes=length)
-            for part in parts:
-                sha.update(part)
-                size += len(part)
-                yield part
-    finally:
-        sha.close()
-    if size != entry["size"] or sha.hexdigest() != entry["sha256"]:
-        raise CorruptArchiveError("restored bytes do not match the file's sha256", storage.where(manifest_at(name)))
+    for key, length, *at in entry["segments"]:
+        if at:
+            if key not in packs:
+                packs[key] = np.concatenate([np.empty(0, np.uint8),
+                                             *iter_object(storage, key, pool, window, pack=True)])
+            part = packs[key][at[0]:at[0] + length]
+            if len(part) != length:
+                raise CorruptArchiveError(f"a slice of pack object {key} lies outside it",
+                                          storage.where(object_at(key)))
+            yield part
+        else:
+            yield from iter_object(storage, key, pool, window, nbytes=length)
 
 
 def restore_file(storage: Storage, name: str, entry: dict[str, Any], target: Path, pool: Executor, window: int,
-                 progress: ProgressFn | None) -> int:
-    """Write one file of model ``name`` to ``target``; its size."""
+                 progress: ProgressFn | None, later: LaterChecks | None = None) -> int:
+    """Write one file of model ``name`` to ``target``; its size. With ``later``, its sha256 check
+    is left there (:func:`file_parts`)."""
     try:
         with open_new(target) as out:
-            for part in file_parts(storage, name, entry, pool, window):
+            for part in file_parts(storage, name, entry, pool, window, later):
                 out.write(part.data)
                 if progress:
                     progress(len(part))

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import families
-from ..decoder import RestoreSummary, write_files
+from ..decoder import LaterChecks, RestoreSummary, write_files
 from ..errors import ArchiveError, InputError, StoreError, UsageError
 from ..families import Family, ModelProfile
 from ..index import ints
@@ -148,12 +148,12 @@ class Store:
         man = manifest(self.storage, name)
         nthreads = default_threads(threads)
         window = 2 * nthreads + 2
-        with ThreadPoolExecutor(nthreads) as pool:
-            files = man["files"]
-            return write_files(Path(dst), [(f["path"], f.get("link"), f.get("mode")) for f in files], man["source"] == "file",
-                               force, self.storage.where(manifest_at(name)),
-                               lambda i, target: restore_file(self.storage, name, files[i], target, pool, window,
-                                                              progress))
+        files = man["files"]
+        with ThreadPoolExecutor(nthreads) as pool, LaterChecks([f.get("link") for f in files]) as later:
+            return write_files(Path(dst), [(f["path"], f.get("link"), f.get("mode")) for f in files],
+                               man["source"] == "file", force, self.storage.where(manifest_at(name)),
+                               later.after(lambda i, target: restore_file(self.storage, name, files[i], target,
+                                                                          pool, window, progress, later)))
 
     def manifest(self, name: str) -> dict[str, Any]:
         """Model ``name``'s manifest, checked (StoreError naming the stored models if there is
