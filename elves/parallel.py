@@ -20,7 +20,8 @@ R = TypeVar("R")
 Piece = Union[bytes, "np.ndarray"]  # a run of bytes to hash: a read, or a decoded chunk (uint8)
 
 INLINE_BYTES = 64 << 10
-"""Chunks smaller than this are coded in the calling thread: a hand-off costs more than the work."""
+"""Work smaller than this (a batch of :func:`batched_map`) runs in the calling thread: a hand-off costs
+more than the work."""
 
 
 def default_threads(threads: int | None) -> int:

@@ -13,7 +13,7 @@ from ..chunks import decode_chunk
 from ..decoder import FileCheck, LaterChecks, checked, iter_stream, open_new
 from ..errors import ArchiveError, CorruptArchiveError, OutputError
 from ..index import FileEntry, Stream, TensorEntry
-from ..parallel import ordered_map
+from ..parallel import batched_map
 from ..references import Sources
 from .layout import manifest_at, object_at
 from .manifests import PACK_MAX
@@ -65,7 +65,8 @@ def object_range(storage: Storage, key: str, start: int, stop: int, pool: Execut
             except ArchiveError as e:
                 raise type(e)(f"object {key}: chunk {i}: {e.message}", obj.path) from None
 
-        for i, chunk in zip(range(first, last + 1), ordered_map(pool, decode, range(first, last + 1), window)):
+        chunks = batched_map(pool, decode, range(first, last + 1), window, nbytes=lambda i: m.chunks[i][2])
+        for i, chunk in zip(range(first, last + 1), chunks):
             lo = max(start - i * step, 0)
             yield chunk[lo:stop - i * step]
 
