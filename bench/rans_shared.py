@@ -23,7 +23,8 @@ from elves.codecs import Pipeline
 from elves.codecs.planes import Planes
 from elves.codecs.rans import Rans
 from elves.encoder import TENSOR_CHUNK_BYTES
-from elves.kernels.planes_rans import _build_run, _vector_ir, RANS_L
+from elves.kernels.planes_rans import _build_run, RANS_L
+from elves.vector_ir import vector_ir
 
 
 def build_shared(vectors):
@@ -31,7 +32,7 @@ def build_shared(vectors):
     refills taken in lane order from one stream at ``words[p:]``; returns the stream's new position."""
     from numba.core import types
     from numba.extending import intrinsic
-    t = _vector_ir()
+    t = vector_ir()
     ir, i64, v32, const = t.ir, t.i64, t.v32, t.const
     i8, i16, i32 = ir.IntType(8), ir.IntType(16), t.i32
     v16 = ir.VectorType(i16, 16)

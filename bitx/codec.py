@@ -55,7 +55,9 @@ NEAR = np.argsort(np.abs(np.arange(256)[None, :] - np.arange(256)[:, None]) * 51
 
 @functools.lru_cache(maxsize=256)
 def rank_tables(remap: Pairs) -> tuple[U8, U8]:
-    """rank[e, v] (the code of fine-tune value v given base value e) and its inverse inv[e, k]."""
+    """rank[e, v] (the code of fine-tune value v given base value e) and its inverse inv[e, k],
+    each with a row of zeros past the 256 that the kernel's vector reads may reach
+    (``bitx.kernels.TABLE_ROWS``)."""
     order = NEAR.copy()
     for e, vals in remap:
         if not 0 <= e < 256 or len(set(vals)) != len(vals) or any(not 0 <= v < 256 for v in vals):
@@ -64,7 +66,8 @@ def rank_tables(remap: Pairs) -> tuple[U8, U8]:
         rest[list(vals)] = False
         order[e] = np.concatenate([np.array(vals, dtype=np.uint8), NEAR[e][rest[NEAR[e]]]])
     rank = np.argsort(order, axis=1, kind="stable").astype(np.uint8)
-    return rank, order
+    spare = np.zeros((1, 256), dtype=np.uint8)
+    return np.concatenate([rank, spare]), np.concatenate([order, spare])
 
 
 class Xor(ArrayArrayCodec):
