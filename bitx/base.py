@@ -10,7 +10,7 @@ bytes.
 """
 from __future__ import annotations
 
-import hashlib
+import functools
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -30,6 +30,7 @@ from elves.errors import (
 )
 from elves.index import Where
 from elves.model import SourceFile
+from elves.parallel import Sha256Beside
 from elves.references import Reference, RefReader
 
 READ_PIECE = 8 << 20
@@ -200,7 +201,7 @@ class ModelBase(BaseModel):
         self._paths: list[Path] = []           # file number (``loc[0]``) -> path
         self._numbers: dict[Path, int] = {}
         self._fds: dict[int, int] = {}
-        self._sha256: dict[int, str] = {}
+        self._sha256: dict[int, Sha256Beside] = {}
 
     def _number(self, path: Path) -> int:
         if path not in self._numbers:
@@ -297,22 +298,13 @@ class ModelBase(BaseModel):
             by_file.setdefault(s.loc[0], {})[s.loc[1]] = s
         for sf in self._files:
             fi = self._numbers[sf.path]
-            mine = by_file.get(fi, {})
             if with_sha256 and fi not in self._sha256:
-                sha = hashlib.sha256()
-                for seg in sf.segments:  # they tile the file: one pass gives both hashes
-                    b = mine.get(seg.offset) if seg.dtype is not None and seg.length else None
-                    h = xxhash.xxh3_128() if b is not None and wanted(b) else None
-                    for off in range(seg.offset, seg.offset + seg.length, READ_PIECE):
-                        piece = self._pread(fi, off, min(READ_PIECE, seg.offset + seg.length - off))
-                        sha.update(piece)
-                        if h is not None:
-                            h.update(piece)
-                    if h is not None and b is not None:
-                        b.hash = h.hexdigest()
-                self._sha256[fi] = sha.hexdigest()
-                continue
-            for b in mine.values():
+                # The files' sha256 is wanted only when the index is written (summary), and costs
+                # 5x the content hashes that planning waits for: a thread reads and hashes
+                # each file beside everything else.
+                sha = self._sha256[fi] = Sha256Beside()
+                sha.read(functools.partial(self._pread, fi), sf.size, READ_PIECE)
+            for b in by_file.get(fi, {}).values():
                 if wanted(b):
                     b.hash = self._xxh3(b)
 
@@ -326,10 +318,12 @@ class ModelBase(BaseModel):
         self.hash_segments([], with_sha256=True)
         assert self._files is not None
         return {"source": self.kind,
-                "files": [{"path": sf.relpath, "size": sf.size, "sha256": self._sha256[self._numbers[sf.path]]}
+                "files": [{"path": sf.relpath, "size": sf.size, "sha256": self._sha256[self._numbers[sf.path]].hexdigest()}
                           for sf in self._files]}
 
     def close(self) -> None:
+        for sha in self._sha256.values():  # its reads use the descriptors closed below
+            sha.cancel()
         with self._lock:
             for fd in self._fds.values():
                 os.close(fd)

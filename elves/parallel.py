@@ -118,8 +118,12 @@ class Sha256Beside:
     def __exit__(self, kind: object, *exc: object) -> None:
         if kind is None:
             self.close()
-            return
-        # Leaving on an error: stop a read under way, and let nothing it raises hide the error.
+        else:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Stop a read under way and wait for the thread, raising nothing (leaving on an error:
+        what the read would raise must not hide it). :meth:`hexdigest` then has no answer."""
         self._stopped = True
         for future in self._pending:
             future.exception()
@@ -156,6 +160,8 @@ class Sha256Beside:
             self._sha.update(piece if isinstance(piece, bytes) else piece.data)
 
     def hexdigest(self) -> str:
+        if self._stopped:
+            raise RuntimeError("the hash was cancelled")
         self.close()
         return self._sha.hexdigest()
 

@@ -2,6 +2,7 @@
 its delta, and refuses a missing or wrong base with a clear error and nothing written."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -273,13 +274,16 @@ def test_finetune_roundtrips_and_is_much_smaller(pair: tuple[Path, Path, Path], 
 
 
 def test_what_is_coded_against_the_base(pair: tuple[Path, Path, Path]) -> None:
-    _, _, archive = pair
+    base, _, archive = pair
     with ArchiveReader(archive) as r:
         assert r.version >= (1, 1) and r.base_needed is not None
         names = {t.name: e.segments[t.segment] for e in r.files for t in e.tensors}
         model = r.base_needed["model"]
         assert model["source"] == "folder"
         assert {f["path"] for f in model["files"]} == {"model.safetensors", "config.json"}
+        for f in model["files"]:  # hashed on a thread beside the planning
+            assert f["sha256"] == hashlib.sha256((base / f["path"]).read_bytes()).hexdigest()
+            assert f["size"] == (base / f["path"]).stat().st_size
         refs = {x["name"] for x in r.base_needed["tensors"]}
         for dt in NP:
             s = r.streams[names[f"frozen.{dt}"]]  # unchanged: empty payloads, ~nothing
