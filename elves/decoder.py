@@ -105,17 +105,17 @@ def stream_label(reader: StreamReader, index: int) -> str:
 
 def iter_stream(reader: StreamReader, index: int, pool: Executor, window: int) -> Iterator[np.ndarray]:
     """The decoded chunks of stream ``index``, in order, each checked; then the stream's hash."""
-    return iter_streams(reader, [index], pool, window)
+    return iter_streams([(reader, index)], pool, window)
 
 
-def iter_streams(reader: StreamReader, indices: Sequence[int], pool: Executor, window: int) -> Iterator[np.ndarray]:
-    """The decoded chunks of the streams ``indices`` (a file's segments), in order, each checked;
-    each stream's hash at its end. One decode window spans them all: a file of many small
-    tensors (a stream of one or two chunks each) keeps every thread busy, where a window per
-    stream would wait for each stream's last chunk before starting the next."""
-    streams = [reader.streams[index] for index in indices]
+def iter_streams(streams: Sequence[tuple[StreamReader, int]], pool: Executor, window: int) -> Iterator[np.ndarray]:
+    """The decoded chunks of ``streams`` (stream ``index`` of ``reader`` each: a file's segments
+    in an archive, or the store objects that hold a file), in order, each checked; each stream's
+    hash at its end. One decode window spans them all: a file of many small tensors (a stream of
+    one or two chunks each) keeps every thread busy, where a window per stream would wait for
+    each stream's last chunk before starting the next."""
 
-    def decoder(index: int) -> Callable[[int], np.ndarray]:
+    def decoder(reader: StreamReader, index: int) -> Callable[[int], np.ndarray]:
         stream = reader.streams[index]
         pipeline = stream.decoder()
         ref_of = reader.references.chunk_refs(stream)  # the reference's bytes of each chunk, if it has one
@@ -135,17 +135,19 @@ def iter_streams(reader: StreamReader, indices: Sequence[int], pool: Executor, w
         return lambda i: kept(i, decode)
 
     def jobs() -> Iterator[tuple[Callable[[int], np.ndarray], int, int]]:
-        for index, stream in zip(indices, streams):
-            decode = decoder(index)  # made as the window reaches the stream: a reference opens then
-            for i in range(len(stream.chunks)):
-                yield decode, i, stream.chunks[i][2]
+        for reader, index in streams:
+            chunks = reader.streams[index].chunks
+            decode = decoder(reader, index)  # made as the window reaches the stream: a reference opens then
+            for i in range(len(chunks)):
+                yield decode, i, chunks[i][2]
 
-    chunks = batched_map(pool, lambda job: job[0](job[1]), jobs(), window, nbytes=lambda job: job[2])
-    for index, stream in zip(indices, streams):
+    decoded = batched_map(pool, lambda job: job[0](job[1]), jobs(), window, nbytes=lambda job: job[2])
+    for reader, index in streams:
+        stream = reader.streams[index]
         h = xxhash.xxh3_128()
         total = 0
         for _ in range(len(stream.chunks)):
-            chunk = next(chunks)
+            chunk = next(decoded)
             h.update(chunk.data)
             total += chunk.shape[0]
             yield chunk
@@ -321,7 +323,7 @@ def file_chunks(reader: ArchiveReader, entry: FileEntry, pool: Executor, window:
     """
     check = FileCheck(entry.size, entry.sha256 if check_sha256 and not entry.lossy and entry.link is None else None,
                       window, f"{entry.path}: restored bytes do not match the stored sha256", reader.path)
-    yield from checked(iter_streams(reader, entry.segments, pool, window), check, later)
+    yield from checked(iter_streams([(reader, i) for i in entry.segments], pool, window), check, later)
 
 
 def checked(chunks: Iterable[np.ndarray], check: FileCheck, later: LaterChecks | None) -> Iterator[np.ndarray]:

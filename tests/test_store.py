@@ -464,3 +464,47 @@ def test_a_wrong_sha256_of_any_stored_file_fails_restore(tmp_path: Path, threads
     path.write_text(json.dumps(good))
     assert tree_hashes(Store(tmp_path / "store").restore("acme/m", tmp_path / "ok", threads=threads).output) \
         == tree_hashes(src)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_file_of_many_objects_is_decoded_in_runs_with_few_open(dataset, tmp_path: Path, monkeypatch,
+                                                                  threads: int) -> None:
+    """A file's objects (silero's ONNX files: dozens of tensors, pack slices between them) are
+    decoded in one window per run of ``OPEN_OBJECTS``: the file comes back exact, never more than
+    that many objects are open at once (each holds a descriptor), and a damaged object inside a
+    run fails the restore, naming it, with every object closed and no thread left."""
+    from elves.store import reading
+
+    s = Store.init(tmp_path / "store")
+    s.add(dataset("silero"), "silero", base=None)
+    live, most = set(), [0]
+
+    class Counted(StoredObject):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            live.add(id(self))
+            most[0] = max(most[0], len(live))
+
+        def close(self) -> None:
+            live.discard(id(self))
+            super().close()
+
+    monkeypatch.setattr(reading, "StoredObject", Counted)
+    monkeypatch.setattr(reading, "OPEN_OBJECTS", 3)
+    out = s.restore("silero", tmp_path / "out", threads=threads).output
+    assert tree_hashes(out) == tree_hashes(dataset("silero"))
+    assert most[0] == 3 and not live
+    entry = max(manifest(s.storage, "silero")["files"], key=lambda f: len(f["segments"]))
+    plain = [seg[0] for seg in entry["segments"] if len(seg) == 2]
+    assert len(plain) > 9
+    key = plain[len(plain) // 2]
+    p = at(s, key)
+    data = bytearray(p.read_bytes())
+    data[len(data) // 4] ^= 0x10
+    p.write_bytes(bytes(data))
+    before = set(threading.enumerate())
+    with pytest.raises(CorruptArchiveError, match="model 'silero', file .*: .*corrupted") as err:  # the first file holding it
+        s.restore("silero", tmp_path / "bad", threads=threads)
+    assert key in str(err.value)
+    assert not live and not (tmp_path / "bad").exists()
+    assert not [t for t in threading.enumerate() if t not in before]

@@ -2,6 +2,8 @@
 model's files, each checked against its sha256."""
 from __future__ import annotations
 
+import collections
+import contextlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..chunks import decode_chunk
-from ..decoder import FileCheck, LaterChecks, checked, iter_stream, open_new
+from ..decoder import FileCheck, LaterChecks, checked, iter_stream, iter_streams, open_new
 from ..errors import ArchiveError, CorruptArchiveError, OutputError
 from ..index import FileEntry, Stream, TensorEntry
 from ..parallel import batched_map
@@ -24,22 +26,35 @@ from .storage import Storage
 ProgressFn = Callable[[int], None]
 
 
+def open_object(storage: Storage, key: str, at: str | None = None, nbytes: int | None = None,
+                pack: bool = False, refs: bool = False) -> StoredObject:
+    """Object ``key`` (lying at ``at``, if not at its place), checked against what a manifest
+    says of it before anything is decoded: ``nbytes``, the length it gives it; ``pack``, that it
+    reads slices of it (a pack is read whole). With ``refs``, it reads the objects its ``xor``
+    filter names (its trailer's check made them the one object it reads)."""
+    obj = StoredObject(storage, key, at)
+    m = obj.meta
+    problem = (f"holds {m.nbytes} bytes, but the manifest says {nbytes}" if nbytes is not None and m.nbytes != nbytes
+               else f"is read as a pack, but it is not one ({m.kind}, {m.nbytes} bytes)"
+               if pack and (m.kind != "bytes" or m.nbytes > PACK_MAX) else None)
+    if problem is not None:
+        obj.close()
+        raise CorruptArchiveError(f"object {key} {problem}", obj.path)
+    if refs and m.refs:
+        try:
+            base = StoreBase(storage, keys=m.refs)
+        except BaseException:
+            obj.close()
+            raise
+        obj.references.content, obj.references.owns_content = base, True
+    return obj
+
+
 def iter_object(storage: Storage, key: str, pool: Executor, window: int, at: str | None = None,
                 nbytes: int | None = None, pack: bool = False) -> Iterator[np.ndarray]:
-    """The decoded chunks of object ``key`` (lying at ``at``, if not at its place) in order, each
-    checked; then its content hash. ``nbytes`` is the length a manifest gives it, ``pack`` that
-    the manifest reads slices of it (a pack is read whole): both are checked before anything is
-    decoded."""
-    with StoredObject(storage, key, at) as obj:
-        m = obj.meta
-        if nbytes is not None and m.nbytes != nbytes:
-            raise CorruptArchiveError(f"object {key} holds {m.nbytes} bytes, but the manifest says {nbytes}",
-                                      obj.path)
-        if pack and (m.kind != "bytes" or m.nbytes > PACK_MAX):
-            raise CorruptArchiveError(f"object {key} is read as a pack, but it is not one ({m.kind}, "
-                                      f"{m.nbytes} bytes)", obj.path)
-        if m.refs:  # its trailer's check made them the one object its xor filter reads
-            obj.references.content, obj.references.owns_content = StoreBase(storage, keys=m.refs), True
+    """The decoded chunks of object ``key`` in order, each checked; then its content hash
+    (:func:`open_object` says what is checked first)."""
+    with open_object(storage, key, at, nbytes, pack, refs=True) as obj:
         yield from iter_stream(obj, 0, pool, window)
 
 
@@ -47,13 +62,8 @@ def object_range(storage: Storage, key: str, start: int, stop: int, pool: Execut
                  nbytes: int) -> Iterator[np.ndarray]:
     """Bytes ``[start, stop)`` of object ``key``: only the chunks that overlap them are read and
     decoded, each checked against its checksum (the object's hash needs all of it)."""
-    with StoredObject(storage, key) as obj:
+    with open_object(storage, key, nbytes=nbytes, refs=True) as obj:
         m = obj.meta
-        if m.nbytes != nbytes:
-            raise CorruptArchiveError(f"object {key} holds {m.nbytes} bytes, but the manifest says {nbytes}",
-                                      obj.path)
-        if m.refs:
-            obj.references.content, obj.references.owns_content = StoreBase(storage, keys=m.refs), True
         pipeline = m.decoder()
         ref_of = obj.references.chunk_refs(m)
         step = m.chunk_bytes  # every chunk but the last is this long (check_chunks)
@@ -109,20 +119,56 @@ def file_parts(storage: Storage, name: str, entry: dict[str, Any], pool: Executo
     yield from checked(_parts(storage, entry, pool, window), check, later)
 
 
+OPEN_OBJECTS = 32
+"""Objects of a file decoded in one window (:func:`_parts`), so open at once: enough to keep the
+threads busy on a file of many small objects, and a bound on the descriptors (or connections)
+held."""
+
+
 def _parts(storage: Storage, entry: dict[str, Any], pool: Executor, window: int) -> Iterator[np.ndarray]:
     packs: dict[str, np.ndarray] = {}   # the file's packed small segments, decoded once
-    for key, length, *at in entry["segments"]:
+    for group in _groups(entry["segments"]):
+        with contextlib.ExitStack() as opened:
+            # Each object checked against the manifest before anything is decoded, so a lie
+            # stops at its first segment; a pack once, at its first slice.
+            first = {key: i for i, (key, _, at) in reversed(list(enumerate(group))) if at is not None}
+            objects = {i: opened.enter_context(open_object(storage, key, nbytes=None if at is not None else length,
+                                                           pack=at is not None, refs=True))
+                       for i, (key, length, at) in enumerate(group)
+                       if at is None or (key not in packs and first[key] == i)}
+            decoded = iter_streams([(obj, 0) for obj in objects.values()], pool, window)
+            for i, (key, length, at) in enumerate(group):
+                chunks = (next(decoded) for _ in objects[i].meta.chunks) if i in objects else iter(())
+                if at is None:
+                    yield from chunks
+                    continue
+                if key not in packs:
+                    packs[key] = np.concatenate([np.empty(0, np.uint8), *chunks])
+                part = packs[key][at:at + length]
+                if len(part) != length:
+                    raise CorruptArchiveError(f"a slice of pack object {key} lies outside it",
+                                              storage.where(object_at(key)))
+                yield part
+            collections.deque(decoded, maxlen=0)  # nothing is left but the last object's hash check
+
+
+def _groups(segments: list[list[Any]]) -> Iterator[list[tuple[str, int, int | None]]]:
+    """A file's segments as ``(key, length, offset in its pack or None)``, in runs that open at
+    most :data:`OPEN_OBJECTS` objects (a pack once, at its first slice)."""
+    group: list[tuple[str, int, int | None]] = []
+    packs: set[str] = set()
+    opens = 0
+    for key, length, *at in segments:
+        new = not at or key not in packs
+        if new and opens == OPEN_OBJECTS:
+            yield group
+            group, opens = [], 0
         if at:
-            if key not in packs:
-                packs[key] = np.concatenate([np.empty(0, np.uint8),
-                                             *iter_object(storage, key, pool, window, pack=True)])
-            part = packs[key][at[0]:at[0] + length]
-            if len(part) != length:
-                raise CorruptArchiveError(f"a slice of pack object {key} lies outside it",
-                                          storage.where(object_at(key)))
-            yield part
-        else:
-            yield from iter_object(storage, key, pool, window, nbytes=length)
+            packs.add(key)
+        opens += new
+        group.append((key, length, at[0] if at else None))
+    if group:
+        yield group
 
 
 def restore_file(storage: Storage, name: str, entry: dict[str, Any], target: Path, pool: Executor, window: int,
@@ -165,7 +211,7 @@ class ModelObjects:
                 for key, length, *at in f["segments"]:
                     if key not in numbers:
                         numbers[key] = len(self._objects)
-                        self._objects.append(self._open(storage, key, length, bool(at)))
+                        self._objects.append(open_object(storage, key, nbytes=None if at else length, pack=bool(at)))
                     segments.append(numbers[key])
                     starts.append(at[0] if at else 0)
                 tensors = [TensorEntry(n, dt, tuple(shape), seg, off + (starts[seg] if seg >= 0 else 0),
@@ -181,17 +227,6 @@ class ModelObjects:
             self.close()
             raise
         self._by_stream = {id(obj.meta): obj for obj in self._objects}
-
-    @staticmethod
-    def _open(storage: Storage, key: str, nbytes: int, pack: bool) -> StoredObject:
-        """Object ``key``, checked as :func:`iter_object` checks it before decoding."""
-        obj = StoredObject(storage, key)
-        m = obj.meta
-        if (not pack and m.nbytes != nbytes) or (pack and (m.kind != "bytes" or m.nbytes > PACK_MAX)):
-            obj.close()
-            raise CorruptArchiveError(f"object {key} is not what the manifest says ({m.kind}, {m.nbytes} bytes)",
-                                      obj.path)
-        return obj
 
     def read_payload(self, stream: Stream, chunk: int) -> bytes:
         return self._by_stream[id(stream)].read_payload(stream, chunk)
