@@ -121,6 +121,7 @@ class Layout:
     data: bytes
     segments: list  # elves.model.Segment
     match: dict[int, bytes] = field(default_factory=dict)  # segment number -> base bytes (same dtype, length)
+    matched_names: set[str] = field(default_factory=set)  # the tensors of those segments
     dominant: str | None = None
 
 
@@ -154,6 +155,7 @@ def layout(ft: Path, base: Path | None) -> Layout:
         hit = bmap.get(normalize(t.name))
         if t.offset == 0 and s.dtype and hit and hit[0] == s.dtype and len(hit[1]) == s.length:
             out.match.setdefault(t.segment, hit[1])
+            out.matched_names.add(t.name)
     return out
 
 
@@ -349,12 +351,9 @@ def elves_paired(archive: Path, lay: Layout) -> tuple[int, int]:
     from elves.archive import ArchiveReader
 
     with ArchiveReader(archive) as r:
+        # By name: the archive numbers its segments its own way (small tensors packed together).
         entry = r.files[0]
-        by_seg = {}
-        for t in entry.tensors:
-            if t.segment in lay.match:
-                by_seg[t.segment] = entry.segments[t.segment]
-        streams = {by_seg[k] for k in by_seg}
+        streams = {entry.segments[t.segment] for t in entry.tensors if t.name in lay.matched_names and t.segment >= 0}
         return sum(r.streams[i].nbytes for i in streams), sum(r.streams[i].stored_bytes for i in streams)
 
 
