@@ -127,6 +127,10 @@ class Xor(ArrayArrayCodec):
     def needs_ref(self) -> bool:
         return True
 
+    @property
+    def decodes_in_place(self) -> bool:
+        return not self.sparse  # a sparse payload is a bitmap and the changed words only
+
     def get_config(self) -> Config:
         config: Config = {"id": self.codec_id, "dtype": self.dtype.name, "mask": self.mask,
                   "ref_hash": self.ref_hash, "ref_nbytes": self.ref_nbytes, "sparse": self.sparse}
@@ -152,6 +156,8 @@ class Xor(ArrayArrayCodec):
                 raise CodecError("xor: the ranked kernel was given buffers shorter than the chunk")
         elif self._full:
             np.bitwise_xor(a, r, out=o)
+        elif data is out:  # decoding in place: out holds the residual
+            o ^= r & word(self.mask)
         else:
             np.bitwise_and(r, word(self.mask), out=o)
             np.bitwise_xor(o, a, out=o)

@@ -98,6 +98,13 @@ class Codec(ABC):
     pipeline then stores an empty payload, and hands this codec's ``decode`` None for it."""
 
     @property
+    def decodes_in_place(self) -> bool:
+        """Whether ``decode`` may be handed its ``out`` as ``data`` (an element-wise filter whose
+        payload is as long as the chunk): the codec before it then decodes straight into the
+        chunk's buffer, which saves a buffer and a pass over it."""
+        return False
+
+    @property
     def needs_ref(self) -> bool:
         """Whether ``encode`` and ``decode`` need ``ref``, the chunk's reference chunk: the bytes
         at the same place in another tensor (a 1-D uint8 array, possibly shorter than the chunk)."""

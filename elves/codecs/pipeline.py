@@ -42,6 +42,9 @@ class Pipeline:
             i + 1: c for i, c in enumerate(codecs[:-1]) if isinstance(c, DecodesThrough)
             and not c.needs_ref and not codecs[i + 1].needs_ref and c.decodes_through(codecs[i + 1])}
         self._optional = optional[0] if optional else None
+        # The last codec whose decode writes into the caller's buffer: the first, and the one
+        # after it when the first decodes in place (an xor filter decodes its residual there).
+        self._into = 1 if len(codecs) > 1 and codecs[0].decodes_in_place else 0
         self._expected: dict[int, list[Expected]] = {}  # a stream's chunks have one or two sizes
 
     @classmethod
@@ -118,10 +121,10 @@ class Pipeline:
             codec = self.codecs[i]
             outer = self._through.get(i) if data is not None else None
             if outer is not None:
-                data = outer.decode_through(codec, data, out if i == 1 else None, sizes[i - 1])
+                data = outer.decode_through(codec, data, out if i - 1 <= self._into else None, sizes[i - 1])
                 i -= 2
             else:
-                data = codec.decode(data, out if i == 0 else None, self._ref(codec, ref), expected=sizes[i])
+                data = codec.decode(data, out if i <= self._into else None, self._ref(codec, ref), expected=sizes[i])
                 i -= 1
         return out
 
