@@ -3,6 +3,7 @@ frees only what nothing uses, a killed or concurrent add leaves it valid, a fine
 delta (also when it arrives before its base), and damage or a wrong base is a clear error."""
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import random
@@ -508,3 +509,44 @@ def test_a_file_of_many_objects_is_decoded_in_runs_with_few_open(dataset, tmp_pa
     assert key in str(err.value)
     assert not live and not (tmp_path / "bad").exists()
     assert not [t for t in threading.enumerate() if t not in before]
+
+
+def test_a_model_of_more_objects_than_descriptors_is_read_whole(tmp_path: Path, monkeypatch) -> None:
+    """A GPU load opens every object of a model at once (elves.store.reading.ModelObjects), more
+    than a process may hold descriptors for: the blobs no thread reads give theirs up past
+    ``LIMIT`` and open the file again at their next read, and every object still decodes to
+    its hash. A file that changed or went away meanwhile is an error, never other bytes."""
+    from elves.decoder import iter_stream
+    from elves.store import storage
+    from elves.store.reading import ModelObjects
+
+    monkeypatch.setattr(storage._DESCRIPTORS, "LIMIT", 8)
+    rng = np.random.default_rng(18)
+    (tmp_path / "m").mkdir()
+    write_safetensors(tmp_path / "m" / "model.safetensors",
+                      {f"t{i}": ("F32", (2048,), rng.standard_normal(2048).astype(np.float32).tobytes())
+                       for i in range(60)})
+    s = Store.init(tmp_path / "s")
+    s.add(tmp_path / "m", "m", base=None)
+    fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    before = fds()
+    with ModelObjects(s.storage, "m", s.manifest("m")) as objects, \
+            concurrent.futures.ThreadPoolExecutor(2) as pool:
+        assert len(objects.streams) > 60 and fds() <= before + 8
+        for i in range(len(objects.streams)):  # each stream's hash checked at its end
+            assert sum(len(c) for c in iter_stream(objects, i, pool, 4)) == objects.streams[i].nbytes
+        assert fds() <= before + 8
+    assert fds() == before
+
+    key = manifest(s.storage, "m")["files"][0]["segments"][-1][0]
+    monkeypatch.setattr(storage._DESCRIPTORS, "LIMIT", 0)  # every blob gives its descriptor up at once
+    blob = s.storage.open(object_at(key), "object")
+    whole = blob.read(0, blob.size)
+    at(s, key).unlink()
+    at(s, key).write_bytes(whole)  # the same bytes, but another file
+    with pytest.raises(StoreError, match="changed while it was being read"):
+        blob.read(0, 10)
+    at(s, key).unlink()
+    with pytest.raises(StoreError, match="removed while it was being read"):
+        blob.read(0, 10)
+    blob.close()

@@ -10,6 +10,7 @@ If-Match, GCS's generation match). docs/FORMAT.md ("Object storage") says why th
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -393,7 +394,7 @@ class FsspecStorage:
     def open(self, key: str, what: str) -> Blob:
         local = self.pending.get(key)
         if local is not None:
-            return FileBlob(os.open(local, os.O_RDONLY))
+            return FileBlob(functools.partial(os.open, local, os.O_RDONLY), str(local))
         with self.reading(key, what):
             info = self._info(key)
         if info.get("type") != "file":

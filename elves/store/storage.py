@@ -12,11 +12,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple, Protocol
@@ -154,17 +157,97 @@ def _fsync_dir(path: Path) -> None:
 
 
 class FileBlob:
-    """A local file opened for ranged reads (``fd`` is closed with it)."""
+    """A local file opened for ranged reads. Its descriptor may be given up between reads
+    (:class:`_Descriptors`) and the file opened again by ``opener``, which must give the same
+    file: one that changed meanwhile (another inode, size or time) is a StoreError."""
 
-    def __init__(self, fd: int):
-        self.fd = fd
-        self.size = os.fstat(fd).st_size
+    def __init__(self, opener: Callable[[], int], where: str):
+        self._opener = opener
+        self._where = where
+        self._fd: int | None = opener()
+        st = os.fstat(self._fd)
+        self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        self.size = st.st_size
+        self._readers = 0
+        self._closed = False
+        _DESCRIPTORS.idle(self)
+
+    def _reopen(self) -> int:
+        try:
+            fd = self._opener()
+        except FileNotFoundError:
+            raise StoreError("was removed while it was being read", self._where) from None
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self._identity:
+            os.close(fd)
+            raise StoreError("changed while it was being read", self._where)
+        return fd
 
     def read(self, offset: int, length: int) -> bytes:
-        return os.pread(self.fd, length, offset)
+        fd = _DESCRIPTORS.take(self)
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            _DESCRIPTORS.give_back(self)
 
     def close(self) -> None:
-        os.close(self.fd)
+        _DESCRIPTORS.close(self)
+
+
+class _Descriptors:
+    """The descriptors of the open file blobs that no thread is reading: at most
+    ``LIMIT``, the least recently read closed first (and opened again at their next read). A
+    GPU load opens every object of a model, and a delta's base objects besides, which can be
+    more than the 1024 descriptors a process commonly may hold."""
+
+    LIMIT = 128
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: OrderedDict[FileBlob, None] = OrderedDict()  # least recently read first
+
+    def take(self, blob: FileBlob) -> int:
+        with self._lock:
+            if blob._closed:
+                raise ValueError("read of a closed blob")
+            if blob._fd is None:
+                blob._fd = blob._reopen()
+            self._idle.pop(blob, None)
+            blob._readers += 1
+            return blob._fd
+
+    def give_back(self, blob: FileBlob) -> None:
+        with self._lock:
+            blob._readers -= 1
+            if blob._readers == 0:
+                self._rest(blob)
+
+    def idle(self, blob: FileBlob) -> None:
+        with self._lock:
+            self._rest(blob)
+
+    def _rest(self, blob: FileBlob) -> None:
+        if blob._closed:  # closed while another thread read it: that read is over now
+            self._release(blob)
+            return
+        self._idle[blob] = None
+        while len(self._idle) > self.LIMIT:
+            self._release(next(iter(self._idle)))
+
+    def _release(self, blob: FileBlob) -> None:
+        self._idle.pop(blob, None)
+        if blob._fd is not None:
+            os.close(blob._fd)
+            blob._fd = None
+
+    def close(self, blob: FileBlob) -> None:
+        with self._lock:
+            blob._closed = True
+            if blob._readers == 0:
+                self._release(blob)
+
+
+_DESCRIPTORS = _Descriptors()
 
 
 class _LocalUpload:
@@ -260,7 +343,7 @@ class LocalStorage:
         return fd
 
     def open(self, key: str, what: str) -> Blob:
-        return FileBlob(self._open_fd(key, what))
+        return FileBlob(functools.partial(self._open_fd, key, what), self.where(key))
 
     def read_small(self, key: str, what: str, limit: int) -> bytes:
         with os.fdopen(self._open_fd(key, what), "rb") as f:
