@@ -39,14 +39,14 @@ def kernels() -> None:
 
 def _kernels(everything: bool) -> list[Any]:
     """What a lossless compress, restore or store command can run (the planes and rANS codecs,
-    the torch checkpoint scanner, BitX deltas, precision casts), and with ``everything`` the ELF
-    lossy codec's."""
+    the torch checkpoint scanner, the ONNX walk, BitX deltas, precision casts), and with
+    ``everything`` the ELF lossy codec's."""
     import bitx.kernels
-    from elves.kernels import casts, elf, warm
+    from elves.kernels import casts, elf, onnx_walk, warm
     from elves.readers.torch import pickle_scan
 
-    found = [*warm.ENCODE, *warm.DECODE, *warm.entry_points(pickle_scan), *warm.entry_points(bitx.kernels),
-             *warm.entry_points(casts)]
+    found = [*warm.ENCODE, *warm.DECODE, *warm.entry_points(pickle_scan), *warm.entry_points(onnx_walk),
+             *warm.entry_points(bitx.kernels), *warm.entry_points(casts)]
     return found + warm.entry_points(elf) if everything else found
 
 

@@ -20,6 +20,7 @@ import pytest
 import elves
 from elves.errors import InputError
 from elves.model import Segment, SourceFile
+from elves.kernels.onnx_walk import MAX_DEPTH
 from elves.readers import onnx as onnx_reader
 from elves.readers import read_file, read_model, safetensors
 from elves.readers import torch as torch_reader
@@ -377,10 +378,25 @@ def test_onnx_tensor_with_a_million_dims_stays_opaque(tmp_path: Path) -> None:
     assert sf.tensors == [] and not any(s.dtype for s in sf.segments)
 
 
+def test_onnx_varints_past_64_bits_never_alias_small_ones(tmp_path: Path) -> None:
+    """The walk (a kernel) holds varints in 64 bits: a dim of 2**64 + 4 must not read as 4, a data
+    type of 2**64 + 1 as F32, nor a field number of 2**61 + 9 (a key of 2**64 + 74) as raw_data.
+    Each such tensor stays opaque; the one beside them is found."""
+    ok = field(1, 4) + field(2, 1) + field(8, b"ok") + field(9, bytes(16))
+    dim = field(1, 2**64 + 4) + field(2, 1) + field(8, b"dim") + field(9, bytes(16))
+    dtype = field(1, 4) + field(2, 2**64 + 1) + field(8, b"dtype") + field(9, bytes(16))
+    key = field(1, 4) + field(2, 1) + field(8, b"key") + field(2**61 + 9, bytes(16))
+    path = tmp_path / "m.onnx"
+    path.write_bytes(field(7, b"".join(field(5, t) for t in (dim, ok, dtype, key))))
+    sf = onnx_reader.parse(path, "m.onnx")
+    sf.check()
+    assert [(t.name, t.dtype, t.shape) for t in sf.tensors] == [("ok", "F32", (4,))]
+
+
 def test_onnx_subgraphs_nested_too_deep_stay_opaque(tmp_path: Path) -> None:
     data, _ = model_bytes(np.random.default_rng(5))
     graph = field(5, field(9, bytes(4)) + field(2, 1))
-    for _ in range(onnx_reader.MAX_DEPTH + 2):
+    for _ in range(MAX_DEPTH + 2):
         graph = field(1, field(5, field(6, graph)))
     path = tmp_path / "m.onnx"
     path.write_bytes(data + field(7, graph))
