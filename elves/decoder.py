@@ -16,7 +16,7 @@ from collections import Counter, deque
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import BinaryIO, Callable, Generator, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import xxhash
@@ -108,7 +108,8 @@ def iter_stream(reader: StreamReader, index: int, pool: Executor, window: int) -
     return iter_streams([(reader, index)], pool, window)
 
 
-def iter_streams(streams: Sequence[tuple[StreamReader, int]], pool: Executor, window: int) -> Iterator[np.ndarray]:
+def iter_streams(streams: Sequence[tuple[StreamReader, int]], pool: Executor,
+                 window: int) -> Generator[np.ndarray, None, None]:
     """The decoded chunks of ``streams`` (stream ``index`` of ``reader`` each: a file's segments
     in an archive, or the store objects that hold a file), in order, each checked; each stream's
     hash at its end. One decode window spans them all: a file of many small tensors (a stream of

@@ -40,25 +40,34 @@ def ordered_map(pool: Executor, fn: Callable[[T], R], items: Iterable[T], window
     """
     pending: deque[tuple[Future[R], int]] = deque()
     held = 0
-    for item in items:
-        weight = size(item) if size is not None else 0
-        while pending and held + weight > max_size:  # room for it first (never with no size)
-            future, w = pending.popleft()
-            held -= w
-            yield future.result()
-        if inline is not None and inline(item):
-            done: Future[R] = Future()
-            done.set_result(fn(item))
-            pending.append((done, weight))
-        else:
-            pending.append((pool.submit(fn, item), weight))
-        held += weight
-        if len(pending) >= window:
-            future, w = pending.popleft()
-            held -= w
-            yield future.result()
-    while pending:
-        yield pending.popleft()[0].result()
+    try:
+        for item in items:
+            weight = size(item) if size is not None else 0
+            while pending and held + weight > max_size:  # room for it first (never with no size)
+                future, w = pending.popleft()
+                held -= w
+                yield future.result()
+            if inline is not None and inline(item):
+                done: Future[R] = Future()
+                done.set_result(fn(item))
+                pending.append((done, weight))
+            else:
+                pending.append((pool.submit(fn, item), weight))
+            held += weight
+            if len(pending) >= window:
+                future, w = pending.popleft()
+                held -= w
+                yield future.result()
+        while pending:
+            yield pending.popleft()[0].result()
+    finally:
+        # Left early (an error, or the consumer stopped): what is in flight ends before the
+        # caller closes what it reads from (an archive, store objects).
+        for future, _ in pending:
+            future.cancel()
+        for future, _ in pending:
+            if not future.cancelled():
+                future.exception()
 
 
 BATCH_BYTES = 1 << 20

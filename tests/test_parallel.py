@@ -149,3 +149,28 @@ def test_batched_map_keeps_order_and_hands_threads_batches_of_about_batch_bytes(
     assert thread_of[4] == thread_of[5] == thread_of[6] == thread_of[7]
     assert thread_of[8] == calling and sizes[8] < INLINE_BYTES <= BATCH_BYTES
     assert most <= 2
+
+
+def test_a_map_left_early_ends_its_work_in_flight_first() -> None:
+    """A consumer that stops (an error, a corrupt chunk) closes the map: work not started is
+    cancelled and work under way ends before close returns, so the caller may then close what
+    that work reads (an archive, store objects)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from elves.parallel import ordered_map
+
+    running, started = set(), []
+
+    def work(i: int) -> int:
+        started.append(i)
+        running.add(i)
+        time.sleep(0.05)
+        running.discard(i)
+        return i
+
+    with ThreadPoolExecutor(2) as pool:
+        results = ordered_map(pool, work, range(20), window=6)
+        assert next(results) == 0
+        results.close()
+        assert not running and len(started) < 20

@@ -136,7 +136,9 @@ def _parts(storage: Storage, entry: dict[str, Any], pool: Executor, window: int)
                                                            pack=at is not None, refs=True))
                        for i, (key, length, at) in enumerate(group)
                        if at is None or (key not in packs and first[key] == i)}
-            decoded = iter_streams([(obj, 0) for obj in objects.values()], pool, window)
+            # closed (its decodes in flight ended) before the objects are
+            decoded = opened.enter_context(contextlib.closing(iter_streams([(obj, 0) for obj in objects.values()],
+                                                                           pool, window)))
             for i, (key, length, at) in enumerate(group):
                 chunks = (next(decoded) for _ in objects[i].meta.chunks) if i in objects else iter(())
                 if at is None:
