@@ -35,6 +35,7 @@ from elves import casts, dtypes
 from elves.codecs import Pipeline
 from elves.codecs.planes import Planes
 from elves.codecs.rans import Rans
+from elves.errors import CodecError
 from elves.model import Segment, SourceFile, TensorView
 from elves.references import RangeFn, Reference, Sources
 
@@ -152,8 +153,10 @@ class Sample:
         n = raw.shape[0] // self.width
         a = raw[:n * self.width].view(word)
         r = ref[:min(ref.shape[0] // self.width, n) * self.width].view(word)
-        self.nonzero += sample_stats(a, r, self.width, self.rotate, self.std, self.xor, self.bitmap,
-                                     self.joint, self.tail)
+        nonzero = sample_stats(a, r, self.width, self.rotate, self.std, self.xor, self.bitmap, self.joint, self.tail)
+        if nonzero < 0:
+            raise CodecError(f"sample_stats was given histograms too small for {self.width}-byte words")
+        self.nonzero += nonzero
         self.elems += n
 
     @property

@@ -234,6 +234,13 @@ def test_bitx_kernels_refuse_short_buffers() -> None:
     assert not xor_ranked(a, a[:99], np.uint16(1), np.uint16(7), table, np.empty(100, np.uint16))
     assert not xor_ranked(a, a, np.uint16(1), np.uint16(7), table[:255], np.empty(100, np.uint16))
     assert xor_sparse(a, a, np.uint16(1), np.zeros(12, np.uint8), np.empty(100, np.uint16)) == -1
+    from bitx.kernels import sample_stats
+    h = lambda rows: np.zeros((rows, 256), np.int64)  # noqa: E731
+    joint, tail = np.zeros((256, 256), np.int64), np.zeros(256, np.int64)
+    assert sample_stats(a, a, 2, True, h(2), h(2), h(2), joint, tail) == 0
+    assert sample_stats(a, a, 2, True, h(1), h(2), h(2), joint, tail) == -1  # a plane short
+    assert sample_stats(a, a, 4, True, h(4), h(4), h(4), joint, tail) == -1  # not the words' size
+    assert sample_stats(a, a, 2, True, h(2), h(2), h(2), joint[:255], tail) == -1
     assert xor_unsparse(np.zeros(12, np.uint8), a, a, np.uint16(1), np.empty(100, np.uint16)) == -1
     ref = np.zeros(200, np.uint8)
     with pytest.raises(CorruptArchiveError):  # a sparse chunk whose bitmap asks for more values than it holds
