@@ -145,6 +145,11 @@ class Xor(ArrayArrayCodec):
             out = np.empty(data.shape[0], dtype=np.uint8)
         elif out.shape[0] != data.shape[0]:
             raise CorruptArchiveError(f"xor: chunk holds {data.shape[0]} bytes, expected {out.shape[0]}")
+        # Decoding in place: the codec before it wrote into out (data is out, or a view from
+        # its start). Data overlapping out anywhere else is copied first.
+        in_place = np.may_share_memory(data, out)
+        if in_place and data.ctypes.data != out.ctypes.data:
+            data, in_place = data.copy(), False
         n = min(data.shape[0], ref.shape[0])
         n -= n % self.width
         word = _WORD[self.width]
@@ -156,7 +161,7 @@ class Xor(ArrayArrayCodec):
                 raise CodecError("xor: the ranked kernel was given buffers shorter than the chunk")
         elif self._full:
             np.bitwise_xor(a, r, out=o)
-        elif data is out:  # decoding in place: out holds the residual
+        elif in_place:  # o holds the residual: masking r into it first would lose it
             o ^= r & word(self.mask)
         else:
             np.bitwise_and(r, word(self.mask), out=o)

@@ -22,6 +22,7 @@ from elves.archive import ArchiveReader
 from elves.codecs import Pipeline, codec_from_config
 from elves.codecs.planes import Planes
 from elves.codecs.rans import Rans
+from elves.codecs.zstd import Zstd
 from elves.errors import BaseMismatchError, BaseRequiredError, CodecError, CorruptArchiveError
 from tests.conftest import tree_hashes, write_safetensors
 
@@ -44,9 +45,11 @@ def test_xor_is_registered_and_configurable() -> None:
 @settings(max_examples=120, deadline=None)
 @given(dtype=st.sampled_from(["BF16", "F16", "F32", "F64", "I8", "F8_E4M3"]), n=st.integers(0, 3000),
        ref_frac=st.floats(0, 1.2), flips=st.floats(0, 1), mask=st.integers(0, 2**64 - 1), seed=st.integers(0, 99),
-       form=st.sampled_from(["plain", "sparse", "ranked"]))
+       form=st.sampled_from(["plain", "sparse", "ranked"]), inner=st.sampled_from(["planes", "zstd"]))
 def test_xor_pipeline_roundtrips(dtype: str, n: int, ref_frac: float, flips: float, mask: int, seed: int,
-                                 form: str) -> None:
+                                 form: str, inner: str) -> None:
+    """Whatever decodes before xor (into the chunk's buffer, which dense xor then decodes in
+    place: planes + rans write the buffer itself, zstd a view of it)."""
     from elves import dtypes
 
     w = dtypes.get(dtype).itemsize
@@ -59,7 +62,8 @@ def test_xor_pipeline_roundtrips(dtype: str, n: int, ref_frac: float, flips: flo
     if form == "ranked" and dtype in ("BF16", "F16", "F32", "F64"):
         remap = [[int(e), [int(v) for v in rng.permutation(256)[:rng.integers(1, 9)]]]
                  for e in rng.choice(256, 20, replace=False)]
-    p = Pipeline([Xor(dtype, H, m, mask % (1 << 8 * w), form == "sparse", remap), Planes(dtype), Rans()])
+    after = [Planes(dtype), Rans()] if inner == "planes" else [Zstd()]
+    p = Pipeline([Xor(dtype, H, m, mask % (1 << 8 * w), form == "sparse", remap), *after])
     payload = p.encode(data, ref=ref)
     out = np.full(n * w, 0xA5, dtype=np.uint8)
     Pipeline.from_config(p.get_config()).decode(payload, out, ref=ref)
