@@ -106,3 +106,21 @@ def test_real_onnx(dataset, name: str, file: str) -> None:
     sf.check()
     covered = sum(s.length for s in sf.segments if s.dtype) / sf.size
     assert covered > 0.9 and len(sf.tensors) > 40
+
+
+def test_the_first_parse_of_a_process_that_compiles_the_walk(tmp_path: Path) -> None:
+    """numba's first compile of the walk keeps the frames that called it, the mapped file's
+    array among them: the reader must not fail to close the mapping then (it did, in CI, with
+    an empty kernel cache)."""
+    import os
+    import subprocess
+    import sys
+
+    data, tensors = model_bytes(np.random.default_rng(3))
+    (tmp_path / "m.onnx").write_bytes(data)
+    code = ("import sys; from pathlib import Path; from elves.readers import onnx\n"
+            "for _ in range(2): print(sorted(t.name for t in onnx.parse(Path(sys.argv[1]), 'm.onnx').tensors))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.onnx")], capture_output=True, text=True,
+                         env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [str(sorted(tensors))] * 2

@@ -62,28 +62,31 @@ def parse(path: Path, relpath: str, source: BinaryIO | None = None) -> SourceFil
         if size == 0:
             return None
         # mmap: the walk touches only the protobuf's keys and lengths, not the weights it skips.
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            buf = np.frombuffer(mm, dtype=np.uint8)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        buf = np.frombuffer(mm, dtype=np.uint8)
+        try:
+            rows = _tensors(buf)
+            if rows is None:
+                return None
+            for r in rows.tolist():
+                dtype = ONNX_DTYPES.get(r[DTYPE])
+                ndims = r[NDIMS]
+                # more dimensions than a tensor may have (a packed field of a million), or one
+                # past 2**63: left opaque
+                if dtype is None or r[RAW_START] < 0 or r[RAW_END] == r[RAW_START] or ndims > MAX_RANK or r[HUGE]:
+                    continue
+                shape = tuple(r[DIMS:DIMS + ndims])
+                if math.prod(shape) * dtypes.get(dtype).itemsize != r[RAW_END] - r[RAW_START]:
+                    continue
+                name = bytes(buf[r[NAME_START]:r[NAME_END]]).decode("utf-8", "replace") \
+                    if r[NAME_START] >= 0 else ""
+                found.append((Segment(r[RAW_START], r[RAW_END] - r[RAW_START], dtype, name), dtype, shape))
+        finally:
+            del buf
             try:
-                rows = _tensors(buf)
-                if rows is None:
-                    return None
-                for r in rows.tolist():
-                    dtype = ONNX_DTYPES.get(r[DTYPE])
-                    ndims = r[NDIMS]
-                    # more dimensions than a tensor may have (a packed field of a million), or one
-                    # past 2**63: left opaque
-                    if dtype is None or r[RAW_START] < 0 or r[RAW_END] == r[RAW_START] or ndims > MAX_RANK \
-                            or r[HUGE]:
-                        continue
-                    shape = tuple(r[DIMS:DIMS + ndims])
-                    if math.prod(shape) * dtypes.get(dtype).itemsize != r[RAW_END] - r[RAW_START]:
-                        continue
-                    name = bytes(buf[r[NAME_START]:r[NAME_END]]).decode("utf-8", "replace") \
-                        if r[NAME_START] >= 0 else ""
-                    found.append((Segment(r[RAW_START], r[RAW_END] - r[RAW_START], dtype, name), dtype, shape))
-            finally:
-                del buf  # the mmap closes only once no array holds it
+                mm.close()
+            except BufferError:  # still viewed: numba's first compile of the walk keeps the
+                pass             # frames of its caller, so the mapping goes with them
     found.sort(key=lambda f: f[0].offset)
     segments = fill_gaps(size, [s for s, _, _ in found])
     index = {(s.offset, s.length): i for i, s in enumerate(segments)}
