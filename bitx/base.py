@@ -318,8 +318,8 @@ class ModelBase(BaseModel):
         self.hash_segments([], with_sha256=True)
         assert self._files is not None
         return {"source": self.kind,
-                "files": [{"path": sf.relpath, "size": sf.size, "sha256": self._sha256[self._numbers[sf.path]].hexdigest()}
-                          for sf in self._files]}
+                "files": [{"path": sf.relpath, "size": sf.size,
+                           "sha256": self._sha256[self._numbers[sf.path]].hexdigest()} for sf in self._files]}
 
     def close(self) -> None:
         for sha in self._sha256.values():  # its reads use the descriptors closed below

@@ -59,8 +59,8 @@ TABLE_ROWS = 257
 @intrinsic
 def _ranked16() -> Any:
     """``_ranked16(a, r, mask, shift, table, out, n) -> m``: :func:`xor_ranked` on the first
-    ``m = n - n % 16`` words, 16 a step (the entry a gather, as numba's LLVM leaves the loop
-    scalar: 0.75 ns a word); 64-bit words are left to the scalar loop (``m = 0``). The caller
+    ``m = n - n % 16`` words, 16 a step (the entry a gather: numba's LLVM leaves the loop
+    scalar, at 1.2 ns a word); 64-bit words are left to the scalar loop (``m = 0``). The caller
     has checked the lengths, and that ``table`` has :data:`TABLE_ROWS` rows of 256."""
     from numba.core import types
     from numba.extending import intrinsic

@@ -131,15 +131,13 @@ def _parts(storage: Storage, entry: dict[str, Any], pool: Executor, window: int)
         with contextlib.ExitStack() as opened:
             # Each object checked against the manifest before anything is decoded, so a lie
             # stops at its first segment; a pack once, at its first slice.
-            first = {key: i for i, (key, _, at) in reversed(list(enumerate(group))) if at is not None}
             objects = {i: opened.enter_context(open_object(storage, key, nbytes=None if at is not None else length,
                                                            pack=at is not None, refs=True))
-                       for i, (key, length, at) in enumerate(group)
-                       if at is None or (key not in packs and first[key] == i)}
+                       for i, (key, length, at, opens) in enumerate(group) if opens}
             # closed (its decodes in flight ended) before the objects are
             decoded = opened.enter_context(contextlib.closing(iter_streams([(obj, 0) for obj in objects.values()],
                                                                            pool, window)))
-            for i, (key, length, at) in enumerate(group):
+            for i, (key, length, at, _) in enumerate(group):
                 chunks = (next(decoded) for _ in objects[i].meta.chunks) if i in objects else iter(())
                 if at is None:
                     yield from chunks
@@ -154,10 +152,11 @@ def _parts(storage: Storage, entry: dict[str, Any], pool: Executor, window: int)
             collections.deque(decoded, maxlen=0)  # nothing is left but the last object's hash check
 
 
-def _groups(segments: list[list[Any]]) -> Iterator[list[tuple[str, int, int | None]]]:
-    """A file's segments as ``(key, length, offset in its pack or None)``, in runs that open at
-    most :data:`OPEN_OBJECTS` objects (a pack once, at its first slice)."""
-    group: list[tuple[str, int, int | None]] = []
+def _groups(segments: list[list[Any]]) -> Iterator[list[tuple[str, int, int | None, bool]]]:
+    """A file's segments as ``(key, length, offset in its pack or None, whether its object is
+    opened there)``, in runs that open at most :data:`OPEN_OBJECTS` objects: every plain
+    segment's, and a pack's at its first slice."""
+    group: list[tuple[str, int, int | None, bool]] = []
     packs: set[str] = set()
     opens = 0
     for key, length, *at in segments:
@@ -168,7 +167,7 @@ def _groups(segments: list[list[Any]]) -> Iterator[list[tuple[str, int, int | No
         if at:
             packs.add(key)
         opens += new
-        group.append((key, length, at[0] if at else None))
+        group.append((key, length, at[0] if at else None, new))
     if group:
         yield group
 
