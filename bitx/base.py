@@ -14,6 +14,7 @@ import functools
 import os
 import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,11 @@ from elves.errors import (
 )
 from elves.index import Where
 from elves.model import SourceFile
-from elves.parallel import Sha256Beside
+from elves.parallel import Sha256Beside, default_threads
 from elves.references import Reference, RefReader
 
 READ_PIECE = 8 << 20
+PARALLEL_HASH_BYTES = 16 << 20  # less than this is hashed on the calling thread: a pool costs more
 
 # Prefixes that wrappers add to tensor names (Lightning's state_dict, DDP's module, HF's model, torch.compile).
 STRIP_PREFIXES = ("state_dict.", "module.", "model.", "_orig_mod.")
@@ -245,6 +247,7 @@ class ModelBase(BaseModel):
         for a single-file base) and keep those that match; the rest are left to a full parse."""
         if self._files is not None:
             return
+        found: list[tuple[BaseSegment, str]] = []
         for r in refs:
             offset, nbytes, digest = r.get("offset"), r.get("nbytes"), r.get("hash")
             if type(offset) is not int or type(nbytes) is not int or not isinstance(digest, str) \
@@ -262,9 +265,10 @@ class ModelBase(BaseModel):
                     continue
             except OSError:
                 continue
-            seg = BaseSegment(str(r.get("dtype")), nbytes, str(r.get("file")), (self._number(path), offset),
-                              names=[str(r.get("name", ""))])
-            if self._xxh3(seg) == digest:
+            found.append((BaseSegment(str(r.get("dtype")), nbytes, str(r.get("file")), (self._number(path), offset),
+                                      names=[str(r.get("name", ""))]), digest))
+        for (seg, digest), got in zip(found, self._xxh3_all([seg for seg, _ in found])):
+            if got == digest:
                 seg.hash = digest
                 self._segments.append(seg)
                 self._by_hash = None
@@ -291,6 +295,16 @@ class ModelBase(BaseModel):
             h.update(self._pread(fi, off, min(READ_PIECE, start + seg.nbytes - off)))
         return h.hexdigest()
 
+    def _xxh3_all(self, segs: list[BaseSegment], spare: int = 0) -> list[str]:
+        """The segments' content hashes, on a thread per CPU but ``spare``: reads and xxh3
+        release the GIL, and a base of 100 GB is 10-20 s of hashing on one thread, before a
+        restore starts."""
+        threads = min(default_threads(None) - spare, len(segs))
+        if threads < 2 or sum(seg.nbytes for seg in segs) < PARALLEL_HASH_BYTES:
+            return [self._xxh3(seg) for seg in segs]
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(self._xxh3, segs))
+
     def _hash(self, wanted: Callable[[BaseSegment], bool], with_sha256: bool) -> None:
         assert self._files is not None
         by_file: dict[int, dict[int, BaseSegment]] = {}
@@ -304,9 +318,10 @@ class ModelBase(BaseModel):
                 # each file beside everything else.
                 sha = self._sha256[fi] = Sha256Beside()
                 sha.read(functools.partial(self._pread, fi), sf.size, READ_PIECE)
-            for b in by_file.get(fi, {}).values():
-                if wanted(b):
-                    b.hash = self._xxh3(b)
+        todo = [b for sf in self._files for b in by_file.get(self._numbers[sf.path], {}).values() if wanted(b)]
+        # a CPU left to the sha256 threads, when they run: on two, hashing beside them lost 5%
+        for b, digest in zip(todo, self._xxh3_all(todo, spare=1 if with_sha256 else 0)):
+            b.hash = digest
 
     def _read_segment(self, seg: BaseSegment, offset: int, length: int) -> np.ndarray:
         return np.frombuffer(self._pread(seg.loc[0], seg.loc[1] + offset, length), dtype=np.uint8)

@@ -394,8 +394,20 @@ def test_missing_base_is_a_clear_error(pair: tuple[Path, Path, Path], tmp_path: 
         elves.verify(archive)
 
 
-def test_wrong_base_is_a_clear_error_and_writes_nothing(pair: tuple[Path, Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("threaded", [False, True])
+def test_wrong_base_is_a_clear_error_and_writes_nothing(pair: tuple[Path, Path, Path], tmp_path: Path, monkeypatch,
+                                                        threaded: bool) -> None:
+    """Also with the base's content hashes on a thread per CPU (past PARALLEL_HASH_BYTES): the
+    same archive from compress, the same references found, the same errors."""
     base, ft, archive = pair
+    if threaded:
+        import bitx.base
+
+        monkeypatch.setattr(bitx.base, "PARALLEL_HASH_BYTES", 0)
+        elves.compress(ft, tmp_path / "again.elves", base=base)
+        assert (tmp_path / "again.elves").read_bytes() == archive.read_bytes()
+        elves.restore(archive, tmp_path / "ok", base=base)
+        assert tree_hashes(tmp_path / "ok") == tree_hashes(ft)
     other, _ = make_pair(tmp_path / "other", seed=1)
     out = tmp_path / "out"
     with pytest.raises(BaseMismatchError, match="wrong base model: base tensor 'model\\."):
