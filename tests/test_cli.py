@@ -135,3 +135,20 @@ def test_exit_codes_and_no_tracebacks(model: Path, tmp_path: Path) -> None:
     assert report == {"ok": False, "kind": "TruncatedArchiveError", "exit_code": 4}
 
     assert elves("restore", tmp_path / "missing.elves", "-o", tmp_path / "o").returncode == 2  # usage
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc (Linux)")
+def test_the_command_starts_no_idle_blas_threads() -> None:
+    """numpy's OpenBLAS starts a busy-waiting thread per further CPU when it loads, and elves
+    gives it no work: the command's process keeps to its own threads, unless the user asked
+    OpenBLAS for more."""
+    import os
+
+    code = ("import elves.cli, numpy, os; "
+            "print(len(os.listdir('/proc/self/task')), os.environ.get('OPENBLAS_NUM_THREADS', 'unset'))")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["1", "1"]
+    run = subprocess.run([sys.executable, "-c", code], env={**env, "OPENBLAS_NUM_THREADS": "2"},
+                         capture_output=True, text=True, check=True)
+    assert run.stdout.split()[1] == "2"
