@@ -12,13 +12,12 @@ near the core count, only less work makes it faster.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from compare import ALL_THREADS, load_datasets_module, machine, model_files  # bench/compare.py
+from compare import ALL_THREADS, load_datasets_module, machine, sha256_tree, tree_size  # bench/compare.py
 from results import write_section
 
 import elves
@@ -29,17 +28,6 @@ def _timed(run) -> tuple[float, float, float]:
     t, c, m = time.perf_counter(), time.process_time(), time.thread_time()
     run()
     return time.perf_counter() - t, time.process_time() - c, time.thread_time() - m
-
-
-def sha256_cpu(files: list[Path], repeat: int) -> float:
-    """The fastest of ``repeat`` sha256 passes over ``files``, CPU seconds (reads included)."""
-    def one() -> None:
-        for f in files:
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                while piece := fh.read(8 << 20):
-                    h.update(piece)
-    return min(_timed(one)[1] for _ in range(repeat))
 
 
 def measure(src: Path, work: Path, op: str, threads: int, repeat: int) -> tuple[float, float, float]:
@@ -76,9 +64,8 @@ def main() -> None:
             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name in args.datasets:
         src = ds.model_dir(name)
-        files = model_files(src)
-        nbytes = sum(f.stat().st_size for f in files)
-        sha = sha256_cpu(files, 3)
+        nbytes = tree_size(src)
+        sha = min(_timed(lambda: sha256_tree(src))[1] for _ in range(3))  # CPU, reads included
         with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
             for op in ops:
                 for n in threads:
