@@ -40,9 +40,9 @@ def measure(src: Path, work: Path, op: str, threads: int, repeat: int) -> tuple[
         shutil.rmtree(out, ignore_errors=True)
         elves.restore(archive, out, threads=threads)
 
-    if not archive.exists():
-        compress()
     run = compress if op == "compress" else restore
+    if run is restore and not archive.exists():
+        compress()
     run()  # numba's cache load, the page cache
     return min((_timed(run) for _ in range(repeat)), key=lambda r: r[0])
 
